@@ -1,0 +1,138 @@
+//! One engine step's work for the model: a *ragged* batch.
+//!
+//! Prefill and decode are the same idea here (vLLM v1 style): every scheduled sequence contributes
+//! the tokens it has not computed yet — a whole prompt, a chunk of one, or the single token sampled
+//! last step. The model sees all those tokens as one flat list, so a step can mix prompt chunks and
+//! decode tokens of many sequences without padding.
+
+/// The part of a [`StepBatch`] that belongs to one sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceChunk {
+    /// How many rows of the flat arrays (`token_ids`, `positions`, `slot_mapping`) belong to this
+    /// sequence; its rows follow the previous sequence's.
+    pub num_new_tokens: usize,
+    /// Tokens of this sequence held in the KV cache once this step has written its new ones, i.e.
+    /// the position of its last new token plus one. Attention for a new token at position `p`
+    /// reads cache slots `0..=p`.
+    pub context_len: usize,
+    /// Physical block id of each logical block of the sequence, in order. Token at position `p`
+    /// lives in block `block_table[p / block_size]` at offset `p % block_size`.
+    pub block_table: Vec<u32>,
+    /// Whether the engine wants logits for this sequence's last new token. A prompt chunk that
+    /// does not reach the end of the prompt needs none, and the model skips its lm_head row.
+    pub sample: bool,
+}
+
+impl SequenceChunk {
+    /// Position of the first new token.
+    pub fn start_position(&self) -> usize {
+        self.context_len - self.num_new_tokens
+    }
+}
+
+/// Everything the model needs for one forward pass over a ragged batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    /// Token ids of every new token of every sequence, sequence after sequence.
+    pub token_ids: Vec<u32>,
+    /// Position of each new token within its own sequence (drives RoPE).
+    pub positions: Vec<u32>,
+    /// Cache slot (`block_id * block_size + offset`) where each new token's K/V is written.
+    pub slot_mapping: Vec<u32>,
+    /// The sequences, in the same order as their rows.
+    pub sequences: Vec<SequenceChunk>,
+}
+
+impl StepBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `new_tokens` of a sequence whose first `num_computed` tokens are already cached.
+    ///
+    /// Positions and cache slots are derived from the block table here, once, so that the model
+    /// never has to know how blocks were assigned.
+    ///
+    /// # Panics
+    /// If the block table is too short for the new tokens: that is a scheduler bug, not user input.
+    pub fn push_sequence(
+        &mut self,
+        new_tokens: &[u32],
+        num_computed: usize,
+        block_table: &[u32],
+        block_size: usize,
+        sample: bool,
+    ) {
+        let context_len = num_computed + new_tokens.len();
+        assert!(
+            block_table.len() * block_size >= context_len,
+            "block table of {} blocks cannot hold {context_len} tokens",
+            block_table.len()
+        );
+        for (i, &token) in new_tokens.iter().enumerate() {
+            let position = num_computed + i;
+            let block = block_table[position / block_size] as usize;
+            self.token_ids.push(token);
+            self.positions.push(position as u32);
+            self.slot_mapping
+                .push((block * block_size + position % block_size) as u32);
+        }
+        self.sequences.push(SequenceChunk {
+            num_new_tokens: new_tokens.len(),
+            context_len,
+            block_table: block_table.to_vec(),
+            sample,
+        });
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.token_ids.is_empty()
+    }
+
+    /// Number of sequences that asked for logits: the rows of the step's output.
+    pub fn num_sampled(&self) -> usize {
+        self.sequences.iter().filter(|s| s.sample).count()
+    }
+
+    /// Row (in the flat token arrays) of the last new token of each sampled sequence.
+    pub fn sampled_rows(&self) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(self.sequences.len());
+        let mut end = 0;
+        for seq in &self.sequences {
+            end += seq.num_new_tokens;
+            if seq.sample {
+                rows.push(end - 1);
+            }
+        }
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_block_table() {
+        let mut batch = StepBatch::new();
+        // 3 cached tokens, 3 new ones, blocks of 4: positions 3..6 straddle blocks 7 and 2.
+        batch.push_sequence(&[10, 11, 12], 3, &[7, 2], 4, true);
+        batch.push_sequence(&[20], 0, &[5], 4, false);
+        assert_eq!(batch.positions, vec![3, 4, 5, 0]);
+        assert_eq!(batch.slot_mapping, vec![7 * 4 + 3, 2 * 4, 2 * 4 + 1, 5 * 4]);
+        assert_eq!(batch.sequences[0].context_len, 6);
+        assert_eq!(batch.sequences[0].start_position(), 3);
+        assert_eq!(batch.sampled_rows(), vec![2]);
+        assert_eq!(batch.num_sampled(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot hold")]
+    fn a_short_block_table_is_a_bug() {
+        StepBatch::new().push_sequence(&[1, 2, 3], 2, &[0], 4, true);
+    }
+}

@@ -1,0 +1,43 @@
+//! The interface between the engine and a model runner.
+
+use crate::batch::StepBatch;
+
+/// Shape of the paged KV cache a runner owns, which the engine's block manager mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheGeometry {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+}
+
+/// Logits of the sampled rows of one step, row-major `[rows, vocab_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub vocab_size: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn num_rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab_size).unwrap_or(0)
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
+}
+
+/// What the engine drives: one forward pass over a ragged batch, writing the new tokens' K/V
+/// into the runner's paged cache and returning logits for the sequences that sample.
+pub trait ModelExecutor {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn cache_geometry(&self) -> CacheGeometry;
+
+    fn vocab_size(&self) -> usize;
+
+    /// Runs one step. Rows of the result follow `batch.sequences` order, one per sequence with
+    /// `sample == true`.
+    fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error>;
+}

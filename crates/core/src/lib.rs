@@ -1,0 +1,12 @@
+//! The engine core of minserve, free of any tensor library so that it can be read, tested and
+//! simulated on its own.
+//!
+//! The model runner (crate `minserve-model`) implements [`ModelExecutor`]; the engine builds one
+//! [`StepBatch`] per step and hands it over.
+
+pub mod batch;
+pub mod executor;
+pub mod sampling;
+
+pub use batch::{SequenceChunk, StepBatch};
+pub use executor::{CacheGeometry, Logits, ModelExecutor};

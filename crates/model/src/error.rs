@@ -1,0 +1,43 @@
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong loading or running a model. Each variant names the file it is
+/// about, so that a user who passed the wrong `--model` learns which file and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: architecture `{architecture}` is not supported (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        architecture: String,
+        supported: String,
+    },
+    #[error("{path}: tensor `{name}`: {message}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        message: String,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] minserve_tokenizer::TokenizerError),
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

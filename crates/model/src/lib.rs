@@ -1,0 +1,20 @@
+//! The model runner of minserve: a Llama-family forward pass over a ragged batch of sequences,
+//! reading and writing a paged KV cache, with weights from GGUF or safetensors.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod paged_attention;
+pub mod rope;
+pub mod runner;
+pub mod safetensors;
+mod tensor_util;
+pub mod weights;
+
+pub use config::{ModelConfig, RopeStyle};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use llama::LlamaModel;
+pub use runner::{load_model, CacheOptions, LoadedModel, ModelRunner};

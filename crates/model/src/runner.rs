@@ -1,0 +1,80 @@
+//! A loaded model with its paged KV cache: what the engine drives through [`ModelExecutor`].
+
+use std::path::{Path, PathBuf};
+
+use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
+use minserve_tokenizer::Tokenizer;
+
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::llama::LlamaModel;
+
+/// How to size the KV cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheOptions {
+    pub block_size: usize,
+    pub memory_bytes: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            memory_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A model file turned into weights and the tokenizer that goes with it.
+pub struct LoadedModel {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+/// Loads a GGUF file, or a Hugging Face folder (config.json + safetensors + tokenizer.json).
+pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if path.is_dir() {
+        return crate::safetensors::load_folder(path);
+    }
+    let content = crate::gguf::read_content(path)?;
+    let tokenizer = Tokenizer::from_gguf(&content)?;
+    let weights = crate::gguf::load(path, &content)?;
+    Ok(LoadedModel {
+        model: LlamaModel::new(weights),
+        tokenizer,
+        path: path.to_path_buf(),
+    })
+}
+
+pub struct ModelRunner {
+    pub model: LlamaModel,
+    pub cache: KvCache,
+}
+
+impl ModelRunner {
+    pub fn new(model: LlamaModel, options: CacheOptions) -> Self {
+        let cache = KvCache::with_memory(model.config(), options.block_size, options.memory_bytes);
+        Self { model, cache }
+    }
+}
+
+impl ModelExecutor for ModelRunner {
+    type Error = ModelError;
+
+    fn cache_geometry(&self) -> CacheGeometry {
+        self.cache.geometry()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn execute(&mut self, batch: &StepBatch) -> Result<Logits> {
+        let logits = self.model.forward(batch, &mut self.cache)?;
+        Ok(Logits {
+            vocab_size: self.vocab_size(),
+            data: logits.flatten_all()?.to_vec1::<f32>()?,
+        })
+    }
+}
