@@ -11,7 +11,6 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use minserve_core::StepBatch;
-use rayon::prelude::*;
 
 use crate::kv_cache::{KvLayout, LayerKv};
 
@@ -53,16 +52,23 @@ impl PagedAttention<'_> {
     pub fn run(&self, queries: &[f32], out: &mut [f32]) {
         let head_dim = self.layout.head_dim;
         let heads_per_kv = self.num_heads / self.layout.num_kv_heads;
-        out.par_chunks_mut(head_dim)
-            .zip(queries.par_chunks(head_dim))
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (index, (out, query))| {
+        let out = DisjointWriter::new(out);
+        // candle's own pool, not rayon's: candle keeps its workers spinning between ops, and a
+        // second pool on the same cores makes both crawl.
+        candle_core::utils::barrier_pool().execute_chunked(queries.len() / head_dim, |items| {
+            let mut scores = Vec::new();
+            for index in items {
                 let token = index / self.num_heads;
                 let kv_head = (index % self.num_heads) / heads_per_kv;
                 let sequence = &self.batch.sequences[self.row_sequence[token] as usize];
                 let context = self.batch.positions[token] as usize + 1;
-                self.attend_one(query, kv_head, &sequence.block_table, context, scores, out);
-            });
+                let query = &queries[index * head_dim..(index + 1) * head_dim];
+                // SAFETY: each index is handed to exactly one worker, so the chunks written
+                // never overlap.
+                let out = unsafe { out.chunk(index * head_dim, head_dim) };
+                self.attend_one(query, kv_head, &sequence.block_table, context, &mut scores, out);
+            }
+        });
     }
 
     /// One query head of one token against the first `context` cached tokens of its sequence.
@@ -139,5 +145,31 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
     for v in x.iter_mut() {
         *v /= sum;
+    }
+}
+
+/// Lets pool workers write disjoint parts of one output buffer.
+struct DisjointWriter {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: callers of `chunk` guarantee that no two live chunks overlap.
+unsafe impl Sync for DisjointWriter {}
+
+impl DisjointWriter {
+    fn new(buf: &mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other live chunk may overlap `start..start + len`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "chunk out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }

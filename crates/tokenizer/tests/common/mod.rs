@@ -1,0 +1,90 @@
+//! Shared helpers for the integration tests: locating the default model and reading fixtures.
+//!
+//! The model is never skipped when missing: a test that silently passes without its input
+//! proves nothing, so the failure says how to fetch it.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file;
+use minserve_tokenizer::{ChatMessage, Tokenizer};
+use serde::Deserialize;
+
+const MODEL_SUBPATH: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$MINSERVE_MODELS_DIR/<model>`, else `<workspace>/models/<model>`.
+pub fn smollm2_path() -> PathBuf {
+    let models_dir = match std::env::var_os("MINSERVE_MODELS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"),
+    };
+    let path = models_dir.join(MODEL_SUBPATH);
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run `cargo run -p minserve -- fetch` first \
+         (or point MINSERVE_MODELS_DIR at a folder containing {MODEL_SUBPATH})",
+        path.display()
+    );
+    path
+}
+
+/// The GGUF header (metadata and tensor index; tensor data is not read).
+pub fn smollm2_content() -> gguf_file::Content {
+    let path = smollm2_path();
+    let mut file = std::fs::File::open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    gguf_file::Content::read(&mut file)
+        .unwrap_or_else(|e| panic!("cannot parse GGUF {}: {e}", path.display()))
+}
+
+pub fn smollm2_tokenizer() -> Tokenizer {
+    Tokenizer::from_gguf(&smollm2_content()).expect("SmolLM2 GGUF tokenizer builds")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TokenFixture {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub ids_with_special: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatFixtures {
+    pub bos_token: String,
+    pub eos_token: String,
+    pub template: String,
+    pub chats: Vec<ChatFixture>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatFixture {
+    pub name: String,
+    pub messages: Vec<ChatMessage>,
+    pub add_generation_prompt: bool,
+    pub rendered: String,
+    pub ids: Vec<u32>,
+}
+
+fn read_fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read fixture {}: {e} (regenerate with crates/tokenizer/scripts/gen_fixtures.py)",
+            path.display()
+        )
+    })
+}
+
+pub fn token_fixtures() -> Vec<TokenFixture> {
+    let fixtures: Vec<TokenFixture> =
+        serde_json::from_str(&read_fixture("smollm2_tokens.json")).expect("valid token fixtures");
+    assert!(fixtures.len() >= 30, "token fixtures look truncated");
+    fixtures
+}
+
+pub fn chat_fixtures() -> ChatFixtures {
+    serde_json::from_str(&read_fixture("smollm2_chat.json")).expect("valid chat fixtures")
+}
