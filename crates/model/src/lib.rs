@@ -10,6 +10,7 @@ pub mod paged_attention;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;
+pub mod synthetic;
 mod tensor_util;
 pub mod weights;
 

@@ -66,7 +66,14 @@ impl PagedAttention<'_> {
                 // SAFETY: each index is handed to exactly one worker, so the chunks written
                 // never overlap.
                 let out = unsafe { out.chunk(index * head_dim, head_dim) };
-                self.attend_one(query, kv_head, &sequence.block_table, context, &mut scores, out);
+                self.attend_one(
+                    query,
+                    kv_head,
+                    &sequence.block_table,
+                    context,
+                    &mut scores,
+                    out,
+                );
             }
         });
     }

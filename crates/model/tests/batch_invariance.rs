@@ -1,0 +1,140 @@
+//! A sequence's logits are bit-for-bit the same whether it runs alone, batched with other
+//! sequences of other lengths, or with its prompt prefilled in several chunks.
+//!
+//! This holds because every kernel computes each row on its own in a fixed order: the quantized
+//! matmuls quantize and multiply each activation row independently, and paged attention gives
+//! each (token, head) pair its own fixed summation order.
+
+mod common;
+
+use minserve_core::sampling::argmax;
+use minserve_core::{ModelExecutor, StepBatch};
+use minserve_model::{load_model, CacheOptions, ModelRunner};
+
+struct Seq {
+    tokens: Vec<u32>,
+    computed: usize,
+    table: Vec<u32>,
+}
+
+/// Runs steps until every sequence has `decode` generated tokens; `chunks[i]` bounds how many
+/// prompt tokens sequence `i` may prefill per step. Returns each step's logits of sequence 0.
+fn run(
+    runner: &mut ModelRunner,
+    seqs: &mut [Seq],
+    prompt_len0: usize,
+    chunks: &[usize],
+    decode: usize,
+) -> Vec<Vec<f32>> {
+    let block_size = runner.cache_geometry().block_size;
+    let target: Vec<usize> = seqs.iter().map(|s| s.tokens.len() + decode).collect();
+    let mut seq0_logits = Vec::new();
+    loop {
+        let mut batch = StepBatch::new();
+        let mut members = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let pending = s.tokens.len() - s.computed;
+            if pending == 0 {
+                continue;
+            }
+            let n = pending.min(chunks[i]);
+            let sample = s.computed + n == s.tokens.len();
+            batch.push_sequence(
+                &s.tokens[s.computed..s.computed + n],
+                s.computed,
+                &s.table,
+                block_size,
+                sample,
+            );
+            members.push((i, n, sample));
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let logits = runner.execute(&batch).unwrap();
+        let mut row = 0;
+        for (i, n, sample) in members {
+            let s = &mut seqs[i];
+            s.computed += n;
+            if !sample {
+                continue;
+            }
+            let l = logits.row(row);
+            row += 1;
+            if i == 0 && s.computed >= prompt_len0 {
+                seq0_logits.push(l.to_vec());
+            }
+            if s.tokens.len() < target[i] {
+                s.tokens.push(argmax(l));
+            }
+        }
+    }
+    seq0_logits
+}
+
+#[test]
+fn logits_do_not_depend_on_batch_or_chunking() {
+    let loaded = load_model(&common::default_model_path()).unwrap();
+    let tk = &loaded.tokenizer;
+    let prompt = |t: &str| tk.encode(t, false).unwrap();
+    let a = prompt("Paged attention stores the keys and values of every sequence in fixed-size blocks, so that memory is allocated on demand and shared between requests.");
+    let b = prompt("Hello!");
+    let c = prompt("Write a haiku about the sea, then explain the metaphor you chose in two sentences, being careful to mention the moon and the tide as well as the wind over the water at night.");
+    let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
+    let decode = 6;
+
+    let alone = {
+        let mut seqs = [Seq {
+            tokens: a.clone(),
+            computed: 0,
+            table: (0..8).collect(),
+        }];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
+    };
+    assert_eq!(alone.len(), decode + 1);
+
+    let batched = {
+        let mut seqs = [
+            Seq {
+                tokens: a.clone(),
+                computed: 0,
+                table: vec![31, 7, 19, 2, 40, 11, 25, 33],
+            },
+            Seq {
+                tokens: b.clone(),
+                computed: 0,
+                table: vec![5, 6],
+            },
+            Seq {
+                tokens: c.clone(),
+                computed: 0,
+                table: vec![8, 9, 10, 12, 13, 14, 15, 16],
+            },
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
+    };
+    let chunked = {
+        let mut seqs = [
+            Seq {
+                tokens: a.clone(),
+                computed: 0,
+                table: vec![50, 51, 52, 53, 54, 55, 56, 57],
+            },
+            Seq {
+                tokens: c.clone(),
+                computed: 0,
+                table: vec![60, 61, 62, 63, 64, 65, 66, 67],
+            },
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[7, 13], decode)
+    };
+    for (name, other) in [("batched", &batched), ("chunked", &chunked)] {
+        assert_eq!(other.len(), alone.len(), "{name}: step count");
+        for (step, (x, y)) in alone.iter().zip(other.iter()).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name}: logits differ from the lone run at step {step}"
+            );
+        }
+    }
+}
