@@ -104,7 +104,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     let mut keep = candidates.len();
     if params.min_p > 0.0 {
         let floor = params.min_p * candidates[0].1;
-        keep = candidates.iter().take_while(|c| c.1 >= floor).count().max(1);
+        keep = candidates
+            .iter()
+            .take_while(|c| c.1 >= floor)
+            .count()
+            .max(1);
     }
     if params.top_p < 1.0 {
         let mut mass = 0.0;
@@ -135,7 +139,14 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
-        assert_eq!(sample(&[0.1, 3.0, 2.0], &SamplingParams::greedy(), &mut Rng::new(1)), 1);
+        assert_eq!(
+            sample(
+                &[0.1, 3.0, 2.0],
+                &SamplingParams::greedy(),
+                &mut Rng::new(1)
+            ),
+            1
+        );
     }
 
     #[test]
@@ -147,7 +158,9 @@ mod tests {
         };
         let draw = |seed| {
             let mut rng = Rng::new(seed);
-            (0..20).map(|_| sample(&logits, &params, &mut rng)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, &params, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));

@@ -162,7 +162,10 @@ impl ModelConfig {
             )));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(bad(format!("head dim {} is odd: RoPE needs pairs", self.head_dim)));
+            return Err(bad(format!(
+                "head dim {} is odd: RoPE needs pairs",
+                self.head_dim
+            )));
         }
         Ok(())
     }

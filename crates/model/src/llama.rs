@@ -72,7 +72,9 @@ impl LlamaModel {
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-            let mlp = layer.down_proj.forward(&(gate * layer.up_proj.forward(&h)?)?)?;
+            let mlp = layer
+                .down_proj
+                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
             x = (mlp + x)?;
         }
         let rows: Vec<u32> = batch.sampled_rows().iter().map(|&r| r as u32).collect();
@@ -99,8 +101,14 @@ impl LlamaModel {
         if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
             return bad(format!("token id {t} is outside the vocabulary of {vocab}"));
         }
-        if let Some(s) = batch.slot_mapping.iter().find(|&&s| s as usize >= num_slots) {
-            return bad(format!("slot {s} is outside the cache of {num_slots} slots"));
+        if let Some(s) = batch
+            .slot_mapping
+            .iter()
+            .find(|&&s| s as usize >= num_slots)
+        {
+            return bad(format!(
+                "slot {s} is outside the cache of {num_slots} slots"
+            ));
         }
         let mut row_sequence = Vec::with_capacity(n);
         let mut row = 0;
@@ -118,12 +126,18 @@ impl LlamaModel {
             if seq.block_table.len() * layout.block_size < seq.context_len {
                 return bad(format!("sequence {index}: block table too short"));
             }
-            if seq.block_table.iter().any(|&b| b as usize >= layout.num_blocks) {
+            if seq
+                .block_table
+                .iter()
+                .any(|&b| b as usize >= layout.num_blocks)
+            {
                 return bad(format!("sequence {index}: block id outside the pool"));
             }
             for (i, position) in (seq.start_position()..seq.context_len).enumerate() {
                 if batch.positions.get(row + i) != Some(&(position as u32)) {
-                    return bad(format!("sequence {index}: positions do not follow its context"));
+                    return bad(format!(
+                        "sequence {index}: positions do not follow its context"
+                    ));
                 }
                 row_sequence.push(index as u32);
             }

@@ -92,7 +92,10 @@ impl CustomOp1 for RopeOp<'_> {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let src = crate::tensor_util::contiguous_f32(storage, layout)?;
         if src.len() != self.positions.len() * self.num_heads * 2 * self.table.half_dim {
-            candle_core::bail!("rope: input of {} values does not match positions", src.len());
+            candle_core::bail!(
+                "rope: input of {} values does not match positions",
+                src.len()
+            );
         }
         let mut dst = src.to_vec();
         self.table.apply(&mut dst, self.positions, self.num_heads);

@@ -3,7 +3,10 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 /// The values of a contiguous f32 CPU tensor, in order.
-pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -12,10 +15,7 @@ pub fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_co
 }
 
 /// Runs `f` over the values of an f32 CPU tensor (made contiguous first if needed).
-pub fn with_f32_slice<R>(
-    tensor: &Tensor,
-    f: impl FnOnce(&[f32]) -> R,
-) -> candle_core::Result<R> {
+pub fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let tensor = tensor.contiguous()?;
     let (storage, layout) = tensor.storage_and_layout();
     match &*storage {
