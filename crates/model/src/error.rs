@@ -23,8 +23,11 @@ pub enum ModelError {
         name: String,
         message: String,
     },
-    #[error("tokenizer: {0}")]
-    Tokenizer(#[from] minserve_tokenizer::TokenizerError),
+    #[error("{path}: tokenizer: {source}")]
+    Tokenizer {
+        path: PathBuf,
+        source: minserve_tokenizer::TokenizerError,
+    },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error("{0}")]
@@ -34,6 +37,14 @@ pub enum ModelError {
 impl ModelError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// For `map_err`: a tokenizer failure, tagged with the model file or folder it came from.
+    pub fn tokenizer(path: &Path) -> impl FnOnce(minserve_tokenizer::TokenizerError) -> Self + '_ {
+        move |source| Self::Tokenizer {
             path: path.to_path_buf(),
             source,
         }

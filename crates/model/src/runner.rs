@@ -38,7 +38,10 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         return crate::safetensors::load_folder(path);
     }
     let content = crate::gguf::read_content(path)?;
-    let tokenizer = Tokenizer::from_gguf(&content)?;
+    // Cheap checks first, so a bad file fails before 100 MB of weights are read, and with the
+    // most useful message: an unsupported architecture says more than any missing key.
+    crate::config::ModelConfig::from_gguf(&content, path)?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(path))?;
     let weights = crate::gguf::load(path, &content)?;
     Ok(LoadedModel {
         model: LlamaModel::new(weights),

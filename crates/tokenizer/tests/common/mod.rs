@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: locating the default model and reading fixtures.
 //!
 //! The model is never skipped when missing: a test that silently passes without its input
-//! proves nothing, so the failure says how to fetch it.
+//! proves nothing, so it is fetched, and a failure to fetch fails the test.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -11,22 +11,14 @@ use candle_core::quantized::gguf_file;
 use minserve_tokenizer::{ChatMessage, Tokenizer};
 use serde::Deserialize;
 
-const MODEL_SUBPATH: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `$MINSERVE_MODELS_DIR/<model>`, else `<workspace>/models/<model>`.
+/// The default model (SmolLM2-135M-Instruct Q4_1), fetched on first use like the binary does:
+/// a fresh clone's `cargo test` needs no manual step.
 pub fn smollm2_path() -> PathBuf {
-    let models_dir = match std::env::var_os("MINSERVE_MODELS_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"),
-    };
-    let path = models_dir.join(MODEL_SUBPATH);
-    assert!(
-        path.is_file(),
-        "test model {} is missing: run `cargo run -p minserve -- fetch` first \
-         (or point MINSERVE_MODELS_DIR at a folder containing {MODEL_SUBPATH})",
-        path.display()
-    );
-    path
+    minserve_hub::resolve(
+        minserve_hub::default_model(),
+        &minserve_hub::FetchOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
 }
 
 /// The GGUF header (metadata and tensor index; tensor data is not read).
