@@ -1,7 +1,6 @@
 //! `minserve generate`: one prompt, one sequence, streamed to stdout.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -13,8 +12,9 @@ use minserve_tokenizer::ChatMessage;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model: a GGUF file, a Hugging Face folder, or a catalog alias.
-    #[arg(long, default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    /// Model: a GGUF file, a Hugging Face folder, or a catalog alias (`minserve fetch --list`),
+    /// fetched on first use.
+    #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
     /// The prompt text.
     #[arg(long)]
@@ -40,7 +40,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let path = PathBuf::from(&args.model);
+    let path = minserve_hub::resolve(&args.model, &minserve_hub::FetchOptions::default())?;
     let loaded = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = loaded.tokenizer;
     let prompt_text = if args.chat {
@@ -117,11 +117,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prefill = prefill_time.unwrap_or_default().as_secs_f64();
     let decode_steps = generated.len().saturating_sub(1).max(1);
     eprintln!(
-        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s",
+        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, peak RSS: {}",
         prompt.len(),
         generated.len(),
         prompt.len() as f64 / prefill.max(1e-9),
         decode_steps as f64 / (total - prefill).max(1e-9),
+        peak_rss_mib().map_or("unknown".into(), |m| format!("{m} MiB")),
     );
     Ok(())
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), to check the memory budget.
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
