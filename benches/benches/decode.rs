@@ -22,7 +22,10 @@ fn main() {
     let loaded = load_model(&path).expect("load model");
     let prompt = loaded
         .tokenizer
-        .encode(&"The quick brown fox jumps over the lazy dog. ".repeat(8), false)
+        .encode(
+            &"The quick brown fox jumps over the lazy dog. ".repeat(8),
+            false,
+        )
         .expect("encode")[..PROMPT_LEN]
         .to_vec();
     let mut ours = ModelRunner::new(loaded.model, CacheOptions::default());
@@ -32,7 +35,8 @@ fn main() {
         quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("load");
 
     let block_size = ours.cache_geometry().block_size;
-    let table: Vec<u32> = (0..(PROMPT_LEN + DECODE_TOKENS + 1).div_ceil(block_size) as u32).collect();
+    let table: Vec<u32> =
+        (0..(PROMPT_LEN + DECODE_TOKENS + 1).div_ceil(block_size) as u32).collect();
     let mut run_ours = || {
         let mut tokens = prompt.clone();
         let mut computed = 0;
@@ -62,7 +66,10 @@ fn main() {
                 .and_then(|t| t.unsqueeze(0))
                 .expect("input");
             let logits = theirs.forward(&input, computed).expect("step");
-            let logits = logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()).expect("logits");
+            let logits = logits
+                .squeeze(0)
+                .and_then(|l| l.to_vec1::<f32>())
+                .expect("logits");
             computed = tokens.len();
             tokens.push(argmax(&logits));
         }
@@ -80,5 +87,8 @@ fn main() {
     println!("single-sequence decode, default model, {PROMPT_LEN}-token prompt, {DECODE_TOKENS} tokens, median of {ROUNDS}:");
     println!("  minserve (paged):             {ours_median:7.1} tok/s");
     println!("  candle quantized_llama:       {theirs_median:7.1} tok/s");
-    println!("  ratio minserve / candle:      {:7.2}", ours_median / theirs_median);
+    println!(
+        "  ratio minserve / candle:      {:7.2}",
+        ours_median / theirs_median
+    );
 }

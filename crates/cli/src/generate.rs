@@ -92,7 +92,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut prefill_time = None;
     while generated.len() < args.max_tokens {
         let mut batch = StepBatch::new();
-        batch.push_sequence(new_tokens, num_computed, &block_table, geometry.block_size, true);
+        batch.push_sequence(
+            new_tokens,
+            num_computed,
+            &block_table,
+            geometry.block_size,
+            true,
+        );
         let logits = runner.execute(&batch)?;
         num_computed += new_tokens.len();
         prefill_time.get_or_insert_with(|| start.elapsed());

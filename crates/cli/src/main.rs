@@ -1,11 +1,17 @@
 //! `minserve`: a small, real LLM inference server.
 
+mod export;
+mod fetch;
 mod generate;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "minserve", version, about = "A small, real LLM inference server")]
+#[command(
+    name = "minserve",
+    version,
+    about = "A small, real LLM inference server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -15,6 +21,10 @@ struct Cli {
 enum Command {
     /// Generate text for one prompt, streaming it to stdout.
     Generate(generate::GenerateArgs),
+    /// Download a model of the catalog (default: the default model); prints its local path.
+    Fetch(fetch::FetchArgs),
+    /// Export a GGUF model as a Hugging Face folder (safetensors, config.json, tokenizer).
+    Export(export::ExportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,5 +37,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Fetch(args) => fetch::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;

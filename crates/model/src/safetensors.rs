@@ -1,13 +1,323 @@
-//! Loading a Hugging Face folder: config.json, safetensors shards, tokenizer.json.
+//! Loading a Hugging Face folder: `config.json`, `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`) and the tokenizer files.
+//!
+//! Every tensor is converted to f32 on load: the forward pass keeps activations in f32 and a plain
+//! f32 `QMatMul::Tensor` is exact, whereas keeping f16/bf16 weights would need a conversion of the
+//! activations at every matmul. The files are memory-mapped, so only one tensor at a time is held
+//! in its original dtype next to its f32 copy.
+//!
+//! Loading checks before it reads any tensor data: every name the model needs must be present,
+//! with the shape `config.json` implies and a float dtype. A mismatched config and checkpoint is
+//! the usual way a folder goes wrong, and it must surface as an error naming file and tensor, not
+//! as a panic deep inside a matmul.
 
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Component, Path, PathBuf};
 
+use candle_core::quantized::QMatMul;
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
+use minserve_tokenizer::Tokenizer;
+use serde::Deserialize;
+
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::llama::LlamaModel;
 use crate::runner::LoadedModel;
+use crate::weights::{LayerWeights, Linear, LlamaWeights};
 
-pub fn load_folder(path: &Path) -> Result<LoadedModel> {
-    Err(ModelError::Format {
-        path: path.to_path_buf(),
-        message: "safetensors folders are not supported yet".into(),
+/// The single-file checkpoint name `transformers` writes and looks for first.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint, mapping each tensor name to its shard file.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Loads a Hugging Face model folder into f32 weights and its tokenizer.
+pub fn load_folder(dir: &Path) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(ModelError::Format {
+            path: dir.to_path_buf(),
+            message: "no config.json: not a Hugging Face model folder \
+                      (expected config.json, model.safetensors and tokenizer.json)"
+                .into(),
+        });
+    }
+    let config = ModelConfig::from_hf_config(&config_path)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let plan = tensor_plan(&config);
+    // Check names, dtypes and shapes from the headers alone, so that a wrong checkpoint fails in
+    // milliseconds, before the tokenizer or gigabytes of tensor data are read.
+    for (name, shape) in &plan {
+        checkpoint.check(name, shape)?;
+    }
+    warn_unused(&checkpoint, &plan, &config);
+    let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
+    let weights = build_weights(&checkpoint, config)?;
+    Ok(LoadedModel {
+        model: LlamaModel::new(weights),
+        tokenizer,
+        path: dir.to_path_buf(),
     })
+}
+
+/// The HF name of layer `i`'s tensor `rest` (e.g. `self_attn.q_proj.weight`).
+fn layer_name(i: usize, rest: &str) -> String {
+    format!("model.layers.{i}.{rest}")
+}
+
+/// Whether the attention output projection has a bias. HF Llama's `attention_bias` covers all
+/// four projections; Qwen2 has biases on q/k/v only, and Mistral has none.
+fn o_proj_has_bias(config: &ModelConfig) -> bool {
+    config.attention_bias && config.architecture == "llama"
+}
+
+/// Every tensor the model reads, with the shape `config` implies for it.
+pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let q_dim = c.num_heads * c.head_dim;
+    let kv_dim = c.num_kv_heads * c.head_dim;
+    let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let mut plan = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
+    for i in 0..c.num_layers {
+        let mut add = |rest: &str, shape: Vec<usize>| plan.push((layer_name(i, rest), shape));
+        add("input_layernorm.weight", vec![h]);
+        add("self_attn.q_proj.weight", vec![q_dim, h]);
+        add("self_attn.k_proj.weight", vec![kv_dim, h]);
+        add("self_attn.v_proj.weight", vec![kv_dim, h]);
+        add("self_attn.o_proj.weight", vec![h, q_dim]);
+        if c.attention_bias {
+            add("self_attn.q_proj.bias", vec![q_dim]);
+            add("self_attn.k_proj.bias", vec![kv_dim]);
+            add("self_attn.v_proj.bias", vec![kv_dim]);
+        }
+        if o_proj_has_bias(c) {
+            add("self_attn.o_proj.bias", vec![h]);
+        }
+        add("post_attention_layernorm.weight", vec![h]);
+        add("mlp.gate_proj.weight", vec![ff, h]);
+        add("mlp.up_proj.weight", vec![ff, h]);
+        add("mlp.down_proj.weight", vec![h, ff]);
+    }
+    plan.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        plan.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    plan
+}
+
+/// Tensors in the checkpoint that the model does not read are most likely harmless (rotary
+/// caches, a duplicate `lm_head.weight` of a tied model), but a weight we silently ignore would
+/// change the model's output, so name them.
+fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &ModelConfig) {
+    let wanted: BTreeSet<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+    let unused: Vec<&str> = checkpoint
+        .names()
+        .filter(|n| !wanted.contains(n))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
+        .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            count = unused.len(),
+            first = ?&unused[..unused.len().min(8)],
+            "ignoring checkpoint tensors the model does not use"
+        );
+    }
+}
+
+fn build_weights(ckpt: &Checkpoint, config: ModelConfig) -> Result<LlamaWeights> {
+    let linear = |name: String, bias: bool| -> Result<Linear> {
+        let weight = QMatMul::Tensor(ckpt.load_f32(&format!("{name}.weight"))?);
+        let bias = match bias {
+            true => Some(ckpt.load_f32(&format!("{name}.bias"))?),
+            false => None,
+        };
+        Ok(Linear { weight, bias })
+    };
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for i in 0..config.num_layers {
+        let attn = |proj: &str| layer_name(i, &format!("self_attn.{proj}"));
+        let mlp = |proj: &str| layer_name(i, &format!("mlp.{proj}"));
+        let bias = config.attention_bias;
+        layers.push(LayerWeights {
+            attn_norm: ckpt.load_f32(&layer_name(i, "input_layernorm.weight"))?,
+            q_proj: linear(attn("q_proj"), bias)?,
+            k_proj: linear(attn("k_proj"), bias)?,
+            v_proj: linear(attn("v_proj"), bias)?,
+            o_proj: linear(attn("o_proj"), o_proj_has_bias(&config))?,
+            ffn_norm: ckpt.load_f32(&layer_name(i, "post_attention_layernorm.weight"))?,
+            gate_proj: linear(mlp("gate_proj"), false)?,
+            up_proj: linear(mlp("up_proj"), false)?,
+            down_proj: linear(mlp("down_proj"), false)?,
+        });
+    }
+    let embedding = ckpt.load_f32("model.embed_tokens.weight")?;
+    let lm_head = match config.tie_word_embeddings {
+        // A clone shares the storage: tied weights stay one copy in memory.
+        true => Linear {
+            weight: QMatMul::Tensor(embedding.clone()),
+            bias: None,
+        },
+        false => linear("lm_head".to_string(), false)?,
+    };
+    let final_norm = ckpt.load_f32("model.norm.weight")?;
+    Ok(LlamaWeights {
+        config,
+        embedding,
+        layers,
+        final_norm,
+        lm_head,
+    })
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// The memory-mapped safetensors files of a folder, with which file holds which tensor.
+struct Checkpoint {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Tensor name -> index into `files`.
+    routing: HashMap<String, usize>,
+    /// Where a missing tensor should have been: the single file, or the shard index.
+    listing: PathBuf,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or else the shards named by `model.safetensors.index.json`
+    /// (the order in which `transformers` looks for them).
+    fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join(WEIGHTS_FILE);
+        let index_path = dir.join(WEIGHTS_INDEX_FILE);
+        let (paths, listing) = if single.is_file() {
+            (vec![single.clone()], single)
+        } else if index_path.is_file() {
+            (shard_paths(dir, &index_path)?, index_path)
+        } else {
+            return Err(ModelError::Format {
+                path: dir.to_path_buf(),
+                message: format!("no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in the folder"),
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut routing = HashMap::new();
+        for path in paths {
+            let st = mmap(&path)?;
+            for (name, _) in st.tensors() {
+                routing.insert(name, files.len());
+            }
+            files.push((path, st));
+        }
+        Ok(Self {
+            files,
+            routing,
+            listing,
+        })
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.routing.keys().map(String::as_str)
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::Tensor {
+            path: self.listing.clone(),
+            name: name.to_string(),
+            message: "missing from the checkpoint".into(),
+        }
+    }
+
+    /// The file holding `name`, and its view.
+    fn view(&self, name: &str) -> Result<(&Path, ::safetensors::tensor::TensorView<'_>)> {
+        let &index = self.routing.get(name).ok_or_else(|| self.missing(name))?;
+        let (path, st) = &self.files[index];
+        let view = st.get(name).map_err(|e| tensor_error(path, name, e))?;
+        Ok((path, view))
+    }
+
+    /// Checks that `name` exists with `shape` and a dtype we convert to f32.
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let (path, view) = self.view(name)?;
+        let bad = |message: String| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            message,
+        };
+        use ::safetensors::Dtype;
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(bad(format!(
+                "dtype {:?} is not supported (F32, F16 or BF16 only)",
+                view.dtype()
+            )));
+        }
+        if view.shape() != shape {
+            return Err(bad(format!(
+                "shape {:?} does not match config.json, which implies {shape:?}",
+                view.shape()
+            )));
+        }
+        Ok(())
+    }
+
+    fn load_f32(&self, name: &str) -> Result<Tensor> {
+        let (path, view) = self.view(name)?;
+        view.load(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| tensor_error(path, name, e))
+    }
+}
+
+fn tensor_error(path: &Path, name: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Maps one safetensors file and parses its header.
+fn mmap(path: &Path) -> Result<MmapedSafetensors> {
+    // Surface a missing or unreadable file as an I/O error on that path, not a candle error.
+    std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the map is only sound while nobody truncates or rewrites the file underneath us;
+    // that is the contract of every mmap-based checkpoint loader (transformers' included), and
+    // reading gigabytes through the page cache instead of copying them first is why we map.
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })
+}
+
+/// The distinct shard files of a sharded checkpoint, in a stable order.
+fn shard_paths(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| ModelError::io(index_path, e))?;
+    let bad = |message: String| ModelError::Format {
+        path: index_path.to_path_buf(),
+        message,
+    };
+    let index: ShardIndex =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a valid shard index: {e}")))?;
+    let shards: BTreeSet<&str> = index.weight_map.values().map(String::as_str).collect();
+    if shards.is_empty() {
+        return Err(bad("`weight_map` lists no tensors".into()));
+    }
+    shards
+        .into_iter()
+        .map(|shard| {
+            // Shards live next to the index; a path that climbs out of the folder is not a
+            // checkpoint `transformers` would write, so refuse it rather than read it.
+            let plain = Path::new(shard)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)));
+            match plain {
+                true => Ok(dir.join(shard)),
+                false => Err(bad(format!(
+                    "shard `{shard}` is not a file name in the folder"
+                ))),
+            }
+        })
+        .collect()
 }

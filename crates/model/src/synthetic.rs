@@ -32,6 +32,16 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
     };
     Some(match name {
         "tiny" => llama(64, 128, 2, 4, 2, 256),
+        // Qwen2's differences from Llama, at the same tiny size: q/k/v bias, NeoX RoPE pairs,
+        // a separate lm_head.
+        "tiny-qwen2" => ModelConfig {
+            architecture: "qwen2".into(),
+            attention_bias: true,
+            rope_style: RopeStyle::Neox,
+            tie_word_embeddings: false,
+            rope_theta: 1_000_000.0,
+            ..llama(64, 128, 2, 4, 2, 256)
+        },
         "smollm2-135m" => llama(576, 1536, 30, 9, 3, 49152),
         "llama-1b" => ModelConfig {
             rope_theta: 500_000.0,
@@ -46,7 +56,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
     })
 }
 
-pub const PRESETS: &[&str] = &["tiny", "smollm2-135m", "llama-1b", "llama-8b"];
+pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "smollm2-135m", "llama-1b", "llama-8b"];
 
 /// Seeded weights for `config`. Projections are stored as `dtype` (`F32` keeps them dense);
 /// values are uniform with the spread of a trained model's (std about 0.02 for projections),
@@ -71,15 +81,34 @@ pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaW
     let linear = |rows, cols, random: &mut dyn FnMut((usize, usize), f32) -> Result<Tensor>| {
         as_linear(random((rows, cols), matrix_spread)?)
     };
+    let with_bias =
+        |mut l: Linear, rows, random: &mut dyn FnMut((usize, usize), f32) -> Result<Tensor>| {
+            if config.attention_bias {
+                l.bias = Some(random((1, rows), 0.5)?.squeeze(0)?);
+            }
+            Ok::<_, crate::error::ModelError>(l)
+        };
     let c = config;
     let ones = Tensor::ones(c.hidden_size, candle_core::DType::F32, &device)?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for _ in 0..c.num_layers {
         layers.push(LayerWeights {
             attn_norm: ones.clone(),
-            q_proj: linear(c.num_heads * c.head_dim, c.hidden_size, &mut random)?,
-            k_proj: linear(c.num_kv_heads * c.head_dim, c.hidden_size, &mut random)?,
-            v_proj: linear(c.num_kv_heads * c.head_dim, c.hidden_size, &mut random)?,
+            q_proj: with_bias(
+                linear(c.num_heads * c.head_dim, c.hidden_size, &mut random)?,
+                c.num_heads * c.head_dim,
+                &mut random,
+            )?,
+            k_proj: with_bias(
+                linear(c.num_kv_heads * c.head_dim, c.hidden_size, &mut random)?,
+                c.num_kv_heads * c.head_dim,
+                &mut random,
+            )?,
+            v_proj: with_bias(
+                linear(c.num_kv_heads * c.head_dim, c.hidden_size, &mut random)?,
+                c.num_kv_heads * c.head_dim,
+                &mut random,
+            )?,
             o_proj: linear(c.hidden_size, c.num_heads * c.head_dim, &mut random)?,
             ffn_norm: ones.clone(),
             gate_proj: linear(c.intermediate_size, c.hidden_size, &mut random)?,

@@ -37,7 +37,10 @@ fn not_a_gguf_file() {
     let path = dir.path().join("model.gguf");
     std::fs::write(&path, b"this is not a model").unwrap();
     let err = error_of(&path);
-    assert!(err.contains("model.gguf") && err.contains("not a readable GGUF"), "{err}");
+    assert!(
+        err.contains("model.gguf") && err.contains("not a readable GGUF"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -47,16 +50,25 @@ fn truncated_download() {
     let path = dir.path().join("cut.gguf");
     std::fs::write(&path, &real[..real.len() / 2]).unwrap();
     let err = error_of(&path);
-    assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bert.gguf");
-    write_gguf(&path, &[("general.architecture", Value::String("bert".into()))]);
+    write_gguf(
+        &path,
+        &[("general.architecture", Value::String("bert".into()))],
+    );
     let err = error_of(&path);
-    assert!(err.contains("bert.gguf") && err.contains("`bert` is not supported"), "{err}");
+    assert!(
+        err.contains("bert.gguf") && err.contains("`bert` is not supported"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -83,7 +95,10 @@ fn tokenizer_that_cannot_be_built() {
 fn unsupported_tensor_type() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("oddtype.gguf");
-    write_gguf(&path, &[("general.architecture", Value::String("llama".into()))]);
+    write_gguf(
+        &path,
+        &[("general.architecture", Value::String("llama".into()))],
+    );
     // Patch the tensor's type id (the u32 after its name, dimension count and dimensions) to
     // one no GGUF reader knows.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -92,5 +107,8 @@ fn unsupported_tensor_type() {
     bytes[type_at..type_at + 4].copy_from_slice(&250u32.to_le_bytes());
     std::fs::write(&path, bytes).unwrap();
     let err = error_of(&path);
-    assert!(err.contains("oddtype.gguf") && err.contains("not a readable GGUF"), "{err}");
+    assert!(
+        err.contains("oddtype.gguf") && err.contains("not a readable GGUF"),
+        "{err}"
+    );
 }

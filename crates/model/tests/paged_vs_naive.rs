@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use minserve_core::sampling::Rng;
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::weights::LlamaWeights;
-use minserve_model::{synthetic, CacheOptions, LlamaModel, ModelRunner};
+use minserve_model::{synthetic, CacheOptions, LlamaModel, ModelRunner, RopeStyle};
 
 /// Logits at every position of `tokens`, computed the textbook way.
 fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
@@ -57,8 +57,12 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
         let q = heads(&layer.q_proj.forward(&h)?, c.num_heads)?;
         let k = heads(&layer.k_proj.forward(&h)?, c.num_kv_heads)?;
         let v = heads(&layer.v_proj.forward(&h)?, c.num_kv_heads)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        let k = repeat(candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)?;
+        let rope = match c.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i,
+            RopeStyle::Neox => candle_nn::rotary_emb::rope,
+        };
+        let q = rope(&q, &cos, &sin)?;
+        let k = repeat(rope(&k, &cos, &sin)?)?;
         let v = repeat(v)?;
         let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?.broadcast_add(&mask)?;
         let attn = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
@@ -77,8 +81,8 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
     w.lm_head.forward(&x)?.to_vec2::<f32>()
 }
 
-fn tiny_runner(block_size: usize, num_blocks: usize) -> ModelRunner {
-    let config = synthetic::preset("tiny").unwrap();
+fn tiny_runner(preset: &str, block_size: usize, num_blocks: usize) -> ModelRunner {
+    let config = synthetic::preset(preset).unwrap();
     let weights = synthetic::build(&config, 42, GgmlDType::F32).unwrap();
     let mut runner = ModelRunner::new(
         LlamaModel::new(weights),
@@ -91,11 +95,22 @@ fn tiny_runner(block_size: usize, num_blocks: usize) -> ModelRunner {
     runner
 }
 
+/// Llama: interleaved RoPE pairs, no bias, tied embeddings.
+#[test]
+fn paged_attention_matches_naive_attention() {
+    check_against_naive("tiny");
+}
+
+/// Qwen2: q/k/v bias, NeoX RoPE pairs, separate lm_head.
+#[test]
+fn qwen2_variant_matches_naive_attention() {
+    check_against_naive("tiny-qwen2");
+}
+
 /// Three sequences of lengths that are not multiples of any block size tried, prefilled in
 /// chunks of different sizes in shared steps, with scattered block tables, then decoded
 /// together; every sampled row must match the naive logits at that position.
-#[test]
-fn paged_attention_matches_naive_attention() {
+fn check_against_naive(preset: &str) {
     let lengths = [1usize, 19, 41];
     let mut rng = Rng::new(7);
     let prompts: Vec<Vec<u32>> = lengths
@@ -107,7 +122,7 @@ fn paged_attention_matches_naive_attention() {
         for chunk in [4usize, 7, 64] {
             let per_seq_blocks = (41 + decode_steps).div_ceil(block_size);
             let num_blocks = per_seq_blocks * prompts.len() + 5;
-            let mut runner = tiny_runner(block_size, num_blocks);
+            let mut runner = tiny_runner(preset, block_size, num_blocks);
             // Hand out the pool in a shuffled order so no sequence's blocks are contiguous.
             let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
             for i in (1..ids.len()).rev() {

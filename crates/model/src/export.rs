@@ -1,0 +1,390 @@
+//! Exporting a GGUF model to a standard Hugging Face folder (`config.json`, `model.safetensors`,
+//! tokenizer files), so that a model fetched as GGUF can be read by `transformers`, by candle's
+//! own Llama, or by minserve's safetensors path.
+//!
+//! Every tensor is dequantized: the folder holds the exact values minserve's GGUF path multiplies
+//! by (in f32; f16/bf16 round them once more). Llama-style GGUFs store q/k projection rows
+//! permuted for interleaved RoPE, so those are permuted back: the result is an ordinary
+//! checkpoint that runs with the usual half-split (Neox) RoPE.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use minserve_tokenizer::Tokenizer;
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
+use crate::safetensors::{tensor_plan, WEIGHTS_FILE};
+
+/// The dtype of the exported tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExportDType {
+    /// Exactly the dequantized values; twice the size of f16.
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl ExportDType {
+    /// The `torch_dtype` that `config.json` declares.
+    pub fn torch_dtype(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
+    fn candle(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+impl fmt::Display for ExportDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for ExportDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            _ => Err(format!("unknown dtype `{s}` (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+/// What [`export_gguf_to_hf`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub out_dir: PathBuf,
+    /// Every file written, `model.safetensors` first.
+    pub files: Vec<PathBuf>,
+    pub config: ModelConfig,
+    pub dtype: ExportDType,
+    /// Number of tensors in `model.safetensors`.
+    pub num_tensors: usize,
+    /// Size of `model.safetensors`.
+    pub weights_bytes: u64,
+    /// Whether q/k rows were permuted back from llama.cpp's interleaved layout.
+    pub unpermuted_qk: bool,
+    /// GGUF tensors with no Hugging Face counterpart that minserve does not use either
+    /// (`rope_freqs.weight`), left out of the folder.
+    pub skipped: Vec<String>,
+}
+
+/// GGUF tensors that are derived data, not weights, and that minserve's forward ignores.
+const SKIPPABLE: &[&str] = &["rope_freqs.weight"];
+
+/// Exports the GGUF model at `gguf_path` into `out_dir` (created; must be empty if it exists).
+///
+/// An existing non-empty folder is refused rather than overwritten: a stale shard index,
+/// `generation_config.json` or tokenizer file left next to the new weights would silently change
+/// how the folder loads.
+pub fn export_gguf_to_hf(
+    gguf_path: &Path,
+    out_dir: &Path,
+    dtype: ExportDType,
+) -> Result<ExportReport> {
+    let content = crate::gguf::read_content(gguf_path)?;
+    let config = ModelConfig::from_gguf(&content, gguf_path)?;
+    let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(gguf_path))?;
+    prepare_out_dir(out_dir)?;
+
+    let unpermute = config.rope_style == RopeStyle::Interleaved;
+    let file = File::open(gguf_path).map_err(|e| ModelError::io(gguf_path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
+    let mut skipped = Vec::new();
+    for gguf_name in names {
+        let tensor_err = |message: String| ModelError::Tensor {
+            path: gguf_path.to_path_buf(),
+            name: gguf_name.clone(),
+            message,
+        };
+        let Some((hf, role)) = hf_name(gguf_name) else {
+            if SKIPPABLE.contains(&gguf_name.as_str()) {
+                skipped.push(gguf_name.clone());
+                continue;
+            }
+            return Err(tensor_err(
+                "has no Hugging Face counterpart; refusing to drop a weight silently".into(),
+            ));
+        };
+        let qtensor = content
+            .tensor(&mut reader, gguf_name, &Device::Cpu)
+            .map_err(|e| tensor_err(e.to_string()))?;
+        let mut t = qtensor.dequantize(&Device::Cpu)?;
+        if unpermute {
+            let heads = match role {
+                Role::Query => Some(config.num_heads),
+                Role::Key => Some(config.num_kv_heads),
+                Role::Other => None,
+            };
+            if let Some(heads) = heads {
+                t = unpermute_rows(&t, heads, config.head_dim).map_err(tensor_err)?;
+            }
+        }
+        tensors.push((hf, t.to_dtype(dtype.candle())?.contiguous()?));
+    }
+    check_complete(gguf_path, &config, &tensors)?;
+
+    let weights_path = out_dir.join(WEIGHTS_FILE);
+    write_safetensors(&weights_path, &tensors)?;
+    let weights_bytes = std::fs::metadata(&weights_path)
+        .map_err(|e| ModelError::io(&weights_path, e))?
+        .len();
+
+    let config_path = out_dir.join("config.json");
+    let mut config_json = config.to_hf_config_json(dtype.torch_dtype());
+    if let Some(obj) = config_json.as_object_mut() {
+        // transformers' generate() falls back to these when there is no generation_config.json.
+        if let Some(bos) = tokenizer.bos_token_id() {
+            obj.insert("bos_token_id".into(), bos.into());
+        }
+        if let Some(eos) = tokenizer.eos_token_id() {
+            obj.insert("eos_token_id".into(), eos.into());
+        }
+    }
+    write_json(&config_path, &config_json)?;
+    tokenizer
+        .write_hf_files(out_dir)
+        .map_err(ModelError::tokenizer(out_dir))?;
+
+    let mut files = vec![weights_path, config_path];
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        let path = out_dir.join(name);
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    Ok(ExportReport {
+        out_dir: out_dir.to_path_buf(),
+        files,
+        config,
+        dtype,
+        num_tensors: tensors.len(),
+        weights_bytes,
+        unpermuted_qk: unpermute,
+        skipped,
+    })
+}
+
+fn prepare_out_dir(out_dir: &Path) -> Result<()> {
+    if out_dir.exists() {
+        let mut entries = std::fs::read_dir(out_dir).map_err(|e| ModelError::io(out_dir, e))?;
+        if entries.next().is_some() {
+            return Err(ModelError::Format {
+                path: out_dir.to_path_buf(),
+                message: "output folder is not empty; choose a new or empty folder".into(),
+            });
+        }
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| ModelError::io(out_dir, e))
+}
+
+/// Whether a GGUF tensor's rows must be un-permuted, and with which head count.
+#[derive(Clone, Copy)]
+enum Role {
+    Query,
+    Key,
+    Other,
+}
+
+/// The Hugging Face name of a llama.cpp tensor name.
+fn hf_name(gguf: &str) -> Option<(String, Role)> {
+    let top = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = top {
+        return Some((name.to_string(), Role::Other));
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, suffix) = rest.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let (hf, role) = match base {
+        "attn_q" => ("self_attn.q_proj", Role::Query),
+        "attn_k" => ("self_attn.k_proj", Role::Key),
+        "attn_v" => ("self_attn.v_proj", Role::Other),
+        "attn_output" => ("self_attn.o_proj", Role::Other),
+        "ffn_gate" => ("mlp.gate_proj", Role::Other),
+        "ffn_up" => ("mlp.up_proj", Role::Other),
+        "ffn_down" => ("mlp.down_proj", Role::Other),
+        "attn_norm" if suffix == "weight" => ("input_layernorm", Role::Other),
+        "ffn_norm" if suffix == "weight" => ("post_attention_layernorm", Role::Other),
+        _ => return None,
+    };
+    Some((format!("model.layers.{layer}.{hf}.{suffix}"), role))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`, which reorders the rows of each head from
+/// `[first halves..., second halves...]` to interleaved pairs:
+/// `GGUF = HF.reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2)`, so
+/// `HF = GGUF.reshape(n_head, head_dim/2, 2, in).swapaxes(1, 2)`. Works for biases (1-D) too.
+fn unpermute_rows(
+    t: &Tensor,
+    n_head: usize,
+    head_dim: usize,
+) -> std::result::Result<Tensor, String> {
+    let dims = t.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    if rows != n_head * head_dim || !head_dim.is_multiple_of(2) {
+        return Err(format!(
+            "shape {dims:?} does not split into {n_head} heads of {head_dim}"
+        ));
+    }
+    let cols: usize = dims[1..].iter().product();
+    let go = || -> candle_core::Result<Tensor> {
+        t.reshape((n_head, head_dim / 2, 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(dims.as_slice())
+    };
+    go().map_err(|e| e.to_string())
+}
+
+/// The folder must load back: every tensor minserve's safetensors loader (and `transformers`)
+/// expects must have been produced, with the shape the config implies.
+fn check_complete(
+    gguf_path: &Path,
+    config: &ModelConfig,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let have: HashMap<&str, &[usize]> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.dims()))
+        .collect();
+    let plan = tensor_plan(config);
+    for (name, shape) in &plan {
+        match have.get(name.as_str()) {
+            None => {
+                return Err(ModelError::Format {
+                    path: gguf_path.to_path_buf(),
+                    message: format!("the GGUF has no tensor that exports to `{name}`"),
+                })
+            }
+            Some(got) if *got != shape.as_slice() => {
+                return Err(ModelError::Format {
+                    path: gguf_path.to_path_buf(),
+                    message: format!(
+                    "`{name}` would have shape {got:?}, but the model's config implies {shape:?}"
+                ),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let wanted: BTreeSet<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+    if let Some((extra, _)) = tensors.iter().find(|(n, _)| !wanted.contains(n.as_str())) {
+        return Err(ModelError::Format {
+            path: gguf_path.to_path_buf(),
+            message: format!("`{extra}` is not part of the model its metadata describes"),
+        });
+    }
+    Ok(())
+}
+
+/// Writes through a temporary name and renames, so an interrupted export never leaves a
+/// truncated `model.safetensors` that looks complete.
+fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.partial");
+    // transformers refuses a safetensors checkpoint whose metadata lacks `format`.
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    ::safetensors::serialize_to_file(data, Some(metadata), &tmp).map_err(|e| {
+        ModelError::Format {
+            path: tmp.clone(),
+            message: format!("writing safetensors: {e}"),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (n_head, head_dim, cols) = (3, 4, 2);
+        let hf = Tensor::arange(0f32, (n_head * head_dim * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n_head * head_dim, cols))
+            .unwrap();
+        // llama.cpp: w.reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2).reshape(out, in)
+        let gguf = hf
+            .reshape((n_head, 2, head_dim / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((n_head * head_dim, cols))
+            .unwrap();
+        assert_ne!(gguf.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        let back = unpermute_rows(&gguf, n_head, head_dim).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        // Row 1 of head 0 in GGUF is the first row of the second half in HF.
+        assert_eq!(
+            gguf.get(1).unwrap().to_vec1::<f32>().unwrap(),
+            vec![4.0, 5.0]
+        );
+    }
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        let (name, _) = hf_name("blk.11.attn_k.bias").unwrap();
+        assert_eq!(name, "model.layers.11.self_attn.k_proj.bias");
+        let (name, _) = hf_name("blk.0.ffn_norm.weight").unwrap();
+        assert_eq!(name, "model.layers.0.post_attention_layernorm.weight");
+        assert!(hf_name("rope_freqs.weight").is_none());
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+    }
+
+    #[test]
+    fn dtype_parses() {
+        assert_eq!("BF16".parse::<ExportDType>().unwrap(), ExportDType::BF16);
+        assert!("q8".parse::<ExportDType>().is_err());
+    }
+}
