@@ -1,0 +1,423 @@
+//! The continuous-batching scheduler.
+//!
+//! Every step spends a budget of `max_num_batched_tokens` over at most `max_num_seqs`
+//! sequences (vLLM v1 style, no separate prefill and decode phases):
+//!
+//! 1. **Running sequences first**, in priority order. Each asks for the tokens it has not
+//!    computed: one for a decoding sequence, the rest of its prompt (as much as the budget
+//!    allows: *chunked prefill*) for one whose prompt was split. If the block manager has no
+//!    room for them, the **lowest-priority, newest** running sequence is **preempted**: its
+//!    blocks are freed and it goes back to the front of the waiting queue keeping every token
+//!    it generated; it will recompute them later (its prefix may still be cached).
+//! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
+//!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
+//!    caching), then schedules as much of the rest as fits. The queue's head blocks those
+//!    behind it, so that a long prompt is not starved by short ones.
+//!
+//! The result is a [`ScheduledStep`]: the model's [`StepBatch`] and, per scheduled sequence,
+//! how many tokens it computes and whether it samples.
+
+use std::collections::VecDeque;
+
+use crate::batch::StepBatch;
+use crate::block_manager::BlockManager;
+use crate::sequence::{SeqId, Sequence};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchedulingPolicy {
+    /// First come, first served.
+    #[default]
+    Fcfs,
+    /// Lowest `priority` value first, then arrival order.
+    Priority,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Tokens computed per step at most (prompt chunks and decode tokens together).
+    pub max_num_batched_tokens: usize,
+    /// Sequences in a step at most.
+    pub max_num_seqs: usize,
+    pub policy: SchedulingPolicy,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_batched_tokens: 512,
+            max_num_seqs: 64,
+            policy: SchedulingPolicy::Fcfs,
+        }
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    pub num_new_tokens: usize,
+    /// Whether this step computes the sequence's last pending token, so it samples next.
+    pub samples: bool,
+    /// Prompt tokens served from the prefix cache when the sequence was admitted this step.
+    pub num_cached_tokens: usize,
+    /// Whether the tokens are (part of) a prompt, or a recomputation after preemption, rather
+    /// than a decode step.
+    pub is_prefill: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScheduledStep {
+    pub batch: StepBatch,
+    pub seqs: Vec<ScheduledSeq>,
+    /// Sequences pushed back to the waiting queue during this step.
+    pub preempted: Vec<SeqId>,
+}
+
+impl ScheduledStep {
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+pub struct Scheduler {
+    config: SchedulerConfig,
+    /// Admitted sequences, kept in priority order (FCFS: arrival order).
+    running: Vec<Sequence>,
+    /// Sequences waiting for admission, the next to admit at the front.
+    waiting: VecDeque<Sequence>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self {
+            config,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        let at = match self.config.policy {
+            SchedulingPolicy::Fcfs => self.waiting.len(),
+            SchedulingPolicy::Priority => self
+                .waiting
+                .partition_point(|w| w.order_key() <= seq.order_key()),
+        };
+        self.waiting.insert(at, seq);
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .find(|s| s.id == id)
+    }
+
+    pub fn get_running_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
+        self.running.iter_mut().find(|s| s.id == id)
+    }
+
+    pub fn running(&self) -> &[Sequence] {
+        &self.running
+    }
+
+    /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once.
+    pub fn remove(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
+        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        blocks.free(&mut seq);
+        Some(seq)
+    }
+
+    /// Plans the next step. See the module documentation for the policy.
+    pub fn schedule(&mut self, blocks: &mut BlockManager) -> ScheduledStep {
+        let mut step = ScheduledStep::default();
+        let mut budget = self.config.max_num_batched_tokens;
+
+        // 1. Running sequences, highest priority first.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let num_new = self.running[i].num_pending_tokens().min(budget);
+            if num_new == 0 {
+                i += 1; // sampled last step; waits for the engine to append its token
+                continue;
+            }
+            if !self.make_room(i, num_new, blocks, &mut step) {
+                break; // sequence `i` itself was preempted; so is everything after it
+            }
+            let seq = &mut self.running[i];
+            step.seqs.push(ScheduledSeq {
+                id: seq.id,
+                num_new_tokens: num_new,
+                samples: seq.num_computed_tokens + num_new == seq.len(),
+                num_cached_tokens: 0,
+                is_prefill: seq.num_computed_tokens + 1 < seq.len(),
+            });
+            budget -= num_new;
+            i += 1;
+        }
+
+        // 2. Waiting sequences, unless this step had to preempt (no room to spare).
+        while step.preempted.is_empty()
+            && budget > 0
+            && self.running.len() < self.config.max_num_seqs
+        {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            let prefix = blocks.find_cached_prefix(seq);
+            let num_cached = prefix.blocks.len() * blocks.block_size();
+            let num_new = (seq.len() - num_cached).min(budget);
+            if !blocks.allocate_slots(seq, num_new, Some(prefix)) {
+                break;
+            }
+            let Some(seq) = self.waiting.pop_front() else {
+                break;
+            };
+            step.seqs.push(ScheduledSeq {
+                id: seq.id,
+                num_new_tokens: num_new,
+                samples: num_cached + num_new == seq.len(),
+                num_cached_tokens: num_cached,
+                is_prefill: true,
+            });
+            budget -= num_new;
+            self.insert_running(seq);
+        }
+
+        step.batch = self.build_batch(&step.seqs, blocks.block_size());
+        step
+    }
+
+    /// Allocates blocks for `num_new` tokens of `running[i]`, preempting from the back of the
+    /// running list until they fit. False if `running[i]` itself had to go.
+    fn make_room(
+        &mut self,
+        i: usize,
+        num_new: usize,
+        blocks: &mut BlockManager,
+        step: &mut ScheduledStep,
+    ) -> bool {
+        loop {
+            if blocks.allocate_slots(&mut self.running[i], num_new, None) {
+                return true;
+            }
+            let Some(mut victim) = self.running.pop() else {
+                return false;
+            };
+            blocks.free(&mut victim);
+            self.num_preemptions += 1;
+            step.preempted.push(victim.id);
+            // A victim already scheduled this step must not run.
+            step.seqs.retain(|s| s.id != victim.id);
+            let was_self = self.running.len() == i;
+            self.waiting.push_front(victim);
+            if was_self {
+                return false;
+            }
+        }
+    }
+
+    fn insert_running(&mut self, seq: Sequence) {
+        let at = self
+            .running
+            .partition_point(|r| r.order_key() <= seq.order_key());
+        self.running.insert(at, seq);
+    }
+
+    fn build_batch(&self, scheduled: &[ScheduledSeq], block_size: usize) -> StepBatch {
+        let mut batch = StepBatch::new();
+        for s in scheduled {
+            let seq = self
+                .running
+                .iter()
+                .find(|r| r.id == s.id)
+                .expect("scheduled sequences are running");
+            let start = seq.num_computed_tokens;
+            batch.push_sequence(
+                &seq.tokens[start..start + s.num_new_tokens],
+                start,
+                &seq.block_table,
+                block_size,
+                s.samples,
+            );
+        }
+        batch
+    }
+
+    /// Called after the step ran: the scheduled tokens are now computed.
+    pub fn mark_computed(&mut self, step: &ScheduledStep) {
+        for s in &step.seqs {
+            if let Some(seq) = self.get_running_mut(s.id) {
+                seq.num_computed_tokens += s.num_new_tokens;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_num_batched_tokens: usize, max_num_seqs: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_batched_tokens,
+            max_num_seqs,
+            policy: SchedulingPolicy::Fcfs,
+        }
+    }
+
+    /// Runs a step the way the engine does: computed tokens are marked, sampling sequences
+    /// get a new token.
+    fn run_step(s: &mut Scheduler, bm: &mut BlockManager) -> ScheduledStep {
+        let step = s.schedule(bm);
+        s.mark_computed(&step);
+        for seq in step.seqs.iter().filter(|q| q.samples) {
+            s.get_running_mut(seq.id).unwrap().tokens.push(1);
+        }
+        bm.check_invariants(s.running.iter());
+        step
+    }
+
+    fn tokens_per_seq(step: &ScheduledStep) -> Vec<(SeqId, usize)> {
+        step.seqs.iter().map(|q| (q.id, q.num_new_tokens)).collect()
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_to_the_token_budget() {
+        let mut bm = BlockManager::new(16, 4, false);
+        let mut s = Scheduler::new(config(8, 4));
+        s.add(Sequence::new(1, vec![0; 20], 0, 1));
+        let steps: Vec<_> = (0..4).map(|_| run_step(&mut s, &mut bm)).collect();
+        assert_eq!(tokens_per_seq(&steps[0]), vec![(1, 8)]);
+        assert!(
+            !steps[0].seqs[0].samples,
+            "a partial prompt does not sample"
+        );
+        assert_eq!(tokens_per_seq(&steps[1]), vec![(1, 8)]);
+        assert_eq!(tokens_per_seq(&steps[2]), vec![(1, 4)]);
+        assert!(steps[2].seqs[0].samples);
+        assert_eq!(tokens_per_seq(&steps[3]), vec![(1, 1)], "then it decodes");
+        assert!(!steps[3].seqs[0].is_prefill);
+    }
+
+    #[test]
+    fn running_sequences_go_first_then_newcomers_fill_the_budget() {
+        let mut bm = BlockManager::new(32, 4, false);
+        let mut s = Scheduler::new(config(10, 3));
+        s.add(Sequence::new(1, vec![0; 6], 0, 1));
+        run_step(&mut s, &mut bm);
+        s.add(Sequence::new(2, vec![0; 6], 0, 2));
+        s.add(Sequence::new(3, vec![0; 6], 0, 3));
+        s.add(Sequence::new(4, vec![0; 6], 0, 4));
+        // Seq 1 decodes (1 token), seq 2 prefills 6, seq 3 gets the last 3 of the budget.
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 6), (3, 3)]);
+        // max_num_seqs = 3 keeps seq 4 waiting.
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 1), (3, 3)]);
+        assert_eq!(s.num_waiting(), 1);
+        // The batch holds exactly the scheduled tokens, in order.
+        assert_eq!(step.batch.num_tokens(), 5);
+        assert_eq!(step.batch.sequences.len(), 3);
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_which_resumes_with_its_tokens() {
+        // 4 blocks of 2 tokens: two sequences of 3 tokens fit, but not once both grow to 5.
+        let mut bm = BlockManager::new(4, 2, false);
+        let mut s = Scheduler::new(config(64, 8));
+        s.add(Sequence::new(1, vec![5; 3], 0, 1));
+        s.add(Sequence::new(2, vec![6; 3], 0, 2));
+        run_step(&mut s, &mut bm); // both prefill, each samples a 4th token
+        run_step(&mut s, &mut bm); // both decode: 5 tokens each, needs 3 blocks each
+        let mut preempted_at = None;
+        for i in 0..6 {
+            let step = run_step(&mut s, &mut bm);
+            if !step.preempted.is_empty() {
+                assert_eq!(step.preempted, vec![2], "the newest sequence is the victim");
+                assert!(step.seqs.iter().all(|q| q.id == 1));
+                preempted_at = Some(i);
+                break;
+            }
+        }
+        assert!(
+            preempted_at.is_some(),
+            "the pool ran out, so someone was preempted"
+        );
+        let victim = s.get(2).unwrap();
+        assert_eq!(victim.num_computed_tokens, 0);
+        assert!(victim.len() > 3, "it keeps the tokens it generated");
+        assert!(victim.block_table.is_empty());
+        assert_eq!(s.num_preemptions(), 1);
+
+        // Once sequence 1 finishes, 2 recomputes everything it had (prompt and output) at once.
+        let generated = victim.len();
+        s.remove(1, &mut bm);
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(2, generated)]);
+        assert!(step.seqs[0].is_prefill && step.seqs[0].samples);
+    }
+
+    #[test]
+    fn priority_policy_orders_admission_and_preemption() {
+        let mut bm = BlockManager::new(64, 4, false);
+        let mut s = Scheduler::new(SchedulerConfig {
+            policy: SchedulingPolicy::Priority,
+            ..config(4, 8)
+        });
+        s.add(Sequence::new(1, vec![0; 4], 5, 1));
+        s.add(Sequence::new(2, vec![0; 4], -1, 2));
+        s.add(Sequence::new(3, vec![0; 4], 5, 3));
+        // Budget of 4 admits one prompt per step: the most urgent first, then by arrival.
+        let order: Vec<SeqId> = (0..3)
+            .map(|_| {
+                let step = run_step(&mut s, &mut bm);
+                step.seqs.iter().find(|q| q.is_prefill).unwrap().id
+            })
+            .collect();
+        assert_eq!(order, vec![2, 1, 3]);
+        assert_eq!(
+            s.running.iter().map(|q| q.id).collect::<Vec<_>>(),
+            vec![2, 1, 3]
+        );
+    }
+
+    #[test]
+    fn a_removed_sequence_frees_its_blocks_at_once() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let mut s = Scheduler::new(config(64, 8));
+        s.add(Sequence::new(1, vec![0; 9], 0, 1));
+        run_step(&mut s, &mut bm);
+        assert_eq!(bm.num_free_blocks(), 5);
+        s.remove(1, &mut bm);
+        assert_eq!(bm.num_free_blocks(), 8);
+        assert!(!s.has_work());
+    }
+}

@@ -1,0 +1,67 @@
+//! A sequence: what the scheduler and block manager know about one stream of tokens.
+//!
+//! Prefill and decode are one idea: `num_computed_tokens` chases `tokens.len()`. A fresh prompt
+//! has many tokens to catch up on (processed in one step or in chunks), a running sequence has
+//! exactly one (the token sampled last step), and a preempted one starts over from zero while
+//! keeping every token it generated.
+
+use crate::block_manager::BlockHash;
+
+/// Identifies a sequence for its whole life, across preemptions.
+pub type SeqId = u64;
+
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    pub num_prompt_tokens: usize,
+    /// Tokens whose K/V sit in the cache (or are being written by the current step).
+    pub num_computed_tokens: usize,
+    /// Physical block of each logical block, owned through the block manager.
+    pub block_table: Vec<u32>,
+    /// Prefix-cache hash of each full block of `tokens`, in order; each chains its parent's.
+    pub block_hashes: Vec<BlockHash>,
+    /// Lower runs first under the priority policy (vLLM's convention).
+    pub priority: i32,
+    /// Arrival order; ties in priority go to the earlier arrival.
+    pub arrival: u64,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, prompt: Vec<u32>, priority: i32, arrival: u64) -> Self {
+        Self {
+            id,
+            num_prompt_tokens: prompt.len(),
+            tokens: prompt,
+            num_computed_tokens: 0,
+            block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            priority,
+            arrival,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Tokens the model still has to compute before this sequence can sample again.
+    pub fn num_pending_tokens(&self) -> usize {
+        self.tokens.len() - self.num_computed_tokens
+    }
+
+    pub fn output_tokens(&self) -> &[u32] {
+        &self.tokens[self.num_prompt_tokens..]
+    }
+
+    /// Scheduling order: priority first, then arrival. The greatest key is the first to be
+    /// preempted.
+    pub fn order_key(&self) -> (i32, u64) {
+        (self.priority, self.arrival)
+    }
+}
