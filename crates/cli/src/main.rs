@@ -1,5 +1,6 @@
 //! `minserve`: a small, real LLM inference server.
 
+mod bench;
 mod export;
 mod fetch;
 mod generate;
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Generate text for one prompt, streaming it to stdout.
     Generate(generate::GenerateArgs),
+    /// Benchmarks (offline throughput of the engine).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Download a model of the catalog (default: the default model); prints its local path.
     Fetch(fetch::FetchArgs),
     /// Export a GGUF model as a Hugging Face folder (safetensors, config.json, tokenizer).
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
     }
 }

@@ -5,8 +5,14 @@
 //! [`StepBatch`] per step and hands it over.
 
 pub mod batch;
+pub mod block_manager;
+pub mod detokenize;
+pub mod engine;
 pub mod executor;
 pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
+pub mod stop;
 
 pub use batch::{SequenceChunk, StepBatch};
 pub use executor::{CacheGeometry, Logits, ModelExecutor};

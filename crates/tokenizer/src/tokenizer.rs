@@ -202,3 +202,12 @@ impl Tokenizer {
         Ok(inner)
     }
 }
+
+/// The engine's view of a tokenizer: decoding for streamed text. Special tokens are skipped
+/// (they are control markers, not text), and a failure decodes to nothing rather than
+/// stopping the stream, since the ids come from the model itself.
+impl minserve_core::detokenize::TokenDecoder for Tokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        Tokenizer::decode(self, ids, true).unwrap_or_default()
+    }
+}

@@ -1,0 +1,276 @@
+//! The engine end to end on the real default model: continuous batching must not change what
+//! a request generates, whatever else is in the batch and however small the KV cache is.
+
+mod common;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
+use minserve_core::sampling::SamplingParams;
+use minserve_core::scheduler::SchedulerConfig;
+use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_tokenizer::Tokenizer;
+
+struct Setup {
+    engine: Engine<ModelRunner>,
+    tokenizer: Tokenizer,
+}
+
+fn setup(kv_cache_bytes: usize, max_num_seqs: usize, max_num_batched_tokens: usize) -> Setup {
+    let loaded = load_model(&common::default_model_path()).expect("load");
+    let max_model_len = loaded.model.config().max_position_embeddings;
+    let runner = ModelRunner::new(
+        loaded.model,
+        CacheOptions {
+            block_size: 16,
+            memory_bytes: kv_cache_bytes,
+        },
+    );
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens,
+            max_num_seqs,
+            ..SchedulerConfig::default()
+        },
+        prefix_caching: true,
+        max_model_len,
+    };
+    let tokenizer = loaded.tokenizer;
+    let eos = tokenizer.eos_token_ids().to_vec();
+    Setup {
+        engine: Engine::new(runner, config, Arc::new(tokenizer.clone()), eos),
+        tokenizer,
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Output {
+    tokens: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+/// Submits all requests, runs the engine dry, and collects each request's (first sample's)
+/// output.
+fn generate(engine: &mut Engine<ModelRunner>, requests: Vec<Request>) -> Vec<Output> {
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
+            let (tx, rx) = mpsc::channel();
+            engine.add_request(r, Box::new(tx)).expect("accepted");
+            rx
+        })
+        .collect();
+    while engine.step() {}
+    receivers
+        .into_iter()
+        .map(|rx| {
+            let mut out = Output::default();
+            for event in rx.try_iter() {
+                match event {
+                    RequestEvent::Token {
+                        index: 0,
+                        token,
+                        text,
+                        ..
+                    } => {
+                        out.tokens.push(token);
+                        out.text.push_str(&text);
+                    }
+                    RequestEvent::Finished {
+                        index: 0,
+                        reason,
+                        text,
+                        ..
+                    } => {
+                        out.text.push_str(&text);
+                        out.finish = Some(reason);
+                    }
+                    RequestEvent::Failed(e) => panic!("request failed: {e}"),
+                    _ => {}
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
+    [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+        "def fibonacci(n):",
+        "List three colors:",
+        "The history of the printing press begins in",
+        "Water boils at",
+    ]
+    .iter()
+    .map(|p| tokenizer.encode(p, false).unwrap())
+    .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    let mut r = Request::new(prompt, max_tokens);
+    r.params = SamplingParams::greedy();
+    r.ignore_eos = true;
+    r
+}
+
+#[test]
+fn batched_greedy_outputs_equal_one_at_a_time() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompts = prompts(&s.tokenizer);
+    let alone: Vec<Output> = prompts
+        .iter()
+        .map(|p| generate(&mut s.engine, vec![greedy(p.clone(), 24)]).remove(0))
+        .collect();
+    let batched = generate(
+        &mut s.engine,
+        prompts.iter().map(|p| greedy(p.clone(), 24)).collect(),
+    );
+    assert_eq!(alone, batched);
+    for out in &alone {
+        assert_eq!(out.tokens.len(), 24);
+        assert_eq!(out.finish, Some(FinishReason::Length));
+        assert_eq!(out.text, s.tokenizer.decode(&out.tokens, true).unwrap());
+    }
+}
+
+#[test]
+fn seeded_sampling_is_batch_invariant() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompts = prompts(&s.tokenizer);
+    let sampled = |p: &Vec<u32>, seed| {
+        let mut r = Request::new(p.clone(), 20);
+        r.params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        r.ignore_eos = true;
+        r
+    };
+    let alone = generate(&mut s.engine, vec![sampled(&prompts[1], 42)]).remove(0);
+    let mut crowd: Vec<Request> = prompts.iter().map(|p| sampled(p, 7)).collect();
+    crowd.insert(3, sampled(&prompts[1], 42));
+    let batched = generate(&mut s.engine, crowd).remove(3);
+    assert_eq!(alone, batched);
+}
+
+/// A workload needing about four times the KV pool completes, with the same greedy outputs as
+/// with a large pool, by preempting and recomputing.
+#[test]
+fn a_small_pool_preempts_but_outputs_do_not_change() {
+    let mut big = setup(64 << 20, 64, 512);
+    let prompts = prompts(&big.tokenizer);
+    let requests = || {
+        prompts
+            .iter()
+            .map(|p| greedy(p.clone(), 40))
+            .collect::<Vec<_>>()
+    };
+    let expected = generate(&mut big.engine, requests());
+
+    // 6 sequences x ~55 tokens need ~24 blocks of 16; give the pool 8.
+    let bytes_per_block = 2 * 30 * 3 * 64 * 4 * 16;
+    let mut small = setup(8 * bytes_per_block, 64, 512);
+    let got = generate(&mut small.engine, requests());
+    assert!(
+        small.engine.stats().num_preemptions > 0,
+        "the pool was meant to run out"
+    );
+    assert_eq!(expected, got);
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_never_emitted() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompt = s
+        .tokenizer
+        .encode("Count: 1, 2, 3, 4, 5, 6,", false)
+        .unwrap();
+    let free_run = generate(&mut s.engine, vec![greedy(prompt.clone(), 30)]).remove(0);
+    // Stop on a piece of text that the free run produces after a few tokens.
+    let cut = free_run
+        .text
+        .char_indices()
+        .nth(6)
+        .map_or(free_run.text.len(), |(i, _)| i);
+    let stop: String = free_run.text[cut..].chars().take(3).collect();
+    assert!(!stop.is_empty(), "free run: {:?}", free_run.text);
+    let mut request = greedy(prompt, 30);
+    request.stop = vec![stop.clone()];
+    let stopped = generate(&mut s.engine, vec![request]).remove(0);
+    assert_eq!(stopped.finish, Some(FinishReason::Stop));
+    let expected_text = &free_run.text[..free_run.text.find(&stop).unwrap()];
+    assert_eq!(stopped.text, expected_text, "stop string {stop:?}");
+}
+
+#[test]
+fn prefix_caching_reuses_shared_prompt_blocks() {
+    let mut s = setup(64 << 20, 64, 512);
+    let shared =
+        "You are a helpful assistant. Answer briefly and precisely, and never make things up. "
+            .repeat(4);
+    let a = s
+        .tokenizer
+        .encode(&format!("{shared}What is rust?"), false)
+        .unwrap();
+    let b = s
+        .tokenizer
+        .encode(&format!("{shared}What is iron?"), false)
+        .unwrap();
+    let first = generate(&mut s.engine, vec![greedy(a, 4)]);
+    let hits_before = s.engine.stats().prefix_hit_tokens;
+    generate(&mut s.engine, vec![greedy(b.clone(), 4)]);
+    let hits = s.engine.stats().prefix_hit_tokens - hits_before;
+    assert!(hits >= 48, "only {hits} prompt tokens came from the cache");
+    assert_eq!(first.len(), 1);
+
+    // And a cached prefix gives the same output as computing it.
+    let mut cold = setup(64 << 20, 64, 512);
+    let cold_out = generate(&mut cold.engine, vec![greedy(b.clone(), 8)]);
+    let warm_out = generate(&mut s.engine, vec![greedy(b, 8)]);
+    assert_eq!(cold_out, warm_out);
+}
+
+#[test]
+fn dropping_the_receiver_aborts_and_frees_blocks() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompt = s
+        .tokenizer
+        .encode("Tell me a long story about dragons.", false)
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    s.engine
+        .add_request(greedy(prompt, 200), Box::new(tx))
+        .unwrap();
+    s.engine.step();
+    s.engine.step();
+    assert!(s.engine.stats().kv_usage > 0.0);
+    drop(rx);
+    s.engine.step(); // the send fails: the request is aborted at once
+    assert!(!s.engine.has_work());
+    assert_eq!(s.engine.stats().kv_usage, 0.0);
+}
+
+#[test]
+fn impossible_requests_are_rejected_up_front() {
+    let mut s = setup(1 << 20, 64, 512); // a 1 MiB pool: 22 blocks of 16 tokens
+    let (tx, _rx) = mpsc::channel();
+    let err = s
+        .engine
+        .add_request(greedy(vec![100; 10], 1000), Box::new(tx.clone()))
+        .unwrap_err();
+    assert!(err.to_string().contains("could never complete"), "{err}");
+    let err = s
+        .engine
+        .add_request(greedy(vec![100; 9000], 1), Box::new(tx))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("maximum context length is 8192"),
+        "{err}"
+    );
+}
