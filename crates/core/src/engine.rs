@@ -411,8 +411,7 @@ impl<E: ModelExecutor> Engine<E> {
 
     /// Samples the next token of sequence `id` from its logits row and emits what it adds.
     fn sample_and_emit(&mut self, id: SeqId, logits: &[f32]) {
-        let (Some(state), Some(seq)) = (self.seqs.get_mut(&id), self.scheduler.get_running_mut(id))
-        else {
+        let (Some(state), Some(seq)) = (self.seqs.get_mut(&id), self.scheduler.get_mut(id)) else {
             return;
         };
         let Some(request_state) = self.requests.get(&state.request) else {

@@ -17,7 +17,7 @@
 //! The result is a [`ScheduledStep`]: the model's [`StepBatch`] and, per scheduled sequence,
 //! how many tokens it computes and whether it samples.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use crate::batch::StepBatch;
 use crate::block_manager::BlockManager;
@@ -81,10 +81,12 @@ impl ScheduledStep {
 
 pub struct Scheduler {
     config: SchedulerConfig,
-    /// Admitted sequences, kept in priority order (FCFS: arrival order).
-    running: Vec<Sequence>,
+    /// Every unfinished sequence, running or waiting, by id.
+    seqs: HashMap<SeqId, Sequence>,
+    /// Admitted sequences in priority order (FCFS: arrival order); the last is preempted first.
+    running: Vec<SeqId>,
     /// Sequences waiting for admission, the next to admit at the front.
-    waiting: VecDeque<Sequence>,
+    waiting: VecDeque<SeqId>,
     num_preemptions: u64,
 }
 
@@ -92,6 +94,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
+            seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
             num_preemptions: 0,
@@ -105,11 +108,14 @@ impl Scheduler {
     pub fn add(&mut self, seq: Sequence) {
         let at = match self.config.policy {
             SchedulingPolicy::Fcfs => self.waiting.len(),
-            SchedulingPolicy::Priority => self
-                .waiting
-                .partition_point(|w| w.order_key() <= seq.order_key()),
+            SchedulingPolicy::Priority => {
+                let key = seq.order_key();
+                self.waiting
+                    .partition_point(|w| self.seqs[w].order_key() <= key)
+            }
         };
-        self.waiting.insert(at, seq);
+        self.waiting.insert(at, seq.id);
+        self.seqs.insert(seq.id, seq);
     }
 
     pub fn num_running(&self) -> usize {
@@ -125,32 +131,30 @@ impl Scheduler {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty()
+        !self.seqs.is_empty()
     }
 
     pub fn get(&self, id: SeqId) -> Option<&Sequence> {
-        self.running
-            .iter()
-            .chain(self.waiting.iter())
-            .find(|s| s.id == id)
+        self.seqs.get(&id)
     }
 
-    pub fn get_running_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
-        self.running.iter_mut().find(|s| s.id == id)
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut Sequence> {
+        self.seqs.get_mut(&id)
     }
 
-    pub fn running(&self) -> &[Sequence] {
-        &self.running
+    /// Running sequences, in priority order.
+    pub fn running(&self) -> impl Iterator<Item = &Sequence> {
+        self.running.iter().map(|id| &self.seqs[id])
     }
 
     /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once.
     pub fn remove(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
-        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
-        } else {
-            let i = self.waiting.iter().position(|s| s.id == id)?;
-            self.waiting.remove(i)?
-        };
+        let mut seq = self.seqs.remove(&id)?;
+        if let Some(i) = self.running.iter().position(|&r| r == id) {
+            self.running.remove(i);
+        } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
+            self.waiting.remove(i);
+        }
         blocks.free(&mut seq);
         Some(seq)
     }
@@ -163,7 +167,8 @@ impl Scheduler {
         // 1. Running sequences, highest priority first.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let num_new = self.running[i].num_pending_tokens().min(budget);
+            let id = self.running[i];
+            let num_new = self.seqs[&id].num_pending_tokens().min(budget);
             if num_new == 0 {
                 i += 1; // sampled last step; waits for the engine to append its token
                 continue;
@@ -171,9 +176,9 @@ impl Scheduler {
             if !self.make_room(i, num_new, blocks, &mut step) {
                 break; // sequence `i` itself was preempted; so is everything after it
             }
-            let seq = &mut self.running[i];
+            let seq = &self.seqs[&id];
             step.seqs.push(ScheduledSeq {
-                id: seq.id,
+                id,
                 num_new_tokens: num_new,
                 samples: seq.num_computed_tokens + num_new == seq.len(),
                 num_cached_tokens: 0,
@@ -188,27 +193,26 @@ impl Scheduler {
             && budget > 0
             && self.running.len() < self.config.max_num_seqs
         {
-            let Some(seq) = self.waiting.front_mut() else {
+            let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
             let prefix = blocks.find_cached_prefix(seq);
             let num_cached = prefix.blocks.len() * blocks.block_size();
             let num_new = (seq.len() - num_cached).min(budget);
             if !blocks.allocate_slots(seq, num_new, Some(prefix)) {
                 break;
             }
-            let Some(seq) = self.waiting.pop_front() else {
-                break;
-            };
             step.seqs.push(ScheduledSeq {
-                id: seq.id,
+                id,
                 num_new_tokens: num_new,
                 samples: num_cached + num_new == seq.len(),
                 num_cached_tokens: num_cached,
                 is_prefill: true,
             });
             budget -= num_new;
-            self.insert_running(seq);
+            self.waiting.pop_front();
+            self.insert_running(id);
         }
 
         step.batch = self.build_batch(&step.seqs, blocks.block_size());
@@ -224,41 +228,41 @@ impl Scheduler {
         blocks: &mut BlockManager,
         step: &mut ScheduledStep,
     ) -> bool {
+        let id = self.running[i];
         loop {
-            if blocks.allocate_slots(&mut self.running[i], num_new, None) {
+            let seq = self.seqs.get_mut(&id).expect("running sequences are known");
+            if blocks.allocate_slots(seq, num_new, None) {
                 return true;
             }
-            let Some(mut victim) = self.running.pop() else {
+            let Some(victim) = self.running.pop() else {
                 return false;
             };
-            blocks.free(&mut victim);
+            let victim_seq = self
+                .seqs
+                .get_mut(&victim)
+                .expect("running sequences are known");
+            blocks.free(victim_seq);
             self.num_preemptions += 1;
-            step.preempted.push(victim.id);
-            // A victim already scheduled this step must not run.
-            step.seqs.retain(|s| s.id != victim.id);
-            let was_self = self.running.len() == i;
+            step.preempted.push(victim);
             self.waiting.push_front(victim);
-            if was_self {
+            if victim == id {
                 return false;
             }
         }
     }
 
-    fn insert_running(&mut self, seq: Sequence) {
+    fn insert_running(&mut self, id: SeqId) {
+        let key = self.seqs[&id].order_key();
         let at = self
             .running
-            .partition_point(|r| r.order_key() <= seq.order_key());
-        self.running.insert(at, seq);
+            .partition_point(|r| self.seqs[r].order_key() <= key);
+        self.running.insert(at, id);
     }
 
     fn build_batch(&self, scheduled: &[ScheduledSeq], block_size: usize) -> StepBatch {
         let mut batch = StepBatch::new();
         for s in scheduled {
-            let seq = self
-                .running
-                .iter()
-                .find(|r| r.id == s.id)
-                .expect("scheduled sequences are running");
+            let seq = &self.seqs[&s.id];
             let start = seq.num_computed_tokens;
             batch.push_sequence(
                 &seq.tokens[start..start + s.num_new_tokens],
@@ -274,7 +278,7 @@ impl Scheduler {
     /// Called after the step ran: the scheduled tokens are now computed.
     pub fn mark_computed(&mut self, step: &ScheduledStep) {
         for s in &step.seqs {
-            if let Some(seq) = self.get_running_mut(s.id) {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed_tokens += s.num_new_tokens;
             }
         }
@@ -299,9 +303,9 @@ mod tests {
         let step = s.schedule(bm);
         s.mark_computed(&step);
         for seq in step.seqs.iter().filter(|q| q.samples) {
-            s.get_running_mut(seq.id).unwrap().tokens.push(1);
+            s.get_mut(seq.id).unwrap().tokens.push(1);
         }
-        bm.check_invariants(s.running.iter());
+        bm.check_invariants(s.running());
         step
     }
 
@@ -403,10 +407,7 @@ mod tests {
             })
             .collect();
         assert_eq!(order, vec![2, 1, 3]);
-        assert_eq!(
-            s.running.iter().map(|q| q.id).collect::<Vec<_>>(),
-            vec![2, 1, 3]
-        );
+        assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![2, 1, 3]);
     }
 
     #[test]
