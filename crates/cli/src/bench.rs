@@ -181,6 +181,7 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "prefix_cache_hit_tokens": stats.prefix_hit_tokens,
+        "prefix_cache_queried_tokens": stats.prefix_queried_tokens,
         "peak_kv_usage": stats.peak_kv_usage,
         "num_preemptions": stats.num_preemptions,
         "steps": stats.steps,

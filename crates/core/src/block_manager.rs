@@ -155,8 +155,6 @@ impl BlockManager {
                 _ => break,
             }
         }
-        self.stats.queried_tokens += seq.len() as u64;
-        self.stats.hit_tokens += (prefix.blocks.len() * self.block_size) as u64;
         prefix
     }
 
@@ -171,6 +169,9 @@ impl BlockManager {
         num_new_tokens: usize,
         prefix: Option<CachedPrefix>,
     ) -> bool {
+        // Admissions (the calls that pass a prefix lookup) are what the hit rate counts; a
+        // lookup for a sequence that then does not fit is not.
+        let is_admission = prefix.is_some();
         let prefix = prefix.unwrap_or_default();
         debug_assert!(prefix.blocks.is_empty() || seq.block_table.is_empty());
         let computed = seq
@@ -190,6 +191,10 @@ impl BlockManager {
             return false;
         }
 
+        if is_admission {
+            self.stats.queried_tokens += seq.len() as u64;
+            self.stats.hit_tokens += (prefix.blocks.len() * self.block_size) as u64;
+        }
         for (&id, &hash) in prefix.blocks.iter().zip(&prefix.hashes) {
             self.acquire(id);
             seq.block_table.push(id);

@@ -258,7 +258,7 @@ fn dropping_the_receiver_aborts_and_frees_blocks() {
 
 #[test]
 fn impossible_requests_are_rejected_up_front() {
-    let mut s = setup(1 << 20, 64, 512); // a 1 MiB pool: 22 blocks of 16 tokens
+    let mut s = setup(4 << 20, 64, 512); // 5 blocks of 16 tokens
     let (tx, _rx) = mpsc::channel();
     let err = s
         .engine
