@@ -249,7 +249,8 @@ pub struct Engine<E: ModelExecutor> {
     sampler: Sampler,
     seqs: HashMap<SeqId, SeqState>,
     requests: HashMap<RequestId, RequestState>,
-    next_id: u64,
+    next_seq_id: SeqId,
+    next_request_id: RequestId,
     stats: EngineStats,
     trace: Option<Box<dyn Write + Send>>,
 }
@@ -282,7 +283,8 @@ impl<E: ModelExecutor> Engine<E> {
             sampler: Sampler::new(),
             seqs: HashMap::new(),
             requests: HashMap::new(),
-            next_id: 0,
+            next_seq_id: 0,
+            next_request_id: 0,
             stats: EngineStats::default(),
             trace: None,
         }
@@ -315,15 +317,33 @@ impl<E: ModelExecutor> Engine<E> {
         request: Request,
         sink: Box<dyn EventSink>,
     ) -> Result<RequestId, RequestError> {
-        self.limits.check(&request)?;
-        let request_id = self.fresh_id();
+        self.next_request_id += 1;
+        let id = self.next_request_id;
+        self.add_request_with_id(id, request, sink)?;
+        Ok(id)
+    }
+
+    /// Like [`add_request`](Self::add_request), with an id chosen by the caller (the engine
+    /// thread's handle hands ids out itself, so that adding never waits for a step).
+    pub fn add_request_with_id(
+        &mut self,
+        request_id: RequestId,
+        request: Request,
+        sink: Box<dyn EventSink>,
+    ) -> Result<(), RequestError> {
+        if let Err(e) = self.limits.check(&request) {
+            sink.send(RequestEvent::Failed(e.to_string()));
+            return Err(e);
+        }
+        // Without a seed, each request still gets its own stream, varied by its id.
         let base_seed = request
             .params
             .seed
-            .unwrap_or_else(|| self.fresh_id() ^ 0x5DEE_CE66);
+            .unwrap_or_else(|| request_id.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let mut live_seqs = Vec::with_capacity(request.n);
         for index in 0..request.n {
-            let id = self.fresh_id();
+            self.next_seq_id += 1;
+            let id = self.next_seq_id;
             let arrival = id;
             self.scheduler.add(Sequence::new(
                 id,
@@ -354,7 +374,7 @@ impl<E: ModelExecutor> Engine<E> {
                 live_seqs,
             },
         );
-        Ok(request_id)
+        Ok(())
     }
 
     /// Drops a request and frees its blocks now.
@@ -365,11 +385,6 @@ impl<E: ModelExecutor> Engine<E> {
                 self.seqs.remove(&id);
             }
         }
-    }
-
-    fn fresh_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
     }
 
     /// Runs one step. Returns false when there was nothing to do.

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod block_manager;
 pub mod detokenize;
 pub mod engine;
+pub mod engine_thread;
 pub mod executor;
 pub mod sampling;
 pub mod scheduler;

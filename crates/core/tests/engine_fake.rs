@@ -1,0 +1,207 @@
+//! The engine and its thread against a fake model whose next token is always "previous + 1":
+//! every scheduling and streaming path runs in milliseconds, and outputs are predictable.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minserve_core::detokenize::TokenDecoder;
+use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
+use minserve_core::engine_thread::EngineHandle;
+use minserve_core::sampling::SamplingParams;
+use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
+
+const VOCAB: usize = 64;
+
+/// Logits that make `last token + 1` the clear favourite for every sampled sequence.
+struct CountingModel {
+    geometry: CacheGeometry,
+}
+
+impl ModelExecutor for CountingModel {
+    type Error = std::io::Error;
+
+    fn cache_geometry(&self) -> CacheGeometry {
+        self.geometry
+    }
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+
+    fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
+        let mut data = Vec::new();
+        for row in batch.sampled_rows() {
+            let next = (batch.token_ids[row] as usize + 1) % VOCAB;
+            data.extend((0..VOCAB).map(|t| if t == next { 10.0 } else { 0.0 }));
+        }
+        Ok(Logits {
+            vocab_size: VOCAB,
+            data,
+        })
+    }
+}
+
+/// Token `t` reads as the letter `a + t % 26`.
+struct Letters;
+
+impl TokenDecoder for Letters {
+    fn decode(&self, ids: &[u32]) -> String {
+        ids.iter()
+            .map(|&t| (b'a' + (t % 26) as u8) as char)
+            .collect()
+    }
+}
+
+fn engine(num_blocks: usize) -> Engine<CountingModel> {
+    let model = CountingModel {
+        geometry: CacheGeometry {
+            block_size: 4,
+            num_blocks,
+        },
+    };
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: 16,
+            max_num_seqs: 8,
+            ..SchedulerConfig::default()
+        },
+        prefix_caching: true,
+        max_model_len: 256,
+    };
+    Engine::new(model, config, Arc::new(Letters), vec![63])
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    let mut r = Request::new(prompt, max_tokens);
+    r.params = SamplingParams::greedy();
+    r
+}
+
+fn collect(rx: &mpsc::Receiver<RequestEvent>) -> (String, Vec<u32>, Option<FinishReason>) {
+    let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
+    while let Ok(event) = rx.recv_timeout(Duration::from_secs(10)) {
+        match event {
+            RequestEvent::Token { token, text: t, .. } => {
+                tokens.push(token);
+                text.push_str(&t);
+            }
+            RequestEvent::Finished {
+                reason, text: t, ..
+            } => {
+                text.push_str(&t);
+                finish = Some(reason);
+                break;
+            }
+            RequestEvent::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    (text, tokens, finish)
+}
+
+#[test]
+fn streams_tokens_through_the_engine_thread() {
+    let handle = EngineHandle::spawn(engine(64)).unwrap();
+    let receivers: Vec<_> = (0..5u32)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            handle
+                .add_request(greedy(vec![i, i + 1], 6), Box::new(tx))
+                .unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in receivers.iter().enumerate() {
+        let (text, tokens, finish) = collect(rx);
+        let first = i as u32 + 2;
+        assert_eq!(tokens, (first..first + 6).collect::<Vec<_>>());
+        assert_eq!(text, Letters.decode(&tokens));
+        assert_eq!(finish, Some(FinishReason::Length));
+    }
+}
+
+#[test]
+fn eos_stops_unless_ignored_and_min_tokens_delays_it() {
+    let mut e = engine(64);
+    let run = |e: &mut Engine<CountingModel>, r: Request| {
+        let (tx, rx) = mpsc::channel();
+        e.add_request(r, Box::new(tx)).unwrap();
+        while e.step() {}
+        collect(&rx)
+    };
+    // 61 -> 62 -> 63 (EOS): stops after 62, the EOS token itself is never text.
+    let (text, tokens, finish) = run(&mut e, greedy(vec![61], 10));
+    assert_eq!((tokens, finish), (vec![62, 63], Some(FinishReason::Stop)));
+    assert_eq!(text, Letters.decode(&[62]));
+
+    let mut ignoring = greedy(vec![61], 4);
+    ignoring.ignore_eos = true;
+    assert_eq!(run(&mut e, ignoring).1, vec![62, 63, 0, 1]);
+
+    // With min_tokens the EOS is masked, so the model's favourite is unavailable.
+    let mut patient = greedy(vec![62], 3);
+    patient.min_tokens = 2;
+    let (_, tokens, _) = run(&mut e, patient);
+    assert_ne!(tokens[0], 63);
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    let mut e = engine(64);
+    let (tx, rx) = mpsc::channel();
+    let mut r = greedy(vec![0], 20); // b c d e f g ...
+    r.stop = vec!["ef".into()];
+    e.add_request(r, Box::new(tx)).unwrap();
+    while e.step() {}
+    let (text, _, finish) = collect(&rx);
+    assert_eq!(text, "bcd");
+    assert_eq!(finish, Some(FinishReason::Stop));
+}
+
+#[test]
+fn n_samples_share_the_prompt_and_finish_separately() {
+    let mut e = engine(64);
+    let (tx, rx) = mpsc::channel();
+    let mut r = greedy((0..9).collect(), 3);
+    r.n = 3;
+    e.add_request(r, Box::new(tx)).unwrap();
+    while e.step() {}
+    let events: Vec<_> = rx.try_iter().collect();
+    let finished: Vec<usize> = events
+        .iter()
+        .filter_map(|ev| match ev {
+            RequestEvent::Finished { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), 3);
+    for i in 0..3 {
+        assert!(finished.contains(&i));
+    }
+    // The 9-token prompt has two full blocks of 4: the two later samples reuse them.
+    assert_eq!(e.stats().prefix_hit_tokens, 2 * 8);
+}
+
+#[test]
+fn aborting_frees_blocks_and_unknown_requests_are_rejected_with_a_message() {
+    let mut e = engine(8);
+    let (tx, rx) = mpsc::channel();
+    let id = e
+        .add_request(greedy(vec![1, 2, 3], 20), Box::new(tx))
+        .unwrap();
+    e.step();
+    assert!(e.stats().kv_usage > 0.0);
+    e.abort(id);
+    e.step();
+    assert_eq!(e.stats().kv_usage, 0.0);
+    assert!(!e.has_work());
+    drop(rx);
+
+    let (tx, rx) = mpsc::channel();
+    let err = e
+        .add_request(greedy(vec![1; 40], 1), Box::new(tx))
+        .unwrap_err();
+    assert!(err.to_string().contains("could never complete"), "{err}");
+    assert!(matches!(rx.try_recv(), Ok(RequestEvent::Failed(_))));
+}
