@@ -17,7 +17,7 @@ use crate::engine::{
 use crate::executor::ModelExecutor;
 
 enum Command {
-    Add(RequestId, Request, Box<dyn EventSink>),
+    Add(RequestId, Box<Request>, Box<dyn EventSink>),
     Abort(RequestId),
 }
 
@@ -60,7 +60,7 @@ impl EngineHandle {
     ) -> Result<RequestId, RequestError> {
         self.limits.check(&request)?;
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        self.send(Command::Add(id, request, sink));
+        self.send(Command::Add(id, Box::new(request), sink));
         Ok(id)
     }
 
@@ -122,7 +122,7 @@ fn apply<E: ModelExecutor>(engine: &mut Engine<E>, command: Command) {
         Command::Add(id, request, sink) => {
             // The handle checked the same limits, so this only fails if they disagree; the
             // request's sink has been told either way.
-            let _ = engine.add_request_with_id(id, request, sink);
+            let _ = engine.add_request_with_id(id, *request, sink);
         }
         Command::Abort(id) => engine.abort(id),
     }
