@@ -5,12 +5,12 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::{LayerWeights, Linear, LlamaWeights};
+use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// Reads the header (metadata and tensor directory) of a GGUF file.
 pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
@@ -71,7 +71,7 @@ impl TensorReader<'_> {
     }
 
     fn linear(&mut self, name: &str, with_bias: bool) -> Result<Linear> {
-        let weight = QMatMul::from_qtensor(self.tensor(&format!("{name}.weight"))?)?;
+        let weight = LinearWeight::quantized(self.tensor(&format!("{name}.weight"))?)?;
         let bias = match with_bias {
             true => Some(self.dense(&format!("{name}.bias"))?),
             false => None,
@@ -109,7 +109,7 @@ pub fn load(path: &Path, content: &gguf_file::Content) -> Result<LlamaWeights> {
     let embedding = embedding_q.dequantize(&r.device)?;
     let lm_head = match config.tie_word_embeddings {
         true => Linear {
-            weight: QMatMul::from_qtensor(embedding_q)?,
+            weight: LinearWeight::quantized(embedding_q)?,
             bias: None,
         },
         false => r.linear("output", false)?,

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod paged_attention;
+pub mod qmatmul;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;

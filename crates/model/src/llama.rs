@@ -8,7 +8,7 @@ use crate::kv_cache::KvCache;
 use crate::paged_attention::PagedAttention;
 use crate::rope::{RopeOp, RopeTable};
 use crate::tensor_util::with_f32_slice;
-use crate::weights::LlamaWeights;
+use crate::weights::{Linear, LlamaWeights};
 
 pub struct LlamaModel {
     pub weights: LlamaWeights,
@@ -46,17 +46,20 @@ impl LlamaModel {
         let mut x = self.weights.embedding.index_select(&ids, 0)?;
         for (layer, kv) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q_proj.forward(&h)?.apply_op1_no_bwd(&RopeOp {
+            let [q, k, v]: [Tensor; 3] =
+                Linear::forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &h)?
+                    .try_into()
+                    .map_err(|_| ModelError::InvalidBatch("q/k/v projection count".into()))?;
+            let q = q.apply_op1_no_bwd(&RopeOp {
                 table: &self.rope,
                 positions: &batch.positions,
                 num_heads: c.num_heads,
             })?;
-            let k = layer.k_proj.forward(&h)?.apply_op1_no_bwd(&RopeOp {
+            let k = k.apply_op1_no_bwd(&RopeOp {
                 table: &self.rope,
                 positions: &batch.positions,
                 num_heads: c.num_kv_heads,
             })?;
-            let v = layer.v_proj.forward(&h)?;
             with_f32_slice(&k, |k| {
                 with_f32_slice(&v, |v| kv.write(&cache.layout, k, v, &batch.slot_mapping))
             })??;

@@ -14,7 +14,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Component, Path, PathBuf};
 
-use candle_core::quantized::QMatMul;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use minserve_tokenizer::Tokenizer;
@@ -24,7 +23,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
 use crate::runner::LoadedModel;
-use crate::weights::{LayerWeights, Linear, LlamaWeights};
+use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -129,7 +128,7 @@ fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &
 
 fn build_weights(ckpt: &Checkpoint, config: ModelConfig) -> Result<LlamaWeights> {
     let linear = |name: String, bias: bool| -> Result<Linear> {
-        let weight = QMatMul::Tensor(ckpt.load_f32(&format!("{name}.weight"))?);
+        let weight = LinearWeight::dense(ckpt.load_f32(&format!("{name}.weight"))?);
         let bias = match bias {
             true => Some(ckpt.load_f32(&format!("{name}.bias"))?),
             false => None,
@@ -157,7 +156,7 @@ fn build_weights(ckpt: &Checkpoint, config: ModelConfig) -> Result<LlamaWeights>
     let lm_head = match config.tie_word_embeddings {
         // A clone shares the storage: tied weights stay one copy in memory.
         true => Linear {
-            weight: QMatMul::Tensor(embedding.clone()),
+            weight: LinearWeight::dense(embedding.clone()),
             bias: None,
         },
         false => linear("lm_head".to_string(), false)?,

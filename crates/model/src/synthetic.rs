@@ -4,13 +4,13 @@
 //! speed be measured where real weights cannot be brought (CI, a lent GPU machine with no
 //! network). Same name and seed, same weights, on every machine.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use minserve_core::sampling::Rng;
 
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
-use crate::weights::{LayerWeights, Linear, LlamaWeights};
+use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.
 pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -73,8 +73,8 @@ pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaW
     let matrix_spread = 0.035; // uniform in [-a, a] has std a / sqrt(3) ~ 0.02
     let as_linear = |w: Tensor| -> Result<Linear> {
         let weight = match dtype {
-            GgmlDType::F32 => QMatMul::Tensor(w),
-            _ => QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?,
+            GgmlDType::F32 => LinearWeight::dense(w),
+            _ => LinearWeight::quantized(QTensor::quantize(&w, dtype)?)?,
         };
         Ok(Linear { weight, bias: None })
     };

@@ -1,25 +1,79 @@
 //! The weights of a Llama-family model, whatever file they came from.
 //!
-//! Every projection is a candle `QMatMul`: GGUF tensors stay in their quantized format (the
-//! activations are quantized to match, as llama.cpp does), safetensors tensors are plain f32.
+//! GGUF tensors stay in their quantized format (the activations are quantized to match, as
+//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — run on our own
+//! batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's `QMatMul`;
+//! safetensors tensors are plain f32 matmuls.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
 use crate::config::ModelConfig;
+use crate::qmatmul::QWeight;
+
+/// The matrix of a [`Linear`] layer, in whichever form multiplies it fastest.
+pub enum LinearWeight {
+    /// Repacked GGUF blocks: each weight tile is decoded once for the whole batch, so a step
+    /// of 64 tokens costs far less than 64 steps of one (see `benches/benches/qmatmul.rs`).
+    Packed(QWeight),
+    /// Everything else: candle's quantized or dense matmul.
+    Candle(QMatMul),
+}
+
+impl LinearWeight {
+    /// A GGUF tensor: packed where our kernels handle its type, candle's `QMatMul` otherwise.
+    pub fn quantized(tensor: QTensor) -> candle_core::Result<Self> {
+        Ok(match QWeight::from_qtensor(&tensor)? {
+            Some(packed) => Self::Packed(packed),
+            None => Self::Candle(QMatMul::from_qtensor(tensor)?),
+        })
+    }
+
+    /// A dense f32 matrix `[out, in]`.
+    pub fn dense(tensor: Tensor) -> Self {
+        Self::Candle(QMatMul::Tensor(tensor))
+    }
+}
 
 /// `y = x W^T (+ b)`.
 pub struct Linear {
-    pub weight: QMatMul,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Packed(w) => w.forward(x)?,
+            LinearWeight::Candle(w) => w.forward(x)?,
+        };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
+        }
+    }
+
+    /// Several layers applied to the same input (q/k/v, gate/up). With packed weights the input
+    /// is quantized once and all matrices run in one pass over the thread pool.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let packed: Option<Vec<&QWeight>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Packed(w) => Some(w),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect();
+        match packed {
+            Some(weights) => QWeight::forward_shared(&weights, x)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| l.add_bias(y))
+                .collect(),
+            None => layers.iter().map(|l| l.forward(x)).collect(),
         }
     }
 }

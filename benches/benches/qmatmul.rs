@@ -1,0 +1,253 @@
+//! Quantized matmul speed on the default model's own weights: minserve's batched `QWeight`
+//! against candle's `QMatMul` on the same tensors, for the decode batch sizes that continuous
+//! batching produces. Both run through `forward` on a `[m, k]` tensor (output allocated per call,
+//! as in the model), alternating rounds so that both see the same machine state; medians.
+//!
+//! 1. Per shape, one weight called over and over (it stays in cache): kernel throughput.
+//! 2. One whole decode step (every layer's projections and the lm_head, weights streaming from
+//!    memory as in the model): time per token at each batch size, i.e. the batching gain.
+//!
+//! `cargo bench -p minserve-benches --bench qmatmul`
+
+use std::time::Instant;
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{Device, Module, Tensor};
+use minserve_benches::{default_model_path, median};
+use minserve_model::qmatmul::{Isa, QWeight};
+
+const MS: [usize; 4] = [1, 8, 32, 64];
+const ROUNDS: usize = 9;
+/// Target time of one timed round, per implementation.
+const ROUND_SECS: f64 = 0.02;
+
+/// (label, tensor) for each distinct projection shape.
+const SHAPES: [(&str, &str); 5] = [
+    ("attn_q/o 576->576", "blk.0.attn_q.weight"),
+    ("attn_k/v 576->192", "blk.0.attn_k.weight"),
+    ("ffn_gate/up 576->1536", "blk.0.ffn_gate.weight"),
+    ("ffn_down 1536->576", "blk.0.ffn_down.weight"),
+    ("lm_head 576->49152", "token_embd.weight"),
+];
+
+fn main() {
+    // `-- shapes` or `-- model` runs one part only.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let only = |part: &str| {
+        !args.iter().any(|a| a == "shapes" || a == "model") || args.iter().any(|a| a == part)
+    };
+    let path = default_model_path();
+    let mut file = std::fs::File::open(&path).expect("open model");
+    let content = gguf_file::Content::read(&mut file).expect("gguf");
+    if only("shapes") {
+        shapes(&content, &mut file);
+    }
+    if only("model") {
+        model_step(&content, &mut file);
+    }
+}
+
+/// Part 1: each distinct shape, one weight called over and over.
+fn shapes(content: &gguf_file::Content, file: &mut std::fs::File) {
+    let dev = Device::Cpu;
+    println!("qmatmul: {:?}, {} candle threads", Isa::best(), {
+        candle_core::utils::get_num_threads()
+    });
+    println!(
+        "{:<22} {:>5} {:>3} {:>10} {:>10} {:>9} {:>9} {:>7}",
+        "shape", "type", "m", "ours us", "candle us", "ours GF/s", "cndl GF/s", "speedup"
+    );
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for &(label, name) in &SHAPES {
+        let qt = content.tensor(file, name, &dev).expect("tensor");
+        let (n, k) = qt.shape().dims2().expect("2d");
+        let dtype = qt.dtype();
+        let ours = QWeight::from_qtensor(&qt)
+            .expect("pack")
+            .expect("supported type");
+        let theirs = QMatMul::from_qtensor(qt).expect("qmatmul");
+        for m in MS {
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let x = Tensor::from_vec(x, (m, k), &dev).expect("x");
+            let run_ours = || ours.forward(&x).expect("ours");
+            let run_theirs = || theirs.forward(&x).expect("candle");
+            // Warm-up, and the number of calls that fills a round.
+            let reps = |f: &dyn Fn() -> Tensor| {
+                f();
+                let start = Instant::now();
+                f();
+                ((ROUND_SECS / start.elapsed().as_secs_f64()) as usize).clamp(1, 10_000)
+            };
+            let (ours_reps, theirs_reps) = (reps(&run_ours), reps(&run_theirs));
+            let time = |f: &dyn Fn() -> Tensor, reps: usize| {
+                let start = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(f());
+                }
+                start.elapsed().as_secs_f64() / reps as f64
+            };
+            let mut a = Vec::with_capacity(ROUNDS);
+            let mut b = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                a.push(time(&run_ours, ours_reps));
+                b.push(time(&run_theirs, theirs_reps));
+            }
+            let (ta, tb) = (median(&mut a), median(&mut b));
+            let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+            println!(
+                "{:<22} {:>5} {:>3} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>6.2}x",
+                label,
+                format!("{dtype:?}"),
+                m,
+                ta * 1e6,
+                tb * 1e6,
+                gflop / ta,
+                gflop / tb,
+                tb / ta
+            );
+        }
+    }
+}
+
+/// Every matmul of one decode step of the whole model (30 layers' q, k, v, o, gate, up, down and
+/// the lm_head), on the real weights in turn, so that, as in the model, they stream from memory
+/// instead of staying in cache. m sequences decode one token each.
+fn model_step(content: &gguf_file::Content, file: &mut std::fs::File) {
+    const PROJ: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    let dev = Device::Cpu;
+    let layers = content
+        .metadata
+        .get("llama.block_count")
+        .and_then(|v| v.to_u32().ok())
+        .unwrap_or(30) as usize;
+    let mut ours: Vec<Vec<QWeight>> = Vec::new();
+    let mut theirs: Vec<Vec<QMatMul>> = Vec::new();
+    for l in 0..layers {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for p in PROJ {
+            let qt = content
+                .tensor(file, &format!("blk.{l}.{p}.weight"), &dev)
+                .expect("tensor");
+            a.push(QWeight::from_qtensor(&qt).expect("pack").expect("type"));
+            b.push(QMatMul::from_qtensor(qt).expect("qmatmul"));
+        }
+        ours.push(a);
+        theirs.push(b);
+    }
+    let qt = content
+        .tensor(file, "token_embd.weight", &dev)
+        .expect("tensor");
+    let ours_head = QWeight::from_qtensor(&qt).expect("pack").expect("type");
+    let theirs_head = QMatMul::from_qtensor(qt).expect("qmatmul");
+    let (hidden, inter) = (ours[0][0].k(), ours[0][6].k());
+
+    println!();
+    println!(
+        "one decode step, all {layers} layers' projections + lm_head on the real weights \
+         (streamed from memory), per token:"
+    );
+    println!(
+        "{:>3} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "m",
+        "ours us/tok",
+        "shared us/tok",
+        "candle us/tok",
+        "ours tok/s",
+        "shrd tok/s",
+        "cndl tok/s"
+    );
+    let mut per_token = Vec::new();
+    for m in MS {
+        let h = Tensor::randn(0f32, 1.0, (m, hidden), &dev).expect("h");
+        let f = Tensor::randn(0f32, 1.0, (m, inter), &dev).expect("f");
+        let step_ours = || {
+            for l in &ours {
+                for w in &l[..6] {
+                    std::hint::black_box(w.forward(&h).expect("ours"));
+                }
+                std::hint::black_box(l[6].forward(&f).expect("ours"));
+            }
+            std::hint::black_box(ours_head.forward(&h).expect("ours"));
+        };
+        // The recommended wiring: q/k/v (and gate/up) share one quantization of their input.
+        let step_shared = || {
+            for l in &ours {
+                let qkv = [&l[0], &l[1], &l[2]];
+                std::hint::black_box(QWeight::forward_shared(&qkv, &h).expect("ours"));
+                std::hint::black_box(l[3].forward(&h).expect("ours"));
+                let gate_up = [&l[4], &l[5]];
+                std::hint::black_box(QWeight::forward_shared(&gate_up, &h).expect("ours"));
+                std::hint::black_box(l[6].forward(&f).expect("ours"));
+            }
+            std::hint::black_box(ours_head.forward(&h).expect("ours"));
+        };
+        let step_theirs = || {
+            for l in &theirs {
+                for w in &l[..6] {
+                    std::hint::black_box(w.forward(&h).expect("candle"));
+                }
+                std::hint::black_box(l[6].forward(&f).expect("candle"));
+            }
+            std::hint::black_box(theirs_head.forward(&h).expect("candle"));
+        };
+        let steps = |f: &dyn Fn()| {
+            f();
+            let start = Instant::now();
+            f();
+            ((0.1 / start.elapsed().as_secs_f64()) as usize).clamp(1, 1000)
+        };
+        let plans: [(&dyn Fn(), usize); 3] = [
+            (&step_ours, steps(&step_ours)),
+            (&step_shared, steps(&step_shared)),
+            (&step_theirs, steps(&step_theirs)),
+        ];
+        let mut times = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..5 {
+            for (i, (f, n)) in plans.iter().enumerate() {
+                let start = Instant::now();
+                for _ in 0..*n {
+                    f();
+                }
+                times[i].push(start.elapsed().as_secs_f64() / *n as f64 / m as f64);
+            }
+        }
+        let t: Vec<f64> = times.iter_mut().map(|v| median(v)).collect();
+        println!(
+            "{:>3} {:>12.1} {:>12.1} {:>12.1} {:>10.0} {:>10.0} {:>10.0}",
+            m,
+            t[0] * 1e6,
+            t[1] * 1e6,
+            t[2] * 1e6,
+            1.0 / t[0],
+            1.0 / t[1],
+            1.0 / t[2]
+        );
+        per_token.push(t);
+    }
+    let (first, last) = (&per_token[0], &per_token[per_token.len() - 1]);
+    println!(
+        "batching gain (time per token m=1 / m={}): ours {:.2}x, ours shared {:.2}x, candle {:.2}x; \
+         at m={}: ours {:.2}x faster than candle",
+        MS[MS.len() - 1],
+        first[0] / last[0],
+        first[1] / last[1],
+        first[2] / last[2],
+        MS[MS.len() - 1],
+        last[2] / last[1],
+    );
+}
