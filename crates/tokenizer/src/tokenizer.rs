@@ -111,9 +111,11 @@ impl Tokenizer {
     /// dropped. Note that decoding a prefix of a sequence can end in the middle of a UTF-8
     /// character (shown as U+FFFD); streaming callers should decode growing windows.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        let vocab_size = self.vocab_size();
         if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
-            return Err(TokenizerError::UnknownTokenId { id, vocab_size });
+            return Err(TokenizerError::UnknownTokenId {
+                id,
+                vocab_size: self.vocab_size(),
+            });
         }
         self.inner
             .decode(ids, skip_special_tokens)
@@ -133,6 +135,8 @@ impl Tokenizer {
 
     /// Number of ids, added tokens included. The model's embedding matrix may be larger
     /// (padded); ids past this are never produced by `encode`.
+    /// Costly: the `tokenizers` crate builds the whole vocabulary map to count it, so keep
+    /// this off hot paths (the engine decodes every generated token).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
