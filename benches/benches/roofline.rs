@@ -51,23 +51,28 @@ fn main() {
     let loaded = load_model(&path).expect("load model");
     let config = loaded.model.config().clone();
     // 2 FLOPs per weight per token, for every projection and the lm_head.
-    let per_layer = config.hidden_size * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        + config.num_heads * config.head_dim * config.hidden_size
-        + 3 * config.hidden_size * config.intermediate_size;
+    let per_layer =
+        config.hidden_size * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+            + config.num_heads * config.head_dim * config.hidden_size
+            + 3 * config.hidden_size * config.intermediate_size;
     let flops_per_token =
         2.0 * (config.num_layers * per_layer + config.vocab_size * config.hidden_size) as f64;
     let kv_bytes_per_token = config.kv_bytes_per_token(4) as f64;
 
     let gemm = gemm_gflops();
     let bandwidth = memory_gbps();
-    println!("machine: f32 GEMM {gemm:.0} GFLOP/s (candle, 1024^3), memory copy {bandwidth:.1} GB/s");
+    println!(
+        "machine: f32 GEMM {gemm:.0} GFLOP/s (candle, 1024^3), memory copy {bandwidth:.1} GB/s"
+    );
     println!(
         "model: {:.0} MFLOP per token, {:.0} MB of weights read per step, {:.0} KB of KV per token of context",
         flops_per_token / 1e6,
         weight_bytes / 1e6,
         kv_bytes_per_token / 1e3
     );
-    println!("| batch | step ms | tokens/s | GFLOP/s | % of GEMM peak | GB/s read | % of bandwidth |");
+    println!(
+        "| batch | step ms | tokens/s | GFLOP/s | % of GEMM peak | GB/s read | % of bandwidth |"
+    );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
 
     let mut runner = ModelRunner::new(
