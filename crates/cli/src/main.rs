@@ -4,6 +4,7 @@ mod bench;
 mod export;
 mod fetch;
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -29,20 +30,29 @@ enum Command {
     Fetch(fetch::FetchArgs),
     /// Export a GGUF model as a Hugging Face folder (safetensors, config.json, tokenizer).
     Export(export::ExportArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat and text completions, streaming, metrics).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The server logs one line per request by default.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,minserve_server=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -1,0 +1,204 @@
+//! `GET /metrics`: engine counters plus latency histograms measured in the handlers, in the
+//! Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use minserve_core::engine::EngineStats;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+];
+const TOKEN_LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5,
+];
+
+pub struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    bounds: &'static [f64],
+    /// Per-bucket counts (not cumulative), sum, count.
+    inner: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+impl Histogram {
+    fn new(name: &'static str, help: &'static str, bounds: &'static [f64]) -> Self {
+        Self {
+            name,
+            help,
+            bounds,
+            inner: Mutex::new((vec![0; bounds.len()], 0.0, 0)),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
+            inner.0[i] += 1;
+        }
+        inner.1 += value;
+        inner.2 += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).2
+    }
+
+    fn render(&self, out: &mut String) {
+        let (buckets, sum, count) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&buckets) {
+            cumulative += n;
+            let _ = writeln!(out, "{}_bucket{{le=\"{bound}\"}} {cumulative}", self.name);
+        }
+        let _ = writeln!(out, "{}_bucket{{le=\"+Inf\"}} {count}", self.name);
+        let _ = writeln!(out, "{}_sum {sum}", self.name);
+        let _ = writeln!(out, "{}_count {count}", self.name);
+    }
+}
+
+pub struct Metrics {
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub e2e_latency: Histogram,
+    pub queue_time: Histogram,
+    pub success_stop: AtomicU64,
+    pub success_length: AtomicU64,
+    pub aborted: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            time_to_first_token: Histogram::new(
+                "minserve_time_to_first_token_seconds",
+                "Seconds from a request's arrival to its first generated token.",
+                LATENCY_BUCKETS,
+            ),
+            time_per_output_token: Histogram::new(
+                "minserve_time_per_output_token_seconds",
+                "Mean seconds between generated tokens after the first, per request.",
+                TOKEN_LATENCY_BUCKETS,
+            ),
+            e2e_latency: Histogram::new(
+                "minserve_e2e_request_latency_seconds",
+                "Seconds from a request's arrival to its last token.",
+                LATENCY_BUCKETS,
+            ),
+            queue_time: Histogram::new(
+                "minserve_request_queue_time_seconds",
+                "Seconds from a request's arrival until it was handed to the engine (parsing, \
+                 tokenization, admission); the engine does not yet report when it schedules a \
+                 request.",
+                LATENCY_BUCKETS,
+            ),
+            success_stop: AtomicU64::new(0),
+            success_length: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        }
+    }
+}
+
+fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+impl Metrics {
+    /// The whole page; `stats` is `None` while the model loads.
+    pub fn render(&self, stats: Option<EngineStats>) -> String {
+        let s = stats.unwrap_or_default();
+        let mut out = String::new();
+        let gauges: [(&str, &str, String); 3] = [
+            (
+                "minserve_num_requests_running",
+                "Sequences in the running batch.",
+                s.num_running.to_string(),
+            ),
+            (
+                "minserve_num_requests_waiting",
+                "Sequences waiting to be scheduled.",
+                s.num_waiting.to_string(),
+            ),
+            (
+                "minserve_kv_cache_usage_ratio",
+                "KV cache blocks held by live requests over all blocks (cached blocks no request holds count as free).",
+                s.kv_usage.to_string(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            scalar(&mut out, name, "gauge", help, value);
+        }
+        let counters = [
+            (
+                "minserve_prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_hit_tokens,
+            ),
+            (
+                "minserve_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_queried_tokens,
+            ),
+            (
+                "minserve_prompt_tokens_total",
+                "Prompt tokens accepted (times n).",
+                s.prompt_tokens,
+            ),
+            (
+                "minserve_generation_tokens_total",
+                "Tokens generated.",
+                s.generation_tokens,
+            ),
+            (
+                "minserve_num_preemptions_total",
+                "Sequences preempted (recomputed later) for lack of KV cache.",
+                s.num_preemptions,
+            ),
+            ("minserve_engine_steps_total", "Engine steps run.", s.steps),
+        ];
+        for (name, help, value) in counters {
+            scalar(&mut out, name, "counter", help, value);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP minserve_request_success_total Requests finished, by finish reason.\n\
+             # TYPE minserve_request_success_total counter\n\
+             minserve_request_success_total{{finished_reason=\"stop\"}} {}\n\
+             minserve_request_success_total{{finished_reason=\"length\"}} {}",
+            self.success_stop.load(Ordering::Relaxed),
+            self.success_length.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "minserve_request_aborted_total",
+            "counter",
+            "Requests whose client went away before they finished.",
+            self.aborted.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut out,
+            "minserve_request_rejected_total",
+            "counter",
+            "Requests answered 429 because the waiting queue was full.",
+            self.rejected.load(Ordering::Relaxed),
+        );
+        for h in [
+            &self.time_to_first_token,
+            &self.time_per_output_token,
+            &self.e2e_latency,
+            &self.queue_time,
+        ] {
+            h.render(&mut out);
+        }
+        out
+    }
+}

@@ -1,0 +1,394 @@
+//! The OpenAI routes end to end on the default model: shapes, parameters, streaming.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{read_sse, scheduler, TestServer, MODEL};
+use serde_json::{json, Value};
+
+fn text_of(v: &Value, i: usize) -> &str {
+    v["choices"][i]["text"].as_str().unwrap()
+}
+
+fn content_of(v: &Value, i: usize) -> &str {
+    v["choices"][i]["message"]["content"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions() {
+    let s = TestServer::start(common::options(), scheduler(64)).await;
+
+    // Shape, usage, finish_reason length, content as text parts.
+    let (status, r) = s
+        .post(
+            "/v1/chat/completions",
+            json!({
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": [{"type": "text", "text": "Say hi"}]},
+                ],
+                "max_tokens": 4, "temperature": 0, "user": "tester", "priority": 3,
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["model"], MODEL);
+    assert!(r["created"].as_u64().unwrap() > 1_600_000_000);
+    let choice = &r["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["finish_reason"], "length");
+    assert!(choice["logprobs"].is_null());
+    assert_eq!(r["usage"]["completion_tokens"], 4);
+    let prompt_tokens = r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 5);
+    assert_eq!(r["usage"]["total_tokens"], prompt_tokens + 4);
+    let greedy = content_of(&r, 0).to_string();
+    assert!(!greedy.is_empty());
+
+    // The same conversation as plain strings renders the same prompt.
+    let (_, r2) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Say hi"},
+            ], "max_completion_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(content_of(&r2, 0), greedy);
+    assert_eq!(r2["usage"]["prompt_tokens"], prompt_tokens);
+
+    // n, seed (reproducible), logprobs + top_logprobs.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 3, "n": 2, "seed": 42, "temperature": 1.0, "top_p": 0.9, "top_k": 40,
+        "min_p": 0.01, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+        "repetition_penalty": 1.1, "logprobs": true, "top_logprobs": 2,
+    });
+    let (status, a) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = s.post("/v1/chat/completions", body).await;
+    assert_eq!(a["choices"].as_array().unwrap().len(), 2);
+    for i in 0..2 {
+        assert_eq!(a["choices"][i]["index"], i);
+        assert_eq!(content_of(&a, i), content_of(&b, i), "seeded runs differ");
+        let lp = a["choices"][i]["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(lp.len(), 3);
+        for entry in lp {
+            assert!(entry["token"].is_string());
+            assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+            assert!(entry["bytes"].is_array());
+            assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 2);
+        }
+    }
+    assert_eq!(a["usage"]["completion_tokens"], 6);
+
+    // Stop strings end with finish_reason "stop" and are not emitted.
+    let (_, r) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
+                   "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]}),
+        )
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let text = content_of(&r, 0);
+    assert!(!text.contains([' ', ',', '\n', '.']), "{text:?}");
+
+    // Streaming: role first, the same greedy text, finish chunk, usage chunk, [DONE].
+    let response = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Say hi"},
+            ], "max_tokens": 4, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let id = events[0]["id"].as_str().unwrap();
+    let mut streamed = String::new();
+    let mut finish = None;
+    for e in &events[..events.len() - 1] {
+        assert_eq!(e["object"], "chat.completion.chunk");
+        assert_eq!(e["id"], id);
+        assert!(e["usage"].is_null());
+        let c = &e["choices"][0];
+        streamed += c["delta"]["content"].as_str().unwrap_or("");
+        if !c["finish_reason"].is_null() {
+            finish = Some(c["finish_reason"].clone());
+        }
+    }
+    assert_eq!(streamed, greedy);
+    assert_eq!(finish.unwrap(), "length");
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 4);
+    assert_eq!(last["usage"]["prompt_tokens"], prompt_tokens);
+
+    // Without include_usage there is no usage chunk.
+    let response = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                      "stream": true, "logprobs": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    assert!(events.iter().all(|e| e.get("usage").is_none()));
+    assert!(events
+        .iter()
+        .any(|e| e["choices"][0]["logprobs"]["content"].is_array()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions() {
+    let s = TestServer::start(common::options(), scheduler(64)).await;
+    let prompt = "The capital of France is";
+
+    let (status, r) = s
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 3);
+    let greedy = text_of(&r, 0).to_string();
+
+    // The same prompt as token ids (from /tokenize) gives the same text.
+    let (status, t) = s
+        .post("/tokenize", json!({"prompt": prompt, "model": MODEL}))
+        .await;
+    assert_eq!(status, 200, "{t}");
+    let ids = t["tokens"].clone();
+    assert_eq!(t["count"], ids.as_array().unwrap().len());
+    assert_eq!(r["usage"]["prompt_tokens"], t["count"]);
+    let (_, d) = s.post("/detokenize", json!({"tokens": ids})).await;
+    assert_eq!(d["prompt"], prompt);
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": ids, "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(text_of(&r, 0), greedy);
+
+    // Several prompts (strings, then token-id lists) x n: choices indexed prompt * n + i.
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [prompt, "One, two,"], "max_tokens": 2, "n": 2, "temperature": 0}),
+        )
+        .await;
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+    }
+    assert_eq!(text_of(&r, 0), text_of(&r, 1)); // greedy
+    assert!(greedy.starts_with(text_of(&r, 0)));
+    assert_eq!(r["usage"]["completion_tokens"], 8);
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [ids, [28, 29, 30]], "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    assert!(greedy.starts_with(text_of(&r, 0)));
+
+    // echo + logprobs: prompt tokens first with null logprobs.
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 3}),
+        )
+        .await;
+    assert!(text_of(&r, 0).starts_with(prompt));
+    assert!(greedy.starts_with(&text_of(&r, 0)[prompt.len()..]));
+    let lp = &r["choices"][0]["logprobs"];
+    let n_prompt = t["count"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 2);
+    assert!(lp["token_logprobs"][0].is_null());
+    assert!(lp["token_logprobs"][n_prompt].as_f64().unwrap() <= 0.0);
+    assert_eq!(
+        lp["top_logprobs"][n_prompt].as_object().unwrap().len(),
+        3,
+        "{lp}"
+    );
+    assert_eq!(lp["text_offset"][0], 0);
+
+    // logit_bias forces a token; ignore_eos + min_tokens run to max_tokens.
+    let (_, t2) = s
+        .post(
+            "/tokenize",
+            json!({"prompt": " hello", "add_special_tokens": false}),
+        )
+        .await;
+    let forced = t2["tokens"][0].as_u64().unwrap();
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 3, "logit_bias": {forced.to_string(): 100},
+                   "ignore_eos": true, "min_tokens": 3, "seed": 1}),
+        )
+        .await;
+    let (_, d) = s
+        .post("/detokenize", json!({"tokens": [forced, forced, forced]}))
+        .await;
+    assert_eq!(text_of(&r, 0), d["prompt"].as_str().unwrap(), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+
+    // Stop string.
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0, "stop": ","}),
+        )
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert!(!text_of(&r, 0).contains(','));
+
+    // Streaming with echo, logprobs and usage.
+    let response = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "stream": true,
+                      "echo": true, "logprobs": 1, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    let mut text = String::new();
+    let mut ids = HashSet::new();
+    for e in &events[..events.len() - 1] {
+        assert_eq!(e["object"], "text_completion");
+        ids.insert(e["id"].as_str().unwrap().to_string());
+        text += e["choices"][0]["text"].as_str().unwrap();
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(text, format!("{prompt}{greedy}"));
+    assert_eq!(
+        events[events.len() - 2]["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 3);
+
+    // Chat-formatted tokenize.
+    let (status, t) = s
+        .post(
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(t["count"].as_u64().unwrap() > 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_metrics_openapi() {
+    let s = TestServer::start(common::options(), scheduler(64)).await;
+    let (status, body) = s.get("/v1/models").await;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(models["data"][0]["object"], "model");
+    let (status, _) = s.get(&format!("/v1/models/{MODEL}")).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get("/v1/models/other").await;
+    assert_eq!(status, 404);
+
+    let (status, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let (status, page) = s.get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "minserve_num_requests_running",
+        "minserve_num_requests_waiting",
+        "minserve_kv_cache_usage_ratio",
+        "minserve_prefix_cache_hits_total",
+        "minserve_prefix_cache_queries_total",
+        "minserve_prompt_tokens_total",
+        "minserve_generation_tokens_total",
+        "minserve_num_preemptions_total",
+    ] {
+        assert!(page.contains(&format!("\n{name} ")), "{name} missing");
+    }
+    for h in [
+        "minserve_time_to_first_token_seconds",
+        "minserve_time_per_output_token_seconds",
+        "minserve_e2e_request_latency_seconds",
+        "minserve_request_queue_time_seconds",
+    ] {
+        assert!(page.contains(&format!("# TYPE {h} histogram")), "{h}");
+        assert_eq!(s.metric(&format!("{h}_count")).await, 1.0, "{h}");
+        assert!(
+            page.contains(&format!("{h}_bucket{{le=\"+Inf\"}} 1")),
+            "{h}"
+        );
+    }
+    s.metric_until("minserve_generation_tokens_total", |v| v == 3.0)
+        .await;
+    s.metric_until("minserve_prompt_tokens_total", |v| v >= 1.0)
+        .await;
+    assert_eq!(
+        s.metric("minserve_request_success_total{finished_reason=\"length\"}")
+            .await,
+        1.0
+    );
+
+    // The same prompt again hits the prefix cache only for full blocks; a long shared prompt
+    // does.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    for _ in 0..2 {
+        s.post("/v1/completions", json!({"prompt": long, "max_tokens": 1}))
+            .await;
+    }
+    s.metric_until("minserve_prefix_cache_hits_total", |v| v >= 16.0)
+        .await;
+
+    let (status, body) = s.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+}

@@ -1,0 +1,177 @@
+//! Starts the server in-process on an ephemeral port, with the real default model.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use minserve_core::engine::EngineConfig;
+use minserve_core::scheduler::SchedulerConfig;
+use minserve_model::CacheOptions;
+use minserve_server::{AppState, ServedModel, ServerOptions};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub const MODEL: &str = "test-model";
+
+pub fn options() -> ServerOptions {
+    ServerOptions {
+        served_model_name: MODEL.into(),
+        ..ServerOptions::default()
+    }
+}
+
+pub fn scheduler(max_num_seqs: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Loads the default model (fetching it if needed) with a 64 MiB KV cache.
+pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
+    let path = minserve_hub::resolve(minserve_hub::default_model(), &Default::default())?;
+    ServedModel::load(
+        &path,
+        CacheOptions {
+            block_size: 16,
+            memory_bytes: 64 << 20,
+        },
+        |max_model_len| EngineConfig {
+            scheduler,
+            prefix_caching: true,
+            max_model_len,
+        },
+        None,
+    )
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Serves `state` (model loaded or not) through [`minserve_server::serve`].
+    pub async fn start_with(state: Arc<AppState>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(minserve_server::serve(
+            listener,
+            state.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            base,
+            state,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A ready server on the default model.
+    pub async fn start(options: ServerOptions, scheduler: SchedulerConfig) -> Self {
+        let state = AppState::new(options);
+        let model = tokio::task::spawn_blocking(move || load(scheduler))
+            .await
+            .unwrap()
+            .expect("loading the default model");
+        state.set_model(model);
+        Self::start_with(state).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// One value of the Prometheus page.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, page) = self.get("/metrics").await;
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{page}"))
+    }
+
+    /// Polls `/metrics` until `name` satisfies `ok` (the engine publishes its counters after
+    /// each step, which may be just after a response went out); panics after 2 s.
+    pub async fn metric_until(&self, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(name).await;
+            if ok(v) {
+                return v;
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "{name} = {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until running, waiting and KV usage are all 0; panics after `within`.
+    pub async fn wait_idle(&self, within: Duration) {
+        let start = Instant::now();
+        loop {
+            let running = self.metric("minserve_num_requests_running").await;
+            let waiting = self.metric("minserve_num_requests_waiting").await;
+            let kv = self.metric("minserve_kv_cache_usage_ratio").await;
+            if running == 0.0 && waiting == 0.0 && kv == 0.0 {
+                return;
+            }
+            assert!(
+                start.elapsed() < within,
+                "still busy after {within:?}: running {running}, waiting {waiting}, kv {kv}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Triggers the graceful shutdown and waits for `serve` to return.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+/// Reads a whole SSE response: the JSON of every `data:` event, and whether `[DONE]` ended it.
+pub async fn read_sse(response: reqwest::Response) -> (Vec<Value>, bool) {
+    let text = response.text().await.unwrap();
+    let mut events = Vec::new();
+    let mut done = false;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        assert!(!done, "data after [DONE]");
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    (events, done)
+}

@@ -1,0 +1,168 @@
+//! Loading, cancellation, panics and graceful shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use common::{scheduler, TestServer};
+use futures_util::StreamExt;
+use minserve_server::{AppState, ServerOptions};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_the_model_is_loaded() {
+    let state = AppState::new(common::options());
+    let s = TestServer::start_with(state.clone()).await;
+    let (status, body) = s.get("/health").await;
+    assert_eq!(status, 503, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["error"]["code"], "model_loading");
+    let (status, r) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 503, "{r}");
+    assert_eq!(s.get("/v1/models").await.0, 503);
+    assert_eq!(s.get("/metrics").await.0, 200);
+
+    let loading = minserve_server::spawn_load(state.clone(), || common::load(scheduler(8)));
+    loading.await.unwrap().unwrap();
+    assert_eq!(s.get("/health").await.0, 200);
+
+    // A failed load keeps /health at 503 and says why.
+    let failed = AppState::new(common::options());
+    let f = TestServer::start_with(failed.clone()).await;
+    let result = minserve_server::spawn_load(failed, || anyhow::bail!("no such model"))
+        .await
+        .unwrap();
+    assert!(result.is_err());
+    let (status, body) = f.get("/health").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("no such model"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_aborts_the_request() {
+    let s = TestServer::start(common::options(), scheduler(8)).await;
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true});
+
+    // Streaming: read two chunks, then drop the response.
+    let mut body = long.clone();
+    body["stream"] = json!(true);
+    let response = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    for _ in 0..2 {
+        stream.next().await.unwrap().unwrap();
+    }
+    s.metric_until("minserve_num_requests_running", |v| v == 1.0)
+        .await;
+    assert!(s.metric("minserve_kv_cache_usage_ratio").await > 0.0);
+    drop(stream);
+    let dropped = Instant::now();
+    s.wait_idle(Duration::from_secs(1)).await;
+    eprintln!("stream aborted after {:?}", dropped.elapsed());
+
+    // Non-streaming: the client gives up.
+    let started = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .timeout(Duration::from_millis(800))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "Tell me a long story"}],
+                      "max_tokens": 1000, "ignore_eos": true}),
+        )
+        .send()
+        .await;
+    assert!(started.unwrap_err().is_timeout());
+    s.wait_idle(Duration::from_secs(1)).await;
+    s.metric_until("minserve_request_aborted_total", |v| v == 2.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_500_for_that_request_only() {
+    let state = AppState::new(common::options());
+    let routes = minserve_server::router(state.clone()).route(
+        "/boom",
+        get(|| async {
+            if true {
+                panic!("handler bug");
+            }
+            "unreachable"
+        }),
+    );
+    let app = minserve_server::with_layers(routes, state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+    let r = client.get(format!("{base}/boom")).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error");
+    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let mut s = TestServer::start(common::options(), scheduler(8)).await;
+    let client = s.client.clone();
+    let url = s.url("/v1/completions");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": true}))
+            .send()
+            .await
+            .unwrap()
+    });
+    s.metric_until("minserve_num_requests_running", |v| v == 1.0)
+        .await;
+    s.shutdown().await.unwrap();
+    let response = in_flight.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+    assert!(s.state.is_shutting_down());
+    assert!(
+        reqwest::get(s.url("/health")).await.is_err(),
+        "still accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_cuts_off_long_requests() {
+    let options = ServerOptions {
+        shutdown_timeout: Duration::from_millis(300),
+        ..common::options()
+    };
+    let mut s = TestServer::start(options, scheduler(8)).await;
+    let response = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true,
+                      "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    s.shutdown().await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(response);
+}

@@ -1,0 +1,71 @@
+//! The official `openai` Python package against the server on the default model: chat and
+//! completions, streamed and not, logprobs, and errors as the SDK's exception classes.
+//!
+//! The package lives in a venv at `target/openai-venv` (`.ci/run` creates it); if it is
+//! missing, the test creates it with `python3 -m venv` and pip.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{scheduler, TestServer, MODEL};
+use minserve_server::ServerOptions;
+
+fn venv_python() -> PathBuf {
+    if let Some(python) = std::env::var_os("MINSERVE_OPENAI_PYTHON") {
+        return python.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/openai-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_openai(&python) {
+        let ok = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "openai"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && has_openai(&python),
+            "could not set up the openai package; run: \
+             python3 -m venv target/openai-venv && target/openai-venv/bin/pip install openai"
+        );
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client() {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
+    let options = ServerOptions {
+        api_key: Some("test-key".into()),
+        ..common::options()
+    };
+    let s = TestServer::start(options, scheduler(16)).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let base = s.url("/v1");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .arg(MODEL)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("openai client OK"), "{stdout}");
+}
