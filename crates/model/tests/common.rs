@@ -12,3 +12,18 @@ pub fn default_model_path() -> PathBuf {
     )
     .unwrap_or_else(|e| panic!("the default model is needed by this test: {e}"))
 }
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    minserve_core::sampling::argmax(x) as usize
+}

@@ -3,25 +3,12 @@
 
 mod common;
 
+use common::{argmax, max_abs_diff, mean_abs_diff};
+
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, ModelRunner};
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
-}
-
-fn argmax(x: &[f32]) -> usize {
-    minserve_core::sampling::argmax(x) as usize
-}
 
 #[test]
 fn logits_match_candle_quantized_llama_with_teacher_forcing() {

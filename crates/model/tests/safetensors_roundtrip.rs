@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{argmax, max_abs_diff, mean_abs_diff};
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -18,21 +20,6 @@ use minserve_model::{load_model, CacheOptions, ModelRunner};
 const PROMPT: &str = "The history of the printing press begins";
 /// Prompt step plus 32 decode steps.
 const STEPS: usize = 33;
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
-}
-
-fn argmax(x: &[f32]) -> usize {
-    minserve_core::sampling::argmax(x) as usize
-}
 
 fn export(dtype: ExportDType) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
