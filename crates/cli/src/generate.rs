@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use minserve_core::detokenize::IncrementalDetokenizer;
 use minserve_core::sampling::{sample, Rng, SamplingParams};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, ModelRunner};
@@ -86,7 +87,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut new_tokens: &[u32] = &prompt;
     let mut num_computed = 0;
     let mut generated: Vec<u32> = Vec::new();
-    let mut printed = String::new();
+    // Prints each token's text as it comes, never half a UTF-8 character.
+    let mut detokenizer = IncrementalDetokenizer::new(&prompt);
     let mut stdout = std::io::stdout().lock();
     let start = Instant::now();
     let mut prefill_time = None;
@@ -109,16 +111,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         generated.push(next);
         tokens.push(next);
         new_tokens = &tokens[tokens.len() - 1..];
-        // Decode everything so far and print what is new, holding back a trailing partial
-        // UTF-8 character until its next byte arrives.
-        let text = tokenizer.decode(&generated, true)?;
-        if !text.ends_with('\u{FFFD}') && text.len() > printed.len() {
-            write!(stdout, "{}", &text[printed.len()..])?;
-            stdout.flush()?;
-            printed = text;
-        }
+        write!(stdout, "{}", detokenizer.push(next, &tokenizer))?;
+        stdout.flush()?;
     }
-    writeln!(stdout)?;
+    writeln!(stdout, "{}", detokenizer.finish(&tokenizer))?;
     let total = start.elapsed().as_secs_f64();
     let prefill = prefill_time.unwrap_or_default().as_secs_f64();
     let decode_steps = generated.len().saturating_sub(1).max(1);

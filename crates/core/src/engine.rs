@@ -396,12 +396,12 @@ impl<E: ModelExecutor> Engine<E> {
             return false;
         }
         match self.executor.execute(&step.batch) {
-            Ok(logits) => {
+            Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
                 let mut rows = 0..logits.num_rows();
                 for s in step.seqs.iter().filter(|s| s.samples) {
                     let Some(row) = rows.next() else { break };
-                    self.sample_and_emit(s.id, logits.row(row));
+                    self.sample_and_emit(s.id, logits.row_mut(row));
                 }
             }
             Err(e) => self.fail_step(&step, &e.to_string()),
@@ -425,7 +425,8 @@ impl<E: ModelExecutor> Engine<E> {
     }
 
     /// Samples the next token of sequence `id` from its logits row and emits what it adds.
-    fn sample_and_emit(&mut self, id: SeqId, logits: &[f32]) {
+    /// `row` is this sequence's logits, processed in place (no per-row copy of the vocabulary).
+    fn sample_and_emit(&mut self, id: SeqId, row: &mut [f32]) {
         let (Some(state), Some(seq)) = (self.seqs.get_mut(&id), self.scheduler.get_mut(id)) else {
             return;
         };
@@ -440,7 +441,6 @@ impl<E: ModelExecutor> Engine<E> {
                 .chain(&request.stop_token_ids)
         };
 
-        let mut row = logits.to_vec();
         let num_output = seq.len() - seq.num_prompt_tokens;
         if num_output < request.min_tokens {
             for &t in stop_ids() {
@@ -450,7 +450,7 @@ impl<E: ModelExecutor> Engine<E> {
             }
         }
         let sampled = self.sampler.sample_token(
-            &mut row,
+            row,
             &request.params,
             &seq.tokens[..seq.num_prompt_tokens],
             seq.output_tokens(),

@@ -26,6 +26,10 @@ impl Logits {
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
     }
+
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.data[i * self.vocab_size..(i + 1) * self.vocab_size]
+    }
 }
 
 /// What the engine drives: one forward pass over a ragged batch, writing the new tokens' K/V
