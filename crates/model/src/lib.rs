@@ -20,4 +20,5 @@ pub use config::{ModelConfig, RopeStyle};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use llama::LlamaModel;
-pub use runner::{load_model, CacheOptions, LoadedModel, ModelRunner};
+pub use runner::{load_model, load_tokenizer, CacheOptions, LoadedModel, ModelRunner};
+pub use synthetic::SyntheticSpec;

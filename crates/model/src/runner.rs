@@ -50,6 +50,15 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     })
 }
 
+/// The tokenizer of a GGUF file or Hugging Face folder, without reading any weights.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.is_dir() {
+        return Tokenizer::from_hf_folder(path).map_err(ModelError::tokenizer(path));
+    }
+    let content = crate::gguf::read_content(path)?;
+    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(path))
+}
+
 pub struct ModelRunner {
     pub model: LlamaModel,
     pub cache: KvCache,

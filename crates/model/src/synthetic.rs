@@ -3,13 +3,25 @@
 //! They let the forward pass be tested against a naive implementation in milliseconds, and let
 //! speed be measured where real weights cannot be brought (CI, a lent GPU machine with no
 //! network). Same name and seed, same weights, on every machine.
+//!
+//! `--model synthetic:NAME[@FORMAT]` ([`SyntheticSpec`]) loads one wherever a model file would
+//! be loaded. It comes with a byte-level tokenizer built in memory ([`tokenizer`]), so that
+//! nothing at all has to be on the machine: one byte of text is one token, which also makes
+//! prompt lengths exact and predictable.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use minserve_core::sampling::Rng;
+use minserve_tokenizer::Tokenizer;
 
 use crate::config::{ModelConfig, RopeStyle};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::llama::LlamaModel;
+use crate::runner::LoadedModel;
 use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.
@@ -30,8 +42,9 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         attention_bias: false,
         tie_word_embeddings: true,
     };
+    // 512 leaves room for the synthetic tokenizer's 256 byte tokens and its special tokens.
     Some(match name {
-        "tiny" => llama(64, 128, 2, 4, 2, 256),
+        "tiny" => llama(64, 128, 2, 4, 2, 512),
         // Qwen2's differences from Llama, at the same tiny size: q/k/v bias, NeoX RoPE pairs,
         // a separate lm_head.
         "tiny-qwen2" => ModelConfig {
@@ -40,7 +53,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             rope_style: RopeStyle::Neox,
             tie_word_embeddings: false,
             rope_theta: 1_000_000.0,
-            ..llama(64, 128, 2, 4, 2, 256)
+            ..llama(64, 128, 2, 4, 2, 512)
         },
         "smollm2-135m" => llama(576, 1536, 30, 9, 3, 49152),
         "llama-1b" => ModelConfig {
@@ -128,4 +141,276 @@ pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaW
         final_norm: ones,
         lm_head,
     })
+}
+
+/// What marks a `--model` argument as a synthetic model.
+pub const PREFIX: &str = "synthetic:";
+
+/// The format without `@FORMAT`: the default model's projection type, so that a synthetic
+/// smollm2-135m runs the same kernels as the real one.
+pub const DEFAULT_FORMAT: GgmlDType = GgmlDType::Q4_1;
+
+/// The name alone fixes the weights, so that figures from two machines compare.
+const SEED: u64 = 0;
+
+/// `@FORMAT` spellings: llama.cpp's type names in lower case.
+const FORMATS: &[(&str, GgmlDType)] = &[
+    ("f32", GgmlDType::F32),
+    ("f16", GgmlDType::F16),
+    ("bf16", GgmlDType::BF16),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("q8_k", GgmlDType::Q8K),
+];
+
+/// A parsed `synthetic:NAME[@FORMAT]`, e.g. `synthetic:llama-1b@q8_0`: preset `NAME`'s
+/// architecture with seeded weights whose matrices are stored as `FORMAT` (default
+/// [`DEFAULT_FORMAT`]); norms and the embedding table stay f32, as in GGUF files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticSpec {
+    preset: String,
+    format: GgmlDType,
+}
+
+impl SyntheticSpec {
+    /// `Ok(None)` when `model` does not start with [`PREFIX`] (a path or a catalog alias);
+    /// an error naming the choices when the preset or the format is unknown.
+    pub fn parse(model: &str) -> Result<Option<Self>> {
+        let Some(rest) = model.strip_prefix(PREFIX) else {
+            return Ok(None);
+        };
+        let bad = |message: String| ModelError::Format {
+            path: PathBuf::from(model),
+            message,
+        };
+        let (name, format) = match rest.split_once('@') {
+            Some((name, format)) => (name, Some(format)),
+            None => (rest, None),
+        };
+        if preset(name).is_none() {
+            return Err(bad(format!(
+                "no synthetic model `{name}`; presets: {}",
+                PRESETS.join(", ")
+            )));
+        }
+        let format = match format {
+            None => DEFAULT_FORMAT,
+            Some(f) => FORMATS
+                .iter()
+                .find(|(spelling, _)| spelling.eq_ignore_ascii_case(f))
+                .map(|&(_, dtype)| dtype)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = FORMATS.iter().map(|(s, _)| *s).collect();
+                    bad(format!(
+                        "unknown weight format `{f}`; formats: {}",
+                        known.join(", ")
+                    ))
+                })?,
+        };
+        Ok(Some(Self {
+            preset: name.to_string(),
+            format,
+        }))
+    }
+
+    pub fn preset(&self) -> &str {
+        &self.preset
+    }
+
+    pub fn format(&self) -> GgmlDType {
+        self.format
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        preset(&self.preset).expect("parse accepts known presets only")
+    }
+
+    /// The full spelling, format included: `synthetic:tiny@q4_1`.
+    pub fn name(&self) -> String {
+        let format = FORMATS
+            .iter()
+            .find(|(_, dtype)| *dtype == self.format)
+            .map_or("?", |(spelling, _)| spelling);
+        format!("{PREFIX}{}@{format}", self.preset)
+    }
+
+    /// Builds the weights (seconds for llama-1b, minutes and ~7 GB for llama-8b) and the
+    /// tokenizer.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let config = self.config();
+        // Checked here so that the message names the spec rather than an anonymous tensor.
+        let block = self.format.block_size();
+        for (what, width) in [
+            ("hidden size", config.hidden_size),
+            ("attention width", config.num_heads * config.head_dim),
+            ("intermediate size", config.intermediate_size),
+        ] {
+            if width % block != 0 {
+                return Err(ModelError::Format {
+                    path: PathBuf::from(self.name()),
+                    message: format!(
+                        "the {what} {width} is not a multiple of {:?}'s block of {block}",
+                        self.format
+                    ),
+                });
+            }
+        }
+        Ok(LoadedModel {
+            model: LlamaModel::new(build(&config, SEED, self.format)?),
+            tokenizer: tokenizer(&config)?,
+            path: PathBuf::from(self.name()),
+        })
+    }
+}
+
+/// The tokens after the 256 bytes: EOS, then ChatML's turn markers (as SmolLM2's).
+const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The tokenizer of every synthetic model: byte-level BPE without merges, so one byte of text
+/// is one token. Ids 0..256 are the bytes, then [`SPECIAL_TOKENS`], then filler words
+/// (` w300`, ...) up to the model's vocabulary size, which only the model produces: they give
+/// its random output a readable spelling. Built as GGUF metadata, so it goes through the same
+/// loader as a real model's tokenizer.
+pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
+    let path = PathBuf::from(format!("{PREFIX}tokenizer"));
+    let vocab = config.vocab_size;
+    let first_filler = 256 + SPECIAL_TOKENS.len();
+    if vocab < first_filler {
+        return Err(ModelError::Format {
+            path,
+            message: format!(
+                "a vocabulary of {vocab} cannot hold 256 byte tokens and {} special tokens",
+                SPECIAL_TOKENS.len()
+            ),
+        });
+    }
+    let mut tokens: Vec<String> = byte_alphabet().iter().map(char::to_string).collect();
+    tokens.extend(SPECIAL_TOKENS.iter().map(|s| s.to_string()));
+    // `Ġ` is the byte-level spelling of a space.
+    tokens.extend((first_filler..vocab).map(|id| format!("\u{120}w{id}")));
+    let control = 256..first_filler;
+    let token_types = (0..vocab)
+        .map(|id| Value::I32(if control.contains(&id) { 3 } else { 1 }))
+        .collect();
+    let strings = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+    let id = |token: &str| Value::U32(tokens.iter().position(|t| t == token).unwrap() as u32);
+    let metadata = HashMap::from([
+        (
+            "general.architecture".to_string(),
+            Value::String(config.architecture.clone()),
+        ),
+        (
+            format!("{}.context_length", config.architecture),
+            Value::U64(config.max_position_embeddings as u64),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(token_types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.eos_token_id".into(), id("<|endoftext|>")),
+        ("tokenizer.ggml.eot_token_id".into(), id("<|im_end|>")),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML_TEMPLATE.into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), strings(tokens.clone())),
+    ]);
+    let content = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    };
+    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(&path))
+}
+
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for the
+/// characters from U+0100 on, in byte order.
+fn byte_alphabet() -> Vec<char> {
+    let mut next = 0x100;
+    (0..=255u8)
+        .map(|b| match b {
+            b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF => b as char,
+            _ => {
+                next += 1;
+                char::from_u32(next - 1).expect("below the surrogates")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_and_without_a_format() {
+        let spec = SyntheticSpec::parse("synthetic:tiny").unwrap().unwrap();
+        assert_eq!((spec.preset(), spec.format()), ("tiny", GgmlDType::Q4_1));
+        assert_eq!(spec.name(), "synthetic:tiny@q4_1");
+        let spec = SyntheticSpec::parse("synthetic:llama-1b@Q8_0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.format(), GgmlDType::Q8_0);
+        assert_eq!(SyntheticSpec::parse("smollm2-135m-instruct").unwrap(), None);
+        let err = SyntheticSpec::parse("synthetic:huge").unwrap_err().to_string();
+        assert!(err.contains("presets: tiny, tiny-qwen2"), "{err}");
+        let err = SyntheticSpec::parse("synthetic:tiny@q9").unwrap_err().to_string();
+        assert!(err.contains("formats: f32, f16"), "{err}");
+    }
+
+    #[test]
+    fn k_quants_need_widths_in_whole_blocks() {
+        let spec = SyntheticSpec::parse("synthetic:smollm2-135m@q4_k")
+            .unwrap()
+            .unwrap();
+        let err = spec.load().err().expect("576 is not a multiple of 256");
+        assert!(err.to_string().contains("hidden size 576"), "{err}");
+    }
+
+    #[test]
+    fn tokenizer_is_one_token_per_byte_and_round_trips() {
+        let config = preset("tiny").unwrap();
+        let tok = tokenizer(&config).unwrap();
+        assert_eq!(tok.vocab_size(), config.vocab_size);
+        let text = "Héllo, world!\n\ttabs";
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(ids.len(), text.len());
+        assert_eq!(tok.decode(&ids, true).unwrap(), text);
+        assert_eq!(tok.eos_token_ids(), [256, 258]);
+        assert_eq!(tok.decode(&[300, 301], true).unwrap(), " w300 w301");
+        let chat = tok
+            .chat_template()
+            .unwrap()
+            .render(&[minserve_tokenizer::ChatMessage::new("user", "hi")], true)
+            .unwrap();
+        assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        // The three markers (12 + 10 + 12 bytes) are one token each, the rest one per byte.
+        assert_eq!(
+            tok.encode(&chat, true).unwrap().len(),
+            3 + chat.len() - 34
+        );
+    }
+
+    #[test]
+    fn tiny_loads_in_each_format() {
+        for format in ["f32", "q8_0", "q4_1"] {
+            let spec = SyntheticSpec::parse(&format!("synthetic:tiny@{format}"))
+                .unwrap()
+                .unwrap();
+            let loaded = spec.load().unwrap();
+            assert_eq!(loaded.model.config().vocab_size, 512);
+            assert_eq!(loaded.path, PathBuf::from(spec.name()));
+        }
+    }
 }
