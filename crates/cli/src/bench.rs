@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use minserve_core::engine::{Engine, EngineConfig, EventSink, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -56,8 +56,12 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 512)]
     pub max_num_batched_tokens: usize,
     /// KV cache size in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// Number format of the cached keys and values: `f16` (half the memory and bandwidth) or
+    /// `f32`.
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: KvDtype,
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -77,6 +81,7 @@ impl EngineArgs {
         CacheOptions {
             block_size: self.block_size,
             memory_bytes: self.kv_cache_mib << 20,
+            dtype: self.kv_cache_dtype,
         }
     }
 

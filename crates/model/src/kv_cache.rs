@@ -7,7 +7,12 @@
 //! Layout of each layer's pool: `[num_blocks, num_kv_heads, block_size, head_dim]`. Keeping a
 //! head's `block_size` keys contiguous lets attention stream one block of one head as a single
 //! `block_size * head_dim` run of memory.
+//!
+//! Values are stored in f16 by default (like llama.cpp's and vLLM's default cache types): decode
+//! attention is bound by the bytes it streams from the pool, so halving them halves its cost and
+//! doubles the tokens a given memory holds. f32 storage stays available for exact comparisons.
 
+use half::f16;
 use minserve_core::CacheGeometry;
 
 use crate::config::ModelConfig;
@@ -39,20 +44,143 @@ impl KvLayout {
     }
 }
 
+/// The number format of the cached keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            _ => Err(format!("unknown KV cache type {s:?}: expected f16 or f32")),
+        }
+    }
+}
+
+/// A number format the pool can hold. Attention works in f32, so a run of cached values is
+/// widened into scratch space first (a no-op borrow for f32).
+pub trait KvElement: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElement for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn widen<'a>(src: &'a [f32], _scratch: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElement for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn widen<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let dst = &mut scratch[..src.len()];
+        // F16C (vcvtph2ps), detected at run time by `half`.
+        src.convert_to_f32_slice(dst);
+        dst
+    }
+}
+
+/// Keys and values of one layer, in one element type.
+pub struct KvPool<T> {
+    pub keys: Vec<T>,
+    pub values: Vec<T>,
+}
+
+impl<T: KvElement> KvPool<T> {
+    /// Stores each new token's K/V rows (`[tokens, kv_heads, head_dim]`) at its slot — vLLM's
+    /// `reshape_and_cache`.
+    fn write(&mut self, layout: &KvLayout, keys: &[f32], values: &[f32], slots: &[u32]) {
+        let row = layout.num_kv_heads * layout.head_dim;
+        for (token, &slot) in slots.iter().enumerate() {
+            for head in 0..layout.num_kv_heads {
+                let src = token * row + head * layout.head_dim;
+                let dst = layout.offset(slot as usize, head);
+                for (d, s) in self.keys[dst..dst + layout.head_dim]
+                    .iter_mut()
+                    .zip(&keys[src..src + layout.head_dim])
+                {
+                    *d = T::from_f32(*s);
+                }
+                for (d, s) in self.values[dst..dst + layout.head_dim]
+                    .iter_mut()
+                    .zip(&values[src..src + layout.head_dim])
+                {
+                    *d = T::from_f32(*s);
+                }
+            }
+        }
+    }
+}
+
 /// Keys and values of one layer.
-pub struct LayerKv {
-    pub keys: Vec<f32>,
-    pub values: Vec<f32>,
+pub enum LayerKv {
+    F16(KvPool<f16>),
+    F32(KvPool<f32>),
+}
+
+impl LayerKv {
+    fn zeroed(dtype: KvDtype, len: usize) -> Self {
+        match dtype {
+            // Zeroed through u16 so that the allocation is `calloc`'d: a large pool costs no
+            // memory until blocks are written (tests build many runners side by side).
+            KvDtype::F16 => LayerKv::F16(KvPool {
+                keys: zeroed_f16(len),
+                values: zeroed_f16(len),
+            }),
+            KvDtype::F32 => LayerKv::F32(KvPool {
+                keys: vec![0.0; len],
+                values: vec![0.0; len],
+            }),
+        }
+    }
+
+    /// Stores each new token's K/V rows (`[tokens, kv_heads, head_dim]`) at its slot.
+    pub fn write(&mut self, layout: &KvLayout, keys: &[f32], values: &[f32], slots: &[u32]) {
+        match self {
+            LayerKv::F16(pool) => pool.write(layout, keys, values, slots),
+            LayerKv::F32(pool) => pool.write(layout, keys, values, slots),
+        }
+    }
+}
+
+fn zeroed_f16(len: usize) -> Vec<f16> {
+    let bits = std::mem::ManuallyDrop::new(vec![0u16; len]);
+    // SAFETY: f16 is `repr(transparent)` over u16 (same size and alignment), and every u16 bit
+    // pattern is a valid f16; the Vec's allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(bits.as_ptr() as *mut f16, bits.len(), bits.capacity()) }
 }
 
 pub struct KvCache {
     pub layout: KvLayout,
+    pub dtype: KvDtype,
     pub layers: Vec<LayerKv>,
 }
 
 impl KvCache {
     /// A pool of `num_blocks` blocks for every layer of `config`.
-    pub fn new(config: &ModelConfig, block_size: usize, num_blocks: usize) -> Self {
+    pub fn new(config: &ModelConfig, dtype: KvDtype, block_size: usize, num_blocks: usize) -> Self {
         let layout = KvLayout {
             num_blocks,
             block_size,
@@ -60,42 +188,35 @@ impl KvCache {
             head_dim: config.head_dim,
         };
         let layers = (0..config.num_layers)
-            .map(|_| LayerKv {
-                keys: vec![0.0; layout.values_per_layer()],
-                values: vec![0.0; layout.values_per_layer()],
-            })
+            .map(|_| LayerKv::zeroed(dtype, layout.values_per_layer()))
             .collect();
-        Self { layout, layers }
+        Self {
+            layout,
+            dtype,
+            layers,
+        }
     }
 
     /// As many blocks as fit in `memory_bytes` (at least one).
-    pub fn with_memory(config: &ModelConfig, block_size: usize, memory_bytes: usize) -> Self {
-        let bytes_per_block = config.kv_bytes_per_token(std::mem::size_of::<f32>()) * block_size;
-        Self::new(config, block_size, (memory_bytes / bytes_per_block).max(1))
+    pub fn with_memory(
+        config: &ModelConfig,
+        dtype: KvDtype,
+        block_size: usize,
+        memory_bytes: usize,
+    ) -> Self {
+        let bytes_per_block = config.kv_bytes_per_token(dtype.size_in_bytes()) * block_size;
+        Self::new(
+            config,
+            dtype,
+            block_size,
+            (memory_bytes / bytes_per_block).max(1),
+        )
     }
 
     pub fn geometry(&self) -> CacheGeometry {
         CacheGeometry {
             block_size: self.layout.block_size,
             num_blocks: self.layout.num_blocks,
-        }
-    }
-}
-
-impl LayerKv {
-    /// Stores each new token's K/V rows (`[tokens, kv_heads, head_dim]`) at its slot — vLLM's
-    /// `reshape_and_cache`.
-    pub fn write(&mut self, layout: &KvLayout, keys: &[f32], values: &[f32], slots: &[u32]) {
-        let row = layout.num_kv_heads * layout.head_dim;
-        for (token, &slot) in slots.iter().enumerate() {
-            for head in 0..layout.num_kv_heads {
-                let src = token * row + head * layout.head_dim;
-                let dst = layout.offset(slot as usize, head);
-                self.keys[dst..dst + layout.head_dim]
-                    .copy_from_slice(&keys[src..src + layout.head_dim]);
-                self.values[dst..dst + layout.head_dim]
-                    .copy_from_slice(&values[src..src + layout.head_dim]);
-            }
         }
     }
 }

@@ -18,7 +18,7 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeStyle};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use llama::LlamaModel;
 pub use runner::{load_model, load_tokenizer, CacheOptions, LoadedModel, ModelRunner};
 pub use synthetic::SyntheticSpec;

@@ -5,7 +5,7 @@ use minserve_core::StepBatch;
 
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::paged_attention::PagedAttention;
+use crate::paged_attention::{AttentionPlan, PagedAttention};
 use crate::rope::{RopeOp, RopeTable};
 use crate::tensor_util::with_f32_slice;
 use crate::weights::{Linear, LlamaWeights};
@@ -35,13 +35,14 @@ impl LlamaModel {
     /// returns logits `[sampled sequences, vocab]` for the last new token of each sequence that
     /// samples. The other rows never reach the lm_head, the single most expensive matmul.
     pub fn forward(&self, batch: &StepBatch, cache: &mut KvCache) -> Result<Tensor> {
-        let row_sequence = self.validate(batch, cache)?;
+        self.validate(batch, cache)?;
         let c = &self.weights.config;
         let device = Device::Cpu;
         let num_tokens = batch.num_tokens();
         let eps = c.rms_norm_eps as f32;
         let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
 
+        let plan = AttentionPlan::new(batch, c.num_kv_heads);
         let ids = Tensor::from_slice(&batch.token_ids, num_tokens, &device)?;
         let mut x = self.weights.embedding.index_select(&ids, 0)?;
         for (layer, kv) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
@@ -67,7 +68,7 @@ impl LlamaModel {
                 kv,
                 layout: &cache.layout,
                 batch,
-                row_sequence: &row_sequence,
+                plan: &plan,
                 num_heads: c.num_heads,
                 scale,
             })?;
@@ -88,8 +89,8 @@ impl LlamaModel {
     }
 
     /// A malformed batch is an engine bug, but it must surface as an error, never as an
-    /// out-of-bounds panic inside a kernel. Returns the sequence index of every token row.
-    fn validate(&self, batch: &StepBatch, cache: &KvCache) -> Result<Vec<u32>> {
+    /// out-of-bounds panic inside a kernel.
+    fn validate(&self, batch: &StepBatch, cache: &KvCache) -> Result<()> {
         let bad = |m: String| Err(ModelError::InvalidBatch(m));
         let n = batch.num_tokens();
         if n == 0 {
@@ -113,7 +114,6 @@ impl LlamaModel {
                 "slot {s} is outside the cache of {num_slots} slots"
             ));
         }
-        let mut row_sequence = Vec::with_capacity(n);
         let mut row = 0;
         for (index, seq) in batch.sequences.iter().enumerate() {
             if seq.num_new_tokens == 0 || seq.num_new_tokens > seq.context_len {
@@ -142,13 +142,12 @@ impl LlamaModel {
                         "sequence {index}: positions do not follow its context"
                     ));
                 }
-                row_sequence.push(index as u32);
             }
             row += seq.num_new_tokens;
         }
         if row != n {
             return bad("sequences do not cover the token rows".into());
         }
-        Ok(row_sequence)
+        Ok(())
     }
 }

@@ -5,14 +5,70 @@
 //! sequence. Because a token's K/V is written before attention runs, this one rule covers a
 //! whole prompt (causal within it), a prompt chunk on top of earlier chunks, and a decode token.
 //!
-//! Work is split over (token, query head) pairs across the thread pool. Each pair's arithmetic is
-//! the same whatever else is in the batch, so a sequence's output is bit-identical alone, batched,
-//! or prefilled in chunks.
+//! # Work split
+//!
+//! A work item is one sequence, one KV head and a tile of up to [`TILE_TOKENS`] of its new
+//! tokens: all the query heads that share the KV head (grouped-query attention) for all tokens
+//! of the tile. Each cached key or value is loaded (and widened from f16) once per item and used
+//! by every query row of the tile, so a decode step streams the pool once per KV head rather
+//! than once per query head, and a prompt chunk reuses each block across its tokens.
+//!
+//! # Determinism
+//!
+//! A query row's arithmetic (its dot products, its softmax over exactly its own context, its
+//! weighted sum of values in key order) depends only on that row: not on the tile it lands in,
+//! nor on what else is in the batch. So a sequence's output is bit-identical alone, batched, or
+//! prefilled in chunks.
+
+use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use minserve_core::StepBatch;
 
-use crate::kv_cache::{KvLayout, LayerKv};
+use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
+
+/// New tokens per work item: enough query rows to reuse each loaded key block from L1, few
+/// enough that a long prompt chunk still splits into many items for the thread pool.
+const TILE_TOKENS: usize = 16;
+
+/// One work item: tokens `first_row..first_row + num_rows` of the flat batch, all of
+/// sequence `sequence`, against KV head `kv_head`.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    sequence: u32,
+    kv_head: u32,
+    first_row: u32,
+    num_rows: u32,
+}
+
+/// The work items of a step, computed once and shared by every layer.
+pub struct AttentionPlan {
+    tiles: Vec<Tile>,
+}
+
+impl AttentionPlan {
+    pub fn new(batch: &StepBatch, num_kv_heads: usize) -> Self {
+        let mut tiles = Vec::new();
+        let mut first_row = 0;
+        for (sequence, chunk) in batch.sequences.iter().enumerate() {
+            for start in (0..chunk.num_new_tokens).step_by(TILE_TOKENS) {
+                let num_rows = TILE_TOKENS.min(chunk.num_new_tokens - start);
+                for kv_head in 0..num_kv_heads {
+                    tiles.push(Tile {
+                        sequence: sequence as u32,
+                        kv_head: kv_head as u32,
+                        first_row: (first_row + start) as u32,
+                        num_rows: num_rows as u32,
+                    });
+                }
+            }
+            first_row += chunk.num_new_tokens;
+        }
+        // Longest contexts first, so that the pool's last grabs are the cheap tiles.
+        tiles.sort_by_key(|t| std::cmp::Reverse(batch.positions[t.first_row as usize]));
+        Self { tiles }
+    }
+}
 
 /// Attention of one layer for every new token of a step, as a candle op on the queries
 /// (`[tokens, num_heads * head_dim]`, RoPE applied). Output has the same shape.
@@ -20,8 +76,7 @@ pub struct PagedAttention<'a> {
     pub kv: &'a LayerKv,
     pub layout: &'a KvLayout,
     pub batch: &'a StepBatch,
-    /// Which entry of `batch.sequences` each token row belongs to.
-    pub row_sequence: &'a [u32],
+    pub plan: &'a AttentionPlan,
     pub num_heads: usize,
     pub scale: f32,
 }
@@ -47,111 +102,219 @@ impl CustomOp1 for PagedAttention<'_> {
     }
 }
 
+/// Per-worker buffers, kept across calls.
+#[derive(Default)]
+struct Scratch {
+    /// `[query row][key]`: scores, then unnormalized softmax weights.
+    scores: Vec<f32>,
+    /// One block of one head widened to f32.
+    block: Vec<f32>,
+    /// Per query row: the sum of its softmax weights.
+    sums: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
 impl PagedAttention<'_> {
     /// `queries` and `out` are `[tokens, num_heads, head_dim]`.
     pub fn run(&self, queries: &[f32], out: &mut [f32]) {
-        let head_dim = self.layout.head_dim;
-        let heads_per_kv = self.num_heads / self.layout.num_kv_heads;
         let out = DisjointWriter::new(out);
         // candle's own pool, not rayon's: candle keeps its workers spinning between ops, and a
         // second pool on the same cores makes both crawl.
-        candle_core::utils::barrier_pool().execute_chunked(queries.len() / head_dim, |items| {
-            let mut scores = Vec::new();
-            for index in items {
-                let token = index / self.num_heads;
-                let kv_head = (index % self.num_heads) / heads_per_kv;
-                let sequence = &self.batch.sequences[self.row_sequence[token] as usize];
-                let context = self.batch.positions[token] as usize + 1;
-                let query = &queries[index * head_dim..(index + 1) * head_dim];
-                // SAFETY: each index is handed to exactly one worker, so the chunks written
-                // never overlap.
-                let out = unsafe { out.chunk(index * head_dim, head_dim) };
-                self.attend_one(
-                    query,
-                    kv_head,
-                    &sequence.block_table,
-                    context,
-                    &mut scores,
-                    out,
-                );
-            }
+        candle_core::utils::barrier_pool().execute_chunked(self.plan.tiles.len(), |items| {
+            SCRATCH.with(|scratch| {
+                let scratch = &mut scratch.borrow_mut();
+                for tile in &self.plan.tiles[items] {
+                    match self.kv {
+                        LayerKv::F16(pool) => self.attend_tile(pool, tile, queries, &out, scratch),
+                        LayerKv::F32(pool) => self.attend_tile(pool, tile, queries, &out, scratch),
+                    }
+                }
+            })
         });
     }
 
-    /// One query head of one token against the first `context` cached tokens of its sequence.
-    fn attend_one(
+    /// Every query head of `tile.kv_head`'s group, for every token of the tile.
+    fn attend_tile<T: KvElement>(
         &self,
-        query: &[f32],
-        kv_head: usize,
-        block_table: &[u32],
-        context: usize,
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
+        pool: &KvPool<T>,
+        tile: &Tile,
+        queries: &[f32],
+        out: &DisjointWriter,
+        scratch: &mut Scratch,
     ) {
         let layout = self.layout;
-        let head_dim = layout.head_dim;
-        // (start of a block's run for this head, how many of its tokens are in context)
-        let runs = block_table
-            .iter()
-            .enumerate()
-            .take(context.div_ceil(layout.block_size))
-            .map(|(i, &block)| {
-                let len = (context - i * layout.block_size).min(layout.block_size);
-                (layout.block_offset(block as usize, kv_head), len * head_dim)
-            });
+        let (head_dim, block_size) = (layout.head_dim, layout.block_size);
+        let group = self.num_heads / layout.num_kv_heads;
+        let block_table = &self.batch.sequences[tile.sequence as usize].block_table;
+        let first_row = tile.first_row as usize;
+        let rows = tile.num_rows as usize * group;
+        // Query row `r` is head `kv_head * group + r % group` of token `first_row + r / group`;
+        // those heads are adjacent in memory, so the tile's rows of one token are one run.
+        let offset = |r: usize| {
+            let token = first_row + r / group;
+            (token * self.num_heads + tile.kv_head as usize * group + r % group) * head_dim
+        };
+        let context = |r: usize| self.batch.positions[first_row + r / group] as usize + 1;
+        // Positions grow along the tile, so its last token sees the most keys.
+        let stride = context(rows - 1);
 
-        scores.clear();
-        for (start, len) in runs.clone() {
-            for key in self.kv.keys[start..start + len].chunks_exact(head_dim) {
-                scores.push(dot(query, key) * self.scale);
+        let Scratch {
+            scores,
+            block,
+            sums,
+        } = scratch;
+        scores.resize(rows * stride, 0.0);
+        block.resize(block_size * head_dim, 0.0);
+        let blocks = || {
+            block_table
+                .iter()
+                .take(stride.div_ceil(block_size))
+                .enumerate()
+                .map(|(i, &id)| {
+                    let first_key = i * block_size;
+                    let len = (stride - first_key).min(block_size);
+                    let start = layout.block_offset(id as usize, tile.kv_head as usize);
+                    (first_key, start..start + len * head_dim)
+                })
+        };
+
+        for (first_key, range) in blocks() {
+            let keys = T::widen(&pool.keys[range], block);
+            for r in 0..rows {
+                let visible = context(r).saturating_sub(first_key);
+                let query = &queries[offset(r)..offset(r) + head_dim];
+                let row_scores = &mut scores[r * stride + first_key..];
+                for (score, key) in row_scores
+                    .iter_mut()
+                    .zip(keys.chunks_exact(head_dim).take(visible))
+                {
+                    *score = dot(query, key) * self.scale;
+                }
             }
         }
-        softmax_in_place(scores);
 
-        out.fill(0.0);
-        let mut weights = scores.iter();
-        for (start, len) in runs {
-            for (value, &w) in self.kv.values[start..start + len]
-                .chunks_exact(head_dim)
-                .zip(&mut weights)
-            {
-                for (o, &v) in out.iter_mut().zip(value) {
-                    *o += w * v;
+        sums.clear();
+        sums.resize(rows, 0.0);
+        for (r, sum) in sums.iter_mut().enumerate() {
+            *sum = exp_minus_max(&mut scores[r * stride..r * stride + context(r)]);
+        }
+        for r in 0..rows {
+            // SAFETY: each (token, query head) belongs to exactly one tile, and each tile to
+            // one worker, so no two live chunks overlap.
+            unsafe { out.chunk(offset(r), head_dim) }.fill(0.0);
+        }
+        for (first_key, range) in blocks() {
+            let values = T::widen(&pool.values[range], block);
+            for r in 0..rows {
+                if context(r) <= first_key {
+                    continue;
                 }
+                let weights = &scores[r * stride + first_key..r * stride + context(r)];
+                // SAFETY: as above.
+                let acc = unsafe { out.chunk(offset(r), head_dim) };
+                for (&w, value) in weights.iter().zip(values.chunks_exact(head_dim)) {
+                    for (a, &v) in acc.iter_mut().zip(value) {
+                        *a += w * v;
+                    }
+                }
+            }
+        }
+        for (r, &sum) in sums.iter().enumerate() {
+            let inverse = 1.0 / sum;
+            // SAFETY: as above.
+            for a in unsafe { out.chunk(offset(r), head_dim) } {
+                *a *= inverse;
             }
         }
     }
 }
 
-/// Dot product with eight independent partial sums, so that the compiler can keep them in one
+/// Lanes of the partial sums below: one 512-bit register of f32.
+const LANES: usize = 16;
+
+/// Dot product with [`LANES`] independent partial sums, so that the compiler keeps them in one
 /// SIMD register; the summation order is fixed, which keeps results deterministic.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_tail) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for lane in 0..8 {
+    let mut acc = [0f32; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for lane in 0..LANES {
             acc[lane] += x[lane] * y[lane];
         }
     }
-    let mut sum = acc.iter().sum::<f32>();
+    let mut sum = reduce(acc);
     for (x, y) in a_tail.iter().zip(b_tail) {
         sum += x * y;
     }
     sum
 }
 
-/// Numerically stable softmax: subtract the max before exponentiating.
-pub fn softmax_in_place(x: &mut [f32]) {
+/// Pairwise sum of the lanes, in a fixed order.
+#[inline]
+fn reduce(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for lane in 0..width {
+            acc[lane] += acc[lane + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// Replaces `x` by `exp(x - max(x))` and returns their sum: softmax without the division, which
+/// the caller applies once to the weighted sum instead of to every weight.
+pub fn exp_minus_max(x: &mut [f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            chunk[lane] = exp(chunk[lane] - max);
+            acc[lane] += chunk[lane];
+        }
+    }
+    let mut sum = reduce(acc);
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
         sum += *v;
     }
-    for v in x.iter_mut() {
-        *v /= sum;
+    sum
+}
+
+/// `e^x` for `x <= 0` (the softmax's range), to about 2 ulp, in plain arithmetic that the
+/// compiler vectorizes: libm's `expf` is a call per score and was a tenth of a batched step.
+/// Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r`,
+/// and `2^n` built in the exponent bits. Below `-87` the result (< 2^-125) is flushed to zero.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that `n * LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = x.max(-87.0);
+    let n = (clamped * LOG2_E + ROUND) - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = e_r * two_n;
+    if x < -87.0 {
+        0.0
+    } else {
+        y
     }
 }
 
@@ -178,5 +341,40 @@ impl DisjointWriter {
     unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(start + len <= self.len, "chunk out of bounds");
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_over_the_softmax_range() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (ours, libm) = (exp(x), x.exp());
+            worst = worst.max(((ours - libm) / libm).abs());
+            x += 0.001_7;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn softmax_weights_sum_as_returned() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let expected: Vec<f32> = {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            x.iter().map(|v| (v - max).exp()).collect()
+        };
+        let sum = exp_minus_max(&mut x);
+        for (a, b) in x.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert!((sum - expected.iter().sum::<f32>()).abs() < 1e-5);
+        assert!(x.iter().any(|&w| w == 1.0), "the maximum maps to exactly 1");
     }
 }

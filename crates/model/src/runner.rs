@@ -6,7 +6,7 @@ use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
 use minserve_tokenizer::Tokenizer;
 
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::llama::LlamaModel;
 
 /// How to size the KV cache.
@@ -14,13 +14,17 @@ use crate::llama::LlamaModel;
 pub struct CacheOptions {
     pub block_size: usize,
     pub memory_bytes: usize,
+    pub dtype: KvDtype,
 }
 
 impl Default for CacheOptions {
+    /// 1 GiB of f16: 46k tokens of the default model, room for 64 sequences of 700 tokens. The
+    /// pages are only touched as blocks fill.
     fn default() -> Self {
         Self {
             block_size: 16,
-            memory_bytes: 256 << 20,
+            memory_bytes: 1 << 30,
+            dtype: KvDtype::F16,
         }
     }
 }
@@ -66,7 +70,12 @@ pub struct ModelRunner {
 
 impl ModelRunner {
     pub fn new(model: LlamaModel, options: CacheOptions) -> Self {
-        let cache = KvCache::with_memory(model.config(), options.block_size, options.memory_bytes);
+        let cache = KvCache::with_memory(
+            model.config(),
+            options.dtype,
+            options.block_size,
+            options.memory_bytes,
+        );
         Self { model, cache }
     }
 }

@@ -25,6 +25,7 @@ fn setup(kv_cache_bytes: usize, max_num_seqs: usize, max_num_batched_tokens: usi
         CacheOptions {
             block_size: 16,
             memory_bytes: kv_cache_bytes,
+            ..CacheOptions::default()
         },
     );
     let config = EngineConfig {
@@ -173,8 +174,9 @@ fn a_small_pool_preempts_but_outputs_do_not_change() {
     };
     let expected = generate(&mut big.engine, requests());
 
-    // 6 sequences x ~55 tokens need ~24 blocks of 16; give the pool 8.
-    let bytes_per_block = 2 * 30 * 3 * 64 * 4 * 16;
+    // 6 sequences x ~55 tokens need ~24 blocks of 16; give the pool 8 (K and V, 30 layers,
+    // 3 KV heads of 64 f16 values, 16 tokens).
+    let bytes_per_block = 2 * 30 * 3 * 64 * 2 * 16;
     let mut small = setup(8 * bytes_per_block, 64, 512);
     let got = generate(&mut small.engine, requests());
     assert!(
@@ -258,7 +260,7 @@ fn dropping_the_receiver_aborts_and_frees_blocks() {
 
 #[test]
 fn impossible_requests_are_rejected_up_front() {
-    let mut s = setup(4 << 20, 64, 512); // 5 blocks of 16 tokens
+    let mut s = setup(4 << 20, 64, 512); // 11 blocks of 16 tokens
     let (tx, _rx) = mpsc::channel();
     let err = s
         .engine

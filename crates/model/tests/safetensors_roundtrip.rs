@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::export::{export_gguf_to_hf, ExportDType};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
 
 const PROMPT: &str = "The history of the printing press begins";
 /// Prompt step plus 32 decode steps.
@@ -45,7 +45,14 @@ impl Ours {
         let loaded = load_model(path).expect("load");
         let prompt = loaded.tokenizer.encode(PROMPT, false).unwrap();
         (
-            Self(ModelRunner::new(loaded.model, CacheOptions::default())),
+            // An f32 cache: this compares weight loading, so nothing else may round.
+            Self(ModelRunner::new(
+                loaded.model,
+                CacheOptions {
+                    dtype: KvDtype::F32,
+                    ..CacheOptions::default()
+                },
+            )),
             prompt,
         )
     }

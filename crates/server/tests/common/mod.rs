@@ -36,6 +36,7 @@ pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
         CacheOptions {
             block_size: 16,
             memory_bytes: 64 << 20,
+            ..CacheOptions::default()
         },
         |max_model_len| EngineConfig {
             scheduler,
