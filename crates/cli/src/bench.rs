@@ -12,17 +12,21 @@ use clap::{Args, Subcommand};
 use minserve_core::engine::{Engine, EngineConfig, EventSink, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
+use minserve_model::{CacheOptions, KvDtype, ModelRunner};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Offline throughput: N random prompts submitted at once to the engine.
     Throughput(ThroughputArgs),
+    /// Streaming load against any OpenAI-compatible server: TTFT, TPOT, ITL, throughput.
+    Serve(crate::bench_serve::ServeBenchArgs),
+    /// `bench serve` at rising concurrency: a markdown table, JSON and a chart.
+    Sweep(crate::bench_sweep::SweepArgs),
 }
 
 #[derive(Args)]
 pub struct ThroughputArgs {
-    /// Model: a path or a catalog alias.
+    /// Model: a path, a catalog alias, or `synthetic:NAME[@FORMAT]`.
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
     #[arg(long, default_value_t = 256)]
@@ -104,6 +108,8 @@ impl EngineArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Throughput(args) => throughput(args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(args),
+        BenchCommand::Sweep(args) => crate::bench_sweep::run(args),
     }
 }
 
@@ -123,8 +129,7 @@ impl EventSink for CountingSink {
 }
 
 fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
-    let path = minserve_hub::resolve(&args.model, &minserve_hub::FetchOptions::default())?;
-    let loaded = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = crate::model_source::load(&args.model)?;
     let max_model_len = loaded.model.config().max_position_embeddings;
     let vocab = loaded.model.config().vocab_size as u64;
     let eos = loaded.tokenizer.eos_token_ids().to_vec();

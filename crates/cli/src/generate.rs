@@ -8,13 +8,13 @@ use clap::Args;
 use minserve_core::detokenize::IncrementalDetokenizer;
 use minserve_core::sampling::{sample, Rng, SamplingParams};
 use minserve_core::{ModelExecutor, StepBatch};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{CacheOptions, ModelRunner};
 use minserve_tokenizer::ChatMessage;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model: a GGUF file, a Hugging Face folder, or a catalog alias (`minserve fetch --list`),
-    /// fetched on first use.
+    /// Model: a GGUF file, a Hugging Face folder, a catalog alias (`minserve fetch --list`),
+    /// fetched on first use, or `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer).
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
     /// The prompt text.
@@ -41,8 +41,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let path = minserve_hub::resolve(&args.model, &minserve_hub::FetchOptions::default())?;
-    let loaded = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = crate::model_source::load(&args.model)?;
     let tokenizer = loaded.tokenizer;
     let prompt_text = if args.chat {
         let template = tokenizer

@@ -1,9 +1,14 @@
 //! `minserve`: a small, real LLM inference server.
 
 mod bench;
+mod bench_chart;
+mod bench_serve;
+mod bench_stats;
+mod bench_sweep;
 mod export;
 mod fetch;
 mod generate;
+mod model_source;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -23,7 +28,7 @@ struct Cli {
 enum Command {
     /// Generate text for one prompt, streaming it to stdout.
     Generate(generate::GenerateArgs),
-    /// Benchmarks (offline throughput of the engine).
+    /// Benchmarks: offline throughput of the engine; load and sweeps against a server.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Download a model of the catalog (default: the default model); prints its local path.

@@ -11,7 +11,8 @@ use crate::bench::EngineArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Model: a GGUF file, a Hugging Face folder, or a catalog alias, fetched on first use.
+    /// Model: a GGUF file, a Hugging Face folder, a catalog alias (fetched on first use), or
+    /// `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer).
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
     /// Address to listen on.
@@ -75,7 +76,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = args.model.clone();
     let engine = args.engine.clone();
     let loading = minserve_server::spawn_load(state.clone(), move || {
-        let path = minserve_hub::resolve(&model, &minserve_hub::FetchOptions::default())?;
+        let loaded = crate::model_source::load(&model)?;
         let trace = match &engine.trace_file {
             Some(file) => {
                 let out = std::fs::File::create(file)
@@ -84,12 +85,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        ServedModel::load(
-            &path,
-            engine.cache_options(),
-            |max_model_len| engine.engine_config(max_model_len),
-            trace,
-        )
+        let config = engine.engine_config(loaded.model.config().max_position_embeddings);
+        ServedModel::start(loaded, engine.cache_options(), config, trace)
     });
     tokio::spawn(async move {
         match loading.await {

@@ -315,7 +315,10 @@ pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
         ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(token_types)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(token_types),
+        ),
         ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
         ("tokenizer.ggml.eos_token_id".into(), id("<|endoftext|>")),
         ("tokenizer.ggml.eot_token_id".into(), id("<|im_end|>")),
@@ -363,9 +366,13 @@ mod tests {
             .unwrap();
         assert_eq!(spec.format(), GgmlDType::Q8_0);
         assert_eq!(SyntheticSpec::parse("smollm2-135m-instruct").unwrap(), None);
-        let err = SyntheticSpec::parse("synthetic:huge").unwrap_err().to_string();
+        let err = SyntheticSpec::parse("synthetic:huge")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("presets: tiny, tiny-qwen2"), "{err}");
-        let err = SyntheticSpec::parse("synthetic:tiny@q9").unwrap_err().to_string();
+        let err = SyntheticSpec::parse("synthetic:tiny@q9")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("formats: f32, f16"), "{err}");
     }
 
@@ -394,12 +401,12 @@ mod tests {
             .unwrap()
             .render(&[minserve_tokenizer::ChatMessage::new("user", "hi")], true)
             .unwrap();
-        assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
-        // The three markers (12 + 10 + 12 bytes) are one token each, the rest one per byte.
         assert_eq!(
-            tok.encode(&chat, true).unwrap().len(),
-            3 + chat.len() - 34
+            chat,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+        // The three markers (12 + 10 + 12 bytes) are one token each, the rest one per byte.
+        assert_eq!(tok.encode(&chat, true).unwrap().len(), 3 + chat.len() - 34);
     }
 
     #[test]

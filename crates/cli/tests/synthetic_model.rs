@@ -1,0 +1,136 @@
+//! `--model synthetic:NAME[@FORMAT]` wherever a model is loaded: generate, bench throughput,
+//! serve. Nothing is read from disk or the network.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn minserve(args: &[&str]) -> (String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(output.status.success(), "minserve {args:?}:\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn generate_runs_a_synthetic_model() {
+    let (_, stderr) = minserve(&[
+        "generate",
+        "--model",
+        "synthetic:tiny@q8_0",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "6",
+    ]);
+    // One byte, one token; random weights may still pick EOS early.
+    let generated: usize = stderr
+        .split("prompt tokens: 5, generated tokens: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token counts in:\n{stderr}"));
+    assert!((1..=6).contains(&generated), "{stderr}");
+}
+
+#[test]
+fn bench_throughput_runs_a_synthetic_model() {
+    let (stdout, _) = minserve(&[
+        "bench",
+        "throughput",
+        "--model",
+        "synthetic:tiny",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--kv-cache-mib",
+        "16",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["output_tokens"], 12);
+    assert_eq!(report["prompt_tokens"], 32);
+}
+
+#[test]
+fn unknown_synthetic_names_list_the_presets() {
+    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(["generate", "--model", "synthetic:llama-2t", "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("presets: tiny, tiny-qwen2, smollm2-135m"),
+        "{stderr}"
+    );
+}
+
+/// The server process on a synthetic model answers a completion with the requested tokens.
+#[test]
+fn serve_runs_a_synthetic_model() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args([
+            "serve",
+            "--model",
+            "synthetic:tiny",
+            "--port",
+            "0",
+            "--kv-cache-mib",
+            "16",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let result = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        while client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .map_or(true, |r| !r.status().is_success())
+        {
+            assert!(start.elapsed() < Duration::from_secs(60), "never ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let body = serde_json::json!({
+            "model": "synthetic:tiny",
+            "prompt": "Hi there",
+            "max_tokens": 4,
+            "ignore_eos": true,
+        });
+        let response = client
+            .post(format!("http://{addr}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        response.json::<serde_json::Value>().await.unwrap()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(result["usage"]["prompt_tokens"], 8, "{result}");
+    assert_eq!(result["usage"]["completion_tokens"], 4, "{result}");
+}
