@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::block_manager::BlockManager;
 use crate::detokenize::{IncrementalDetokenizer, TokenDecoder};
@@ -75,6 +76,10 @@ impl FinishReason {
 /// What a request's stream receives. `index` tells the `n` samples of one request apart.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestEvent {
+    /// The scheduler picked the request for the first time, at `at`: its time in the queue is
+    /// over. Sent once per request (not per sample, nor again after a preemption), before its
+    /// first token.
+    Scheduled { at: Instant },
     Token {
         index: usize,
         token: u32,
@@ -237,6 +242,8 @@ struct RequestState {
     request: Request,
     sink: Box<dyn EventSink>,
     live_seqs: Vec<SeqId>,
+    /// Whether [`RequestEvent::Scheduled`] has been sent.
+    scheduled: bool,
 }
 
 pub struct Engine<E: ModelExecutor> {
@@ -372,6 +379,7 @@ impl<E: ModelExecutor> Engine<E> {
                 request,
                 sink,
                 live_seqs,
+                scheduled: false,
             },
         );
         Ok(())
@@ -395,6 +403,7 @@ impl<E: ModelExecutor> Engine<E> {
             self.refresh_stats();
             return false;
         }
+        self.report_first_scheduled(&step);
         match self.executor.execute(&step.batch) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
@@ -410,6 +419,25 @@ impl<E: ModelExecutor> Engine<E> {
         self.refresh_stats();
         self.write_trace(&step);
         true
+    }
+
+    fn report_first_scheduled(&mut self, step: &ScheduledStep) {
+        let now = Instant::now();
+        // A sequence scheduled for the first time is always a prefill, so decode steps (the
+        // bulk of all scheduled sequences) cost no lookup here.
+        for s in step.seqs.iter().filter(|s| s.is_prefill) {
+            let Some(state) = self.seqs.get(&s.id) else {
+                continue;
+            };
+            if let Some(request) = self.requests.get_mut(&state.request) {
+                if !request.scheduled {
+                    request.scheduled = true;
+                    // A closed sink is noticed (and the request aborted) before the next step;
+                    // aborting now would pull a sequence out of the batch being run.
+                    request.sink.send(RequestEvent::Scheduled { at: now });
+                }
+            }
+        }
     }
 
     fn abort_disconnected(&mut self) {

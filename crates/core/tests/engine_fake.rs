@@ -95,6 +95,7 @@ fn collect(rx: &mpsc::Receiver<RequestEvent>) -> (String, Vec<u32>, Option<Finis
                 break;
             }
             RequestEvent::Failed(e) => panic!("failed: {e}"),
+            RequestEvent::Scheduled { .. } => {}
         }
     }
     (text, tokens, finish)
@@ -204,4 +205,87 @@ fn aborting_frees_blocks_and_unknown_requests_are_rejected_with_a_message() {
         .unwrap_err();
     assert!(err.to_string().contains("could never complete"), "{err}");
     assert!(matches!(rx.try_recv(), Ok(RequestEvent::Failed(_))));
+}
+
+/// The `at` of every `Scheduled` event in `events`.
+fn scheduled_at(events: &[RequestEvent]) -> Vec<std::time::Instant> {
+    events
+        .iter()
+        .filter_map(|ev| match ev {
+            RequestEvent::Scheduled { at } => Some(*at),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn scheduled_is_reported_once_when_a_request_first_runs() {
+    let mut e = engine(64);
+    // The first prompt takes the whole 16-token budget of step 1, so the second waits a step.
+    let (tx_a, rx_a) = mpsc::channel();
+    let mut a = greedy((0..16).collect(), 3);
+    a.n = 2;
+    e.add_request(a, Box::new(tx_a)).unwrap();
+    let (tx_b, rx_b) = mpsc::channel();
+    e.add_request(greedy(vec![1, 2, 3, 4], 3), Box::new(tx_b))
+        .unwrap();
+
+    e.step();
+    let step1_a: Vec<_> = rx_a.try_iter().collect();
+    assert!(
+        matches!(step1_a[0], RequestEvent::Scheduled { .. }),
+        "{step1_a:?}"
+    );
+    assert!(
+        rx_b.try_recv().is_err(),
+        "the second request was not scheduled yet"
+    );
+    e.step();
+    let step2_b: Vec<_> = rx_b.try_iter().collect();
+    assert!(
+        matches!(step2_b[0], RequestEvent::Scheduled { .. }),
+        "{step2_b:?}"
+    );
+    assert!(scheduled_at(&step2_b)[0] > scheduled_at(&step1_a)[0]);
+
+    while e.step() {}
+    let rest_a: Vec<_> = rx_a.try_iter().collect();
+    let rest_b: Vec<_> = rx_b.try_iter().collect();
+    // Once per request, not once per sample (`n` = 2) nor per step.
+    assert_eq!(
+        scheduled_at(&step1_a).len() + scheduled_at(&rest_a).len(),
+        1
+    );
+    assert_eq!(
+        scheduled_at(&step2_b).len() + scheduled_at(&rest_b).len(),
+        1
+    );
+    let finished = rest_a
+        .iter()
+        .filter(|ev| matches!(ev, RequestEvent::Finished { .. }))
+        .count();
+    assert_eq!(finished, 2);
+}
+
+#[test]
+fn scheduled_is_not_repeated_after_a_preemption() {
+    // 6 blocks of 4 tokens; each request grows to 16 tokens (4 blocks): they cannot both run
+    // to the end, so one is preempted and scheduled again later.
+    let mut e = engine(6);
+    let receivers: Vec<_> = (0..2u32)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            let prompt = (i * 10..i * 10 + 8).collect();
+            e.add_request(greedy(prompt, 8), Box::new(tx)).unwrap();
+            rx
+        })
+        .collect();
+    while e.step() {}
+    assert!(e.stats().num_preemptions > 0);
+    for rx in receivers {
+        let events: Vec<_> = rx.try_iter().collect();
+        assert!(matches!(events[0], RequestEvent::Scheduled { .. }));
+        assert_eq!(scheduled_at(&events).len(), 1, "{events:?}");
+        assert!(matches!(events.last(), Some(RequestEvent::Finished { .. })));
+    }
 }

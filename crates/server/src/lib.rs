@@ -18,6 +18,7 @@ mod api;
 mod error;
 mod metrics;
 mod openapi;
+mod respond;
 
 use std::future::{Future, IntoFuture};
 use std::io::Write;
@@ -164,6 +165,12 @@ impl AppState {
         self.model.get()
     }
 
+    /// From now on every model route and `/health` answer 503; [`serve`] calls it when its
+    /// shutdown signal fires, before it stops accepting connections.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
@@ -271,7 +278,7 @@ pub async fn serve(
     let flag = state.clone();
     let graceful = async move {
         shutdown.await;
-        flag.shutting_down.store(true, Ordering::SeqCst);
+        flag.begin_shutdown();
         tracing::info!(
             target: "minserve_server",
             "shutting down: waiting up to {:?} for {} in-flight requests",

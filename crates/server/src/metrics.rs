@@ -93,9 +93,8 @@ impl Default for Metrics {
             ),
             queue_time: Histogram::new(
                 "minserve_request_queue_time_seconds",
-                "Seconds from a request's arrival until it was handed to the engine (parsing, \
-                 tokenization, admission); the engine does not yet report when it schedules a \
-                 request.",
+                "Seconds from a request's arrival until the engine first scheduled it (its \
+                 first prompt, for several); requests cancelled while waiting are not counted.",
                 LATENCY_BUCKETS,
             ),
             success_stop: AtomicU64::new(0),

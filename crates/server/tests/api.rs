@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use common::{read_sse, scheduler, TestServer, MODEL};
 use serde_json::{json, Value};
@@ -219,26 +220,88 @@ async fn completions() {
     assert_eq!(r["choices"].as_array().unwrap().len(), 2);
     assert!(greedy.starts_with(text_of(&r, 0)));
 
-    // echo + logprobs: prompt tokens first with null logprobs.
+    // echo: the prompt, then the completion; logprobs cover the generated tokens, with offsets
+    // into the choice's text.
+    let (status, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert!(text_of(&r, 0).starts_with(prompt));
+    assert!(greedy.starts_with(&text_of(&r, 0)[prompt.len()..]));
+    assert!(r["choices"][0]["logprobs"].is_null());
     let (_, r) = s
         .post(
             "/v1/completions",
-            json!({"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 3}),
+            json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 3}),
         )
         .await;
-    assert!(text_of(&r, 0).starts_with(prompt));
-    assert!(greedy.starts_with(&text_of(&r, 0)[prompt.len()..]));
     let lp = &r["choices"][0]["logprobs"];
-    let n_prompt = t["count"].as_u64().unwrap() as usize;
-    assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 2);
-    assert!(lp["token_logprobs"][0].is_null());
-    assert!(lp["token_logprobs"][n_prompt].as_f64().unwrap() <= 0.0);
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{lp}");
+    let joined: String = (0..3).map(|i| lp["tokens"][i].as_str().unwrap()).collect();
+    assert_eq!(joined, greedy);
+    for i in 0..3 {
+        assert!(lp["token_logprobs"][i].as_f64().unwrap() <= 0.0);
+        assert_eq!(lp["top_logprobs"][i].as_object().unwrap().len(), 3, "{lp}");
+    }
+    let first_len = lp["tokens"][0].as_str().unwrap().len();
     assert_eq!(
-        lp["top_logprobs"][n_prompt].as_object().unwrap().len(),
-        3,
-        "{lp}"
+        lp["text_offset"],
+        json!([
+            0,
+            first_len,
+            first_len + lp["tokens"][1].as_str().unwrap().len()
+        ])
     );
-    assert_eq!(lp["text_offset"][0], 0);
+
+    // echo with max_tokens 0: the prompt alone, the engine untouched, nothing generated.
+    let generated_before = s.metric("minserve_generation_tokens_total").await;
+    let (status, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [prompt, prompt], "max_tokens": 0, "echo": true, "n": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 4);
+    for i in 0..4 {
+        assert_eq!(text_of(&r, i), prompt, "{r}");
+        assert_eq!(r["choices"][i]["finish_reason"], "length");
+    }
+    assert_eq!(r["usage"]["completion_tokens"], 0);
+    assert_eq!(
+        r["usage"]["prompt_tokens"],
+        t["count"].as_u64().unwrap() * 2
+    );
+    let (_, r) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": ids, "max_tokens": 0, "echo": true}),
+        )
+        .await;
+    assert_eq!(text_of(&r, 0), prompt, "{r}");
+    let response = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": prompt, "max_tokens": 0, "echo": true, "stream": true,
+                      "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (events, done) = read_sse(response).await;
+    assert!(done);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0]["choices"][0]["text"], prompt);
+    assert_eq!(events[1]["choices"][0]["finish_reason"], "length");
+    assert_eq!(events[2]["usage"]["completion_tokens"], 0);
+    assert_eq!(
+        s.metric("minserve_generation_tokens_total").await,
+        generated_before
+    );
 
     // logit_bias forces a token; ignore_eos + min_tokens run to max_tokens.
     let (_, t2) = s
@@ -271,13 +334,13 @@ async fn completions() {
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
     assert!(!text_of(&r, 0).contains(','));
 
-    // Streaming with echo, logprobs and usage.
+    // Streaming with echo and usage.
     let response = s
         .client
         .post(s.url("/v1/completions"))
         .json(
             &json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "stream": true,
-                      "echo": true, "logprobs": 1, "stream_options": {"include_usage": true}}),
+                      "echo": true, "stream_options": {"include_usage": true}}),
         )
         .send()
         .await
@@ -299,6 +362,33 @@ async fn completions() {
     );
     assert_eq!(events.last().unwrap()["usage"]["completion_tokens"], 3);
 
+    // Streamed logprobs: one token each, offsets running on through the text.
+    let response = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "stream": true,
+                      "logprobs": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (events, _) = read_sse(response).await;
+    let mut offsets = Vec::new();
+    let mut text = String::new();
+    for e in &events {
+        let c = &e["choices"][0];
+        if let Some(lp) = c["logprobs"].as_object() {
+            assert_eq!(lp["tokens"].as_array().unwrap().len(), 1);
+            assert!(lp["top_logprobs"][0].as_object().unwrap().is_empty());
+            offsets.push(lp["text_offset"][0].as_u64().unwrap() as usize);
+            assert_eq!(offsets.last(), Some(&text.len()));
+            text += lp["tokens"][0].as_str().unwrap();
+        }
+    }
+    assert_eq!(offsets.len(), 3);
+    assert_eq!(text, greedy);
+
     // Chat-formatted tokenize.
     let (status, t) = s
         .post(
@@ -312,7 +402,7 @@ async fn completions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_metrics_openapi() {
-    let s = TestServer::start(common::options(), scheduler(64)).await;
+    let s = TestServer::start_synthetic(common::options(), scheduler(64)).await;
     let (status, body) = s.get("/v1/models").await;
     assert_eq!(status, 200);
     let models: Value = serde_json::from_str(&body).unwrap();
@@ -327,7 +417,7 @@ async fn models_metrics_openapi() {
     let (status, r) = s
         .post(
             "/v1/completions",
-            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0}),
+            json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": true}),
         )
         .await;
     assert_eq!(status, 200, "{r}");
@@ -391,4 +481,48 @@ async fn models_metrics_openapi() {
     ] {
         assert!(doc["paths"][path].is_object(), "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_time_lasts_until_the_engine_schedules_the_request() {
+    // One sequence runs at a time: a second request waits for the first to finish.
+    let s = TestServer::start_synthetic(common::options(), scheduler(1)).await;
+    let first = s
+        .client
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Once", "max_tokens": 400, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    s.metric_until("minserve_num_requests_running", |v| v == 1.0)
+        .await;
+    let client = s.client.clone();
+    let url = s.url("/v1/completions");
+    let second_sent = Instant::now();
+    let second = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"prompt": "Twice", "max_tokens": 1}))
+            .send()
+            .await
+            .unwrap()
+    });
+    s.metric_until("minserve_num_requests_waiting", |v| v == 1.0)
+        .await;
+    let (_, done) = read_sse(first).await;
+    assert!(done);
+    let first_took = second_sent.elapsed().as_secs_f64();
+    assert_eq!(second.await.unwrap().status(), 200);
+
+    assert_eq!(
+        s.metric("minserve_request_queue_time_seconds_count").await,
+        2.0
+    );
+    // The first request hardly waited; the second waited for all of the first's tokens.
+    let waited = s.metric("minserve_request_queue_time_seconds_sum").await;
+    assert!(
+        waited >= first_took * 0.8,
+        "queue time {waited:.3} s, but the second request waited {first_took:.3} s"
+    );
+    assert!(waited <= first_took + 1.0, "{waited} vs {first_took}");
 }

@@ -27,7 +27,7 @@ fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests() {
-    let s = TestServer::start(common::options(), scheduler(64)).await;
+    let s = TestServer::start_synthetic(common::options(), scheduler(64)).await;
     let chat = |extra: Value| {
         let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
         for (k, v) in extra.as_object().unwrap() {
@@ -110,6 +110,20 @@ async fn bad_requests() {
         (json!({"prompt": [-1]}), "prompt"),
         (json!({"prompt": [100000000]}), "prompt"),
         (json!({"prompt": "hi", "logprobs": 21}), "logprobs"),
+        (json!({"prompt": "hi", "max_tokens": 0}), "max_tokens"),
+        (
+            json!({"prompt": "hi", "echo": true, "logprobs": 1}),
+            "logprobs",
+        ),
+        (
+            json!({"prompt": "hi", "echo": true, "logprobs": 0, "max_tokens": 0}),
+            "logprobs",
+        ),
+        (json!({"prompt": "hi", "echo": "yes"}), "echo"),
+        (
+            json!({"prompt": [[]], "echo": true, "max_tokens": 0}),
+            "prompt",
+        ),
         (json!({"prompt": "hi", "n": 200, "max_tokens": 1}), "n"),
         (
             json!({"prompt": ["a", "b"], "n": 100, "max_tokens": 1}),
@@ -121,25 +135,28 @@ async fn bad_requests() {
     }
 
     // Beyond the context: both lengths in the message.
-    let (status, r) = s
-        .post(
-            "/v1/completions",
-            json!({"prompt": "hello", "max_tokens": 100000}),
-        )
-        .await;
-    assert_error(status, &r, 400, None);
-    let message = r["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("8192") && message.contains("100000"),
-        "{message}"
-    );
+    let (_, models) = s.get("/v1/models").await;
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let context = models["data"][0]["max_model_len"].to_string();
+    let too_long = |(status, r): (u16, Value), param: Option<&str>, asked: &str| {
+        assert_error(status, &r, 400, param);
+        let message = r["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(&context) && message.contains(asked),
+            "{message}"
+        );
+    };
+    let asked = json!({"prompt": "hello", "max_tokens": 100000});
+    too_long(s.post("/v1/completions", asked).await, None, "100000");
     let long: Vec<u32> = vec![28; 9000];
-    let (status, r) = s.post("/v1/completions", json!({"prompt": long})).await;
-    assert_error(status, &r, 400, Some("prompt"));
-    let message = r["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("8192") && message.contains("9000"),
-        "{message}"
+    let r = s.post("/v1/completions", json!({"prompt": long})).await;
+    too_long(r, Some("prompt"), "9000");
+    // The same with nothing to generate (echo of the prompt alone).
+    let echo = json!({"prompt": long, "max_tokens": 0, "echo": true});
+    too_long(
+        s.post("/v1/completions", echo).await,
+        Some("prompt"),
+        "9000",
     );
     let (status, r) = s
         .post(
@@ -180,7 +197,7 @@ async fn auth_body_limit_and_queue() {
         ..common::options()
     };
     // One sequence runs at a time and none may wait.
-    let s = TestServer::start(options, scheduler(1)).await;
+    let s = TestServer::start_synthetic(options, scheduler(1)).await;
     let body = json!({"prompt": "Once upon a time", "max_tokens": 1});
 
     // 401 without or with a wrong key; /health, /metrics, /openapi.json stay open.
@@ -216,7 +233,7 @@ async fn auth_body_limit_and_queue() {
     // 429 with Retry-After while the only slot is busy and the queue holds 0.
     let long = authed("/v1/completions")
         .json(
-            &json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true,
+            &json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true,
                       "stream": true}),
         )
         .send()
