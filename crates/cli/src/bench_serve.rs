@@ -137,6 +137,15 @@ pub enum Load {
     RequestRate(f64),
 }
 
+impl std::fmt::Display for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Load::Concurrency(c) => write!(f, "concurrency {c}"),
+            Load::RequestRate(r) => write!(f, "{r} requests/s (Poisson)"),
+        }
+    }
+}
+
 /// One request's prompt.
 #[derive(Clone, Debug)]
 pub struct Prompt {
@@ -474,8 +483,8 @@ pub struct Report {
 impl Report {
     pub fn print(&self) {
         let load = match (self.concurrency, self.request_rate) {
-            (Some(c), _) => format!("concurrency {c}"),
-            (_, Some(r)) => format!("{r} requests/s (Poisson)"),
+            (Some(c), _) => Load::Concurrency(c).to_string(),
+            (_, Some(r)) => Load::RequestRate(r).to_string(),
             _ => String::new(),
         };
         println!("============ Serving Benchmark Result ============");
@@ -727,7 +736,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             (None, None) => unreachable!("clap requires one of them"),
         };
         eprintln!(
-            "minserve: {} requests to {} (model {}), {load:?}",
+            "minserve: {} requests to {} (model {}) at {load}",
             prompts.len(),
             bench.root,
             bench.model
@@ -789,6 +798,23 @@ mod tests {
         assert!(err.to_string().contains("out of memory"), "{err}");
         assert_eq!(error_message("{\"error\":{\"message\":\"busy\"}}"), "busy");
         assert_eq!(error_message("plain"), "plain");
+    }
+
+    #[test]
+    fn random_prompts_are_exact_for_the_default_models_tokenizer() {
+        // Byte-level BPE merges across the boundaries of random tokens: the case the
+        // re-encoding loop exists for. Fetches the default model on first use, as the model
+        // tests do.
+        let tokenizer = crate::model_source::load_tokenizer(minserve_hub::default_model()).unwrap();
+        let candidates = prompt_candidates(&tokenizer).unwrap();
+        for (seed, len) in [(0, 1), (1, 31), (2, 128), (3, 512)] {
+            let text = exact_prompt(&tokenizer, &candidates, len, &mut Rng::new(seed)).unwrap();
+            assert_eq!(
+                tokenizer.encode(&text, false).unwrap().len(),
+                len,
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
