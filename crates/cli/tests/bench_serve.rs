@@ -63,15 +63,19 @@ impl Server {
     }
 }
 
-async fn minserve(args: &[&str]) -> Output {
+/// `minserve bench COMMAND --base-url BASE --tokenizer synthetic:tiny ARGS...`, which must
+/// succeed: failed requests are part of the report, not an exit status.
+async fn bench(command: &str, base: &str, args: &[&str]) -> Output {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(["bench", command, "--base-url", base])
+        .args(["--tokenizer", "synthetic:tiny"])
         .args(args)
         .output()
         .await
         .unwrap();
     assert!(
         output.status.success(),
-        "minserve {args:?} failed:\n{}",
+        "minserve bench {command} {args:?} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     output
@@ -98,27 +102,25 @@ async fn bench_serve_measures_every_request_of_our_server() {
     let server = Server::start("synthetic:tiny").await;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = minserve(&[
-        "bench",
+    let output = bench(
         "serve",
-        "--base-url",
         &server.base,
-        "--tokenizer",
-        "synthetic:tiny",
-        "--num-prompts",
-        "6",
-        "--concurrency",
-        "3",
-        "--input-len",
-        "24",
-        "--output-len",
-        "8",
-        "--ignore-eos",
-        "--slo",
-        "60000,60000",
-        "--json",
-        json.to_str().unwrap(),
-    ])
+        &[
+            "--num-prompts",
+            "6",
+            "--concurrency",
+            "3",
+            "--input-len",
+            "24",
+            "--output-len",
+            "8",
+            "--ignore-eos",
+            "--slo",
+            "60000,60000",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    )
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("Successful requests:"), "{stdout}");
@@ -151,30 +153,28 @@ async fn bench_serve_chat_at_a_request_rate_on_fresh_connections() {
     let server = Server::start("synthetic:tiny").await;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    minserve(&[
-        "bench",
+    bench(
         "serve",
-        "--base-url",
         &format!("{}/v1/", server.base),
-        "--model",
-        SERVED_NAME,
-        "--tokenizer",
-        "synthetic:tiny",
-        "--endpoint",
-        "chat",
-        "--num-prompts",
-        "4",
-        "--request-rate",
-        "40",
-        "--fresh-connection",
-        "--input-len",
-        "24",
-        "--output-len",
-        "5",
-        "--ignore-eos",
-        "--json",
-        json.to_str().unwrap(),
-    ])
+        &[
+            "--model",
+            SERVED_NAME,
+            "--endpoint",
+            "chat",
+            "--num-prompts",
+            "4",
+            "--request-rate",
+            "40",
+            "--fresh-connection",
+            "--input-len",
+            "24",
+            "--output-len",
+            "5",
+            "--ignore-eos",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    )
     .await;
     let r = read_json(&json);
     assert_eq!(r["request_rate"], 40.0);
@@ -204,26 +204,24 @@ async fn refused_requests_are_counted_as_failures() {
         (server.base.as_str(), "no-such-model", "HTTP 404"),
     ] {
         let json = dir.path().join("report.json");
-        minserve(&[
-            "bench",
+        bench(
             "serve",
-            "--base-url",
             base,
-            "--model",
-            model,
-            "--tokenizer",
-            "synthetic:tiny",
-            "--num-prompts",
-            "3",
-            "--concurrency",
-            "2",
-            "--input-len",
-            "4",
-            "--output-len",
-            "2",
-            "--json",
-            json.to_str().unwrap(),
-        ])
+            &[
+                "--model",
+                model,
+                "--num-prompts",
+                "3",
+                "--concurrency",
+                "2",
+                "--input-len",
+                "4",
+                "--output-len",
+                "2",
+                "--json",
+                json.to_str().unwrap(),
+            ],
+        )
         .await;
         let r = read_json(&json);
         assert_eq!(
@@ -248,27 +246,25 @@ async fn bench_sweep_writes_table_json_and_charts() {
     let server = Server::start("synthetic:tiny").await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sweep");
-    minserve(&[
-        "bench",
+    bench(
         "sweep",
-        "--base-url",
         &server.base,
-        "--tokenizer",
-        "synthetic:tiny",
-        "--concurrencies",
-        "1,3",
-        "--prompts-per-concurrency",
-        "1",
-        "--min-prompts",
-        "2",
-        "--input-len",
-        "8",
-        "--output-len",
-        "4",
-        "--ignore-eos",
-        "--out",
-        out.to_str().unwrap(),
-    ])
+        &[
+            "--concurrencies",
+            "1,3",
+            "--prompts-per-concurrency",
+            "1",
+            "--min-prompts",
+            "2",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--ignore-eos",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
     .await;
     let levels = read_json(&out.join("sweep.json"));
     let levels = levels.as_array().unwrap();
