@@ -3,18 +3,14 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::GgmlDType;
 use minserve_core::engine::EngineConfig;
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_model::{synthetic, CacheOptions, LlamaModel, LoadedModel};
+use minserve_model::{CacheOptions, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
-use minserve_tokenizer::Tokenizer;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub const MODEL: &str = "test-model";
@@ -60,80 +56,19 @@ pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
     )
 }
 
-/// The `tiny` synthetic model (2 layers, hidden size 64, seeded random weights) with
-/// [`byte_tokenizer`]: the whole HTTP path in a fraction of the real model's time, and nothing
-/// to download. Its text is random bytes, so tests on it check shapes, not words.
+/// The `tiny` synthetic model (2 layers, hidden size 64, seeded random weights, f32) with its
+/// byte-level tokenizer: the whole HTTP path in a fraction of the real model's time, and
+/// nothing to download. Its text is random, so tests on it check shapes, not words.
 pub fn load_synthetic(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
-    let tokenizer = byte_tokenizer();
-    let mut config = synthetic::preset("tiny").expect("the tiny preset exists");
-    config.vocab_size = tokenizer.vocab_size();
-    let weights = synthetic::build(&config, 7, GgmlDType::F32)?;
-    let loaded = LoadedModel {
-        model: LlamaModel::new(weights),
-        tokenizer,
-        path: PathBuf::from("synthetic:tiny"),
-    };
-    let max_model_len = config.max_position_embeddings;
+    let spec = SyntheticSpec::parse("synthetic:tiny@f32")?.expect("a synthetic spec");
+    let loaded = spec.load()?;
+    let max_model_len = loaded.model.config().max_position_embeddings;
     ServedModel::start(
         loaded,
         cache(),
         engine_config(scheduler, max_model_len),
         None,
     )
-}
-
-/// The special tokens of [`byte_tokenizer`], after the 256 bytes.
-pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-
-/// GPT-2's printable stand-in for each byte, as byte-level BPE vocabularies spell them.
-fn byte_char(byte: u8) -> char {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    if printable(byte) {
-        return byte as char;
-    }
-    let rank = (0..byte).filter(|&b| !printable(b)).count() as u32;
-    char::from_u32(256 + rank).unwrap()
-}
-
-/// A real byte-level BPE tokenizer without merges (token `b` is byte `b`) plus ChatML
-/// specials and template, loaded through the Hugging Face folder path like any model's.
-pub fn byte_tokenizer() -> Tokenizer {
-    static FOLDERS: AtomicUsize = AtomicUsize::new(0);
-    let vocab: serde_json::Map<String, Value> = (0..=255u8)
-        .map(|b| (byte_char(b).to_string(), json!(b)))
-        .collect();
-    let added: Vec<Value> = (SPECIALS.iter().enumerate())
-        .map(|(i, t)| {
-            json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
-        .collect();
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
-                            "trim_offsets": true, "use_regex": true});
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": []},
-    });
-    let config = json!({
-        "bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "add_bos_token": false,
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-    });
-    let dir = std::env::temp_dir().join(format!(
-        "minserve-byte-tokenizer-{}-{}",
-        std::process::id(),
-        FOLDERS.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    let loaded = Tokenizer::from_hf_folder(&dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    loaded.expect("the byte-level tokenizer loads")
 }
 
 pub struct TestServer {
