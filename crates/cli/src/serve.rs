@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use minserve_model::CacheOptions;
 use minserve_server::{AppState, ServedModel, ServerOptions};
 
 use crate::bench::EngineArgs;
@@ -29,6 +30,10 @@ pub struct ServeArgs {
     api_key: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    /// KV cache size: `512MiB`, `1GiB`, `1.5G`, `2GB`, or a plain number of MiB. Replaces
+    /// --kv-cache-mib, which stays as the older spelling.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory, conflicts_with = "kv_cache_mib")]
+    kv_cache_memory: Option<usize>,
     /// Most sequences waiting for a slot in the running batch; more requests get 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
@@ -38,6 +43,52 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+}
+
+impl ServeArgs {
+    fn cache_options(&self) -> CacheOptions {
+        let mut options = self.engine.cache_options();
+        if let Some(bytes) = self.kv_cache_memory {
+            options.memory_bytes = bytes;
+        }
+        options
+    }
+}
+
+/// A memory size: a number with an optional unit. Binary units (`KiB`, `MiB`, `GiB`, `TiB`,
+/// and the bare `K`, `M`, `G`, `T` as in `java -Xmx` or `docker --memory`) count in 1024s,
+/// decimal ones (`KB`, `MB`, `GB`, `TB`) in 1000s, `B` is bytes; no unit means MiB, the unit
+/// of --kv-cache-mib.
+fn parse_memory(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a number (e.g. 512MiB, 1GiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "" | "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !(1.0..=usize::MAX as f64).contains(&bytes) {
+        return Err(format!("`{text}` is not a usable memory size"));
+    }
+    Ok(bytes as usize)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -75,6 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let model = args.model.clone();
     let engine = args.engine.clone();
+    let cache = args.cache_options();
     let loading = minserve_server::spawn_load(state.clone(), move || {
         let loaded = crate::model_source::load(&model)?;
         let trace = match &engine.trace_file {
@@ -86,7 +138,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let config = engine.engine_config(loaded.model.config().max_position_embeddings);
-        ServedModel::start(loaded, engine.cache_options(), config, trace)
+        ServedModel::start(loaded, cache, config, trace)
     });
     tokio::spawn(async move {
         match loading.await {
@@ -105,4 +157,96 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     minserve_server::serve(listener, state, minserve_server::shutdown_signal()).await?;
     eprintln!("minserve: shut down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    #[test]
+    fn memory_sizes() {
+        let mib = 1 << 20;
+        for (text, bytes) in [
+            ("512", 512 * mib),
+            ("512MiB", 512 * mib),
+            ("512mib", 512 * mib),
+            ("512M", 512 * mib),
+            ("1GiB", 1024 * mib),
+            ("1.5G", 1536 * mib),
+            ("2 GiB", 2048 * mib),
+            ("2GB", 2_000_000_000),
+            ("750MB", 750_000_000),
+            ("64KiB", 64 << 10),
+            ("4096B", 4096),
+        ] {
+            assert_eq!(parse_memory(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "GiB", "1.2.3GiB", "12 parsecs", "0", "0.1B", "-5MiB"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_memory_sets_the_pool_and_kv_cache_mib_still_works() {
+        let default = parse(&[]).unwrap().cache_options().memory_bytes;
+        let sized = parse(&["--kv-cache-memory", "1GiB"]).unwrap();
+        assert_eq!(sized.cache_options().memory_bytes, 1 << 30);
+        let plain = parse(&["--kv-cache-memory", "96"]).unwrap();
+        assert_eq!(plain.cache_options().memory_bytes, 96 << 20);
+        let old = parse(&["--kv-cache-mib", "96"]).unwrap();
+        assert_eq!(old.cache_options().memory_bytes, 96 << 20);
+        assert_ne!(default, 96 << 20);
+        let both = parse(&["--kv-cache-mib", "96", "--kv-cache-memory", "1GiB"]);
+        assert!(both.is_err());
+        let error = parse(&["--kv-cache-memory", "lots"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("lots"), "{error}");
+    }
+
+    /// Every flag issue 4 names for `minserve serve`.
+    #[test]
+    fn serve_has_the_documented_flags() {
+        let command = Cli::command();
+        let flags: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
+        for flag in [
+            "model",
+            "host",
+            "port",
+            "served-model-name",
+            "api-key",
+            "max-num-seqs",
+            "max-num-batched-tokens",
+            "kv-cache-memory",
+            "max-queue",
+            "max-body-bytes",
+            "shutdown-timeout",
+        ] {
+            assert!(flags.contains(&flag), "--{flag} missing from {flags:?}");
+        }
+        let api_key = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some("api-key"))
+            .unwrap();
+        assert_eq!(
+            api_key.get_env(),
+            Some(std::ffi::OsStr::new("MINSERVE_API_KEY"))
+        );
+    }
 }
