@@ -28,12 +28,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures_util::StreamExt;
 use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::engine_thread::EngineHandle;
 use minserve_model::{load_model, CacheOptions, LoadedModel, ModelRunner};
@@ -423,6 +425,23 @@ async fn json_errors(request: Request, next: Next) -> Response {
 #[derive(Clone, Copy)]
 pub(crate) struct LoggedByHandler;
 
+/// Counts a request in [`AppState::inflight_requests`] for as long as it lives (also when its
+/// client goes away and the handler's future is dropped half-way).
+struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    fn new(state: Arc<AppState>) -> Self {
+        state.inflight_requests.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight_requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn log_requests(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -431,9 +450,25 @@ async fn log_requests(
     let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    state.inflight_requests.fetch_add(1, Ordering::SeqCst);
+    let in_flight = InFlight::new(state);
     let response = next.run(request).await;
-    state.inflight_requests.fetch_sub(1, Ordering::SeqCst);
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    // A stream is still being answered long after its handler returned: it counts until its
+    // body ends or the client goes away.
+    let response = if is_stream {
+        response.map(|body| {
+            Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _counted = &in_flight;
+                chunk
+            }))
+        })
+    } else {
+        drop(in_flight);
+        response
+    };
     if response.extensions().get::<LoggedByHandler>().is_none() {
         tracing::info!(
             target: "minserve_server",

@@ -92,10 +92,19 @@ async fn client_disconnect_aborts_the_request() {
     s.metric_until("minserve_num_requests_running", |v| v == 1.0)
         .await;
     assert!(s.metric("minserve_kv_cache_usage_ratio").await > 0.0);
+    // The stream counts as in flight (what shutdown waits for) after its handler returned.
+    assert_eq!(s.state.inflight_requests(), 1);
     drop(stream);
     let dropped = Instant::now();
     s.wait_idle(Duration::from_secs(1)).await;
     eprintln!("stream aborted after {:?}", dropped.elapsed());
+    while s.state.inflight_requests() > 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(2),
+            "a dropped stream still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Non-streaming: the client gives up.
     let started = s
