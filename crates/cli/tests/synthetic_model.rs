@@ -1,9 +1,10 @@
 //! `--model synthetic:NAME[@FORMAT]` wherever a model is loaded: generate, bench throughput,
 //! serve. Nothing is read from disk or the network.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
 
 fn minserve(args: &[&str]) -> (String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
@@ -78,43 +79,11 @@ fn unknown_synthetic_names_list_the_presets() {
 /// The server process on a synthetic model answers a completion with the requested tokens.
 #[test]
 fn serve_runs_a_synthetic_model() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args([
-            "serve",
-            "--model",
-            "synthetic:tiny",
-            "--port",
-            "0",
-            "--kv-cache-mib",
-            "16",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_string();
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-
+    let mut server = common::serve(&["--model", "synthetic:tiny", "--kv-cache-mib", "16"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(async {
         let client = reqwest::Client::new();
-        let start = Instant::now();
-        while client
-            .get(format!("http://{addr}/health"))
-            .send()
-            .await
-            .map_or(true, |r| !r.status().is_success())
-        {
-            assert!(start.elapsed() < Duration::from_secs(60), "never ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        server.wait_ready(&client, Duration::from_secs(60)).await;
         let body = serde_json::json!({
             "model": "synthetic:tiny",
             "prompt": "Hi there",
@@ -122,15 +91,15 @@ fn serve_runs_a_synthetic_model() {
             "ignore_eos": true,
         });
         let response = client
-            .post(format!("http://{addr}/v1/completions"))
+            .post(server.url("/v1/completions"))
             .json(&body)
             .send()
             .await
             .unwrap();
         response.json::<serde_json::Value>().await.unwrap()
     });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
     assert_eq!(result["usage"]["prompt_tokens"], 8, "{result}");
     assert_eq!(result["usage"]["completion_tokens"], 4, "{result}");
 }
