@@ -1,18 +1,63 @@
 //! The Llama-family forward pass over a ragged batch on the paged KV cache.
+//!
+//! The pass runs on plain f32 buffers that live across steps, with our own kernels on our own
+//! thread pool ([`crate::pool`]): per-op tensor dispatch and fresh allocations cost more than
+//! the arithmetic at small batches, and one pool keeps two sets of spinning threads from
+//! fighting over the cores. candle still loads the weights, and multiplies those our kernels
+//! do not handle.
 
-use candle_core::{Device, Tensor};
+use std::ops::Range;
+use std::sync::Mutex;
+
 use minserve_core::StepBatch;
 
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::math::{add_in_place, rms_norm, silu_mul};
 use crate::paged_attention::{AttentionPlan, PagedAttention};
-use crate::rope::{RopeOp, RopeTable};
+use crate::qmatmul::QInput;
+use crate::rope::RopeTable;
 use crate::tensor_util::with_f32_slice;
 use crate::weights::{Linear, LlamaWeights};
 
 pub struct LlamaModel {
     pub weights: LlamaWeights,
     rope: RopeTable,
+    norms: Norms,
+    buffers: Mutex<Buffers>,
+}
+
+/// The RMSNorm weights as plain vectors.
+struct Norms {
+    attention: Vec<Vec<f32>>,
+    feed_forward: Vec<Vec<f32>>,
+    last: Vec<f32>,
+}
+
+/// Activations of one step, kept across steps (grown, never shrunk) so that a step allocates
+/// nothing but its logits.
+#[derive(Default)]
+struct Buffers {
+    /// The residual stream, `[tokens, hidden]`.
+    x: Vec<f32>,
+    /// Normalized input of a sub-layer, `[tokens, hidden]`.
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attention: Vec<f32>,
+    /// A sub-layer's output before it joins the residual stream, `[tokens, hidden]`.
+    projected: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Quantized activations shared by the matmuls that read the same input.
+    quantized: QInput,
+}
+
+/// Resizes `v` to `len` without shrinking its capacity.
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    v.resize(len, 0.0);
+    &mut v[..len]
 }
 
 impl LlamaModel {
@@ -24,7 +69,26 @@ impl LlamaModel {
             c.max_position_embeddings,
             c.rope_style,
         );
-        Self { weights, rope }
+        let vector = |t: &candle_core::Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("norm weights are f32 vectors")
+        };
+        let norms = Norms {
+            attention: weights
+                .layers
+                .iter()
+                .map(|l| vector(&l.attn_norm))
+                .collect(),
+            feed_forward: weights.layers.iter().map(|l| vector(&l.ffn_norm)).collect(),
+            last: vector(&weights.final_norm),
+        };
+        Self {
+            weights,
+            rope,
+            norms,
+            buffers: Mutex::new(Buffers::default()),
+        }
     }
 
     pub fn config(&self) -> &crate::config::ModelConfig {
@@ -32,60 +96,112 @@ impl LlamaModel {
     }
 
     /// Runs every new token of `batch` through the model, writing their K/V into `cache`, and
-    /// returns logits `[sampled sequences, vocab]` for the last new token of each sequence that
-    /// samples. The other rows never reach the lm_head, the single most expensive matmul.
-    pub fn forward(&self, batch: &StepBatch, cache: &mut KvCache) -> Result<Tensor> {
+    /// returns logits `[sampled sequences, vocab]` (row-major) for the last new token of each
+    /// sequence that samples. The other rows never reach the lm_head, the single most expensive
+    /// matmul.
+    pub fn forward(&self, batch: &StepBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
         self.validate(batch, cache)?;
         let c = &self.weights.config;
-        let device = Device::Cpu;
-        let num_tokens = batch.num_tokens();
+        let n = batch.num_tokens();
+        let (hidden, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         let eps = c.rms_norm_eps as f32;
         let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
-
         let plan = AttentionPlan::new(batch, c.num_kv_heads);
-        let ids = Tensor::from_slice(&batch.token_ids, num_tokens, &device)?;
-        let mut x = self.weights.embedding.index_select(&ids, 0)?;
-        for (layer, kv) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] =
-                Linear::forward_many(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &h)?
-                    .try_into()
-                    .map_err(|_| ModelError::InvalidBatch("q/k/v projection count".into()))?;
-            let q = q.apply_op1_no_bwd(&RopeOp {
-                table: &self.rope,
-                positions: &batch.positions,
-                num_heads: c.num_heads,
-            })?;
-            let k = k.apply_op1_no_bwd(&RopeOp {
-                table: &self.rope,
-                positions: &batch.positions,
-                num_heads: c.num_kv_heads,
-            })?;
-            with_f32_slice(&k, |k| {
-                with_f32_slice(&v, |v| kv.write(&cache.layout, k, v, &batch.slot_mapping))
-            })??;
-            let attn = q.apply_op1_no_bwd(&PagedAttention {
+        let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let b = &mut *guard;
+
+        let x = sized(&mut b.x, n * hidden);
+        with_f32_slice(&self.weights.embedding, |table| {
+            for (row, &token) in x.chunks_exact_mut(hidden).zip(&batch.token_ids) {
+                let token = token as usize;
+                row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
+            }
+        })?;
+        let normed = sized(&mut b.normed, n * hidden);
+        let q = sized(&mut b.q, n * q_dim);
+        let k = sized(&mut b.k, n * kv_dim);
+        let v = sized(&mut b.v, n * kv_dim);
+        let attention = sized(&mut b.attention, n * q_dim);
+        let projected = sized(&mut b.projected, n * hidden);
+        let gate = sized(&mut b.gate, n * c.intermediate_size);
+        let up = sized(&mut b.up, n * c.intermediate_size);
+        let quantized = &mut b.quantized;
+
+        for (index, (layer, kv)) in self
+            .weights
+            .layers
+            .iter()
+            .zip(cache.layers.iter_mut())
+            .enumerate()
+        {
+            let norm = &self.norms.attention[index];
+            rows_parallel(normed, hidden, |rows, out| {
+                rms_norm(&x[rows.start * hidden..rows.end * hidden], norm, eps, out)
+            });
+            Linear::forward_many_into(
+                &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
+                normed,
+                n,
+                quantized,
+                &mut [&mut *q, &mut *k, &mut *v],
+            )?;
+            self.rope.apply(q, &batch.positions, c.num_heads);
+            self.rope.apply(k, &batch.positions, c.num_kv_heads);
+            kv.write(&cache.layout, k, v, &batch.slot_mapping);
+            PagedAttention {
                 kv,
                 layout: &cache.layout,
                 batch,
                 plan: &plan,
                 num_heads: c.num_heads,
                 scale,
-            })?;
-            x = (layer.o_proj.forward(&attn)? + x)?;
+            }
+            .run(q, attention);
+            layer
+                .o_proj
+                .forward_into(attention, n, quantized, projected)?;
+            add_in_place(x, projected);
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-            let mlp = layer
+            let norm = &self.norms.feed_forward[index];
+            rows_parallel(normed, hidden, |rows, out| {
+                rms_norm(&x[rows.start * hidden..rows.end * hidden], norm, eps, out)
+            });
+            Linear::forward_many_into(
+                &[&layer.gate_proj, &layer.up_proj],
+                normed,
+                n,
+                quantized,
+                &mut [&mut *gate, &mut *up],
+            )?;
+            let width = c.intermediate_size;
+            rows_parallel(gate, width, |rows, out| {
+                silu_mul(out, &up[rows.start * width..rows.end * width])
+            });
+            layer
                 .down_proj
-                .forward(&(gate * layer.up_proj.forward(&h)?)?)?;
-            x = (mlp + x)?;
+                .forward_into(gate, n, quantized, projected)?;
+            add_in_place(x, projected);
         }
-        let rows: Vec<u32> = batch.sampled_rows().iter().map(|&r| r as u32).collect();
-        let rows = Tensor::from_vec(rows.clone(), rows.len(), &device)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.weights.final_norm, eps)?;
-        Ok(self.weights.lm_head.forward(&x)?)
+
+        let rows = batch.sampled_rows();
+        let last = sized(&mut b.normed, rows.len() * hidden);
+        for (out, &row) in last.chunks_exact_mut(hidden).zip(&rows) {
+            rms_norm(
+                &b.x[row * hidden..(row + 1) * hidden],
+                &self.norms.last,
+                eps,
+                out,
+            );
+        }
+        let mut logits = vec![0f32; rows.len() * c.vocab_size];
+        self.weights
+            .lm_head
+            .forward_into(last, rows.len(), &mut b.quantized, &mut logits)?;
+        Ok(logits)
     }
 
     /// A malformed batch is an engine bug, but it must surface as an error, never as an
@@ -150,4 +266,29 @@ impl LlamaModel {
         }
         Ok(())
     }
+}
+
+/// Below this many values an elementwise pass runs on the calling thread: waking the pool
+/// costs more than the work.
+const PARALLEL_VALUES: usize = 1 << 15;
+
+/// Runs `f(rows, out_rows)` over row ranges of `out` (rows of `row_len` values), split over
+/// the pool when large. Rows are independent, so the split never changes a result.
+fn rows_parallel(out: &mut [f32], row_len: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+    let rows = out.len() / row_len;
+    if out.len() < PARALLEL_VALUES {
+        return f(0..rows, out);
+    }
+    struct Rows(*mut f32);
+    // SAFETY: each worker gets disjoint row ranges (see below).
+    unsafe impl Sync for Rows {}
+    let base = Rows(out.as_mut_ptr());
+    crate::pool::pool().execute_chunked(rows, |range| {
+        let base = &base;
+        // SAFETY: the pool hands out disjoint ranges within `0..rows`.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(base.0.add(range.start * row_len), range.len() * row_len)
+        };
+        f(range, chunk)
+    });
 }

@@ -22,10 +22,10 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use minserve_core::StepBatch;
 
 use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
+use crate::math::{dot, exp_minus_max};
 
 /// New tokens per work item: enough query rows to reuse each loaded key block from L1, few
 /// enough that a long prompt chunk still splits into many items for the thread pool.
@@ -70,8 +70,7 @@ impl AttentionPlan {
     }
 }
 
-/// Attention of one layer for every new token of a step, as a candle op on the queries
-/// (`[tokens, num_heads * head_dim]`, RoPE applied). Output has the same shape.
+/// Attention of one layer for every new token of a step.
 pub struct PagedAttention<'a> {
     pub kv: &'a LayerKv,
     pub layout: &'a KvLayout,
@@ -79,27 +78,6 @@ pub struct PagedAttention<'a> {
     pub plan: &'a AttentionPlan,
     pub num_heads: usize,
     pub scale: f32,
-}
-
-impl CustomOp1 for PagedAttention<'_> {
-    fn name(&self) -> &'static str {
-        "minserve-paged-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let queries = crate::tensor_util::contiguous_f32(storage, layout)?;
-        let head_dim = self.layout.head_dim;
-        if queries.len() != self.batch.num_tokens() * self.num_heads * head_dim {
-            candle_core::bail!("paged attention: queries do not match the batch");
-        }
-        let mut out = vec![0f32; queries.len()];
-        self.run(queries, &mut out);
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
 }
 
 /// Per-worker buffers, kept across calls.
@@ -121,9 +99,7 @@ impl PagedAttention<'_> {
     /// `queries` and `out` are `[tokens, num_heads, head_dim]`.
     pub fn run(&self, queries: &[f32], out: &mut [f32]) {
         let out = DisjointWriter::new(out);
-        // candle's own pool, not rayon's: candle keeps its workers spinning between ops, and a
-        // second pool on the same cores makes both crawl.
-        candle_core::utils::barrier_pool().execute_chunked(self.plan.tiles.len(), |items| {
+        crate::pool::pool().execute_chunked(self.plan.tiles.len(), |items| {
             SCRATCH.with(|scratch| {
                 let scratch = &mut scratch.borrow_mut();
                 for tile in &self.plan.tiles[items] {
@@ -232,92 +208,6 @@ impl PagedAttention<'_> {
     }
 }
 
-/// Lanes of the partial sums below: one 512-bit register of f32.
-const LANES: usize = 16;
-
-/// Dot product with [`LANES`] independent partial sums, so that the compiler keeps them in one
-/// SIMD register; the summation order is fixed, which keeps results deterministic.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for lane in 0..LANES {
-            acc[lane] += x[lane] * y[lane];
-        }
-    }
-    let mut sum = reduce(acc);
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// Pairwise sum of the lanes, in a fixed order.
-#[inline]
-fn reduce(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for lane in 0..width {
-            acc[lane] += acc[lane + width];
-        }
-        width /= 2;
-    }
-    acc[0]
-}
-
-/// Replaces `x` by `exp(x - max(x))` and returns their sum: softmax without the division, which
-/// the caller applies once to the weighted sum instead of to every weight.
-pub fn exp_minus_max(x: &mut [f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut acc = [0f32; LANES];
-    let mut chunks = x.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for lane in 0..LANES {
-            chunk[lane] = exp(chunk[lane] - max);
-            acc[lane] += chunk[lane];
-        }
-    }
-    let mut sum = reduce(acc);
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        sum += *v;
-    }
-    sum
-}
-
-/// `e^x` for `x <= 0` (the softmax's range), to about 2 ulp, in plain arithmetic that the
-/// compiler vectorizes: libm's `expf` is a call per score and was a tenth of a batched step.
-/// Cephes' `expf`: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r`,
-/// and `2^n` built in the exponent bits. Below `-87` the result (< 2^-125) is flushed to zero.
-#[inline]
-pub fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that `n * LN2_HI` is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let clamped = x.max(-87.0);
-    let n = (clamped * LOG2_E + ROUND) - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e_r = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let y = e_r * two_n;
-    if x < -87.0 {
-        0.0
-    } else {
-        y
-    }
-}
-
 /// Lets pool workers write disjoint parts of one output buffer.
 struct DisjointWriter {
     ptr: *mut f32,
@@ -341,40 +231,5 @@ impl DisjointWriter {
     unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(start + len <= self.len, "chunk out of bounds");
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_matches_libm_over_the_softmax_range() {
-        let mut worst = 0f32;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (ours, libm) = (exp(x), x.exp());
-            worst = worst.max(((ours - libm) / libm).abs());
-            x += 0.001_7;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-    }
-
-    #[test]
-    fn softmax_weights_sum_as_returned() {
-        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
-        let expected: Vec<f32> = {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            x.iter().map(|v| (v - max).exp()).collect()
-        };
-        let sum = exp_minus_max(&mut x);
-        for (a, b) in x.iter().zip(&expected) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
-        }
-        assert!((sum - expected.iter().sum::<f32>()).abs() < 1e-5);
-        assert!(x.iter().any(|&w| w == 1.0), "the maximum maps to exactly 1");
     }
 }

@@ -1,8 +1,6 @@
 //! Rotary position embeddings applied per token, at each token's own position, so that one call
 //! serves a ragged batch whose sequences sit at unrelated positions.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-
 use crate::config::RopeStyle;
 
 /// `cos` and `sin` of `position * theta_i` for every position up to the model's context.
@@ -70,35 +68,5 @@ impl RopeTable {
                 }
             }
         }
-    }
-}
-
-/// [`RopeTable::apply`] as a candle op on a `[tokens, heads * head_dim]` tensor.
-pub struct RopeOp<'a> {
-    pub table: &'a RopeTable,
-    pub positions: &'a [u32],
-    pub num_heads: usize,
-}
-
-impl CustomOp1 for RopeOp<'_> {
-    fn name(&self) -> &'static str {
-        "minserve-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = crate::tensor_util::contiguous_f32(storage, layout)?;
-        if src.len() != self.positions.len() * self.num_heads * 2 * self.table.half_dim {
-            candle_core::bail!(
-                "rope: input of {} values does not match positions",
-                src.len()
-            );
-        }
-        let mut dst = src.to_vec();
-        self.table.apply(&mut dst, self.positions, self.num_heads);
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }

@@ -92,10 +92,9 @@ impl ModelExecutor for ModelRunner {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits> {
-        let logits = self.model.forward(batch, &mut self.cache)?;
         Ok(Logits {
             vocab_size: self.vocab_size(),
-            data: logits.flatten_all()?.to_vec1::<f32>()?,
+            data: self.model.forward(batch, &mut self.cache)?,
         })
     }
 }

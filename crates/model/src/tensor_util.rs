@@ -3,10 +3,7 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 /// The values of a contiguous f32 CPU tensor, in order.
-pub fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),

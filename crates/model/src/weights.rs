@@ -6,10 +6,11 @@
 //! safetensors tensors are plain f32 matmuls.
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 use crate::config::ModelConfig;
-use crate::qmatmul::QWeight;
+use crate::qmatmul::{QInput, QWeight};
+use crate::tensor_util::with_f32_slice;
 
 /// The matrix of a [`Linear`] layer, in whichever form multiplies it fastest.
 pub enum LinearWeight {
@@ -42,24 +43,31 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// `x W^T (+ b)` for a tensor `[.., in]`: the textbook form, for references and tests.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Packed(w) => w.forward(x)?,
             LinearWeight::Candle(w) => w.forward(x)?,
         };
-        self.add_bias(y)
-    }
-
-    fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
     }
 
-    /// Several layers applied to the same input (q/k/v, gate/up). With packed weights the input
-    /// is quantized once and all matrices run in one pass over the thread pool.
-    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// Several layers applied to the same `m` rows of `x` (q/k/v, gate/up), each into its
+    /// `[m, out_features]` slice of `outs`. With packed weights the input is quantized once
+    /// (into `input`, reused across calls) and all matrices run in one pass over the pool.
+    pub fn forward_many_into(
+        layers: &[&Linear],
+        x: &[f32],
+        m: usize,
+        input: &mut QInput,
+        outs: &mut [&mut [f32]],
+    ) -> candle_core::Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
         let packed: Option<Vec<&QWeight>> = layers
             .iter()
             .map(|l| match &l.weight {
@@ -68,13 +76,41 @@ impl Linear {
             })
             .collect();
         match packed {
-            Some(weights) => QWeight::forward_shared(&weights, x)?
-                .into_iter()
-                .zip(layers)
-                .map(|(y, l)| l.add_bias(y))
-                .collect(),
-            None => layers.iter().map(|l| l.forward(x)).collect(),
+            Some(weights) => {
+                input.quantize(x, m, x.len() / m);
+                QWeight::matmul_quantized_many(&weights, input, outs);
+            }
+            None => {
+                let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                for (layer, out) in layers.iter().zip(outs.iter_mut()) {
+                    let LinearWeight::Candle(w) = &layer.weight else {
+                        unreachable!("mixed packed and candle weights in one call")
+                    };
+                    with_f32_slice(&w.forward(&x)?, |y| out.copy_from_slice(y))?;
+                }
+            }
         }
+        for (layer, out) in layers.iter().zip(outs.iter_mut()) {
+            if let Some(bias) = &layer.bias {
+                with_f32_slice(bias, |b| {
+                    for row in out.chunks_exact_mut(b.len()) {
+                        crate::math::add_in_place(row, b);
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One layer: [`Linear::forward_many_into`] with a single output.
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        input: &mut QInput,
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
+        Self::forward_many_into(&[self], x, m, input, &mut [out])
     }
 }
 

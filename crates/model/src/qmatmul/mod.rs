@@ -60,8 +60,8 @@
 //!
 //! # Threading
 //!
-//! Work items are (row chunk, column tile) pairs, shared over candle's own worker pool (a second
-//! pool on the same cores would fight candle's spinning workers). Column splits leave every
+//! Work items are (row chunk, column tile) pairs, shared over the model's thread pool
+//! ([`crate::pool`]). Column splits leave every
 //! element's arithmetic unchanged. Activations are quantized into a reusable thread-local buffer
 //! (on the pool too when large); [`QInput`] and [`QWeight::forward_shared`] quantize once for
 //! several weights with the same input and run them in one pass over the pool.
@@ -265,7 +265,7 @@ impl QInput {
         if blocks < PARALLEL_QUANTIZE_BLOCKS {
             unsafe { dst.quantize(isa, x, 0..blocks) }
         } else {
-            candle_core::utils::barrier_pool()
+            crate::pool::pool()
                 .execute_chunked(blocks, |range| unsafe { dst.quantize(isa, x, range) });
         }
     }
@@ -615,7 +615,7 @@ impl QWeight {
     }
 }
 
-/// Runs every (weight, output) job on `input`, all their work items shared over candle's pool.
+/// Runs every (weight, output) job on `input`, all their work items shared over our pool (`crate::pool`).
 /// Callers have run [`QWeight::check`] on each job, and the outputs do not overlap.
 fn run_many(isa: Isa, jobs: &[(&QWeight, OutPtr)], input: &QInput) {
     let row_chunks = input.m.div_ceil(ROW_CHUNK);
@@ -635,7 +635,7 @@ fn run_many(isa: Isa, jobs: &[(&QWeight, OutPtr)], input: &QInput) {
             }
         }
     };
-    candle_core::utils::barrier_pool().execute_chunked(total, work);
+    crate::pool::pool().execute_chunked(total, work);
 }
 
 struct OutPtr(*mut f32);
