@@ -26,7 +26,7 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, NormalizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Result, TokenizerError};
-use crate::tokenizer::{Tokenizer, TokenizerParts};
+use crate::tokenizer::{SpecialTokens, Tokenizer, TokenizerParts};
 
 /// `llama_token_type` values stored in `tokenizer.ggml.token_type`.
 mod token_type {
@@ -93,6 +93,8 @@ impl Tokenizer {
                 }
             }
         }
+        let specials =
+            SpecialTokens::from_ids(bos_id, eos_ids, |id| tokens.get(id as usize).cloned());
 
         let (mut inner, default_add_bos) = match model {
             "gpt2" => (build_byte_level_bpe(content, &tokens)?, false),
@@ -114,7 +116,8 @@ impl Tokenizer {
         let mut special = Vec::new();
         let mut added = Vec::new();
         for (id, (token, ty)) in tokens.iter().zip(&token_types).enumerate() {
-            let is_stop_or_bos = bos_id == Some(id as u32) || eos_ids.contains(&(id as u32));
+            let is_stop_or_bos =
+                specials.bos_id == Some(id as u32) || specials.eos_ids.contains(&(id as u32));
             match *ty {
                 token_type::CONTROL | token_type::UNKNOWN => {
                     special.push(AddedToken::from(token.clone(), true))
@@ -131,8 +134,7 @@ impl Tokenizer {
 
         let add_bos = opt_bool(content, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
         let add_eos = opt_bool(content, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-        let bos = bos_id.map(|id| (tokens[id as usize].clone(), id));
-        let eos = eos_ids.first().map(|&id| (tokens[id as usize].clone(), id));
+        let (bos, eos) = (specials.bos(), specials.eos());
         if let Some(template) = bos_eos_template(
             bos.as_ref().filter(|_| add_bos),
             eos.as_ref().filter(|_| add_eos),
@@ -161,10 +163,7 @@ impl Tokenizer {
 
         Tokenizer::assemble(TokenizerParts {
             inner,
-            bos_token: bos.map(|(token, _)| token),
-            bos_id,
-            eos_token: eos.map(|(token, _)| token),
-            eos_ids,
+            specials,
             add_bos_token: Some(add_bos),
             chat_template,
             model_max_length,

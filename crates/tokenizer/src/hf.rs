@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Result, TokenizerError};
-use crate::tokenizer::{Tokenizer, TokenizerParts};
+use crate::tokenizer::{SpecialTokens, Tokenizer, TokenizerParts};
 
 impl Tokenizer {
     /// Loads a Hugging Face tokenizer folder.
@@ -63,23 +63,16 @@ impl Tokenizer {
             })
         };
 
-        let mut bos_token = token_field("bos_token")?;
-        let mut bos_id = bos_token
-            .as_deref()
-            .map(|t| id_of(t, "bos_token"))
-            .transpose()?;
-        if bos_id.is_none() {
+        let bos_id = match token_field("bos_token")? {
+            Some(bos) => Some(id_of(&bos, "bos_token")?),
             // Some folders only give the id, in generation_config.json.
-            bos_id = id_list(&generation, "bos_token_id", &generation_path)?
+            None => id_list(&generation, "bos_token_id", &generation_path)?
                 .into_iter()
-                .next();
-            bos_token = bos_id.and_then(|id| inner.id_to_token(id));
-        }
-
-        let mut eos_token = token_field("eos_token")?;
+                .next(),
+        };
         let mut eos_ids = Vec::new();
-        if let Some(eos) = eos_token.as_deref() {
-            eos_ids.push(id_of(eos, "eos_token")?);
+        if let Some(eos) = token_field("eos_token")? {
+            eos_ids.push(id_of(&eos, "eos_token")?);
         }
         for id in id_list(&generation, "eos_token_id", &generation_path)? {
             if inner.id_to_token(id).is_none() {
@@ -92,9 +85,7 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
-        if eos_token.is_none() {
-            eos_token = eos_ids.first().and_then(|&id| inner.id_to_token(id));
-        }
+        let specials = SpecialTokens::from_ids(bos_id, eos_ids, |id| inner.id_to_token(id));
 
         let add_bos_token = match config.get("add_bos_token") {
             None | Some(Value::Null) => None,
@@ -121,10 +112,7 @@ impl Tokenizer {
 
         Tokenizer::assemble(TokenizerParts {
             inner,
-            bos_token,
-            bos_id,
-            eos_token,
-            eos_ids,
+            specials,
             add_bos_token,
             chat_template,
             model_max_length,

@@ -9,11 +9,7 @@ use crate::error::{Result, TokenizerError};
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    bos_token: Option<String>,
-    bos_id: Option<u32>,
-    eos_token: Option<String>,
-    /// Primary EOS first, then any other end-of-turn ids; all of them stop generation.
-    eos_ids: Vec<u32>,
+    specials: SpecialTokens,
     /// Whether `encode(.., true)` starts with BOS (by either mechanism below).
     add_bos_token: bool,
     /// `inner`'s post-processor does not add BOS although the config asks for it (a
@@ -24,13 +20,47 @@ pub struct Tokenizer {
     model_max_length: Option<u64>,
 }
 
+/// BOS and the ids that end generation, as a loader found them, with their text.
+#[derive(Debug, Clone)]
+pub(crate) struct SpecialTokens {
+    pub bos_token: Option<String>,
+    pub bos_id: Option<u32>,
+    /// The primary EOS's text.
+    pub eos_token: Option<String>,
+    /// Primary EOS first, then any other end-of-turn ids; all of them stop generation.
+    pub eos_ids: Vec<u32>,
+}
+
+impl SpecialTokens {
+    /// Both loaders settle on ids first; `token_text` spells them in the vocabulary's alphabet.
+    pub fn from_ids(
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        token_text: impl Fn(u32) -> Option<String>,
+    ) -> Self {
+        Self {
+            bos_token: bos_id.and_then(&token_text),
+            bos_id,
+            eos_token: eos_ids.first().and_then(|&id| token_text(id)),
+            eos_ids,
+        }
+    }
+
+    /// BOS as `(text, id)`, when the model has one.
+    pub fn bos(&self) -> Option<(String, u32)> {
+        Some((self.bos_token.clone()?, self.bos_id?))
+    }
+
+    /// The primary EOS as `(text, id)`, when the model has one.
+    pub fn eos(&self) -> Option<(String, u32)> {
+        Some((self.eos_token.clone()?, *self.eos_ids.first()?))
+    }
+}
+
 /// Everything a loader has found; [`Tokenizer::assemble`] turns it into a [`Tokenizer`].
 pub(crate) struct TokenizerParts {
     pub inner: tokenizers::Tokenizer,
-    pub bos_token: Option<String>,
-    pub bos_id: Option<u32>,
-    pub eos_token: Option<String>,
-    pub eos_ids: Vec<u32>,
+    pub specials: SpecialTokens,
     /// `None` when the source does not say; then whatever `inner` does is taken as intended.
     pub add_bos_token: Option<bool>,
     pub chat_template: Option<String>,
@@ -42,14 +72,12 @@ impl Tokenizer {
     pub(crate) fn assemble(parts: TokenizerParts) -> Result<Self> {
         let TokenizerParts {
             inner,
-            bos_token,
-            bos_id,
-            eos_token,
-            eos_ids,
+            specials,
             add_bos_token,
             chat_template,
             model_max_length,
         } = parts;
+        let bos_id = specials.bos_id;
 
         // Ask the post-processor rather than parse it: it may be a Sequence, a Template with
         // other tokens, or something we do not know about.
@@ -71,15 +99,18 @@ impl Tokenizer {
         }
 
         let chat_template = chat_template
-            .map(|source| ChatTemplate::new(source, bos_token.as_deref(), eos_token.as_deref()))
+            .map(|source| {
+                ChatTemplate::new(
+                    source,
+                    specials.bos_token.as_deref(),
+                    specials.eos_token.as_deref(),
+                )
+            })
             .transpose()?;
 
         Ok(Self {
             inner,
-            bos_token,
-            bos_id,
-            eos_token,
-            eos_ids,
+            specials,
             add_bos_token: inner_adds_bos || prepend_bos,
             prepend_bos,
             chat_template,
@@ -96,7 +127,7 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|source| TokenizerError::Encode { source })?;
         let ids = encoding.get_ids();
-        match (add_special_tokens && self.prepend_bos, self.bos_id) {
+        match (add_special_tokens && self.prepend_bos, self.specials.bos_id) {
             (true, Some(bos)) => {
                 let mut with_bos = Vec::with_capacity(ids.len() + 1);
                 with_bos.push(bos);
@@ -143,27 +174,27 @@ impl Tokenizer {
 
     /// The BOS id, if the model has one (whether or not `encode` adds it).
     pub fn bos_token_id(&self) -> Option<u32> {
-        self.bos_id
+        self.specials.bos_id
     }
 
     /// The primary EOS id (the first of [`Tokenizer::eos_token_ids`]).
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.eos_ids.first().copied()
+        self.specials.eos_ids.first().copied()
     }
 
     /// Every id that ends generation: EOS plus end-of-turn / end-of-message ids.
     pub fn eos_token_ids(&self) -> &[u32] {
-        &self.eos_ids
+        &self.specials.eos_ids
     }
 
     /// The BOS token's text, e.g. `<|im_start|>`.
     pub fn bos_token(&self) -> Option<&str> {
-        self.bos_token.as_deref()
+        self.specials.bos_token.as_deref()
     }
 
     /// The primary EOS token's text, e.g. `<|im_end|>`.
     pub fn eos_token(&self) -> Option<&str> {
-        self.eos_token.as_deref()
+        self.specials.eos_token.as_deref()
     }
 
     /// Whether `encode(.., add_special_tokens = true)` puts BOS in front.
@@ -190,8 +221,8 @@ impl Tokenizer {
     /// written from it then add BOS on their own, in Python as well as here.
     pub(crate) fn inner_for_export(&self) -> Result<tokenizers::Tokenizer> {
         let mut inner = self.inner.clone();
-        if let (true, Some(bos), Some(id)) = (self.prepend_bos, &self.bos_token, self.bos_id) {
-            if let Some(template) = crate::gguf::bos_eos_template(Some(&(bos.clone(), id)), None)? {
+        if let (true, Some(bos)) = (self.prepend_bos, self.specials.bos()) {
+            if let Some(template) = crate::gguf::bos_eos_template(Some(&bos), None)? {
                 let processor: tokenizers::PostProcessorWrapper = match inner.get_post_processor() {
                     Some(existing) => tokenizers::processors::sequence::Sequence::new(vec![
                         existing.clone(),
