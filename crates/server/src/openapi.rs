@@ -72,8 +72,10 @@ pub async fn openapi() -> Json<Value> {
         {"type": "array", "items": {"type": "integer"}},
         {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
     ]});
-    completion["echo"] = json!({"type": "boolean"});
-    completion["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 20});
+    completion["echo"] = json!({"type": "boolean", "description": "start each choice with its prompt; with max_tokens 0, return the prompt alone"});
+    completion["max_tokens"] =
+        json!({"type": "integer", "minimum": 0, "description": "0 only with echo"});
+    completion["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 20, "description": "not together with echo: prompt tokens get no log probabilities"});
     let simple = |summary: &str, content: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {content: {}}}}}});
     Json(json!({
         "openapi": "3.1.0",

@@ -158,13 +158,11 @@ async fn bad_requests() {
         Some("prompt"),
         "9000",
     );
-    let (status, r) = s
-        .post(
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "hi ".repeat(9000)}]}),
-        )
-        .await;
-    assert_error(status, &r, 400, Some("messages"));
+    let chat_long = json!({"messages": [{"role": "user", "content": "hi ".repeat(9000)}]});
+    let (_, counted) = s.post("/tokenize", chat_long.clone()).await;
+    let prompt_tokens = counted["count"].to_string();
+    let r = s.post("/v1/chat/completions", chat_long).await;
+    too_long(r, Some("messages"), &prompt_tokens);
 
     // Unknown model, route, method.
     let (status, r) = s

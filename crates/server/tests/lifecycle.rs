@@ -21,6 +21,8 @@ async fn health_is_503_until_the_model_is_loaded() {
     assert_eq!(status, 503, "{body}");
     let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["error"]["code"], "model_loading");
+    let r = s.client.get(s.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
     let (status, r) = s
         .post(
             "/v1/chat/completions",
