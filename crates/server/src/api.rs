@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use minserve_core::engine::Request;
 use minserve_core::sampling::{SamplingParams, MAX_LOGPROBS};
 use minserve_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
@@ -141,15 +142,12 @@ fn token_id(v: &Value, name: &str, vocab_size: usize) -> Result<u32, ApiError> {
 
 /// What chat and text completions share.
 pub(crate) struct Common {
+    /// The engine request of every prompt, but for its `prompt` and `max_tokens`, which
+    /// depend on the prompt.
+    pub request: Request,
+    /// As the client asked; `None` runs to the end of the context.
     pub max_tokens: Option<usize>,
     pub max_tokens_param: &'static str,
-    pub params: SamplingParams,
-    pub n: usize,
-    pub stop: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    pub ignore_eos: bool,
-    pub min_tokens: usize,
-    pub priority: i32,
     pub stream: bool,
     pub include_usage: bool,
     pub echo: bool,
@@ -347,16 +345,21 @@ fn parse_common(fields: &Fields, model: &ServedModel, chat: bool) -> Result<Comm
         },
         Some(other) => return Err(wrong_type("stream_options", "an object", other)),
     };
-    Ok(Common {
-        max_tokens: max_tokens.map(|x| x as usize),
-        max_tokens_param,
+    let request = Request {
+        prompt: Vec::new(),
         params,
-        n: n as usize,
+        max_tokens: 0,
+        min_tokens,
         stop,
         stop_token_ids,
         ignore_eos: fields.bool("ignore_eos")?.unwrap_or(false),
-        min_tokens,
+        n: n as usize,
         priority,
+    };
+    Ok(Common {
+        request,
+        max_tokens: max_tokens.map(|x| x as usize),
+        max_tokens_param,
         stream,
         include_usage,
         echo,

@@ -156,7 +156,7 @@ pub(crate) fn submit(
     path: &'static str,
     arrival: Instant,
 ) -> Result<Submitted, ApiError> {
-    let num_prompt_seqs = prompts.len() * common.n;
+    let num_prompt_seqs = prompts.len() * common.request.n;
     if num_prompt_seqs > MAX_SEQUENCES_PER_REQUEST {
         return Err(ApiError::invalid(
             "n",
@@ -164,7 +164,7 @@ pub(crate) fn submit(
                 "{} prompts times n = {} asks for {num_prompt_seqs} sequences; at most \
                  {MAX_SEQUENCES_PER_REQUEST} per request",
                 prompts.len(),
-                common.n
+                common.request.n
             ),
         ));
     }
@@ -188,7 +188,7 @@ pub(crate) fn submit(
         check_prompts_alone(model, prompts, prompt_param)?;
         // Nothing to generate: every choice ends at once, and the engine never sees it.
         for prompt in 0..prompts.len() {
-            for index in 0..common.n {
+            for index in 0..common.request.n {
                 let finished = RequestEvent::Finished {
                     index,
                     reason: FinishReason::Length,
@@ -214,14 +214,8 @@ pub(crate) fn submit(
                 .unwrap_or_else(|| max_total.saturating_sub(p.tokens.len()).max(1));
             Request {
                 prompt: p.tokens.clone(),
-                params: common.params.clone(),
                 max_tokens,
-                min_tokens: common.min_tokens,
-                stop: common.stop.clone(),
-                stop_token_ids: common.stop_token_ids.clone(),
-                ignore_eos: common.ignore_eos,
-                n: common.n,
-                priority: common.priority,
+                ..common.request.clone()
             }
         })
         .collect();
@@ -494,7 +488,7 @@ impl Responder {
     fn echo(&self, choice: usize) -> Option<String> {
         match &self.kind {
             Kind::Text { prompts } if self.common.echo => {
-                let prompt = &prompts[choice / self.common.n];
+                let prompt = &prompts[choice / self.common.request.n];
                 Some(match &prompt.text {
                     Some(text) => text.clone(),
                     None => self
@@ -573,7 +567,7 @@ impl Responder {
 
     /// A whole choice of a non-streaming response.
     fn whole(&self, choice: usize, c: &ChoiceState) -> Value {
-        let wants_logprobs = self.common.params.logprobs.is_some();
+        let wants_logprobs = self.common.request.params.logprobs.is_some();
         match &self.kind {
             Kind::Chat => json!({
                 "index": choice,
@@ -613,7 +607,7 @@ fn engine_gone() -> ApiError {
 }
 
 async fn whole(r: Responder, mut submitted: Submitted) -> Result<Response, ApiError> {
-    let mut choices = Choices::new(r.num_prompts(), r.common.n);
+    let mut choices = Choices::new(r.num_prompts(), r.common.request.n);
     let guard = &mut submitted.guard;
     while !choices.done() {
         let Some((prompt, event)) = submitted.rx.recv().await else {
@@ -642,7 +636,7 @@ fn sse(value: &Value) -> Result<Event, Infallible> {
 fn stream(r: Responder, submitted: Submitted) -> Response {
     let stream = async_stream::stream! {
         let Submitted { mut rx, mut guard } = submitted;
-        let mut choices = Choices::new(r.num_prompts(), r.common.n);
+        let mut choices = Choices::new(r.num_prompts(), r.common.request.n);
         for i in 0..choices.choices.len() {
             if let Some(opening) = r.opening(i) {
                 yield sse(&r.chunk(opening));
