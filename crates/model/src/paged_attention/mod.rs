@@ -9,9 +9,9 @@
 //!
 //! A work item is one sequence, one KV head and a tile of up to [`TILE_TOKENS`] of its new
 //! tokens: all the query heads that share the KV head (grouped-query attention) for all tokens
-//! of the tile. Each cached key or value is loaded (and widened from f16) once per item and used
-//! by every query row of the tile, so a decode step streams the pool once per KV head rather
-//! than once per query head, and a prompt chunk reuses each block across its tokens.
+//! of the tile. The tile's query rows run one after another over the same blocks, so only the
+//! first reads them from memory: a decode step streams the pool once per KV head rather than
+//! once per query head, and a prompt chunk reuses each block across its tokens.
 //!
 //! # Determinism
 //!
@@ -26,6 +26,9 @@ use minserve_core::StepBatch;
 
 use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
 use crate::math::{dot, exp_minus_max};
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// New tokens per work item: enough query rows to reuse each loaded key block from L1, few
 /// enough that a long prompt chunk still splits into many items for the thread pool.
@@ -83,126 +86,201 @@ pub struct PagedAttention<'a> {
 /// Per-worker buffers, kept across calls.
 #[derive(Default)]
 struct Scratch {
-    /// `[query row][key]`: scores, then unnormalized softmax weights.
+    /// One query row's scores, then its unnormalized softmax weights.
     scores: Vec<f32>,
-    /// One block of one head widened to f32.
+    /// The portable kernel's widened block.
     block: Vec<f32>,
-    /// Per query row: the sum of its softmax weights.
-    sums: Vec<f32>,
+    /// The tile's blocks: (first key, offset of its run in the layer's pool).
+    runs: Vec<(usize, usize)>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Which row kernel runs. Both compute the same attention; they differ in float rounding only
+/// (the AVX-512 one fuses multiply-adds), and each is deterministic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 F + F16C, for head sizes of 16, 32, 64 or 128: the query and the output
+    /// accumulators stay in registers, f16 values are widened as they are loaded.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel for `head_dim` on this machine.
+    pub fn best(head_dim: usize) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if x86::supports(head_dim) {
+            return Kernel::Avx512;
+        }
+        let _ = head_dim;
+        Kernel::Portable
+    }
+}
+
+/// One query row's inputs: everything [`attend_row`] needs besides the pool.
+pub struct Row<'a> {
+    pub query: &'a [f32],
+    /// Keys visible to the row: positions `0..context`.
+    pub context: usize,
+    /// (first key, offset in the pool) of each block, covering at least `context` keys.
+    pub runs: &'a [(usize, usize)],
+    pub block_size: usize,
+    pub scale: f32,
+}
+
+/// Attention of one query row over its sequence's cached keys and values in `kv`, into `out`
+/// (`head_dim` values). `scores` is scratch space of at least `row.context` values.
+pub fn attend_row(
+    kernel: Kernel,
+    kv: &LayerKv,
+    row: &Row,
+    scores: &mut [f32],
+    block: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let head_dim = row.query.len();
+    assert!(out.len() == head_dim && scores.len() >= row.context);
+    let runs = &row.runs[..row.context.div_ceil(row.block_size)];
+    let pool_len = match kv {
+        LayerKv::F16(pool) => pool.keys.len().min(pool.values.len()),
+        LayerKv::F32(pool) => pool.keys.len().min(pool.values.len()),
+    };
+    assert!(
+        runs.iter()
+            .all(|&(_, start)| start + row.block_size * head_dim <= pool_len),
+        "attention: a block run lies outside the pool"
+    );
+    match (kernel, kv) {
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Avx512, kv) => {
+            assert!(
+                x86::supports(head_dim),
+                "attention: AVX-512 kernel not usable here"
+            );
+            // SAFETY: the CPU features and head size are checked just above; every run lies
+            // inside the pool (asserted) and `scores` holds `context` values.
+            unsafe { x86::attend_row(kv, row, runs, scores, out) }
+        }
+        (Kernel::Portable, LayerKv::F16(pool)) => portable_row(pool, row, runs, scores, block, out),
+        (Kernel::Portable, LayerKv::F32(pool)) => portable_row(pool, row, runs, scores, block, out),
+    }
+}
+
+/// [`attend_row`] in plain Rust, one widened block at a time.
+fn portable_row<T: KvElement>(
+    pool: &KvPool<T>,
+    row: &Row,
+    runs: &[(usize, usize)],
+    scores: &mut [f32],
+    block: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let head_dim = row.query.len();
+    block.resize(row.block_size * head_dim, 0.0);
+    let visible = |first_key: usize| (row.context - first_key).min(row.block_size);
+    for &(first_key, start) in runs {
+        let n = visible(first_key);
+        let keys = T::widen(&pool.keys[start..start + n * head_dim], block);
+        for (score, key) in scores[first_key..]
+            .iter_mut()
+            .zip(keys.chunks_exact(head_dim))
+        {
+            *score = dot(row.query, key) * row.scale;
+        }
+    }
+    let sum = exp_minus_max(&mut scores[..row.context]);
+    out.fill(0.0);
+    for &(first_key, start) in runs {
+        let n = visible(first_key);
+        let values = T::widen(&pool.values[start..start + n * head_dim], block);
+        for (&w, value) in scores[first_key..]
+            .iter()
+            .zip(values.chunks_exact(head_dim))
+        {
+            for (o, &v) in out.iter_mut().zip(value) {
+                *o += w * v;
+            }
+        }
+    }
+    let inverse = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inverse;
+    }
+}
+
 impl PagedAttention<'_> {
     /// `queries` and `out` are `[tokens, num_heads, head_dim]`.
     pub fn run(&self, queries: &[f32], out: &mut [f32]) {
         let out = DisjointWriter::new(out);
+        let kernel = Kernel::best(self.layout.head_dim);
         crate::pool::pool().execute_chunked(self.plan.tiles.len(), |items| {
             SCRATCH.with(|scratch| {
                 let scratch = &mut scratch.borrow_mut();
                 for tile in &self.plan.tiles[items] {
-                    match self.kv {
-                        LayerKv::F16(pool) => self.attend_tile(pool, tile, queries, &out, scratch),
-                        LayerKv::F32(pool) => self.attend_tile(pool, tile, queries, &out, scratch),
-                    }
+                    self.attend_tile(kernel, tile, queries, &out, scratch);
                 }
             })
         });
     }
 
-    /// Every query head of `tile.kv_head`'s group, for every token of the tile.
-    fn attend_tile<T: KvElement>(
+    /// Every query head of `tile.kv_head`'s group, for every token of the tile. The rows of a
+    /// tile read the same blocks one after another, so all but the first find them in cache.
+    fn attend_tile(
         &self,
-        pool: &KvPool<T>,
+        kernel: Kernel,
         tile: &Tile,
         queries: &[f32],
         out: &DisjointWriter,
         scratch: &mut Scratch,
     ) {
         let layout = self.layout;
-        let (head_dim, block_size) = (layout.head_dim, layout.block_size);
+        let head_dim = layout.head_dim;
         let group = self.num_heads / layout.num_kv_heads;
         let block_table = &self.batch.sequences[tile.sequence as usize].block_table;
-        let first_row = tile.first_row as usize;
-        let rows = tile.num_rows as usize * group;
-        // Query row `r` is head `kv_head * group + r % group` of token `first_row + r / group`;
-        // those heads are adjacent in memory, so the tile's rows of one token are one run.
-        let offset = |r: usize| {
-            let token = first_row + r / group;
-            (token * self.num_heads + tile.kv_head as usize * group + r % group) * head_dim
-        };
-        let context = |r: usize| self.batch.positions[first_row + r / group] as usize + 1;
+        let first_token = tile.first_row as usize;
         // Positions grow along the tile, so its last token sees the most keys.
-        let stride = context(rows - 1);
+        let last_token = first_token + tile.num_rows as usize - 1;
+        let max_context = self.batch.positions[last_token] as usize + 1;
 
         let Scratch {
             scores,
             block,
-            sums,
+            runs,
         } = scratch;
-        scores.resize(rows * stride, 0.0);
-        block.resize(block_size * head_dim, 0.0);
-        let blocks = || {
+        scores.resize(max_context, 0.0);
+        runs.clear();
+        runs.extend(
             block_table
                 .iter()
-                .take(stride.div_ceil(block_size))
+                .take(max_context.div_ceil(layout.block_size))
                 .enumerate()
                 .map(|(i, &id)| {
-                    let first_key = i * block_size;
-                    let len = (stride - first_key).min(block_size);
-                    let start = layout.block_offset(id as usize, tile.kv_head as usize);
-                    (first_key, start..start + len * head_dim)
-                })
-        };
-
-        for (first_key, range) in blocks() {
-            let keys = T::widen(&pool.keys[range], block);
-            for r in 0..rows {
-                let visible = context(r).saturating_sub(first_key);
-                let query = &queries[offset(r)..offset(r) + head_dim];
-                let row_scores = &mut scores[r * stride + first_key..];
-                for (score, key) in row_scores
-                    .iter_mut()
-                    .zip(keys.chunks_exact(head_dim).take(visible))
-                {
-                    *score = dot(query, key) * self.scale;
-                }
-            }
-        }
-
-        sums.clear();
-        sums.resize(rows, 0.0);
-        for (r, sum) in sums.iter_mut().enumerate() {
-            *sum = exp_minus_max(&mut scores[r * stride..r * stride + context(r)]);
-        }
-        for r in 0..rows {
-            // SAFETY: each (token, query head) belongs to exactly one tile, and each tile to
-            // one worker, so no two live chunks overlap.
-            unsafe { out.chunk(offset(r), head_dim) }.fill(0.0);
-        }
-        for (first_key, range) in blocks() {
-            let values = T::widen(&pool.values[range], block);
-            for r in 0..rows {
-                if context(r) <= first_key {
-                    continue;
-                }
-                let weights = &scores[r * stride + first_key..r * stride + context(r)];
-                // SAFETY: as above.
-                let acc = unsafe { out.chunk(offset(r), head_dim) };
-                for (&w, value) in weights.iter().zip(values.chunks_exact(head_dim)) {
-                    for (a, &v) in acc.iter_mut().zip(value) {
-                        *a += w * v;
-                    }
-                }
-            }
-        }
-        for (r, &sum) in sums.iter().enumerate() {
-            let inverse = 1.0 / sum;
-            // SAFETY: as above.
-            for a in unsafe { out.chunk(offset(r), head_dim) } {
-                *a *= inverse;
+                    (
+                        i * layout.block_size,
+                        layout.block_offset(id as usize, tile.kv_head as usize),
+                    )
+                }),
+        );
+        for token in first_token..=last_token {
+            for head in 0..group {
+                // Heads `kv_head * group..` of a token share this KV head.
+                let head = tile.kv_head as usize * group + head;
+                let at = (token * self.num_heads + head) * head_dim;
+                let row = Row {
+                    query: &queries[at..at + head_dim],
+                    context: self.batch.positions[token] as usize + 1,
+                    runs,
+                    block_size: layout.block_size,
+                    scale: self.scale,
+                };
+                // SAFETY: each (token, query head) belongs to exactly one tile, and each tile
+                // to one worker, so no two live chunks overlap.
+                let out = unsafe { out.chunk(at, head_dim) };
+                attend_row(kernel, self.kv, &row, scores, block, out);
             }
         }
     }
@@ -231,5 +309,116 @@ impl DisjointWriter {
     unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(start + len <= self.len, "chunk out of bounds");
         std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::{KvCache, KvDtype};
+
+    /// Every kernel, on both cache types and every supported head size, against attention
+    /// computed in f64 from the same (rounded) cached values, over contexts that end inside a
+    /// block, at a block edge, and past several scattered blocks.
+    #[test]
+    fn every_kernel_matches_f64_attention() {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if x86::supports(64) {
+            kernels.push(Kernel::Avx512);
+        }
+        let mut seed = 1u64;
+        let mut random = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for head_dim in [16usize, 32, 64, 128, 24] {
+            for dtype in [KvDtype::F16, KvDtype::F32] {
+                let block_size = 16;
+                let config = crate::config::ModelConfig {
+                    num_layers: 1,
+                    num_kv_heads: 2,
+                    head_dim,
+                    ..crate::synthetic::preset("tiny").unwrap()
+                };
+                let mut cache = KvCache::new(&config, dtype, block_size, 8);
+                let layout = cache.layout;
+                let context_max = 5 * block_size + 3;
+                // Scattered physical blocks for one sequence; KV head 1 is the one read.
+                let table = [6u32, 2, 7, 0, 5, 3];
+                let k: Vec<f32> = (0..context_max * 2 * head_dim).map(|_| random()).collect();
+                let v: Vec<f32> = (0..context_max * 2 * head_dim).map(|_| random()).collect();
+                let slots: Vec<u32> = (0..context_max)
+                    .map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+                    .collect();
+                cache.layers[0].write(&layout, &k, &v, &slots);
+                let cached = |x: f32| match dtype {
+                    KvDtype::F16 => half::f16::from_f32(x).to_f32() as f64,
+                    KvDtype::F32 => x as f64,
+                };
+                let runs: Vec<(usize, usize)> = table
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| (i * block_size, layout.block_offset(b as usize, 1)))
+                    .collect();
+                let query: Vec<f32> = (0..head_dim).map(|_| random()).collect();
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                for context in [1, 15, 16, 17, context_max] {
+                    let at = |p: usize, d: usize| (p * 2 + 1) * head_dim + d;
+                    let logits: Vec<f64> = (0..context)
+                        .map(|p| {
+                            (0..head_dim)
+                                .map(|d| query[d] as f64 * cached(k[at(p, d)]))
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    let expected: Vec<f64> = (0..head_dim)
+                        .map(|d| {
+                            (0..context)
+                                .map(|p| weights[p] * cached(v[at(p, d)]))
+                                .sum::<f64>()
+                                / total
+                        })
+                        .collect();
+                    for &kernel in &kernels {
+                        if kernel != Kernel::Portable && head_dim == 24 {
+                            continue;
+                        }
+                        let row = Row {
+                            query: &query,
+                            context,
+                            runs: &runs,
+                            block_size,
+                            scale,
+                        };
+                        let mut scores = vec![0.0; context];
+                        let mut out = vec![0.0; head_dim];
+                        attend_row(
+                            kernel,
+                            &cache.layers[0],
+                            &row,
+                            &mut scores,
+                            &mut Vec::new(),
+                            &mut out,
+                        );
+                        let worst = out
+                            .iter()
+                            .zip(&expected)
+                            .map(|(&o, &e)| (o as f64 - e).abs())
+                            .fold(0.0, f64::max);
+                        assert!(
+                            worst < 1e-5,
+                            "{kernel:?} {dtype:?} head {head_dim} context {context}: off by {worst}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
