@@ -29,6 +29,8 @@ pub struct ThroughputArgs {
     /// Model: a path, a catalog alias, or `synthetic:NAME[@FORMAT]`.
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
+    #[command(flatten)]
+    weights: crate::model_source::WeightsArgs,
     #[arg(long, default_value_t = 256)]
     num_prompts: usize,
     /// Prompt tokens per request (after the shared prefix, if any).
@@ -129,7 +131,7 @@ impl EventSink for CountingSink {
 }
 
 fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
-    let loaded = crate::model_source::load(&args.model)?;
+    let loaded = crate::model_source::load(&args.model, &args.weights)?;
     let max_model_len = loaded.model.config().max_position_embeddings;
     let vocab = loaded.model.config().vocab_size as u64;
     let eos = loaded.tokenizer.eos_token_ids().to_vec();

@@ -17,6 +17,8 @@ pub struct GenerateArgs {
     /// fetched on first use, or `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer).
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
+    #[command(flatten)]
+    weights: crate::model_source::WeightsArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -41,7 +43,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = crate::model_source::load(&args.model)?;
+    let loaded = crate::model_source::load(&args.model, &args.weights)?;
     let tokenizer = loaded.tokenizer;
     let prompt_text = if args.chat {
         let template = tokenizer

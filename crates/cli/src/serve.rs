@@ -16,6 +16,8 @@ pub struct ServeArgs {
     /// `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer).
     #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
     model: String,
+    #[command(flatten)]
+    weights: crate::model_source::WeightsArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -125,10 +127,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state: Arc<AppState> = AppState::new(options);
 
     let model = args.model.clone();
+    let weights = args.weights.clone();
     let engine = args.engine.clone();
     let cache = args.cache_options();
     let loading = minserve_server::spawn_load(state.clone(), move || {
-        let loaded = crate::model_source::load(&model)?;
+        let loaded = crate::model_source::load(&model, &weights)?;
         let trace = match &engine.trace_file {
             Some(file) => {
                 let out = std::fs::File::create(file)

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -53,6 +53,8 @@ struct TensorReader<'a> {
     content: &'a gguf_file::Content,
     reader: BufReader<File>,
     device: Device,
+    /// Re-quantize projection matrices to this type (see `LoadOptions::weights_format`).
+    weights_format: Option<GgmlDType>,
 }
 
 impl TensorReader<'_> {
@@ -71,7 +73,13 @@ impl TensorReader<'_> {
     }
 
     fn linear(&mut self, name: &str, with_bias: bool) -> Result<Linear> {
-        let weight = LinearWeight::quantized(self.tensor(&format!("{name}.weight"))?)?;
+        let tensor = self.tensor(&format!("{name}.weight"))?;
+        let weight = match self.weights_format {
+            Some(format) if format != tensor.dtype() => {
+                LinearWeight::from_f32(tensor.dequantize(&self.device)?, format)?
+            }
+            _ => LinearWeight::quantized(tensor)?,
+        };
         let bias = match with_bias {
             true => Some(self.dense(&format!("{name}.bias"))?),
             false => None,
@@ -80,7 +88,11 @@ impl TensorReader<'_> {
     }
 }
 
-pub fn load(path: &Path, content: &gguf_file::Content) -> Result<LlamaWeights> {
+pub fn load(
+    path: &Path,
+    content: &gguf_file::Content,
+    weights_format: Option<GgmlDType>,
+) -> Result<LlamaWeights> {
     let config = ModelConfig::from_gguf(content, path)?;
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut r = TensorReader {
@@ -88,6 +100,7 @@ pub fn load(path: &Path, content: &gguf_file::Content) -> Result<LlamaWeights> {
         content,
         reader: BufReader::new(file),
         device: Device::Cpu,
+        weights_format,
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
@@ -112,7 +125,11 @@ pub fn load(path: &Path, content: &gguf_file::Content) -> Result<LlamaWeights> {
             weight: LinearWeight::quantized(embedding_q)?,
             bias: None,
         },
-        false => r.linear("output", false)?,
+        // Not `linear`: the lm_head keeps the file's type (see `LoadOptions::weights_format`).
+        false => Linear {
+            weight: LinearWeight::quantized(r.tensor("output.weight")?)?,
+            bias: None,
+        },
     };
     let final_norm = r.dense("output_norm.weight")?;
     Ok(LlamaWeights {

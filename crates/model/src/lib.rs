@@ -22,5 +22,8 @@ pub use config::{ModelConfig, RopeStyle};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvDtype};
 pub use llama::LlamaModel;
-pub use runner::{load_model, load_tokenizer, CacheOptions, LoadedModel, ModelRunner};
+pub use runner::{
+    load_model, load_model_with, load_tokenizer, CacheOptions, LoadOptions, LoadedModel,
+    ModelRunner,
+};
 pub use synthetic::SyntheticSpec;

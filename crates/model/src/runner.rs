@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
+
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
 use minserve_tokenizer::Tokenizer;
 
@@ -36,17 +38,32 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
+/// How to turn a model file into weights.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Store every projection matrix (attention and MLP) as this type, re-quantizing from the
+    /// file's own (`--weights-format`). `None` keeps the file's types. The embedding and the
+    /// lm_head keep theirs either way, as llama.cpp's quantizer does by default: they are the
+    /// most sensitive matrices.
+    pub weights_format: Option<GgmlDType>,
+}
+
 /// Loads a GGUF file, or a Hugging Face folder (config.json + safetensors + tokenizer.json).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    load_model_with(path, &LoadOptions::default())
+}
+
+/// [`load_model`] with options.
+pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     if path.is_dir() {
-        return crate::safetensors::load_folder(path);
+        return crate::safetensors::load_folder(path, options.weights_format);
     }
     let content = crate::gguf::read_content(path)?;
     // Cheap checks first, so a bad file fails before 100 MB of weights are read, and with the
     // most useful message: an unsupported architecture says more than any missing key.
     crate::config::ModelConfig::from_gguf(&content, path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(path))?;
-    let weights = crate::gguf::load(path, &content)?;
+    let weights = crate::gguf::load(path, &content, options.weights_format)?;
     Ok(LoadedModel {
         model: LlamaModel::new(weights),
         tokenizer,

@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Component, Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use minserve_tokenizer::Tokenizer;
@@ -31,7 +32,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Loads a Hugging Face model folder into f32 weights and its tokenizer.
-pub fn load_folder(dir: &Path) -> Result<LoadedModel> {
+pub fn load_folder(dir: &Path, weights_format: Option<GgmlDType>) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(ModelError::Format {
@@ -51,7 +52,7 @@ pub fn load_folder(dir: &Path) -> Result<LoadedModel> {
     }
     warn_unused(&checkpoint, &plan, &config);
     let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
-    let weights = build_weights(&checkpoint, config)?;
+    let weights = build_weights(&checkpoint, config, weights_format)?;
     Ok(LoadedModel {
         model: LlamaModel::new(weights),
         tokenizer,
@@ -126,9 +127,17 @@ fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &
     }
 }
 
-fn build_weights(ckpt: &Checkpoint, config: ModelConfig) -> Result<LlamaWeights> {
+fn build_weights(
+    ckpt: &Checkpoint,
+    config: ModelConfig,
+    weights_format: Option<GgmlDType>,
+) -> Result<LlamaWeights> {
     let linear = |name: String, bias: bool| -> Result<Linear> {
-        let weight = LinearWeight::dense(ckpt.load_f32(&format!("{name}.weight"))?);
+        let weight = ckpt.load_f32(&format!("{name}.weight"))?;
+        let weight = match weights_format {
+            Some(format) => LinearWeight::from_f32(weight, format)?,
+            None => LinearWeight::dense(weight),
+        };
         let bias = match bias {
             true => Some(ckpt.load_f32(&format!("{name}.bias"))?),
             false => None,
@@ -159,7 +168,11 @@ fn build_weights(ckpt: &Checkpoint, config: ModelConfig) -> Result<LlamaWeights>
             weight: LinearWeight::dense(embedding.clone()),
             bias: None,
         },
-        false => linear("lm_head".to_string(), false)?,
+        // Not `linear`: the lm_head stays dense (see `LoadOptions::weights_format`).
+        false => Linear {
+            weight: LinearWeight::dense(ckpt.load_f32("lm_head.weight")?),
+            bias: None,
+        },
     };
     let final_norm = ckpt.load_f32("model.norm.weight")?;
     Ok(LlamaWeights {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use minserve_core::sampling::Rng;
 use minserve_tokenizer::Tokenizer;
@@ -85,11 +85,10 @@ pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaW
     };
     let matrix_spread = 0.035; // uniform in [-a, a] has std a / sqrt(3) ~ 0.02
     let as_linear = |w: Tensor| -> Result<Linear> {
-        let weight = match dtype {
-            GgmlDType::F32 => LinearWeight::dense(w),
-            _ => LinearWeight::quantized(QTensor::quantize(&w, dtype)?)?,
-        };
-        Ok(Linear { weight, bias: None })
+        Ok(Linear {
+            weight: LinearWeight::from_f32(w, dtype)?,
+            bias: None,
+        })
     };
     let linear = |rows, cols, random: &mut dyn FnMut((usize, usize), f32) -> Result<Tensor>| {
         as_linear(random((rows, cols), matrix_spread)?)
@@ -153,24 +152,6 @@ pub const DEFAULT_FORMAT: GgmlDType = GgmlDType::Q4_1;
 /// The name alone fixes the weights, so that figures from two machines compare.
 const SEED: u64 = 0;
 
-/// `@FORMAT` spellings: llama.cpp's type names in lower case.
-const FORMATS: &[(&str, GgmlDType)] = &[
-    ("f32", GgmlDType::F32),
-    ("f16", GgmlDType::F16),
-    ("bf16", GgmlDType::BF16),
-    ("q4_0", GgmlDType::Q4_0),
-    ("q4_1", GgmlDType::Q4_1),
-    ("q5_0", GgmlDType::Q5_0),
-    ("q5_1", GgmlDType::Q5_1),
-    ("q8_0", GgmlDType::Q8_0),
-    ("q2_k", GgmlDType::Q2K),
-    ("q3_k", GgmlDType::Q3K),
-    ("q4_k", GgmlDType::Q4K),
-    ("q5_k", GgmlDType::Q5K),
-    ("q6_k", GgmlDType::Q6K),
-    ("q8_k", GgmlDType::Q8K),
-];
-
 /// A parsed `synthetic:NAME[@FORMAT]`, e.g. `synthetic:llama-1b@q8_0`: preset `NAME`'s
 /// architecture with seeded weights whose matrices are stored as `FORMAT` (default
 /// [`DEFAULT_FORMAT`]); norms and the embedding table stay f32, as in GGUF files.
@@ -203,17 +184,7 @@ impl SyntheticSpec {
         }
         let format = match format {
             None => DEFAULT_FORMAT,
-            Some(f) => FORMATS
-                .iter()
-                .find(|(spelling, _)| spelling.eq_ignore_ascii_case(f))
-                .map(|&(_, dtype)| dtype)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = FORMATS.iter().map(|(s, _)| *s).collect();
-                    bad(format!(
-                        "unknown weight format `{f}`; formats: {}",
-                        known.join(", ")
-                    ))
-                })?,
+            Some(f) => crate::weights::parse_weight_format(f).map_err(bad)?,
         };
         Ok(Some(Self {
             preset: name.to_string(),
@@ -235,7 +206,7 @@ impl SyntheticSpec {
 
     /// The full spelling, format included: `synthetic:tiny@q4_1`.
     pub fn name(&self) -> String {
-        let format = FORMATS
+        let format = crate::weights::WEIGHT_FORMATS
             .iter()
             .find(|(_, dtype)| *dtype == self.format)
             .map_or("?", |(spelling, _)| spelling);

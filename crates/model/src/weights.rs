@@ -5,7 +5,7 @@
 //! batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's `QMatMul`;
 //! safetensors tensors are plain f32 matmuls.
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::config::ModelConfig;
@@ -34,6 +34,48 @@ impl LinearWeight {
     pub fn dense(tensor: Tensor) -> Self {
         Self::Candle(QMatMul::Tensor(tensor))
     }
+
+    /// An f32 matrix stored as `format`: kept dense for f32, quantized otherwise.
+    pub fn from_f32(tensor: Tensor, format: GgmlDType) -> candle_core::Result<Self> {
+        match format {
+            GgmlDType::F32 => Ok(Self::dense(tensor)),
+            _ => Self::quantized(QTensor::quantize(&tensor, format)?),
+        }
+    }
+}
+
+/// The spellings of a weight format (`--weights-format`, `synthetic:NAME@FORMAT`): llama.cpp's
+/// type names in lower case.
+pub const WEIGHT_FORMATS: &[(&str, GgmlDType)] = &[
+    ("f32", GgmlDType::F32),
+    ("f16", GgmlDType::F16),
+    ("bf16", GgmlDType::BF16),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("q8_k", GgmlDType::Q8K),
+];
+
+/// A weight format by name (see [`WEIGHT_FORMATS`]); the error lists the choices.
+pub fn parse_weight_format(name: &str) -> Result<GgmlDType, String> {
+    WEIGHT_FORMATS
+        .iter()
+        .find(|(spelling, _)| spelling.eq_ignore_ascii_case(name))
+        .map(|&(_, dtype)| dtype)
+        .ok_or_else(|| {
+            let known: Vec<&str> = WEIGHT_FORMATS.iter().map(|(s, _)| *s).collect();
+            format!(
+                "unknown weight format `{name}`; formats: {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// `y = x W^T (+ b)`.

@@ -8,82 +8,150 @@ use common::{argmax, max_abs_diff, mean_abs_diff};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use minserve_core::{ModelExecutor, StepBatch};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{load_model_with, CacheOptions, LoadOptions, ModelRunner};
+
+/// How far our logits strayed from candle's over a teacher-forced run.
+struct Agreement {
+    worst: f32,
+    worst_mean: f32,
+    top1_agree: usize,
+    steps: usize,
+}
 
 #[test]
 fn logits_match_candle_quantized_llama_with_teacher_forcing() {
-    let path = common::default_model_path();
-    let loaded = load_model(&path).expect("load");
-    let prompt = loaded
-        .tokenizer
-        .encode("The history of the printing press begins", false)
-        .unwrap();
-    let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
-
-    let mut file = std::fs::File::open(&path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut reference =
-        quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-
-    let block_size = runner.cache_geometry().block_size;
-    let block_table: Vec<u32> = (0..8).rev().collect();
-    let mut tokens = prompt.clone();
-    let mut new = prompt.len();
-    let mut worst = 0f32;
-    let mut worst_mean = 0f32;
-    let mut top1_agree = 0;
-    let steps = 33;
-    for step in 0..steps {
-        let computed = tokens.len() - new;
-        let mut batch = StepBatch::new();
-        batch.push_sequence(
-            &tokens[computed..],
-            computed,
-            &block_table,
-            block_size,
-            true,
-        );
-        let ours = runner.execute(&batch).unwrap();
-        let input = Tensor::new(&tokens[computed..], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let theirs = reference
-            .forward(&input, computed)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let diff = max_abs_diff(ours.row(0), &theirs);
-        let mean = mean_abs_diff(ours.row(0), &theirs);
-        worst = worst.max(diff);
-        worst_mean = worst_mean.max(mean);
-        if argmax(ours.row(0)) == argmax(&theirs) {
-            top1_agree += 1;
-        }
-        eprintln!(
-            "step {step}: |diff| max {diff:.4} mean {mean:.4}, top-1 ours {} theirs {}",
-            argmax(ours.row(0)),
-            argmax(&theirs)
-        );
-        // Teacher forcing: both models get the reference's token next.
-        tokens.push(argmax(&theirs) as u32);
-        new = 1;
-    }
+    let Agreement {
+        worst,
+        worst_mean,
+        top1_agree,
+        steps,
+    } = against_candle(LoadOptions::default());
     // The two implementations sum attention in different orders (candle's gemm vs our
     // fixed 8-lane kernel). Each quantized matmul then re-quantizes its input to 8 bits, so an
     // ulp of difference that crosses a rounding boundary moves a whole quantization step, and
     // logits (range about -20..30 here) drift by up to ~1 while their mean stays close. A real
     // bug (wrong RoPE pairing, a missed mask, a wrong slot) moves the mean by whole units and
-    // breaks top-1 agreement at once. Measured: max 1.16, mean at most 0.43, top-1 32 of 33.
-    assert!(worst < 2.5, "logits differ by up to {worst}");
+    // breaks top-1 agreement at once. Measured over the four prompts: max 2.11, mean at most
+    // 0.95, top-1 128 of 132 (97%); the misses are near-ties that flip with any change in
+    // rounding (an f32 instead of f16 cache flips a different set).
+    assert!(worst < 3.5, "logits differ by up to {worst}");
     assert!(
-        worst_mean < 0.6,
+        worst_mean < 1.5,
         "mean logit difference reached {worst_mean}"
     );
+    // The default weight path must keep 95% top-1 agreement with candle.
+    assert!(
+        top1_agree * 100 >= steps * 95,
+        "top-1 agreed on only {top1_agree} of {steps} steps"
+    );
+}
+
+/// `--weights-format q8_0` re-quantizes the file's Q4_1 matrices to 8-bit blocks: a second
+/// rounding on top of the file's, which an option may add but the default may not. Measured:
+/// top-1 124 of 132 (94%), mean difference at most 1.18; a broken conversion (wrong scales, a
+/// transposed matrix) would agree on almost nothing.
+#[test]
+fn requantized_q8_0_weights_still_agree_with_candle() {
+    let options = LoadOptions {
+        weights_format: Some(candle_core::quantized::GgmlDType::Q8_0),
+    };
+    let Agreement {
+        worst_mean,
+        top1_agree,
+        steps,
+        ..
+    } = against_candle(options);
     assert!(
         top1_agree * 100 >= steps * 90,
         "top-1 agreed on only {top1_agree} of {steps} steps"
     );
+    assert!(
+        worst_mean < 2.0,
+        "mean logit difference reached {worst_mean}"
+    );
+}
+
+/// Prompts of different kinds (prose, a list, code, a chat turn), each teacher-forced for
+/// [`STEPS_PER_PROMPT`] steps: agreement is counted over all of them, since a single prompt's
+/// 33 tokens are too few to tell 95% from 90% (one near-tie is 3%).
+const PROMPTS: [&str; 4] = [
+    "The history of the printing press begins",
+    "Ingredients for a simple bread: flour, water,",
+    "def fibonacci(n):\n    if n < 2:\n",
+    "<|im_start|>user\nWhat is the capital of Italy?<|im_end|>\n<|im_start|>assistant\n",
+];
+const STEPS_PER_PROMPT: usize = 33;
+
+/// The default model loaded with `options`, teacher-forced beside candle's `quantized_llama` on
+/// the file as it is.
+fn against_candle(options: LoadOptions) -> Agreement {
+    let path = common::default_model_path();
+    let loaded = load_model_with(&path, &options).expect("load");
+    let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
+    let block_size = runner.cache_geometry().block_size;
+
+    let mut worst = 0f32;
+    let mut worst_mean = 0f32;
+    let mut top1_agree = 0;
+    let mut steps = 0;
+    for (index, text) in PROMPTS.iter().enumerate() {
+        let prompt = loaded.tokenizer.encode(text, false).unwrap();
+        // candle's model keeps its own KV cache: a fresh one per prompt.
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let mut reference =
+            quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        // Scattered, descending blocks of a region of our pool no other prompt uses.
+        let block_table: Vec<u32> = (0..8).rev().map(|b| (index * 8 + b) as u32).collect();
+        let mut tokens = prompt.clone();
+        let mut new = prompt.len();
+        for step in 0..STEPS_PER_PROMPT {
+            let computed = tokens.len() - new;
+            let mut batch = StepBatch::new();
+            batch.push_sequence(
+                &tokens[computed..],
+                computed,
+                &block_table,
+                block_size,
+                true,
+            );
+            let ours = runner.execute(&batch).unwrap();
+            let input = Tensor::new(&tokens[computed..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let theirs = reference
+                .forward(&input, computed)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(ours.row(0), &theirs);
+            let mean = mean_abs_diff(ours.row(0), &theirs);
+            worst = worst.max(diff);
+            worst_mean = worst_mean.max(mean);
+            if argmax(ours.row(0)) == argmax(&theirs) {
+                top1_agree += 1;
+            }
+            steps += 1;
+            eprintln!(
+                "prompt {index} step {step}: |diff| max {diff:.4} mean {mean:.4}, top-1 ours {} theirs {}",
+                argmax(ours.row(0)),
+                argmax(&theirs)
+            );
+            // Teacher forcing: both models get the reference's token next.
+            tokens.push(argmax(&theirs) as u32);
+            new = 1;
+        }
+    }
+    eprintln!(
+        "top-1 agreement {top1_agree} of {steps}, max {worst:.3}, worst mean {worst_mean:.3}"
+    );
+    Agreement {
+        worst,
+        worst_mean,
+        top1_agree,
+        steps,
+    }
 }
