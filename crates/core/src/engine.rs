@@ -9,18 +9,32 @@
 //! that reports itself closed (its client went away) aborts the request, and its blocks are
 //! freed before the next step is scheduled.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::block_manager::BlockManager;
 use crate::detokenize::{IncrementalDetokenizer, TokenDecoder};
-use crate::executor::ModelExecutor;
-use crate::sampling::{Rng, Sampler, SamplingParams};
+use crate::executor::{Logits, ModelExecutor};
+use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledSeq, ScheduledStep, Scheduler, SchedulerConfig};
 use crate::sequence::{SeqId, Sequence};
 use crate::stop::StopStrings;
+
+thread_local! {
+    /// Scratch space for sampling, one per thread that samples (see `Engine::sample_rows`).
+    static SAMPLER: RefCell<Sampler> = RefCell::new(Sampler::new());
+}
+
+/// The token ids that end `request`'s sequences: EOS (unless `ignore_eos`) and its stop ids.
+fn stop_token_ids<'a>(eos: &'a [u32], request: &'a Request) -> impl Iterator<Item = u32> + 'a {
+    eos.iter()
+        .filter(|_| !request.ignore_eos)
+        .chain(&request.stop_token_ids)
+        .copied()
+}
 
 /// What a client asks for, already tokenized.
 #[derive(Debug, Clone)]
@@ -253,7 +267,6 @@ pub struct Engine<E: ModelExecutor> {
     decoder: Arc<dyn TokenDecoder>,
     eos_token_ids: Vec<u32>,
     limits: EngineLimits,
-    sampler: Sampler,
     seqs: HashMap<SeqId, SeqState>,
     requests: HashMap<RequestId, RequestState>,
     next_seq_id: SeqId,
@@ -287,7 +300,6 @@ impl<E: ModelExecutor> Engine<E> {
             decoder,
             eos_token_ids,
             limits,
-            sampler: Sampler::new(),
             seqs: HashMap::new(),
             requests: HashMap::new(),
             next_seq_id: 0,
@@ -407,10 +419,18 @@ impl<E: ModelExecutor> Engine<E> {
         match self.executor.execute(&step.batch) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
-                let mut rows = 0..logits.num_rows();
-                for s in step.seqs.iter().filter(|s| s.samples) {
-                    let Some(row) = rows.next() else { break };
-                    self.sample_and_emit(s.id, logits.row_mut(row));
+                let sampling: Vec<SeqId> = step
+                    .seqs
+                    .iter()
+                    .filter(|s| s.samples)
+                    .map(|s| s.id)
+                    .take(logits.num_rows())
+                    .collect();
+                let drawn = self.sample_rows(&sampling, &mut logits);
+                for (id, token) in sampling.into_iter().zip(drawn) {
+                    if let Some(token) = token {
+                        self.emit(id, token);
+                    }
                 }
             }
             Err(e) => self.fail_step(&step, &e.to_string()),
@@ -452,9 +472,76 @@ impl<E: ModelExecutor> Engine<E> {
         }
     }
 
-    /// Samples the next token of sequence `id` from its logits row and emits what it adds.
-    /// `row` is this sequence's logits, processed in place (no per-row copy of the vocabulary).
-    fn sample_and_emit(&mut self, id: SeqId, row: &mut [f32]) {
+    /// Draws the next token of every sequence in `ids` from its row of `logits` (row `i` for
+    /// `ids[i]`), rows in parallel on the executor's threads. Each row is processed in place (no
+    /// copy of the vocabulary) and uses only its own sequence's history and random generator, so
+    /// a token does not depend on how rows are spread over threads. `None` for a sequence that
+    /// is gone.
+    fn sample_rows(&mut self, ids: &[SeqId], logits: &mut Logits) -> Vec<Option<SampledToken>> {
+        /// What drawing one row needs, borrowed from the engine's state.
+        struct Job<'a> {
+            params: &'a SamplingParams,
+            prompt: &'a [u32],
+            output: &'a [u32],
+            /// Token ids banned for this step: EOS and stop ids until `min_tokens` are out.
+            banned: Vec<u32>,
+            rng: Rng,
+        }
+        let jobs: Vec<Option<Job>> = ids
+            .iter()
+            .map(|id| {
+                let state = self.seqs.get(id)?;
+                let seq = self.scheduler.get(*id)?;
+                let request = &self.requests.get(&state.request)?.request;
+                let output = seq.output_tokens();
+                let banned = if output.len() < request.min_tokens {
+                    stop_token_ids(&self.eos_token_ids, request).collect()
+                } else {
+                    Vec::new()
+                };
+                Some(Job {
+                    params: &request.params,
+                    prompt: &seq.tokens[..seq.num_prompt_tokens],
+                    output,
+                    banned,
+                    rng: state.rng.clone(),
+                })
+            })
+            .collect();
+        let vocab_size = logits.vocab_size;
+        let rows: Vec<Mutex<&mut [f32]>> =
+            logits.data.chunks_mut(vocab_size).map(Mutex::new).collect();
+        let drawn: Vec<Mutex<Option<(SampledToken, Rng)>>> =
+            jobs.iter().map(|_| Mutex::new(None)).collect();
+        self.executor.for_each_index(jobs.len(), &|i| {
+            let Some(job) = &jobs[i] else { return };
+            let mut row = rows[i].lock().unwrap_or_else(|e| e.into_inner());
+            for &t in &job.banned {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            let mut rng = job.rng.clone();
+            let token = SAMPLER.with(|sampler| {
+                sampler
+                    .borrow_mut()
+                    .sample_token(&mut row, job.params, job.prompt, job.output, &mut rng)
+            });
+            *drawn[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((token, rng));
+        });
+        ids.iter()
+            .zip(drawn)
+            .map(|(id, drawn)| {
+                let (token, rng) = drawn.into_inner().unwrap_or_else(|e| e.into_inner())?;
+                self.seqs.get_mut(id)?.rng = rng;
+                Some(token)
+            })
+            .collect()
+    }
+
+    /// Appends the token drawn for sequence `id` and emits what it adds: text (held back while
+    /// it could still become a stop string), and the end of the sequence when it stops.
+    fn emit(&mut self, id: SeqId, sampled: SampledToken) {
         let (Some(state), Some(seq)) = (self.seqs.get_mut(&id), self.scheduler.get_mut(id)) else {
             return;
         };
@@ -462,35 +549,13 @@ impl<E: ModelExecutor> Engine<E> {
             return;
         };
         let request = &request_state.request;
-        let stop_ids = || {
-            self.eos_token_ids
-                .iter()
-                .filter(|_| !request.ignore_eos)
-                .chain(&request.stop_token_ids)
-        };
-
-        let num_output = seq.len() - seq.num_prompt_tokens;
-        if num_output < request.min_tokens {
-            for &t in stop_ids() {
-                if let Some(l) = row.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let sampled = self.sampler.sample_token(
-            row,
-            &request.params,
-            &seq.tokens[..seq.num_prompt_tokens],
-            seq.output_tokens(),
-            &mut state.rng,
-        );
         seq.tokens.push(sampled.token);
         self.stats.generation_tokens += 1;
-        let num_output = num_output + 1;
+        let num_output = seq.len() - seq.num_prompt_tokens;
 
         let mut finish = None;
         let mut text = String::new();
-        if stop_ids().any(|&t| t == sampled.token) {
+        if stop_token_ids(&self.eos_token_ids, request).any(|t| t == sampled.token) {
             finish = Some(FinishReason::Stop);
         } else {
             let delta = state.detokenizer.push(sampled.token, self.decoder.as_ref());

@@ -44,4 +44,11 @@ pub trait ModelExecutor {
     /// Runs one step. Rows of the result follow `batch.sequences` order, one per sequence with
     /// `sample == true`.
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error>;
+
+    /// Calls `f(i)` once for every `i` in `0..n`, in any order, on the executor's own threads if
+    /// it has any: the engine samples a step's logits rows through this, so that sampling uses
+    /// the cores the model just used instead of one of them.
+    fn for_each_index(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(f)
+    }
 }

@@ -108,6 +108,10 @@ impl ModelExecutor for ModelRunner {
         self.model.config().vocab_size
     }
 
+    fn for_each_index(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        crate::pool::pool().execute_chunked(n, |range| range.for_each(f));
+    }
+
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits> {
         Ok(Logits {
             vocab_size: self.vocab_size(),
