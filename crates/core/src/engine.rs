@@ -478,14 +478,20 @@ impl<E: ModelExecutor> Engine<E> {
     /// a token does not depend on how rows are spread over threads. `None` for a sequence that
     /// is gone.
     fn sample_rows(&mut self, ids: &[SeqId], logits: &mut Logits) -> Vec<Option<SampledToken>> {
-        /// What drawing one row needs, borrowed from the engine's state.
+        /// What drawing one row reads, borrowed from the engine's state.
         struct Job<'a> {
             params: &'a SamplingParams,
             prompt: &'a [u32],
             output: &'a [u32],
             /// Token ids banned for this step: EOS and stop ids until `min_tokens` are out.
             banned: Vec<u32>,
+        }
+        /// What drawing one row writes: its logits (processed in place), the sequence's
+        /// generator (advanced), the token.
+        struct Draw<'a> {
+            row: &'a mut [f32],
             rng: Rng,
+            token: Option<SampledToken>,
         }
         let jobs: Vec<Option<Job>> = ids
             .iter()
@@ -504,35 +510,41 @@ impl<E: ModelExecutor> Engine<E> {
                     prompt: &seq.tokens[..seq.num_prompt_tokens],
                     output,
                     banned,
-                    rng: state.rng.clone(),
                 })
             })
             .collect();
-        let vocab_size = logits.vocab_size;
-        let rows: Vec<Mutex<&mut [f32]>> =
-            logits.data.chunks_mut(vocab_size).map(Mutex::new).collect();
-        let drawn: Vec<Mutex<Option<(SampledToken, Rng)>>> =
-            jobs.iter().map(|_| Mutex::new(None)).collect();
+        let draws: Vec<Mutex<Draw>> = logits
+            .data
+            .chunks_mut(logits.vocab_size)
+            .zip(ids)
+            .map(|(row, id)| {
+                Mutex::new(Draw {
+                    row,
+                    rng: self.seqs.get(id).map_or(Rng::new(0), |s| s.rng.clone()),
+                    token: None,
+                })
+            })
+            .collect();
         self.executor.for_each_index(jobs.len(), &|i| {
             let Some(job) = &jobs[i] else { return };
-            let mut row = rows[i].lock().unwrap_or_else(|e| e.into_inner());
+            let mut draw = draws[i].lock().unwrap_or_else(|e| e.into_inner());
+            let Draw { row, rng, token } = &mut *draw;
             for &t in &job.banned {
                 if let Some(l) = row.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
-            let mut rng = job.rng.clone();
-            let token = SAMPLER.with(|sampler| {
+            *token = Some(SAMPLER.with(|sampler| {
                 sampler
                     .borrow_mut()
-                    .sample_token(&mut row, job.params, job.prompt, job.output, &mut rng)
-            });
-            *drawn[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((token, rng));
+                    .sample_token(row, job.params, job.prompt, job.output, rng)
+            }));
         });
         ids.iter()
-            .zip(drawn)
-            .map(|(id, drawn)| {
-                let (token, rng) = drawn.into_inner().unwrap_or_else(|e| e.into_inner())?;
+            .zip(draws)
+            .map(|(id, draw)| {
+                let Draw { rng, token, .. } = draw.into_inner().unwrap_or_else(|e| e.into_inner());
+                let token = token?;
                 self.seqs.get_mut(id)?.rng = rng;
                 Some(token)
             })

@@ -174,7 +174,6 @@ fn zeroed_f16(len: usize) -> Vec<f16> {
 
 pub struct KvCache {
     pub layout: KvLayout,
-    pub dtype: KvDtype,
     pub layers: Vec<LayerKv>,
 }
 
@@ -190,11 +189,7 @@ impl KvCache {
         let layers = (0..config.num_layers)
             .map(|_| LayerKv::zeroed(dtype, layout.values_per_layer()))
             .collect();
-        Self {
-            layout,
-            dtype,
-            layers,
-        }
+        Self { layout, layers }
     }
 
     /// As many blocks as fit in `memory_bytes` (at least one).

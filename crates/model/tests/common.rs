@@ -27,3 +27,18 @@ pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn argmax(x: &[f32]) -> usize {
     minserve_core::sampling::argmax(x) as usize
 }
+
+/// Logits of the last token of `tokens` from one sequence, whose first `computed` tokens are
+/// already in `runner`'s cache at `block_table`: the new ones are prefilled in one step.
+pub fn step_one_sequence(
+    runner: &mut minserve_model::ModelRunner,
+    tokens: &[u32],
+    computed: usize,
+    block_table: &[u32],
+) -> Vec<f32> {
+    use minserve_core::{ModelExecutor, StepBatch};
+    let block_size = runner.cache_geometry().block_size;
+    let mut batch = StepBatch::new();
+    batch.push_sequence(&tokens[computed..], computed, block_table, block_size, true);
+    runner.execute(&batch).unwrap().row(0).to_vec()
+}

@@ -7,7 +7,6 @@ use common::{argmax, max_abs_diff, mean_abs_diff};
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
-use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{load_model_with, CacheOptions, LoadOptions, ModelRunner};
 
 /// How far our logits strayed from candle's over a teacher-forced run.
@@ -88,7 +87,6 @@ fn against_candle(options: LoadOptions) -> Agreement {
     let path = common::default_model_path();
     let loaded = load_model_with(&path, &options).expect("load");
     let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
-    let block_size = runner.cache_geometry().block_size;
 
     let mut worst = 0f32;
     let mut worst_mean = 0f32;
@@ -107,15 +105,7 @@ fn against_candle(options: LoadOptions) -> Agreement {
         let mut new = prompt.len();
         for step in 0..STEPS_PER_PROMPT {
             let computed = tokens.len() - new;
-            let mut batch = StepBatch::new();
-            batch.push_sequence(
-                &tokens[computed..],
-                computed,
-                &block_table,
-                block_size,
-                true,
-            );
-            let ours = runner.execute(&batch).unwrap();
+            let ours = common::step_one_sequence(&mut runner, &tokens, computed, &block_table);
             let input = Tensor::new(&tokens[computed..], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
@@ -127,17 +117,17 @@ fn against_candle(options: LoadOptions) -> Agreement {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let diff = max_abs_diff(ours.row(0), &theirs);
-            let mean = mean_abs_diff(ours.row(0), &theirs);
+            let diff = max_abs_diff(&ours, &theirs);
+            let mean = mean_abs_diff(&ours, &theirs);
             worst = worst.max(diff);
             worst_mean = worst_mean.max(mean);
-            if argmax(ours.row(0)) == argmax(&theirs) {
+            if argmax(&ours) == argmax(&theirs) {
                 top1_agree += 1;
             }
             steps += 1;
             eprintln!(
                 "prompt {index} step {step}: |diff| max {diff:.4} mean {mean:.4}, top-1 ours {} theirs {}",
-                argmax(ours.row(0)),
+                argmax(&ours),
                 argmax(&theirs)
             );
             // Teacher forcing: both models get the reference's token next.

@@ -13,7 +13,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
-use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::export::{export_gguf_to_hf, ExportDType};
 use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
 
@@ -60,17 +59,8 @@ impl Ours {
 
 impl Step for Ours {
     fn step(&mut self, tokens: &[u32], computed: usize) -> Vec<f32> {
-        let block_size = self.0.cache_geometry().block_size;
         let block_table: Vec<u32> = (0..8).rev().collect();
-        let mut batch = StepBatch::new();
-        batch.push_sequence(
-            &tokens[computed..],
-            computed,
-            &block_table,
-            block_size,
-            true,
-        );
-        self.0.execute(&batch).unwrap().row(0).to_vec()
+        common::step_one_sequence(&mut self.0, tokens, computed, &block_table)
     }
 }
 
