@@ -15,6 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::math::{add_in_place, rms_norm, silu_mul};
 use crate::paged_attention::{AttentionPlan, PagedAttention};
+use crate::pool::DisjointWriter;
 use crate::qmatmul::QInput;
 use crate::rope::RopeTable;
 use crate::tensor_util::with_f32_slice;
@@ -279,16 +280,10 @@ fn rows_parallel(out: &mut [f32], row_len: usize, f: impl Fn(Range<usize>, &mut 
     if out.len() < PARALLEL_VALUES {
         return f(0..rows, out);
     }
-    struct Rows(*mut f32);
-    // SAFETY: each worker gets disjoint row ranges (see below).
-    unsafe impl Sync for Rows {}
-    let base = Rows(out.as_mut_ptr());
+    let out = DisjointWriter::new(out);
     crate::pool::pool().execute_chunked(rows, |range| {
-        let base = &base;
         // SAFETY: the pool hands out disjoint ranges within `0..rows`.
-        let chunk = unsafe {
-            std::slice::from_raw_parts_mut(base.0.add(range.start * row_len), range.len() * row_len)
-        };
+        let chunk = unsafe { out.chunk(range.start * row_len, range.len() * row_len) };
         f(range, chunk)
     });
 }

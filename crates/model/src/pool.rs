@@ -198,6 +198,35 @@ impl Pool {
     }
 }
 
+/// Lets the threads of one section write disjoint parts of one buffer, which a `&mut` borrow
+/// cannot express.
+pub(crate) struct DisjointWriter<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: callers of `chunk` guarantee that no two live chunks overlap.
+unsafe impl Sync for DisjointWriter<'_> {}
+
+impl<'a> DisjointWriter<'a> {
+    pub(crate) fn new(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buffer: std::marker::PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// No other live chunk may overlap `start..start + len`.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "chunk out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
 fn wait_a_little(spins: &mut u32) {
     *spins += 1;
     if (*spins).is_multiple_of(SPINS_BEFORE_YIELD) {

@@ -26,6 +26,7 @@ use minserve_core::StepBatch;
 
 use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
 use crate::math::{dot, exp_minus_max};
+use crate::pool::DisjointWriter;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -234,7 +235,7 @@ impl PagedAttention<'_> {
         kernel: Kernel,
         tile: &Tile,
         queries: &[f32],
-        out: &DisjointWriter,
+        out: &DisjointWriter<'_>,
         scratch: &mut Scratch,
     ) {
         let layout = self.layout;
@@ -283,32 +284,6 @@ impl PagedAttention<'_> {
                 attend_row(kernel, self.kv, &row, scores, block, out);
             }
         }
-    }
-}
-
-/// Lets pool workers write disjoint parts of one output buffer.
-struct DisjointWriter {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: callers of `chunk` guarantee that no two live chunks overlap.
-unsafe impl Sync for DisjointWriter {}
-
-impl DisjointWriter {
-    fn new(buf: &mut [f32]) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-        }
-    }
-
-    /// # Safety
-    /// No other live chunk may overlap `start..start + len`.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn chunk(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len, "chunk out of bounds");
-        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }
 
