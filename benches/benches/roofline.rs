@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use minserve_benches::{default_model_path, median};
+use minserve_benches::{default_model_path, median, memory_gbps};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, ModelRunner};
 
@@ -23,23 +23,6 @@ fn gemm_gflops() -> f64 {
             let start = Instant::now();
             let _ = a.matmul(&b).expect("matmul");
             2.0 * (n * n * n) as f64 / start.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
-    median(&mut runs)
-}
-
-fn memory_gbps() -> f64 {
-    let len = 256 << 20; // well past any cache
-    let src = vec![1u8; len];
-    let mut dst = vec![0u8; len];
-    dst.copy_from_slice(&src);
-    let mut runs: Vec<f64> = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            dst.copy_from_slice(&src);
-            std::hint::black_box(&dst);
-            // A copy reads and writes every byte.
-            2.0 * len as f64 / start.elapsed().as_secs_f64() / 1e9
         })
         .collect();
     median(&mut runs)

@@ -25,15 +25,29 @@ pub struct KvLayout {
     pub head_dim: usize,
 }
 
+/// Both pools are `[num_blocks, kv_heads, ...]`, so one (block, KV head) is one contiguous run
+/// of `block_size * head_dim` values. Inside a run, values are token-major (`[block_size,
+/// head_dim]`: a token's value row is what the weighted sum adds), while keys are
+/// dimension-major (`[head_dim, block_size]`): the scores of a block's 16 tokens then come out
+/// of 16-lane multiply-adds directly, one token per lane, with no horizontal sums.
 impl KvLayout {
-    /// Offset of the first value of (`slot`, `kv_head`) in a layer's pool.
+    /// Offset of the value row of (`slot`, `kv_head`) in a layer's value pool: `head_dim`
+    /// values follow.
     #[inline]
-    pub fn offset(&self, slot: usize, kv_head: usize) -> usize {
+    pub fn value_offset(&self, slot: usize, kv_head: usize) -> usize {
         let (block, in_block) = (slot / self.block_size, slot % self.block_size);
         self.block_offset(block, kv_head) + in_block * self.head_dim
     }
 
-    /// Offset of the first key of `kv_head` in `block`: `block_size * head_dim` values follow.
+    /// Offset of dimension 0 of the key of (`slot`, `kv_head`) in a layer's key pool;
+    /// dimension `d` is `d * block_size` further.
+    #[inline]
+    pub fn key_offset(&self, slot: usize, kv_head: usize) -> usize {
+        let (block, in_block) = (slot / self.block_size, slot % self.block_size);
+        self.block_offset(block, kv_head) + in_block
+    }
+
+    /// Offset of the run of (`block`, `kv_head`) in either pool: `block_size * head_dim` values.
     #[inline]
     pub fn block_offset(&self, block: usize, kv_head: usize) -> usize {
         ((block * self.num_kv_heads + kv_head) * self.block_size) * self.head_dim
@@ -116,13 +130,11 @@ impl<T: KvElement> KvPool<T> {
         for (token, &slot) in slots.iter().enumerate() {
             for head in 0..layout.num_kv_heads {
                 let src = token * row + head * layout.head_dim;
-                let dst = layout.offset(slot as usize, head);
-                for (d, s) in self.keys[dst..dst + layout.head_dim]
-                    .iter_mut()
-                    .zip(&keys[src..src + layout.head_dim])
-                {
-                    *d = T::from_f32(*s);
+                let key = layout.key_offset(slot as usize, head);
+                for (d, s) in keys[src..src + layout.head_dim].iter().enumerate() {
+                    self.keys[key + d * layout.block_size] = T::from_f32(*s);
                 }
+                let dst = layout.value_offset(slot as usize, head);
                 for (d, s) in self.values[dst..dst + layout.head_dim]
                     .iter_mut()
                     .zip(&values[src..src + layout.head_dim])

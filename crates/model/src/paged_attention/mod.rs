@@ -9,15 +9,24 @@
 //!
 //! A work item is one sequence, one KV head and a tile of up to [`TILE_TOKENS`] of its new
 //! tokens: all the query heads that share the KV head (grouped-query attention) for all tokens
-//! of the tile. The tile's query rows run one after another over the same blocks, so only the
-//! first reads them from memory: a decode step streams the pool once per KV head rather than
-//! once per query head, and a prompt chunk reuses each block across its tokens.
+//! of the tile. A token's query heads of the group ([`QueryGroup`]) go through the kernel
+//! together, so each key and value is loaded once for all of them: a decode step streams the
+//! pool once per KV head rather than once per query head. The tile's tokens then run one after
+//! another over the same blocks, so a prompt chunk reuses each block from cache.
+//!
+//! # Keys are stored dimension-major
+//!
+//! Inside a block, a KV head's keys are laid out `[head_dim, block_size]` (values stay
+//! `[block_size, head_dim]`; see [`KvLayout`]). With 16-token blocks, one 512-bit load holds
+//! dimension `d` of all 16 keys, so a query's 16 scores accumulate lane by lane with
+//! multiply-adds (the query value broadcast): no horizontal sum per key, which cost more
+//! instructions than the products themselves.
 //!
 //! # Determinism
 //!
 //! A query row's arithmetic (its dot products, its softmax over exactly its own context, its
-//! weighted sum of values in key order) depends only on that row: not on the tile it lands in,
-//! nor on what else is in the batch. So a sequence's output is bit-identical alone, batched, or
+//! weighted sum of values in key order) depends only on that row and on block boundaries, which
+//! are fixed positions: not on the tile or group it lands in, nor on what else is in the batch. So a sequence's output is bit-identical alone, batched, or
 //! prefilled in chunks.
 
 use std::cell::RefCell;
@@ -25,7 +34,7 @@ use std::cell::RefCell;
 use minserve_core::StepBatch;
 
 use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
-use crate::math::{dot, exp_minus_max};
+use crate::math::exp_minus_max;
 use crate::pool::DisjointWriter;
 
 #[cfg(target_arch = "x86_64")]
@@ -87,7 +96,7 @@ pub struct PagedAttention<'a> {
 /// Per-worker buffers, kept across calls.
 #[derive(Default)]
 struct Scratch {
-    /// One query row's scores, then its unnormalized softmax weights.
+    /// A query group's scores, row after row, then their unnormalized softmax weights.
     scores: Vec<f32>,
     /// The portable kernel's widened block.
     block: Vec<f32>,
@@ -99,33 +108,37 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Which row kernel runs. Both compute the same attention; they differ in float rounding only
-/// (the AVX-512 one fuses multiply-adds), and each is deterministic.
+/// Which kernel runs. Both compute the same attention; they differ in float rounding only (the
+/// AVX-512 one fuses multiply-adds and sums a score's products in another order), and each is
+/// deterministic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX-512 F + F16C, for head sizes of 16, 32, 64 or 128: the query and the output
-    /// accumulators stay in registers, f16 values are widened as they are loaded.
+    /// AVX-512 F + F16C, for head sizes of 16, 32, 64 or 128 and 16-token blocks: scores and
+    /// output accumulators stay in registers, f16 values are widened as they are loaded.
     #[cfg(target_arch = "x86_64")]
     Avx512,
     Portable,
 }
 
 impl Kernel {
-    /// The fastest kernel for `head_dim` on this machine.
-    pub fn best(head_dim: usize) -> Kernel {
+    /// The fastest kernel for `head_dim` and `block_size` on this machine.
+    pub fn best(head_dim: usize, block_size: usize) -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if x86::supports(head_dim) {
+        if x86::supports(head_dim, block_size) {
             return Kernel::Avx512;
         }
-        let _ = head_dim;
+        let _ = (head_dim, block_size);
         Kernel::Portable
     }
 }
 
-/// One query row's inputs: everything [`attend_row`] needs besides the pool.
-pub struct Row<'a> {
-    pub query: &'a [f32],
-    /// Keys visible to the row: positions `0..context`.
+/// The query heads of one token that share a KV head (grouped-query attention): they see the
+/// same keys, so a kernel reads each key and value once for all of them.
+pub struct QueryGroup<'a> {
+    /// `num_rows * head_dim` values, one query head after the other.
+    pub queries: &'a [f32],
+    pub head_dim: usize,
+    /// Keys visible to the token: positions `0..context`.
     pub context: usize,
     /// (first key, offset in the pool) of each block, covering at least `context` keys.
     pub runs: &'a [(usize, usize)],
@@ -133,67 +146,101 @@ pub struct Row<'a> {
     pub scale: f32,
 }
 
-/// Attention of one query row over its sequence's cached keys and values in `kv`, into `out`
-/// (`head_dim` values). `scores` is scratch space of at least `row.context` values.
-pub fn attend_row(
+impl QueryGroup<'_> {
+    pub fn num_rows(&self) -> usize {
+        self.queries.len() / self.head_dim
+    }
+}
+
+/// Attention of a group of query rows over its sequence's cached keys and values in `kv`, into
+/// `out` (`num_rows * head_dim` values). `scores` is scratch space of at least
+/// `num_rows * context` values.
+pub fn attend_group(
     kernel: Kernel,
     kv: &LayerKv,
-    row: &Row,
+    group: &QueryGroup,
     scores: &mut [f32],
     block: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let head_dim = row.query.len();
-    assert!(out.len() == head_dim && scores.len() >= row.context);
-    let runs = &row.runs[..row.context.div_ceil(row.block_size)];
+    let head_dim = group.head_dim;
+    let rows = group.num_rows();
+    assert!(group.queries.len() == rows * head_dim && out.len() == rows * head_dim);
+    assert!(scores.len() >= rows * group.context);
+    let runs = &group.runs[..group.context.div_ceil(group.block_size)];
     let pool_len = match kv {
         LayerKv::F16(pool) => pool.keys.len().min(pool.values.len()),
         LayerKv::F32(pool) => pool.keys.len().min(pool.values.len()),
     };
     assert!(
         runs.iter()
-            .all(|&(_, start)| start + row.block_size * head_dim <= pool_len),
+            .all(|&(_, start)| start + group.block_size * head_dim <= pool_len),
         "attention: a block run lies outside the pool"
     );
     match (kernel, kv) {
         #[cfg(target_arch = "x86_64")]
         (Kernel::Avx512, kv) => {
             assert!(
-                x86::supports(head_dim),
+                x86::supports(head_dim, group.block_size),
                 "attention: AVX-512 kernel not usable here"
             );
             // SAFETY: the CPU features and head size are checked just above; every run lies
-            // inside the pool (asserted) and `scores` holds `context` values.
-            unsafe { x86::attend_row(kv, row, runs, scores, out) }
+            // inside the pool (asserted), `scores` and `out` are large enough (asserted).
+            unsafe { x86::attend_group(kv, group, runs, scores, out) }
         }
-        (Kernel::Portable, LayerKv::F16(pool)) => portable_row(pool, row, runs, scores, block, out),
-        (Kernel::Portable, LayerKv::F32(pool)) => portable_row(pool, row, runs, scores, block, out),
+        (Kernel::Portable, LayerKv::F16(pool)) => {
+            portable_group(pool, group, runs, scores, block, out)
+        }
+        (Kernel::Portable, LayerKv::F32(pool)) => {
+            portable_group(pool, group, runs, scores, block, out)
+        }
     }
 }
 
-/// [`attend_row`] in plain Rust, one widened block at a time.
-fn portable_row<T: KvElement>(
+/// [`attend_group`] in plain Rust, one row and one widened block at a time.
+fn portable_group<T: KvElement>(
     pool: &KvPool<T>,
-    row: &Row,
+    group: &QueryGroup,
     runs: &[(usize, usize)],
     scores: &mut [f32],
     block: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let head_dim = row.query.len();
-    block.resize(row.block_size * head_dim, 0.0);
-    let visible = |first_key: usize| (row.context - first_key).min(row.block_size);
+    let head_dim = group.head_dim;
+    for (query, out) in group
+        .queries
+        .chunks_exact(head_dim)
+        .zip(out.chunks_exact_mut(head_dim))
+    {
+        portable_row(pool, group, query, runs, scores, block, out);
+    }
+}
+
+fn portable_row<T: KvElement>(
+    pool: &KvPool<T>,
+    group: &QueryGroup,
+    query: &[f32],
+    runs: &[(usize, usize)],
+    scores: &mut [f32],
+    block: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let head_dim = group.head_dim;
+    block.resize(group.block_size * head_dim, 0.0);
+    let visible = |first_key: usize| (group.context - first_key).min(group.block_size);
+    let block_size = group.block_size;
     for &(first_key, start) in runs {
-        let n = visible(first_key);
-        let keys = T::widen(&pool.keys[start..start + n * head_dim], block);
-        for (score, key) in scores[first_key..]
+        // Keys are dimension-major: token t's dimension d is at `d * block_size + t`.
+        let keys = T::widen(&pool.keys[start..start + block_size * head_dim], block);
+        for (t, score) in scores[first_key..first_key + visible(first_key)]
             .iter_mut()
-            .zip(keys.chunks_exact(head_dim))
+            .enumerate()
         {
-            *score = dot(row.query, key) * row.scale;
+            let key = keys[t..].iter().step_by(block_size);
+            *score = query.iter().zip(key).map(|(q, k)| q * k).sum::<f32>() * group.scale;
         }
     }
-    let sum = exp_minus_max(&mut scores[..row.context]);
+    let sum = exp_minus_max(&mut scores[..group.context]);
     out.fill(0.0);
     for &(first_key, start) in runs {
         let n = visible(first_key);
@@ -217,7 +264,7 @@ impl PagedAttention<'_> {
     /// `queries` and `out` are `[tokens, num_heads, head_dim]`.
     pub fn run(&self, queries: &[f32], out: &mut [f32]) {
         let out = DisjointWriter::new(out);
-        let kernel = Kernel::best(self.layout.head_dim);
+        let kernel = Kernel::best(self.layout.head_dim, self.layout.block_size);
         crate::pool::pool().execute_chunked(self.plan.tiles.len(), |items| {
             SCRATCH.with(|scratch| {
                 let scratch = &mut scratch.borrow_mut();
@@ -228,7 +275,7 @@ impl PagedAttention<'_> {
         });
     }
 
-    /// Every query head of `tile.kv_head`'s group, for every token of the tile. The rows of a
+    /// Every query head of `tile.kv_head`'s group, for every token of the tile. The tokens of a
     /// tile read the same blocks one after another, so all but the first find them in cache.
     fn attend_tile(
         &self,
@@ -252,7 +299,7 @@ impl PagedAttention<'_> {
             block,
             runs,
         } = scratch;
-        scores.resize(max_context, 0.0);
+        scores.resize(group * max_context, 0.0);
         runs.clear();
         runs.extend(
             block_table
@@ -267,22 +314,21 @@ impl PagedAttention<'_> {
                 }),
         );
         for token in first_token..=last_token {
-            for head in 0..group {
-                // Heads `kv_head * group..` of a token share this KV head.
-                let head = tile.kv_head as usize * group + head;
-                let at = (token * self.num_heads + head) * head_dim;
-                let row = Row {
-                    query: &queries[at..at + head_dim],
-                    context: self.batch.positions[token] as usize + 1,
-                    runs,
-                    block_size: layout.block_size,
-                    scale: self.scale,
-                };
-                // SAFETY: each (token, query head) belongs to exactly one tile, and each tile
-                // to one worker, so no two live chunks overlap.
-                let out = unsafe { out.chunk(at, head_dim) };
-                attend_row(kernel, self.kv, &row, scores, block, out);
-            }
+            // Heads `kv_head * group..` of a token share this KV head, and sit side by side.
+            let at = (token * self.num_heads + tile.kv_head as usize * group) * head_dim;
+            let len = group * head_dim;
+            let queries = QueryGroup {
+                queries: &queries[at..at + len],
+                head_dim,
+                context: self.batch.positions[token] as usize + 1,
+                runs,
+                block_size: layout.block_size,
+                scale: self.scale,
+            };
+            // SAFETY: each (token, query head) belongs to exactly one tile, and each tile
+            // to one worker, so no two live chunks overlap.
+            let out = unsafe { out.chunk(at, len) };
+            attend_group(kernel, self.kv, &queries, scores, block, out);
         }
     }
 }
@@ -299,7 +345,7 @@ mod tests {
     fn every_kernel_matches_f64_attention() {
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if x86::supports(64) {
+        if x86::supports(64, 16) {
             kernels.push(Kernel::Avx512);
         }
         let mut seed = 1u64;
@@ -338,59 +384,71 @@ mod tests {
                     .enumerate()
                     .map(|(i, &b)| (i * block_size, layout.block_offset(b as usize, 1)))
                     .collect();
-                let query: Vec<f32> = (0..head_dim).map(|_| random()).collect();
+                // Five query heads: the AVX-512 kernel takes at most four (two for head size
+                // 128) at once, so this also splits a group.
+                const ROWS: usize = 5;
+                let queries: Vec<f32> = (0..ROWS * head_dim).map(|_| random()).collect();
                 let scale = 1.0 / (head_dim as f32).sqrt();
                 for context in [1, 15, 16, 17, context_max] {
                     let at = |p: usize, d: usize| (p * 2 + 1) * head_dim + d;
-                    let logits: Vec<f64> = (0..context)
-                        .map(|p| {
+                    let expected: Vec<f64> = queries
+                        .chunks_exact(head_dim)
+                        .flat_map(|query| {
+                            let logits: Vec<f64> = (0..context)
+                                .map(|p| {
+                                    (0..head_dim)
+                                        .map(|d| query[d] as f64 * cached(k[at(p, d)]))
+                                        .sum::<f64>()
+                                        * scale as f64
+                                })
+                                .collect();
+                            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let weights: Vec<f64> =
+                                logits.iter().map(|l| (l - max).exp()).collect();
+                            let total: f64 = weights.iter().sum();
                             (0..head_dim)
-                                .map(|d| query[d] as f64 * cached(k[at(p, d)]))
-                                .sum::<f64>()
-                                * scale as f64
-                        })
-                        .collect();
-                    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    let expected: Vec<f64> = (0..head_dim)
-                        .map(|d| {
-                            (0..context)
-                                .map(|p| weights[p] * cached(v[at(p, d)]))
-                                .sum::<f64>()
-                                / total
+                                .map(|d| {
+                                    (0..context)
+                                        .map(|p| weights[p] * cached(v[at(p, d)]))
+                                        .sum::<f64>()
+                                        / total
+                                })
+                                .collect::<Vec<f64>>()
                         })
                         .collect();
                     for &kernel in &kernels {
                         if kernel != Kernel::Portable && head_dim == 24 {
                             continue;
                         }
-                        let row = Row {
-                            query: &query,
-                            context,
-                            runs: &runs,
-                            block_size,
-                            scale,
-                        };
-                        let mut scores = vec![0.0; context];
-                        let mut out = vec![0.0; head_dim];
-                        attend_row(
-                            kernel,
-                            &cache.layers[0],
-                            &row,
-                            &mut scores,
-                            &mut Vec::new(),
-                            &mut out,
-                        );
-                        let worst = out
-                            .iter()
-                            .zip(&expected)
-                            .map(|(&o, &e)| (o as f64 - e).abs())
-                            .fold(0.0, f64::max);
-                        assert!(
+                        for rows in [1, 3, ROWS] {
+                            let group = QueryGroup {
+                                queries: &queries[..rows * head_dim],
+                                head_dim,
+                                context,
+                                runs: &runs,
+                                block_size,
+                                scale,
+                            };
+                            let mut scores = vec![0.0; rows * context];
+                            let mut out = vec![0.0; rows * head_dim];
+                            attend_group(
+                                kernel,
+                                &cache.layers[0],
+                                &group,
+                                &mut scores,
+                                &mut Vec::new(),
+                                &mut out,
+                            );
+                            let worst = out
+                                .iter()
+                                .zip(&expected)
+                                .map(|(&o, &e)| (o as f64 - e).abs())
+                                .fold(0.0, f64::max);
+                            assert!(
                             worst < 1e-5,
-                            "{kernel:?} {dtype:?} head {head_dim} context {context}: off by {worst}"
+                            "{kernel:?} {dtype:?} head {head_dim} context {context} rows {rows}: off by {worst}"
                         );
+                        }
                     }
                 }
             }

@@ -1,18 +1,26 @@
-//! The AVX-512 row kernel: the query (up to 128 values) and the output accumulators live in
-//! registers for the whole row, f16 keys and values are widened as they are loaded
+//! The AVX-512 kernel: the queries of up to four heads sharing a KV head (head size up to 128)
+//! and their output accumulators live in registers for the whole context, each key and value is
+//! loaded once for all of them, f16 keys and values are widened as they are loaded
 //! (`vcvtph2ps`), and multiply-adds are fused.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::Row;
+use super::QueryGroup;
 use crate::kv_cache::{KvPool, LayerKv};
 use crate::math::exp_minus_max;
 
-/// Whether this machine and head size can use [`attend_row`].
-pub fn supports(head_dim: usize) -> bool {
+/// Tokens per block the kernel is written for: one 512-bit register of f32 lanes.
+const BLOCK: usize = 16;
+
+/// How far ahead keys are prefetched, in blocks.
+const PREFETCH_BLOCKS: usize = 4;
+
+/// Whether this machine, head size and block size can use [`attend_group`].
+pub fn supports(head_dim: usize, block_size: usize) -> bool {
     matches!(head_dim, 16 | 32 | 64 | 128)
+        && block_size == BLOCK
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("f16c")
 }
@@ -40,68 +48,148 @@ impl Load16 for f16 {
     }
 }
 
+/// Query rows one kernel call handles at once: each needs its query and its accumulators in
+/// registers (`2 * CH` of the 32), next to the `CH` registers of the key or value being applied.
+const fn max_rows(chunks: usize) -> usize {
+    if chunks <= 4 {
+        4
+    } else {
+        2
+    }
+}
+
 /// # Safety
-/// [`supports`] holds for `row.query.len()`; every run of `runs` holds `block_size` keys and
-/// values inside the pool; `scores` holds `row.context` values; `out` holds `head_dim`.
-pub unsafe fn attend_row(
+/// [`supports`] holds for `group.head_dim`; every run of `runs` holds `block_size` keys and
+/// values inside the pool; `scores` holds `group.num_rows() * group.context` values; `out`
+/// holds `group.num_rows() * head_dim`.
+pub unsafe fn attend_group(
     kv: &LayerKv,
-    row: &Row,
+    group: &QueryGroup,
     runs: &[(usize, usize)],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    match (kv, row.query.len() / 16) {
-        (LayerKv::F16(pool), 1) => row_kernel::<f16, 1>(pool, row, runs, scores, out),
-        (LayerKv::F16(pool), 2) => row_kernel::<f16, 2>(pool, row, runs, scores, out),
-        (LayerKv::F16(pool), 4) => row_kernel::<f16, 4>(pool, row, runs, scores, out),
-        (LayerKv::F16(pool), 8) => row_kernel::<f16, 8>(pool, row, runs, scores, out),
-        (LayerKv::F32(pool), 1) => row_kernel::<f32, 1>(pool, row, runs, scores, out),
-        (LayerKv::F32(pool), 2) => row_kernel::<f32, 2>(pool, row, runs, scores, out),
-        (LayerKv::F32(pool), 4) => row_kernel::<f32, 4>(pool, row, runs, scores, out),
-        (LayerKv::F32(pool), 8) => row_kernel::<f32, 8>(pool, row, runs, scores, out),
-        _ => unreachable!("checked by `supports`"),
+    let chunks = group.head_dim / 16;
+    let step = max_rows(chunks);
+    let mut first = 0;
+    while first < group.num_rows() {
+        let rows = step.min(group.num_rows() - first);
+        let queries = &group.queries[first * group.head_dim..];
+        let scores = &mut scores[first * group.context..];
+        let out = &mut out[first * group.head_dim..];
+        macro_rules! kernel {
+            ($($ch:literal: $($g:literal)+;)+) => {
+                match (kv, chunks, rows) {
+                    $($(
+                        (LayerKv::F16(pool), $ch, $g) => {
+                            rows_kernel::<f16, $ch, $g>(pool, group, queries, runs, scores, out)
+                        }
+                        (LayerKv::F32(pool), $ch, $g) => {
+                            rows_kernel::<f32, $ch, $g>(pool, group, queries, runs, scores, out)
+                        }
+                    )+)+
+                    _ => unreachable!("checked by `supports` and `max_rows`"),
+                }
+            };
+        }
+        kernel! {
+            1: 1 2 3 4;
+            2: 1 2 3 4;
+            4: 1 2 3 4;
+            8: 1 2;
+        }
+        first += rows;
     }
 }
 
-/// One row with a head size of `16 * CH`.
+/// `G` query rows with a head size of `16 * CH`, all over the same keys: each key and value
+/// is loaded (and widened) once for the `G` rows. A row's own arithmetic is the same whatever
+/// `G` is, so results do not depend on how a group is split.
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn row_kernel<T: Load16, const CH: usize>(
+unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
     pool: &KvPool<T>,
-    row: &Row,
+    group: &QueryGroup,
+    queries: &[f32],
     runs: &[(usize, usize)],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let head_dim = 16 * CH;
-    let visible = |first_key: usize| (row.context - first_key).min(row.block_size);
-    let query: [__m512; CH] =
-        std::array::from_fn(|c| _mm512_loadu_ps(row.query.as_ptr().add(16 * c)));
+    let context = group.context;
+    let visible = |first_key: usize| (context - first_key).min(BLOCK);
+    let block_bytes = BLOCK * head_dim * std::mem::size_of::<T>();
     let scores_ptr = scores.as_mut_ptr();
-    for &(first_key, start) in runs {
+    // Keys are dimension-major within a block: lane t of `key(d)` is token t's dimension d, so
+    // a row's 16 scores accumulate lane-wise. Four accumulators per row (dimensions taken round
+    // robin) keep enough independent multiply-adds in flight.
+    // Blocks lie anywhere in the pool, where the hardware prefetcher cannot guess, and a block
+    // costs less compute than a trip to memory: keys are fetched PREFETCH_BLOCKS ahead, and
+    // each block's values while its keys are used, for the second pass.
+    let prefetch_keys = |r: usize| {
+        if let Some(&(_, start)) = runs.get(r) {
+            prefetch::<_MM_HINT_T1>(pool.keys.as_ptr().add(start) as *const i8, block_bytes);
+        }
+    };
+    for r in 0..PREFETCH_BLOCKS {
+        prefetch_keys(r);
+    }
+    for (r, &(first_key, start)) in runs.iter().enumerate() {
+        prefetch_keys(r + PREFETCH_BLOCKS);
+        prefetch::<_MM_HINT_T1>(pool.values.as_ptr().add(start) as *const i8, block_bytes);
         let keys = pool.keys.as_ptr().add(start);
-        for j in 0..visible(first_key) {
-            let key = keys.add(j * head_dim);
-            let mut acc = _mm512_mul_ps(query[0], T::load16(key));
-            for (c, q) in query.iter().enumerate().skip(1) {
-                acc = _mm512_fmadd_ps(*q, T::load16(key.add(16 * c)), acc);
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for d in (0..head_dim).step_by(4) {
+            for a in 0..4 {
+                let key = T::load16(keys.add((d + a) * BLOCK));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let q = _mm512_set1_ps(*queries.get_unchecked(g * head_dim + d + a));
+                    acc[a] = _mm512_fmadd_ps(q, key, acc[a]);
+                }
             }
-            *scores_ptr.add(first_key + j) = _mm512_reduce_add_ps(acc) * row.scale;
+        }
+        let lanes = ((1u32 << visible(first_key)) - 1) as u16;
+        let scale = _mm512_set1_ps(group.scale);
+        for (g, acc) in acc.iter().enumerate() {
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let at = scores_ptr.add(g * context + first_key);
+            _mm512_mask_storeu_ps(at, lanes, _mm512_mul_ps(sum, scale));
         }
     }
-    let sum = exp_minus_max(&mut scores[..row.context]);
-    let mut acc = [_mm512_setzero_ps(); CH];
+    let mut inverse = [0f32; G];
+    for (g, inverse) in inverse.iter_mut().enumerate() {
+        *inverse = 1.0 / exp_minus_max(&mut scores[g * context..(g + 1) * context]);
+    }
+    let mut acc = [[_mm512_setzero_ps(); CH]; G];
     for &(first_key, start) in runs {
         let values = pool.values.as_ptr().add(start);
         for j in 0..visible(first_key) {
-            let weight = _mm512_set1_ps(*scores_ptr.add(first_key + j));
             let value = values.add(j * head_dim);
-            for (c, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(weight, T::load16(value.add(16 * c)), *acc);
+            let mut v = [_mm512_setzero_ps(); CH];
+            for (c, v) in v.iter_mut().enumerate() {
+                *v = T::load16(value.add(16 * c));
+            }
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let weight = _mm512_set1_ps(*scores_ptr.add(g * context + first_key + j));
+                for c in 0..CH {
+                    acc[c] = _mm512_fmadd_ps(weight, v[c], acc[c]);
+                }
             }
         }
     }
-    let inverse = _mm512_set1_ps(1.0 / sum);
-    for (c, acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), _mm512_mul_ps(*acc, inverse));
+    for (g, acc) in acc.iter().enumerate() {
+        let inverse = _mm512_set1_ps(inverse[g]);
+        for (c, acc) in acc.iter().enumerate() {
+            let at = out.as_mut_ptr().add(g * head_dim + 16 * c);
+            _mm512_storeu_ps(at, _mm512_mul_ps(*acc, inverse));
+        }
+    }
+}
+
+/// Prefetches the cache lines of the `bytes` at `at`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn prefetch<const HINT: i32>(at: *const i8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<HINT>(at.add(line));
     }
 }
