@@ -10,6 +10,7 @@ pub mod detokenize;
 pub mod engine;
 pub mod engine_thread;
 pub mod executor;
+pub mod math;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;

@@ -19,6 +19,8 @@
 
 use std::cmp::Ordering;
 
+use crate::math::exp;
+
 /// Most alternatives a request may ask for with `logprobs` (OpenAI's limit).
 pub const MAX_LOGPROBS: usize = 20;
 
@@ -233,6 +235,8 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
 pub struct Sampler {
     /// `(token id, value)` pairs still in the running; the value is a logit, then a weight.
     candidates: Vec<(u32, f32)>,
+    /// The candidates' weights, contiguous, so that computing and walking them vectorizes.
+    weights: Vec<f32>,
     /// Token ids of the history, sorted so that they can be deduplicated or counted.
     history: Vec<u32>,
 }
@@ -369,18 +373,26 @@ impl Sampler {
             candidates.retain(|&(_, logit)| scaled_gap(logit) >= min_gap);
         }
 
-        let mut total = 0.0f64;
-        for candidate in candidates.iter_mut() {
-            let weight = scaled_gap(candidate.1).exp();
-            // NaN only with out-of-range parameters (a NaN temperature); it weighs nothing.
-            candidate.1 = if weight.is_nan() { 0.0 } else { weight };
-            total += f64::from(candidate.1);
+        // Weights in a contiguous buffer, through a polynomial `exp`, summed in one f64 per
+        // lane: the compiler vectorizes all of it. Over a whole vocabulary, libm's `expf`, the
+        // (token, weight) layout and a serial f64 sum were most of the sampler's time.
+        let weights = &mut self.weights;
+        weights.resize(candidates.len(), 0.0);
+        for (weight, &(_, logit)) in weights.iter_mut().zip(candidates.iter()) {
+            // A NaN gap (only with out-of-range parameters: a NaN temperature) weighs nothing.
+            *weight = exp(scaled_gap(logit));
         }
+        let mut total = sum_f64(weights);
 
         if params.top_p < 1.0 {
+            for (candidate, &weight) in candidates.iter_mut().zip(weights.iter()) {
+                candidate.1 = weight;
+            }
             let keep = top_p_len(candidates, params.top_p, total);
             candidates.truncate(keep);
-            total = candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+            weights.clear();
+            weights.extend(candidates.iter().map(|&(_, weight)| weight));
+            total = sum_f64(weights);
         }
 
         if total <= 0.0 {
@@ -389,19 +401,11 @@ impl Sampler {
         }
         // Inverse-CDF draw over the survivors, in whatever order they are in: that order is a
         // deterministic function of the logits, so a seed still reproduces its tokens.
-        let mut remaining = rng.next_f64() * total;
-        let mut last = None;
-        for &(token, weight) in candidates.iter() {
-            if weight > 0.0 {
-                remaining -= f64::from(weight);
-                if remaining < 0.0 {
-                    return token;
-                }
-                last = Some(token);
-            }
+        match inverse_cdf(weights, rng.next_f64() * total) {
+            Some(index) => candidates[index].0,
+            // No positive weight despite a positive total: unreachable but for rounding.
+            None => argmax(logits),
         }
-        // Rounding left a sliver of mass past the last candidate: it belongs to that candidate.
-        last.unwrap_or_else(|| argmax(logits))
     }
 
     /// The `n` most likely tokens with their logprobs, most likely first.
@@ -487,6 +491,54 @@ fn sanitize(logits: &mut [f32]) {
     if !any_possible {
         logits.fill(0.0);
     }
+}
+
+/// Lanes of the vectorized sums below.
+const LANES: usize = 8;
+
+/// Sum of `weights` in f64, one partial sum per lane (vectorizes; the order is fixed, so the
+/// result is deterministic).
+fn sum_f64(weights: &[f32]) -> f64 {
+    let mut partial = [0.0f64; LANES];
+    let chunks = weights.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&w| f64::from(w)).sum();
+    for chunk in chunks {
+        for (partial, &w) in partial.iter_mut().zip(chunk) {
+            *partial += f64::from(w);
+        }
+    }
+    partial.iter().sum::<f64>() + tail
+}
+
+/// The index where the running sum of `weights` first exceeds `target` (the inverse CDF of a
+/// draw), or the last positive weight if rounding leaves the target unreached. Whole chunks are
+/// skipped on their (vectorized) sums; only the chunk holding the answer is walked one by one.
+fn inverse_cdf(weights: &[f32], target: f64) -> Option<usize> {
+    const CHUNK: usize = 256;
+    let mut remaining = target;
+    let mut last_positive = None;
+    for (c, chunk) in weights.chunks(CHUNK).enumerate() {
+        let mass = sum_f64(chunk);
+        if mass <= 0.0 {
+            continue;
+        }
+        if remaining >= mass {
+            remaining -= mass;
+            last_positive = chunk.iter().rposition(|&w| w > 0.0).map(|i| c * CHUNK + i);
+            continue;
+        }
+        for (i, &w) in chunk.iter().enumerate() {
+            if w > 0.0 {
+                remaining -= f64::from(w);
+                last_positive = Some(c * CHUNK + i);
+                if remaining < 0.0 {
+                    break;
+                }
+            }
+        }
+        return last_positive;
+    }
+    last_positive
 }
 
 /// Length of the smallest set of most likely candidates whose weight reaches `top_p` of
