@@ -721,6 +721,7 @@ impl<E: ModelExecutor> Engine<E> {
             "blocks_free": self.blocks.num_free_blocks(),
             "blocks_cached": self.blocks.num_cached_free_blocks(),
             "preempted": step.preempted,
+            "block_copies": step.batch.block_copies.len(),
             "prefix_hit_tokens": step.seqs.iter().map(|s| s.num_cached_tokens).sum::<usize>(),
         });
         let _ = writeln!(out, "{record}");
