@@ -270,6 +270,9 @@ impl Scheduler {
 
     /// Samples still to be forked from the sequences `ids`.
     fn num_unforked(&self, ids: &[SeqId]) -> usize {
+        if self.unforked.is_empty() {
+            return 0; // the common case, kept off the per-step path over all running sequences
+        }
         ids.iter()
             .filter_map(|id| self.unforked.get(id))
             .map(Vec::len)
