@@ -5,6 +5,8 @@
 //! last step. The model sees all those tokens as one flat list, so a step can mix prompt chunks and
 //! decode tokens of many sequences without padding.
 
+use crate::block_manager::BlockCopy;
+
 /// The part of a [`StepBatch`] that belongs to one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequenceChunk {
@@ -41,6 +43,10 @@ pub struct StepBatch {
     pub slot_mapping: Vec<u32>,
     /// The sequences, in the same order as their rows.
     pub sequences: Vec<SequenceChunk>,
+    /// Blocks whose K/V the model copies, `(source, destination)`, one after another in this
+    /// order, before it writes any of this step's K/V: copy-on-write of a block that a
+    /// sequence is about to write while others still read it (see `block_manager.rs`).
+    pub block_copies: Vec<BlockCopy>,
 }
 
 impl StepBatch {

@@ -1,8 +1,9 @@
 //! The KV block manager: which physical cache blocks each sequence uses, shared where prompts
-//! share a prefix.
+//! share a prefix or a request's samples share their prompt.
 //!
 //! The model's KV cache is a fixed pool of blocks of `block_size` tokens (PagedAttention). This
-//! module only does the bookkeeping; it never touches tensors.
+//! module only does the bookkeeping; it never touches tensors. When a sequence needs a block's
+//! contents duplicated (copy-on-write, below), it records the copy and the model performs it.
 //!
 //! * **Reference counts.** A block is used by as many sequences as have it in their block
 //!   table. A block whose count drops to zero joins the free queue.
@@ -14,16 +15,24 @@
 //! * **LRU eviction.** Freed blocks keep their content and registration while they wait in the
 //!   free queue, so a later request can still hit them. A fresh block is always taken from the
 //!   front of the queue, the block freed longest ago, and loses its registration then.
-//! * **Shared blocks are never written.** Only full, registered blocks are ever shared; a
-//!   sequence writes only into blocks past its cached prefix, which it owns alone. The `n`
-//!   samples of one request share their prompt this way too (as in vLLM v1), so no
-//!   copy-on-write of block contents is ever needed: each sample recomputes only the prompt's
-//!   last, partial block.
+//! * **Forking and copy-on-write (vLLM v0).** The `n` samples of one request share their whole
+//!   prompt: once the first sample has computed it, [`fork`](BlockManager::fork) gives each
+//!   other sample the same block table, the last, partial block included. Full blocks are never
+//!   written again, so they stay shared. The partial block is where every sample writes its
+//!   next token, so [`allocate_slots`](BlockManager::allocate_slots) gives a sequence about to
+//!   write into a block that others still use a fresh block of its own and records a copy
+//!   `(src, dst)`; the scheduler hands the step's copies to the model
+//!   ([`StepBatch::block_copies`]), which performs them, in order, before it writes any K/V. The
+//!   last sample to write finds the block its own and writes in place.
+//! * **Shared blocks are never written.** Whatever shares a block (a cached prefix, a fork),
+//!   no step writes into a block whose reference count is above one
+//!   ([`check_step`](BlockManager::check_step)).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
+use crate::batch::StepBatch;
 use crate::sequence::Sequence;
 
 /// Hash of a full block's tokens chained with its parent's hash.
@@ -54,6 +63,9 @@ pub struct CachedPrefix {
     pub hashes: Vec<BlockHash>,
 }
 
+/// A block's contents to duplicate before a step writes: `(source, destination)` block ids.
+pub type BlockCopy = (u32, u32);
+
 /// Counters for metrics and traces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixCacheStats {
@@ -73,6 +85,8 @@ pub struct BlockManager {
     cached: HashMap<BlockHash, u32>,
     prefix_caching: bool,
     stats: PrefixCacheStats,
+    /// Copy-on-write copies made since the scheduler last took them, in the order made.
+    pending_copies: Vec<BlockCopy>,
 }
 
 impl BlockManager {
@@ -86,6 +100,7 @@ impl BlockManager {
             cached: HashMap::new(),
             prefix_caching,
             stats: PrefixCacheStats::default(),
+            pending_copies: Vec::new(),
         };
         for id in 0..num_blocks as u32 {
             manager.push_free(id);
@@ -160,7 +175,10 @@ impl BlockManager {
 
     /// Makes room for `num_new_tokens` more tokens of `seq`, after first adopting `prefix`
     /// (from [`find_cached_prefix`](Self::find_cached_prefix)) for a sequence that has no
-    /// blocks yet. Registers every block that these tokens fill.
+    /// blocks yet. A block these tokens land in that other sequences still use is first
+    /// replaced by a private copy (copy-on-write; the copy is recorded for the model, see
+    /// [`take_block_copies`](Self::take_block_copies)). Registers every block that these
+    /// tokens fill.
     ///
     /// Returns false, changing nothing, when there are not enough free blocks.
     pub fn allocate_slots(
@@ -181,13 +199,18 @@ impl BlockManager {
         let needed = self
             .blocks_for(computed + num_new_tokens)
             .saturating_sub(table_len);
+        let written = self.held_blocks_written(seq, computed, num_new_tokens);
+        let to_copy = written
+            .clone()
+            .filter(|&i| self.is_shared(seq.block_table[i]))
+            .count();
         // Reused blocks that sit in the free queue leave it, so they do not count as room.
         let reused_free = prefix
             .blocks
             .iter()
             .filter(|&&id| self.blocks[id as usize].ref_count == 0)
             .count();
-        if needed > self.free_queue.len() - reused_free {
+        if needed + to_copy > self.free_queue.len() - reused_free {
             return false;
         }
 
@@ -201,12 +224,79 @@ impl BlockManager {
             seq.block_hashes.push(hash);
         }
         seq.num_computed_tokens = computed;
+        for i in written {
+            if self.is_shared(seq.block_table[i]) {
+                self.copy_on_write(seq, i);
+            }
+        }
         for _ in 0..needed {
             let id = self.take_fresh_block();
             seq.block_table.push(id);
         }
         self.register_full_blocks(seq, computed + num_new_tokens);
         true
+    }
+
+    /// Logical blocks, among those `seq` already holds, that its tokens
+    /// `computed..computed + num_new` are written into.
+    fn held_blocks_written(
+        &self,
+        seq: &Sequence,
+        computed: usize,
+        num_new: usize,
+    ) -> std::ops::Range<usize> {
+        let first = computed / self.block_size;
+        let end = self
+            .blocks_for(computed + num_new)
+            .min(seq.block_table.len());
+        first..end.max(first)
+    }
+
+    fn is_shared(&self, id: u32) -> bool {
+        self.blocks[id as usize].ref_count > 1
+    }
+
+    /// Gives `seq` a private copy of its shared logical block `i`. Its K/V are only copied by
+    /// the model, before the step writes, so the copy is queued for the scheduler to hand over.
+    fn copy_on_write(&mut self, seq: &mut Sequence, i: usize) {
+        let src = seq.block_table[i];
+        let dst = self.take_fresh_block();
+        // Shared, so others still hold it: it never reaches the free queue here.
+        self.blocks[src as usize].ref_count -= 1;
+        seq.block_table[i] = dst;
+        self.pending_copies.push((src, dst));
+    }
+
+    /// The block copies that copy-on-write recorded since the last call, in the order they
+    /// must be performed: a block freed after being copied from can be reused, as the
+    /// destination of a later copy, within the same step.
+    pub fn take_block_copies(&mut self) -> Vec<BlockCopy> {
+        std::mem::take(&mut self.pending_copies)
+    }
+
+    /// Makes `child`, a sample of the same request as `parent` whose tokens so far are the
+    /// same, share all of `parent`'s blocks and computed tokens: nothing is computed or copied
+    /// now; the first write into a shared block copies it ([`allocate_slots`]).
+    ///
+    /// [`allocate_slots`]: Self::allocate_slots
+    pub fn fork(&mut self, parent: &Sequence, child: &mut Sequence) {
+        assert!(
+            child.block_table.is_empty(),
+            "sequence {} is forked but already holds blocks",
+            child.id
+        );
+        let computed = parent.num_computed_tokens;
+        debug_assert_eq!(
+            child.tokens.get(..computed),
+            Some(&parent.tokens[..computed]),
+            "a fork starts from its parent's computed tokens"
+        );
+        for &id in &parent.block_table {
+            self.acquire(id);
+        }
+        child.block_table.clone_from(&parent.block_table);
+        child.block_hashes.clone_from(&parent.block_hashes);
+        child.num_computed_tokens = computed;
     }
 
     /// Returns all of a sequence's blocks. Blocks nobody else uses join the free queue, the
@@ -295,28 +385,42 @@ impl BlockManager {
     /// Checks every invariant of the bookkeeping against the live sequences; for tests.
     pub fn check_invariants<'a>(&self, live: impl IntoIterator<Item = &'a Sequence>) {
         let mut refs = vec![0u32; self.blocks.len()];
+        // The computed tokens each block holds for the first sequence seen using it: every
+        // other user must agree with them where both have computed.
+        let mut contents: HashMap<u32, &[u32]> = HashMap::new();
         for seq in live {
             assert!(
                 seq.block_table.len() * self.block_size >= seq.num_computed_tokens,
                 "sequence {} has computed tokens outside its blocks",
                 seq.id
             );
+            let computed = &seq.tokens[..seq.num_computed_tokens];
+            for (&id, held) in seq.block_table.iter().zip(computed.chunks(self.block_size)) {
+                let seen = *contents.entry(id).or_insert(held);
+                let common = seen.len().min(held.len());
+                assert_eq!(
+                    seen[..common],
+                    held[..common],
+                    "block {id} is shared by sequences that disagree on its tokens"
+                );
+            }
             for &id in &seq.block_table {
                 refs[id as usize] += 1;
             }
         }
+        let (mut used, mut free, mut cached) = (0, 0, 0);
         for (id, block) in self.blocks.iter().enumerate() {
             assert_eq!(block.ref_count, refs[id], "block {id}: reference count");
-            assert_eq!(
-                block.free_since.is_some(),
-                block.ref_count == 0,
-                "block {id}: in the free queue exactly when unused"
-            );
-            if block.ref_count > 1 {
-                assert!(
-                    block.hash.is_some(),
-                    "block {id} is shared but not a full cached block"
-                );
+            match (block.free_since, block.ref_count) {
+                (None, r) if r > 0 => used += 1,
+                (Some(tick), 0) => {
+                    assert_eq!(self.free_queue.get(&tick), Some(&(id as u32)));
+                    match block.hash {
+                        Some(_) => cached += 1,
+                        None => free += 1,
+                    }
+                }
+                _ => panic!("block {id}: in the free queue exactly when unused"),
             }
             if let Some(hash) = block.hash {
                 assert_eq!(
@@ -331,16 +435,37 @@ impl BlockManager {
                 );
             }
         }
+        assert_eq!(self.free_queue.len(), free + cached, "free queue length");
         assert_eq!(
-            self.free_queue.len() + refs.iter().filter(|&&r| r > 0).count(),
+            free + used + cached,
             self.blocks.len(),
-            "free + used = total"
+            "free + used + cached = total"
         );
         for (&hash, &id) in &self.cached {
             assert_eq!(
                 self.blocks[id as usize].hash,
                 Some(hash),
                 "stale registration"
+            );
+        }
+    }
+
+    /// Checks that a scheduled step writes no shared block: neither the slots of its new
+    /// tokens nor the destinations of its copies lie in a block anyone else uses. Run by the
+    /// scheduler in debug builds.
+    pub fn check_step(&self, batch: &StepBatch) {
+        for &slot in &batch.slot_mapping {
+            let id = slot as usize / self.block_size;
+            assert_eq!(
+                self.blocks[id].ref_count, 1,
+                "the step writes slot {slot} of block {id}, which is not private"
+            );
+        }
+        for &(src, dst) in &batch.block_copies {
+            assert_ne!(src, dst, "a block copied onto itself");
+            assert_eq!(
+                self.blocks[dst as usize].ref_count, 1,
+                "the step copies block {src} onto block {dst}, which is not private"
             );
         }
     }
@@ -418,6 +543,93 @@ mod tests {
         let d = seq(4, &[1, 2, 3, 4, 5]);
         assert!(bm.find_cached_prefix(&d).blocks.is_empty());
         bm.check_invariants([&c]);
+    }
+
+    /// A parent that has computed a 6-token prompt in blocks of 4, and two forks of it.
+    fn forked_family(bm: &mut BlockManager) -> [Sequence; 3] {
+        let prompt = [1, 2, 3, 4, 5, 6];
+        let mut parent = seq(1, &prompt);
+        assert!(bm.allocate_slots(&mut parent, 6, None));
+        parent.num_computed_tokens = 6;
+        let mut forks = [seq(2, &prompt), seq(3, &prompt)];
+        for fork in &mut forks {
+            bm.fork(&parent, fork);
+            assert_eq!(fork.block_table, parent.block_table);
+            assert_eq!(fork.block_hashes, parent.block_hashes);
+            assert_eq!(fork.num_computed_tokens, 6);
+        }
+        let [a, b] = forks;
+        [parent, a, b]
+    }
+
+    #[test]
+    fn forks_share_every_block_and_writers_copy_the_shared_partial_one() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let [mut parent, mut a, mut b] = forked_family(&mut bm);
+        let [full, partial] = [parent.block_table[0], parent.block_table[1]];
+        assert_eq!((bm.ref_count(full), bm.ref_count(partial)), (3, 3));
+        assert_eq!(bm.num_free_blocks(), 6, "forking takes no block");
+        bm.check_invariants([&parent, &a, &b]);
+
+        // Each writes its 7th token into the partial block: the first two writers copy it.
+        for (s, token) in [(&mut a, 10), (&mut parent, 11), (&mut b, 12)] {
+            s.tokens.push(token);
+            assert!(bm.allocate_slots(s, 1, None));
+            s.num_computed_tokens += 1;
+        }
+        let copy_of_a = a.block_table[1];
+        let copy_of_parent = parent.block_table[1];
+        assert_eq!(
+            bm.take_block_copies(),
+            vec![(partial, copy_of_a), (partial, copy_of_parent)]
+        );
+        assert!(bm.take_block_copies().is_empty(), "taken once");
+        assert_eq!(
+            b.block_table[1], partial,
+            "the last writer keeps the original"
+        );
+        assert_eq!(
+            bm.ref_count(full),
+            3,
+            "the full block is never written, so stays shared"
+        );
+        for id in [copy_of_a, copy_of_parent, partial] {
+            assert_eq!(bm.ref_count(id), 1);
+        }
+        bm.check_invariants([&parent, &a, &b]);
+
+        for s in [&mut parent, &mut a, &mut b] {
+            bm.free(s);
+        }
+        bm.check_invariants([]);
+        assert_eq!(bm.num_free_blocks(), 8);
+    }
+
+    #[test]
+    fn copy_on_write_without_a_free_block_changes_nothing() {
+        let mut bm = BlockManager::new(2, 4, true);
+        let [parent, mut a, b] = forked_family(&mut bm);
+        assert_eq!(bm.num_free_blocks(), 0);
+        a.tokens.push(10);
+        let table = a.block_table.clone();
+        assert!(!bm.allocate_slots(&mut a, 1, None));
+        assert_eq!(a.block_table, table);
+        assert_eq!(a.num_computed_tokens, 6);
+        assert!(bm.take_block_copies().is_empty());
+        a.tokens.pop();
+        bm.check_invariants([&parent, &a, &b]);
+    }
+
+    #[test]
+    #[should_panic(expected = "which is not private")]
+    fn writing_a_shared_block_is_caught() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let [parent, a, b] = forked_family(&mut bm);
+        bm.check_invariants([&parent, &a, &b]);
+        let mut batch = StepBatch::new();
+        // As if `a` wrote its 7th token without copying the shared partial block first.
+        batch.push_sequence(&[10], 6, &a.block_table, 4, true);
+        bm.check_step(&batch);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! loop { schedule -> execute -> sample -> detokenize -> check stops -> emit }
 //! ```
 //!
+//! A request with `n` samples is computed once: its first sample runs the prompt, and in the
+//! step that finishes it the others are forked from it (sharing its KV blocks, copy-on-write)
+//! and draw their first tokens from the same logits, each with its own generator.
+//!
 //! Each request carries an [`EventSink`]; the engine pushes [`RequestEvent`]s into it. A sink
 //! that reports itself closed (its client went away) aborts the request, and its blocks are
 //! freed before the next step is scheduled.
@@ -360,11 +364,12 @@ impl<E: ModelExecutor> Engine<E> {
             .seed
             .unwrap_or_else(|| request_id.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let mut live_seqs = Vec::with_capacity(request.n);
+        let mut samples = Vec::with_capacity(request.n);
         for index in 0..request.n {
             self.next_seq_id += 1;
             let id = self.next_seq_id;
             let arrival = id;
-            self.scheduler.add(Sequence::new(
+            samples.push(Sequence::new(
                 id,
                 request.prompt.clone(),
                 request.priority,
@@ -384,6 +389,8 @@ impl<E: ModelExecutor> Engine<E> {
             );
             live_seqs.push(id);
         }
+        // Sample 0 computes the prompt; the others are forked from it (see `step`).
+        self.scheduler.add_samples(samples);
         self.stats.prompt_tokens += (request.prompt.len() * request.n) as u64;
         self.requests.insert(
             request_id,
@@ -419,13 +426,15 @@ impl<E: ModelExecutor> Engine<E> {
         match self.executor.execute(&step.batch) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
-                let sampling: Vec<SeqId> = step
+                let mut sampling: Vec<SeqId> = step
                     .seqs
                     .iter()
                     .filter(|s| s.samples)
                     .map(|s| s.id)
                     .take(logits.num_rows())
                     .collect();
+                let forked = self.scheduler.fork_samples(&step, &mut self.blocks);
+                Self::share_parent_rows(&forked, &mut sampling, &mut logits);
                 let drawn = self.sample_rows(&sampling, &mut logits);
                 for (id, token) in sampling.into_iter().zip(drawn) {
                     if let Some(token) = token {
@@ -439,6 +448,27 @@ impl<E: ModelExecutor> Engine<E> {
         self.refresh_stats();
         self.write_trace(&step);
         true
+    }
+
+    /// Gives each sample forked this step a copy of its parent's logits row (rows are
+    /// processed in place while sampling): a fork's first token is drawn from the same logits
+    /// as its parent's, with its own generator, as if it had computed the prompt itself.
+    fn share_parent_rows(
+        forked: &[(SeqId, SeqId)],
+        sampling: &mut Vec<SeqId>,
+        logits: &mut Logits,
+    ) {
+        let vocab = logits.vocab_size;
+        // New rows go right after the rows in use.
+        logits.data.truncate(sampling.len() * vocab);
+        for &(parent, fork) in forked {
+            if let Some(row) = sampling.iter().position(|&id| id == parent) {
+                logits
+                    .data
+                    .extend_from_within(row * vocab..(row + 1) * vocab);
+                sampling.push(fork);
+            }
+        }
     }
 
     fn report_first_scheduled(&mut self, step: &ScheduledStep) {
@@ -691,6 +721,7 @@ impl<E: ModelExecutor> Engine<E> {
             "blocks_free": self.blocks.num_free_blocks(),
             "blocks_cached": self.blocks.num_cached_free_blocks(),
             "preempted": step.preempted,
+            "block_copies": step.batch.block_copies.len(),
             "prefix_hit_tokens": step.seqs.iter().map(|s| s.num_cached_tokens).sum::<usize>(),
         });
         let _ = writeln!(out, "{record}");

@@ -12,7 +12,12 @@
 //! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
 //!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
-//!    behind it, so that a long prompt is not starved by short ones.
+//!    behind it, so that a long prompt is not starved by short ones. The `n` samples of one
+//!    request are admitted together: the first one alone computes the prompt, and counts for
+//!    all `n` against `max_num_seqs`.
+//! 3. **Forks** (after the step ran, [`Scheduler::fork_samples`]): once a request's first
+//!    sample has computed its prompt, the others are forked from it, sharing its blocks
+//!    (copy-on-write, see `block_manager.rs`), and run as ordinary sequences from then on.
 //!
 //! The result is a [`ScheduledStep`]: the model's [`StepBatch`] and, per scheduled sequence,
 //! how many tokens it computes and whether it samples.
@@ -87,6 +92,9 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     /// Sequences waiting for admission, the next to admit at the front.
     waiting: VecDeque<SeqId>,
+    /// Samples of a request not forked yet, by the sequence they will be forked from (which
+    /// computes the prompt for all of them).
+    unforked: HashMap<SeqId, Vec<Sequence>>,
     num_preemptions: u64,
 }
 
@@ -97,12 +105,27 @@ impl Scheduler {
             seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
+            unforked: HashMap::new(),
             num_preemptions: 0,
         }
     }
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// Queues the samples of one request, all with the same prompt: the first is scheduled
+    /// now, the others are forked from it once it has computed the prompt.
+    pub fn add_samples(&mut self, mut samples: Vec<Sequence>) {
+        if samples.is_empty() {
+            return;
+        }
+        let forks = samples.split_off(1);
+        let first = samples.pop().expect("one sample is left");
+        if !forks.is_empty() {
+            self.unforked.insert(first.id, forks);
+        }
+        self.add(first);
     }
 
     pub fn add(&mut self, seq: Sequence) {
@@ -147,15 +170,32 @@ impl Scheduler {
         self.running.iter().map(|id| &self.seqs[id])
     }
 
-    /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once.
+    /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once;
+    /// samples still waiting to be forked from it go with it.
     pub fn remove(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
-        let mut seq = self.seqs.remove(&id)?;
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return self.remove_unforked(id);
+        };
+        self.unforked.remove(&id);
         if let Some(i) = self.running.iter().position(|&r| r == id) {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
             self.waiting.remove(i);
         }
         blocks.free(&mut seq);
+        Some(seq)
+    }
+
+    fn remove_unforked(&mut self, id: SeqId) -> Option<Sequence> {
+        let (&parent, forks) = self
+            .unforked
+            .iter_mut()
+            .find(|(_, forks)| forks.iter().any(|f| f.id == id))?;
+        let i = forks.iter().position(|f| f.id == id)?;
+        let seq = forks.remove(i);
+        if forks.is_empty() {
+            self.unforked.remove(&parent);
+        }
         Some(seq)
     }
 
@@ -188,14 +228,18 @@ impl Scheduler {
             i += 1;
         }
 
-        // 2. Waiting sequences, unless this step had to preempt (no room to spare).
-        while step.preempted.is_empty()
-            && budget > 0
-            && self.running.len() < self.config.max_num_seqs
-        {
+        // 2. Waiting sequences, unless this step had to preempt (no room to spare). A request's
+        // samples run together once forked, so its first one takes seats for all of them.
+        let mut seats = self.running.len() + self.num_unforked(&self.running);
+        while step.preempted.is_empty() && budget > 0 && seats < self.config.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let group = 1 + self.num_unforked(&[id]);
+            // A request with more samples than seats still runs, alone.
+            if seats + group > self.config.max_num_seqs && seats > 0 {
+                break;
+            }
             let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
             let prefix = blocks.find_cached_prefix(seq);
             let num_cached = prefix.blocks.len() * blocks.block_size();
@@ -211,12 +255,28 @@ impl Scheduler {
                 is_prefill: true,
             });
             budget -= num_new;
+            seats += group;
             self.waiting.pop_front();
             self.insert_running(id);
         }
 
         step.batch = self.build_batch(&step.seqs, blocks.block_size());
+        step.batch.block_copies = blocks.take_block_copies();
+        if cfg!(debug_assertions) {
+            blocks.check_step(&step.batch);
+        }
         step
+    }
+
+    /// Samples still to be forked from the sequences `ids`.
+    fn num_unforked(&self, ids: &[SeqId]) -> usize {
+        if self.unforked.is_empty() {
+            return 0; // the common case, kept off the per-step path over all running sequences
+        }
+        ids.iter()
+            .filter_map(|id| self.unforked.get(id))
+            .map(Vec::len)
+            .sum()
     }
 
     /// Allocates blocks for `num_new` tokens of `running[i]`, preempting from the back of the
@@ -283,6 +343,39 @@ impl Scheduler {
             }
         }
     }
+
+    /// Forks the samples waiting on each sequence of `step` that has just computed its prompt
+    /// (call it after [`mark_computed`](Self::mark_computed)): they share its blocks and
+    /// computed tokens and run from now on. Returns `(parent, fork)` pairs; each fork draws its
+    /// first token from its parent's logits row of this step.
+    pub fn fork_samples(
+        &mut self,
+        step: &ScheduledStep,
+        blocks: &mut BlockManager,
+    ) -> Vec<(SeqId, SeqId)> {
+        let mut forked = Vec::new();
+        for s in step.seqs.iter().filter(|s| s.samples) {
+            let Some(forks) = self.unforked.remove(&s.id) else {
+                continue;
+            };
+            let parent = &self.seqs[&s.id];
+            debug_assert_eq!(parent.num_computed_tokens, parent.num_prompt_tokens);
+            let forks: Vec<Sequence> = forks
+                .into_iter()
+                .map(|mut fork| {
+                    blocks.fork(parent, &mut fork);
+                    fork
+                })
+                .collect();
+            for fork in forks {
+                forked.push((s.id, fork.id));
+                let id = fork.id;
+                self.seqs.insert(id, fork);
+                self.insert_running(id);
+            }
+        }
+        forked
+    }
 }
 
 #[cfg(test)]
@@ -302,11 +395,19 @@ mod tests {
     fn run_step(s: &mut Scheduler, bm: &mut BlockManager) -> ScheduledStep {
         let step = s.schedule(bm);
         s.mark_computed(&step);
-        for seq in step.seqs.iter().filter(|q| q.samples) {
-            s.get_mut(seq.id).unwrap().tokens.push(1);
+        let forked = s.fork_samples(&step, bm);
+        let sampled = step.seqs.iter().filter(|q| q.samples).map(|q| q.id);
+        for id in sampled.chain(forked.iter().map(|&(_, fork)| fork)) {
+            s.get_mut(id).unwrap().tokens.push(id as u32);
         }
         bm.check_invariants(s.running());
         step
+    }
+
+    fn samples(first_id: SeqId, n: u64, prompt_len: usize) -> Vec<Sequence> {
+        (first_id..first_id + n)
+            .map(|id| Sequence::new(id, vec![0; prompt_len], 0, id))
+            .collect()
     }
 
     fn tokens_per_seq(step: &ScheduledStep) -> Vec<(SeqId, usize)> {
@@ -408,6 +509,75 @@ mod tests {
             .collect();
         assert_eq!(order, vec![2, 1, 3]);
         assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![2, 1, 3]);
+    }
+
+    #[test]
+    fn samples_are_forked_once_the_first_has_computed_the_prompt() {
+        let mut bm = BlockManager::new(16, 4, true);
+        let mut s = Scheduler::new(config(4, 8));
+        s.add_samples(samples(1, 3, 6));
+        // Only the first sample computes the 6-token prompt, in chunks of the 4-token budget.
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 4)]);
+        assert_eq!(
+            s.num_running(),
+            1,
+            "nothing to fork from before the prompt is done"
+        );
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 2)]);
+        assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(s.get(2).unwrap().num_computed_tokens, 6);
+
+        // Each writes its 7th token into the shared partial block: the first two copy it.
+        let shared = s.get(1).unwrap().block_table[1];
+        let step = run_step(&mut s, &mut bm);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 1), (3, 1)]);
+        let copied: Vec<u32> = [1, 2].map(|id| s.get(id).unwrap().block_table[1]).into();
+        assert_eq!(
+            step.batch.block_copies,
+            vec![(shared, copied[0]), (shared, copied[1])]
+        );
+        assert_eq!(s.get(3).unwrap().block_table[1], shared);
+        let full = s.get(1).unwrap().block_table[0];
+        assert_eq!(bm.ref_count(full), 3);
+
+        for id in 1..=3 {
+            s.remove(id, &mut bm);
+        }
+        assert_eq!(bm.num_free_blocks(), 16);
+    }
+
+    #[test]
+    fn samples_are_admitted_only_with_room_for_all_of_them() {
+        let mut bm = BlockManager::new(32, 4, false);
+        let mut s = Scheduler::new(config(64, 3));
+        s.add(Sequence::new(1, vec![0; 3], 0, 1));
+        s.add_samples(samples(2, 3, 3));
+        s.add(Sequence::new(5, vec![0; 3], 0, 5));
+        run_step(&mut s, &mut bm);
+        // 1 + 3 samples exceed max_num_seqs = 3: the group waits, and blocks those behind it.
+        assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![1]);
+        s.remove(1, &mut bm);
+        run_step(&mut s, &mut bm);
+        assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn removing_the_first_sample_before_the_fork_removes_them_all() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let mut s = Scheduler::new(config(4, 8));
+        s.add_samples(samples(1, 3, 9));
+        run_step(&mut s, &mut bm);
+        assert!(
+            s.remove(2, &mut bm).is_some(),
+            "an unforked sample can go alone"
+        );
+        s.remove(1, &mut bm);
+        assert!(s.remove(3, &mut bm).is_none(), "gone with the first");
+        assert!(!s.has_work());
+        assert_eq!(bm.num_free_blocks(), 8);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Property tests of the block manager: random interleavings of admitting prompts (with prefix
-//! lookups), decoding, preempting and finishing sequences never break its bookkeeping.
+//! lookups), decoding, forking samples (copy-on-write), preempting and finishing sequences never
+//! break its bookkeeping, and every sequence always reads back its own tokens.
 
 use minserve_core::block_manager::BlockManager;
 use minserve_core::sequence::Sequence;
+use minserve_core::StepBatch;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -15,7 +17,12 @@ enum Op {
     },
     /// Decode one token for live sequence `i % live`.
     Decode { i: usize, token: u32 },
-    /// Free live sequence `i % live` (finished, aborted or preempted).
+    /// Fork live sequence `i % live`, as the engine forks a request's samples.
+    Fork { i: usize },
+    /// Preempt live sequence `i % live`: free it, then admit it again with every token it has
+    /// (recompute), through the prefix cache; its freed blocks may be evicted in between.
+    Preempt { i: usize },
+    /// Free live sequence `i % live` (finished or aborted).
     Free { i: usize },
 }
 
@@ -27,22 +34,82 @@ fn op() -> impl Strategy<Value = Op> {
             seed
         }),
         (any::<usize>(), 0u32..3).prop_map(|(i, token)| Op::Decode { i, token }),
+        any::<usize>().prop_map(|i| Op::Fork { i }),
+        any::<usize>().prop_map(|i| Op::Preempt { i }),
         any::<usize>().prop_map(|i| Op::Free { i }),
     ]
 }
 
-/// Every block holding a position in `range` must be owned by `seq` alone: a block shared with
-/// another sequence (or the prefix cache's other users) must never be written.
-fn assert_private(bm: &BlockManager, seq: &Sequence, range: std::ops::Range<usize>) {
-    for pos in range {
-        let id = seq.block_table[pos / bm.block_size()];
-        assert_eq!(
-            bm.ref_count(id),
-            1,
-            "sequence {} would write shared block {id}",
-            seq.id
+/// A stand-in for the model's KV cache: the token whose K/V each slot holds. It performs the
+/// block copies and writes the way the model does, so that a missing, misdirected or
+/// misordered copy, or a write into a block someone else reads, shows up as a sequence that
+/// reads back a token it does not have.
+struct FakeCache {
+    block_size: usize,
+    slots: Vec<Option<u32>>,
+}
+
+impl FakeCache {
+    /// Runs what a step does for `new` tokens of `seq` that were just allocated: checks that
+    /// no shared block is written, performs the copies, then writes the tokens.
+    fn run(&mut self, bm: &mut BlockManager, seq: &Sequence, new: usize) {
+        let start = seq.num_computed_tokens;
+        let mut batch = StepBatch::new();
+        batch.push_sequence(
+            &seq.tokens[start..start + new],
+            start,
+            &seq.block_table,
+            self.block_size,
+            true,
         );
+        batch.block_copies = bm.take_block_copies();
+        bm.check_step(&batch);
+        for &(src, dst) in &batch.block_copies {
+            let (src, dst) = (
+                src as usize * self.block_size,
+                dst as usize * self.block_size,
+            );
+            self.slots.copy_within(src..src + self.block_size, dst);
+        }
+        for (&slot, &token) in batch.slot_mapping.iter().zip(&batch.token_ids) {
+            self.slots[slot as usize] = Some(token);
+        }
     }
+
+    fn assert_reads_back(&self, seq: &Sequence) {
+        for (pos, &token) in seq.tokens[..seq.num_computed_tokens].iter().enumerate() {
+            let block = seq.block_table[pos / self.block_size] as usize;
+            assert_eq!(
+                self.slots[block * self.block_size + pos % self.block_size],
+                Some(token),
+                "sequence {} reads a wrong token at position {pos}",
+                seq.id
+            );
+        }
+    }
+}
+
+/// Admits `seq` (which holds no blocks) through the prefix cache and computes all its tokens.
+/// False, changing nothing, when it does not fit.
+fn admit(bm: &mut BlockManager, cache: &mut FakeCache, seq: &mut Sequence) -> bool {
+    let prefix = bm.find_cached_prefix(seq);
+    let cached = prefix.blocks.len() * bm.block_size();
+    assert!(cached < seq.len(), "the last token is always computed");
+    let free_before = bm.num_free_blocks();
+    let new = seq.len() - cached;
+    if !bm.allocate_slots(seq, new, Some(prefix)) {
+        assert_eq!(
+            bm.num_free_blocks(),
+            free_before,
+            "a refusal changes nothing"
+        );
+        assert!(seq.block_table.is_empty());
+        return false;
+    }
+    assert_eq!(seq.num_computed_tokens, cached);
+    cache.run(bm, seq, new);
+    seq.num_computed_tokens = seq.len();
+    true
 }
 
 proptest! {
@@ -55,6 +122,7 @@ proptest! {
         ops in prop::collection::vec(op(), 1..80),
     ) {
         let mut bm = BlockManager::new(num_blocks, block_size, caching);
+        let mut cache = FakeCache { block_size, slots: vec![None; num_blocks * block_size] };
         let mut live: Vec<Sequence> = Vec::new();
         let mut next_id = 0;
         for op in ops {
@@ -63,32 +131,45 @@ proptest! {
                     let tokens = (0..len as u32).map(|i| (i.wrapping_mul(seed | 1) >> 3) % alphabet).collect();
                     let mut seq = Sequence::new(next_id, tokens, 0, next_id);
                     next_id += 1;
-                    let prefix = bm.find_cached_prefix(&seq);
-                    let cached = prefix.blocks.len() * block_size;
-                    prop_assert!(cached < seq.len(), "the last token is always computed");
-                    let free_before = bm.num_free_blocks();
-                    if bm.allocate_slots(&mut seq, len - cached, Some(prefix)) {
-                        prop_assert_eq!(seq.num_computed_tokens, cached);
-                        assert_private(&bm, &seq, cached..len);
-                        seq.num_computed_tokens = len;
+                    if admit(&mut bm, &mut cache, &mut seq) {
                         live.push(seq);
-                    } else {
-                        prop_assert_eq!(bm.num_free_blocks(), free_before, "a refusal changes nothing");
-                        prop_assert!(seq.block_table.is_empty());
                     }
                 }
                 Op::Decode { i, token } if !live.is_empty() => {
                     let n = live.len();
                     let seq = &mut live[i % n];
                     seq.tokens.push(token);
+                    let table = seq.block_table.clone();
                     if bm.allocate_slots(seq, 1, None) {
-                        let pos = seq.len() - 1;
-                        assert_private(&bm, seq, pos..pos + 1);
+                        cache.run(&mut bm, seq, 1);
                         seq.num_computed_tokens += 1;
                     } else {
+                        prop_assert_eq!(&seq.block_table, &table, "a refusal changes nothing");
+                        prop_assert!(bm.take_block_copies().is_empty());
                         // Out of blocks: what the scheduler does is preempt; here, free it.
                         let mut seq = live.swap_remove(i % n);
                         bm.free(&mut seq);
+                    }
+                }
+                Op::Fork { i } if !live.is_empty() => {
+                    let parent = &live[i % live.len()];
+                    let mut child = Sequence::new(next_id, parent.tokens.clone(), 0, next_id);
+                    next_id += 1;
+                    let free_before = bm.num_free_blocks();
+                    bm.fork(parent, &mut child);
+                    prop_assert_eq!(bm.num_free_blocks(), free_before, "a fork takes no block");
+                    for &id in &child.block_table {
+                        prop_assert!(bm.ref_count(id) > 1);
+                    }
+                    live.push(child);
+                }
+                Op::Preempt { i } if !live.is_empty() => {
+                    let mut seq = live.swap_remove(i % live.len());
+                    bm.free(&mut seq);
+                    prop_assert!(seq.block_table.is_empty());
+                    prop_assert_eq!(seq.num_computed_tokens, 0);
+                    if admit(&mut bm, &mut cache, &mut seq) {
+                        live.push(seq);
                     }
                 }
                 Op::Free { i } if !live.is_empty() => {
@@ -100,6 +181,9 @@ proptest! {
                 _ => {}
             }
             bm.check_invariants(live.iter());
+            for seq in &live {
+                cache.assert_reads_back(seq);
+            }
         }
         for mut seq in live.drain(..) {
             bm.free(&mut seq);

@@ -1,6 +1,8 @@
 //! The engine and its thread against a fake model whose next token is always "previous + 1":
 //! every scheduling and streaming path runs in milliseconds, and outputs are predictable.
 
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,15 +10,41 @@ use std::time::Duration;
 use minserve_core::detokenize::TokenDecoder;
 use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_core::engine_thread::EngineHandle;
-use minserve_core::sampling::SamplingParams;
+use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
+use minserve_core::{CacheGeometry, Logits, ModelExecutor, SequenceChunk, StepBatch};
 
 const VOCAB: usize = 64;
 
 /// Logits that make `last token + 1` the clear favourite for every sampled sequence.
+///
+/// The model keeps its own "KV cache" (the token each slot holds), performs the step's block
+/// copies and writes as the real one does, and reads every sampled sequence's whole context
+/// back through its block table: a missing or misdirected copy-on-write copy fails the step
+/// (a slot never written) or, with `noisy`, changes the logits.
 struct CountingModel {
     geometry: CacheGeometry,
+    slots: Vec<Option<u32>>,
+    /// Tokens computed over all steps.
+    computed_tokens: usize,
+    /// Block copies made over all steps.
+    copies: usize,
+    /// Pseudo-random logits drawn from a hash of the whole context instead.
+    noisy: bool,
+}
+
+impl CountingModel {
+    fn context(&self, seq: &SequenceChunk) -> std::io::Result<Vec<u32>> {
+        let block_size = self.geometry.block_size;
+        (0..seq.context_len)
+            .map(|p| {
+                let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
+                self.slots[slot].ok_or_else(|| {
+                    std::io::Error::other(format!("position {p} reads slot {slot}, never written"))
+                })
+            })
+            .collect()
+    }
 }
 
 impl ModelExecutor for CountingModel {
@@ -31,10 +59,28 @@ impl ModelExecutor for CountingModel {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
+        let block_size = self.geometry.block_size;
+        for &(src, dst) in &batch.block_copies {
+            let (src, dst) = (src as usize * block_size, dst as usize * block_size);
+            self.slots.copy_within(src..src + block_size, dst);
+        }
+        self.copies += batch.block_copies.len();
+        for (&slot, &token) in batch.slot_mapping.iter().zip(&batch.token_ids) {
+            self.slots[slot as usize] = Some(token);
+        }
+        self.computed_tokens += batch.num_tokens();
         let mut data = Vec::new();
-        for row in batch.sampled_rows() {
-            let next = (batch.token_ids[row] as usize + 1) % VOCAB;
-            data.extend((0..VOCAB).map(|t| if t == next { 10.0 } else { 0.0 }));
+        for seq in batch.sequences.iter().filter(|s| s.sample) {
+            let context = self.context(seq)?;
+            if self.noisy {
+                let mut hasher = DefaultHasher::new();
+                context.hash(&mut hasher);
+                let mut rng = Rng::new(hasher.finish());
+                data.extend((0..VOCAB).map(|_| 4.0 * rng.next_f32()));
+            } else {
+                let next = (*context.last().expect("a context") as usize + 1) % VOCAB;
+                data.extend((0..VOCAB).map(|t| if t == next { 10.0 } else { 0.0 }));
+            }
         }
         Ok(Logits {
             vocab_size: VOCAB,
@@ -55,11 +101,19 @@ impl TokenDecoder for Letters {
 }
 
 fn engine(num_blocks: usize) -> Engine<CountingModel> {
+    engine_with(num_blocks, false)
+}
+
+fn engine_with(num_blocks: usize, noisy: bool) -> Engine<CountingModel> {
     let model = CountingModel {
         geometry: CacheGeometry {
             block_size: 4,
             num_blocks,
         },
+        slots: vec![None; num_blocks * 4],
+        computed_tokens: 0,
+        copies: 0,
+        noisy,
     };
     let config = EngineConfig {
         scheduler: SchedulerConfig {
@@ -180,8 +234,131 @@ fn n_samples_share_the_prompt_and_finish_separately() {
     for i in 0..3 {
         assert!(finished.contains(&i));
     }
-    // The 9-token prompt has two full blocks of 4: the two later samples reuse them.
-    assert_eq!(e.stats().prefix_hit_tokens, 2 * 8);
+    // The 9-token prompt is computed once, by the first sample; the others are forked from
+    // it, so none looks the prompt up in the prefix cache. Each sample then computes 2 tokens
+    // (its third ends it, uncomputed), and two of the three copy the shared partial block.
+    assert_eq!(e.executor().computed_tokens, 9 + 3 * 2);
+    assert_eq!(e.stats().prefix_hit_tokens, 0);
+    assert_eq!(e.executor().copies, 2);
+    assert_eq!(e.stats().kv_usage, 0.0);
+}
+
+/// Each sample's tokens, by index, from a request's events.
+fn tokens_by_sample(rx: &mpsc::Receiver<RequestEvent>, n: usize) -> Vec<Vec<u32>> {
+    let mut tokens = vec![Vec::new(); n];
+    for event in rx.try_iter() {
+        match event {
+            RequestEvent::Token { index, token, .. } => tokens[index].push(token),
+            RequestEvent::Failed(e) => panic!("failed: {e}"),
+            _ => {}
+        }
+    }
+    tokens
+}
+
+fn sampled(prompt: Vec<u32>, max_tokens: usize, n: usize, seed: u64) -> Request {
+    let mut r = Request::new(prompt, max_tokens);
+    r.params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    r.ignore_eos = true;
+    r.n = n;
+    r
+}
+
+/// What each of `n` samples of `prompt` draws as its own request with `n = 1`, with the seed
+/// the engine derives for that sample from `seed`: exactly what the samples drew before they
+/// were forked, when each computed the prompt itself.
+fn separately(prompt: &[u32], max_tokens: usize, n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut e = engine_with(256, true);
+    (0..n as u64)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            let r = sampled(
+                prompt.to_vec(),
+                max_tokens,
+                1,
+                seed.wrapping_add(i * 0x9E37_79B9),
+            );
+            e.add_request(r, Box::new(tx)).unwrap();
+            while e.step() {}
+            tokens_by_sample(&rx, 1).remove(0)
+        })
+        .collect()
+}
+
+#[test]
+fn forked_samples_draw_what_separate_requests_with_their_seeds_draw() {
+    // Prompts ending inside a block (copy-on-write of the shared partial block) and at a block
+    // edge (nothing to copy: every sample starts a block of its own).
+    for (prompt_len, copies) in [(10, 3), (11, 3), (8, 0)] {
+        let prompt: Vec<u32> = (0..prompt_len).map(|t| t * 7 % 64).collect();
+        let mut e = engine_with(64, true);
+        let (tx, rx) = mpsc::channel();
+        e.add_request(sampled(prompt.clone(), 12, 4, 99), Box::new(tx))
+            .unwrap();
+        while e.step() {}
+        let forked = tokens_by_sample(&rx, 4);
+        assert_eq!(
+            forked,
+            separately(&prompt, 12, 4, 99),
+            "prompt of {prompt_len}"
+        );
+        assert_ne!(forked[0], forked[1], "the samples are independent draws");
+        assert_eq!(
+            e.executor().computed_tokens,
+            prompt_len as usize + 4 * 11,
+            "the prompt is computed once"
+        );
+        assert_eq!(e.executor().copies, copies, "prompt of {prompt_len}");
+        assert_eq!(e.stats().kv_usage, 0.0);
+    }
+}
+
+#[test]
+fn preempted_forks_recompute_and_draw_the_same_tokens() {
+    // 8 blocks of 4: the 3 samples of a 10-token prompt share 2 full blocks, then each needs 3
+    // of its own to reach 20 tokens: 11 in all, so samples are preempted and recompute.
+    let prompt: Vec<u32> = (0..10).map(|t| t * 5 % 64).collect();
+    let mut e = engine_with(8, true);
+    let (tx, rx) = mpsc::channel();
+    e.add_request(sampled(prompt.clone(), 10, 3, 5), Box::new(tx))
+        .unwrap();
+    while e.step() {}
+    assert!(
+        e.stats().num_preemptions > 0,
+        "the pool was meant to run out"
+    );
+    assert_eq!(tokens_by_sample(&rx, 3), separately(&prompt, 10, 3, 5));
+    assert_eq!(e.stats().kv_usage, 0.0);
+    assert!(!e.has_work());
+}
+
+#[test]
+fn aborting_or_dropping_a_forked_request_frees_everything() {
+    for (steps, drop_receiver) in [(1, false), (2, false), (3, false), (1, true), (2, true)] {
+        let mut e = engine_with(64, true);
+        let (tx, rx) = mpsc::channel();
+        // 20 prompt tokens take two steps with a budget of 16: step 1 is before the fork.
+        let id = e
+            .add_request(sampled((0..20).collect(), 10, 3, 1), Box::new(tx))
+            .unwrap();
+        for _ in 0..steps {
+            e.step();
+        }
+        assert!(e.stats().kv_usage > 0.0);
+        if drop_receiver {
+            drop(rx);
+        } else {
+            e.abort(id);
+        }
+        // A dropped receiver is noticed on the next send, within a step.
+        while e.step() {}
+        assert_eq!(e.stats().kv_usage, 0.0, "after {steps} steps");
+        assert!(!e.has_work());
+    }
 }
 
 #[test]

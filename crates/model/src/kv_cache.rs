@@ -8,14 +8,21 @@
 //! head's `block_size` keys contiguous lets attention stream one block of one head as a single
 //! `block_size * head_dim` run of memory.
 //!
+//! Copy-on-write: when a sequence is about to write into a block that other sequences (the other
+//! samples of its request) still read, the engine gives it a fresh block and asks for the old
+//! one's contents to be copied first ([`KvCache::copy_blocks`]). With this layout a block is one
+//! contiguous run per layer for keys and one for values.
+//!
 //! Values are stored in f16 by default (like llama.cpp's and vLLM's default cache types): decode
 //! attention is bound by the bytes it streams from the pool, so halving them halves its cost and
 //! doubles the tokens a given memory holds. f32 storage stays available for exact comparisons.
 
 use half::f16;
+use minserve_core::block_manager::BlockCopy;
 use minserve_core::CacheGeometry;
 
 use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -146,6 +153,16 @@ impl<T: KvElement> KvPool<T> {
     }
 }
 
+impl<T: Copy> KvPool<T> {
+    /// Copies every key and value of block `src` onto block `dst`.
+    fn copy_block(&mut self, layout: &KvLayout, src: usize, dst: usize) {
+        let len = layout.block_offset(1, 0);
+        let (src, dst) = (layout.block_offset(src, 0), layout.block_offset(dst, 0));
+        self.keys.copy_within(src..src + len, dst);
+        self.values.copy_within(src..src + len, dst);
+    }
+}
+
 /// Keys and values of one layer.
 pub enum LayerKv {
     F16(KvPool<f16>),
@@ -173,6 +190,13 @@ impl LayerKv {
         match self {
             LayerKv::F16(pool) => pool.write(layout, keys, values, slots),
             LayerKv::F32(pool) => pool.write(layout, keys, values, slots),
+        }
+    }
+
+    fn copy_block(&mut self, layout: &KvLayout, src: usize, dst: usize) {
+        match self {
+            LayerKv::F16(pool) => pool.copy_block(layout, src, dst),
+            LayerKv::F32(pool) => pool.copy_block(layout, src, dst),
         }
     }
 }
@@ -220,10 +244,110 @@ impl KvCache {
         )
     }
 
+    /// Copies the keys and values of every layer from block `src` onto block `dst`, for each
+    /// `(src, dst)` in order (a step's copy-on-write copies, made before it writes any K/V).
+    /// Checks every block id first, so that a bad list changes nothing.
+    pub fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
+        let num_blocks = self.layout.num_blocks;
+        if let Some((src, dst)) = copies
+            .iter()
+            .find(|&&(src, dst)| src as usize >= num_blocks || dst as usize >= num_blocks)
+        {
+            return Err(ModelError::InvalidBatch(format!(
+                "block copy {src} -> {dst} is outside the pool of {num_blocks} blocks"
+            )));
+        }
+        for &(src, dst) in copies {
+            for layer in &mut self.layers {
+                layer.copy_block(&self.layout, src as usize, dst as usize);
+            }
+        }
+        Ok(())
+    }
+
     pub fn geometry(&self) -> CacheGeometry {
         CacheGeometry {
             block_size: self.layout.block_size,
             num_blocks: self.layout.num_blocks,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key and value of `block` in `layer`, widened to f32, keys first.
+    fn block_contents(cache: &KvCache, layer: usize, block: usize) -> Vec<f32> {
+        let range = cache.layout.block_offset(block, 0)..cache.layout.block_offset(block + 1, 0);
+        match &cache.layers[layer] {
+            LayerKv::F16(pool) => pool.keys[range.clone()]
+                .iter()
+                .chain(&pool.values[range])
+                .map(|x| x.to_f32())
+                .collect(),
+            LayerKv::F32(pool) => pool.keys[range.clone()]
+                .iter()
+                .chain(&pool.values[range])
+                .copied()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn copies_every_layer_of_a_block_in_order_and_checks_ids_first() {
+        for dtype in [KvDtype::F16, KvDtype::F32] {
+            let config = ModelConfig {
+                num_layers: 2,
+                num_kv_heads: 2,
+                head_dim: 8,
+                ..crate::synthetic::preset("tiny").unwrap()
+            };
+            let mut cache = KvCache::new(&config, dtype, 4, 4);
+            let layout = cache.layout;
+            let row = layout.num_kv_heads * layout.head_dim;
+            let num_slots = layout.num_blocks * layout.block_size;
+            // A distinct, f16-exact value for every (layer, slot, head, dim), keys and values.
+            for (l, layer) in cache.layers.iter_mut().enumerate() {
+                let keys: Vec<f32> = (0..num_slots * row)
+                    .map(|i| (l * 1000 + i) as f32)
+                    .collect();
+                let values: Vec<f32> = keys.iter().map(|k| -k).collect();
+                let slots: Vec<u32> = (0..num_slots as u32).collect();
+                layer.write(&layout, &keys, &values, &slots);
+            }
+            let before: Vec<Vec<Vec<f32>>> = (0..2)
+                .map(|l| (0..4).map(|b| block_contents(&cache, l, b)).collect())
+                .collect();
+
+            let err = cache.copy_blocks(&[(1, 2), (0, 4)]).unwrap_err();
+            assert!(err.to_string().contains("outside the pool"), "{err}");
+            assert_eq!(block_contents(&cache, 1, 2), before[1][2], "nothing copied");
+
+            // Block 1 is copied away before it is overwritten by block 3.
+            cache.copy_blocks(&[(1, 2), (3, 1)]).unwrap();
+            for (l, blocks) in before.iter().enumerate() {
+                assert_eq!(
+                    block_contents(&cache, l, 0),
+                    blocks[0],
+                    "{dtype:?} layer {l}"
+                );
+                assert_eq!(
+                    block_contents(&cache, l, 1),
+                    blocks[3],
+                    "{dtype:?} layer {l}"
+                );
+                assert_eq!(
+                    block_contents(&cache, l, 2),
+                    blocks[1],
+                    "{dtype:?} layer {l}"
+                );
+                assert_eq!(
+                    block_contents(&cache, l, 3),
+                    blocks[3],
+                    "{dtype:?} layer {l}"
+                );
+            }
         }
     }
 }

@@ -113,6 +113,9 @@ impl ModelExecutor for ModelRunner {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits> {
+        // Copy-on-write copies read blocks that this step's K/V writes may overwrite (a block
+        // freed after being copied from can be reused at once), so they come first.
+        self.cache.copy_blocks(&batch.block_copies)?;
         Ok(Logits {
             vocab_size: self.vocab_size(),
             data: self.model.forward(batch, &mut self.cache)?,

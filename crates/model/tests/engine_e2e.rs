@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::io::Write;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_core::sampling::SamplingParams;
@@ -65,36 +66,37 @@ fn generate(engine: &mut Engine<ModelRunner>, requests: Vec<Request>) -> Vec<Out
         .collect();
     while engine.step() {}
     receivers
-        .into_iter()
-        .map(|rx| {
-            let mut out = Output::default();
-            for event in rx.try_iter() {
-                match event {
-                    RequestEvent::Token {
-                        index: 0,
-                        token,
-                        text,
-                        ..
-                    } => {
-                        out.tokens.push(token);
-                        out.text.push_str(&text);
-                    }
-                    RequestEvent::Finished {
-                        index: 0,
-                        reason,
-                        text,
-                        ..
-                    } => {
-                        out.text.push_str(&text);
-                        out.finish = Some(reason);
-                    }
-                    RequestEvent::Failed(e) => panic!("request failed: {e}"),
-                    _ => {}
-                }
-            }
-            out
-        })
+        .iter()
+        .map(|rx| outputs(rx).swap_remove(0))
         .collect()
+}
+
+/// Every sample's output from a request's events, by index.
+fn outputs(rx: &mpsc::Receiver<RequestEvent>) -> Vec<Output> {
+    let mut outs: Vec<Output> = Vec::new();
+    for event in rx.try_iter() {
+        let index = match &event {
+            RequestEvent::Token { index, .. } | RequestEvent::Finished { index, .. } => *index,
+            RequestEvent::Failed(e) => panic!("request failed: {e}"),
+            RequestEvent::Scheduled { .. } => continue,
+        };
+        if outs.len() <= index {
+            outs.resize(index + 1, Output::default());
+        }
+        let out = &mut outs[index];
+        match event {
+            RequestEvent::Token { token, text, .. } => {
+                out.tokens.push(token);
+                out.text.push_str(&text);
+            }
+            RequestEvent::Finished { reason, text, .. } => {
+                out.text.push_str(&text);
+                out.finish = Some(reason);
+            }
+            _ => {}
+        }
+    }
+    outs
 }
 
 fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
@@ -158,6 +160,76 @@ fn seeded_sampling_is_batch_invariant() {
     crowd.insert(3, sampled(&prompts[1], 42));
     let batched = generate(&mut s.engine, crowd).remove(3);
     assert_eq!(alone, batched);
+}
+
+/// A `Write` into a buffer the test keeps, for the engine's step trace.
+#[derive(Clone, Default)]
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The `n` samples of a request compute its prompt once and share its blocks (copy-on-write),
+/// yet each draws exactly what it drew when every sample computed the prompt itself: what a
+/// request with `n = 1` and the seed the engine derives for that sample draws.
+#[test]
+fn forked_samples_equal_separate_requests_and_compute_the_prompt_once() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompt = prompts(&s.tokenizer)[1].clone();
+    assert_ne!(prompt.len() % 16, 0, "the prompt ends inside a block");
+    let sampled = |n: usize, seed: u64| {
+        let mut r = Request::new(prompt.clone(), 16);
+        r.params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        r.ignore_eos = true;
+        r.n = n;
+        r
+    };
+    let (n, seed) = (4u64, 1234u64);
+    let separately: Vec<Output> = (0..n)
+        .map(|i| generate(&mut s.engine, vec![sampled(1, seed + i * 0x9E37_79B9)]).remove(0))
+        .collect();
+
+    let mut forked = setup(64 << 20, 64, 512);
+    let trace = SharedBuffer::default();
+    forked.engine.set_trace(Box::new(trace.clone()));
+    let (tx, rx) = mpsc::channel();
+    forked
+        .engine
+        .add_request(sampled(n as usize, seed), Box::new(tx))
+        .unwrap();
+    while forked.engine.step() {}
+    assert_eq!(outputs(&rx), separately);
+    assert_ne!(separately[0].tokens, separately[1].tokens);
+    assert_eq!(forked.engine.stats().kv_usage, 0.0);
+
+    let steps: Vec<serde_json::Value> = String::from_utf8(trace.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let total = |key: &str| steps.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        total("prefill_tokens"),
+        prompt.len() as u64,
+        "prompt computed once"
+    );
+    assert_eq!(
+        total("block_copies"),
+        n - 1,
+        "all but the last writer copy its partial block"
+    );
 }
 
 /// A workload needing about four times the KV pool completes, with the same greedy outputs as
