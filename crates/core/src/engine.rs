@@ -334,6 +334,10 @@ impl<E: ModelExecutor> Engine<E> {
         &self.executor
     }
 
+    pub fn executor_mut(&mut self) -> &mut E {
+        &mut self.executor
+    }
+
     /// Queues a request; its events go to `sink`.
     pub fn add_request(
         &mut self,
@@ -672,9 +676,7 @@ impl<E: ModelExecutor> Engine<E> {
                     "model execution failed: {message}"
                 )));
                 for id in request.live_seqs {
-                    if let Some(mut seq) = self.scheduler.remove(id, &mut self.blocks) {
-                        self.blocks.free_and_forget(&mut seq);
-                    }
+                    self.scheduler.remove_failed(id, &mut self.blocks);
                     self.seqs.remove(&id);
                 }
             }

@@ -173,6 +173,16 @@ impl Scheduler {
     /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once;
     /// samples still waiting to be forked from it go with it.
     pub fn remove(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
+        self.remove_freeing(id, |seq| blocks.free(seq))
+    }
+
+    /// Like [`remove`](Self::remove), for a sequence whose step failed: the blocks that step
+    /// was to write hold nothing trustworthy, so they also leave the prefix cache.
+    pub fn remove_failed(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
+        self.remove_freeing(id, |seq| blocks.free_and_forget(seq))
+    }
+
+    fn remove_freeing(&mut self, id: SeqId, free: impl FnOnce(&mut Sequence)) -> Option<Sequence> {
         let Some(mut seq) = self.seqs.remove(&id) else {
             return self.remove_unforked(id);
         };
@@ -182,7 +192,7 @@ impl Scheduler {
         } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
             self.waiting.remove(i);
         }
-        blocks.free(&mut seq);
+        free(&mut seq);
         Some(seq)
     }
 

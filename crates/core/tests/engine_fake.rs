@@ -31,6 +31,9 @@ struct CountingModel {
     copies: usize,
     /// Pseudo-random logits drawn from a hash of the whole context instead.
     noisy: bool,
+    /// Steps executed so far, and the one (counting from 1) that fails before writing anything.
+    steps: usize,
+    fail_at_step: Option<usize>,
 }
 
 impl CountingModel {
@@ -59,6 +62,10 @@ impl ModelExecutor for CountingModel {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
+        self.steps += 1;
+        if Some(self.steps) == self.fail_at_step {
+            return Err(std::io::Error::other("injected failure"));
+        }
         let block_size = self.geometry.block_size;
         for &(src, dst) in &batch.block_copies {
             let (src, dst) = (src as usize * block_size, dst as usize * block_size);
@@ -114,6 +121,8 @@ fn engine_with(num_blocks: usize, noisy: bool) -> Engine<CountingModel> {
         computed_tokens: 0,
         copies: 0,
         noisy,
+        steps: 0,
+        fail_at_step: None,
     };
     let config = EngineConfig {
         scheduler: SchedulerConfig {
@@ -212,6 +221,32 @@ fn stop_strings_cut_the_text() {
     let (text, _, finish) = collect(&rx);
     assert_eq!(text, "bcd");
     assert_eq!(finish, Some(FinishReason::Stop));
+}
+
+#[test]
+fn a_failed_step_leaves_nothing_in_the_prefix_cache() {
+    let mut e = engine(64);
+    e.executor_mut().fail_at_step = Some(1);
+    // Three full blocks of 4: registered in the prefix cache when the step is scheduled.
+    let prompt: Vec<u32> = (0..12).collect();
+    let (tx, rx) = mpsc::channel();
+    e.add_request(greedy(prompt.clone(), 2), Box::new(tx))
+        .unwrap();
+    while e.step() {}
+    assert!(rx
+        .try_iter()
+        .any(|ev| matches!(ev, RequestEvent::Failed(_))));
+    assert_eq!(e.stats().kv_usage, 0.0);
+
+    // Had the failed step's blocks stayed registered, this request would reuse slots that
+    // were never written (and the model would refuse to read them).
+    let (tx, rx) = mpsc::channel();
+    e.add_request(greedy(prompt, 2), Box::new(tx)).unwrap();
+    while e.step() {}
+    let (_, tokens, finish) = collect(&rx);
+    assert_eq!(tokens, vec![12, 13]);
+    assert_eq!(finish, Some(FinishReason::Length));
+    assert_eq!(e.stats().prefix_hit_tokens, 0);
 }
 
 #[test]
