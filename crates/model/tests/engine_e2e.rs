@@ -140,21 +140,25 @@ fn batched_greedy_outputs_equal_one_at_a_time() {
     }
 }
 
+/// `n` samples of `max_tokens` tokens at temperature 0.9 and top-p 0.95, EOS ignored.
+fn seeded_request(prompt: &[u32], max_tokens: usize, n: usize, seed: u64) -> Request {
+    let mut r = Request::new(prompt.to_vec(), max_tokens);
+    r.params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    r.ignore_eos = true;
+    r.n = n;
+    r
+}
+
 #[test]
 fn seeded_sampling_is_batch_invariant() {
     let mut s = setup(64 << 20, 64, 512);
     let prompts = prompts(&s.tokenizer);
-    let sampled = |p: &Vec<u32>, seed| {
-        let mut r = Request::new(p.clone(), 20);
-        r.params = SamplingParams {
-            temperature: 0.9,
-            top_p: 0.95,
-            seed: Some(seed),
-            ..SamplingParams::default()
-        };
-        r.ignore_eos = true;
-        r
-    };
+    let sampled = |p: &Vec<u32>, seed| seeded_request(p, 20, 1, seed);
     let alone = generate(&mut s.engine, vec![sampled(&prompts[1], 42)]).remove(0);
     let mut crowd: Vec<Request> = prompts.iter().map(|p| sampled(p, 7)).collect();
     crowd.insert(3, sampled(&prompts[1], 42));
@@ -184,18 +188,7 @@ fn forked_samples_equal_separate_requests_and_compute_the_prompt_once() {
     let mut s = setup(64 << 20, 64, 512);
     let prompt = prompts(&s.tokenizer)[1].clone();
     assert_ne!(prompt.len() % 16, 0, "the prompt ends inside a block");
-    let sampled = |n: usize, seed: u64| {
-        let mut r = Request::new(prompt.clone(), 16);
-        r.params = SamplingParams {
-            temperature: 0.9,
-            top_p: 0.95,
-            seed: Some(seed),
-            ..SamplingParams::default()
-        };
-        r.ignore_eos = true;
-        r.n = n;
-        r
-    };
+    let sampled = |n: usize, seed: u64| seeded_request(&prompt, 16, n, seed);
     let (n, seed) = (4u64, 1234u64);
     let separately: Vec<Output> = (0..n)
         .map(|i| generate(&mut s.engine, vec![sampled(1, seed + i * 0x9E37_79B9)]).remove(0))
