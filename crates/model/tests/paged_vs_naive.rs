@@ -119,6 +119,17 @@ fn f16_cache_stays_close_to_naive_attention() {
     check_against_naive("tiny-qwen2", KvDtype::F16, 1e-4);
 }
 
+/// The q8 cache rounds every cached key and value to 1/254 of its row's range (relative error
+/// up to 2^-8 of the row's largest magnitude), 8 times the f16 cache's 2^-11: the tolerance
+/// grows accordingly. MEASURED_Q8
+#[test]
+fn q8_cache_stays_close_to_naive_attention() {
+    check_against_naive("tiny", KvDtype::Q8, Q8_TOLERANCE);
+    check_against_naive("tiny-qwen2", KvDtype::Q8, Q8_TOLERANCE);
+}
+
+const Q8_TOLERANCE: f32 = 1.0;
+
 /// Three sequences of lengths that are not multiples of any block size tried, prefilled in
 /// chunks of different sizes in shared steps, with scattered block tables, then decoded
 /// together; every sampled row must match the naive logits at that position.
@@ -130,6 +141,7 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
         .map(|&n| (0..n).map(|_| (rng.next_u64() % 256) as u32).collect())
         .collect();
     let decode_steps = 6usize;
+    let mut worst = 0f32;
     for block_size in [1usize, 3, 16] {
         for chunk in [4usize, 7, 64] {
             let per_seq_blocks = (41 + decode_steps).div_ceil(block_size);
@@ -175,6 +187,7 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
                         .iter()
                         .zip(expected)
                         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    worst = worst.max(diff / scale);
                     assert!(
                         diff <= tolerance * scale,
                         "block {block_size}, chunk {chunk}, step {step}, seq {s} at {upto}: diff {diff}"
@@ -193,4 +206,5 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
             );
         }
     }
+    eprintln!("{preset} {dtype:?}: worst difference {worst:e} of the logits' magnitude");
 }
