@@ -56,7 +56,10 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
             let mut kv = LayerKv::zeroed(dtype, &layout);
             let len = layout.values_per_layer();
             let slots: Vec<u32> = (0..(layout.num_blocks * BLOCK_SIZE) as u32).collect();
-            let (keys, values) = (noise(len, 2 * layer as u64), noise(len, 2 * layer as u64 + 1));
+            let (keys, values) = (
+                noise(len, 2 * layer as u64),
+                noise(len, 2 * layer as u64 + 1),
+            );
             kv.write(&layout, &keys, &values, &slots);
             kv
         })

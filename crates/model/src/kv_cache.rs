@@ -426,7 +426,11 @@ mod tests {
     fn pools_sized_by_memory_count_their_scales() {
         let config = crate::synthetic::preset("tiny").unwrap();
         let memory = 1 << 20;
-        let blocks = |dtype| KvCache::with_memory(&config, dtype, 16, memory).layout.num_blocks;
+        let blocks = |dtype| {
+            KvCache::with_memory(&config, dtype, 16, memory)
+                .layout
+                .num_blocks
+        };
         for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
             let cache = KvCache::with_memory(&config, dtype, 16, memory);
             let bytes: usize = cache
@@ -443,13 +447,18 @@ mod tests {
                 })
                 .sum();
             assert!(bytes <= memory, "{dtype:?}: {bytes} bytes");
-            assert!(bytes + bytes / cache.layout.num_blocks > memory, "{dtype:?} undersized");
+            assert!(
+                bytes + bytes / cache.layout.num_blocks > memory,
+                "{dtype:?} undersized"
+            );
         }
         let head_dim = config.head_dim;
         let ratio = blocks(KvDtype::Q8) as f64 / blocks(KvDtype::F16) as f64;
         let expected = (2 * head_dim) as f64 / (head_dim + 4) as f64;
         assert!((ratio - expected).abs() < 0.05, "{ratio} vs {expected}");
     }
+
+    type Check<'a> = (&'a [f32], f32, &'a dyn Fn(usize) -> f32);
 
     /// Each q8 row is stored as i8 codes times its own absmax / 127: within half a step of the
     /// input, its largest magnitude exact to rounding, and an all-zero row all zero.
@@ -487,9 +496,14 @@ mod tests {
                 let value = |d: usize| {
                     pool.values[layout.value_offset(slot, head) + d] as f32 * pool.value_scales[at]
                 };
-                let checks: [(&[f32], f32, &dyn Fn(usize) -> f32); 2] = [
+                // (input row, its scale, the stored value of dimension d times the scale)
+                let checks: [Check; 2] = [
                     (&keys[src..src + layout.head_dim], pool.key_scales[at], &key),
-                    (&values[src..src + layout.head_dim], pool.value_scales[at], &value),
+                    (
+                        &values[src..src + layout.head_dim],
+                        pool.value_scales[at],
+                        &value,
+                    ),
                 ];
                 for (input, scale, stored) in checks {
                     let absmax = input.iter().fold(0f32, |m, x| m.max(x.abs()));

@@ -119,16 +119,16 @@ fn f16_cache_stays_close_to_naive_attention() {
     check_against_naive("tiny-qwen2", KvDtype::F16, 1e-4);
 }
 
-/// The q8 cache rounds every cached key and value to 1/254 of its row's range (relative error
-/// up to 2^-8 of the row's largest magnitude), 8 times the f16 cache's 2^-11: the tolerance
-/// grows accordingly. MEASURED_Q8
+/// The q8 cache rounds every cached key and value to within half of 1/127 of its row's largest
+/// magnitude, coarser than f16's 11 significant bits, so the tolerance is 10x the f16 one.
+/// Measured: worst 1.2e-4 (tiny) and 3.1e-4 (tiny-qwen2) of the logits' magnitude, against
+/// 6e-6 and 1.6e-5 with f16; a kernel that dropped or misplaced the scales is off by whole
+/// units.
 #[test]
 fn q8_cache_stays_close_to_naive_attention() {
-    check_against_naive("tiny", KvDtype::Q8, Q8_TOLERANCE);
-    check_against_naive("tiny-qwen2", KvDtype::Q8, Q8_TOLERANCE);
+    check_against_naive("tiny", KvDtype::Q8, 1e-3);
+    check_against_naive("tiny-qwen2", KvDtype::Q8, 1e-3);
 }
-
-const Q8_TOLERANCE: f32 = 1.0;
 
 /// Three sequences of lengths that are not multiples of any block size tried, prefilled in
 /// chunks of different sizes in shared steps, with scattered block tables, then decoded

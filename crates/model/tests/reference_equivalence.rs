@@ -71,7 +71,10 @@ fn requantized_q8_0_weights_still_agree_with_candle() {
 }
 
 /// `--kv-cache-dtype q8` stores every cached key and value as 8 bits times a per-row scale: a
-/// rounding of attention's inputs that the f16 default does not make. MEASURED_KV
+/// coarser rounding of attention's inputs than the f16 default's. Measured: top-1 130 of 132
+/// (98%; the f16 default gets 127 here, so the difference is near-ties flipping either way),
+/// max 2.43, mean difference at most 0.92. Held to the default's own bounds; wrong scales or a
+/// misread slot would agree on almost nothing.
 #[test]
 fn q8_kv_cache_still_agrees_with_candle() {
     let cache = CacheOptions {
@@ -79,17 +82,18 @@ fn q8_kv_cache_still_agrees_with_candle() {
         ..CacheOptions::default()
     };
     let Agreement {
+        worst,
         worst_mean,
         top1_agree,
         steps,
-        ..
     } = against_candle(LoadOptions::default(), cache);
     assert!(
-        top1_agree * 100 >= steps * 90,
+        top1_agree * 100 >= steps * 95,
         "top-1 agreed on only {top1_agree} of {steps} steps"
     );
+    assert!(worst < 3.5, "logits differ by up to {worst}");
     assert!(
-        worst_mean < 2.0,
+        worst_mean < 1.5,
         "mean logit difference reached {worst_mean}"
     );
 }
