@@ -1,17 +1,17 @@
 //! Paged attention alone, as a batched decode step of the default model sees it: 64 sequences,
 //! one new token each at a context of 192, over all 30 layers' pools (about 280 MB of f16 K/V,
-//! far more than the caches hold, as in the real step). Prints the achieved K/V read rate
-//! against the machine's memory bandwidth measured in the same run.
+//! far more than the caches hold, as in the real step), with an f16 and a q8 cache side by
+//! side. Prints the achieved K/V read rate (scales included for q8) against the machine's
+//! memory bandwidth measured in the same run.
 //!
 //! `cargo bench -p minserve-benches --bench attention`
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use half::f16;
 use minserve_benches::memory_gbps;
 use minserve_core::StepBatch;
-use minserve_model::kv_cache::{KvLayout, KvPool, LayerKv};
+use minserve_model::kv_cache::{KvDtype, KvLayout, LayerKv};
 use minserve_model::paged_attention::{AttentionPlan, PagedAttention};
 
 const NUM_SEQS: usize = 64;
@@ -35,7 +35,15 @@ fn noise(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn decode_attention(c: &mut Criterion) {
+fn decode_attention_f16(c: &mut Criterion) {
+    decode_attention(c, KvDtype::F16, "f16");
+}
+
+fn decode_attention_q8(c: &mut Criterion) {
+    decode_attention(c, KvDtype::Q8, "q8");
+}
+
+fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
     let blocks_per_seq = CONTEXT.div_ceil(BLOCK_SIZE);
     let layout = KvLayout {
         num_blocks: NUM_SEQS * blocks_per_seq,
@@ -45,12 +53,15 @@ fn decode_attention(c: &mut Criterion) {
     };
     let layers: Vec<LayerKv> = (0..NUM_LAYERS)
         .map(|layer| {
+            let mut kv = LayerKv::zeroed(dtype, &layout);
             let len = layout.values_per_layer();
-            let widen = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect();
-            LayerKv::F16(KvPool {
-                keys: widen(noise(len, 2 * layer as u64)),
-                values: widen(noise(len, 2 * layer as u64 + 1)),
-            })
+            let slots: Vec<u32> = (0..(layout.num_blocks * BLOCK_SIZE) as u32).collect();
+            let (keys, values) = (
+                noise(len, 2 * layer as u64),
+                noise(len, 2 * layer as u64 + 1),
+            );
+            kv.write(&layout, &keys, &values, &slots);
+            kv
         })
         .collect();
     // Sequences' blocks interleaved across the pool, as a busy server's free list leaves them.
@@ -78,13 +89,15 @@ fn decode_attention(c: &mut Criterion) {
         }
     };
 
-    let kv_bytes = (NUM_LAYERS * NUM_SEQS * CONTEXT * NUM_KV_HEADS * HEAD_DIM * 2 * 2) as u64;
+    let kv_bytes =
+        (NUM_LAYERS * NUM_SEQS * CONTEXT * NUM_KV_HEADS * 2 * dtype.bytes_per_row(HEAD_DIM)) as u64;
     let mut group = c.benchmark_group("paged attention");
     group.throughput(Throughput::Bytes(kv_bytes));
     group.measurement_time(Duration::from_secs(10));
-    group.bench_function("decode step: 64 seqs x 192 context x 30 layers, f16", |b| {
-        b.iter(|| step(&mut out))
-    });
+    group.bench_function(
+        format!("decode step: 64 seqs x 192 context x 30 layers, {name}"),
+        |b| b.iter(|| step(&mut out)),
+    );
     group.finish();
 
     let copy_gbps = memory_gbps();
@@ -95,11 +108,11 @@ fn decode_attention(c: &mut Criterion) {
     }
     let seconds = start.elapsed().as_secs_f64() / reps as f64;
     println!(
-        "K/V read {:.1} GB/s ({:.1} ms per step) vs memory copy {copy_gbps:.1} GB/s",
+        "{name}: K/V read {:.1} GB/s ({:.1} ms per step) vs memory copy {copy_gbps:.1} GB/s",
         kv_bytes as f64 / seconds / 1e9,
         seconds * 1e3
     );
 }
 
-criterion_group!(benches, decode_attention);
+criterion_group!(benches, decode_attention_f16, decode_attention_q8);
 criterion_main!(benches);

@@ -64,8 +64,8 @@ pub struct EngineArgs {
     /// KV cache size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
-    /// Number format of the cached keys and values: `f16` (half the memory and bandwidth) or
-    /// `f32`.
+    /// Number format of the cached keys and values: `f16` (half the memory and bandwidth of
+    /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
     /// Tokens per KV cache block.

@@ -165,6 +165,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::{CommandFactory, Parser};
+    use minserve_model::KvDtype;
 
     use super::*;
 
@@ -218,6 +219,24 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("lots"), "{error}");
+    }
+
+    #[test]
+    fn kv_cache_dtype_defaults_to_f16_and_takes_f32_and_q8() {
+        assert_eq!(parse(&[]).unwrap().cache_options().dtype, KvDtype::F16);
+        for (text, dtype) in [
+            ("f16", KvDtype::F16),
+            ("f32", KvDtype::F32),
+            ("q8", KvDtype::Q8),
+        ] {
+            let args = parse(&["--kv-cache-dtype", text]).unwrap();
+            assert_eq!(args.cache_options().dtype, dtype, "{text}");
+        }
+        let error = parse(&["--kv-cache-dtype", "q4"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("q8"), "{error}");
     }
 
     /// Every flag issue 4 names for `minserve serve`.

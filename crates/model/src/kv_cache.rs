@@ -16,6 +16,11 @@
 //! Values are stored in f16 by default (like llama.cpp's and vLLM's default cache types): decode
 //! attention is bound by the bytes it streams from the pool, so halving them halves its cost and
 //! doubles the tokens a given memory holds. f32 storage stays available for exact comparisons.
+//!
+//! `q8` halves the bytes again (like llama.cpp's `q8_0` cache types): each (slot, KV head) row
+//! of keys or values is stored as i8 with one f32 scale (symmetric absmax). The scales sit
+//! beside the pool, `[num_blocks, num_kv_heads, block_size]`, so a block's 16 key scales are one
+//! 64-byte load for the attention kernel and block copies stay one contiguous run.
 
 use half::f16;
 use minserve_core::block_manager::BlockCopy;
@@ -63,6 +68,19 @@ impl KvLayout {
     pub fn values_per_layer(&self) -> usize {
         self.num_blocks * self.num_kv_heads * self.block_size * self.head_dim
     }
+
+    /// Offset of the scale of (`slot`, `kv_head`) in a layer's key or value scales. The scales
+    /// of the run at `block_offset(block, kv_head)` start at that offset divided by `head_dim`,
+    /// which is how kernels find them from a run's offset alone.
+    #[inline]
+    pub fn scale_offset(&self, slot: usize, kv_head: usize) -> usize {
+        let (block, in_block) = (slot / self.block_size, slot % self.block_size);
+        (block * self.num_kv_heads + kv_head) * self.block_size + in_block
+    }
+
+    pub fn scales_per_layer(&self) -> usize {
+        self.num_blocks * self.num_kv_heads * self.block_size
+    }
 }
 
 /// The number format of the cached keys and values.
@@ -71,13 +89,18 @@ pub enum KvDtype {
     #[default]
     F16,
     F32,
+    /// i8 with one f32 scale per (slot, KV head) row, for keys and values each.
+    Q8,
 }
 
 impl KvDtype {
-    pub fn size_in_bytes(self) -> usize {
+    /// Bytes that one (slot, KV head) row of `head_dim` keys or values takes, its scale
+    /// included: what pool sizing must count for `--kv-cache-memory` to hold.
+    pub fn bytes_per_row(self, head_dim: usize) -> usize {
         match self {
-            KvDtype::F16 => 2,
-            KvDtype::F32 => 4,
+            KvDtype::F16 => 2 * head_dim,
+            KvDtype::F32 => 4 * head_dim,
+            KvDtype::Q8 => head_dim + std::mem::size_of::<f32>(),
         }
     }
 }
@@ -89,20 +112,33 @@ impl std::str::FromStr for KvDtype {
         match s {
             "f16" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
-            _ => Err(format!("unknown KV cache type {s:?}: expected f16 or f32")),
+            "q8" => Ok(KvDtype::Q8),
+            _ => Err(format!(
+                "unknown KV cache type {s:?}: expected f16, f32 or q8"
+            )),
         }
     }
 }
 
 /// A number format the pool can hold. Attention works in f32, so a run of cached values is
 /// widened into scratch space first (a no-op borrow for f32).
+///
+/// A scaled format stores each (slot, KV head) row as `x / scale` with the row's own scale
+/// (in [`KvPool::key_scales`] / [`KvPool::value_scales`]); readers multiply it back. Float
+/// formats have no scales, and code guarded by the constant `SCALED` compiles away for them.
 pub trait KvElement: Copy + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
+    const SCALED: bool = false;
+    /// The scale `row` is stored with.
+    fn row_scale(_row: &[f32]) -> f32 {
+        1.0
+    }
+    /// `x` of a row stored with `scale`.
+    fn encode(x: f32, scale: f32) -> Self;
     fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
 }
 
 impl KvElement for f32 {
-    fn from_f32(x: f32) -> Self {
+    fn encode(x: f32, _scale: f32) -> Self {
         x
     }
     fn widen<'a>(src: &'a [f32], _scratch: &'a mut [f32]) -> &'a [f32] {
@@ -111,7 +147,7 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
-    fn from_f32(x: f32) -> Self {
+    fn encode(x: f32, _scale: f32) -> Self {
         f16::from_f32(x)
     }
     fn widen<'a>(src: &'a [f16], scratch: &'a mut [f32]) -> &'a [f32] {
@@ -123,10 +159,38 @@ impl KvElement for f16 {
     }
 }
 
+/// Symmetric absmax: the row's largest magnitude maps to 127. Per row rather than per block of
+/// 32 values (llama.cpp's `q8_0`) so that the scale is one multiply per score and per weight in
+/// attention instead of one per 32 products.
+impl KvElement for i8 {
+    const SCALED: bool = true;
+    fn row_scale(row: &[f32]) -> f32 {
+        row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0
+    }
+    fn encode(x: f32, scale: f32) -> Self {
+        if scale == 0.0 {
+            0
+        } else {
+            (x / scale).round() as i8
+        }
+    }
+    fn widen<'a>(src: &'a [i8], scratch: &'a mut [f32]) -> &'a [f32] {
+        let dst = &mut scratch[..src.len()];
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as f32;
+        }
+        dst
+    }
+}
+
 /// Keys and values of one layer, in one element type.
 pub struct KvPool<T> {
     pub keys: Vec<T>,
     pub values: Vec<T>,
+    /// One per (slot, KV head), laid out as [`KvLayout::scale_offset`] says; empty unless
+    /// `T::SCALED`.
+    pub key_scales: Vec<f32>,
+    pub value_scales: Vec<f32>,
 }
 
 impl<T: KvElement> KvPool<T> {
@@ -137,29 +201,73 @@ impl<T: KvElement> KvPool<T> {
         for (token, &slot) in slots.iter().enumerate() {
             for head in 0..layout.num_kv_heads {
                 let src = token * row + head * layout.head_dim;
+                let (key_row, value_row) = (
+                    &keys[src..src + layout.head_dim],
+                    &values[src..src + layout.head_dim],
+                );
+                let (key_scale, value_scale) = (T::row_scale(key_row), T::row_scale(value_row));
                 let key = layout.key_offset(slot as usize, head);
-                for (d, s) in keys[src..src + layout.head_dim].iter().enumerate() {
-                    self.keys[key + d * layout.block_size] = T::from_f32(*s);
+                for (d, &s) in key_row.iter().enumerate() {
+                    self.keys[key + d * layout.block_size] = T::encode(s, key_scale);
                 }
                 let dst = layout.value_offset(slot as usize, head);
-                for (d, s) in self.values[dst..dst + layout.head_dim]
+                for (d, &s) in self.values[dst..dst + layout.head_dim]
                     .iter_mut()
-                    .zip(&values[src..src + layout.head_dim])
+                    .zip(value_row)
                 {
-                    *d = T::from_f32(*s);
+                    *d = T::encode(s, value_scale);
+                }
+                if T::SCALED {
+                    let at = layout.scale_offset(slot as usize, head);
+                    self.key_scales[at] = key_scale;
+                    self.value_scales[at] = value_scale;
                 }
             }
         }
     }
 }
 
-impl<T: Copy> KvPool<T> {
-    /// Copies every key and value of block `src` onto block `dst`.
+impl<T: KvElement> KvPool<T> {
+    /// A zeroed pool for `layout`.
+    fn zeroed(layout: &KvLayout, zeroed: impl Fn(usize) -> Vec<T>) -> Self {
+        let scales = if T::SCALED {
+            layout.scales_per_layer()
+        } else {
+            0
+        };
+        Self {
+            keys: zeroed(layout.values_per_layer()),
+            values: zeroed(layout.values_per_layer()),
+            key_scales: vec![0.0; scales],
+            value_scales: vec![0.0; scales],
+        }
+    }
+
+    /// Copies every key and value of block `src` onto block `dst`, with their scales.
     fn copy_block(&mut self, layout: &KvLayout, src: usize, dst: usize) {
         let len = layout.block_offset(1, 0);
         let (src, dst) = (layout.block_offset(src, 0), layout.block_offset(dst, 0));
         self.keys.copy_within(src..src + len, dst);
         self.values.copy_within(src..src + len, dst);
+        if T::SCALED {
+            let (src, dst, len) = (
+                src / layout.head_dim,
+                dst / layout.head_dim,
+                len / layout.head_dim,
+            );
+            self.key_scales.copy_within(src..src + len, dst);
+            self.value_scales.copy_within(src..src + len, dst);
+        }
+    }
+
+    /// Whether the run at `start` (a [`KvLayout::block_offset`]) of `block_size` tokens lies
+    /// inside the pool, scales included.
+    pub fn holds_run(&self, start: usize, block_size: usize, head_dim: usize) -> bool {
+        let end = start + block_size * head_dim;
+        end <= self.keys.len().min(self.values.len())
+            && (!T::SCALED
+                || start / head_dim + block_size
+                    <= self.key_scales.len().min(self.value_scales.len()))
     }
 }
 
@@ -167,21 +275,18 @@ impl<T: Copy> KvPool<T> {
 pub enum LayerKv {
     F16(KvPool<f16>),
     F32(KvPool<f32>),
+    Q8(KvPool<i8>),
 }
 
 impl LayerKv {
-    fn zeroed(dtype: KvDtype, len: usize) -> Self {
+    /// A zeroed pool of `dtype` for `layout`.
+    pub fn zeroed(dtype: KvDtype, layout: &KvLayout) -> Self {
         match dtype {
             // Zeroed through u16 so that the allocation is `calloc`'d: a large pool costs no
             // memory until blocks are written (tests build many runners side by side).
-            KvDtype::F16 => LayerKv::F16(KvPool {
-                keys: zeroed_f16(len),
-                values: zeroed_f16(len),
-            }),
-            KvDtype::F32 => LayerKv::F32(KvPool {
-                keys: vec![0.0; len],
-                values: vec![0.0; len],
-            }),
+            KvDtype::F16 => LayerKv::F16(KvPool::zeroed(layout, zeroed_f16)),
+            KvDtype::F32 => LayerKv::F32(KvPool::zeroed(layout, |len| vec![0.0; len])),
+            KvDtype::Q8 => LayerKv::Q8(KvPool::zeroed(layout, |len| vec![0; len])),
         }
     }
 
@@ -190,6 +295,7 @@ impl LayerKv {
         match self {
             LayerKv::F16(pool) => pool.write(layout, keys, values, slots),
             LayerKv::F32(pool) => pool.write(layout, keys, values, slots),
+            LayerKv::Q8(pool) => pool.write(layout, keys, values, slots),
         }
     }
 
@@ -197,6 +303,7 @@ impl LayerKv {
         match self {
             LayerKv::F16(pool) => pool.copy_block(layout, src, dst),
             LayerKv::F32(pool) => pool.copy_block(layout, src, dst),
+            LayerKv::Q8(pool) => pool.copy_block(layout, src, dst),
         }
     }
 }
@@ -223,7 +330,7 @@ impl KvCache {
             head_dim: config.head_dim,
         };
         let layers = (0..config.num_layers)
-            .map(|_| LayerKv::zeroed(dtype, layout.values_per_layer()))
+            .map(|_| LayerKv::zeroed(dtype, &layout))
             .collect();
         Self { layout, layers }
     }
@@ -235,7 +342,7 @@ impl KvCache {
         block_size: usize,
         memory_bytes: usize,
     ) -> Self {
-        let bytes_per_block = config.kv_bytes_per_token(dtype.size_in_bytes()) * block_size;
+        let bytes_per_block = config.kv_bytes_per_token(dtype) * block_size;
         Self::new(
             config,
             dtype,
@@ -277,10 +384,29 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    /// Every key and value of `block` in `layer`, widened to f32, keys first.
+    /// Every key and value of `block` in `layer`, widened to f32 (q8: times its scale), keys
+    /// first.
     fn block_contents(cache: &KvCache, layer: usize, block: usize) -> Vec<f32> {
-        let range = cache.layout.block_offset(block, 0)..cache.layout.block_offset(block + 1, 0);
+        let layout = &cache.layout;
+        let range = layout.block_offset(block, 0)..layout.block_offset(block + 1, 0);
         match &cache.layers[layer] {
+            LayerKv::Q8(pool) => {
+                let run = layout.block_size * layout.head_dim;
+                let first_scale = range.start / layout.head_dim;
+                // Keys are `[kv_head][dim][token]`, values `[kv_head][token][dim]`.
+                let key_scale = |i: usize| (i / run) * layout.block_size + i % layout.block_size;
+                let value_scale =
+                    |i: usize| (i / run) * layout.block_size + (i % run) / layout.head_dim;
+                let keys = pool.keys[range.clone()]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| q as f32 * pool.key_scales[first_scale + key_scale(i)]);
+                let values = pool.values[range.clone()]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| q as f32 * pool.value_scales[first_scale + value_scale(i)]);
+                keys.chain(values).collect()
+            }
             LayerKv::F16(pool) => pool.keys[range.clone()]
                 .iter()
                 .chain(&pool.values[range])
@@ -294,9 +420,109 @@ mod tests {
         }
     }
 
+    /// `--kv-cache-memory` holds: the pool, scales included, fits in the memory it was sized
+    /// for, and q8 fits close to twice f16's tokens (its scales cost 4 bytes per row).
+    #[test]
+    fn pools_sized_by_memory_count_their_scales() {
+        let config = crate::synthetic::preset("tiny").unwrap();
+        let memory = 1 << 20;
+        let blocks = |dtype| {
+            KvCache::with_memory(&config, dtype, 16, memory)
+                .layout
+                .num_blocks
+        };
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
+            let cache = KvCache::with_memory(&config, dtype, 16, memory);
+            let bytes: usize = cache
+                .layers
+                .iter()
+                .map(|layer| match layer {
+                    LayerKv::F16(p) => 2 * (p.keys.len() + p.values.len()),
+                    LayerKv::F32(p) => 4 * (p.keys.len() + p.values.len()),
+                    LayerKv::Q8(p) => {
+                        p.keys.len()
+                            + p.values.len()
+                            + 4 * (p.key_scales.len() + p.value_scales.len())
+                    }
+                })
+                .sum();
+            assert!(bytes <= memory, "{dtype:?}: {bytes} bytes");
+            assert!(
+                bytes + bytes / cache.layout.num_blocks > memory,
+                "{dtype:?} undersized"
+            );
+        }
+        let head_dim = config.head_dim;
+        let ratio = blocks(KvDtype::Q8) as f64 / blocks(KvDtype::F16) as f64;
+        let expected = (2 * head_dim) as f64 / (head_dim + 4) as f64;
+        assert!((ratio - expected).abs() < 0.05, "{ratio} vs {expected}");
+    }
+
+    type Check<'a> = (&'a [f32], f32, &'a dyn Fn(usize) -> f32);
+
+    /// Each q8 row is stored as i8 codes times its own absmax / 127: within half a step of the
+    /// input, its largest magnitude exact to rounding, and an all-zero row all zero.
+    #[test]
+    fn q8_rows_round_to_their_own_scale() {
+        let layout = KvLayout {
+            num_blocks: 2,
+            block_size: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let mut kv = LayerKv::zeroed(KvDtype::Q8, &layout);
+        let row = layout.num_kv_heads * layout.head_dim;
+        // Token 0: head 0 small values, head 1 zeros; token 1: large values in both heads.
+        let keys: Vec<f32> = (0..2 * row)
+            .map(|i| match (i / layout.head_dim, i % layout.head_dim) {
+                (0, d) => d as f32 * 0.01 - 0.03,
+                (1, _) => 0.0,
+                (_, d) => (d as f32 - 3.5) * 40.0,
+            })
+            .collect();
+        let values: Vec<f32> = keys.iter().map(|k| -2.0 * k).collect();
+        kv.write(&layout, &keys, &values, &[6, 1]);
+        let LayerKv::Q8(pool) = &kv else {
+            unreachable!()
+        };
+        for (token, slot) in [(0usize, 6usize), (1, 1)] {
+            for head in 0..layout.num_kv_heads {
+                let src = token * row + head * layout.head_dim;
+                let at = layout.scale_offset(slot, head);
+                let key = |d: usize| {
+                    pool.keys[layout.key_offset(slot, head) + d * layout.block_size] as f32
+                        * pool.key_scales[at]
+                };
+                let value = |d: usize| {
+                    pool.values[layout.value_offset(slot, head) + d] as f32 * pool.value_scales[at]
+                };
+                // (input row, its scale, the stored value of dimension d times the scale)
+                let checks: [Check; 2] = [
+                    (&keys[src..src + layout.head_dim], pool.key_scales[at], &key),
+                    (
+                        &values[src..src + layout.head_dim],
+                        pool.value_scales[at],
+                        &value,
+                    ),
+                ];
+                for (input, scale, stored) in checks {
+                    let absmax = input.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    assert_eq!(scale, absmax / 127.0, "token {token} head {head}");
+                    for (d, &x) in input.iter().enumerate() {
+                        let back = stored(d);
+                        assert!(
+                            (back - x).abs() <= 0.5 * scale * (1.0 + 1e-6),
+                            "token {token} head {head} dim {d}: {x} came back as {back}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn copies_every_layer_of_a_block_in_order_and_checks_ids_first() {
-        for dtype in [KvDtype::F16, KvDtype::F32] {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
             let config = ModelConfig {
                 num_layers: 2,
                 num_kv_heads: 2,
@@ -307,7 +533,8 @@ mod tests {
             let layout = cache.layout;
             let row = layout.num_kv_heads * layout.head_dim;
             let num_slots = layout.num_blocks * layout.block_size;
-            // A distinct, f16-exact value for every (layer, slot, head, dim), keys and values.
+            // A distinct, f16-exact value for every (layer, slot, head, dim), keys and values;
+            // q8 rows get distinct scales, so a block copied without its scales reads wrong.
             for (l, layer) in cache.layers.iter_mut().enumerate() {
                 let keys: Vec<f32> = (0..num_slots * row)
                     .map(|i| (l * 1000 + i) as f32)

@@ -9,7 +9,7 @@ mod common;
 
 use minserve_core::sampling::argmax;
 use minserve_core::{ModelExecutor, StepBatch};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
 
 struct Seq {
     tokens: Vec<u32>,
@@ -74,13 +74,27 @@ fn run(
 
 #[test]
 fn logits_do_not_depend_on_batch_or_chunking() {
+    check_batch_invariance(CacheOptions::default());
+}
+
+/// A q8 row is quantized from its own K/V alone, and its scales enter a row's arithmetic the
+/// same way wherever the row lands: the same bit-identity holds.
+#[test]
+fn logits_do_not_depend_on_batch_or_chunking_with_a_q8_cache() {
+    check_batch_invariance(CacheOptions {
+        dtype: KvDtype::Q8,
+        ..CacheOptions::default()
+    });
+}
+
+fn check_batch_invariance(cache: CacheOptions) {
     let loaded = load_model(&common::default_model_path()).unwrap();
     let tk = &loaded.tokenizer;
     let prompt = |t: &str| tk.encode(t, false).unwrap();
     let a = prompt("Paged attention stores the keys and values of every sequence in fixed-size blocks, so that memory is allocated on demand and shared between requests.");
     let b = prompt("Hello!");
     let c = prompt("Write a haiku about the sea, then explain the metaphor you chose in two sentences, being careful to mention the moon and the tide as well as the wind over the water at night.");
-    let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
+    let mut runner = ModelRunner::new(loaded.model, cache);
     let decode = 6;
 
     let alone = {

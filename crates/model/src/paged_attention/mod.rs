@@ -168,13 +168,13 @@ pub fn attend_group(
     assert!(group.queries.len() == rows * head_dim && out.len() == rows * head_dim);
     assert!(scores.len() >= rows * group.context);
     let runs = &group.runs[..group.context.div_ceil(group.block_size)];
-    let pool_len = match kv {
-        LayerKv::F16(pool) => pool.keys.len().min(pool.values.len()),
-        LayerKv::F32(pool) => pool.keys.len().min(pool.values.len()),
+    let holds = |start: usize| match kv {
+        LayerKv::F16(pool) => pool.holds_run(start, group.block_size, head_dim),
+        LayerKv::F32(pool) => pool.holds_run(start, group.block_size, head_dim),
+        LayerKv::Q8(pool) => pool.holds_run(start, group.block_size, head_dim),
     };
     assert!(
-        runs.iter()
-            .all(|&(_, start)| start + group.block_size * head_dim <= pool_len),
+        runs.iter().all(|&(_, start)| holds(start)),
         "attention: a block run lies outside the pool"
     );
     match (kernel, kv) {
@@ -192,6 +192,9 @@ pub fn attend_group(
             portable_group(pool, group, runs, scores, block, out)
         }
         (Kernel::Portable, LayerKv::F32(pool)) => {
+            portable_group(pool, group, runs, scores, block, out)
+        }
+        (Kernel::Portable, LayerKv::Q8(pool)) => {
             portable_group(pool, group, runs, scores, block, out)
         }
     }
@@ -229,6 +232,7 @@ fn portable_row<T: KvElement>(
     block.resize(group.block_size * head_dim, 0.0);
     let visible = |first_key: usize| (group.context - first_key).min(group.block_size);
     let block_size = group.block_size;
+    // A scaled type's run at `start` has its scales at `start / head_dim` (see `KvLayout`).
     for &(first_key, start) in runs {
         // Keys are dimension-major: token t's dimension d is at `d * block_size + t`.
         let keys = T::widen(&pool.keys[start..start + block_size * head_dim], block);
@@ -237,7 +241,11 @@ fn portable_row<T: KvElement>(
             .enumerate()
         {
             let key = keys[t..].iter().step_by(block_size);
-            *score = query.iter().zip(key).map(|(q, k)| q * k).sum::<f32>() * group.scale;
+            let mut dot = query.iter().zip(key).map(|(q, k)| q * k).sum::<f32>();
+            if T::SCALED {
+                dot *= pool.key_scales[start / head_dim + t];
+            }
+            *score = dot * group.scale;
         }
     }
     let sum = exp_minus_max(&mut scores[..group.context]);
@@ -245,10 +253,17 @@ fn portable_row<T: KvElement>(
     for &(first_key, start) in runs {
         let n = visible(first_key);
         let values = T::widen(&pool.values[start..start + n * head_dim], block);
-        for (&w, value) in scores[first_key..]
+        for (t, (&w, value)) in scores[first_key..]
             .iter()
             .zip(values.chunks_exact(head_dim))
+            .enumerate()
         {
+            // The value's scale rides on its weight: one multiply instead of `head_dim`.
+            let w = if T::SCALED {
+                w * pool.value_scales[start / head_dim + t]
+            } else {
+                w
+            };
             for (o, &v) in out.iter_mut().zip(value) {
                 *o += w * v;
             }
@@ -338,7 +353,7 @@ mod tests {
     use super::*;
     use crate::kv_cache::{KvCache, KvDtype};
 
-    /// Every kernel, on both cache types and every supported head size, against attention
+    /// Every kernel, on every cache type and every supported head size, against attention
     /// computed in f64 from the same (rounded) cached values, over contexts that end inside a
     /// block, at a block edge, and past several scattered blocks.
     #[test]
@@ -356,7 +371,7 @@ mod tests {
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         for head_dim in [16usize, 32, 64, 128, 24] {
-            for dtype in [KvDtype::F16, KvDtype::F32] {
+            for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
                 let block_size = 16;
                 let config = crate::config::ModelConfig {
                     num_layers: 1,
@@ -375,10 +390,22 @@ mod tests {
                     .map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32)
                     .collect();
                 cache.layers[0].write(&layout, &k, &v, &slots);
-                let cached = |x: f32| match dtype {
-                    KvDtype::F16 => half::f16::from_f32(x).to_f32() as f64,
-                    KvDtype::F32 => x as f64,
+                // What the cache holds, widened: q8 rows (one per token and KV head) come back
+                // as their i8 codes times the row's absmax / 127.
+                let cached = |x: &[f32]| -> Vec<f64> {
+                    x.chunks_exact(head_dim)
+                        .flat_map(|row| {
+                            let scale = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                            row.iter().map(move |&x| match dtype {
+                                KvDtype::F16 => half::f16::from_f32(x).to_f32() as f64,
+                                KvDtype::F32 => x as f64,
+                                KvDtype::Q8 if scale == 0.0 => 0.0,
+                                KvDtype::Q8 => (x / scale).round() as f64 * scale as f64,
+                            })
+                        })
+                        .collect()
                 };
+                let (cached_k, cached_v) = (cached(&k), cached(&v));
                 let runs: Vec<(usize, usize)> = table
                     .iter()
                     .enumerate()
@@ -397,7 +424,7 @@ mod tests {
                             let logits: Vec<f64> = (0..context)
                                 .map(|p| {
                                     (0..head_dim)
-                                        .map(|d| query[d] as f64 * cached(k[at(p, d)]))
+                                        .map(|d| query[d] as f64 * cached_k[at(p, d)])
                                         .sum::<f64>()
                                         * scale as f64
                                 })
@@ -409,7 +436,7 @@ mod tests {
                             (0..head_dim)
                                 .map(|d| {
                                     (0..context)
-                                        .map(|p| weights[p] * cached(v[at(p, d)]))
+                                        .map(|p| weights[p] * cached_v[at(p, d)])
                                         .sum::<f64>()
                                         / total
                                 })

@@ -1,14 +1,18 @@
 //! The AVX-512 kernel: the queries of up to four heads sharing a KV head (head size up to 128)
 //! and their output accumulators live in registers for the whole context, each key and value is
-//! loaded once for all of them, f16 keys and values are widened as they are loaded
-//! (`vcvtph2ps`), and multiply-adds are fused.
+//! loaded once for all of them, f16 and i8 keys and values are widened as they are loaded
+//! (`vcvtph2ps`, `vpmovsxbd` + `vcvtdq2ps`), and multiply-adds are fused.
+//!
+//! The i8 (q8) cache's per-token scales cost one multiply per block of 16 scores (a row's
+//! score is its i8 dot product times the key's scale) and one per value (folded into the
+//! softmax weight broadcast for it): nothing per product.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
 use super::QueryGroup;
-use crate::kv_cache::{KvPool, LayerKv};
+use crate::kv_cache::{KvElement, KvPool, LayerKv};
 use crate::math::exp_minus_max;
 
 /// Tokens per block the kernel is written for: one 512-bit register of f32 lanes.
@@ -25,8 +29,8 @@ pub fn supports(head_dim: usize, block_size: usize) -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// Sixteen cached values as f32 lanes.
-trait Load16: Copy {
+/// Sixteen cached values as f32 lanes (the stored numbers: a scaled type's codes, unscaled).
+trait Load16: KvElement {
     /// # Safety
     /// AVX-512 F and F16C are available; 16 values are readable at `p`.
     unsafe fn load16(p: *const Self) -> __m512;
@@ -45,6 +49,14 @@ impl Load16 for f16 {
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn load16(p: *const f16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
+impl Load16 for i8 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 }
 
@@ -87,6 +99,9 @@ pub unsafe fn attend_group(
                         (LayerKv::F32(pool), $ch, $g) => {
                             rows_kernel::<f32, $ch, $g>(pool, group, queries, runs, scores, out)
                         }
+                        (LayerKv::Q8(pool), $ch, $g) => {
+                            rows_kernel::<i8, $ch, $g>(pool, group, queries, runs, scores, out)
+                        }
                     )+)+
                     _ => unreachable!("checked by `supports` and `max_rows`"),
                 }
@@ -125,9 +140,15 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
     // Blocks lie anywhere in the pool, where the hardware prefetcher cannot guess, and a block
     // costs less compute than a trip to memory: keys are fetched PREFETCH_BLOCKS ahead, and
     // each block's values while its keys are used, for the second pass.
+    // A scaled type's run at `start` has its 16 scales at `start / head_dim` (64 bytes);
+    // the float types have none, and these branches compile away for them.
     let prefetch_keys = |r: usize| {
         if let Some(&(_, start)) = runs.get(r) {
             prefetch::<_MM_HINT_T1>(pool.keys.as_ptr().add(start) as *const i8, block_bytes);
+            if T::SCALED {
+                let scales = pool.key_scales.as_ptr().add(start / head_dim);
+                prefetch::<_MM_HINT_T1>(scales as *const i8, 64);
+            }
         }
     };
     for r in 0..PREFETCH_BLOCKS {
@@ -136,6 +157,10 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
     for (r, &(first_key, start)) in runs.iter().enumerate() {
         prefetch_keys(r + PREFETCH_BLOCKS);
         prefetch::<_MM_HINT_T1>(pool.values.as_ptr().add(start) as *const i8, block_bytes);
+        if T::SCALED {
+            let scales = pool.value_scales.as_ptr().add(start / head_dim);
+            prefetch::<_MM_HINT_T1>(scales as *const i8, 64);
+        }
         let keys = pool.keys.as_ptr().add(start);
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
         for d in (0..head_dim).step_by(4) {
@@ -149,8 +174,18 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
         }
         let lanes = ((1u32 << visible(first_key)) - 1) as u16;
         let scale = _mm512_set1_ps(group.scale);
+        // Lanes past the context read the block's unused scales, finite and masked off below.
+        let key_scales = if T::SCALED {
+            _mm512_loadu_ps(pool.key_scales.as_ptr().add(start / head_dim))
+        } else {
+            _mm512_setzero_ps()
+        };
         for (g, acc) in acc.iter().enumerate() {
-            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let mut sum =
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            if T::SCALED {
+                sum = _mm512_mul_ps(sum, key_scales);
+            }
             let at = scores_ptr.add(g * context + first_key);
             _mm512_mask_storeu_ps(at, lanes, _mm512_mul_ps(sum, scale));
         }
@@ -162,6 +197,8 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
     let mut acc = [[_mm512_setzero_ps(); CH]; G];
     for &(first_key, start) in runs {
         let values = pool.values.as_ptr().add(start);
+        // Only read when `T::SCALED`: the float types' scales are empty.
+        let value_scales = pool.value_scales.as_ptr().wrapping_add(start / head_dim);
         for j in 0..visible(first_key) {
             let value = values.add(j * head_dim);
             let mut v = [_mm512_setzero_ps(); CH];
@@ -169,7 +206,11 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
                 *v = T::load16(value.add(16 * c));
             }
             for (g, acc) in acc.iter_mut().enumerate() {
-                let weight = _mm512_set1_ps(*scores_ptr.add(g * context + first_key + j));
+                let mut weight = *scores_ptr.add(g * context + first_key + j);
+                if T::SCALED {
+                    weight *= *value_scales.add(j);
+                }
+                let weight = _mm512_set1_ps(weight);
                 for c in 0..CH {
                     acc[c] = _mm512_fmadd_ps(weight, v[c], acc[c]);
                 }
