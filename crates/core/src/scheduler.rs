@@ -365,18 +365,14 @@ impl Scheduler {
     ) -> Vec<(SeqId, SeqId)> {
         let mut forked = Vec::new();
         for s in step.seqs.iter().filter(|s| s.samples) {
-            let Some(forks) = self.unforked.remove(&s.id) else {
+            let Some(mut forks) = self.unforked.remove(&s.id) else {
                 continue;
             };
             let parent = &self.seqs[&s.id];
             debug_assert_eq!(parent.num_computed_tokens, parent.num_prompt_tokens);
-            let forks: Vec<Sequence> = forks
-                .into_iter()
-                .map(|mut fork| {
-                    blocks.fork(parent, &mut fork);
-                    fork
-                })
-                .collect();
+            for fork in &mut forks {
+                blocks.fork(parent, fork);
+            }
             for fork in forks {
                 forked.push((s.id, fork.id));
                 let id = fork.id;

@@ -4,8 +4,9 @@
 //! blocks a sequence owns is the engine's business (its block table); the cache only knows slots.
 //! No per-sequence contiguous K/V exists anywhere: attention reads the blocks in place.
 //!
-//! Layout of each layer's pool: `[num_blocks, num_kv_heads, block_size, head_dim]`. Keeping a
-//! head's `block_size` keys contiguous lets attention stream one block of one head as a single
+//! Layout of each layer's pools: `[num_blocks, num_kv_heads, block_size * head_dim]`, keys
+//! dimension-major and values token-major inside a run (see [`KvLayout`]). Keeping a head's
+//! `block_size` tokens contiguous lets attention stream one block of one head as a single
 //! `block_size * head_dim` run of memory.
 //!
 //! Copy-on-write: when a sequence is about to write into a block that other sequences (the other
@@ -304,6 +305,15 @@ impl LayerKv {
             LayerKv::F16(pool) => pool.copy_block(layout, src, dst),
             LayerKv::F32(pool) => pool.copy_block(layout, src, dst),
             LayerKv::Q8(pool) => pool.copy_block(layout, src, dst),
+        }
+    }
+
+    /// [`KvPool::holds_run`] of whichever pool this is.
+    pub fn holds_run(&self, start: usize, block_size: usize, head_dim: usize) -> bool {
+        match self {
+            LayerKv::F16(pool) => pool.holds_run(start, block_size, head_dim),
+            LayerKv::F32(pool) => pool.holds_run(start, block_size, head_dim),
+            LayerKv::Q8(pool) => pool.holds_run(start, block_size, head_dim),
         }
     }
 }

@@ -168,13 +168,9 @@ pub fn attend_group(
     assert!(group.queries.len() == rows * head_dim && out.len() == rows * head_dim);
     assert!(scores.len() >= rows * group.context);
     let runs = &group.runs[..group.context.div_ceil(group.block_size)];
-    let holds = |start: usize| match kv {
-        LayerKv::F16(pool) => pool.holds_run(start, group.block_size, head_dim),
-        LayerKv::F32(pool) => pool.holds_run(start, group.block_size, head_dim),
-        LayerKv::Q8(pool) => pool.holds_run(start, group.block_size, head_dim),
-    };
     assert!(
-        runs.iter().all(|&(_, start)| holds(start)),
+        runs.iter()
+            .all(|&(_, start)| kv.holds_run(start, group.block_size, head_dim)),
         "attention: a block run lies outside the pool"
     );
     match (kernel, kv) {
