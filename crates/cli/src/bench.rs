@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use minserve_core::engine::{Engine, EngineConfig, EventSink, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use minserve_model::{CacheOptions, KvDtype, ModelRunner};
+use minserve_model::{CacheOptions, DeviceOptions, KvDtype, Runner};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -61,9 +61,14 @@ pub struct EngineArgs {
     /// Tokens per step at most (prompt chunks and decode tokens together).
     #[arg(long, default_value_t = 512)]
     pub max_num_batched_tokens: usize,
-    /// KV cache size in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mib: usize,
+    /// KV cache size in MiB [default: 1024 on the CPU; on a GPU the cache takes what
+    /// --gpu-memory-utilization leaves].
+    #[arg(long)]
+    pub kv_cache_mib: Option<usize>,
+    /// On a GPU, the fraction of its memory minserve may use in all (weights, activations,
+    /// KV cache), as vLLM's option of the same name; ignored when a cache size is given.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Number format of the cached keys and values: `f16` (half the memory and bandwidth of
     /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
     #[arg(long, default_value = "f16")]
@@ -86,9 +91,23 @@ impl EngineArgs {
     pub fn cache_options(&self) -> CacheOptions {
         CacheOptions {
             block_size: self.block_size,
-            memory_bytes: self.kv_cache_mib << 20,
+            memory_bytes: self.kv_cache_mib.unwrap_or(1024) << 20,
             dtype: self.kv_cache_dtype,
         }
+    }
+
+    /// Where the model runs; `sized` says whether the command was given a cache size.
+    pub fn device_options(
+        &self,
+        weights: &crate::model_source::WeightsArgs,
+        sized: bool,
+    ) -> anyhow::Result<DeviceOptions> {
+        Ok(DeviceOptions {
+            device: weights.device()?,
+            dtype: weights.dtype,
+            gpu_memory_utilization: (!sized).then_some(self.gpu_memory_utilization),
+            max_step_tokens: self.max_num_batched_tokens,
+        })
     }
 
     pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
@@ -135,7 +154,10 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     let max_model_len = loaded.model.config().max_position_embeddings;
     let vocab = loaded.model.config().vocab_size as u64;
     let eos = loaded.tokenizer.eos_token_ids().to_vec();
-    let runner = ModelRunner::new(loaded.model, args.engine.cache_options());
+    let device = args
+        .engine
+        .device_options(&args.weights, args.engine.kv_cache_mib.is_some())?;
+    let runner = Runner::new(loaded.model, args.engine.cache_options(), device)?;
     let mut engine = Engine::new(
         runner,
         args.engine.engine_config(max_model_len),

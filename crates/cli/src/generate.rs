@@ -8,7 +8,7 @@ use clap::Args;
 use minserve_core::detokenize::IncrementalDetokenizer;
 use minserve_core::sampling::{sample, Rng, SamplingParams};
 use minserve_core::{ModelExecutor, StepBatch};
-use minserve_model::{CacheOptions, ModelRunner};
+use minserve_model::{CacheOptions, DeviceOptions, Runner};
 use minserve_tokenizer::ChatMessage;
 
 #[derive(Args)]
@@ -57,13 +57,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let mut runner = ModelRunner::new(
+    let mut runner = Runner::new(
         loaded.model,
         CacheOptions {
             memory_bytes: args.kv_cache_mib << 20,
             ..CacheOptions::default()
         },
-    );
+        DeviceOptions {
+            device: args.weights.device()?,
+            dtype: args.weights.dtype,
+            gpu_memory_utilization: None,
+            max_step_tokens: prompt.len(),
+        },
+    )?;
     let geometry = runner.cache_geometry();
     let max_len = prompt.len() + args.max_tokens;
     let blocks_needed = max_len.div_ceil(geometry.block_size);

@@ -5,17 +5,41 @@
 use anyhow::Context;
 use candle_core::quantized::GgmlDType;
 use clap::Args;
-use minserve_model::{LoadOptions, LoadedModel, SyntheticSpec};
+use minserve_model::{DeviceChoice, LoadOptions, LoadedModel, SyntheticSpec};
 use minserve_tokenizer::Tokenizer;
 
 /// How the weights are stored once loaded.
-#[derive(Args, Clone, Debug, Default)]
+#[derive(Args, Clone, Debug)]
 pub struct WeightsArgs {
     /// Re-quantize the attention and MLP matrices at load to this type (llama.cpp's names: q8_0,
     /// q4_0, q4_1, f16, f32, ...; K-quants need widths in multiples of 256). Default: the
     /// file's own types. The embedding and lm_head keep theirs.
     #[arg(long, value_parser = parse_weights_format)]
     pub weights_format: Option<GgmlDType>,
+    /// Where the model runs: `auto` (the first GPU when built with `--features cuda`, else the
+    /// CPU), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// On a GPU: the type dense weights, activations and the KV cache are computed and kept in
+    /// (`bf16`, `f16` or `f32`). GGUF's quantized weights run in f32 whatever this says.
+    #[arg(long, default_value = "bf16", value_parser = parse_gpu_dtype)]
+    pub dtype: candle_core::DType,
+}
+
+fn parse_gpu_dtype(name: &str) -> Result<candle_core::DType, String> {
+    match name {
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        "f32" => Ok(candle_core::DType::F32),
+        _ => Err(format!("unknown dtype `{name}`: bf16, f16 or f32")),
+    }
+}
+
+impl WeightsArgs {
+    /// `--device` made concrete (an error for `cuda` in a build without GPU support).
+    pub fn device(&self) -> anyhow::Result<DeviceChoice> {
+        Ok(self.device.resolve()?)
+    }
 }
 
 fn parse_weights_format(name: &str) -> Result<GgmlDType, String> {
@@ -36,6 +60,7 @@ pub fn load(model: &str, weights: &WeightsArgs) -> anyhow::Result<LoadedModel> {
     let path = minserve_hub::resolve(model, &minserve_hub::FetchOptions::default())?;
     let options = LoadOptions {
         weights_format: weights.weights_format,
+        device: weights.device()?,
     };
     minserve_model::load_model_with(&path, &options)
         .with_context(|| format!("loading {}", path.display()))

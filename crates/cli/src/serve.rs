@@ -130,6 +130,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let weights = args.weights.clone();
     let engine = args.engine.clone();
     let cache = args.cache_options();
+    let sized = args.kv_cache_memory.is_some() || args.engine.kv_cache_mib.is_some();
+    let device = args.engine.device_options(&args.weights, sized)?;
     let loading = minserve_server::spawn_load(state.clone(), move || {
         let loaded = crate::model_source::load(&model, &weights)?;
         let trace = match &engine.trace_file {
@@ -141,7 +143,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let config = engine.engine_config(loaded.model.config().max_position_embeddings);
-        ServedModel::start(loaded, cache, config, trace)
+        ServedModel::start(loaded, cache, device, config, trace)
     });
     tokio::spawn(async move {
         match loading.await {

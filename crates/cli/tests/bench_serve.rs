@@ -7,7 +7,7 @@ use std::process::Output;
 
 use minserve_core::engine::EngineConfig;
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_model::{CacheOptions, SyntheticSpec};
+use minserve_model::{CacheOptions, DeviceOptions, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -43,7 +43,9 @@ impl Server {
             memory_bytes: 16 << 20,
             ..CacheOptions::default()
         };
-        state.set_model(ServedModel::start(loaded, cache, config, None).unwrap());
+        state.set_model(
+            ServedModel::start(loaded, cache, DeviceOptions::default(), config, None).unwrap(),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();

@@ -30,6 +30,10 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// The device cannot run this model or configuration (no GPU, no memory left, a head size
+    /// the GPU kernels are not built for).
+    #[error("{0}")]
+    Device(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }

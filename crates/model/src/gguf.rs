@@ -55,6 +55,8 @@ struct TensorReader<'a> {
     device: Device,
     /// Re-quantize projection matrices to this type (see `LoadOptions::weights_format`).
     weights_format: Option<GgmlDType>,
+    /// Repack blocks for our CPU kernels (see `LoadOptions::device`).
+    repack_for_cpu: bool,
 }
 
 impl TensorReader<'_> {
@@ -72,13 +74,20 @@ impl TensorReader<'_> {
         Ok(self.tensor(name)?.dequantize(&self.device)?)
     }
 
+    fn quantized(&self, tensor: QTensor) -> Result<LinearWeight> {
+        Ok(match self.repack_for_cpu {
+            true => LinearWeight::quantized(tensor)?,
+            false => LinearWeight::Candle(candle_core::quantized::QMatMul::from_qtensor(tensor)?),
+        })
+    }
+
     fn linear(&mut self, name: &str, with_bias: bool) -> Result<Linear> {
         let tensor = self.tensor(&format!("{name}.weight"))?;
         let weight = match self.weights_format {
             Some(format) if format != tensor.dtype() => {
                 LinearWeight::from_f32(tensor.dequantize(&self.device)?, format)?
             }
-            _ => LinearWeight::quantized(tensor)?,
+            _ => self.quantized(tensor)?,
         };
         let bias = match with_bias {
             true => Some(self.dense(&format!("{name}.bias"))?),
@@ -92,6 +101,7 @@ pub fn load(
     path: &Path,
     content: &gguf_file::Content,
     weights_format: Option<GgmlDType>,
+    repack_for_cpu: bool,
 ) -> Result<LlamaWeights> {
     let config = ModelConfig::from_gguf(content, path)?;
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
@@ -101,6 +111,7 @@ pub fn load(
         reader: BufReader::new(file),
         device: Device::Cpu,
         weights_format,
+        repack_for_cpu,
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
@@ -122,12 +133,15 @@ pub fn load(
     let embedding = embedding_q.dequantize(&r.device)?;
     let lm_head = match config.tie_word_embeddings {
         true => Linear {
-            weight: LinearWeight::quantized(embedding_q)?,
+            weight: r.quantized(embedding_q)?,
             bias: None,
         },
         // Not `linear`: the lm_head keeps the file's type (see `LoadOptions::weights_format`).
         false => Linear {
-            weight: LinearWeight::quantized(r.tensor("output.weight")?)?,
+            weight: {
+                let output = r.tensor("output.weight")?;
+                r.quantized(output)?
+            },
             bias: None,
         },
     };

@@ -2,6 +2,8 @@
 //! reading and writing a paged KV cache, with weights from GGUF or safetensors.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod export;
 pub mod gguf;
@@ -23,7 +25,7 @@ pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvDtype};
 pub use llama::LlamaModel;
 pub use runner::{
-    load_model, load_model_with, load_tokenizer, CacheOptions, LoadOptions, LoadedModel,
-    ModelRunner,
+    load_model, load_model_with, load_tokenizer, CacheOptions, DeviceChoice, DeviceOptions,
+    LoadOptions, LoadedModel, ModelRunner, Runner,
 };
 pub use synthetic::SyntheticSpec;

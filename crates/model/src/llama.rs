@@ -205,68 +205,80 @@ impl LlamaModel {
         Ok(logits)
     }
 
-    /// A malformed batch is an engine bug, but it must surface as an error, never as an
-    /// out-of-bounds panic inside a kernel.
     fn validate(&self, batch: &StepBatch, cache: &KvCache) -> Result<()> {
-        let bad = |m: String| Err(ModelError::InvalidBatch(m));
-        let n = batch.num_tokens();
-        if n == 0 {
-            return bad("empty batch".into());
+        validate_batch(
+            batch,
+            self.weights.config.vocab_size,
+            self.rope.max_positions(),
+            cache.geometry(),
+        )
+    }
+}
+
+/// A malformed batch is an engine bug, but it must surface as an error, never as an
+/// out-of-bounds access inside a kernel (on the CPU a panic, on a GPU silent corruption).
+pub(crate) fn validate_batch(
+    batch: &StepBatch,
+    vocab: usize,
+    max_positions: usize,
+    cache: minserve_core::CacheGeometry,
+) -> Result<()> {
+    let bad = |m: String| Err(ModelError::InvalidBatch(m));
+    let n = batch.num_tokens();
+    if n == 0 {
+        return bad("empty batch".into());
+    }
+    if batch.positions.len() != n || batch.slot_mapping.len() != n {
+        return bad("token, position and slot arrays differ in length".into());
+    }
+    let layout = &cache;
+    let num_slots = layout.num_blocks * layout.block_size;
+    if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
+        return bad(format!("token id {t} is outside the vocabulary of {vocab}"));
+    }
+    if let Some(s) = batch
+        .slot_mapping
+        .iter()
+        .find(|&&s| s as usize >= num_slots)
+    {
+        return bad(format!(
+            "slot {s} is outside the cache of {num_slots} slots"
+        ));
+    }
+    let mut row = 0;
+    for (index, seq) in batch.sequences.iter().enumerate() {
+        if seq.num_new_tokens == 0 || seq.num_new_tokens > seq.context_len {
+            return bad(format!("sequence {index}: bad new-token count"));
         }
-        if batch.positions.len() != n || batch.slot_mapping.len() != n {
-            return bad("token, position and slot arrays differ in length".into());
-        }
-        let layout = &cache.layout;
-        let num_slots = layout.num_blocks * layout.block_size;
-        let vocab = self.weights.config.vocab_size;
-        if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
-            return bad(format!("token id {t} is outside the vocabulary of {vocab}"));
-        }
-        if let Some(s) = batch
-            .slot_mapping
-            .iter()
-            .find(|&&s| s as usize >= num_slots)
-        {
+        if seq.context_len > max_positions {
             return bad(format!(
-                "slot {s} is outside the cache of {num_slots} slots"
+                "sequence {index}: {} tokens exceed the model's context of {max_positions}",
+                seq.context_len,
             ));
         }
-        let mut row = 0;
-        for (index, seq) in batch.sequences.iter().enumerate() {
-            if seq.num_new_tokens == 0 || seq.num_new_tokens > seq.context_len {
-                return bad(format!("sequence {index}: bad new-token count"));
-            }
-            if seq.context_len > self.rope.max_positions() {
+        if seq.block_table.len() * layout.block_size < seq.context_len {
+            return bad(format!("sequence {index}: block table too short"));
+        }
+        if seq
+            .block_table
+            .iter()
+            .any(|&b| b as usize >= layout.num_blocks)
+        {
+            return bad(format!("sequence {index}: block id outside the pool"));
+        }
+        for (i, position) in (seq.start_position()..seq.context_len).enumerate() {
+            if batch.positions.get(row + i) != Some(&(position as u32)) {
                 return bad(format!(
-                    "sequence {index}: {} tokens exceed the model's context of {}",
-                    seq.context_len,
-                    self.rope.max_positions()
+                    "sequence {index}: positions do not follow its context"
                 ));
             }
-            if seq.block_table.len() * layout.block_size < seq.context_len {
-                return bad(format!("sequence {index}: block table too short"));
-            }
-            if seq
-                .block_table
-                .iter()
-                .any(|&b| b as usize >= layout.num_blocks)
-            {
-                return bad(format!("sequence {index}: block id outside the pool"));
-            }
-            for (i, position) in (seq.start_position()..seq.context_len).enumerate() {
-                if batch.positions.get(row + i) != Some(&(position as u32)) {
-                    return bad(format!(
-                        "sequence {index}: positions do not follow its context"
-                    ));
-                }
-            }
-            row += seq.num_new_tokens;
         }
-        if row != n {
-            return bad("sequences do not cover the token rows".into());
-        }
-        Ok(())
+        row += seq.num_new_tokens;
     }
+    if row != n {
+        return bad("sequences do not cover the token rows".into());
+    }
+    Ok(())
 }
 
 /// Below this many values an elementwise pass runs on the calling thread: waking the pool

@@ -36,6 +36,16 @@ impl RopeTable {
         }
     }
 
+    /// `cos` of every (position, frequency), row-major `[positions, head_dim / 2]`.
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// `sin`, laid out as [`RopeTable::cos`].
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
+
     pub fn max_positions(&self) -> usize {
         self.cos.len() / self.half_dim.max(1)
     }

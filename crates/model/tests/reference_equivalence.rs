@@ -54,6 +54,7 @@ fn logits_match_candle_quantized_llama_with_teacher_forcing() {
 fn requantized_q8_0_weights_still_agree_with_candle() {
     let options = LoadOptions {
         weights_format: Some(candle_core::quantized::GgmlDType::Q8_0),
+        ..LoadOptions::default()
     };
     let Agreement {
         worst_mean,

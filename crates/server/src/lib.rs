@@ -38,7 +38,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::engine_thread::EngineHandle;
-use minserve_model::{load_model, CacheOptions, LoadedModel, ModelRunner};
+use minserve_model::{load_model, CacheOptions, DeviceOptions, LoadedModel, Runner};
 use minserve_tokenizer::Tokenizer;
 
 pub use error::ApiError;
@@ -85,12 +85,13 @@ impl ServedModel {
     pub fn start(
         loaded: LoadedModel,
         cache: CacheOptions,
+        device: DeviceOptions,
         config: EngineConfig,
         trace: Option<Box<dyn Write + Send>>,
     ) -> anyhow::Result<Self> {
         let tokenizer = Arc::new(loaded.tokenizer);
         let eos = tokenizer.eos_token_ids().to_vec();
-        let runner = ModelRunner::new(loaded.model, cache);
+        let runner = Runner::new(loaded.model, cache, device)?;
         let mut engine = Engine::new(runner, config, tokenizer.clone(), eos);
         if let Some(trace) = trace {
             engine.set_trace(trace);
@@ -114,7 +115,7 @@ impl ServedModel {
     ) -> anyhow::Result<Self> {
         let loaded = load_model(path).with_context(|| format!("loading {}", path.display()))?;
         let config = config(loaded.model.config().max_position_embeddings);
-        Self::start(loaded, cache, config, trace)
+        Self::start(loaded, cache, DeviceOptions::default(), config, trace)
     }
 
     /// Longest prompt plus generation that the engine could ever hold.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use minserve_core::engine::EngineConfig;
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_model::{CacheOptions, SyntheticSpec};
+use minserve_model::{CacheOptions, DeviceOptions, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -66,6 +66,7 @@ pub fn load_synthetic(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel>
     ServedModel::start(
         loaded,
         cache(),
+        DeviceOptions::default(),
         engine_config(scheduler, max_model_len),
         None,
     )
