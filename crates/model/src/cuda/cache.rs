@@ -70,13 +70,14 @@ impl CudaKvCache {
                 self.num_blocks
             )));
         }
+        let Some(first) = self.keys.first() else {
+            return Ok(());
+        };
+        let stream = super::kernels::cuda_device(first.device())?.cuda_stream();
+        let block_bytes = self.block_size * first.dim(1)? * first.dtype().size_in_bytes();
         for &(src, dst) in copies {
             for pool in self.keys.iter().chain(&self.values) {
-                let row_bytes = pool.dim(1)? * pool.dtype().size_in_bytes();
-                let block_bytes = self.block_size * row_bytes;
                 let base = super::kernels::address(pool, 0)?;
-                let device = super::kernels::cuda_device(pool.device())?;
-                let stream = device.cuda_stream();
                 // SAFETY: both blocks lie inside `pool` (checked above) and do not overlap.
                 unsafe {
                     result::memcpy_dtod_async(

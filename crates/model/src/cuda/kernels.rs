@@ -5,7 +5,7 @@
 //! view (a narrowed column range) is just an address and a row stride.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
@@ -96,6 +96,31 @@ fn grid(blocks: (u32, u32), threads: u32) -> LaunchConfig {
     }
 }
 
+/// Launches the kernel behind `builder` with its parameters in our kernels' order: addresses, ints, floats.
+///
+/// # Safety
+/// The kernel's parameter list must be exactly these, in this order, and every address must
+/// lie inside a live allocation as large as the kernel reads or writes through it.
+unsafe fn launch<'a>(
+    mut builder: LaunchArgs<'a>,
+    addresses: &'a [u64],
+    ints: &'a [i32],
+    floats: &'a [f32],
+    config: LaunchConfig,
+) -> Result<()> {
+    for a in addresses {
+        builder.arg(a);
+    }
+    for i in ints {
+        builder.arg(i);
+    }
+    for f in floats {
+        builder.arg(f);
+    }
+    unsafe { builder.launch(config) }.w()?;
+    Ok(())
+}
+
 /// The per-token tables of a step, on the GPU.
 pub struct StepTables {
     pub positions: Tensor,
@@ -140,17 +165,17 @@ pub fn rope_and_cache(
         head_dim as i32,
         interleaved as i32,
     ];
-    let mut builder = func.builder();
-    for a in &args {
-        builder.arg(a);
+    // SAFETY: the kernel's parameters are these addresses and ints, in order; every address
+    // lies inside a live tensor of the sizes the ints describe.
+    unsafe {
+        launch(
+            func.builder(),
+            &args,
+            &ints,
+            &[],
+            grid((tokens as u32, 1), 128),
+        )
     }
-    for i in &ints {
-        builder.arg(i);
-    }
-    // SAFETY: the kernel's parameters are the addresses and ints pushed above, in order; every
-    // address lies inside a live tensor of the sizes the ints describe.
-    unsafe { builder.launch(grid((tokens as u32, 1), 128)) }.w()?;
-    Ok(())
 }
 
 /// Attention of every new token of a step over its sequence's cached keys and values.
@@ -189,17 +214,9 @@ pub fn paged_attention(
         tables.max_blocks as i32,
     ];
     let scale = 1f32 / (head_dim as f32).sqrt();
-    let mut builder = func.builder();
-    for a in &args {
-        builder.arg(a);
-    }
-    for i in &ints {
-        builder.arg(i);
-    }
-    builder.arg(&scale);
+    let config = grid((tokens as u32, num_kv_heads as u32), 128);
     // SAFETY: as in `rope_and_cache`.
-    unsafe { builder.launch(grid((tokens as u32, num_kv_heads as u32), 128)) }.w()?;
-    Ok(())
+    unsafe { launch(func.builder(), &args, &ints, &[scale], config) }
 }
 
 /// `silu(gate) * up` for a `[rows, 2 * width]` projection whose halves are gate and up.
@@ -216,14 +233,15 @@ pub fn silu_and_mul(gate_up: &Tensor) -> Result<Tensor> {
         address(gate_up, width)?,
     ];
     let ints = [width as i32, row_stride(gate_up)? as i32];
-    let mut builder = func.builder();
-    for a in &args {
-        builder.arg(a);
-    }
-    for i in &ints {
-        builder.arg(i);
-    }
     // SAFETY: as in `rope_and_cache`.
-    unsafe { builder.launch(grid((rows as u32, 1), 256)) }.w()?;
+    unsafe {
+        launch(
+            func.builder(),
+            &args,
+            &ints,
+            &[],
+            grid((rows as u32, 1), 256),
+        )?
+    };
     Ok(out)
 }
