@@ -54,7 +54,7 @@ pub fn load(model: &str, weights: &WeightsArgs) -> anyhow::Result<LoadedModel> {
             "a synthetic model takes its format in its name (synthetic:NAME@FORMAT), not from --weights-format"
         );
         return spec
-            .load()
+            .load_for(weights.device()?)
             .with_context(|| format!("building {}", spec.name()));
     }
     let path = minserve_hub::resolve(model, &minserve_hub::FetchOptions::default())?;

@@ -75,18 +75,17 @@ impl TensorReader<'_> {
     }
 
     fn quantized(&self, tensor: QTensor) -> Result<LinearWeight> {
-        Ok(match self.repack_for_cpu {
-            true => LinearWeight::quantized(tensor)?,
-            false => LinearWeight::Candle(candle_core::quantized::QMatMul::from_qtensor(tensor)?),
-        })
+        Ok(LinearWeight::quantized(tensor, self.repack_for_cpu)?)
     }
 
     fn linear(&mut self, name: &str, with_bias: bool) -> Result<Linear> {
         let tensor = self.tensor(&format!("{name}.weight"))?;
         let weight = match self.weights_format {
-            Some(format) if format != tensor.dtype() => {
-                LinearWeight::from_f32(tensor.dequantize(&self.device)?, format)?
-            }
+            Some(format) if format != tensor.dtype() => LinearWeight::from_f32(
+                tensor.dequantize(&self.device)?,
+                format,
+                self.repack_for_cpu,
+            )?,
             _ => self.quantized(tensor)?,
         };
         let bias = match with_bias {

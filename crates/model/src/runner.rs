@@ -79,10 +79,11 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// `Auto` made concrete; a GPU asked of a build without the `cuda` feature is an error.
+    /// `Auto` made concrete: the first GPU when the build has the `cuda` feature and the
+    /// driver reports one, else the CPU. A GPU asked of a build without the feature is an error.
     pub fn resolve(self) -> Result<Self> {
         match self {
-            Self::Auto if cfg!(feature = "cuda") => Ok(Self::Cuda(0)),
+            Self::Auto if gpu_present() => Ok(Self::Cuda(0)),
             Self::Auto => Ok(Self::Cpu),
             Self::Cuda(_) if !cfg!(feature = "cuda") => Err(ModelError::Device(
                 "this minserve was built without GPU support: build it with \
@@ -94,6 +95,19 @@ impl DeviceChoice {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn gpu_present() -> bool {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    // A driver without a device (or a container without the GPU passed through) fails
+    // initialisation: that too means "run on the CPU".
+    CudaContext::device_count().is_ok_and(|n| n > 0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_present() -> bool {
+    false
+}
+
 /// Loads a GGUF file, or a Hugging Face folder (config.json + safetensors + tokenizer.json).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     load_model_with(path, &LoadOptions::default())
@@ -101,15 +115,15 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 
 /// [`load_model`] with options.
 pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
+    let repack_for_cpu = !matches!(options.device, DeviceChoice::Cuda(_));
     if path.is_dir() {
-        return crate::safetensors::load_folder(path, options.weights_format);
+        return crate::safetensors::load_folder(path, options.weights_format, repack_for_cpu);
     }
     let content = crate::gguf::read_content(path)?;
     // Cheap checks first, so a bad file fails before 100 MB of weights are read, and with the
     // most useful message: an unsupported architecture says more than any missing key.
     crate::config::ModelConfig::from_gguf(&content, path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(path))?;
-    let repack_for_cpu = !matches!(options.device, DeviceChoice::Cuda(_));
     let weights = crate::gguf::load(path, &content, options.weights_format, repack_for_cpu)?;
     Ok(LoadedModel {
         model: LlamaModel::new(weights),

@@ -32,7 +32,11 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Loads a Hugging Face model folder into f32 weights and its tokenizer.
-pub fn load_folder(dir: &Path, weights_format: Option<GgmlDType>) -> Result<LoadedModel> {
+pub fn load_folder(
+    dir: &Path,
+    weights_format: Option<GgmlDType>,
+    repack_for_cpu: bool,
+) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(ModelError::Format {
@@ -52,7 +56,7 @@ pub fn load_folder(dir: &Path, weights_format: Option<GgmlDType>) -> Result<Load
     }
     warn_unused(&checkpoint, &plan, &config);
     let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
-    let weights = build_weights(&checkpoint, config, weights_format)?;
+    let weights = build_weights(&checkpoint, config, weights_format, repack_for_cpu)?;
     Ok(LoadedModel {
         model: LlamaModel::new(weights),
         tokenizer,
@@ -131,11 +135,12 @@ fn build_weights(
     ckpt: &Checkpoint,
     config: ModelConfig,
     weights_format: Option<GgmlDType>,
+    repack_for_cpu: bool,
 ) -> Result<LlamaWeights> {
     let linear = |name: String, bias: bool| -> Result<Linear> {
         let weight = ckpt.load_f32(&format!("{name}.weight"))?;
         let weight = match weights_format {
-            Some(format) => LinearWeight::from_f32(weight, format)?,
+            Some(format) => LinearWeight::from_f32(weight, format, repack_for_cpu)?,
             None => LinearWeight::dense(weight),
         };
         let bias = match bias {

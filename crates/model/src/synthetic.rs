@@ -21,7 +21,7 @@ use minserve_tokenizer::Tokenizer;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
-use crate::runner::LoadedModel;
+use crate::runner::{DeviceChoice, LoadedModel};
 use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.
@@ -73,8 +73,14 @@ pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "smollm2-135m", "llama-1b",
 
 /// Seeded weights for `config`. Projections are stored as `dtype` (`F32` keeps them dense);
 /// values are uniform with the spread of a trained model's (std about 0.02 for projections),
-/// so that activations stay in a realistic range through many layers.
-pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaWeights> {
+/// so that activations stay in a realistic range through many layers. `repack_for_cpu` as in
+/// [`LinearWeight::quantized`].
+pub fn build(
+    config: &ModelConfig,
+    seed: u64,
+    dtype: GgmlDType,
+    repack_for_cpu: bool,
+) -> Result<LlamaWeights> {
     let mut rng = Rng::new(seed);
     let device = Device::Cpu;
     let mut random = |shape: (usize, usize), spread: f32| -> Result<Tensor> {
@@ -86,7 +92,7 @@ pub fn build(config: &ModelConfig, seed: u64, dtype: GgmlDType) -> Result<LlamaW
     let matrix_spread = 0.035; // uniform in [-a, a] has std a / sqrt(3) ~ 0.02
     let as_linear = |w: Tensor| -> Result<Linear> {
         Ok(Linear {
-            weight: LinearWeight::from_f32(w, dtype)?,
+            weight: LinearWeight::from_f32(w, dtype, repack_for_cpu)?,
             bias: None,
         })
     };
@@ -213,9 +219,15 @@ impl SyntheticSpec {
         format!("{PREFIX}{}@{format}", self.preset)
     }
 
-    /// Builds the weights and the tokenizer. Memory is the quantized matrices plus the f32
-    /// embedding table: for llama-8b in q4_1, about 4.7 GB + 2.1 GB.
+    /// Builds the weights and the tokenizer for the CPU. Memory is the quantized matrices plus
+    /// the f32 embedding table: for llama-8b in q4_1, about 4.7 GB + 2.1 GB.
     pub fn load(&self) -> Result<LoadedModel> {
+        self.load_for(DeviceChoice::Cpu)
+    }
+
+    /// [`Self::load`] for the device the model will run on (quantized weights stay GGUF
+    /// blocks for a GPU).
+    pub fn load_for(&self, device: DeviceChoice) -> Result<LoadedModel> {
         let config = self.config();
         // Checked here so that the message names the spec rather than an anonymous tensor.
         let block = self.format.block_size();
@@ -235,7 +247,12 @@ impl SyntheticSpec {
             }
         }
         Ok(LoadedModel {
-            model: LlamaModel::new(build(&config, SEED, self.format)?),
+            model: LlamaModel::new(build(
+                &config,
+                SEED,
+                self.format,
+                !matches!(device, DeviceChoice::Cuda(_)),
+            )?),
             tokenizer: tokenizer(&config)?,
             path: PathBuf::from(self.name()),
         })

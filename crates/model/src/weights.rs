@@ -22,9 +22,15 @@ pub enum LinearWeight {
 }
 
 impl LinearWeight {
-    /// A GGUF tensor: packed where our kernels handle its type, candle's `QMatMul` otherwise.
-    pub fn quantized(tensor: QTensor) -> candle_core::Result<Self> {
-        Ok(match QWeight::from_qtensor(&tensor)? {
+    /// A GGUF tensor. For the CPU (`repack_for_cpu`) it is packed where our kernels handle its
+    /// type; otherwise, and for the GPU, whose quantized matmuls take GGUF blocks as they are,
+    /// it goes to candle's `QMatMul`.
+    pub fn quantized(tensor: QTensor, repack_for_cpu: bool) -> candle_core::Result<Self> {
+        let packed = match repack_for_cpu {
+            true => QWeight::from_qtensor(&tensor)?,
+            false => None,
+        };
+        Ok(match packed {
             Some(packed) => Self::Packed(packed),
             None => Self::Candle(QMatMul::from_qtensor(tensor)?),
         })
@@ -36,10 +42,14 @@ impl LinearWeight {
     }
 
     /// An f32 matrix stored as `format`: kept dense for f32, quantized otherwise.
-    pub fn from_f32(tensor: Tensor, format: GgmlDType) -> candle_core::Result<Self> {
+    pub fn from_f32(
+        tensor: Tensor,
+        format: GgmlDType,
+        repack_for_cpu: bool,
+    ) -> candle_core::Result<Self> {
         match format {
             GgmlDType::F32 => Ok(Self::dense(tensor)),
-            _ => Self::quantized(QTensor::quantize(&tensor, format)?),
+            _ => Self::quantized(QTensor::quantize(&tensor, format)?, repack_for_cpu),
         }
     }
 }

@@ -83,7 +83,7 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
 
 fn tiny_runner(preset: &str, dtype: KvDtype, block_size: usize, num_blocks: usize) -> ModelRunner {
     let config = synthetic::preset(preset).unwrap();
-    let weights = synthetic::build(&config, 42, GgmlDType::F32).unwrap();
+    let weights = synthetic::build(&config, 42, GgmlDType::F32, true).unwrap();
     let mut runner = ModelRunner::new(
         LlamaModel::new(weights),
         CacheOptions {
