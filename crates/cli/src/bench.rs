@@ -134,6 +134,15 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `a / b`, or 0 when there is nothing to divide (a run without decode-only steps).
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// Counts generated tokens without keeping them.
 struct CountingSink(Arc<AtomicUsize>);
 
@@ -219,6 +228,10 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
         "peak_kv_usage": stats.peak_kv_usage,
         "num_preemptions": stats.num_preemptions,
         "steps": stats.steps,
+        "decode_steps": stats.decode_steps,
+        "mean_decode_batch": per(stats.decode_step_tokens as f64, stats.decode_steps as f64),
+        "decode_step_ms": per(stats.decode_step_seconds * 1e3, stats.decode_steps as f64),
+        "decode_tokens_per_s": per(stats.decode_step_tokens as f64, stats.decode_step_seconds),
     });
     if args.json {
         println!("{report}");
@@ -243,6 +256,13 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
         println!(
             "prefix cache hits: {} of {prompt_tokens} prompt tokens",
             stats.prefix_hit_tokens
+        );
+        println!(
+            "decode-only steps: {} of mean batch {:.1}, {:.2} ms each: {:.1} tokens/s",
+            stats.decode_steps,
+            per(stats.decode_step_tokens as f64, stats.decode_steps as f64),
+            per(stats.decode_step_seconds * 1e3, stats.decode_steps as f64),
+            per(stats.decode_step_tokens as f64, stats.decode_step_seconds),
         );
         println!("peak KV usage:     {:.1}%", stats.peak_kv_usage * 100.0);
         println!("preemptions:       {}", stats.num_preemptions);

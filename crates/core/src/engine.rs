@@ -244,6 +244,11 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
+    /// Steps without any prompt token, their tokens and their time (model, sampling and
+    /// emitting): the decode rate at the batch sizes seen, for rooflines.
+    pub decode_steps: u64,
+    pub decode_step_tokens: u64,
+    pub decode_step_seconds: f64,
 }
 
 /// Per-sequence state the scheduler does not need.
@@ -427,6 +432,7 @@ impl<E: ModelExecutor> Engine<E> {
             return false;
         }
         self.report_first_scheduled(&step);
+        let started = Instant::now();
         match self.executor.execute(&step.batch) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
@@ -447,6 +453,11 @@ impl<E: ModelExecutor> Engine<E> {
                 }
             }
             Err(e) => self.fail_step(&step, &e.to_string()),
+        }
+        if step.seqs.iter().all(|s| !s.is_prefill) {
+            self.stats.decode_steps += 1;
+            self.stats.decode_step_tokens += step.seqs.len() as u64;
+            self.stats.decode_step_seconds += started.elapsed().as_secs_f64();
         }
         self.stats.steps += 1;
         self.refresh_stats();

@@ -224,6 +224,30 @@ fn stop_strings_cut_the_text() {
 }
 
 #[test]
+fn decode_only_steps_are_counted_apart_from_prefill() {
+    let mut e = engine(64);
+    // Three prompts of 10, 7 tokens each, 16 tokens per step. Step 1: A's prompt and 6 of
+    // B's (A samples); step 2: A's decode token, B's last 4, C's 10 (all three sample). Then
+    // decode alone: A's 5 tokens left beside B's and C's first 5, then B's and C's last.
+    let receivers: Vec<_> = (0..3u32)
+        .map(|i| {
+            let (tx, rx) = mpsc::channel();
+            e.add_request(greedy((i * 10..i * 10 + 10).collect(), 7), Box::new(tx))
+                .unwrap();
+            rx
+        })
+        .collect();
+    while e.step() {}
+    for rx in &receivers {
+        assert_eq!(collect(rx).1.len(), 7);
+    }
+    let stats = e.stats();
+    assert_eq!((stats.steps, stats.decode_steps), (8, 6), "{stats:?}");
+    assert_eq!(stats.decode_step_tokens, 5 * 3 + 2, "{stats:?}");
+    assert!(stats.decode_step_seconds > 0.0);
+}
+
+#[test]
 fn a_failed_step_leaves_nothing_in_the_prefix_cache() {
     let mut e = engine(64);
     e.executor_mut().fail_at_step = Some(1);
