@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{read_sse, scheduler, TestServer, MODEL};
 use serde_json::{json, Value};
@@ -257,6 +257,9 @@ async fn completions() {
     );
 
     // echo with max_tokens 0: the prompt alone, the engine untouched, nothing generated.
+    // The engine publishes its counters after each step, which may be just after the last
+    // response went out: wait for the step that finished it.
+    s.wait_idle(Duration::from_secs(2)).await;
     let generated_before = s.metric("minserve_generation_tokens_total").await;
     let (status, r) = s
         .post(
