@@ -163,12 +163,17 @@ impl Agreement {
     }
 }
 
+/// Runs the comparison, prints what it found (the figures docs/gpu.md quotes) and checks it.
+fn check(label: &str, (mut cpu, mut gpu): (Runner, Runner), min_same_argmax: f32, relative: f32) {
+    let a = compare(&mut cpu, &mut gpu, 16);
+    println!("{label}: {a:?}");
+    a.assert_within(min_same_argmax, relative);
+}
+
 #[test]
 fn f32_on_the_gpu_matches_the_cpu() {
-    let (mut cpu, mut gpu) = cpu_and_gpu("synthetic:smollm2-135m@f32", DType::F32);
-    let a = compare(&mut cpu, &mut gpu, 16);
-    println!("f32: {a:?}");
-    a.assert_within(1.0, 1e-3);
+    let spec = "synthetic:smollm2-135m@f32";
+    check(spec, cpu_and_gpu(spec, DType::F32), 1.0, 1e-3);
 }
 
 #[test]
@@ -185,39 +190,33 @@ fn head_size_128_on_the_gpu_matches_the_cpu() {
         ..synthetic::preset("smollm2-135m").unwrap()
     };
     let model = || LlamaModel::new(synthetic::build(&config, 3, GgmlDType::F32, true).unwrap());
-    let mut cpu = runner(model(), DeviceChoice::Cpu, DType::F32);
-    let mut gpu = runner(model(), DeviceChoice::Cuda(0), DType::F32);
-    let a = compare(&mut cpu, &mut gpu, 16);
-    println!("head size 128, f32: {a:?}");
-    a.assert_within(1.0, 1e-3);
+    let runners = (
+        runner(model(), DeviceChoice::Cpu, DType::F32),
+        runner(model(), DeviceChoice::Cuda(0), DType::F32),
+    );
+    check("head size 128, f32", runners, 1.0, 1e-3);
 }
 
 // The CPU computes in f32 on the same rounded weights; the GPU rounds every activation and
 // cached K/V to 16 bits as well (bf16 keeps 8 bits of mantissa, f16 11).
 #[test]
 fn bf16_on_the_gpu_stays_close_to_the_cpu() {
-    let (mut cpu, mut gpu) = cpu_and_gpu("synthetic:smollm2-135m@bf16", DType::BF16);
-    let a = compare(&mut cpu, &mut gpu, 16);
-    println!("bf16: {a:?}");
-    a.assert_within(0.9, 0.05);
+    let spec = "synthetic:smollm2-135m@bf16";
+    check(spec, cpu_and_gpu(spec, DType::BF16), 0.9, 0.05);
 }
 
 #[test]
 fn f16_on_the_gpu_stays_close_to_the_cpu() {
-    let (mut cpu, mut gpu) = cpu_and_gpu("synthetic:smollm2-135m@f16", DType::F16);
-    let a = compare(&mut cpu, &mut gpu, 16);
-    println!("f16: {a:?}");
-    a.assert_within(0.9, 0.02);
+    let spec = "synthetic:smollm2-135m@f16";
+    check(spec, cpu_and_gpu(spec, DType::F16), 0.9, 0.02);
 }
 
 #[test]
 fn gguf_q4_1_on_the_gpu_stays_close_to_the_cpu() {
     // The default model's format: the CPU runs our repacked kernels, the GPU candle's
     // quantized CUDA matmuls on the GGUF blocks; both quantize activations to 8 bits.
-    let (mut cpu, mut gpu) = cpu_and_gpu("synthetic:smollm2-135m@q4_1", DType::F32);
-    let a = compare(&mut cpu, &mut gpu, 16);
-    println!("q4_1: {a:?}");
-    a.assert_within(0.9, 0.05);
+    let spec = "synthetic:smollm2-135m@q4_1";
+    check(spec, cpu_and_gpu(spec, DType::F32), 0.9, 0.05);
 }
 
 #[test]
