@@ -79,6 +79,12 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 impl DeviceChoice {
+    /// Whether weights loaded for this device run on a GPU (so stay in their file's layout
+    /// rather than being repacked for the CPU kernels). `Auto` must be resolved first.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+
     /// `Auto` made concrete: the first GPU when the build has the `cuda` feature and the
     /// driver reports one, else the CPU. A GPU asked of a build without the feature is an error.
     pub fn resolve(self) -> Result<Self> {
@@ -115,7 +121,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 
 /// [`load_model`] with options.
 pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
-    let repack_for_cpu = !matches!(options.device, DeviceChoice::Cuda(_));
+    let repack_for_cpu = !options.device.is_gpu();
     if path.is_dir() {
         return crate::safetensors::load_folder(path, options.weights_format, repack_for_cpu);
     }

@@ -247,12 +247,7 @@ impl SyntheticSpec {
             }
         }
         Ok(LoadedModel {
-            model: LlamaModel::new(build(
-                &config,
-                SEED,
-                self.format,
-                !matches!(device, DeviceChoice::Cuda(_)),
-            )?),
+            model: LlamaModel::new(build(&config, SEED, self.format, !device.is_gpu())?),
             tokenizer: tokenizer(&config)?,
             path: PathBuf::from(self.name()),
         })
