@@ -209,6 +209,10 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let stats = engine.stats();
     let output_tokens = generated.load(Ordering::Relaxed);
+    let decode_steps = stats.decode_steps as f64;
+    let mean_decode_batch = per(stats.decode_step_tokens as f64, decode_steps);
+    let decode_step_ms = per(stats.decode_step_seconds * 1e3, decode_steps);
+    let decode_tokens_per_s = per(stats.decode_step_tokens as f64, stats.decode_step_seconds);
     let report = serde_json::json!({
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,
@@ -229,9 +233,9 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
         "num_preemptions": stats.num_preemptions,
         "steps": stats.steps,
         "decode_steps": stats.decode_steps,
-        "mean_decode_batch": per(stats.decode_step_tokens as f64, stats.decode_steps as f64),
-        "decode_step_ms": per(stats.decode_step_seconds * 1e3, stats.decode_steps as f64),
-        "decode_tokens_per_s": per(stats.decode_step_tokens as f64, stats.decode_step_seconds),
+        "mean_decode_batch": mean_decode_batch,
+        "decode_step_ms": decode_step_ms,
+        "decode_tokens_per_s": decode_tokens_per_s,
     });
     if args.json {
         println!("{report}");
@@ -258,11 +262,9 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             stats.prefix_hit_tokens
         );
         println!(
-            "decode-only steps: {} of mean batch {:.1}, {:.2} ms each: {:.1} tokens/s",
+            "decode-only steps: {} of mean batch {mean_decode_batch:.1}, {decode_step_ms:.2} ms \
+             each: {decode_tokens_per_s:.1} tokens/s",
             stats.decode_steps,
-            per(stats.decode_step_tokens as f64, stats.decode_steps as f64),
-            per(stats.decode_step_seconds * 1e3, stats.decode_steps as f64),
-            per(stats.decode_step_tokens as f64, stats.decode_step_seconds),
         );
         println!("peak KV usage:     {:.1}%", stats.peak_kv_usage * 100.0);
         println!("preemptions:       {}", stats.num_preemptions);

@@ -221,7 +221,7 @@ pub(crate) fn validate_batch(
     batch: &StepBatch,
     vocab: usize,
     max_positions: usize,
-    cache: minserve_core::CacheGeometry,
+    layout: minserve_core::CacheGeometry,
 ) -> Result<()> {
     let bad = |m: String| Err(ModelError::InvalidBatch(m));
     let n = batch.num_tokens();
@@ -231,7 +231,6 @@ pub(crate) fn validate_batch(
     if batch.positions.len() != n || batch.slot_mapping.len() != n {
         return bad("token, position and slot arrays differ in length".into());
     }
-    let layout = &cache;
     let num_slots = layout.num_blocks * layout.block_size;
     if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
         return bad(format!("token id {t} is outside the vocabulary of {vocab}"));

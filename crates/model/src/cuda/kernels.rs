@@ -5,7 +5,9 @@
 //! view (a narrowed column range) is just an address and a row stride.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::driver::{DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
@@ -15,6 +17,48 @@ const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 
 /// The head sizes `paged_attention` is compiled for.
 pub const HEAD_DIMS: &[usize] = &[64, 128];
+
+/// Our kernels for one model: its element type and head size fixed, each function looked up
+/// once instead of by name on every launch (three launches per layer per step).
+pub struct Kernels {
+    stream: std::sync::Arc<CudaStream>,
+    rope_and_cache: CudaFunction,
+    paged_attention: CudaFunction,
+    silu_and_mul: CudaFunction,
+}
+
+impl Kernels {
+    pub fn load(
+        device: &CudaDevice,
+        dtype: DType,
+        (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    ) -> Result<Self> {
+        if !HEAD_DIMS.contains(&head_dim) {
+            candle_core::bail!(
+                "the GPU path supports head sizes {HEAD_DIMS:?}; this model's is {head_dim}"
+            );
+        }
+        let group = num_heads / num_kv_heads.max(1);
+        if group == 0 || group > 8 || num_heads % num_kv_heads.max(1) != 0 {
+            candle_core::bail!("GPU attention supports 1 to 8 query heads per KV head");
+        }
+        let s = suffix(dtype)?;
+        // candle keeps loaded modules by name; its function handle derefs to cudarc's.
+        let load = |name: String, module: &str, ptx: &str| -> Result<CudaFunction> {
+            Ok((*device.get_or_load_custom_func(&name, module, ptx)?).clone())
+        };
+        Ok(Self {
+            stream: device.cuda_stream(),
+            rope_and_cache: load(format!("rope_and_cache_{s}"), "minserve_cache", CACHE_PTX)?,
+            silu_and_mul: load(format!("silu_and_mul_{s}"), "minserve_cache", CACHE_PTX)?,
+            paged_attention: load(
+                format!("paged_attention_{s}_{head_dim}"),
+                "minserve_attention",
+                ATTENTION_PTX,
+            )?,
+        })
+    }
+}
 
 /// The element type's suffix in our kernels' names.
 fn suffix(dtype: DType) -> Result<&'static str> {
@@ -132,116 +176,113 @@ pub struct StepTables {
     pub max_blocks: usize,
 }
 
-/// Rotates q and k (`qkv`: `[tokens, q | k | v]`) by position; writes the rotated q into `query` and k, v into the pool.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_and_cache(
-    qkv: &Tensor,
-    query: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    tables: &StepTables,
-    (cos, sin): (&Tensor, &Tensor),
-    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-    interleaved: bool,
-) -> Result<()> {
-    let device = cuda_device(query.device())?;
-    let name = format!("rope_and_cache_{}", suffix(query.dtype())?);
-    let func = device.get_or_load_custom_func(&name, "minserve_cache", CACHE_PTX)?;
-    let tokens = query.dim(0)?;
-    let args = [
-        address(qkv, 0)?,
-        address(query, 0)?,
-        address(key_cache, 0)?,
-        address(value_cache, 0)?,
-        address(&tables.positions, 0)?,
-        address(&tables.slots, 0)?,
-        address(cos, 0)?,
-        address(sin, 0)?,
-    ];
-    let ints = [
-        row_stride(qkv)? as i32,
-        num_heads as i32,
-        num_kv_heads as i32,
-        head_dim as i32,
-        interleaved as i32,
-    ];
-    // SAFETY: the kernel's parameters are these addresses and ints, in order; every address
-    // lies inside a live tensor of the sizes the ints describe.
-    unsafe {
-        launch(
-            func.builder(),
-            &args,
-            &ints,
-            &[],
-            grid((tokens as u32, 1), 128),
-        )
+impl Kernels {
+    /// Rotates q and k (`qkv`: `[tokens, q | k | v]`) by position; writes the rotated q into `query` and k, v into the pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_and_cache(
+        &self,
+        qkv: &Tensor,
+        query: &Tensor,
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        tables: &StepTables,
+        (cos, sin): (&Tensor, &Tensor),
+        (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+        interleaved: bool,
+    ) -> Result<()> {
+        let tokens = query.dim(0)?;
+        let args = [
+            address(qkv, 0)?,
+            address(query, 0)?,
+            address(key_cache, 0)?,
+            address(value_cache, 0)?,
+            address(&tables.positions, 0)?,
+            address(&tables.slots, 0)?,
+            address(cos, 0)?,
+            address(sin, 0)?,
+        ];
+        let ints = [
+            row_stride(qkv)? as i32,
+            num_heads as i32,
+            num_kv_heads as i32,
+            head_dim as i32,
+            interleaved as i32,
+        ];
+        // SAFETY: the kernel's parameters are these addresses and ints, in order; every address
+        // lies inside a live tensor of the sizes the ints describe.
+        unsafe {
+            launch(
+                self.stream.launch_builder(&self.rope_and_cache),
+                &args,
+                &ints,
+                &[],
+                grid((tokens as u32, 1), 128),
+            )
+        }
     }
-}
 
-/// Attention of every new token of a step over its sequence's cached keys and values.
-pub fn paged_attention(
-    out: &Tensor,
-    query: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    tables: &StepTables,
-    (num_heads, num_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
-) -> Result<()> {
-    let device = cuda_device(query.device())?;
-    if !HEAD_DIMS.contains(&head_dim) {
-        candle_core::bail!("GPU attention supports head sizes {HEAD_DIMS:?}, not {head_dim}");
+    /// Attention of every new token of a step over its sequence's cached keys and values.
+    pub fn paged_attention(
+        &self,
+        out: &Tensor,
+        query: &Tensor,
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        tables: &StepTables,
+        (num_heads, num_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let tokens = query.dim(0)?;
+        let args = [
+            address(out, 0)?,
+            address(query, 0)?,
+            address(key_cache, 0)?,
+            address(value_cache, 0)?,
+            address(&tables.block_tables, 0)?,
+            address(&tables.token_sequence, 0)?,
+            address(&tables.positions, 0)?,
+        ];
+        let ints = [
+            num_heads as i32,
+            num_kv_heads as i32,
+            block_size as i32,
+            tables.max_blocks as i32,
+        ];
+        let scale = 1f32 / (head_dim as f32).sqrt();
+        let config = grid((tokens as u32, num_kv_heads as u32), 128);
+        // SAFETY: as in `rope_and_cache`.
+        unsafe {
+            launch(
+                self.stream.launch_builder(&self.paged_attention),
+                &args,
+                &ints,
+                &[scale],
+                config,
+            )
+        }
     }
-    let group = num_heads / num_kv_heads;
-    if group == 0 || group > 8 || num_heads % num_kv_heads != 0 {
-        candle_core::bail!("GPU attention supports 1 to 8 query heads per KV head");
-    }
-    let name = format!("paged_attention_{}_{head_dim}", suffix(query.dtype())?);
-    let func = device.get_or_load_custom_func(&name, "minserve_attention", ATTENTION_PTX)?;
-    let tokens = query.dim(0)?;
-    let args = [
-        address(out, 0)?,
-        address(query, 0)?,
-        address(key_cache, 0)?,
-        address(value_cache, 0)?,
-        address(&tables.block_tables, 0)?,
-        address(&tables.token_sequence, 0)?,
-        address(&tables.positions, 0)?,
-    ];
-    let ints = [
-        num_heads as i32,
-        num_kv_heads as i32,
-        block_size as i32,
-        tables.max_blocks as i32,
-    ];
-    let scale = 1f32 / (head_dim as f32).sqrt();
-    let config = grid((tokens as u32, num_kv_heads as u32), 128);
-    // SAFETY: as in `rope_and_cache`.
-    unsafe { launch(func.builder(), &args, &ints, &[scale], config) }
-}
 
-/// `silu(gate) * up` for a `[rows, 2 * width]` projection whose halves are gate and up.
-pub fn silu_and_mul(gate_up: &Tensor) -> Result<Tensor> {
-    let device = cuda_device(gate_up.device())?;
-    let (rows, double) = gate_up.dims2()?;
-    let width = double / 2;
-    let out = uninitialized((rows, width), gate_up.dtype(), device)?;
-    let name = format!("silu_and_mul_{}", suffix(gate_up.dtype())?);
-    let func = device.get_or_load_custom_func(&name, "minserve_cache", CACHE_PTX)?;
-    let args = [
-        address(&out, 0)?,
-        address(gate_up, 0)?,
-        address(gate_up, width)?,
-    ];
-    let ints = [width as i32, row_stride(gate_up)? as i32];
-    // SAFETY: as in `rope_and_cache`.
-    unsafe {
-        launch(
-            func.builder(),
-            &args,
-            &ints,
-            &[],
-            grid((rows as u32, 1), 256),
-        )?
-    };
-    Ok(out)
+    /// `silu(gate) * up` for a `[rows, 2 * width]` projection whose halves are gate and up.
+    pub fn silu_and_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let device = cuda_device(gate_up.device())?;
+        let (rows, double) = gate_up.dims2()?;
+        let width = double / 2;
+        let out = uninitialized((rows, width), gate_up.dtype(), device)?;
+        let args = [
+            address(&out, 0)?,
+            address(gate_up, 0)?,
+            address(gate_up, width)?,
+        ];
+        let ints = [width as i32, row_stride(gate_up)? as i32];
+        // SAFETY: as in `rope_and_cache`.
+        unsafe {
+            launch(
+                self.stream.launch_builder(&self.silu_and_mul),
+                &args,
+                &ints,
+                &[],
+                grid((rows as u32, 1), 256),
+            )?
+        };
+        Ok(out)
+    }
 }

@@ -15,7 +15,6 @@ use candle_core::{DType, Device};
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, SequenceChunk, StepBatch};
 
 pub use cache::CudaKvCache;
-pub use kernels::HEAD_DIMS;
 pub use model::CudaModel;
 
 use crate::error::{ModelError, Result};
@@ -89,12 +88,6 @@ impl CudaRunner {
         let device = open_device(options.ordinal)?;
         let model = CudaModel::new(weights, options.dtype, &device)?;
         let c = &model.config;
-        if !HEAD_DIMS.contains(&c.head_dim) {
-            return Err(ModelError::Device(format!(
-                "the GPU path supports head sizes {HEAD_DIMS:?}; this model's is {}",
-                c.head_dim
-            )));
-        }
         let block_size = options.block_size;
         let per_block = CudaKvCache::bytes_per_block(c, model.dtype, block_size);
         let warmup_tokens = options.max_step_tokens.min(model.max_positions()).max(1);

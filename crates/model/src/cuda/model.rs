@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use minserve_core::StepBatch;
 
 use super::cache::CudaKvCache;
-use super::kernels::{self, StepTables};
+use super::kernels::{self, Kernels, StepTables};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::Result;
 use crate::rope::RopeTable;
@@ -140,6 +140,7 @@ pub struct CudaModel {
     cos: Tensor,
     sin: Tensor,
     max_positions: usize,
+    kernels: Kernels,
 }
 
 impl CudaModel {
@@ -186,6 +187,11 @@ impl CudaModel {
             sin: Tensor::from_slice(rope.sin(), (max_positions, half), device)?,
             max_positions,
             final_norm: vector(&weights.final_norm)?,
+            kernels: Kernels::load(
+                kernels::cuda_device(device)?,
+                dtype,
+                (c.num_heads, c.num_kv_heads, c.head_dim),
+            )?,
             embedding,
             layers,
             lm_head,
@@ -215,7 +221,7 @@ impl CudaModel {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?;
             let query = kernels::uninitialized((n, c.num_heads * c.head_dim), self.dtype, device)?;
-            kernels::rope_and_cache(
+            self.kernels.rope_and_cache(
                 &qkv,
                 &query,
                 keys,
@@ -227,7 +233,7 @@ impl CudaModel {
             )?;
             let attention =
                 kernels::uninitialized((n, c.num_heads * c.head_dim), self.dtype, device)?;
-            kernels::paged_attention(
+            self.kernels.paged_attention(
                 &attention,
                 &query,
                 keys,
@@ -237,7 +243,7 @@ impl CudaModel {
             )?;
             x = (x + layer.o.forward(&attention)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let act = kernels::silu_and_mul(&layer.gate_up.forward(&h)?)?;
+            let act = self.kernels.silu_and_mul(&layer.gate_up.forward(&h)?)?;
             x = (x + layer.down.forward(&act)?)?;
         }
 
