@@ -287,6 +287,26 @@ impl BlockWriter {
     /// `isa` is available, `x` and the buffers hold every block of `range`, and nothing else
     /// accesses those blocks meanwhile.
     unsafe fn quantize(&self, isa: Isa, x: &[f32], range: std::ops::Range<usize>) {
+        let mut range = range;
+        // Whole groups of 16 blocks first, their scales computed side by side (1.7x faster per
+        // block); a group that needs the scalar path, and the tail, go block by block below.
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Vnni {
+            while range.len() >= 16 {
+                let i = range.start;
+                assert!(x.len() >= (i + 16) * BLOCK);
+                let (q, d, s, sum) = (
+                    self.qs.add(i * BLOCK),
+                    self.d.add(i),
+                    self.s.add(i),
+                    self.sum.add(i),
+                );
+                if !x86::quantize_16_blocks(x.as_ptr().add(i * BLOCK), q, d, s, sum) {
+                    break;
+                }
+                range.start += 16;
+            }
+        }
         for i in range {
             let x: &[f32; BLOCK] = x[i * BLOCK..(i + 1) * BLOCK].try_into().unwrap();
             let q = &mut *(self.qs.add(i * BLOCK) as *mut [i8; BLOCK]);
@@ -749,7 +769,8 @@ mod tests {
     use super::*;
 
     /// Blocks with every kind of value: random magnitudes, exact rounding ties, zeros,
-    /// subnormals, and (last) NaN and infinities.
+    /// subnormals, and (last) NaN and infinities. Ties and zeros come first too, where the
+    /// 16-block AVX-512 path takes them (the last group, holding NaN, falls back block by block).
     fn blocks() -> Vec<f32> {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
@@ -758,7 +779,15 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let mut x = Vec::new();
+        let mut ties: Vec<f32> = (0..BLOCK).map(|j| j as f32 * 4.0 - 63.5).collect();
+        ties[0] = 127.0;
+        let mut x = ties.clone();
+        x.extend(ties.iter().map(|v| -v));
+        x.extend([0.0; BLOCK]);
+        // d = 0.75 and the sum 31 * 127 + 2, odd and above 2048: it rounds when stored as f16,
+        // and s differs if that rounding is skipped.
+        x.extend([95.25; BLOCK - 1]);
+        x.push(1.5);
         for b in 0..4000 {
             let scale = f32::powi(2.0, (b % 60) - 40);
             for _ in 0..BLOCK {
@@ -766,8 +795,6 @@ mod tests {
             }
         }
         // amax 127 gives d = 1: halves are exact ties.
-        let mut ties: Vec<f32> = (0..BLOCK).map(|j| j as f32 * 4.0 - 63.5).collect();
-        ties[0] = 127.0;
         x.extend(&ties);
         x.extend(ties.iter().map(|v| -v));
         x.extend([0.0; BLOCK]);
