@@ -6,11 +6,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
+
+use crate::config::{ModelConfig, RopeStyle};
 
 const CACHE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cache.ptx"));
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -18,21 +20,23 @@ const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 /// The head sizes `paged_attention` is compiled for.
 pub const HEAD_DIMS: &[usize] = &[64, 128];
 
-/// Our kernels for one model: its element type and head size fixed, each function looked up
-/// once instead of by name on every launch (three launches per layer per step).
+/// Our kernels for one model: its element type and attention shape fixed, each function looked
+/// up once instead of by name on every launch (three launches per layer per step).
 pub struct Kernels {
     stream: std::sync::Arc<CudaStream>,
     rope_and_cache: CudaFunction,
     paged_attention: CudaFunction,
     silu_and_mul: CudaFunction,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    interleaved_rope: bool,
 }
 
 impl Kernels {
-    pub fn load(
-        device: &CudaDevice,
-        dtype: DType,
-        (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-    ) -> Result<Self> {
+    pub fn load(device: &CudaDevice, dtype: DType, config: &ModelConfig) -> Result<Self> {
+        let (num_heads, num_kv_heads, head_dim) =
+            (config.num_heads, config.num_kv_heads, config.head_dim);
         if !HEAD_DIMS.contains(&head_dim) {
             candle_core::bail!(
                 "the GPU path supports head sizes {HEAD_DIMS:?}; this model's is {head_dim}"
@@ -56,7 +60,38 @@ impl Kernels {
                 "minserve_attention",
                 ATTENTION_PTX,
             )?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            interleaved_rope: config.rope_style == RopeStyle::Interleaved,
         })
+    }
+
+    /// Launches `func` on the model's stream with these parameters, in order.
+    ///
+    /// # Safety
+    /// The kernel's parameters are exactly `addresses`, then `ints`, then `floats`, and every
+    /// address lies inside a live tensor of the sizes the ints describe.
+    unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        addresses: &[u64],
+        ints: &[i32],
+        floats: &[f32],
+        config: LaunchConfig,
+    ) -> Result<()> {
+        let mut builder = self.stream.launch_builder(func);
+        for a in addresses {
+            builder.arg(a);
+        }
+        for i in ints {
+            builder.arg(i);
+        }
+        for f in floats {
+            builder.arg(f);
+        }
+        unsafe { builder.launch(config) }.w()?;
+        Ok(())
     }
 }
 
@@ -140,31 +175,6 @@ fn grid(blocks: (u32, u32), threads: u32) -> LaunchConfig {
     }
 }
 
-/// Launches the kernel behind `builder` with its parameters in our kernels' order: addresses, ints, floats.
-///
-/// # Safety
-/// The kernel's parameter list must be exactly these, in this order, and every address must
-/// lie inside a live allocation as large as the kernel reads or writes through it.
-unsafe fn launch<'a>(
-    mut builder: LaunchArgs<'a>,
-    addresses: &'a [u64],
-    ints: &'a [i32],
-    floats: &'a [f32],
-    config: LaunchConfig,
-) -> Result<()> {
-    for a in addresses {
-        builder.arg(a);
-    }
-    for i in ints {
-        builder.arg(i);
-    }
-    for f in floats {
-        builder.arg(f);
-    }
-    unsafe { builder.launch(config) }.w()?;
-    Ok(())
-}
-
 /// The per-token tables of a step, on the GPU.
 pub struct StepTables {
     pub positions: Tensor,
@@ -178,7 +188,6 @@ pub struct StepTables {
 
 impl Kernels {
     /// Rotates q and k (`qkv`: `[tokens, q | k | v]`) by position; writes the rotated q into `query` and k, v into the pool.
-    #[allow(clippy::too_many_arguments)]
     pub fn rope_and_cache(
         &self,
         qkv: &Tensor,
@@ -187,8 +196,6 @@ impl Kernels {
         value_cache: &Tensor,
         tables: &StepTables,
         (cos, sin): (&Tensor, &Tensor),
-        (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
-        interleaved: bool,
     ) -> Result<()> {
         let tokens = query.dim(0)?;
         let args = [
@@ -203,22 +210,15 @@ impl Kernels {
         ];
         let ints = [
             row_stride(qkv)? as i32,
-            num_heads as i32,
-            num_kv_heads as i32,
-            head_dim as i32,
-            interleaved as i32,
+            self.num_heads as i32,
+            self.num_kv_heads as i32,
+            self.head_dim as i32,
+            self.interleaved_rope as i32,
         ];
+        let config = grid((tokens as u32, 1), 128);
         // SAFETY: the kernel's parameters are these addresses and ints, in order; every address
         // lies inside a live tensor of the sizes the ints describe.
-        unsafe {
-            launch(
-                self.stream.launch_builder(&self.rope_and_cache),
-                &args,
-                &ints,
-                &[],
-                grid((tokens as u32, 1), 128),
-            )
-        }
+        unsafe { self.launch(&self.rope_and_cache, &args, &ints, &[], config) }
     }
 
     /// Attention of every new token of a step over its sequence's cached keys and values.
@@ -229,7 +229,7 @@ impl Kernels {
         key_cache: &Tensor,
         value_cache: &Tensor,
         tables: &StepTables,
-        (num_heads, num_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
+        block_size: usize,
     ) -> Result<()> {
         let tokens = query.dim(0)?;
         let args = [
@@ -242,23 +242,15 @@ impl Kernels {
             address(&tables.positions, 0)?,
         ];
         let ints = [
-            num_heads as i32,
-            num_kv_heads as i32,
+            self.num_heads as i32,
+            self.num_kv_heads as i32,
             block_size as i32,
             tables.max_blocks as i32,
         ];
-        let scale = 1f32 / (head_dim as f32).sqrt();
-        let config = grid((tokens as u32, num_kv_heads as u32), 128);
+        let scale = 1f32 / (self.head_dim as f32).sqrt();
+        let config = grid((tokens as u32, self.num_kv_heads as u32), 128);
         // SAFETY: as in `rope_and_cache`.
-        unsafe {
-            launch(
-                self.stream.launch_builder(&self.paged_attention),
-                &args,
-                &ints,
-                &[scale],
-                config,
-            )
-        }
+        unsafe { self.launch(&self.paged_attention, &args, &ints, &[scale], config) }
     }
 
     /// `silu(gate) * up` for a `[rows, 2 * width]` projection whose halves are gate and up.
@@ -273,16 +265,9 @@ impl Kernels {
             address(gate_up, width)?,
         ];
         let ints = [width as i32, row_stride(gate_up)? as i32];
+        let config = grid((rows as u32, 1), 256);
         // SAFETY: as in `rope_and_cache`.
-        unsafe {
-            launch(
-                self.stream.launch_builder(&self.silu_and_mul),
-                &args,
-                &ints,
-                &[],
-                grid((rows as u32, 1), 256),
-            )?
-        };
+        unsafe { self.launch(&self.silu_and_mul, &args, &ints, &[], config)? };
         Ok(out)
     }
 }

@@ -8,7 +8,7 @@ use minserve_core::StepBatch;
 
 use super::cache::CudaKvCache;
 use super::kernels::{self, Kernels, StepTables};
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::rope::RopeTable;
 use crate::weights::{Linear, LinearWeight, LlamaWeights};
@@ -187,11 +187,7 @@ impl CudaModel {
             sin: Tensor::from_slice(rope.sin(), (max_positions, half), device)?,
             max_positions,
             final_norm: vector(&weights.final_norm)?,
-            kernels: Kernels::load(
-                kernels::cuda_device(device)?,
-                dtype,
-                (c.num_heads, c.num_kv_heads, c.head_dim),
-            )?,
+            kernels: Kernels::load(kernels::cuda_device(device)?, dtype, &c)?,
             embedding,
             layers,
             lm_head,
@@ -212,7 +208,6 @@ impl CudaModel {
         let device = kernels::cuda_device(&self.device)?;
         let eps = c.rms_norm_eps as f32;
         let tables = self.step_tables(batch)?;
-        let shape = (c.num_heads, c.num_kv_heads, c.head_dim);
 
         let ids = Tensor::from_slice(&batch.token_ids, n, &self.device)?;
         let mut x = self.embedding.index_select(&ids, 0)?;
@@ -228,8 +223,6 @@ impl CudaModel {
                 values,
                 &tables,
                 (&self.cos, &self.sin),
-                shape,
-                c.rope_style == RopeStyle::Interleaved,
             )?;
             let attention =
                 kernels::uninitialized((n, c.num_heads * c.head_dim), self.dtype, device)?;
@@ -239,7 +232,7 @@ impl CudaModel {
                 keys,
                 values,
                 &tables,
-                (c.num_heads, c.num_kv_heads, c.head_dim, cache.block_size),
+                cache.block_size,
             )?;
             x = (x + layer.o.forward(&attention)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
