@@ -288,13 +288,13 @@ impl BlockWriter {
     /// accesses those blocks meanwhile.
     unsafe fn quantize(&self, isa: Isa, x: &[f32], range: std::ops::Range<usize>) {
         let mut range = range;
-        // Whole groups of 16 blocks first, their scales computed side by side (1.7x faster per
+        // Whole groups of blocks first, their scales computed side by side (1.7x faster per
         // block); a group that needs the scalar path, and the tail, go block by block below.
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512Vnni {
-            while range.len() >= 16 {
+            while range.len() >= x86::QUANTIZE_GROUP {
                 let i = range.start;
-                assert!(x.len() >= (i + 16) * BLOCK);
+                assert!(x.len() >= (i + x86::QUANTIZE_GROUP) * BLOCK);
                 let (q, d, s, sum) = (
                     self.qs.add(i * BLOCK),
                     self.d.add(i),
@@ -304,7 +304,7 @@ impl BlockWriter {
                 if !x86::quantize_16_blocks(x.as_ptr().add(i * BLOCK), q, d, s, sum) {
                     break;
                 }
-                range.start += 16;
+                range.start += x86::QUANTIZE_GROUP;
             }
         }
         for i in range {

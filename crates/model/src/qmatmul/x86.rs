@@ -34,12 +34,7 @@ pub(super) unsafe fn quantize_block(
     x: &[f32; BLOCK],
     q: &mut [i8; BLOCK],
 ) -> Option<(f32, f32, i32)> {
-    let x0 = _mm512_loadu_ps(x.as_ptr());
-    let x1 = _mm512_loadu_ps(x.as_ptr().add(16));
-    if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x0, x1) != 0 {
-        return None;
-    }
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    let amax = block_amax(x.as_ptr())?;
     if !amax.is_finite() {
         return None;
     }
@@ -49,20 +44,54 @@ pub(super) unsafe fn quantize_block(
     if !id.is_finite() {
         return None;
     }
+    let sum = quantize_codes(x.as_ptr(), id, q.as_mut_ptr());
+    Some(super::scales(d, sum))
+}
+
+/// The largest magnitude in the block at `x`, or `None` if it holds a NaN.
+///
+/// # Safety
+/// AVX-512 F is available; `x` holds `BLOCK` values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_amax(x: *const f32) -> Option<f32> {
+    let (x0, x1) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+    if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x0, x1) != 0 {
+        return None;
+    }
+    Some(_mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_abs_ps(x0),
+        _mm512_abs_ps(x1),
+    )))
+}
+
+/// Writes the block at `x` times the finite inverse scale `id`, rounded, into the codes at `q`;
+/// returns their sum.
+///
+/// # Safety
+/// AVX-512 F and BW are available; `x` holds `BLOCK` values and `q` `BLOCK` bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_codes(x: *const f32, id: f32, q: *mut i8) -> i32 {
     let id = _mm512_set1_ps(id);
     // |x * id| <= 127 (+ rounding), so the values already fit in i8; the clamp only mirrors
     // `as i8`'s saturation.
     let (lo, hi) = (_mm512_set1_epi32(-128), _mm512_set1_epi32(127));
-    let q0 = _mm512_max_epi32(_mm512_min_epi32(round512(_mm512_mul_ps(x0, id)), hi), lo);
-    let q1 = _mm512_max_epi32(_mm512_min_epi32(round512(_mm512_mul_ps(x1, id)), hi), lo);
-    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128(
-        q.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtepi32_epi8(q1),
+    let q0 = _mm512_max_epi32(
+        _mm512_min_epi32(round512(_mm512_mul_ps(_mm512_loadu_ps(x), id)), hi),
+        lo,
     );
-    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    Some(super::scales(d, sum))
+    let q1 = _mm512_max_epi32(
+        _mm512_min_epi32(round512(_mm512_mul_ps(_mm512_loadu_ps(x.add(16)), id)), hi),
+        lo,
+    );
+    _mm_storeu_si128(q as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+    _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))
 }
+
+/// Blocks [`quantize_16_blocks`] takes at once: one 512-bit register of f32 scales.
+pub(super) const QUANTIZE_GROUP: usize = 16;
 
 /// Sixteen consecutive blocks at `x` as [`quantize_block`] does each, bit-identical, with the
 /// scales worked out for all sixteen in one register: the block-by-block version spends most
@@ -82,12 +111,10 @@ pub(super) unsafe fn quantize_16_blocks(
 ) -> bool {
     let mut amax = [0f32; 16];
     for (b, amax) in amax.iter_mut().enumerate() {
-        let x0 = _mm512_loadu_ps(x.add(b * BLOCK));
-        let x1 = _mm512_loadu_ps(x.add(b * BLOCK + 16));
-        if _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x0, x1) != 0 {
-            return false;
+        match block_amax(x.add(b * BLOCK)) {
+            Some(m) => *amax = m,
+            None => return false,
         }
-        *amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     }
     let amax = _mm512_loadu_ps(amax.as_ptr());
     let dv = _mm512_div_ps(amax, _mm512_set1_ps(127.0));
@@ -103,19 +130,8 @@ pub(super) unsafe fn quantize_16_blocks(
     let mut ids = [0f32; 16];
     _mm512_storeu_ps(ids.as_mut_ptr(), idv);
     let mut sums = [0i32; 16];
-    let (lo, hi) = (_mm512_set1_epi32(-128), _mm512_set1_epi32(127));
-    for (b, (&id, total)) in ids.iter().zip(sums.iter_mut()).enumerate() {
-        let id = _mm512_set1_ps(id);
-        let x0 = _mm512_loadu_ps(x.add(b * BLOCK));
-        let x1 = _mm512_loadu_ps(x.add(b * BLOCK + 16));
-        let q0 = _mm512_max_epi32(_mm512_min_epi32(round512(_mm512_mul_ps(x0, id)), hi), lo);
-        let q1 = _mm512_max_epi32(_mm512_min_epi32(round512(_mm512_mul_ps(x1, id)), hi), lo);
-        _mm_storeu_si128(q.add(b * BLOCK) as *mut __m128i, _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128(
-            q.add(b * BLOCK + 16) as *mut __m128i,
-            _mm512_cvtepi32_epi8(q1),
-        );
-        *total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    for (b, (&id, sum)) in ids.iter().zip(sums.iter_mut()).enumerate() {
+        *sum = quantize_codes(x.add(b * BLOCK), id, q.add(b * BLOCK));
     }
     // `scales` for all sixteen: d and sum rounded to f16, their product rounded to f16 again
     // (exact in f32 before that rounding: two 11-bit significands).
