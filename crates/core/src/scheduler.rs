@@ -7,10 +7,11 @@
 //!    computed: one for a decoding sequence, the rest of its prompt (as much as the budget
 //!    allows: *chunked prefill*) for one whose prompt was split. If the block manager has no
 //!    room for them, the **lowest-priority, newest** running sequence is **preempted**
-//!    (`Scheduler::make_room`, `Scheduler::preempt`): its blocks are freed and it goes back to the waiting queue
-//!    keeping every token it generated; it will recompute them later (its prefix may still be
-//!    cached). It rejoins the queue where its order says: under FCFS at the front (it arrived
-//!    before everything waiting), under priority behind every more urgent waiting sequence.
+//!    (`Scheduler::make_room`, `Scheduler::preempt`): its blocks are freed and it goes back to
+//!    the waiting queue keeping every token it generated; it will recompute them later (its
+//!    prefix may still be cached). It rejoins the queue where its order says: under FCFS at the
+//!    front (it arrived before everything waiting), under priority behind every more urgent
+//!    waiting sequence.
 //! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
 //!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
