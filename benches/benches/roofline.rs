@@ -40,7 +40,7 @@ fn main() {
             + 3 * config.hidden_size * config.intermediate_size;
     let flops_per_token =
         2.0 * (config.num_layers * per_layer + config.vocab_size * config.hidden_size) as f64;
-    let kv_bytes_per_token = config.kv_bytes_per_token(CacheOptions::default().dtype) as f64;
+    let kv_bytes_per_token = CacheOptions::default().dtype.bytes_per_token(&config) as f64;
 
     let gemm = gemm_gflops();
     let bandwidth = memory_gbps();

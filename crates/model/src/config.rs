@@ -170,12 +170,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Bytes of K plus V that one token occupies across all layers when cached as `dtype`
-    /// (with the scales of a scaled type).
-    pub fn kv_bytes_per_token(&self, dtype: crate::kv_cache::KvDtype) -> usize {
-        2 * self.num_layers * self.num_kv_heads * dtype.bytes_per_row(self.head_dim)
-    }
-
     /// The `config.json` a Hugging Face `transformers` Llama would read, for `minserve export`.
     pub fn to_hf_config_json(&self, torch_dtype: &str) -> serde_json::Value {
         serde_json::json!({

@@ -103,6 +103,12 @@ impl KvDtype {
             KvDtype::Q8 => head_dim + std::mem::size_of::<f32>(),
         }
     }
+
+    /// Bytes of K plus V that one token of `config`'s model occupies across all layers when
+    /// cached as `self` (with the scales of a scaled type).
+    pub fn bytes_per_token(self, config: &ModelConfig) -> usize {
+        2 * config.num_layers * config.num_kv_heads * self.bytes_per_row(config.head_dim)
+    }
 }
 
 impl std::str::FromStr for KvDtype {
@@ -351,7 +357,7 @@ impl KvCache {
         block_size: usize,
         memory_bytes: usize,
     ) -> Self {
-        let bytes_per_block = config.kv_bytes_per_token(dtype) * block_size;
+        let bytes_per_block = dtype.bytes_per_token(config) * block_size;
         Self::new(
             config,
             dtype,

@@ -1,14 +1,23 @@
 //! The model runner of minserve: a Llama-family forward pass over a ragged batch of sequences,
 //! reading and writing a paged KV cache, with weights from GGUF or safetensors.
+//!
+//! Three concerns, three files: [`load`] turns a model on disk into weights and a tokenizer
+//! (GGUF through [`gguf`], Hugging Face folders through [`safetensors`]; [`synthetic`] builds
+//! models in memory instead); [`device`] settles where the model runs (`--device auto`); and
+//! [`runner`] holds the executors the engine drives ([`ModelRunner`] on the CPU, [`Runner`] over
+//! whichever device). The forward pass itself is [`llama`], on the paged [`kv_cache`], with
+//! [`paged_attention`] and the quantized matmuls of [`qmatmul`].
 
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
+pub mod load;
 pub mod math;
 pub mod paged_attention;
 pub mod pool;
@@ -21,11 +30,10 @@ mod tensor_util;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeStyle};
+pub use device::{DeviceChoice, DeviceOptions};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvDtype};
 pub use llama::LlamaModel;
-pub use runner::{
-    load_model, load_model_with, load_tokenizer, CacheOptions, DeviceChoice, DeviceOptions,
-    LoadOptions, LoadedModel, ModelRunner, Runner,
-};
+pub use load::{load_model, load_model_with, load_tokenizer, LoadOptions, LoadedModel};
+pub use runner::{CacheOptions, ModelRunner, Runner};
 pub use synthetic::SyntheticSpec;

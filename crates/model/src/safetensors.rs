@@ -22,8 +22,6 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::llama::LlamaModel;
-use crate::runner::LoadedModel;
 use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
@@ -31,12 +29,13 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint, mapping each tensor name to its shard file.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// Loads a Hugging Face model folder into f32 weights and its tokenizer.
+/// Loads a Hugging Face model folder into f32 weights (`weights_format` and `repack_for_cpu` as in
+/// `LoadOptions`) and its tokenizer.
 pub fn load_folder(
     dir: &Path,
     weights_format: Option<GgmlDType>,
     repack_for_cpu: bool,
-) -> Result<LoadedModel> {
+) -> Result<(LlamaWeights, Tokenizer)> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(ModelError::Format {
@@ -57,11 +56,7 @@ pub fn load_folder(
     warn_unused(&checkpoint, &plan, &config);
     let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
     let weights = build_weights(&checkpoint, config, weights_format, repack_for_cpu)?;
-    Ok(LoadedModel {
-        model: LlamaModel::new(weights),
-        tokenizer,
-        path: dir.to_path_buf(),
-    })
+    Ok((weights, tokenizer))
 }
 
 /// The HF name of layer `i`'s tensor `rest` (e.g. `self_attn.q_proj.weight`).

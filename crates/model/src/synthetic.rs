@@ -19,9 +19,10 @@ use minserve_core::sampling::Rng;
 use minserve_tokenizer::Tokenizer;
 
 use crate::config::{ModelConfig, RopeStyle};
+use crate::device::DeviceChoice;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
-use crate::runner::{DeviceChoice, LoadedModel};
+use crate::load::LoadedModel;
 use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.

@@ -95,18 +95,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x W^T (+ b)` for a tensor `[.., in]`: the textbook form, for references and tests.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Packed(w) => w.forward(x)?,
-            LinearWeight::Candle(w) => w.forward(x)?,
-        };
-        match &self.bias {
-            Some(bias) => y.broadcast_add(bias),
-            None => Ok(y),
-        }
-    }
-
     /// Several layers applied to the same `m` rows of `x` (q/k/v, gate/up), each into its
     /// `[m, out_features]` slice of `outs`. With packed weights the input is quantized once
     /// (into `input`, reused across calls) and all matrices run in one pass over the pool.

@@ -2,11 +2,23 @@
 //! causal attention over contiguous K/V, written with plain candle ops, no cache at all.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use minserve_core::sampling::Rng;
 use minserve_core::{ModelExecutor, StepBatch};
-use minserve_model::weights::LlamaWeights;
+use minserve_model::weights::{Linear, LinearWeight, LlamaWeights};
 use minserve_model::{synthetic, CacheOptions, KvDtype, LlamaModel, ModelRunner, RopeStyle};
+
+/// `x W^T (+ b)` for a tensor `[.., in]`: the textbook form of a layer, on tensors.
+fn linear(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let y = match &layer.weight {
+        LinearWeight::Packed(w) => w.forward(x)?,
+        LinearWeight::Candle(w) => w.forward(x)?,
+    };
+    match &layer.bias {
+        Some(bias) => y.broadcast_add(bias),
+        None => Ok(y),
+    }
+}
 
 /// Logits at every position of `tokens`, computed the textbook way.
 fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
@@ -54,9 +66,9 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
     let mut x = w.embedding.index_select(&ids, 0)?;
     for layer in &w.layers {
         let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-        let q = heads(&layer.q_proj.forward(&h)?, c.num_heads)?;
-        let k = heads(&layer.k_proj.forward(&h)?, c.num_kv_heads)?;
-        let v = heads(&layer.v_proj.forward(&h)?, c.num_kv_heads)?;
+        let q = heads(&linear(&layer.q_proj, &h)?, c.num_heads)?;
+        let k = heads(&linear(&layer.k_proj, &h)?, c.num_kv_heads)?;
+        let v = heads(&linear(&layer.v_proj, &h)?, c.num_kv_heads)?;
         let rope = match c.rope_style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i,
             RopeStyle::Neox => candle_nn::rotary_emb::rope,
@@ -69,16 +81,13 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
         let attn = attn
             .transpose(1, 2)?
             .reshape((t, c.num_heads * c.head_dim))?;
-        x = (layer.o_proj.forward(&attn)? + x)?;
+        x = (linear(&layer.o_proj, &attn)? + x)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-        x = (layer
-            .down_proj
-            .forward(&(gate * layer.up_proj.forward(&h)?)?)?
-            + x)?;
+        let gate = candle_nn::ops::silu(&linear(&layer.gate_proj, &h)?)?;
+        x = (linear(&layer.down_proj, &(gate * linear(&layer.up_proj, &h)?)?)? + x)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &w.final_norm, eps)?;
-    w.lm_head.forward(&x)?.to_vec2::<f32>()
+    linear(&w.lm_head, &x)?.to_vec2::<f32>()
 }
 
 fn tiny_runner(preset: &str, dtype: KvDtype, block_size: usize, num_blocks: usize) -> ModelRunner {

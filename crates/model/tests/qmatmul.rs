@@ -453,7 +453,7 @@ fn shared_input_matches_separate_calls() {
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_bits_eq(&flat(got), &flat(&alone), &format!("{:?} m={m}", w.dtype()));
             let mut out = vec![0f32; m * w.n()];
-            w.matmul_quantized(&input, &mut out);
+            QWeight::matmul_quantized_many(&[w], &input, &mut [&mut out]);
             assert_bits_eq(
                 &out,
                 &flat(&alone),

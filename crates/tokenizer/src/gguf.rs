@@ -21,12 +21,12 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::sequence::Sequence as ProcessorSequence;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, NormalizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Result, TokenizerError};
-use crate::tokenizer::{SpecialTokens, Tokenizer, TokenizerParts};
+use crate::special_tokens::{bos_eos_template, SpecialTokens};
+use crate::tokenizer::{Tokenizer, TokenizerParts};
 
 /// `llama_token_type` values stored in `tokenizer.ggml.token_type`.
 mod token_type {
@@ -378,55 +378,6 @@ fn build_sentencepiece_bpe(
     tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)));
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
-}
-
-/// A post-processor adding BOS in front / EOS at the end, or `None` if neither is wanted. This is
-/// the `TemplateProcessing` Hugging Face puts in `tokenizer.json` for such models, so exported
-/// files behave the same in Python.
-pub(crate) fn bos_eos_template(
-    bos: Option<&(String, u32)>,
-    eos: Option<&(String, u32)>,
-) -> Result<Option<TemplateProcessing>> {
-    if bos.is_none() && eos.is_none() {
-        return Ok(None);
-    }
-    let mut single = Vec::new();
-    let mut pair = Vec::new();
-    let mut specials = Vec::new();
-    if let Some((token, id)) = bos {
-        single.push(token.clone());
-        pair.push(format!("{token}:0"));
-        specials.push((token.clone(), *id));
-    }
-    single.push("$A:0".to_owned());
-    pair.push("$A:0".to_owned());
-    if let Some((token, id)) = eos {
-        single.push(token.clone());
-        pair.push(format!("{token}:0"));
-        if !specials.iter().any(|(t, _)| t == token) {
-            specials.push((token.clone(), *id));
-        }
-    }
-    if let Some((token, _)) = bos {
-        pair.push(format!("{token}:1"));
-    }
-    pair.push("$B:1".to_owned());
-    if let Some((token, _)) = eos {
-        pair.push(format!("{token}:1"));
-    }
-    let build_err = |e: String| TokenizerError::Build {
-        what: "BOS/EOS post-processor".into(),
-        source: e.into(),
-    };
-    TemplateProcessing::builder()
-        .try_single(single)
-        .map_err(|e| build_err(e.to_string()))?
-        .try_pair(pair)
-        .map_err(|e| build_err(e.to_string()))?
-        .special_tokens(specials)
-        .build()
-        .map(Some)
-        .map_err(|e| build_err(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Result, TokenizerError};
-use crate::tokenizer::{SpecialTokens, Tokenizer, TokenizerParts};
+use crate::special_tokens::SpecialTokens;
+use crate::tokenizer::{Tokenizer, TokenizerParts};
 
 impl Tokenizer {
     /// Loads a Hugging Face tokenizer folder.

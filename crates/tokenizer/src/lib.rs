@@ -13,6 +13,7 @@ mod chat_template;
 mod error;
 mod gguf;
 mod hf;
+mod special_tokens;
 mod tokenizer;
 
 pub use chat_template::{ChatMessage, ChatTemplate};

@@ -3,6 +3,7 @@
 
 use crate::chat_template::ChatTemplate;
 use crate::error::{Result, TokenizerError};
+use crate::special_tokens::{bos_eos_template, SpecialTokens};
 
 /// A model's tokenizer, built from GGUF metadata ([`Tokenizer::from_gguf`]) or a Hugging Face
 /// folder ([`Tokenizer::from_hf_folder`]).
@@ -18,43 +19,6 @@ pub struct Tokenizer {
     prepend_bos: bool,
     chat_template: Option<ChatTemplate>,
     model_max_length: Option<u64>,
-}
-
-/// BOS and the ids that end generation, as a loader found them, with their text.
-#[derive(Debug, Clone)]
-pub(crate) struct SpecialTokens {
-    pub bos_token: Option<String>,
-    pub bos_id: Option<u32>,
-    /// The primary EOS's text.
-    pub eos_token: Option<String>,
-    /// Primary EOS first, then any other end-of-turn ids; all of them stop generation.
-    pub eos_ids: Vec<u32>,
-}
-
-impl SpecialTokens {
-    /// Both loaders settle on ids first; `token_text` spells them in the vocabulary's alphabet.
-    pub fn from_ids(
-        bos_id: Option<u32>,
-        eos_ids: Vec<u32>,
-        token_text: impl Fn(u32) -> Option<String>,
-    ) -> Self {
-        Self {
-            bos_token: bos_id.and_then(&token_text),
-            bos_id,
-            eos_token: eos_ids.first().and_then(|&id| token_text(id)),
-            eos_ids,
-        }
-    }
-
-    /// BOS as `(text, id)`, when the model has one.
-    pub fn bos(&self) -> Option<(String, u32)> {
-        Some((self.bos_token.clone()?, self.bos_id?))
-    }
-
-    /// The primary EOS as `(text, id)`, when the model has one.
-    pub fn eos(&self) -> Option<(String, u32)> {
-        Some((self.eos_token.clone()?, *self.eos_ids.first()?))
-    }
 }
 
 /// Everything a loader has found; [`Tokenizer::assemble`] turns it into a [`Tokenizer`].
@@ -222,7 +186,7 @@ impl Tokenizer {
     pub(crate) fn inner_for_export(&self) -> Result<tokenizers::Tokenizer> {
         let mut inner = self.inner.clone();
         if let (true, Some(bos)) = (self.prepend_bos, self.specials.bos()) {
-            if let Some(template) = crate::gguf::bos_eos_template(Some(&bos), None)? {
+            if let Some(template) = bos_eos_template(Some(&bos), None)? {
                 let processor: tokenizers::PostProcessorWrapper = match inner.get_post_processor() {
                     Some(existing) => tokenizers::processors::sequence::Sequence::new(vec![
                         existing.clone(),

@@ -66,6 +66,14 @@
 //! (on the pool too when large); [`QInput`] and [`QWeight::forward_shared`] quantize once for
 //! several weights with the same input and run them in one pass over the pool.
 //!
+//! # Files
+//!
+//! `isa` detects the instruction set; `layout` holds the data the kernels read (weight tiles,
+//! quantized activation rows); `pack` turns GGUF blocks into tiles ([`QWeight::from_qtensor`]);
+//! `quantize` turns activation rows into Q8_1 blocks ([`QInput::quantize`]); this file holds the
+//! entry points (`matmul*`, `forward*`) and splits their work over the pool; `x86` and `scalar`
+//! are the kernels, `scalar` also the reference arithmetic that the others reproduce.
+//!
 //! # Use
 //!
 //! ```ignore
@@ -80,418 +88,31 @@
 //! let qkv = QWeight::forward_shared(&[&q_w, &k_w, &v_w], &h)?;
 //! ```
 
+mod isa;
+mod layout;
+mod pack;
+mod quantize;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use std::cell::RefCell;
+use candle_core::Tensor;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use half::f16;
+pub use isa::Isa;
+pub use layout::{QInput, BLOCK, TILE_N};
+pub use pack::QWeight;
 
-/// Inputs per quantization block (Q4_0, Q4_1, Q8_0 and the activations' Q8_1 all use 32).
-pub const BLOCK: usize = 32;
-/// Output columns per tile: one 512-bit register of i32 / f32 lanes.
-pub const TILE_N: usize = 16;
+use crate::tensor_util::with_f32_slice;
+use layout::{TileQ4, TileQ8};
+use pack::{Kind, Packed};
+use quantize::with_scratch;
+
 /// Rows per work item: a worker walks the column tiles with one chunk of rows. Smaller chunks
 /// (to keep the activations in L1 for large k) measured slower: 64 rows re-read from L2 cost less
 /// than re-reading the weight tiles more often.
 const ROW_CHUNK: usize = 64;
 
-/// The instruction set a matmul runs on. All of them give bit-identical results.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512 F + BW + VNNI (`vpdpbusd`), plus F16C for the f16 scales.
-    Avx512Vnni,
-    /// AVX2 (`vpmaddubsw`), plus F16C.
-    Avx2,
-    /// Portable Rust.
-    Scalar,
-}
-
-impl Isa {
-    /// Whether this machine can run `self`.
-    pub fn is_available(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c"),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// The fastest instruction set available (detected once).
-    pub fn best() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            [Isa::Avx512Vnni, Isa::Avx2]
-                .into_iter()
-                .find(|isa| isa.is_available())
-                .unwrap_or(Isa::Scalar)
-        })
-    }
-
-    /// Every instruction set this machine can run, fastest first.
-    pub fn available() -> Vec<Isa> {
-        [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar]
-            .into_iter()
-            .filter(|isa| isa.is_available())
-            .collect()
-    }
-}
-
-/// Q4_0 / Q4_1 weights for 16 columns x one block of 32 inputs.
-#[derive(Clone)]
-#[repr(C, align(64))]
-pub(crate) struct TileQ4 {
-    /// `qs[(g * 16 + c) * 4 + j]` = byte `4g + j` of column `c`'s block (g in 0..4): low nibble
-    /// is input `4g + j`, high nibble input `16 + 4g + j`.
-    pub(crate) qs: [u8; 4 * TILE_N * 4],
-    pub(crate) d: [f16; TILE_N],
-    /// Q4_1's minimum (zero for Q4_0, and unused).
-    pub(crate) m: [f16; TILE_N],
-}
-
-/// Q8_0 weights for 16 columns x one block of 32 inputs. Aligned to 32 bytes only, so that no
-/// padding inflates the bytes streamed per token (544, not 576).
-#[derive(Clone)]
-#[repr(C, align(32))]
-pub(crate) struct TileQ8 {
-    /// `qs[(g * 16 + c) * 4 + j]` = `q[4g + j] + 128` of column `c` (g in 0..8).
-    pub(crate) qs: [u8; 8 * TILE_N * 4],
-    pub(crate) d: [f16; TILE_N],
-}
-
-const _: () = assert!(std::mem::size_of::<TileQ4>() == 320);
-const _: () = assert!(std::mem::size_of::<TileQ8>() == 544);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-enum Packed {
-    /// `[column tile][block]`.
-    Q4(Vec<TileQ4>),
-    Q8(Vec<TileQ8>),
-}
-
-/// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
-pub struct QWeight {
-    kind: Kind,
-    n: usize,
-    k: usize,
-    packed: Packed,
-}
-
-/// Activation rows quantized to blocks of 32 with ggml's Q8_1 numerics, ready for any
-/// [`QWeight`] with the same `k`: quantize once, multiply by several weights (q/k/v, gate/up).
-///
-/// Layout: `qs` is `[m][nb][32]`, the rest `[m][nb]` (`nb = k / 32`).
-#[derive(Default)]
-pub struct QInput {
-    pub(crate) m: usize,
-    pub(crate) nb: usize,
-    pub(crate) qs: Vec<i8>,
-    /// `f16(d)` as f32.
-    pub(crate) d: Vec<f32>,
-    /// `f16(f16(sum q) * f16(d))` as f32 (ggml's Q8_1 `s`).
-    pub(crate) s: Vec<f32>,
-    /// `sum q`, exact.
-    pub(crate) sum: Vec<i32>,
-}
-
-/// Below this many blocks, quantizing on the calling thread beats waking the pool.
-const PARALLEL_QUANTIZE_BLOCKS: usize = 512;
-
-impl QInput {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Rows held.
-    pub fn rows(&self) -> usize {
-        self.m
-    }
-
-    /// Input features per row.
-    pub fn k(&self) -> usize {
-        self.nb * BLOCK
-    }
-
-    /// Quantizes `x` (`m x k`, row-major; `k` a multiple of 32), reusing this buffer's memory.
-    /// The result is the same on every instruction set.
-    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
-        self.quantize_with(Isa::best(), x, m, k)
-    }
-
-    pub(crate) fn quantize_with(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
-        assert!(isa.is_available(), "qmatmul: {isa:?} is not available here");
-        assert!(
-            k.is_multiple_of(BLOCK),
-            "qmatmul: k = {k} is not a multiple of {BLOCK}"
-        );
-        assert_eq!(x.len(), m * k, "qmatmul: x is not {m} x {k}");
-        let nb = k / BLOCK;
-        self.m = m;
-        self.nb = nb;
-        let blocks = m * nb;
-        // Grow only: the buffer is reused across calls.
-        if self.d.len() < blocks {
-            self.qs.resize(blocks * BLOCK, 0);
-            self.d.resize(blocks, 0.0);
-            self.s.resize(blocks, 0.0);
-            self.sum.resize(blocks, 0);
-        }
-        let dst = BlockWriter {
-            qs: self.qs.as_mut_ptr(),
-            d: self.d.as_mut_ptr(),
-            s: self.s.as_mut_ptr(),
-            sum: self.sum.as_mut_ptr(),
-        };
-        // SAFETY: the buffers hold `blocks` blocks and `x` as many (asserted above); each block
-        // index goes to exactly one call, so no two threads write the same block.
-        if blocks < PARALLEL_QUANTIZE_BLOCKS {
-            unsafe { dst.quantize(isa, x, 0..blocks) }
-        } else {
-            crate::pool::pool()
-                .execute_chunked(blocks, |range| unsafe { dst.quantize(isa, x, range) });
-        }
-    }
-}
-
-/// Raw pointers into a [`QInput`]'s buffers, so that pool workers can fill disjoint blocks.
-struct BlockWriter {
-    qs: *mut i8,
-    d: *mut f32,
-    s: *mut f32,
-    sum: *mut i32,
-}
-
-// SAFETY: writers only touch the blocks they are given, which never overlap (see `quantize`).
-unsafe impl Sync for BlockWriter {}
-
-impl BlockWriter {
-    /// # Safety
-    /// `isa` is available, `x` and the buffers hold every block of `range`, and nothing else
-    /// accesses those blocks meanwhile.
-    unsafe fn quantize(&self, isa: Isa, x: &[f32], range: std::ops::Range<usize>) {
-        let mut range = range;
-        // Whole groups of blocks first, their scales computed side by side (1.7x faster per
-        // block); a group that needs the scalar path, and the tail, go block by block below.
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Vnni {
-            while range.len() >= x86::QUANTIZE_GROUP {
-                let i = range.start;
-                assert!(x.len() >= (i + x86::QUANTIZE_GROUP) * BLOCK);
-                let (q, d, s, sum) = (
-                    self.qs.add(i * BLOCK),
-                    self.d.add(i),
-                    self.s.add(i),
-                    self.sum.add(i),
-                );
-                if !x86::quantize_16_blocks(x.as_ptr().add(i * BLOCK), q, d, s, sum) {
-                    break;
-                }
-                range.start += x86::QUANTIZE_GROUP;
-            }
-        }
-        for i in range {
-            let x: &[f32; BLOCK] = x[i * BLOCK..(i + 1) * BLOCK].try_into().unwrap();
-            let q = &mut *(self.qs.add(i * BLOCK) as *mut [i8; BLOCK]);
-            let (d, s, sum) = match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => {
-                    x86::quantize_block(x, q).unwrap_or_else(|| quantize_block(x, q))
-                }
-                _ => quantize_block(x, q),
-            };
-            *self.d.add(i) = d;
-            *self.s.add(i) = s;
-            *self.sum.add(i) = sum;
-        }
-    }
-}
-
-/// candle's `BlockQ8_1::from_float` (ggml's `quantize_row_q8_1_ref`) for one block; returns
-/// (`d`, `s`, integer sum) with `d` and `s` rounded to f16 as stored there.
-#[inline]
-fn quantize_block(x: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> (f32, f32, i32) {
-    let mut amax = 0f32;
-    for &v in x {
-        amax = amax.max(v.abs());
-    }
-    let d = amax / 127.0;
-    let id = if d != 0f32 { 1. / d } else { 0. };
-    let mut sum = 0i32;
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = f32::round(v * id) as i8;
-        sum += *q as i32;
-    }
-    scales(d, sum)
-}
-
-/// The stored `d` and `s` of a block with scale `d` and quantized sum `sum`.
-#[inline]
-fn scales(d: f32, sum: i32) -> (f32, f32, i32) {
-    let d16 = f16::from_f32(d);
-    let s16 = f16::from_f32(sum as f32) * d16;
-    (d16.to_f32(), s16.to_f32(), sum)
-}
-
-thread_local! {
-    static SCRATCH: RefCell<QInput> = RefCell::new(QInput::default());
-}
-
-/// Runs `f` on this thread's reusable activation buffer.
-fn with_scratch<R>(f: impl FnOnce(&mut QInput) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut input) => f(&mut input),
-        // Re-entered on this thread (not expected): use a fresh buffer.
-        Err(_) => f(&mut QInput::default()),
-    })
-}
-
 impl QWeight {
-    /// Repacks a `[n, k]` CPU tensor of type Q4_0, Q4_1 or Q8_0; `None` for other types or
-    /// shapes (keep those on candle's `QMatMul`).
-    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
-        let kind = match t.dtype() {
-            GgmlDType::Q4_0 => Kind::Q4_0,
-            GgmlDType::Q4_1 => Kind::Q4_1,
-            GgmlDType::Q8_0 => Kind::Q8_0,
-            _ => return Ok(None),
-        };
-        if !matches!(t.device(), Device::Cpu) {
-            return Ok(None);
-        }
-        let Ok((n, k)) = t.shape().dims2() else {
-            return Ok(None);
-        };
-        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
-            return Ok(None);
-        }
-        let data = t.data()?;
-        let block_bytes = t.dtype().type_size();
-        let nb = k / BLOCK;
-        if data.len() != n * nb * block_bytes {
-            candle_core::bail!(
-                "qmatmul: {:?} tensor {n}x{k} has {} bytes, expected {}",
-                t.dtype(),
-                data.len(),
-                n * nb * block_bytes
-            );
-        }
-        Ok(Some(Self::from_blocks(kind, n, k, &data)))
-    }
-
-    /// `data`: `n` rows of `k / 32` ggml blocks of `kind`.
-    fn from_blocks(kind: Kind, n: usize, k: usize, data: &[u8]) -> Self {
-        let nb = k / BLOCK;
-        let n_tiles = n.div_ceil(TILE_N);
-        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
-        let packed = match kind {
-            Kind::Q4_0 | Kind::Q4_1 => {
-                let (block_bytes, qs_at) = match kind {
-                    Kind::Q4_0 => (18, 2),
-                    _ => (20, 4),
-                };
-                let mut tiles = Vec::with_capacity(n_tiles * nb);
-                for t in 0..n_tiles {
-                    for b in 0..nb {
-                        // Columns past `n` stay zero (scales 0) and are never written out.
-                        let mut tile = TileQ4 {
-                            qs: [0; 4 * TILE_N * 4],
-                            d: [f16::ZERO; TILE_N],
-                            m: [f16::ZERO; TILE_N],
-                        };
-                        for c in 0..TILE_N.min(n - t * TILE_N) {
-                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
-                            let blk = &data[at..at + block_bytes];
-                            tile.d[c] = f16_at(blk, 0);
-                            if kind == Kind::Q4_1 {
-                                tile.m[c] = f16_at(blk, 2);
-                            }
-                            let qs = &blk[qs_at..qs_at + BLOCK / 2];
-                            for g in 0..4 {
-                                for j in 0..4 {
-                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j];
-                                }
-                            }
-                        }
-                        tiles.push(tile);
-                    }
-                }
-                Packed::Q4(tiles)
-            }
-            Kind::Q8_0 => {
-                let block_bytes = 34;
-                let mut tiles = Vec::with_capacity(n_tiles * nb);
-                for t in 0..n_tiles {
-                    for b in 0..nb {
-                        let mut tile = TileQ8 {
-                            // q = 0 (stored 128) in the padding columns.
-                            qs: [128; 8 * TILE_N * 4],
-                            d: [f16::ZERO; TILE_N],
-                        };
-                        for c in 0..TILE_N.min(n - t * TILE_N) {
-                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
-                            let blk = &data[at..at + block_bytes];
-                            tile.d[c] = f16_at(blk, 0);
-                            let qs = &blk[2..2 + BLOCK];
-                            for g in 0..8 {
-                                for j in 0..4 {
-                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j] ^ 0x80;
-                                }
-                            }
-                        }
-                        tiles.push(tile);
-                    }
-                }
-                Packed::Q8(tiles)
-            }
-        };
-        Self { kind, n, k, packed }
-    }
-
-    /// The ggml type of the weights.
-    pub fn dtype(&self) -> GgmlDType {
-        match self.kind {
-            Kind::Q4_0 => GgmlDType::Q4_0,
-            Kind::Q4_1 => GgmlDType::Q4_1,
-            Kind::Q8_0 => GgmlDType::Q8_0,
-        }
-    }
-
-    /// Output features (rows of the weight).
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Input features.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// Bytes held by the packed weights.
-    pub fn size_in_bytes(&self) -> usize {
-        match &self.packed {
-            Packed::Q4(t) => std::mem::size_of_val(t.as_slice()),
-            Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
-        }
-    }
-
     /// `out = x W^T`: `x` is `m x k` row-major, `out` is `m x n`, on the fastest instruction set.
     ///
     /// # Panics
@@ -512,19 +133,12 @@ impl QWeight {
         })
     }
 
-    /// `out = x W^T` for activations already quantized (shared by several weights).
+    /// `out = x W^T` for activations already quantized, on `isa`.
     ///
     /// # Panics
-    /// If `input` does not have `k` columns or `out` is not `input.rows() x n`.
-    pub fn matmul_quantized(&self, input: &QInput, out: &mut [f32]) {
-        self.matmul_quantized_with(Isa::best(), input, out)
-    }
-
-    /// [`QWeight::matmul_quantized`] on a given instruction set.
-    ///
-    /// # Panics
-    /// As [`QWeight::matmul_quantized`], or if `isa` is not available on this machine.
-    pub fn matmul_quantized_with(&self, isa: Isa, input: &QInput, out: &mut [f32]) {
+    /// If `isa` is not available on this machine, `input` does not have `k` columns or `out`
+    /// is not `input.rows() x n`.
+    fn matmul_quantized_with(&self, isa: Isa, input: &QInput, out: &mut [f32]) {
         self.check(isa, input, out);
         run_many(isa, &[(self, OutPtr(out.as_mut_ptr()))], input)
     }
@@ -533,7 +147,8 @@ impl QWeight {
     /// barrier instead of one per weight): for q/k/v or gate/up, which share their input.
     ///
     /// # Panics
-    /// As [`QWeight::matmul_quantized`], for each weight and its output.
+    /// If `input` does not have every weight's `k` columns, or an output is not
+    /// `input.rows() x n` of its weight.
     pub fn matmul_quantized_many(weights: &[&QWeight], input: &QInput, outs: &mut [&mut [f32]]) {
         assert_eq!(weights.len(), outs.len(), "qmatmul: one output per weight");
         let isa = Isa::best();
@@ -594,7 +209,7 @@ impl QWeight {
             candle_core::bail!("qmatmul: input must be f32, got {:?}", x.dtype());
         }
         let m = x.elem_count() / k;
-        let outs = crate::tensor_util::with_f32_slice(x, |x| {
+        let outs = with_f32_slice(x, |x| {
             with_scratch(|input| {
                 input.quantize(x, m, k);
                 let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; m * w.n]).collect();
@@ -761,81 +376,5 @@ unsafe fn tile_q8(
             _ => scalar::q8(tiles, acts, r..r + take, dst, n, cols),
         }
         r += take;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Blocks with every kind of value: random magnitudes, exact rounding ties, zeros,
-    /// subnormals, and (last) NaN and infinities. Ties and zeros come first too, where the
-    /// 16-block AVX-512 path takes them (the last group, holding NaN, falls back block by block).
-    fn blocks() -> Vec<f32> {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let mut ties: Vec<f32> = (0..BLOCK).map(|j| j as f32 * 4.0 - 63.5).collect();
-        ties[0] = 127.0;
-        let mut x = ties.clone();
-        x.extend(ties.iter().map(|v| -v));
-        x.extend([0.0; BLOCK]);
-        // d = 0.75 and the sum 31 * 127 + 2, odd and above 2048: it rounds when stored as f16,
-        // and s differs if that rounding is skipped.
-        x.extend([95.25; BLOCK - 1]);
-        x.push(1.5);
-        for b in 0..4000 {
-            let scale = f32::powi(2.0, (b % 60) - 40);
-            for _ in 0..BLOCK {
-                x.push(((next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale);
-            }
-        }
-        // amax 127 gives d = 1: halves are exact ties.
-        x.extend(&ties);
-        x.extend(ties.iter().map(|v| -v));
-        x.extend([0.0; BLOCK]);
-        x.extend((0..BLOCK).map(|j| f32::from_bits(j as u32 * 1000 + 1)));
-        x.extend((0..BLOCK).map(|j| if j == 5 { f32::NAN } else { j as f32 }));
-        x.extend((0..BLOCK).map(|j| if j == 20 { f32::INFINITY } else { -(j as f32) }));
-        x
-    }
-
-    #[test]
-    fn quantization_matches_candle_q8_1_on_every_isa() {
-        let x = blocks();
-        let m = x.len() / BLOCK;
-        // candle's quantizer on finite blocks (its f16 `s` of a NaN block is NaN).
-        let finite = (m - 2) * BLOCK;
-        let t = Tensor::from_slice(&x[..finite], (m - 2, BLOCK), &Device::Cpu).unwrap();
-        let bytes = QTensor::quantize(&t, GgmlDType::Q8_1)
-            .unwrap()
-            .data()
-            .unwrap()
-            .into_owned();
-        let mut scalar = QInput::default();
-        scalar.quantize_with(Isa::Scalar, &x, m, BLOCK);
-        for b in 0..m - 2 {
-            let blk = &bytes[b * 36..(b + 1) * 36];
-            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-            let s = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-            assert_eq!(scalar.d[b].to_bits(), d.to_bits(), "block {b}");
-            assert_eq!(scalar.s[b].to_bits(), s.to_bits(), "block {b}");
-            let q: Vec<i8> = blk[4..].iter().map(|&v| v as i8).collect();
-            assert_eq!(&scalar.qs[b * BLOCK..(b + 1) * BLOCK], &q[..], "block {b}");
-        }
-        for isa in Isa::available() {
-            let mut acts = QInput::default();
-            acts.quantize_with(isa, &x, m, BLOCK);
-            let first = acts.qs.iter().zip(&scalar.qs).position(|(a, b)| a != b);
-            assert_eq!(first, None, "{isa:?}: first differing value");
-            assert_eq!(acts.sum, scalar.sum, "{isa:?}");
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&acts.d), bits(&scalar.d), "{isa:?}");
-            assert_eq!(bits(&acts.s), bits(&scalar.s), "{isa:?}");
-        }
     }
 }

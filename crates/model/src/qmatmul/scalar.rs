@@ -2,7 +2,35 @@
 
 use std::ops::Range;
 
-use super::{QInput, TileQ4, TileQ8, BLOCK, TILE_N};
+use half::f16;
+
+use super::layout::{QInput, TileQ4, TileQ8, BLOCK, TILE_N};
+
+/// candle's `BlockQ8_1::from_float` (ggml's `quantize_row_q8_1_ref`) for one block; returns
+/// (`d`, `s`, integer sum) with `d` and `s` rounded to f16 as stored there.
+#[inline]
+pub(super) fn quantize_block(x: &[f32; BLOCK], q: &mut [i8; BLOCK]) -> (f32, f32, i32) {
+    let mut amax = 0f32;
+    for &v in x {
+        amax = amax.max(v.abs());
+    }
+    let d = amax / 127.0;
+    let id = if d != 0f32 { 1. / d } else { 0. };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = f32::round(v * id) as i8;
+        sum += *q as i32;
+    }
+    scales(d, sum)
+}
+
+/// The stored `d` and `s` of a block with scale `d` and quantized sum `sum`.
+#[inline]
+pub(super) fn scales(d: f32, sum: i32) -> (f32, f32, i32) {
+    let d16 = f16::from_f32(d);
+    let s16 = f16::from_f32(sum as f32) * d16;
+    (d16.to_f32(), s16.to_f32(), sum)
+}
 
 /// Q4_0 (`min == false`) or Q4_1 rows `rows` x `cols` columns of one column tile.
 ///

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{QInput, TileQ4, TileQ8, BLOCK};
+use super::layout::{QInput, TileQ4, TileQ8, BLOCK};
 
 /// Four activation bytes (inputs `4g..4g + 4` of a block) broadcast to every 32-bit lane.
 macro_rules! bcast512 {
@@ -23,9 +23,9 @@ macro_rules! bcast256 {
     };
 }
 
-/// [`super::quantize_block`] on AVX-512, bit-identical; `None` (the caller then runs the scalar
-/// version) for a block holding NaN or infinity or whose `1 / d` overflows, where the vector
-/// float-to-int conversion would differ from `as i8`.
+/// [`super::scalar::quantize_block`] on AVX-512, bit-identical; `None` (the caller then runs
+/// the scalar version) for a block holding NaN or infinity or whose `1 / d` overflows, where the
+/// vector float-to-int conversion would differ from `as i8`.
 ///
 /// # Safety
 /// AVX-512 F and BW are available.
@@ -45,7 +45,7 @@ pub(super) unsafe fn quantize_block(
         return None;
     }
     let sum = quantize_codes(x.as_ptr(), id, q.as_mut_ptr());
-    Some(super::scales(d, sum))
+    Some(super::scalar::scales(d, sum))
 }
 
 /// The largest magnitude in the block at `x`, or `None` if it holds a NaN.

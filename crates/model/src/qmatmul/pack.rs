@@ -1,0 +1,161 @@
+//! Repacking GGUF's Q4_0, Q4_1 and Q8_0 blocks into the tiles the kernels read (the "Layout"
+//! section of the module docs): done once at load, moving the values, never re-quantizing them,
+//! so a packed weight takes the file's memory. [`QWeight`] is the packed matrix; its
+//! multiplications are the module's entry points.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+use half::f16;
+
+use super::layout::{TileQ4, TileQ8, BLOCK, TILE_N};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+pub(super) enum Packed {
+    /// `[column tile][block]`.
+    Q4(Vec<TileQ4>),
+    Q8(Vec<TileQ8>),
+}
+
+/// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
+pub struct QWeight {
+    pub(super) kind: Kind,
+    pub(super) n: usize,
+    pub(super) k: usize,
+    pub(super) packed: Packed,
+}
+
+impl QWeight {
+    /// Repacks a `[n, k]` CPU tensor of type Q4_0, Q4_1 or Q8_0; `None` for other types or
+    /// shapes (keep those on candle's `QMatMul`).
+    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
+        let kind = match t.dtype() {
+            GgmlDType::Q4_0 => Kind::Q4_0,
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q8_0 => Kind::Q8_0,
+            _ => return Ok(None),
+        };
+        if !matches!(t.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        let Ok((n, k)) = t.shape().dims2() else {
+            return Ok(None);
+        };
+        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        let data = t.data()?;
+        let block_bytes = t.dtype().type_size();
+        let nb = k / BLOCK;
+        if data.len() != n * nb * block_bytes {
+            candle_core::bail!(
+                "qmatmul: {:?} tensor {n}x{k} has {} bytes, expected {}",
+                t.dtype(),
+                data.len(),
+                n * nb * block_bytes
+            );
+        }
+        Ok(Some(Self::from_blocks(kind, n, k, &data)))
+    }
+
+    /// `data`: `n` rows of `k / 32` ggml blocks of `kind`.
+    fn from_blocks(kind: Kind, n: usize, k: usize, data: &[u8]) -> Self {
+        let nb = k / BLOCK;
+        let n_tiles = n.div_ceil(TILE_N);
+        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
+        let packed = match kind {
+            Kind::Q4_0 | Kind::Q4_1 => {
+                let (block_bytes, qs_at) = match kind {
+                    Kind::Q4_0 => (18, 2),
+                    _ => (20, 4),
+                };
+                let mut tiles = Vec::with_capacity(n_tiles * nb);
+                for t in 0..n_tiles {
+                    for b in 0..nb {
+                        // Columns past `n` stay zero (scales 0) and are never written out.
+                        let mut tile = TileQ4 {
+                            qs: [0; 4 * TILE_N * 4],
+                            d: [f16::ZERO; TILE_N],
+                            m: [f16::ZERO; TILE_N],
+                        };
+                        for c in 0..TILE_N.min(n - t * TILE_N) {
+                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
+                            let blk = &data[at..at + block_bytes];
+                            tile.d[c] = f16_at(blk, 0);
+                            if kind == Kind::Q4_1 {
+                                tile.m[c] = f16_at(blk, 2);
+                            }
+                            let qs = &blk[qs_at..qs_at + BLOCK / 2];
+                            for g in 0..4 {
+                                for j in 0..4 {
+                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j];
+                                }
+                            }
+                        }
+                        tiles.push(tile);
+                    }
+                }
+                Packed::Q4(tiles)
+            }
+            Kind::Q8_0 => {
+                let block_bytes = 34;
+                let mut tiles = Vec::with_capacity(n_tiles * nb);
+                for t in 0..n_tiles {
+                    for b in 0..nb {
+                        let mut tile = TileQ8 {
+                            // q = 0 (stored 128) in the padding columns.
+                            qs: [128; 8 * TILE_N * 4],
+                            d: [f16::ZERO; TILE_N],
+                        };
+                        for c in 0..TILE_N.min(n - t * TILE_N) {
+                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
+                            let blk = &data[at..at + block_bytes];
+                            tile.d[c] = f16_at(blk, 0);
+                            let qs = &blk[2..2 + BLOCK];
+                            for g in 0..8 {
+                                for j in 0..4 {
+                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j] ^ 0x80;
+                                }
+                            }
+                        }
+                        tiles.push(tile);
+                    }
+                }
+                Packed::Q8(tiles)
+            }
+        };
+        Self { kind, n, k, packed }
+    }
+
+    /// The ggml type of the weights.
+    pub fn dtype(&self) -> GgmlDType {
+        match self.kind {
+            Kind::Q4_0 => GgmlDType::Q4_0,
+            Kind::Q4_1 => GgmlDType::Q4_1,
+            Kind::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// Output features (rows of the weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held by the packed weights.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.packed {
+            Packed::Q4(t) => std::mem::size_of_val(t.as_slice()),
+            Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
+        }
+    }
+}
