@@ -105,6 +105,11 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).code("internal_error")
     }
 
+    /// The engine thread stopped while a request was still running.
+    pub fn engine_gone() -> Self {
+        Self::internal("the engine stopped before the request finished")
+    }
+
     /// The shape used for an error both as a body and as an SSE event.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
