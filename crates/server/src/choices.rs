@@ -148,3 +148,75 @@ impl Choices {
 fn unknown_choice(choice: usize) -> ChoiceChange {
     ChoiceChange::Failed(format!("event for unknown choice {choice}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn token(index: usize, text: &str) -> RequestEvent {
+        RequestEvent::Token {
+            index,
+            token: 7,
+            text: text.into(),
+            logprob: None,
+            top_logprobs: Vec::new(),
+        }
+    }
+
+    fn finished(index: usize, text: &str) -> RequestEvent {
+        RequestEvent::Finished {
+            index,
+            reason: FinishReason::Stop,
+            text: text.into(),
+            completion_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn events_of_each_prompt_land_in_that_prompts_choices() {
+        let mut choices = Choices::new(2, 2);
+        let at = Instant::now();
+        assert!(matches!(
+            choices.apply(0, RequestEvent::Scheduled { at }),
+            ChoiceChange::Invisible
+        ));
+        assert!(matches!(
+            choices.apply(1, token(1, "a")),
+            ChoiceChange::Token { choice: 3, .. }
+        ));
+        // A token whose text is held back counts, but shows nothing.
+        assert!(matches!(
+            choices.apply(1, token(1, "")),
+            ChoiceChange::Invisible
+        ));
+        assert!(matches!(
+            choices.apply(1, finished(1, "b")),
+            ChoiceChange::Finished { choice: 3, .. }
+        ));
+        let last = choices.iter().nth(3).unwrap();
+        assert_eq!((last.text.as_str(), last.tokens), ("ab", 2));
+        assert_eq!(choices.completion_tokens(), 2);
+        assert_eq!(choices.longest_choice_tokens(), 2);
+        assert!(!choices.all_finished());
+        for (prompt, index) in [(0, 0), (0, 1), (1, 0)] {
+            choices.apply(prompt, finished(index, ""));
+        }
+        assert!(choices.all_finished());
+        assert_eq!(choices.finish_reasons().count(), 4);
+    }
+
+    #[test]
+    fn an_event_for_a_choice_that_does_not_exist_fails_the_request() {
+        let mut choices = Choices::new(1, 1);
+        assert!(matches!(
+            choices.apply(0, token(1, "x")),
+            ChoiceChange::Failed(_)
+        ));
+        assert!(matches!(
+            choices.apply(0, RequestEvent::Failed("boom".into())),
+            ChoiceChange::Failed(m) if m == "boom"
+        ));
+    }
+}
