@@ -149,17 +149,26 @@ impl ApiError {
         Self::new(status, kind, message).code(code)
     }
 
-    /// Maps an engine rejection; `prompt_param` is `prompt` or `messages`.
-    pub fn from_request_error(e: &RequestError, prompt_param: &str) -> Self {
+    /// The client-facing error for a request the engine's limits reject, naming the field at
+    /// fault as the client's route calls it.
+    pub fn from_request_error(e: &RequestError, fields: RequestFieldNames) -> Self {
         let param = match e {
             RequestError::EmptyPrompt
             | RequestError::TooLong { .. }
-            | RequestError::TokenOutOfRange { .. } => prompt_param.to_string(),
-            RequestError::NeverFits { .. } => "max_tokens".to_string(),
+            | RequestError::TokenOutOfRange { .. } => fields.prompt.to_string(),
+            RequestError::NeverFits { .. } => fields.max_tokens.to_string(),
             RequestError::InvalidParams(m) => first_word(m),
         };
         Self::invalid(&param, e.to_string())
     }
+}
+
+/// What a route calls the request fields an engine rejection can be about: chat's prompt is
+/// `messages` and its length may be `max_completion_tokens`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFieldNames {
+    pub prompt: &'static str,
+    pub max_tokens: &'static str,
 }
 
 /// The parameter a validation message starts with (`"temperature must be ..."`).

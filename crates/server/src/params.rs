@@ -11,7 +11,7 @@ use minserve_core::engine::Request;
 use minserve_core::sampling::{SamplingParams, MAX_LOGPROBS};
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, RequestFieldNames};
 use crate::json_body::{token_ids, wrong_type, JsonBody};
 use crate::prompt::Prompt;
 
@@ -25,6 +25,24 @@ pub(crate) enum GenerationApi {
     Chat,
     /// `/v1/completions`
     Completion,
+}
+
+impl GenerationApi {
+    /// The route, as the request's log line names it.
+    pub fn path(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "/v1/chat/completions",
+            GenerationApi::Completion => "/v1/completions",
+        }
+    }
+
+    /// The field the prompt comes from.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "messages",
+            GenerationApi::Completion => "prompt",
+        }
+    }
 }
 
 /// How many tokens to generate, as the client asked.
@@ -58,6 +76,7 @@ pub(crate) struct StreamOptions {
 
 /// The parameters of one chat or text completion request, but for its prompts.
 pub(crate) struct GenerationParams {
+    pub api: GenerationApi,
     pub max_tokens: MaxTokens,
     /// `n` as sent; [`GenerationParams::samples_per_prompt`] checks it once the number of
     /// prompts is known.
@@ -83,6 +102,7 @@ impl GenerationParams {
         body.str("user")?; // accepted and ignored, but must be a string
         let delivery = stream_options(body)?;
         Ok(Self {
+            api,
             max_tokens,
             n,
             sampling,
@@ -133,6 +153,14 @@ impl GenerationParams {
             ignore_eos: self.stop.ignore_eos,
             n,
             priority: self.priority,
+        }
+    }
+
+    /// What this request calls the fields an engine rejection can be about.
+    pub fn field_names(&self) -> RequestFieldNames {
+        RequestFieldNames {
+            prompt: self.api.prompt_param(),
+            max_tokens: self.max_tokens.param,
         }
     }
 

@@ -16,24 +16,6 @@ pub(crate) struct Prompt {
     pub text: Option<String>,
 }
 
-/// The JSON field the prompts of a request came from, as errors about them name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PromptField {
-    /// Text completions' `prompt`.
-    Prompt,
-    /// Chat's `messages`.
-    Messages,
-}
-
-impl PromptField {
-    pub fn name(self) -> &'static str {
-        match self {
-            PromptField::Prompt => "prompt",
-            PromptField::Messages => "messages",
-        }
-    }
-}
-
 /// A text completion's `prompt`: a string, an array of strings, an array of token ids or an
 /// array of arrays of token ids; one [`Prompt`] per prompt.
 pub(crate) fn completion_prompts(

@@ -36,11 +36,11 @@ impl ResponseRenderer {
     pub fn new(
         served_model_name: String,
         tokenizer: Arc<Tokenizer>,
-        api: GenerationApi,
         params: &GenerationParams,
         prompts: &[Prompt],
         samples_per_prompt: usize,
     ) -> Self {
+        let api = params.api;
         let prefix = match api {
             GenerationApi::Chat => "chatcmpl",
             GenerationApi::Completion => "cmpl",

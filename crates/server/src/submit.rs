@@ -17,8 +17,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::admission::{admit, QueueSlots};
 use crate::choices::{ChoiceChange, Choices};
 use crate::error::ApiError;
-use crate::params::{GenerationParams, MaxTokens};
-use crate::prompt::{Prompt, PromptField};
+use crate::params::GenerationParams;
+use crate::prompt::Prompt;
 use crate::state::{AppState, ServedModel};
 use crate::telemetry::RequestTelemetry;
 
@@ -95,10 +95,6 @@ pub(crate) struct Submission<'a> {
     pub prompts: &'a [Prompt],
     /// `n`, already checked against the request's sequence limit.
     pub samples_per_prompt: usize,
-    /// The field the prompts came from, which errors about them name.
-    pub prompt_field: PromptField,
-    /// The route, for the log line.
-    pub path: &'static str,
     /// When the request arrived, for its latencies.
     pub arrival: Instant,
 }
@@ -114,8 +110,6 @@ pub(crate) fn submit(
         params,
         prompts,
         samples_per_prompt,
-        prompt_field,
-        path,
         arrival,
     } = submission;
     let (tx, events) = unbounded_channel();
@@ -128,10 +122,12 @@ pub(crate) fn submit(
         telemetry,
     };
     let prompt_tokens = prompts.iter().map(|p| p.tokens.len()).sum();
+    let path = params.api.path();
     let telemetry = || RequestTelemetry::new(state.clone(), path, arrival, prompt_tokens);
+    let reject = |e: RequestError| ApiError::from_request_error(&e, params.field_names());
 
     if params.echoes_prompt_only() {
-        validate_echo_only(model, params, prompts, prompt_field)?;
+        validate_echo_only(model, params, prompts).map_err(reject)?;
         // Nothing to generate: every choice ends at once, and the engine never sees it.
         for prompt in 0..prompts.len() {
             for index in 0..samples_per_prompt {
@@ -154,9 +150,7 @@ pub(crate) fn submit(
         .map(|p| params.engine_request(p, samples_per_prompt, max_total_tokens))
         .collect();
     for request in &requests {
-        limits
-            .check(request)
-            .map_err(|e| engine_rejection(&e, prompt_field, params.max_tokens))?;
+        limits.check(request).map_err(reject)?;
     }
 
     let mut telemetry = telemetry();
@@ -177,26 +171,11 @@ pub(crate) fn submit(
             Ok(id) => generation.engine_ids.push(id),
             Err(e) => {
                 generation.telemetry.refused_by_engine();
-                return Err(ApiError::from_request_error(&e, prompt_field.name()));
+                return Err(reject(e));
             }
         }
     }
     Ok(generation)
-}
-
-/// The client-facing error for a request the engine's limits reject: it names the prompt's
-/// field, or the length parameter when the client set one and the KV cache could never hold
-/// that many tokens.
-fn engine_rejection(
-    e: &RequestError,
-    prompt_field: PromptField,
-    max_tokens: MaxTokens,
-) -> ApiError {
-    let mut error = ApiError::from_request_error(e, prompt_field.name());
-    if max_tokens.asked.is_some() && matches!(e, RequestError::NeverFits { .. }) {
-        error.param = Some(max_tokens.param.to_string());
-    }
-    error
 }
 
 /// The limits that still apply when nothing is generated: the sampling parameters must be
@@ -206,24 +185,22 @@ fn validate_echo_only(
     model: &ServedModel,
     params: &GenerationParams,
     prompts: &[Prompt],
-    prompt_field: PromptField,
-) -> Result<(), ApiError> {
-    let reject = |e| ApiError::from_request_error(&e, prompt_field.name());
+) -> Result<(), RequestError> {
     params
         .sampling
         .validate()
-        .map_err(|m| reject(RequestError::InvalidParams(m)))?;
+        .map_err(RequestError::InvalidParams)?;
     let max_model_len = model.max_model_len();
     for p in prompts {
         if p.tokens.is_empty() {
-            return Err(reject(RequestError::EmptyPrompt));
+            return Err(RequestError::EmptyPrompt);
         }
         if p.tokens.len() > max_model_len {
-            return Err(reject(RequestError::TooLong {
+            return Err(RequestError::TooLong {
                 max_model_len,
                 prompt_tokens: p.tokens.len(),
                 max_tokens: 0,
-            }));
+            });
         }
     }
     Ok(())

@@ -24,13 +24,5 @@ pub(crate) async fn chat_completions(
     let (body, model) = model_request(body, &state)?;
     let params = GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
     let prompt = chat_prompt(&body, &model.tokenizer)?;
-    generate(
-        &state,
-        model,
-        GenerationApi::Chat,
-        params,
-        vec![prompt],
-        arrival,
-    )
-    .await
+    generate(&state, model, params, vec![prompt], arrival).await
 }

@@ -26,13 +26,5 @@ pub(crate) async fn completions(
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
     }
     let prompts = completion_prompts(&body, &model.tokenizer, model.vocab_size())?;
-    generate(
-        &state,
-        model,
-        GenerationApi::Completion,
-        params,
-        prompts,
-        arrival,
-    )
-    .await
+    generate(&state, model, params, prompts, arrival).await
 }

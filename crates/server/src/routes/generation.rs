@@ -8,8 +8,8 @@ use axum::response::Response;
 
 use crate::collect::single_body_response;
 use crate::error::ApiError;
-use crate::params::{GenerationApi, GenerationParams};
-use crate::prompt::{Prompt, PromptField};
+use crate::params::GenerationParams;
+use crate::prompt::Prompt;
 use crate::render::ResponseRenderer;
 use crate::state::{AppState, ServedModel};
 use crate::stream::sse_response;
@@ -19,15 +19,10 @@ use crate::submit::{submit, Submission};
 pub(super) async fn generate(
     state: &Arc<AppState>,
     model: Arc<ServedModel>,
-    api: GenerationApi,
     params: GenerationParams,
     prompts: Vec<Prompt>,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
-    let (prompt_field, path) = match api {
-        GenerationApi::Chat => (PromptField::Messages, "/v1/chat/completions"),
-        GenerationApi::Completion => (PromptField::Prompt, "/v1/completions"),
-    };
     let samples_per_prompt = params.samples_per_prompt(prompts.len())?;
     let generation = submit(
         state,
@@ -36,15 +31,12 @@ pub(super) async fn generate(
             params: &params,
             prompts: &prompts,
             samples_per_prompt,
-            prompt_field,
-            path,
             arrival,
         },
     )?;
     let renderer = ResponseRenderer::new(
         state.options.served_model_name.clone(),
         model.tokenizer.clone(),
-        api,
         &params,
         &prompts,
         samples_per_prompt,
