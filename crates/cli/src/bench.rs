@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use minserve_core::engine::{Engine, EngineConfig, EventSink, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::{Engine, EngineConfig, EventSink, Request, RequestEvent};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, Runner};
 
 #[derive(Subcommand)]
@@ -200,7 +200,7 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
             ..SamplingParams::default()
         };
         engine
-            .add_request(request, Box::new(CountingSink(generated.clone())))
+            .submit(request, Box::new(CountingSink(generated.clone())))
             .map_err(|e| anyhow::anyhow!("request {i} rejected: {e}"))?;
     }
 

@@ -5,7 +5,7 @@
 //! changed for the client ([`ChoiceChange`]); the streaming path renders each change as a chunk,
 //! the single-body path renders the finished [`Choice`]s at the end.
 
-use minserve_core::engine::{FinishReason, RequestEvent};
+use minserve_core::request::{FinishReason, RequestEvent};
 
 /// A generated token with its log probability and the most likely alternatives.
 #[derive(Debug, Clone)]

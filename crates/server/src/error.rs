@@ -2,7 +2,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use minserve_core::engine::RequestError;
+use minserve_core::request::RequestError;
 
 /// An error answered to the client.
 #[derive(Debug, Clone)]
@@ -158,17 +158,22 @@ impl ApiError {
             | RequestError::TokenOutOfRange { .. } => fields.prompt.to_string(),
             RequestError::NeverFits { .. } => fields.max_tokens.to_string(),
             RequestError::InvalidParams(m) => first_word(m),
+            RequestError::TooManyLogprobs { asked, max } => {
+                let name = fields.logprobs;
+                return Self::invalid(name, format!("`{name}` must be at most {max}, got {asked}"));
+            }
         };
         Self::invalid(&param, e.to_string())
     }
 }
 
 /// What a route calls the request fields an engine rejection can be about: chat's prompt is
-/// `messages` and its length may be `max_completion_tokens`.
+/// `messages`, its length may be `max_completion_tokens` and its logprobs are `top_logprobs`.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFieldNames {
     pub prompt: &'static str,
     pub max_tokens: &'static str,
+    pub logprobs: &'static str,
 }
 
 /// The parameter a validation message starts with (`"temperature must be ..."`).

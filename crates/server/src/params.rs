@@ -7,8 +7,8 @@
 //! context and the KV cache, the sampling ranges the engine accepts) is not checked here: the
 //! engine handle validates each request once (see `submit.rs`).
 
-use minserve_core::engine::Request;
-use minserve_core::sampling::{SamplingParams, MAX_LOGPROBS};
+use minserve_core::request::Request;
+use minserve_core::sampling::SamplingParams;
 use serde_json::Value;
 
 use crate::error::{ApiError, RequestFieldNames};
@@ -41,6 +41,14 @@ impl GenerationApi {
         match self {
             GenerationApi::Chat => "messages",
             GenerationApi::Completion => "prompt",
+        }
+    }
+
+    /// The field that asks for alternatives with each token's log probability.
+    pub fn logprobs_param(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "top_logprobs",
+            GenerationApi::Completion => "logprobs",
         }
     }
 }
@@ -161,6 +169,7 @@ impl GenerationParams {
         RequestFieldNames {
             prompt: self.api.prompt_param(),
             max_tokens: self.max_tokens.param,
+            logprobs: self.api.logprobs_param(),
         }
     }
 
@@ -281,12 +290,13 @@ fn logit_bias(body: &JsonBody, vocab_size: usize) -> Result<Vec<(u32, f32)>, Api
 }
 
 /// How many alternatives to report with each token's log probability. Chat: `logprobs: true`
-/// plus `top_logprobs: k`; completions: `logprobs: k`. Not with `echo`.
+/// plus `top_logprobs: k`; completions: `logprobs: k`. Not with `echo`. The most allowed is
+/// the engine's limit, checked with the others.
 fn logprobs(body: &JsonBody, api: GenerationApi, echo: bool) -> Result<Option<usize>, ApiError> {
-    let (logprobs, param) = match api {
+    let logprobs = match api {
         GenerationApi::Chat => {
             let top = body.count("top_logprobs")?;
-            let logprobs = match (body.bool("logprobs")?.unwrap_or(false), top) {
+            match (body.bool("logprobs")?.unwrap_or(false), top) {
                 (true, top) => Some(top.unwrap_or(0)),
                 (false, Some(t)) if t > 0 => {
                     return Err(ApiError::invalid(
@@ -295,10 +305,9 @@ fn logprobs(body: &JsonBody, api: GenerationApi, echo: bool) -> Result<Option<us
                     ))
                 }
                 (false, _) => None,
-            };
-            (logprobs, "top_logprobs")
+            }
         }
-        GenerationApi::Completion => (body.count("logprobs")?, "logprobs"),
+        GenerationApi::Completion => body.count("logprobs")?,
     };
     if echo && logprobs.is_some() {
         // OpenAI would give the prompt's tokens their log probabilities, which needs logits at
@@ -308,14 +317,6 @@ fn logprobs(body: &JsonBody, api: GenerationApi, echo: bool) -> Result<Option<us
             "`echo` together with `logprobs` is not supported: minserve does not compute the \
              log probabilities of prompt tokens. Drop one of the two.",
         ));
-    }
-    if let Some(k) = logprobs {
-        if k > MAX_LOGPROBS {
-            return Err(ApiError::invalid(
-                param,
-                format!("`{param}` must be at most {MAX_LOGPROBS}, got {k}"),
-            ));
-        }
     }
     Ok(logprobs)
 }

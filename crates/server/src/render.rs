@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use minserve_core::engine::FinishReason;
+use minserve_core::request::FinishReason;
 use minserve_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 

@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use minserve_core::engine::{EventSink, FinishReason, RequestError, RequestEvent, RequestId};
+use minserve_core::request::{
+    EventSink, FinishReason, RequestError, RequestEvent, RequestId, ValidatedRequest,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::admission::{admit, QueueSlots};
@@ -144,14 +146,13 @@ pub(crate) fn submit(
     }
 
     let max_total_tokens = model.max_total_tokens();
-    let limits = model.engine.limits();
-    let requests: Vec<_> = prompts
+    let requests = prompts
         .iter()
-        .map(|p| params.engine_request(p, samples_per_prompt, max_total_tokens))
-        .collect();
-    for request in &requests {
-        limits.check(request).map_err(reject)?;
-    }
+        .map(|p| {
+            let request = params.engine_request(p, samples_per_prompt, max_total_tokens);
+            model.engine.validate(request).map_err(reject)
+        })
+        .collect::<Result<Vec<ValidatedRequest>, ApiError>>()?;
 
     let mut telemetry = telemetry();
     let slots = match admit(state, model, prompts.len() * samples_per_prompt) {
@@ -167,13 +168,8 @@ pub(crate) fn submit(
             prompt,
             tx: tx.clone(),
         };
-        match model.engine.add_request(request, Box::new(sink)) {
-            Ok(id) => generation.engine_ids.push(id),
-            Err(e) => {
-                generation.telemetry.refused_by_engine();
-                return Err(reject(e));
-            }
-        }
+        let id = model.engine.add_request(request, Box::new(sink));
+        generation.engine_ids.push(id);
     }
     Ok(generation)
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use minserve_core::engine::{FinishReason, RequestEvent};
+use minserve_core::request::{FinishReason, RequestEvent};
 
 use crate::choices::Choices;
 use crate::state::AppState;
@@ -121,12 +121,6 @@ impl RequestTelemetry {
     pub fn rejected(&mut self) {
         self.ended = true;
         self.status = 429;
-    }
-
-    /// The engine refused one of the request's prompts after others were queued: those are
-    /// cancelled, and the log says 400.
-    pub fn refused_by_engine(&mut self) {
-        self.status = 400;
     }
 }
 
