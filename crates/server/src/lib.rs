@@ -43,7 +43,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 
-pub use error::ApiError;
+pub use error::{ApiError, RequestFieldNames};
 pub use metrics::Metrics;
 pub use options::ServerOptions;
 pub use state::{spawn_load, AppState, ServedModel};
