@@ -1,11 +1,15 @@
-//! `minserve serve`: the OpenAI-compatible HTTP API (see the `minserve-server` crate).
+//! `minserve serve`: the OpenAI-compatible HTTP API (see the `minserve-server` crate). This is
+//! where model, engine and server meet: the model is loaded and put into an engine on its own
+//! thread here, and the server only ever sees the engine's handle and the tokenizer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use minserve_model::CacheOptions;
+use minserve_core::engine::{Engine, EngineConfig};
+use minserve_core::engine_thread::EngineHandle;
+use minserve_model::{CacheOptions, DeviceOptions, LoadedModel, Runner};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 
 use crate::bench::EngineArgs;
@@ -93,6 +97,29 @@ fn parse_memory(text: &str) -> Result<usize, String> {
     Ok(bytes as usize)
 }
 
+/// Wires a loaded model up for the server: the model on a runner, the runner in an engine, the
+/// engine on its own thread; the server gets the engine's handle and the tokenizer.
+fn start_engine(
+    loaded: LoadedModel,
+    cache: CacheOptions,
+    device: DeviceOptions,
+    config: EngineConfig,
+    trace: Option<Box<dyn std::io::Write + Send>>,
+) -> anyhow::Result<ServedModel> {
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let eos = tokenizer.eos_token_ids().to_vec();
+    let runner = Runner::new(loaded.model, cache, device)?;
+    let mut engine = Engine::new(runner, config, tokenizer.clone(), eos);
+    if let Some(trace) = trace {
+        engine.set_trace(trace);
+    }
+    Ok(ServedModel {
+        engine: EngineHandle::spawn(engine).context("starting the engine thread")?,
+        tokenizer,
+        max_num_seqs: config.scheduler.max_num_seqs,
+    })
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,7 +170,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         let config = engine.engine_config(loaded.model.config().max_position_embeddings);
-        ServedModel::start(loaded, cache, device, config, trace)
+        start_engine(loaded, cache, device, config, trace)
     });
     tokio::spawn(async move {
         match loading.await {

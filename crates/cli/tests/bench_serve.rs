@@ -4,10 +4,12 @@
 
 use std::path::Path;
 use std::process::Output;
+use std::sync::Arc;
 
-use minserve_core::engine::EngineConfig;
+use minserve_core::engine::{Engine, EngineConfig};
+use minserve_core::engine_thread::EngineHandle;
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_model::{CacheOptions, DeviceOptions, SyntheticSpec};
+use minserve_model::{CacheOptions, DeviceOptions, Runner, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -43,9 +45,16 @@ impl Server {
             memory_bytes: 16 << 20,
             ..CacheOptions::default()
         };
-        state.set_model(
-            ServedModel::start(loaded, cache, DeviceOptions::default(), config, None).unwrap(),
-        );
+        // As `minserve serve` wires it: model -> runner -> engine on its thread -> server.
+        let tokenizer = Arc::new(loaded.tokenizer);
+        let eos = tokenizer.eos_token_ids().to_vec();
+        let runner = Runner::new(loaded.model, cache, DeviceOptions::default()).unwrap();
+        let engine = Engine::new(runner, config, tokenizer.clone(), eos);
+        state.set_model(ServedModel {
+            engine: EngineHandle::spawn(engine).unwrap(),
+            tokenizer,
+            max_num_seqs: config.scheduler.max_num_seqs,
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();

@@ -10,7 +10,7 @@
 use std::ops::Deref;
 use std::time::Instant;
 
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, MAX_LOGPROBS};
 
 /// Identifies a request; handed out by the engine or its handle.
 pub type RequestId = u64;
@@ -136,6 +136,10 @@ pub enum RequestError {
     EmptyPrompt,
     #[error("{0}")]
     InvalidParams(String),
+    /// More alternatives per token than [`MAX_LOGPROBS`]: a variant of its own, so that an API
+    /// can name the parameter as its clients know it (`logprobs`, chat's `top_logprobs`).
+    #[error("logprobs must be at most {max}, got {asked}")]
+    TooManyLogprobs { asked: usize, max: usize },
     #[error(
         "this model's maximum context length is {max_model_len} tokens, but the request needs \
          {prompt_tokens} prompt tokens plus up to {max_tokens} generated tokens"
@@ -186,6 +190,12 @@ impl EngineLimits {
             .params
             .validate()
             .map_err(RequestError::InvalidParams)?;
+        if let Some(asked) = request.params.logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return Err(RequestError::TooManyLogprobs {
+                asked,
+                max: MAX_LOGPROBS,
+            });
+        }
         if let Some(&token) = request
             .prompt
             .iter()
@@ -213,5 +223,27 @@ impl EngineLimits {
             });
         }
         Ok(ValidatedRequest(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_logprobs_than_the_limit_are_refused_with_the_limit_and_the_count() {
+        let limits = EngineLimits {
+            max_model_len: 64,
+            vocab_size: 100,
+            num_blocks: 8,
+            block_size: 16,
+        };
+        let mut request = Request::new(vec![1, 2, 3], 4);
+        request.params.logprobs = Some(MAX_LOGPROBS + 1);
+        let error = limits.validate(request.clone()).unwrap_err();
+        assert_eq!(error, RequestError::TooManyLogprobs { asked: 21, max: 20 });
+        assert_eq!(error.to_string(), "logprobs must be at most 20, got 21");
+        request.params.logprobs = Some(MAX_LOGPROBS);
+        assert!(limits.validate(request).is_ok());
     }
 }

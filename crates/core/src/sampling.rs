@@ -94,7 +94,10 @@ impl SamplingParams {
     }
 
     /// Checks every field against the range the API accepts. The error is a sentence meant for
-    /// the client (an HTTP 400 body), naming the field and the value it got.
+    /// the client (an HTTP 400 body), naming the field and the value it got. `logprobs` is the
+    /// exception: its limit ([`MAX_LOGPROBS`]) is refused by
+    /// [`EngineLimits::validate`](crate::request::EngineLimits::validate) as an error of its own,
+    /// since APIs name that parameter differently (chat's `top_logprobs`).
     ///
     /// The sampler itself never panics on out-of-range values (it degrades to something sensible,
     /// e.g. greedy), but they are almost always a client bug worth reporting.
@@ -134,11 +137,6 @@ impl SamplingParams {
                 return Err(format!(
                     "logit_bias for token {token} must be between -100 and 100, got {bias}"
                 ));
-            }
-        }
-        if let Some(n) = self.logprobs {
-            if n > MAX_LOGPROBS {
-                return Err(format!("logprobs must be at most {MAX_LOGPROBS}, got {n}"));
             }
         }
         Ok(())
@@ -977,7 +975,7 @@ mod tests {
     fn validate_names_the_field_and_value() {
         assert_eq!(SamplingParams::default().validate(), Ok(()));
         assert_eq!(SamplingParams::greedy().validate(), Ok(()));
-        let cases: [(SamplingParams, &str); 10] = [
+        let cases: [(SamplingParams, &str); 9] = [
             (
                 SamplingParams {
                     temperature: -0.5,
@@ -1040,13 +1038,6 @@ mod tests {
                     ..Default::default()
                 },
                 "logit_bias for token 7 must be between -100 and 100, got 101",
-            ),
-            (
-                SamplingParams {
-                    logprobs: Some(21),
-                    ..Default::default()
-                },
-                "logprobs must be at most 20, got 21",
             ),
         ];
         for (params, message) in cases {

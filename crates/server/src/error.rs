@@ -2,7 +2,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use minserve_core::RequestError;
+use minserve_core::request::RequestError;
 
 /// An error answered to the client.
 #[derive(Debug, Clone)]
@@ -105,6 +105,11 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).code("internal_error")
     }
 
+    /// The engine thread stopped while a request was still running.
+    pub fn engine_gone() -> Self {
+        Self::internal("the engine stopped before the request finished")
+    }
+
     /// The shape used for an error both as a body and as an SSE event.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -144,17 +149,31 @@ impl ApiError {
         Self::new(status, kind, message).code(code)
     }
 
-    /// Maps an engine rejection; `prompt_param` is `prompt` or `messages`.
-    pub fn from_request_error(e: &RequestError, prompt_param: &str) -> Self {
+    /// The client-facing error for a request the engine's limits reject, naming the field at
+    /// fault as the client's route calls it.
+    pub fn from_request_error(e: &RequestError, fields: RequestFieldNames) -> Self {
         let param = match e {
             RequestError::EmptyPrompt
             | RequestError::TooLong { .. }
-            | RequestError::TokenOutOfRange { .. } => prompt_param.to_string(),
-            RequestError::NeverFits { .. } => "max_tokens".to_string(),
+            | RequestError::TokenOutOfRange { .. } => fields.prompt.to_string(),
+            RequestError::NeverFits { .. } => fields.max_tokens.to_string(),
             RequestError::InvalidParams(m) => first_word(m),
+            RequestError::TooManyLogprobs { asked, max } => {
+                let name = fields.logprobs;
+                return Self::invalid(name, format!("`{name}` must be at most {max}, got {asked}"));
+            }
         };
         Self::invalid(&param, e.to_string())
     }
+}
+
+/// What a route calls the request fields an engine rejection can be about: chat's prompt is
+/// `messages`, its length may be `max_completion_tokens` and its logprobs are `top_logprobs`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFieldNames {
+    pub prompt: &'static str,
+    pub max_tokens: &'static str,
+    pub logprobs: &'static str,
 }
 
 /// The parameter a validation message starts with (`"temperature must be ..."`).

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use minserve_core::engine::EngineConfig;
+use minserve_core::engine::{Engine, EngineConfig};
+use minserve_core::engine_thread::EngineHandle;
 use minserve_core::scheduler::SchedulerConfig;
-use minserve_model::{CacheOptions, DeviceOptions, SyntheticSpec};
+use minserve_model::{load_model, CacheOptions, DeviceOptions, LoadedModel, Runner, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -37,23 +38,32 @@ fn cache() -> CacheOptions {
     }
 }
 
-fn engine_config(scheduler: SchedulerConfig, max_model_len: usize) -> EngineConfig {
-    EngineConfig {
+/// What the CLI does for `minserve serve`: the model on a runner, the runner in an engine, the
+/// engine on its thread, served with its tokenizer.
+pub fn serve_loaded(
+    loaded: LoadedModel,
+    scheduler: SchedulerConfig,
+) -> anyhow::Result<ServedModel> {
+    let config = EngineConfig {
         scheduler,
         prefix_caching: true,
-        max_model_len,
-    }
+        max_model_len: loaded.model.config().max_position_embeddings,
+    };
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let eos = tokenizer.eos_token_ids().to_vec();
+    let runner = Runner::new(loaded.model, cache(), DeviceOptions::default())?;
+    let engine = Engine::new(runner, config, tokenizer.clone(), eos);
+    Ok(ServedModel {
+        engine: EngineHandle::spawn(engine)?,
+        tokenizer,
+        max_num_seqs: scheduler.max_num_seqs,
+    })
 }
 
 /// Loads the default model (fetching it if needed).
 pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
     let path = minserve_hub::resolve(minserve_hub::default_model(), &Default::default())?;
-    ServedModel::load(
-        &path,
-        cache(),
-        |max_model_len| engine_config(scheduler, max_model_len),
-        None,
-    )
+    serve_loaded(load_model(&path)?, scheduler)
 }
 
 /// The `tiny` synthetic model (2 layers, hidden size 64, seeded random weights, f32) with its
@@ -61,15 +71,7 @@ pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
 /// nothing to download. Its text is random, so tests on it check shapes, not words.
 pub fn load_synthetic(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
     let spec = SyntheticSpec::parse("synthetic:tiny@f32")?.expect("a synthetic spec");
-    let loaded = spec.load()?;
-    let max_model_len = loaded.model.config().max_position_embeddings;
-    ServedModel::start(
-        loaded,
-        cache(),
-        DeviceOptions::default(),
-        engine_config(scheduler, max_model_len),
-        None,
-    )
+    serve_loaded(spec.load()?, scheduler)
 }
 
 pub struct TestServer {

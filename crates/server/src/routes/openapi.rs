@@ -32,7 +32,7 @@ fn generation(summary: &str, schema: &str) -> Value {
     }})
 }
 
-pub async fn openapi() -> Json<Value> {
+pub(crate) async fn openapi() -> Json<Value> {
     let sampling = json!({
         "model": {"type": "string"},
         "max_tokens": {"type": "integer", "minimum": 1},

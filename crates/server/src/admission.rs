@@ -1,0 +1,52 @@
+//! Back-pressure: a request's sequences beyond the running batch's capacity wait in the
+//! engine's queue, and when the queue would grow past `--max-queue` the request is refused
+//! with 429 and `Retry-After` instead of queued.
+//!
+//! The count of sequences admitted but not yet answered lives in
+//! [`AppState::inflight_seqs`]: a [`QueueSlots`] holds a request's share of it and gives it
+//! back when the response ends, however it ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::error::ApiError;
+use crate::state::{AppState, ServedModel};
+
+/// A request's sequences, counted as admitted until this is dropped.
+pub(crate) struct QueueSlots {
+    state: Arc<AppState>,
+    num_seqs: usize,
+}
+
+impl Drop for QueueSlots {
+    fn drop(&mut self) {
+        self.state
+            .inflight_seqs
+            .fetch_sub(self.num_seqs, Ordering::SeqCst);
+    }
+}
+
+/// Admits `num_seqs` more sequences, or refuses them with 429 (counted in
+/// `minserve_request_rejected_total`) when more than `max_queue` would be waiting.
+pub(crate) fn admit(
+    state: &Arc<AppState>,
+    model: &ServedModel,
+    num_seqs: usize,
+) -> Result<QueueSlots, ApiError> {
+    let before = state.inflight_seqs.fetch_add(num_seqs, Ordering::SeqCst);
+    // From here the slots are given back on drop, whatever happens.
+    let slots = QueueSlots {
+        state: state.clone(),
+        num_seqs,
+    };
+    let waiting = model
+        .engine
+        .stats()
+        .num_waiting
+        .max((before + num_seqs).saturating_sub(model.max_num_seqs));
+    if waiting > state.options.max_queue {
+        state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::queue_full(waiting, state.options.max_queue));
+    }
+    Ok(slots)
+}

@@ -1,0 +1,159 @@
+//! The layers around every route: the API key check, a JSON body for every error, the
+//! request log, and the in-flight count that shutdown waits on. [`with_layers`](crate::with_layers)
+//! stacks them.
+//!
+//! A request is logged once. Most are logged here when the handler returns; a generation
+//! request whose response carries [`LoggedByHandler`] writes its own line when it ends, since
+//! its token counts are known only then (see `telemetry.rs`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Routes that answer without the API key: probes and the API description.
+fn is_public_route(path: &str) -> bool {
+    matches!(path, "/health" | "/metrics" | "/openapi.json")
+}
+
+/// Constant-time comparison, so the key cannot be guessed byte by byte from timings.
+fn keys_match(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// 401 unless the request carries `Authorization: Bearer <key>` (when the server has a key).
+pub(crate) async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.options.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !is_public_route(request.uri().path())
+            && !given.is_some_and(|g| keys_match(g.as_bytes(), key.as_bytes()))
+        {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The 500 answered for a handler that panicked; the other requests carry on.
+pub(crate) fn panic_response(panic: Box<dyn std::any::Any + Send>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    tracing::error!(target: "minserve_server", "handler panicked: {detail}");
+    ApiError::internal("Internal server error while handling this request.").into_response()
+}
+
+/// Turns error responses that are not already JSON (wrong method, unknown route, ...) into
+/// OpenAI's error shape.
+pub(crate) async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let (parts, _) = response.into_parts();
+        let mut fresh = ApiError::for_status(status).into_response();
+        for (name, value) in parts.headers.iter() {
+            if name == header::ALLOW || name == header::RETRY_AFTER {
+                fresh.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        return fresh;
+    }
+    response
+}
+
+/// Set by a handler whose response logs itself when it ends (generation requests, whose token
+/// counts are known only then).
+#[derive(Clone, Copy)]
+pub(crate) struct LoggedByHandler;
+
+/// Marks `response` as [`LoggedByHandler`].
+pub(crate) fn logged_by_handler(mut response: Response) -> Response {
+    response.extensions_mut().insert(LoggedByHandler);
+    response
+}
+
+/// Counts a request in [`AppState::inflight_requests`] for as long as it lives (also when its
+/// client goes away and the handler's future is dropped half-way).
+struct InFlightRequest(Arc<AppState>);
+
+impl InFlightRequest {
+    fn new(state: Arc<AppState>) -> Self {
+        state.inflight_requests.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        self.0.inflight_requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts the request as in flight until its response ends, and logs it unless its handler
+/// does ([`LoggedByHandler`]).
+pub(crate) async fn log_and_count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let in_flight = InFlightRequest::new(state);
+    let response = next.run(request).await;
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    // A stream is still being answered long after its handler returned: it counts until its
+    // body ends or the client goes away.
+    let response = if is_stream {
+        response.map(|body| {
+            Body::from_stream(body.into_data_stream().map(move |chunk| {
+                let _counted = &in_flight;
+                chunk
+            }))
+        })
+    } else {
+        drop(in_flight);
+        response
+    };
+    if response.extensions().get::<LoggedByHandler>().is_none() {
+        tracing::info!(
+            target: "minserve_server",
+            "{method} {path} {} latency_ms={:.1}",
+            response.status().as_u16(),
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    response
+}

@@ -1,0 +1,287 @@
+//! The JSON of a generation response: OpenAI's `chat.completion` / `text_completion` objects,
+//! the chunks of a streamed one, logprobs and usage.
+//!
+//! Chat and text completions differ only here, in the JSON around each choice; everything
+//! before (parameters, submission, choices) is one code path for both. Nothing here does I/O.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use minserve_core::request::FinishReason;
+use minserve_tokenizer::Tokenizer;
+use serde_json::{json, Map, Value};
+
+use crate::choices::{Choice, Choices, TokenLogprob};
+use crate::params::{GenerationApi, GenerationParams};
+use crate::prompt::Prompt;
+use crate::state::unix_time;
+
+/// Renders the objects of one response; shared by the streaming and the single-body paths.
+pub(crate) struct ResponseRenderer {
+    api: GenerationApi,
+    tokenizer: Arc<Tokenizer>,
+    id: String,
+    created: u64,
+    served_model_name: String,
+    samples_per_prompt: usize,
+    include_usage: bool,
+    wants_logprobs: bool,
+    /// With completions' `echo`: the text each prompt's choices start with.
+    echoes: Option<Vec<String>>,
+}
+
+impl ResponseRenderer {
+    pub fn new(
+        served_model_name: String,
+        tokenizer: Arc<Tokenizer>,
+        params: &GenerationParams,
+        prompts: &[Prompt],
+        samples_per_prompt: usize,
+    ) -> Self {
+        let api = params.api;
+        let prefix = match api {
+            GenerationApi::Chat => "chatcmpl",
+            GenerationApi::Completion => "cmpl",
+        };
+        let echoes = params.echo.then(|| {
+            prompts
+                .iter()
+                .map(|prompt| match &prompt.text {
+                    Some(text) => text.clone(),
+                    None => tokenizer.decode(&prompt.tokens, false).unwrap_or_default(),
+                })
+                .collect()
+        });
+        Self {
+            api,
+            id: response_id(prefix),
+            created: unix_time(),
+            served_model_name,
+            samples_per_prompt,
+            include_usage: params.delivery.include_usage,
+            wants_logprobs: params.sampling.logprobs.is_some(),
+            echoes,
+            tokenizer,
+        }
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.include_usage
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.api, chunk) {
+            (GenerationApi::Chat, false) => "chat.completion",
+            (GenerationApi::Chat, true) => "chat.completion.chunk",
+            (GenerationApi::Completion, _) => "text_completion",
+        }
+    }
+
+    /// The response object (or one chunk of it) around `choices`.
+    fn response_object(&self, chunk: bool, choices: Vec<Value>) -> Value {
+        json!({
+            "id": self.id, "object": self.object(chunk), "created": self.created,
+            "model": self.served_model_name, "choices": choices,
+        })
+    }
+
+    /// The whole response of a non-streaming request, once every choice finished.
+    pub fn single_body(&self, choices: &Choices, prompt_tokens: usize) -> Value {
+        let rendered = choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| self.finished_choice(i, c))
+            .collect();
+        let mut body = self.response_object(false, rendered);
+        body["usage"] = usage(prompt_tokens, choices.completion_tokens());
+        body
+    }
+
+    /// A stream chunk carrying one choice's delta.
+    pub fn chunk(&self, delta: Value) -> Value {
+        let mut c = self.response_object(true, vec![delta]);
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    /// The last chunk of a stream with `include_usage`: no choices, the token counts.
+    pub fn usage_chunk(&self, prompt_tokens: usize, completion_tokens: usize) -> Value {
+        let mut last = self.response_object(true, Vec::new());
+        last["usage"] = usage(prompt_tokens, completion_tokens);
+        last
+    }
+
+    /// The prompt text that starts choice `choice` of a completion with `echo`.
+    fn echo(&self, choice: usize) -> Option<&str> {
+        let echoes = self.echoes.as_ref()?;
+        Some(&echoes[choice / self.samples_per_prompt])
+    }
+
+    /// The delta each streamed choice starts with, if any: the assistant role, or the echo.
+    pub fn opening_delta(&self, choice: usize) -> Option<Value> {
+        match self.api {
+            GenerationApi::Chat => Some(json!({
+                "index": choice, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null,
+            })),
+            GenerationApi::Completion => self.echo(choice).map(|text| {
+                json!({"index": choice, "text": text, "logprobs": null, "finish_reason": null})
+            }),
+        }
+    }
+
+    /// A streamed token. `text_offset` is where its text starts in the choice (for
+    /// completions' logprobs), and moves past it.
+    pub fn token_delta(
+        &self,
+        choice: usize,
+        text: String,
+        logprob: Option<&TokenLogprob>,
+        text_offset: &mut usize,
+    ) -> Value {
+        let tokenizer = &self.tokenizer;
+        match self.api {
+            GenerationApi::Chat => {
+                let logprobs =
+                    logprob.map(|lp| json!({"content": [chat_logprob_entry(tokenizer, lp)]}));
+                json!({
+                    "index": choice, "delta": {"content": text},
+                    "logprobs": logprobs, "finish_reason": null,
+                })
+            }
+            GenerationApi::Completion => {
+                let logprobs = logprob.map(|lp| {
+                    let v = completion_logprobs(tokenizer, std::slice::from_ref(lp), *text_offset);
+                    *text_offset += token_text(tokenizer, lp.token).len();
+                    v
+                });
+                json!({"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null})
+            }
+        }
+    }
+
+    /// The streamed end of a choice, with any text held back until then.
+    pub fn finish_delta(&self, choice: usize, text: String, reason: FinishReason) -> Value {
+        match self.api {
+            GenerationApi::Chat => {
+                let delta = if text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({
+                    "index": choice, "delta": delta, "logprobs": null,
+                    "finish_reason": reason.as_str(),
+                })
+            }
+            GenerationApi::Completion => json!({
+                "index": choice, "text": text, "logprobs": null,
+                "finish_reason": reason.as_str(),
+            }),
+        }
+    }
+
+    /// A finished choice of a non-streaming response.
+    fn finished_choice(&self, choice: usize, c: &Choice) -> Value {
+        let tokenizer = &self.tokenizer;
+        match self.api {
+            GenerationApi::Chat => json!({
+                "index": choice,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.wants_logprobs.then(|| json!({
+                    "content": c.logprobs.iter()
+                        .map(|lp| chat_logprob_entry(tokenizer, lp))
+                        .collect::<Vec<_>>()
+                })),
+                "finish_reason": finish_reason_json(c.finish),
+            }),
+            GenerationApi::Completion => json!({
+                "index": choice,
+                "text": self.echo(choice).unwrap_or_default().to_string() + &c.text,
+                "logprobs": self.wants_logprobs
+                    .then(|| completion_logprobs(tokenizer, &c.logprobs, 0)),
+                "finish_reason": finish_reason_json(c.finish),
+            }),
+        }
+    }
+}
+
+/// `-inf` has no JSON spelling; vLLM reports it as -9999.
+fn json_logprob(x: f32) -> f64 {
+    if x.is_finite() {
+        x as f64
+    } else {
+        -9999.0
+    }
+}
+
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// Chat's logprobs entry for one token: its text, logprob and bytes, and its alternatives.
+fn chat_logprob_entry(tokenizer: &Tokenizer, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let text = token_text(tokenizer, id);
+        json!({"token": text, "logprob": json_logprob(logprob), "bytes": text.as_bytes()})
+    };
+    let mut value = entry(lp.token, lp.logprob);
+    value["top_logprobs"] = lp.top.iter().map(|&(id, l)| entry(id, l)).collect();
+    value
+}
+
+/// Completions' logprobs object for `generated`; `offset` is where the first token's text
+/// starts in the choice's text.
+fn completion_logprobs(
+    tokenizer: &Tokenizer,
+    generated: &[TokenLogprob],
+    mut offset: usize,
+) -> Value {
+    let (mut tokens, mut token_logprobs, mut tops, mut offsets) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for lp in generated {
+        let text = token_text(tokenizer, lp.token);
+        offsets.push(offset);
+        offset += text.len();
+        tokens.push(Value::String(text));
+        token_logprobs.push(json!(json_logprob(lp.logprob)));
+        let top: Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(id, l)| (token_text(tokenizer, id), json!(json_logprob(l))))
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    })
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+/// A fresh, unguessable response id: `prefix-` and 32 hex digits.
+fn response_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let a = hasher.finish();
+    hasher.write_u64(a);
+    format!("{prefix}-{a:016x}{:016x}", hasher.finish())
+}
+
+fn finish_reason_json(reason: Option<FinishReason>) -> Value {
+    reason.map_or(Value::Null, |r| Value::String(r.as_str().into()))
+}

@@ -1,0 +1,30 @@
+//! `POST /v1/completions`: one or several prompts, as text or token ids, continued.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::Response;
+
+use super::generation::generate;
+use super::model_request;
+use crate::error::ApiError;
+use crate::params::{GenerationApi, GenerationParams};
+use crate::prompt::completion_prompts;
+use crate::state::AppState;
+
+pub(crate) async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    let (body, model) = model_request(body, &state)?;
+    let params = GenerationParams::parse(&body, GenerationApi::Completion, model.vocab_size())?;
+    if body.get("suffix").is_some() {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    let prompts = completion_prompts(&body, &model.tokenizer, model.vocab_size())?;
+    generate(&state, model, params, prompts, arrival).await
+}

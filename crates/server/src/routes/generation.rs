@@ -1,0 +1,49 @@
+//! What chat and text completions share once their prompts are read: submit to the engine,
+//! then answer as a stream or as one body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::response::Response;
+
+use crate::collect::single_body_response;
+use crate::error::ApiError;
+use crate::params::GenerationParams;
+use crate::prompt::Prompt;
+use crate::render::ResponseRenderer;
+use crate::state::{AppState, ServedModel};
+use crate::stream::sse_response;
+use crate::submit::{submit, Submission};
+
+/// Submits `prompts` with `params` and answers with their completion.
+pub(super) async fn generate(
+    state: &Arc<AppState>,
+    model: Arc<ServedModel>,
+    params: GenerationParams,
+    prompts: Vec<Prompt>,
+    arrival: Instant,
+) -> Result<Response, ApiError> {
+    let samples_per_prompt = params.samples_per_prompt(prompts.len())?;
+    let generation = submit(
+        state,
+        &model,
+        Submission {
+            params: &params,
+            prompts: &prompts,
+            samples_per_prompt,
+            arrival,
+        },
+    )?;
+    let renderer = ResponseRenderer::new(
+        state.options.served_model_name.clone(),
+        model.tokenizer.clone(),
+        &params,
+        &prompts,
+        samples_per_prompt,
+    );
+    if params.delivery.stream {
+        Ok(sse_response(renderer, generation))
+    } else {
+        single_body_response(renderer, generation).await
+    }
+}

@@ -1,0 +1,34 @@
+//! The HTTP routes, one file per family. Handlers only read the request and call the modules
+//! that do the work; [`crate::router`] maps paths to them.
+
+pub(crate) mod chat;
+pub(crate) mod completions;
+mod generation;
+pub(crate) mod models;
+pub(crate) mod monitoring;
+pub(crate) mod openapi;
+pub(crate) mod tokenize;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+
+use crate::error::ApiError;
+use crate::json_body::JsonBody;
+use crate::state::{AppState, ServedModel};
+
+/// The body of a model route as an object, its `model` checked against the served model, and
+/// the model; or the error to answer (400, 404, 503).
+fn model_request(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+) -> Result<(JsonBody, Arc<ServedModel>), ApiError> {
+    let body = JsonBody::parse(body, state.options.max_body_bytes)?;
+    if let Some(model) = body.str("model")? {
+        if model != state.options.served_model_name {
+            return Err(ApiError::model_not_found(model));
+        }
+    }
+    Ok((body, state.ready_model()?))
+}

@@ -1,0 +1,46 @@
+//! The operator's pages: `GET /health` (200 once the model is ready, 503 while it loads, after
+//! it failed to load, or once shutdown began) and `GET /metrics` (Prometheus text).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_shutting_down() {
+        return ApiError::shutting_down().into_response();
+    }
+    if state.model().is_some() {
+        return (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        )
+            .into_response();
+    }
+    match state.load_error() {
+        Some(message) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("Loading the model failed: {message}"),
+        )
+        .code("model_load_failed")
+        .into_response(),
+        None => ApiError::loading().into_response(),
+    }
+}
+
+pub(crate) async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.model().map(|m| m.engine.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(stats),
+    )
+        .into_response()
+}

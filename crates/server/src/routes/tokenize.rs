@@ -1,0 +1,66 @@
+//! vLLM's `POST /tokenize` and `POST /detokenize`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::model_request;
+use crate::error::ApiError;
+use crate::json_body::{token_ids, wrong_type};
+use crate::prompt::render_chat;
+use crate::state::AppState;
+
+/// `{"prompt": ..., "add_special_tokens": true}` or `{"messages": [...],
+/// "add_generation_prompt": true}` -> the token ids and their strings.
+pub(crate) async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (body, model) = model_request(body, &state)?;
+    let tokenizer = &model.tokenizer;
+    let tokens = if body.get("messages").is_some() {
+        let add_generation_prompt = body.bool("add_generation_prompt")?.unwrap_or(true);
+        let text = render_chat(&body, tokenizer, add_generation_prompt)?;
+        let add_special = body.bool("add_special_tokens")?.unwrap_or(false);
+        tokenizer.encode(&text, add_special)
+    } else {
+        let prompt = body.str("prompt")?.ok_or_else(|| {
+            ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required")
+        })?;
+        let add_special = body.bool("add_special_tokens")?.unwrap_or(true);
+        tokenizer.encode(prompt, add_special)
+    }
+    .map_err(|e| ApiError::invalid("prompt", format!("could not tokenize: {e}")))?;
+    let token_strs: Vec<Option<String>> =
+        tokens.iter().map(|&t| tokenizer.id_to_token(t)).collect();
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": model.max_model_len(),
+        "tokens": tokens,
+        "token_strs": token_strs,
+    }))
+    .into_response())
+}
+
+/// `{"tokens": [ids]}` -> `{"prompt": text}`.
+pub(crate) async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (body, model) = model_request(body, &state)?;
+    let tokens = match body.get("tokens") {
+        Some(Value::Array(items)) => token_ids(items, "tokens", model.vocab_size())?,
+        Some(other) => return Err(wrong_type("tokens", "an array of token ids", other)),
+        None => return Err(ApiError::invalid("tokens", "`tokens` is required")),
+    };
+    let prompt = model
+        .tokenizer
+        .decode(&tokens, false)
+        .map_err(|e| ApiError::invalid("tokens", format!("could not detokenize: {e}")))?;
+    Ok(Json(json!({"prompt": prompt})).into_response())
+}
