@@ -8,7 +8,7 @@ use clap::Args;
 use minserve_model::CacheOptions;
 use minserve_server::{AppState, ServedModel, ServerOptions};
 
-use crate::bench::EngineArgs;
+use crate::engine_args::EngineArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {
