@@ -1,8 +1,8 @@
 //! The engine as the commands run it: the flags that `serve` and `bench throughput` share
 //! ([`EngineArgs`]), what they become (the model runner's [`CacheOptions`] and
 //! [`DeviceOptions`], the engine's [`EngineConfig`], a step trace file), and
-//! [`build_engine`], the one place a loaded model is put behind a runner and an engine (used by
-//! every command that generates in-process).
+//! [`build_engine`], which puts a loaded model behind a runner and an engine for the commands
+//! that step the engine on their own thread (`generate`, `bench throughput`).
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -183,3 +183,55 @@ fn peak_rss_mib() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use minserve_core::engine::FinishReason;
+
+    use super::*;
+
+    fn token(token: u32, text: &str) -> RequestEvent {
+        RequestEvent::Token {
+            index: 0,
+            token,
+            text: text.into(),
+            logprob: None,
+            top_logprobs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn text_printer_prints_the_text_and_counts_eos_out() {
+        let mut printer = TextPrinter::new(Vec::new(), vec![2]);
+        printer
+            .print(RequestEvent::Scheduled { at: Instant::now() })
+            .unwrap();
+        assert_eq!(printer.first_token_at, None);
+        for event in [
+            token(10, " Par"),
+            token(11, ""),
+            token(12, "is."),
+            token(2, ""),
+            RequestEvent::Finished {
+                index: 0,
+                reason: FinishReason::Stop,
+                text: "!".into(),
+                completion_tokens: 4,
+            },
+        ] {
+            printer.print(event).unwrap();
+        }
+        assert_eq!(String::from_utf8(printer.out).unwrap(), " Paris.!\n");
+        assert_eq!(printer.generated, 3);
+        assert!(printer.first_token_at.is_some());
+    }
+
+    #[test]
+    fn text_printer_fails_with_the_engines_message() {
+        let mut printer = TextPrinter::new(Vec::new(), vec![2]);
+        let error = printer
+            .print(RequestEvent::Failed("model execution failed: boom".into()))
+            .unwrap_err();
+        assert_eq!(error.to_string(), "model execution failed: boom");
+    }
+}
