@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::{Engine, EngineConfig};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LoadedModel, Runner};
 
 use crate::model_source::WeightsArgs;

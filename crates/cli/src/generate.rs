@@ -1,12 +1,14 @@
 //! `minserve generate`: one prompt, its text streamed to stdout and a line of figures to
-//! stderr, on the same [`Engine`] as `serve` and `bench throughput` (built by
-//! [`build_engine`]): the prompt is one request, the engine is stepped on this thread until it
-//! has nothing left to do, and the request's events are printed after each step.
+//! stderr, on the same [`Engine`](minserve_core::Engine) as `serve` and `bench throughput`
+//! (built by [`build_engine`]): the prompt is one request, the engine is stepped on this thread
+//! until it has nothing left to do, and the request's events are printed after each step.
 //!
 //! The engine is sized for that one request: one sequence slot, and a step budget of the whole
 //! prompt, so that the prompt is computed in one forward pass (the prefill figure is that
-//! pass) and every later step decodes one token. The request is checked against the cache like
-//! any other ([`Engine::add_request`]); only the advice in the message is this command's.
+//! pass) and every later step decodes one token. The request is validated like any other,
+//! once, by [`Engine::submit`](minserve_core::Engine::submit) (against the model's context and
+//! the cache); only the advice in the message of a request that could never fit is this
+//! command's.
 
 use std::io::Write;
 use std::sync::mpsc;
@@ -14,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use minserve_core::engine::{EngineConfig, Request, RequestError, RequestEvent};
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::{EngineConfig, Request, RequestError, RequestEvent};
 use minserve_model::{CacheOptions, DeviceOptions};
 use minserve_tokenizer::ChatMessage;
 
@@ -101,7 +103,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let (events, received) = mpsc::channel();
     engine
-        .add_request(request, Box::new(events))
+        .submit(request, Box::new(events))
         .map_err(|e| match e {
             RequestError::NeverFits {
                 needed,
@@ -186,7 +188,7 @@ fn peak_rss_mib() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use minserve_core::engine::FinishReason;
+    use minserve_core::FinishReason;
 
     use super::*;
 

@@ -5,7 +5,8 @@
 //! last step. The model sees all those tokens as one flat list, so a step can mix prompt chunks and
 //! decode tokens of many sequences without padding.
 
-use crate::block_manager::BlockCopy;
+/// A block's contents to duplicate before a step writes: `(source, destination)` block ids.
+pub type BlockCopy = (u32, u32);
 
 /// The part of a [`StepBatch`] that belongs to one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]

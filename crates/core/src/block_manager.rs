@@ -32,11 +32,8 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
-use crate::batch::StepBatch;
-use crate::sequence::Sequence;
-
-/// Hash of a full block's tokens chained with its parent's hash.
-pub type BlockHash = u64;
+use crate::batch::{BlockCopy, StepBatch};
+use crate::sequence::{BlockHash, Sequence};
 
 fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     let mut hasher = DefaultHasher::new();
@@ -62,9 +59,6 @@ pub struct CachedPrefix {
     pub blocks: Vec<u32>,
     pub hashes: Vec<BlockHash>,
 }
-
-/// A block's contents to duplicate before a step writes: `(source, destination)` block ids.
-pub type BlockCopy = (u32, u32);
 
 /// Counters for metrics and traces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

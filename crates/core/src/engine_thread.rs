@@ -3,21 +3,20 @@
 //! One thread owns the model, the KV cache and the scheduler; everything else (HTTP handlers,
 //! benchmarks) talks to it through an [`EngineHandle`]: requests go in over a channel, and each
 //! request's events come back through its own [`EventSink`]. Adding a request never waits for
-//! a model step: the handle checks the request against the engine's limits and picks its id
-//! itself.
+//! a model step: the handle validates the request against the engine's limits
+//! ([`EngineHandle::validate`], the one place a request is validated) and picks its id itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::engine::{
-    Engine, EngineLimits, EngineStats, EventSink, Request, RequestError, RequestId,
-};
+use crate::engine::{Engine, EngineStats};
 use crate::executor::ModelExecutor;
+use crate::request::{EngineLimits, EventSink, Request, RequestError, RequestId, ValidatedRequest};
 
 enum Command {
-    Add(RequestId, Box<Request>, Box<dyn EventSink>),
+    Add(RequestId, Box<ValidatedRequest>, Box<dyn EventSink>),
     Abort(RequestId),
 }
 
@@ -52,16 +51,17 @@ impl EngineHandle {
         self.limits
     }
 
-    /// Queues a request, or says at once why it can never be served.
-    pub fn add_request(
-        &self,
-        request: Request,
-        sink: Box<dyn EventSink>,
-    ) -> Result<RequestId, RequestError> {
-        self.limits.check(&request)?;
+    /// Says at once why `request` can never be served, or makes it a [`ValidatedRequest`]
+    /// for [`add_request`](Self::add_request).
+    pub fn validate(&self, request: Request) -> Result<ValidatedRequest, RequestError> {
+        self.limits.validate(request)
+    }
+
+    /// Queues a request; its events go to `sink`.
+    pub fn add_request(&self, request: ValidatedRequest, sink: Box<dyn EventSink>) -> RequestId {
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         self.send(Command::Add(id, Box::new(request), sink));
-        Ok(id)
+        id
     }
 
     /// Drops a request; its blocks are freed before the next step.
@@ -119,11 +119,7 @@ fn run<E: ModelExecutor>(
 
 fn apply<E: ModelExecutor>(engine: &mut Engine<E>, command: Command) {
     match command {
-        Command::Add(id, request, sink) => {
-            // The handle checked the same limits, so this only fails if they disagree; the
-            // request's sink has been told either way.
-            let _ = engine.add_request_with_id(id, *request, sink);
-        }
+        Command::Add(id, request, sink) => engine.add_request_with_id(id, *request, sink),
         Command::Abort(id) => engine.abort(id),
     }
 }

@@ -11,10 +11,19 @@ pub mod engine;
 pub mod engine_thread;
 pub mod executor;
 pub mod math;
+pub mod output;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod trace;
 
-pub use batch::{SequenceChunk, StepBatch};
+pub use batch::{BlockCopy, SequenceChunk, StepBatch};
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use engine_thread::EngineHandle;
 pub use executor::{CacheGeometry, Logits, ModelExecutor};
+pub use request::{
+    EngineLimits, EventSink, FinishReason, Request, RequestError, RequestEvent, RequestId,
+    ValidatedRequest,
+};

@@ -6,9 +6,12 @@
 //! 1. **Running sequences first**, in priority order. Each asks for the tokens it has not
 //!    computed: one for a decoding sequence, the rest of its prompt (as much as the budget
 //!    allows: *chunked prefill*) for one whose prompt was split. If the block manager has no
-//!    room for them, the **lowest-priority, newest** running sequence is **preempted**: its
-//!    blocks are freed and it goes back to the front of the waiting queue keeping every token
-//!    it generated; it will recompute them later (its prefix may still be cached).
+//!    room for them, the **lowest-priority, newest** running sequence is **preempted**
+//!    (`Scheduler::make_room`, `Scheduler::preempt`): its blocks are freed and it goes back to
+//!    the waiting queue keeping every token it generated; it will recompute them later (its
+//!    prefix may still be cached). It rejoins the queue where its order says: under FCFS at the
+//!    front (it arrived before everything waiting), under priority behind every more urgent
+//!    waiting sequence.
 //! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
 //!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
@@ -21,6 +24,9 @@
 //!
 //! The result is a [`ScheduledStep`]: the model's [`StepBatch`] and, per scheduled sequence,
 //! how many tokens it computes and whether it samples.
+//!
+//! The scheduler owns the [`BlockManager`] and every unfinished [`Sequence`]: a sequence's
+//! blocks change only here, and a sequence leaves ([`Scheduler::remove`]) with its blocks.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -86,6 +92,7 @@ impl ScheduledStep {
 
 pub struct Scheduler {
     config: SchedulerConfig,
+    blocks: BlockManager,
     /// Every unfinished sequence, running or waiting, by id.
     seqs: HashMap<SeqId, Sequence>,
     /// Admitted sequences in priority order (FCFS: arrival order); the last is preempted first.
@@ -99,9 +106,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(config: SchedulerConfig) -> Self {
+    /// A scheduler that allocates the KV cache blocks of `blocks`.
+    pub fn new(config: SchedulerConfig, blocks: BlockManager) -> Self {
         Self {
             config,
+            blocks,
             seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
@@ -112,6 +121,11 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
+    }
+
+    /// The KV cache bookkeeping, for statistics, traces and invariant checks.
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
     }
 
     /// Queues the samples of one request, all with the same prompt: the first is scheduled
@@ -129,16 +143,25 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, seq: Sequence) {
-        let at = match self.config.policy {
+        let at = self.waiting_position(&seq, false);
+        self.waiting.insert(at, seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// Where `seq` joins the waiting queue. Under FCFS a newcomer goes to the back and a
+    /// preempted sequence to the front: it was admitted, so it arrived before everything
+    /// waiting. Under priority order both go behind every waiting sequence with a smaller
+    /// [`order_key`](Sequence::order_key).
+    fn waiting_position(&self, seq: &Sequence, preempted: bool) -> usize {
+        match self.config.policy {
+            SchedulingPolicy::Fcfs if preempted => 0,
             SchedulingPolicy::Fcfs => self.waiting.len(),
             SchedulingPolicy::Priority => {
                 let key = seq.order_key();
                 self.waiting
                     .partition_point(|w| self.seqs[w].order_key() <= key)
             }
-        };
-        self.waiting.insert(at, seq.id);
-        self.seqs.insert(seq.id, seq);
+        }
     }
 
     pub fn num_running(&self) -> usize {
@@ -172,17 +195,21 @@ impl Scheduler {
 
     /// Removes a sequence wherever it is (finished or aborted) and frees its blocks at once;
     /// samples still waiting to be forked from it go with it.
-    pub fn remove(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
-        self.remove_freeing(id, |seq| blocks.free(seq))
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        self.remove_freeing(id, BlockManager::free)
     }
 
     /// Like [`remove`](Self::remove), for a sequence whose step failed: the blocks that step
     /// was to write hold nothing trustworthy, so they also leave the prefix cache.
-    pub fn remove_failed(&mut self, id: SeqId, blocks: &mut BlockManager) -> Option<Sequence> {
-        self.remove_freeing(id, |seq| blocks.free_and_forget(seq))
+    pub fn remove_failed(&mut self, id: SeqId) -> Option<Sequence> {
+        self.remove_freeing(id, BlockManager::free_and_forget)
     }
 
-    fn remove_freeing(&mut self, id: SeqId, free: impl FnOnce(&mut Sequence)) -> Option<Sequence> {
+    fn remove_freeing(
+        &mut self,
+        id: SeqId,
+        free: fn(&mut BlockManager, &mut Sequence),
+    ) -> Option<Sequence> {
         let Some(mut seq) = self.seqs.remove(&id) else {
             return self.remove_unforked(id);
         };
@@ -192,7 +219,7 @@ impl Scheduler {
         } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
             self.waiting.remove(i);
         }
-        free(&mut seq);
+        free(&mut self.blocks, &mut seq);
         Some(seq)
     }
 
@@ -210,7 +237,7 @@ impl Scheduler {
     }
 
     /// Plans the next step. See the module documentation for the policy.
-    pub fn schedule(&mut self, blocks: &mut BlockManager) -> ScheduledStep {
+    pub fn schedule(&mut self) -> ScheduledStep {
         let mut step = ScheduledStep::default();
         let mut budget = self.config.max_num_batched_tokens;
 
@@ -223,7 +250,7 @@ impl Scheduler {
                 i += 1; // sampled last step; waits for the engine to append its token
                 continue;
             }
-            if !self.make_room(i, num_new, blocks, &mut step) {
+            if !self.make_room(i, num_new, &mut step) {
                 break; // sequence `i` itself was preempted; so is everything after it
             }
             let seq = &self.seqs[&id];
@@ -251,10 +278,10 @@ impl Scheduler {
                 break;
             }
             let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
-            let prefix = blocks.find_cached_prefix(seq);
-            let num_cached = prefix.blocks.len() * blocks.block_size();
+            let prefix = self.blocks.find_cached_prefix(seq);
+            let num_cached = prefix.blocks.len() * self.blocks.block_size();
             let num_new = (seq.len() - num_cached).min(budget);
-            if !blocks.allocate_slots(seq, num_new, Some(prefix)) {
+            if !self.blocks.allocate_slots(seq, num_new, Some(prefix)) {
                 break;
             }
             step.seqs.push(ScheduledSeq {
@@ -270,10 +297,10 @@ impl Scheduler {
             self.insert_running(id);
         }
 
-        step.batch = self.build_batch(&step.seqs, blocks.block_size());
-        step.batch.block_copies = blocks.take_block_copies();
+        step.batch = self.build_batch(&step.seqs);
+        step.batch.block_copies = self.blocks.take_block_copies();
         if cfg!(debug_assertions) {
-            blocks.check_step(&step.batch);
+            self.blocks.check_step(&step.batch);
         }
         step
     }
@@ -291,34 +318,32 @@ impl Scheduler {
 
     /// Allocates blocks for `num_new` tokens of `running[i]`, preempting from the back of the
     /// running list until they fit. False if `running[i]` itself had to go.
-    fn make_room(
-        &mut self,
-        i: usize,
-        num_new: usize,
-        blocks: &mut BlockManager,
-        step: &mut ScheduledStep,
-    ) -> bool {
+    fn make_room(&mut self, i: usize, num_new: usize, step: &mut ScheduledStep) -> bool {
         let id = self.running[i];
         loop {
             let seq = self.seqs.get_mut(&id).expect("running sequences are known");
-            if blocks.allocate_slots(seq, num_new, None) {
+            if self.blocks.allocate_slots(seq, num_new, None) {
                 return true;
             }
             let Some(victim) = self.running.pop() else {
                 return false;
             };
-            let victim_seq = self
-                .seqs
-                .get_mut(&victim)
-                .expect("running sequences are known");
-            blocks.free(victim_seq);
-            self.num_preemptions += 1;
+            self.preempt(victim);
             step.preempted.push(victim);
-            self.waiting.push_front(victim);
             if victim == id {
                 return false;
             }
         }
+    }
+
+    /// Frees the blocks of running sequence `id` (already out of the running list) and puts it
+    /// back in the waiting queue, in its place there; it keeps its tokens.
+    fn preempt(&mut self, id: SeqId) {
+        let seq = self.seqs.get_mut(&id).expect("running sequences are known");
+        self.blocks.free(seq);
+        self.num_preemptions += 1;
+        let at = self.waiting_position(&self.seqs[&id], true);
+        self.waiting.insert(at, id);
     }
 
     fn insert_running(&mut self, id: SeqId) {
@@ -329,7 +354,8 @@ impl Scheduler {
         self.running.insert(at, id);
     }
 
-    fn build_batch(&self, scheduled: &[ScheduledSeq], block_size: usize) -> StepBatch {
+    fn build_batch(&self, scheduled: &[ScheduledSeq]) -> StepBatch {
+        let block_size = self.blocks.block_size();
         let mut batch = StepBatch::new();
         for s in scheduled {
             let seq = &self.seqs[&s.id];
@@ -358,11 +384,7 @@ impl Scheduler {
     /// (call it after [`mark_computed`](Self::mark_computed)): they share its blocks and
     /// computed tokens and run from now on. Returns `(parent, fork)` pairs; each fork draws its
     /// first token from its parent's logits row of this step.
-    pub fn fork_samples(
-        &mut self,
-        step: &ScheduledStep,
-        blocks: &mut BlockManager,
-    ) -> Vec<(SeqId, SeqId)> {
+    pub fn fork_samples(&mut self, step: &ScheduledStep) -> Vec<(SeqId, SeqId)> {
         let mut forked = Vec::new();
         for s in step.seqs.iter().filter(|s| s.samples) {
             let Some(mut forks) = self.unforked.remove(&s.id) else {
@@ -371,7 +393,7 @@ impl Scheduler {
             let parent = &self.seqs[&s.id];
             debug_assert_eq!(parent.num_computed_tokens, parent.num_prompt_tokens);
             for fork in &mut forks {
-                blocks.fork(parent, fork);
+                self.blocks.fork(parent, fork);
             }
             for fork in forks {
                 forked.push((s.id, fork.id));
@@ -398,15 +420,15 @@ mod tests {
 
     /// Runs a step the way the engine does: computed tokens are marked, sampling sequences
     /// get a new token.
-    fn run_step(s: &mut Scheduler, bm: &mut BlockManager) -> ScheduledStep {
-        let step = s.schedule(bm);
+    fn run_step(s: &mut Scheduler) -> ScheduledStep {
+        let step = s.schedule();
         s.mark_computed(&step);
-        let forked = s.fork_samples(&step, bm);
+        let forked = s.fork_samples(&step);
         let sampled = step.seqs.iter().filter(|q| q.samples).map(|q| q.id);
         for id in sampled.chain(forked.iter().map(|&(_, fork)| fork)) {
             s.get_mut(id).unwrap().tokens.push(id as u32);
         }
-        bm.check_invariants(s.running());
+        s.blocks().check_invariants(s.running());
         step
     }
 
@@ -422,10 +444,9 @@ mod tests {
 
     #[test]
     fn long_prompts_are_chunked_to_the_token_budget() {
-        let mut bm = BlockManager::new(16, 4, false);
-        let mut s = Scheduler::new(config(8, 4));
+        let mut s = Scheduler::new(config(8, 4), BlockManager::new(16, 4, false));
         s.add(Sequence::new(1, vec![0; 20], 0, 1));
-        let steps: Vec<_> = (0..4).map(|_| run_step(&mut s, &mut bm)).collect();
+        let steps: Vec<_> = (0..4).map(|_| run_step(&mut s)).collect();
         assert_eq!(tokens_per_seq(&steps[0]), vec![(1, 8)]);
         assert!(
             !steps[0].seqs[0].samples,
@@ -440,18 +461,17 @@ mod tests {
 
     #[test]
     fn running_sequences_go_first_then_newcomers_fill_the_budget() {
-        let mut bm = BlockManager::new(32, 4, false);
-        let mut s = Scheduler::new(config(10, 3));
+        let mut s = Scheduler::new(config(10, 3), BlockManager::new(32, 4, false));
         s.add(Sequence::new(1, vec![0; 6], 0, 1));
-        run_step(&mut s, &mut bm);
+        run_step(&mut s);
         s.add(Sequence::new(2, vec![0; 6], 0, 2));
         s.add(Sequence::new(3, vec![0; 6], 0, 3));
         s.add(Sequence::new(4, vec![0; 6], 0, 4));
         // Seq 1 decodes (1 token), seq 2 prefills 6, seq 3 gets the last 3 of the budget.
-        let step = run_step(&mut s, &mut bm);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 6), (3, 3)]);
         // max_num_seqs = 3 keeps seq 4 waiting.
-        let step = run_step(&mut s, &mut bm);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 1), (3, 3)]);
         assert_eq!(s.num_waiting(), 1);
         // The batch holds exactly the scheduled tokens, in order.
@@ -462,15 +482,14 @@ mod tests {
     #[test]
     fn out_of_blocks_preempts_the_newest_which_resumes_with_its_tokens() {
         // 4 blocks of 2 tokens: two sequences of 3 tokens fit, but not once both grow to 5.
-        let mut bm = BlockManager::new(4, 2, false);
-        let mut s = Scheduler::new(config(64, 8));
+        let mut s = Scheduler::new(config(64, 8), BlockManager::new(4, 2, false));
         s.add(Sequence::new(1, vec![5; 3], 0, 1));
         s.add(Sequence::new(2, vec![6; 3], 0, 2));
-        run_step(&mut s, &mut bm); // both prefill, each samples a 4th token
-        run_step(&mut s, &mut bm); // both decode: 5 tokens each, needs 3 blocks each
+        run_step(&mut s); // both prefill, each samples a 4th token
+        run_step(&mut s); // both decode: 5 tokens each, needs 3 blocks each
         let mut preempted_at = None;
         for i in 0..6 {
-            let step = run_step(&mut s, &mut bm);
+            let step = run_step(&mut s);
             if !step.preempted.is_empty() {
                 assert_eq!(step.preempted, vec![2], "the newest sequence is the victim");
                 assert!(step.seqs.iter().all(|q| q.id == 1));
@@ -490,26 +509,28 @@ mod tests {
 
         // Once sequence 1 finishes, 2 recomputes everything it had (prompt and output) at once.
         let generated = victim.len();
-        s.remove(1, &mut bm);
-        let step = run_step(&mut s, &mut bm);
+        s.remove(1);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(2, generated)]);
         assert!(step.seqs[0].is_prefill && step.seqs[0].samples);
     }
 
     #[test]
     fn priority_policy_orders_admission_and_preemption() {
-        let mut bm = BlockManager::new(64, 4, false);
-        let mut s = Scheduler::new(SchedulerConfig {
-            policy: SchedulingPolicy::Priority,
-            ..config(4, 8)
-        });
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                policy: SchedulingPolicy::Priority,
+                ..config(4, 8)
+            },
+            BlockManager::new(64, 4, false),
+        );
         s.add(Sequence::new(1, vec![0; 4], 5, 1));
         s.add(Sequence::new(2, vec![0; 4], -1, 2));
         s.add(Sequence::new(3, vec![0; 4], 5, 3));
         // Budget of 4 admits one prompt per step: the most urgent first, then by arrival.
         let order: Vec<SeqId> = (0..3)
             .map(|_| {
-                let step = run_step(&mut s, &mut bm);
+                let step = run_step(&mut s);
                 step.seqs.iter().find(|q| q.is_prefill).unwrap().id
             })
             .collect();
@@ -517,27 +538,71 @@ mod tests {
         assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![2, 1, 3]);
     }
 
+    /// 2 blocks of 2 tokens. Sequence 1 (3 prompt tokens, low priority) runs; sequence 2 (2
+    /// tokens, urgent) arrives and waits for a block. When 1 grows to 5 tokens it needs a third
+    /// block, preempts itself, and goes back to the waiting queue.
+    fn preempt_one_with_another_waiting(policy: SchedulingPolicy) -> Scheduler {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                policy,
+                ..config(64, 8)
+            },
+            BlockManager::new(2, 2, false),
+        );
+        s.add(Sequence::new(1, vec![0; 3], 5, 1));
+        run_step(&mut s); // prefill: 3 tokens in 2 blocks, samples a 4th
+        s.add(Sequence::new(2, vec![0; 2], -1, 2));
+        let step = run_step(&mut s); // 1 writes its 4th token into its second block; 2 waits
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1)]);
+        let step = run_step(&mut s); // 1's 5th token needs a third block
+        assert_eq!(step.preempted, vec![1]);
+        assert_eq!(s.num_waiting(), 2);
+        s
+    }
+
+    #[test]
+    fn a_preempted_sequence_waits_behind_more_urgent_ones() {
+        let mut s = preempt_one_with_another_waiting(SchedulingPolicy::Priority);
+        let step = run_step(&mut s);
+        assert_eq!(
+            tokens_per_seq(&step),
+            vec![(2, 2)],
+            "the urgent sequence is admitted before the preempted, less urgent one"
+        );
+    }
+
+    #[test]
+    fn under_fcfs_a_preempted_sequence_goes_back_to_the_front() {
+        let mut s = preempt_one_with_another_waiting(SchedulingPolicy::Fcfs);
+        let step = run_step(&mut s);
+        assert!(
+            step.is_empty(),
+            "the preempted sequence heads the queue and, not fitting, blocks the newcomer"
+        );
+        s.remove(1);
+        assert_eq!(tokens_per_seq(&run_step(&mut s)), vec![(2, 2)]);
+    }
+
     #[test]
     fn samples_are_forked_once_the_first_has_computed_the_prompt() {
-        let mut bm = BlockManager::new(16, 4, true);
-        let mut s = Scheduler::new(config(4, 8));
+        let mut s = Scheduler::new(config(4, 8), BlockManager::new(16, 4, true));
         s.add_samples(samples(1, 3, 6));
         // Only the first sample computes the 6-token prompt, in chunks of the 4-token budget.
-        let step = run_step(&mut s, &mut bm);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 4)]);
         assert_eq!(
             s.num_running(),
             1,
             "nothing to fork from before the prompt is done"
         );
-        let step = run_step(&mut s, &mut bm);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 2)]);
         assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(s.get(2).unwrap().num_computed_tokens, 6);
 
         // Each writes its 7th token into the shared partial block: the first two copy it.
         let shared = s.get(1).unwrap().block_table[1];
-        let step = run_step(&mut s, &mut bm);
+        let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 1), (3, 1)]);
         let copied: Vec<u32> = [1, 2].map(|id| s.get(id).unwrap().block_table[1]).into();
         assert_eq!(
@@ -546,55 +611,49 @@ mod tests {
         );
         assert_eq!(s.get(3).unwrap().block_table[1], shared);
         let full = s.get(1).unwrap().block_table[0];
-        assert_eq!(bm.ref_count(full), 3);
+        assert_eq!(s.blocks().ref_count(full), 3);
 
         for id in 1..=3 {
-            s.remove(id, &mut bm);
+            s.remove(id);
         }
-        assert_eq!(bm.num_free_blocks(), 16);
+        assert_eq!(s.blocks().num_free_blocks(), 16);
     }
 
     #[test]
     fn samples_are_admitted_only_with_room_for_all_of_them() {
-        let mut bm = BlockManager::new(32, 4, false);
-        let mut s = Scheduler::new(config(64, 3));
+        let mut s = Scheduler::new(config(64, 3), BlockManager::new(32, 4, false));
         s.add(Sequence::new(1, vec![0; 3], 0, 1));
         s.add_samples(samples(2, 3, 3));
         s.add(Sequence::new(5, vec![0; 3], 0, 5));
-        run_step(&mut s, &mut bm);
+        run_step(&mut s);
         // 1 + 3 samples exceed max_num_seqs = 3: the group waits, and blocks those behind it.
         assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![1]);
-        s.remove(1, &mut bm);
-        run_step(&mut s, &mut bm);
+        s.remove(1);
+        run_step(&mut s);
         assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![2, 3, 4]);
         assert_eq!(s.num_waiting(), 1);
     }
 
     #[test]
     fn removing_the_first_sample_before_the_fork_removes_them_all() {
-        let mut bm = BlockManager::new(8, 4, true);
-        let mut s = Scheduler::new(config(4, 8));
+        let mut s = Scheduler::new(config(4, 8), BlockManager::new(8, 4, true));
         s.add_samples(samples(1, 3, 9));
-        run_step(&mut s, &mut bm);
-        assert!(
-            s.remove(2, &mut bm).is_some(),
-            "an unforked sample can go alone"
-        );
-        s.remove(1, &mut bm);
-        assert!(s.remove(3, &mut bm).is_none(), "gone with the first");
+        run_step(&mut s);
+        assert!(s.remove(2).is_some(), "an unforked sample can go alone");
+        s.remove(1);
+        assert!(s.remove(3).is_none(), "gone with the first");
         assert!(!s.has_work());
-        assert_eq!(bm.num_free_blocks(), 8);
+        assert_eq!(s.blocks().num_free_blocks(), 8);
     }
 
     #[test]
     fn a_removed_sequence_frees_its_blocks_at_once() {
-        let mut bm = BlockManager::new(8, 4, true);
-        let mut s = Scheduler::new(config(64, 8));
+        let mut s = Scheduler::new(config(64, 8), BlockManager::new(8, 4, true));
         s.add(Sequence::new(1, vec![0; 9], 0, 1));
-        run_step(&mut s, &mut bm);
-        assert_eq!(bm.num_free_blocks(), 5);
-        s.remove(1, &mut bm);
-        assert_eq!(bm.num_free_blocks(), 8);
+        run_step(&mut s);
+        assert_eq!(s.blocks().num_free_blocks(), 5);
+        s.remove(1);
+        assert_eq!(s.blocks().num_free_blocks(), 8);
         assert!(!s.has_work());
     }
 }

@@ -5,7 +5,8 @@
 //! exactly one (the token sampled last step), and a preempted one starts over from zero while
 //! keeping every token it generated.
 
-use crate::block_manager::BlockHash;
+/// Hash of a full block's tokens chained with its parent's (see `block_manager.rs`).
+pub type BlockHash = u64;
 
 /// Identifies a sequence for its whole life, across preemptions.
 pub type SeqId = u64;

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use minserve_core::detokenize::TokenDecoder;
-use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
-use minserve_core::engine_thread::EngineHandle;
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::SchedulerConfig;
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, SequenceChunk, StepBatch};
+use minserve_core::{Engine, EngineConfig, EngineHandle, FinishReason, Request, RequestEvent};
 
 const VOCAB: usize = 64;
 
@@ -170,9 +169,8 @@ fn streams_tokens_through_the_engine_thread() {
     let receivers: Vec<_> = (0..5u32)
         .map(|i| {
             let (tx, rx) = mpsc::channel();
-            handle
-                .add_request(greedy(vec![i, i + 1], 6), Box::new(tx))
-                .unwrap();
+            let request = handle.validate(greedy(vec![i, i + 1], 6)).unwrap();
+            handle.add_request(request, Box::new(tx));
             rx
         })
         .collect();
@@ -190,7 +188,7 @@ fn eos_stops_unless_ignored_and_min_tokens_delays_it() {
     let mut e = engine(64);
     let run = |e: &mut Engine<CountingModel>, r: Request| {
         let (tx, rx) = mpsc::channel();
-        e.add_request(r, Box::new(tx)).unwrap();
+        e.submit(r, Box::new(tx)).unwrap();
         while e.step() {}
         collect(&rx)
     };
@@ -216,7 +214,7 @@ fn stop_strings_cut_the_text() {
     let (tx, rx) = mpsc::channel();
     let mut r = greedy(vec![0], 20); // b c d e f g ...
     r.stop = vec!["ef".into()];
-    e.add_request(r, Box::new(tx)).unwrap();
+    e.submit(r, Box::new(tx)).unwrap();
     while e.step() {}
     let (text, _, finish) = collect(&rx);
     assert_eq!(text, "bcd");
@@ -232,7 +230,7 @@ fn decode_only_steps_are_counted_apart_from_prefill() {
     let receivers: Vec<_> = (0..3u32)
         .map(|i| {
             let (tx, rx) = mpsc::channel();
-            e.add_request(greedy((i * 10..i * 10 + 10).collect(), 7), Box::new(tx))
+            e.submit(greedy((i * 10..i * 10 + 10).collect(), 7), Box::new(tx))
                 .unwrap();
             rx
         })
@@ -254,8 +252,7 @@ fn a_failed_step_leaves_nothing_in_the_prefix_cache() {
     // Three full blocks of 4: registered in the prefix cache when the step is scheduled.
     let prompt: Vec<u32> = (0..12).collect();
     let (tx, rx) = mpsc::channel();
-    e.add_request(greedy(prompt.clone(), 2), Box::new(tx))
-        .unwrap();
+    e.submit(greedy(prompt.clone(), 2), Box::new(tx)).unwrap();
     while e.step() {}
     assert!(rx
         .try_iter()
@@ -265,7 +262,7 @@ fn a_failed_step_leaves_nothing_in_the_prefix_cache() {
     // Had the failed step's blocks stayed registered, this request would reuse slots that
     // were never written (and the model would refuse to read them).
     let (tx, rx) = mpsc::channel();
-    e.add_request(greedy(prompt, 2), Box::new(tx)).unwrap();
+    e.submit(greedy(prompt, 2), Box::new(tx)).unwrap();
     while e.step() {}
     let (_, tokens, finish) = collect(&rx);
     assert_eq!(tokens, vec![12, 13]);
@@ -279,7 +276,7 @@ fn n_samples_share_the_prompt_and_finish_separately() {
     let (tx, rx) = mpsc::channel();
     let mut r = greedy((0..9).collect(), 3);
     r.n = 3;
-    e.add_request(r, Box::new(tx)).unwrap();
+    e.submit(r, Box::new(tx)).unwrap();
     while e.step() {}
     let events: Vec<_> = rx.try_iter().collect();
     let finished: Vec<usize> = events
@@ -341,7 +338,7 @@ fn separately(prompt: &[u32], max_tokens: usize, n: usize, seed: u64) -> Vec<Vec
                 1,
                 seed.wrapping_add(i * 0x9E37_79B9),
             );
-            e.add_request(r, Box::new(tx)).unwrap();
+            e.submit(r, Box::new(tx)).unwrap();
             while e.step() {}
             tokens_by_sample(&rx, 1).remove(0)
         })
@@ -356,7 +353,7 @@ fn forked_samples_draw_what_separate_requests_with_their_seeds_draw() {
         let prompt: Vec<u32> = (0..prompt_len).map(|t| t * 7 % 64).collect();
         let mut e = engine_with(64, true);
         let (tx, rx) = mpsc::channel();
-        e.add_request(sampled(prompt.clone(), 12, 4, 99), Box::new(tx))
+        e.submit(sampled(prompt.clone(), 12, 4, 99), Box::new(tx))
             .unwrap();
         while e.step() {}
         let forked = tokens_by_sample(&rx, 4);
@@ -383,7 +380,7 @@ fn preempted_forks_recompute_and_draw_the_same_tokens() {
     let prompt: Vec<u32> = (0..10).map(|t| t * 5 % 64).collect();
     let mut e = engine_with(8, true);
     let (tx, rx) = mpsc::channel();
-    e.add_request(sampled(prompt.clone(), 10, 3, 5), Box::new(tx))
+    e.submit(sampled(prompt.clone(), 10, 3, 5), Box::new(tx))
         .unwrap();
     while e.step() {}
     assert!(
@@ -402,7 +399,7 @@ fn aborting_or_dropping_a_forked_request_frees_everything() {
         let (tx, rx) = mpsc::channel();
         // 20 prompt tokens take two steps with a budget of 16: step 1 is before the fork.
         let id = e
-            .add_request(sampled((0..20).collect(), 10, 3, 1), Box::new(tx))
+            .submit(sampled((0..20).collect(), 10, 3, 1), Box::new(tx))
             .unwrap();
         for _ in 0..steps {
             e.step();
@@ -424,9 +421,7 @@ fn aborting_or_dropping_a_forked_request_frees_everything() {
 fn aborting_frees_blocks_and_unknown_requests_are_rejected_with_a_message() {
     let mut e = engine(8);
     let (tx, rx) = mpsc::channel();
-    let id = e
-        .add_request(greedy(vec![1, 2, 3], 20), Box::new(tx))
-        .unwrap();
+    let id = e.submit(greedy(vec![1, 2, 3], 20), Box::new(tx)).unwrap();
     e.step();
     assert!(e.stats().kv_usage > 0.0);
     e.abort(id);
@@ -436,9 +431,7 @@ fn aborting_frees_blocks_and_unknown_requests_are_rejected_with_a_message() {
     drop(rx);
 
     let (tx, rx) = mpsc::channel();
-    let err = e
-        .add_request(greedy(vec![1; 40], 1), Box::new(tx))
-        .unwrap_err();
+    let err = e.submit(greedy(vec![1; 40], 1), Box::new(tx)).unwrap_err();
     assert!(err.to_string().contains("could never complete"), "{err}");
     assert!(matches!(rx.try_recv(), Ok(RequestEvent::Failed(_))));
 }
@@ -461,9 +454,9 @@ fn scheduled_is_reported_once_when_a_request_first_runs() {
     let (tx_a, rx_a) = mpsc::channel();
     let mut a = greedy((0..16).collect(), 3);
     a.n = 2;
-    e.add_request(a, Box::new(tx_a)).unwrap();
+    e.submit(a, Box::new(tx_a)).unwrap();
     let (tx_b, rx_b) = mpsc::channel();
-    e.add_request(greedy(vec![1, 2, 3, 4], 3), Box::new(tx_b))
+    e.submit(greedy(vec![1, 2, 3, 4], 3), Box::new(tx_b))
         .unwrap();
 
     e.step();
@@ -512,7 +505,7 @@ fn scheduled_is_not_repeated_after_a_preemption() {
         .map(|i| {
             let (tx, rx) = mpsc::channel();
             let prompt = (i * 10..i * 10 + 8).collect();
-            e.add_request(greedy(prompt, 8), Box::new(tx)).unwrap();
+            e.submit(greedy(prompt, 8), Box::new(tx)).unwrap();
             rx
         })
         .collect();

@@ -24,8 +24,7 @@
 //! 64-byte load for the attention kernel and block copies stay one contiguous run.
 
 use half::f16;
-use minserve_core::block_manager::BlockCopy;
-use minserve_core::CacheGeometry;
+use minserve_core::{BlockCopy, CacheGeometry};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};

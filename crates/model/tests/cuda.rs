@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
-use minserve_core::engine::{Engine, EngineConfig, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::{Engine, EngineConfig, Request, RequestEvent};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{
     synthetic, CacheOptions, DeviceChoice, DeviceOptions, LlamaModel, ModelConfig, Runner,
@@ -289,7 +289,7 @@ fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
             .into_iter()
             .map(|r| {
                 let (tx, rx) = mpsc::channel();
-                engine.add_request(r, Box::new(tx)).unwrap();
+                engine.submit(r, Box::new(tx)).unwrap();
                 rx
             })
             .collect();

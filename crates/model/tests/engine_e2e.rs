@@ -7,9 +7,9 @@ use std::io::Write;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use minserve_core::engine::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_model::{load_model, CacheOptions, ModelRunner};
 use minserve_tokenizer::Tokenizer;
 
@@ -60,7 +60,7 @@ fn generate(engine: &mut Engine<ModelRunner>, requests: Vec<Request>) -> Vec<Out
         .into_iter()
         .map(|r| {
             let (tx, rx) = mpsc::channel();
-            engine.add_request(r, Box::new(tx)).expect("accepted");
+            engine.submit(r, Box::new(tx)).expect("accepted");
             rx
         })
         .collect();
@@ -200,7 +200,7 @@ fn forked_samples_equal_separate_requests_and_compute_the_prompt_once() {
     let (tx, rx) = mpsc::channel();
     forked
         .engine
-        .add_request(sampled(n as usize, seed), Box::new(tx))
+        .submit(sampled(n as usize, seed), Box::new(tx))
         .unwrap();
     while forked.engine.step() {}
     assert_eq!(outputs(&rx), separately);
@@ -311,9 +311,7 @@ fn dropping_the_receiver_aborts_and_frees_blocks() {
         .encode("Tell me a long story about dragons.", false)
         .unwrap();
     let (tx, rx) = mpsc::channel();
-    s.engine
-        .add_request(greedy(prompt, 200), Box::new(tx))
-        .unwrap();
+    s.engine.submit(greedy(prompt, 200), Box::new(tx)).unwrap();
     s.engine.step();
     s.engine.step();
     assert!(s.engine.stats().kv_usage > 0.0);
@@ -329,12 +327,12 @@ fn impossible_requests_are_rejected_up_front() {
     let (tx, _rx) = mpsc::channel();
     let err = s
         .engine
-        .add_request(greedy(vec![100; 10], 1000), Box::new(tx.clone()))
+        .submit(greedy(vec![100; 10], 1000), Box::new(tx.clone()))
         .unwrap_err();
     assert!(err.to_string().contains("could never complete"), "{err}");
     let err = s
         .engine
-        .add_request(greedy(vec![100; 9000], 1), Box::new(tx))
+        .submit(greedy(vec![100; 9000], 1), Box::new(tx))
         .unwrap_err();
     assert!(
         err.to_string().contains("maximum context length is 8192"),

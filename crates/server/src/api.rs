@@ -10,8 +10,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use minserve_core::engine::Request;
 use minserve_core::sampling::{SamplingParams, MAX_LOGPROBS};
+use minserve_core::Request;
 use minserve_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
 

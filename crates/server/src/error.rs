@@ -2,7 +2,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use minserve_core::engine::RequestError;
+use minserve_core::RequestError;
 
 /// An error answered to the client.
 #[derive(Debug, Clone)]

@@ -14,8 +14,8 @@ use std::time::Instant;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use minserve_core::engine::{
-    EventSink, FinishReason, Request, RequestError, RequestEvent, RequestId,
+use minserve_core::{
+    EventSink, FinishReason, Request, RequestError, RequestEvent, RequestId, ValidatedRequest,
 };
 use minserve_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
@@ -219,16 +219,18 @@ pub(crate) fn submit(
             }
         })
         .collect();
-    let limits = model.engine.limits();
-    for r in &requests {
-        limits.check(r).map_err(|e| {
-            let mut err = ApiError::from_request_error(&e, prompt_param);
-            if common.max_tokens.is_some() && matches!(e, RequestError::NeverFits { .. }) {
-                err.param = Some(common.max_tokens_param.to_string());
-            }
-            err
-        })?;
-    }
+    let requests = requests
+        .into_iter()
+        .map(|r| {
+            model.engine.validate(r).map_err(|e| {
+                let mut err = ApiError::from_request_error(&e, prompt_param);
+                if common.max_tokens.is_some() && matches!(e, RequestError::NeverFits { .. }) {
+                    err.param = Some(common.max_tokens_param.to_string());
+                }
+                err
+            })
+        })
+        .collect::<Result<Vec<ValidatedRequest>, ApiError>>()?;
 
     // Back-pressure: sequences beyond the running batch's capacity wait; too many -> 429.
     let num_seqs = num_prompt_seqs;
@@ -251,13 +253,9 @@ pub(crate) fn submit(
             prompt: i,
             tx: tx.clone(),
         };
-        match model.engine.add_request(request, Box::new(sink)) {
-            Ok(id) => guard.ids.push(id),
-            Err(e) => {
-                guard.status = 400;
-                return Err(ApiError::from_request_error(&e, prompt_param));
-            }
-        }
+        guard
+            .ids
+            .push(model.engine.add_request(request, Box::new(sink)));
     }
     Ok(Submitted { rx, guard })
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use minserve_core::engine::{EventSink, Request, RequestEvent};
 use minserve_core::sampling::{Rng, SamplingParams};
+use minserve_core::{EventSink, Request, RequestEvent};
 
 use crate::engine_args::{build_engine, EngineArgs};
 
@@ -102,7 +102,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
             ..SamplingParams::default()
         };
         engine
-            .add_request(request, Box::new(CountingSink(generated.clone())))
+            .submit(request, Box::new(CountingSink(generated.clone())))
             .map_err(|e| anyhow::anyhow!("request {i} rejected: {e}"))?;
     }
 

@@ -5,8 +5,7 @@
 use candle_core::cuda::cudarc::driver::result;
 use candle_core::cuda::WrapErr;
 use candle_core::{DType, Device, Tensor};
-use minserve_core::block_manager::BlockCopy;
-use minserve_core::CacheGeometry;
+use minserve_core::{BlockCopy, CacheGeometry};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
