@@ -1,10 +1,7 @@
 //! `minserve`: a small, real LLM inference server.
 
 mod bench;
-mod bench_chart;
-mod bench_serve;
-mod bench_stats;
-mod bench_sweep;
+mod engine_args;
 mod export;
 mod fetch;
 mod generate;

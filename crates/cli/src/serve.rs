@@ -12,7 +12,7 @@ use minserve_core::engine_thread::EngineHandle;
 use minserve_model::{CacheOptions, DeviceOptions, LoadedModel, Runner};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 
-use crate::bench::EngineArgs;
+use crate::engine_args::EngineArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {

@@ -2,27 +2,15 @@
 //! benchmark_throughput): seeded random prompts, all submitted at once, `ignore_eos`, timed
 //! from the first step to the last token.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::Args;
 use minserve_core::sampling::{Rng, SamplingParams};
-use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use minserve_core::{Engine, EngineConfig, EventSink, Request, RequestEvent};
-use minserve_model::{CacheOptions, DeviceOptions, KvDtype, Runner};
+use minserve_core::{EventSink, Request, RequestEvent};
 
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Offline throughput: N random prompts submitted at once to the engine.
-    Throughput(ThroughputArgs),
-    /// Streaming load against any OpenAI-compatible server: TTFT, TPOT, ITL, throughput.
-    Serve(crate::bench_serve::ServeBenchArgs),
-    /// `bench serve` at rising concurrency: a markdown table, JSON and a chart.
-    Sweep(crate::bench_sweep::SweepArgs),
-}
+use crate::engine_args::{build_engine, EngineArgs};
 
 #[derive(Args)]
 pub struct ThroughputArgs {
@@ -52,90 +40,8 @@ pub struct ThroughputArgs {
     json: bool,
 }
 
-/// Engine settings shared by every command that runs the engine.
-#[derive(Args, Clone)]
-pub struct EngineArgs {
-    /// Sequences per step at most.
-    #[arg(long, default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Tokens per step at most (prompt chunks and decode tokens together).
-    #[arg(long, default_value_t = 512)]
-    pub max_num_batched_tokens: usize,
-    /// KV cache size in MiB [default: 1024 on the CPU; on a GPU the cache takes what
-    /// --gpu-memory-utilization leaves].
-    #[arg(long)]
-    pub kv_cache_mib: Option<usize>,
-    /// On a GPU, the fraction of its memory minserve may use in all (weights, activations,
-    /// KV cache), as vLLM's option of the same name; ignored when a cache size is given.
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f64,
-    /// Number format of the cached keys and values: `f16` (half the memory and bandwidth of
-    /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
-    #[arg(long, default_value = "f16")]
-    pub kv_cache_dtype: KvDtype,
-    /// Tokens per KV cache block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// Turn automatic prefix caching off.
-    #[arg(long)]
-    pub no_prefix_caching: bool,
-    /// `fcfs`, or `priority` (lower value first).
-    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
-    pub scheduling_policy: String,
-    /// Write one JSON line per engine step to this file.
-    #[arg(long)]
-    pub trace_file: Option<PathBuf>,
-}
-
-impl EngineArgs {
-    pub fn cache_options(&self) -> CacheOptions {
-        CacheOptions {
-            block_size: self.block_size,
-            memory_bytes: self.kv_cache_mib.unwrap_or(1024) << 20,
-            dtype: self.kv_cache_dtype,
-        }
-    }
-
-    /// Where the model runs; `sized` says whether the command was given a cache size.
-    pub fn device_options(
-        &self,
-        weights: &crate::model_source::WeightsArgs,
-        sized: bool,
-    ) -> anyhow::Result<DeviceOptions> {
-        Ok(DeviceOptions {
-            device: weights.device()?,
-            dtype: weights.dtype,
-            gpu_memory_utilization: (!sized).then_some(self.gpu_memory_utilization),
-            max_step_tokens: self.max_num_batched_tokens,
-        })
-    }
-
-    pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
-        EngineConfig {
-            scheduler: SchedulerConfig {
-                max_num_batched_tokens: self.max_num_batched_tokens,
-                max_num_seqs: self.max_num_seqs,
-                policy: match self.scheduling_policy.as_str() {
-                    "priority" => SchedulingPolicy::Priority,
-                    _ => SchedulingPolicy::Fcfs,
-                },
-            },
-            prefix_caching: !self.no_prefix_caching,
-            max_model_len,
-        }
-    }
-}
-
-pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Throughput(args) => throughput(args),
-        BenchCommand::Serve(args) => crate::bench_serve::run(args),
-        BenchCommand::Sweep(args) => crate::bench_sweep::run(args),
-    }
-}
-
 /// `a / b`, or 0 when there is nothing to divide (a run without decode-only steps).
-fn per(a: f64, b: f64) -> f64 {
+fn ratio_or_zero(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
     } else {
@@ -158,25 +64,21 @@ impl EventSink for CountingSink {
     }
 }
 
-fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
+pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let loaded = crate::model_source::load(&args.model, &args.weights)?;
     let max_model_len = loaded.model.config().max_position_embeddings;
     let vocab = loaded.model.config().vocab_size as u64;
-    let eos = loaded.tokenizer.eos_token_ids().to_vec();
     let device = args
         .engine
         .device_options(&args.weights, args.engine.kv_cache_mib.is_some())?;
-    let runner = Runner::new(loaded.model, args.engine.cache_options(), device)?;
-    let mut engine = Engine::new(
-        runner,
+    let mut engine = build_engine(
+        loaded,
+        args.engine.cache_options(),
+        device,
         args.engine.engine_config(max_model_len),
-        Arc::new(loaded.tokenizer),
-        eos,
-    );
-    if let Some(file) = &args.engine.trace_file {
-        let out =
-            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
-        engine.set_trace(Box::new(std::io::BufWriter::new(out)));
+    )?;
+    if let Some(trace) = args.engine.trace_writer()? {
+        engine.set_trace(trace);
     }
 
     // Token ids from the upper part of the vocabulary: real words, never special tokens.
@@ -210,9 +112,10 @@ fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     let stats = engine.stats();
     let output_tokens = generated.load(Ordering::Relaxed);
     let decode_steps = stats.decode_steps as f64;
-    let mean_decode_batch = per(stats.decode_step_tokens as f64, decode_steps);
-    let decode_step_ms = per(stats.decode_step_seconds * 1e3, decode_steps);
-    let decode_tokens_per_s = per(stats.decode_step_tokens as f64, stats.decode_step_seconds);
+    let mean_decode_batch = ratio_or_zero(stats.decode_step_tokens as f64, decode_steps);
+    let decode_step_ms = ratio_or_zero(stats.decode_step_seconds * 1e3, decode_steps);
+    let decode_tokens_per_s =
+        ratio_or_zero(stats.decode_step_tokens as f64, stats.decode_step_seconds);
     let report = serde_json::json!({
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,

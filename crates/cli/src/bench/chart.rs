@@ -9,13 +9,13 @@ use anyhow::Context;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::bench_serve::Report;
+use super::serve::ServingReport;
 
 const SIZE: (u32, u32) = (1200, 520);
 
 /// Printable ASCII of DejaVu Sans (see assets/fonts/README.md): the PNG needs glyphs, and an
 /// embedded font avoids both system fonts and a font library.
-static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-ascii.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-ascii.ttf");
 
 /// One concurrency level of a sweep, as plotted.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +28,7 @@ pub struct ChartPoint {
 
 impl ChartPoint {
     /// `None` for a level with nothing to plot (every request failed or made one token).
-    pub fn of(report: &Report) -> Option<Self> {
+    pub fn of(report: &ServingReport) -> Option<Self> {
         Some(Self {
             concurrency: report.concurrency?,
             output_throughput: report.output_throughput,

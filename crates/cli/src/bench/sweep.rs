@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::bench_chart::{self, ChartPoint};
-use crate::bench_serve::{write_json, Bench, Load, Report, WorkloadArgs};
+use super::chart::{self, ChartPoint};
+use super::serve::{write_json, LoadPattern, ServingBenchmark, ServingReport, WorkloadArgs};
 
 #[derive(Args)]
 pub struct SweepArgs {
@@ -40,7 +40,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let (reports, title) = runtime.block_on(async {
-        let bench = Bench::new(args.workload).await?;
+        let bench = ServingBenchmark::new(args.workload).await?;
         let mut reports = Vec::new();
         let mut first_prompt = 0;
         for &c in &args.concurrencies {
@@ -49,7 +49,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
                 .max(1);
             let prompts = bench.prompts(first_prompt, n)?;
             first_prompt += n;
-            let report = bench.run(&prompts, Load::Concurrency(c)).await;
+            let report = bench.run(&prompts, LoadPattern::Concurrency(c)).await;
             eprintln!(
                 "minserve: concurrency {c:>3}: {n} requests, {:.1} output tok/s, {} failed",
                 report.output_throughput, report.failed
@@ -65,7 +65,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     std::fs::write(&md_path, &markdown)
         .with_context(|| format!("writing {}", md_path.display()))?;
     let points: Vec<ChartPoint> = reports.iter().filter_map(ChartPoint::of).collect();
-    bench_chart::draw(
+    chart::draw(
         &title,
         &points,
         &args.out.join("sweep.svg"),
@@ -80,7 +80,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
 }
 
 /// One line that says what was measured.
-fn title(bench: &Bench) -> String {
+fn title(bench: &ServingBenchmark) -> String {
     let args = bench.args();
     let prompts = match &args.dataset {
         Some(path) => format!("prompts from {}", path.display()),
@@ -99,7 +99,7 @@ fn title(bench: &Bench) -> String {
     )
 }
 
-fn markdown(title: &str, reports: &[Report]) -> String {
+fn markdown(title: &str, reports: &[ServingReport]) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     let base = reports.first().map_or(0.0, |r| r.output_throughput);
     let mut out = format!("# Serving sweep\n\n{title}.\n\n");

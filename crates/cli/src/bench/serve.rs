@@ -20,7 +20,7 @@ use minserve_tokenizer::Tokenizer;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bench_stats::{tpot_ms, Slo, Summary};
+use super::stats::{tpot_ms, Slo, Summary};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,16 +132,16 @@ fn positive_rate(s: &str) -> Result<f64, String> {
 
 /// How requests are released.
 #[derive(Clone, Copy, Debug)]
-pub enum Load {
+pub enum LoadPattern {
     Concurrency(usize),
     RequestRate(f64),
 }
 
-impl std::fmt::Display for Load {
+impl std::fmt::Display for LoadPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Load::Concurrency(c) => write!(f, "concurrency {c}"),
-            Load::RequestRate(r) => write!(f, "{r} requests/s (Poisson)"),
+            LoadPattern::Concurrency(c) => write!(f, "concurrency {c}"),
+            LoadPattern::RequestRate(r) => write!(f, "{r} requests/s (Poisson)"),
         }
     }
 }
@@ -156,7 +156,7 @@ pub struct Prompt {
 }
 
 /// A connection to a server with its workload, ready to run at any load.
-pub struct Bench {
+pub struct ServingBenchmark {
     args: WorkloadArgs,
     client: reqwest::Client,
     root: String,
@@ -170,7 +170,7 @@ pub struct Bench {
 /// What the report keeps of the error messages: the first few different ones.
 const MAX_ERRORS: usize = 5;
 
-impl Bench {
+impl ServingBenchmark {
     pub async fn new(args: WorkloadArgs) -> anyhow::Result<Self> {
         let tokenizer = crate::model_source::load_tokenizer(&args.tokenizer)?;
         let mut client = reqwest::Client::builder()
@@ -245,7 +245,7 @@ impl Bench {
             .collect()
     }
 
-    fn body(&self, prompt: &Prompt) -> Value {
+    fn request_body(&self, prompt: &Prompt) -> Value {
         let mut body = json!({
             "model": self.model,
             "max_tokens": prompt.output_len,
@@ -265,16 +265,16 @@ impl Bench {
 
     /// Sends every prompt at `load` and measures. Failed requests are counted and reported,
     /// never an error of the benchmark itself.
-    pub async fn run(&self, prompts: &[Prompt], load: Load) -> Report {
+    pub async fn run(&self, prompts: &[Prompt], load: LoadPattern) -> ServingReport {
         let url = format!("{}{}", self.root, self.args.endpoint.path());
-        let bodies: Vec<Value> = prompts.iter().map(|p| self.body(p)).collect();
+        let bodies: Vec<Value> = prompts.iter().map(|p| self.request_body(p)).collect();
         let send = |i: usize| {
             let (url, body) = (&url, &bodies[i]);
             async move { (i, self.send(url, body).await) }
         };
         let start = Instant::now();
-        let mut outcomes: Vec<(usize, Outcome)> = match load {
-            Load::Concurrency(c) => {
+        let mut outcomes: Vec<(usize, RequestOutcome)> = match load {
+            LoadPattern::Concurrency(c) => {
                 let next = AtomicUsize::new(0);
                 let worker = || async {
                     let mut done = Vec::new();
@@ -292,7 +292,7 @@ impl Bench {
                     .flatten()
                     .collect()
             }
-            Load::RequestRate(rate) => {
+            LoadPattern::RequestRate(rate) => {
                 // Exponential gaps make a Poisson process; the first request goes at once.
                 let mut rng = Rng::new(self.args.seed ^ 0xA5A5_A5A5_A5A5_A5A5);
                 let mut at = 0.0;
@@ -319,7 +319,7 @@ impl Bench {
         )
     }
 
-    async fn send(&self, url: &str, body: &Value) -> Outcome {
+    async fn send(&self, url: &str, body: &Value) -> RequestOutcome {
         let start = Instant::now();
         let mut reader = StreamReader::new(self.args.endpoint);
         let result = async {
@@ -338,7 +338,7 @@ impl Bench {
             bail!("the stream ended before `data: [DONE]`")
         }
         .await;
-        Outcome {
+        RequestOutcome {
             error: result.err().map(|e| format!("{e:#}")),
             latency: start.elapsed().as_secs_f64(),
             text_times: reader.text_times,
@@ -349,11 +349,11 @@ impl Bench {
     fn report(
         &self,
         prompts: &[Prompt],
-        load: Load,
-        outcomes: impl Iterator<Item = Outcome>,
+        load: LoadPattern,
+        outcomes: impl Iterator<Item = RequestOutcome>,
         duration_s: f64,
-    ) -> Report {
-        let mut report = Report {
+    ) -> ServingReport {
+        let mut report = ServingReport {
             base_url: self.root.clone(),
             model: self.model.clone(),
             endpoint: self.args.endpoint,
@@ -384,8 +384,8 @@ impl Bench {
             goodput: None,
         };
         match load {
-            Load::Concurrency(c) => report.concurrency = Some(c),
-            Load::RequestRate(r) => report.request_rate = Some(r),
+            LoadPattern::Concurrency(c) => report.concurrency = Some(c),
+            LoadPattern::RequestRate(r) => report.request_rate = Some(r),
         }
         let (mut ttfts, mut tpots, mut itls, mut e2els) = (vec![], vec![], vec![], vec![]);
         let mut good = 0;
@@ -433,7 +433,7 @@ impl Bench {
 }
 
 /// One request as the client saw it.
-struct Outcome {
+struct RequestOutcome {
     error: Option<String>,
     /// Seconds from sending to the end of the stream (or the failure).
     latency: f64,
@@ -445,7 +445,7 @@ struct Outcome {
 
 /// Everything `bench serve` measured; latencies in milliseconds, throughputs per second.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub struct ServingReport {
     pub base_url: String,
     pub model: String,
     pub endpoint: Endpoint,
@@ -480,11 +480,11 @@ pub struct Report {
     pub goodput: Option<f64>,
 }
 
-impl Report {
+impl ServingReport {
     pub fn print(&self) {
         let load = match (self.concurrency, self.request_rate) {
-            (Some(c), _) => Load::Concurrency(c).to_string(),
-            (_, Some(r)) => Load::RequestRate(r).to_string(),
+            (Some(c), _) => LoadPattern::Concurrency(c).to_string(),
+            (_, Some(r)) => LoadPattern::RequestRate(r).to_string(),
             _ => String::new(),
         };
         println!("============ Serving Benchmark Result ============");
@@ -579,12 +579,12 @@ impl StreamReader {
             }
             let event: Value = serde_json::from_str(data)
                 .with_context(|| format!("an event that is not JSON: {data}"))?;
-            self.event(&event, at)?;
+            self.take_event(&event, at)?;
         }
         Ok(false)
     }
 
-    fn event(&mut self, event: &Value, at: f64) -> anyhow::Result<()> {
+    fn take_event(&mut self, event: &Value, at: f64) -> anyhow::Result<()> {
         if let Some(error) = event.get("error") {
             bail!("error in the stream: {}", message_of(error));
         }
@@ -728,11 +728,11 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let bench = Bench::new(args.workload).await?;
+        let bench = ServingBenchmark::new(args.workload).await?;
         let prompts = bench.prompts(0, args.num_prompts)?;
         let load = match (args.concurrency, args.request_rate) {
-            (Some(c), _) => Load::Concurrency(c),
-            (None, Some(r)) => Load::RequestRate(r),
+            (Some(c), _) => LoadPattern::Concurrency(c),
+            (None, Some(r)) => LoadPattern::RequestRate(r),
             (None, None) => unreachable!("clap requires one of them"),
         };
         eprintln!(

@@ -1,0 +1,30 @@
+//! `minserve bench`: the offline throughput of the engine in this process
+//! ([`throughput`]), and load against any OpenAI-compatible server over HTTP ([`serve`], one
+//! load; [`sweep`], rising concurrency drawn by [`chart`]), with the statistics both report
+//! ([`stats`]).
+
+pub mod chart;
+pub mod serve;
+pub mod stats;
+pub mod sweep;
+pub mod throughput;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Offline throughput: N random prompts submitted at once to the engine.
+    Throughput(throughput::ThroughputArgs),
+    /// Streaming load against any OpenAI-compatible server: TTFT, TPOT, ITL, throughput.
+    Serve(serve::ServeBenchArgs),
+    /// `bench serve` at rising concurrency: a markdown table, JSON and a chart.
+    Sweep(sweep::SweepArgs),
+}
+
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Throughput(args) => throughput::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
+        BenchCommand::Sweep(args) => sweep::run(args),
+    }
+}

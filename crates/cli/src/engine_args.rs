@@ -1,0 +1,118 @@
+//! The engine as the commands run it: the flags that `serve` and `bench throughput` share
+//! ([`EngineArgs`]), what they become (the model runner's [`CacheOptions`] and
+//! [`DeviceOptions`], the engine's [`EngineConfig`], a step trace file), and
+//! [`build_engine`], which puts a loaded model behind a runner and an engine for the commands
+//! that step the engine on their own thread (`generate`, `bench throughput`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::{Engine, EngineConfig};
+use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LoadedModel, Runner};
+
+use crate::model_source::WeightsArgs;
+
+/// Engine settings shared by every command that runs the engine.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Sequences per step at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens per step at most (prompt chunks and decode tokens together).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// KV cache size in MiB [default: 1024 on the CPU; on a GPU the cache takes what
+    /// --gpu-memory-utilization leaves].
+    #[arg(long)]
+    pub kv_cache_mib: Option<usize>,
+    /// On a GPU, the fraction of its memory minserve may use in all (weights, activations,
+    /// KV cache), as vLLM's option of the same name; ignored when a cache size is given.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Number format of the cached keys and values: `f16` (half the memory and bandwidth of
+    /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: KvDtype,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Turn automatic prefix caching off.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// `fcfs`, or `priority` (lower value first).
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    pub scheduling_policy: String,
+    /// Write one JSON line per engine step to this file.
+    #[arg(long)]
+    pub trace_file: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    /// The KV cache: 1 GiB unless --kv-cache-mib says otherwise (on a GPU without a size,
+    /// [`device_options`](Self::device_options) lets the runner size it instead).
+    pub fn cache_options(&self) -> CacheOptions {
+        CacheOptions {
+            block_size: self.block_size,
+            memory_bytes: self.kv_cache_mib.unwrap_or(1024) << 20,
+            dtype: self.kv_cache_dtype,
+        }
+    }
+
+    /// Where the model runs; `sized` says whether the command was given a cache size.
+    pub fn device_options(
+        &self,
+        weights: &WeightsArgs,
+        sized: bool,
+    ) -> anyhow::Result<DeviceOptions> {
+        Ok(DeviceOptions {
+            device: weights.device()?,
+            dtype: weights.dtype,
+            gpu_memory_utilization: (!sized).then_some(self.gpu_memory_utilization),
+            max_step_tokens: self.max_num_batched_tokens,
+        })
+    }
+
+    /// The scheduler's budget and policy; `max_model_len` is the model's context length.
+    pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+                policy: match self.scheduling_policy.as_str() {
+                    "priority" => SchedulingPolicy::Priority,
+                    _ => SchedulingPolicy::Fcfs,
+                },
+            },
+            prefix_caching: !self.no_prefix_caching,
+            max_model_len,
+        }
+    }
+
+    /// The --trace-file to hand to [`Engine::set_trace`], created (truncated) now, if one was
+    /// given.
+    pub fn trace_writer(&self) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
+        let Some(file) = &self.trace_file else {
+            return Ok(None);
+        };
+        let out =
+            std::fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+        Ok(Some(Box::new(std::io::BufWriter::new(out))))
+    }
+}
+
+/// A loaded model on its device, with its KV cache, driven by an engine configured by
+/// `config`; the model's tokenizer detokenizes the output and names the EOS ids.
+pub fn build_engine(
+    loaded: LoadedModel,
+    cache: CacheOptions,
+    device: DeviceOptions,
+    config: EngineConfig,
+) -> anyhow::Result<Engine<Runner>> {
+    let eos = loaded.tokenizer.eos_token_ids().to_vec();
+    let runner = Runner::new(loaded.model, cache, device)?;
+    Ok(Engine::new(runner, config, Arc::new(loaded.tokenizer), eos))
+}
