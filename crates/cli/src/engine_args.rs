@@ -12,7 +12,8 @@ use anyhow::Context;
 use clap::Args;
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
 use minserve_core::{Engine, EngineConfig};
-use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LoadedModel, Runner};
+use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LlamaModel, Runner};
+use minserve_tokenizer::Tokenizer;
 
 use crate::model_source::WeightsArgs;
 
@@ -105,14 +106,16 @@ impl EngineArgs {
 }
 
 /// A loaded model on its device, with its KV cache, driven by an engine configured by
-/// `config`; the model's tokenizer detokenizes the output and names the EOS ids.
+/// `config`; `tokenizer` (the model's, shared so that a server can tokenize with it too)
+/// detokenizes the output and names the EOS ids.
 pub fn build_engine(
-    loaded: LoadedModel,
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
     cache: CacheOptions,
     device: DeviceOptions,
     config: EngineConfig,
 ) -> anyhow::Result<Engine<Runner>> {
-    let eos = loaded.tokenizer.eos_token_ids().to_vec();
-    let runner = Runner::new(loaded.model, cache, device)?;
-    Ok(Engine::new(runner, config, Arc::new(loaded.tokenizer), eos))
+    let eos = tokenizer.eos_token_ids().to_vec();
+    let runner = Runner::new(model, cache, device)?;
+    Ok(Engine::new(runner, config, tokenizer, eos))
 }

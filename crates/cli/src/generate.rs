@@ -12,6 +12,7 @@
 
 use std::io::Write;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
@@ -92,7 +93,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         prefix_caching: false,
         max_model_len,
     };
-    let mut engine = build_engine(loaded, cache, device, config)?;
+    let mut engine = build_engine(
+        loaded.model,
+        Arc::new(loaded.tokenizer),
+        cache,
+        device,
+        config,
+    )?;
 
     let mut request = Request::new(prompt.clone(), args.max_tokens);
     request.params = SamplingParams {

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::engine_thread::EngineHandle;
-use minserve_model::{CacheOptions, DeviceOptions, LoadedModel, Runner};
+use minserve_core::EngineConfig;
+use minserve_model::{CacheOptions, DeviceOptions, LoadedModel};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 
-use crate::engine_args::EngineArgs;
+use crate::engine_args::{build_engine, EngineArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -97,8 +97,8 @@ fn parse_memory(text: &str) -> Result<usize, String> {
     Ok(bytes as usize)
 }
 
-/// Wires a loaded model up for the server: the model on a runner, the runner in an engine, the
-/// engine on its own thread; the server gets the engine's handle and the tokenizer.
+/// Wires a loaded model up for the server: the engine (built as every command builds it) on
+/// its own thread; the server gets the engine's handle and the tokenizer.
 fn start_engine(
     loaded: LoadedModel,
     cache: CacheOptions,
@@ -107,9 +107,7 @@ fn start_engine(
     trace: Option<Box<dyn std::io::Write + Send>>,
 ) -> anyhow::Result<ServedModel> {
     let tokenizer = Arc::new(loaded.tokenizer);
-    let eos = tokenizer.eos_token_ids().to_vec();
-    let runner = Runner::new(loaded.model, cache, device)?;
-    let mut engine = Engine::new(runner, config, tokenizer.clone(), eos);
+    let mut engine = build_engine(loaded.model, tokenizer.clone(), cache, device, config)?;
     if let Some(trace) = trace {
         engine.set_trace(trace);
     }
@@ -161,14 +159,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let device = args.engine.device_options(&args.weights, sized)?;
     let loading = minserve_server::spawn_load(state.clone(), move || {
         let loaded = crate::model_source::load(&model, &weights)?;
-        let trace = match &engine.trace_file {
-            Some(file) => {
-                let out = std::fs::File::create(file)
-                    .with_context(|| format!("creating {}", file.display()))?;
-                Some(Box::new(std::io::BufWriter::new(out)) as Box<dyn std::io::Write + Send>)
-            }
-            None => None,
-        };
+        let trace = engine.trace_writer()?;
         let config = engine.engine_config(loaded.model.config().max_position_embeddings);
         start_engine(loaded, cache, device, config, trace)
     });

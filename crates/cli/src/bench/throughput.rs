@@ -72,7 +72,8 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         .engine
         .device_options(&args.weights, args.engine.kv_cache_mib.is_some())?;
     let mut engine = build_engine(
-        loaded,
+        loaded.model,
+        Arc::new(loaded.tokenizer),
         args.engine.cache_options(),
         device,
         args.engine.engine_config(max_model_len),
