@@ -37,8 +37,11 @@ use crate::kv_cache::{KvElement, KvLayout, KvPool, LayerKv};
 use crate::math::exp_minus_max;
 use crate::pool::DisjointWriter;
 
+mod query_group;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use query_group::QueryGroup;
 
 /// New tokens per work item: enough query rows to reuse each loaded key block from L1, few
 /// enough that a long prompt chunk still splits into many items for the thread pool.
@@ -129,26 +132,6 @@ impl Kernel {
         }
         let _ = (head_dim, block_size);
         Kernel::Portable
-    }
-}
-
-/// The query heads of one token that share a KV head (grouped-query attention): they see the
-/// same keys, so a kernel reads each key and value once for all of them.
-pub struct QueryGroup<'a> {
-    /// `num_rows * head_dim` values, one query head after the other.
-    pub queries: &'a [f32],
-    pub head_dim: usize,
-    /// Keys visible to the token: positions `0..context`.
-    pub context: usize,
-    /// (first key, offset in the pool) of each block, covering at least `context` keys.
-    pub runs: &'a [(usize, usize)],
-    pub block_size: usize,
-    pub scale: f32,
-}
-
-impl QueryGroup<'_> {
-    pub fn num_rows(&self) -> usize {
-        self.queries.len() / self.head_dim
     }
 }
 

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::QueryGroup;
+use super::query_group::QueryGroup;
 use crate::kv_cache::{KvElement, KvPool, LayerKv};
 use crate::math::exp_minus_max;
 
