@@ -6,15 +6,23 @@
 //! contents duplicated (copy-on-write, below), it records the copy and the model performs it.
 //!
 //! * **Reference counts.** A block is used by as many sequences as have it in their block
-//!   table. A block whose count drops to zero joins the free queue.
+//!   table. A block whose count drops to zero becomes free.
 //! * **Automatic prefix caching.** Once a block is full its content is fixed, so it is
 //!   registered under a hash of its tokens chained with its parent block's hash: equal hashes
 //!   mean equal prefixes up to and including that block. A new sequence reuses the registered
 //!   blocks of its longest cached prefix instead of computing them again (tokens are compared
 //!   too, so a hash collision can never serve wrong K/V).
 //! * **LRU eviction.** Freed blocks keep their content and registration while they wait in the
-//!   free queue, so a later request can still hit them. A fresh block is always taken from the
-//!   front of the queue, the block freed longest ago, and loses its registration then.
+//!   free queue, so a later request can still hit them. When a fresh block is needed and no
+//!   block without a cached prefix is free, it is taken from the front of the queue, the
+//!   block freed longest ago, which loses its registration then.
+//! * **Most recently freed first, for blocks without a cached prefix.** A free block that holds
+//!   no registered prefix (a partial block, a block of a failed step, any block with prefix
+//!   caching off) has nothing worth keeping: these are reused before any cached block is
+//!   evicted, the one freed last first. The same few blocks then serve request after request,
+//!   so the pages of the KV pool that are ever touched stay few (the pool is allocated up front
+//!   but the operating system only backs the pages written), and a server's memory stays near
+//!   what its peak load needed instead of creeping up to the whole pool.
 //! * **Forking and copy-on-write (vLLM v0).** The `n` samples of one request share their whole
 //!   prompt: once the first sample has computed it, [`fork`](BlockManager::fork) gives each
 //!   other sample the same block table, the last, partial block included. Full blocks are never
@@ -26,7 +34,11 @@
 //!   last sample to write finds the block its own and writes in place.
 //! * **Shared blocks are never written.** Whatever shares a block (a cached prefix, a fork),
 //!   no step writes into a block whose reference count is above one
-//!   ([`check_step`](BlockManager::check_step)).
+//!   ([`check_step`](BlockManager::check_step)), with one exception: a block handed out fresh
+//!   in this step and filled by it is registered at once, so a sequence admitted later in the
+//!   same step (the same prompt twice in one batch) may already adopt it as a cached prefix.
+//!   That is sound: the adopter only reads it, and the model writes every K/V of a step before
+//!   its attention reads any.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -49,8 +61,17 @@ struct Block {
     hash: Option<BlockHash>,
     /// The tokens whose K/V the block holds, kept to verify prefix-cache hits.
     tokens: Vec<u32>,
-    /// Position in the free queue while `ref_count == 0`.
-    free_since: Option<u64>,
+    /// Where the block waits while `ref_count == 0`.
+    free: Option<FreeList>,
+}
+
+/// The two lists a free block waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FreeList {
+    /// Holds a cached prefix: in the LRU queue, at this position.
+    Cached(u64),
+    /// Holds nothing worth keeping: on the stack of blocks reused most recently freed first.
+    Uncached,
 }
 
 /// A cached prefix found for a sequence: blocks to reuse, in order.
@@ -72,8 +93,11 @@ pub struct PrefixCacheStats {
 pub struct BlockManager {
     block_size: usize,
     blocks: Vec<Block>,
-    /// Free blocks by the time they were freed: the first is the least recently used.
+    /// Free blocks holding a cached prefix, by the time they were freed: the first is the least
+    /// recently used.
     free_queue: BTreeMap<u64, u32>,
+    /// Free blocks holding no cached prefix; the last was freed most recently.
+    free_uncached: Vec<u32>,
     next_tick: u64,
     /// Registered full blocks by content hash.
     cached: HashMap<BlockHash, u32>,
@@ -81,6 +105,11 @@ pub struct BlockManager {
     stats: PrefixCacheStats,
     /// Copy-on-write copies made since the scheduler last took them, in the order made.
     pending_copies: Vec<BlockCopy>,
+    /// Blocks handed out since the scheduler last took the copies, and those of the step it
+    /// took them for: the blocks [`check_step`](Self::check_step) lets others share while the
+    /// step writes them (see the module documentation).
+    fresh_blocks: Vec<u32>,
+    step_fresh_blocks: Vec<u32>,
 }
 
 impl BlockManager {
@@ -90,13 +119,17 @@ impl BlockManager {
             block_size,
             blocks: vec![Block::default(); num_blocks],
             free_queue: BTreeMap::new(),
+            free_uncached: Vec::with_capacity(num_blocks),
             next_tick: 0,
             cached: HashMap::new(),
             prefix_caching,
             stats: PrefixCacheStats::default(),
             pending_copies: Vec::new(),
+            fresh_blocks: Vec::new(),
+            step_fresh_blocks: Vec::new(),
         };
-        for id in 0..num_blocks as u32 {
+        // Block 0 on top: a fresh pool hands its blocks out in order.
+        for id in (0..num_blocks as u32).rev() {
             manager.push_free(id);
         }
         manager
@@ -112,20 +145,17 @@ impl BlockManager {
 
     /// Blocks a new allocation can take (including cached blocks nobody uses).
     pub fn num_free_blocks(&self) -> usize {
-        self.free_queue.len()
+        self.free_queue.len() + self.free_uncached.len()
     }
 
     /// Free blocks that still hold a registered prefix.
     pub fn num_cached_free_blocks(&self) -> usize {
-        self.free_queue
-            .values()
-            .filter(|&&id| self.blocks[id as usize].hash.is_some())
-            .count()
+        self.free_queue.len()
     }
 
     /// Fraction of blocks held by live sequences (cached but unused blocks count as free).
     pub fn usage(&self) -> f64 {
-        let used = self.blocks.len() - self.free_queue.len();
+        let used = self.blocks.len() - self.num_free_blocks();
         used as f64 / self.blocks.len().max(1) as f64
     }
 
@@ -204,7 +234,7 @@ impl BlockManager {
             .iter()
             .filter(|&&id| self.blocks[id as usize].ref_count == 0)
             .count();
-        if needed + to_copy > self.free_queue.len() - reused_free {
+        if needed + to_copy > self.num_free_blocks() - reused_free {
             return false;
         }
 
@@ -263,8 +293,11 @@ impl BlockManager {
 
     /// The block copies that copy-on-write recorded since the last call, in the order they
     /// must be performed: a block freed after being copied from can be reused, as the
-    /// destination of a later copy, within the same step.
+    /// destination of a later copy, within the same step. Called once per scheduled step, it
+    /// also ends the step for [`check_step`](Self::check_step).
     pub fn take_block_copies(&mut self) -> Vec<BlockCopy> {
+        std::mem::swap(&mut self.step_fresh_blocks, &mut self.fresh_blocks);
+        self.fresh_blocks.clear();
         std::mem::take(&mut self.pending_copies)
     }
 
@@ -342,21 +375,33 @@ impl BlockManager {
 
     fn acquire(&mut self, id: u32) {
         let block = &mut self.blocks[id as usize];
-        if let Some(tick) = block.free_since.take() {
-            self.free_queue.remove(&tick);
+        match block.free.take() {
+            Some(FreeList::Cached(tick)) => {
+                self.free_queue.remove(&tick);
+            }
+            // Only cached blocks are adopted, so this is never searched in practice.
+            Some(FreeList::Uncached) => self.free_uncached.retain(|&b| b != id),
+            None => {}
         }
         block.ref_count += 1;
     }
 
-    /// Takes the least recently freed block, evicting whatever prefix it still held.
+    /// Takes the most recently freed block that holds no cached prefix, or else the least
+    /// recently freed cached one, evicting its prefix.
     fn take_fresh_block(&mut self) -> u32 {
-        let (_, id) = self
-            .free_queue
-            .pop_first()
-            .expect("allocate_slots checked that enough blocks are free");
-        self.blocks[id as usize].free_since = None;
+        let id = match self.free_uncached.pop() {
+            Some(id) => id,
+            None => {
+                self.free_queue
+                    .pop_first()
+                    .expect("allocate_slots checked that enough blocks are free")
+                    .1
+            }
+        };
+        self.blocks[id as usize].free = None;
         self.unregister(id);
         self.blocks[id as usize].ref_count = 1;
+        self.fresh_blocks.push(id);
         id
     }
 
@@ -371,9 +416,15 @@ impl BlockManager {
     }
 
     fn push_free(&mut self, id: u32) {
-        self.free_queue.insert(self.next_tick, id);
-        self.blocks[id as usize].free_since = Some(self.next_tick);
-        self.next_tick += 1;
+        let block = &mut self.blocks[id as usize];
+        if block.hash.is_some() {
+            self.free_queue.insert(self.next_tick, id);
+            block.free = Some(FreeList::Cached(self.next_tick));
+            self.next_tick += 1;
+        } else {
+            self.free_uncached.push(id);
+            block.free = Some(FreeList::Uncached);
+        }
     }
 
     /// Checks every invariant of the bookkeeping against the live sequences; for tests.
@@ -405,16 +456,25 @@ impl BlockManager {
         let (mut used, mut free, mut cached) = (0, 0, 0);
         for (id, block) in self.blocks.iter().enumerate() {
             assert_eq!(block.ref_count, refs[id], "block {id}: reference count");
-            match (block.free_since, block.ref_count) {
+            match (block.free, block.ref_count) {
                 (None, r) if r > 0 => used += 1,
-                (Some(tick), 0) => {
+                (Some(FreeList::Cached(tick)), 0) => {
                     assert_eq!(self.free_queue.get(&tick), Some(&(id as u32)));
-                    match block.hash {
-                        Some(_) => cached += 1,
-                        None => free += 1,
-                    }
+                    assert!(block.hash.is_some(), "block {id}: cached without a prefix");
+                    cached += 1;
                 }
-                _ => panic!("block {id}: in the free queue exactly when unused"),
+                (Some(FreeList::Uncached), 0) => {
+                    assert!(
+                        self.free_uncached.contains(&(id as u32)),
+                        "block {id}: missing from the free stack"
+                    );
+                    assert!(
+                        block.hash.is_none(),
+                        "block {id}: a prefix on the free stack"
+                    );
+                    free += 1;
+                }
+                _ => panic!("block {id}: free exactly when unused"),
             }
             if let Some(hash) = block.hash {
                 assert_eq!(
@@ -429,7 +489,8 @@ impl BlockManager {
                 );
             }
         }
-        assert_eq!(self.free_queue.len(), free + cached, "free queue length");
+        assert_eq!(self.free_queue.len(), cached, "free queue length");
+        assert_eq!(self.free_uncached.len(), free, "free stack length");
         assert_eq!(
             free + used + cached,
             self.blocks.len(),
@@ -445,11 +506,16 @@ impl BlockManager {
     }
 
     /// Checks that a scheduled step writes no shared block: neither the slots of its new
-    /// tokens nor the destinations of its copies lie in a block anyone else uses. Run by the
-    /// scheduler in debug builds.
+    /// tokens nor the destinations of its copies lie in a block anyone else uses, but for
+    /// blocks the step itself fills first (adopted in the same step as a cached prefix; see the
+    /// module documentation). Run by the scheduler in debug builds, after
+    /// [`take_block_copies`](Self::take_block_copies).
     pub fn check_step(&self, batch: &StepBatch) {
         for &slot in &batch.slot_mapping {
             let id = slot as usize / self.block_size;
+            if self.step_fresh_blocks.contains(&(id as u32)) {
+                continue;
+            }
             assert_eq!(
                 self.blocks[id].ref_count, 1,
                 "the step writes slot {slot} of block {id}, which is not private"
@@ -484,6 +550,36 @@ mod tests {
         bm.free(&mut s);
         assert_eq!(bm.num_free_blocks(), 4);
         bm.check_invariants([]);
+    }
+
+    #[test]
+    fn blocks_without_a_cached_prefix_are_reused_most_recently_freed_first() {
+        // Nothing is cached: the same two blocks serve one sequence after another, and the
+        // rest of the pool is never touched.
+        let mut bm = BlockManager::new(8, 4, false);
+        for id in 1..=5 {
+            let mut s = seq(id, &[id as u32; 6]);
+            assert!(bm.allocate_slots(&mut s, 6, None));
+            assert_eq!(s.block_table, [0, 1], "sequence {id}");
+            bm.check_invariants([&s]);
+            bm.free(&mut s);
+        }
+        // A cached prefix is kept while blocks holding nothing can be taken instead.
+        let mut bm = BlockManager::new(4, 4, true);
+        let mut a = seq(1, &[1, 2, 3, 4, 5]);
+        assert!(bm.allocate_slots(&mut a, 5, None));
+        let (full, partial) = (a.block_table[0], a.block_table[1]);
+        bm.free(&mut a);
+        let mut b = seq(2, &[9; 8]);
+        assert!(bm.allocate_slots(&mut b, 8, None));
+        assert_eq!(
+            b.block_table[0], partial,
+            "the freed partial block is reused first"
+        );
+        assert!(!b.block_table.contains(&full));
+        bm.check_invariants([&b]);
+        let a_again = seq(3, &[1, 2, 3, 4, 5]);
+        assert_eq!(bm.find_cached_prefix(&a_again).blocks, [full]);
     }
 
     #[test]

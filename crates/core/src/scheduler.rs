@@ -432,6 +432,24 @@ mod tests {
         step
     }
 
+    /// Found by the HTTP fuzzer (`crates/server/tests/reliability.rs`): the same prompt twice
+    /// in one step. The second adopts the block the first fills in that step as a cached
+    /// prefix; the step may write that block although it is shared (debug builds used to fail
+    /// `check_step` here, killing the engine thread).
+    #[test]
+    fn the_same_prompt_twice_in_one_step_shares_the_block_it_fills() {
+        let mut s = Scheduler::new(config(512, 8), BlockManager::new(16, 16, true));
+        let prompt: Vec<u32> = (0..26).collect();
+        s.add_samples(vec![Sequence::new(1, prompt.clone(), 0, 1)]);
+        s.add_samples(vec![Sequence::new(2, prompt, 0, 2)]);
+        let step = run_step(&mut s);
+        assert_eq!(step.seqs.len(), 2);
+        assert_eq!(step.seqs[1].num_cached_tokens, 16);
+        let (a, b) = (s.get(1).unwrap(), s.get(2).unwrap());
+        assert_eq!(a.block_table[0], b.block_table[0]);
+        run_step(&mut s);
+    }
+
     fn samples(first_id: SeqId, n: u64, prompt_len: usize) -> Vec<Sequence> {
         (first_id..first_id + n)
             .map(|id| Sequence::new(id, vec![0; prompt_len], 0, id))
