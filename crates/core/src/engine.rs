@@ -206,6 +206,9 @@ impl<E: ModelExecutor> Engine<E> {
             .seed
             .unwrap_or_else(|| request_id.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let first_seq = self.next_seq_id + 1;
+        // One output state cloned for every sample: the request's stop strings are shared, not
+        // copied n times.
+        let new_output = self.output.new_sample(&request);
         let mut samples = Vec::with_capacity(request.n);
         for index in 0..request.n {
             self.next_seq_id += 1;
@@ -225,7 +228,7 @@ impl<E: ModelExecutor> Engine<E> {
                     // Each sample draws from its own stream, derived from the request's seed,
                     // so that results never depend on what else shares the batch.
                     rng: Rng::new(base_seed.wrapping_add(index as u64 * 0x9E37_79B9)),
-                    output: self.output.new_sample(&request),
+                    output: new_output.clone(),
                 },
             );
         }

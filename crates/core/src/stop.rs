@@ -10,6 +10,8 @@
 //! string, sends everything before it, and either releases the tail once it can no longer match
 //! or drops it when the stop string completes. The client never sees any part of a stop string.
 
+use std::sync::Arc;
+
 /// What [`StopStrings::push`] decided about a piece of text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StopOutcome {
@@ -30,9 +32,12 @@ pub struct StopOutcome {
 /// follow regardless of how the text was split, because generation must stop as soon as any
 /// stop string is complete. E.g. with `["abcd", "bc"]`, the text `"abcd"` stops at `"bc"` and
 /// emits `"a"`.
+///
+/// The stop strings themselves are shared: cloning a matcher (one per sample of a request with
+/// `n` samples) copies only its own progress, never the strings.
 #[derive(Debug, Clone, Default)]
 pub struct StopStrings {
-    stops: Vec<String>,
+    stops: Arc<[String]>,
     /// Text received but not yet emitted: always a possible beginning of some stop string.
     pending: String,
     /// Index into `stops` of the stop string that ended generation.
