@@ -28,7 +28,8 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the chosen one is printed).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Model id clients send as `model` (default: the --model argument).
+    /// Model id clients send as `model` (default: the --model argument; for a GGUF file, its
+    /// name without the directory and the `.gguf` extension).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Require `Authorization: Bearer KEY` on every route but /health, /metrics, /openapi.json.
@@ -49,9 +50,36 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may take to finish after SIGINT / SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Web origins whose pages may call the API from a browser (CORS), comma-separated
+    /// (`https://app.example.com,http://localhost:3000`), or `*` for any. Default: none, and no
+    /// CORS headers are sent.
+    #[arg(long, value_delimiter = ',', value_parser = parse_origin)]
+    allowed_origins: Vec<String>,
+    /// When the engine thread fails, load the model again and carry on (the failure is
+    /// counted in minserve_engine_restarts_total) instead of draining and exiting non-zero.
+    /// A --trace-file starts over with the new engine.
+    #[arg(long)]
+    restart_engine: bool,
 }
 
 impl ServeArgs {
+    /// The model id clients send: --served-model-name, else the --model argument, with a GGUF
+    /// file named by its stem (`/models/llama-3.2-1b.Q4_K_M.gguf` is `llama-3.2-1b.Q4_K_M`)
+    /// rather than by its whole path.
+    fn served_model_name(&self) -> String {
+        if let Some(name) = &self.served_model_name {
+            return name.clone();
+        }
+        let path = std::path::Path::new(&self.model);
+        let is_gguf = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        match path.file_stem().and_then(|s| s.to_str()) {
+            Some(stem) if is_gguf && !stem.is_empty() => stem.to_string(),
+            _ => self.model.clone(),
+        }
+    }
+
     fn cache_options(&self) -> CacheOptions {
         let mut options = self.engine.cache_options();
         if let Some(bytes) = self.kv_cache_memory {
@@ -97,6 +125,25 @@ fn parse_memory(text: &str) -> Result<usize, String> {
     Ok(bytes as usize)
 }
 
+/// A web origin as browsers send it in `Origin` (`scheme://host[:port]`, no path), or `*`.
+fn parse_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    let valid = origin == "*"
+        || origin.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty()
+                && !host.is_empty()
+                && !host.contains('/')
+                && origin.bytes().all(|b| b.is_ascii_graphic())
+        });
+    if !valid {
+        return Err(format!(
+            "`{text}` is not an origin: write it as scheme://host[:port] \
+             (https://app.example.com), or `*` for any"
+        ));
+    }
+    Ok(origin.to_string())
+}
+
 /// Wires a loaded model up for the server: the engine (built as every command builds it) on
 /// its own thread; the server gets the engine's handle and the tokenizer.
 fn start_engine(
@@ -132,14 +179,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServerOptions {
-        served_model_name: args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| args.model.clone()),
+        served_model_name: args.served_model_name(),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        allowed_origins: args.allowed_origins.clone(),
+        ..ServerOptions::default()
     };
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -157,12 +203,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cache = args.cache_options();
     let sized = args.kv_cache_memory.is_some() || args.engine.kv_cache_mib.is_some();
     let device = args.engine.device_options(&args.weights, sized)?;
-    let loading = minserve_server::spawn_load(state.clone(), move || {
+    let build = Arc::new(move || {
         let loaded = crate::model_source::load(&model, &weights)?;
         let trace = engine.trace_writer()?;
         let config = engine.engine_config(loaded.model.config().max_position_embeddings);
         start_engine(loaded, cache, device, config, trace)
     });
+    if args.restart_engine {
+        let rebuild = build.clone();
+        state.set_engine_rebuild(move || rebuild());
+    }
+    let loading = minserve_server::spawn_load(state.clone(), move || build());
     tokio::spawn(async move {
         match loading.await {
             Ok(Ok(())) => eprintln!("minserve: model ready"),
@@ -197,6 +248,40 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    #[test]
+    fn a_gguf_file_is_served_under_its_stem() {
+        let name = |args: &[&str]| parse(args).unwrap().served_model_name();
+        assert_eq!(
+            name(&["--model", "/models/q/llama-3.2-1b.Q4_K_M.gguf"]),
+            "llama-3.2-1b.Q4_K_M"
+        );
+        assert_eq!(name(&["--model", "relative/Tiny.GGUF"]), "Tiny");
+        assert_eq!(name(&["--model", "smollm2-135m"]), "smollm2-135m");
+        assert_eq!(name(&["--model", "/models/hf-folder"]), "/models/hf-folder");
+        assert_eq!(
+            name(&["--model", "/m/x.gguf", "--served-model-name", "mine"]),
+            "mine"
+        );
+    }
+
+    #[test]
+    fn allowed_origins_are_origins_or_a_star() {
+        let origins = |args: &[&str]| parse(args).map(|a| a.allowed_origins);
+        assert_eq!(origins(&[]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            origins(&[
+                "--allowed-origins",
+                "https://a.example,http://localhost:3000"
+            ])
+            .unwrap(),
+            ["https://a.example", "http://localhost:3000"]
+        );
+        assert_eq!(origins(&["--allowed-origins", "*"]).unwrap(), ["*"]);
+        for bad in ["a.example", "https://a.example/path", "https://", "://x"] {
+            assert!(origins(&["--allowed-origins", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Back-pressure: a request's sequences beyond the running batch's capacity wait in the
 //! engine's queue, and when the queue would grow past `--max-queue` the request is refused
-//! with 429 and `Retry-After` instead of queued.
+//! with 429 and `Retry-After` instead of queued. A request with more sequences than the batch
+//! and the queue hold together would be refused even by an idle server: retrying cannot help,
+//! so it gets a 400 that says so instead.
 //!
 //! The count of sequences admitted but not yet answered lives in
 //! [`AppState::inflight_seqs`]: a [`QueueSlots`] holds a request's share of it and gives it
@@ -27,12 +29,27 @@ impl Drop for QueueSlots {
 }
 
 /// Admits `num_seqs` more sequences, or refuses them with 429 (counted in
-/// `minserve_request_rejected_total`) when more than `max_queue` would be waiting.
+/// `minserve_request_rejected_total`) when more than `max_queue` would be waiting, or with 400
+/// when they could never be admitted.
 pub(crate) fn admit(
     state: &Arc<AppState>,
     model: &ServedModel,
     num_seqs: usize,
 ) -> Result<QueueSlots, ApiError> {
+    let max_queue = state.options.max_queue;
+    let most_admissible = model.max_num_seqs + max_queue;
+    if num_seqs > most_admissible {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "this request asks for {num_seqs} sequences (prompts times `n`), but the server \
+                 runs at most {} at once and queues at most {max_queue} more (--max-queue), so \
+                 it could never be admitted; ask for at most {most_admissible}",
+                model.max_num_seqs
+            ),
+        )
+        .code("never_admissible"));
+    }
     let before = state.inflight_seqs.fetch_add(num_seqs, Ordering::SeqCst);
     // From here the slots are given back on drop, whatever happens.
     let slots = QueueSlots {
@@ -44,9 +61,9 @@ pub(crate) fn admit(
         .stats()
         .num_waiting
         .max((before + num_seqs).saturating_sub(model.max_num_seqs));
-    if waiting > state.options.max_queue {
+    if waiting > max_queue {
         state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::queue_full(waiting, state.options.max_queue));
+        return Err(ApiError::queue_full(waiting, max_queue));
     }
     Ok(slots)
 }

@@ -48,6 +48,16 @@ impl ApiError {
         self
     }
 
+    /// 413: the body is over `--max-body-bytes`.
+    pub fn body_too_large(max_body_bytes: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("The request body is larger than the limit of {max_body_bytes} bytes."),
+        )
+        .code("request_too_large")
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -105,9 +115,51 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).code("internal_error")
     }
 
-    /// The engine thread stopped while a request was still running.
-    pub fn engine_gone() -> Self {
-        Self::internal("the engine stopped before the request finished")
+    /// The shutdown timeout ended a request that was still running.
+    pub fn cut_off_at_shutdown() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "The server shut down before this request finished (its shutdown timeout was \
+             reached); the output so far is incomplete.",
+        )
+        .code("shutdown_timeout")
+    }
+
+    /// The client read its stream so slowly that the server stopped buffering for it.
+    pub fn client_too_slow(buffered_per_sequence: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The response was read too slowly: {buffered_per_sequence} events per sequence \
+                 were waiting to be sent, the most the server keeps, so the request was \
+                 aborted. Read the stream as it arrives."
+            ),
+        )
+        .code("client_too_slow")
+    }
+
+    /// The engine thread stopped while a request was still running; `reason` is why, when
+    /// known.
+    pub fn engine_gone(reason: Option<&str>) -> Self {
+        let message = match reason {
+            Some(reason) => format!("The engine failed before the request finished: {reason}"),
+            None => "The engine stopped before the request finished.".to_string(),
+        };
+        Self::internal(message).code("engine_failed")
+    }
+
+    /// 503 for a request that arrives while the engine is down.
+    pub fn engine_unavailable(reason: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("The engine failed and cannot take requests: {reason}"),
+        )
+        .code("engine_failed");
+        e.retry_after = Some(1);
+        e
     }
 
     /// The shape used for an error both as a body and as an SSE event.

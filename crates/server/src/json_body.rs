@@ -43,12 +43,7 @@ impl JsonBody {
     ) -> Result<Self, ApiError> {
         let bytes = body.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    format!("The request body is larger than the limit of {max_body_bytes} bytes."),
-                )
-                .code("request_too_large")
+                ApiError::body_too_large(max_body_bytes)
             } else {
                 ApiError::bad_request(format!("Could not read the request body: {rejection}"))
             }

@@ -1,9 +1,11 @@
 //! minserve's OpenAI-compatible HTTP API: axum on tokio, in front of the engine thread.
 //!
 //! ```text
-//! socket -> middleware.rs (API key, JSON errors, log, in-flight count)
-//!        -> routes/chat.rs | routes/completions.rs: read the body
-//!             json_body.rs (shape, types), params.rs (GenerationParams), prompt.rs (token ids)
+//! socket -> middleware.rs (API key, JSON errors, CORS, log, in-flight count),
+//!           body_limit.rs (the body read whole, within its limit)
+//!        -> routes/chat.rs | routes/completions.rs: read the body, on cpu_work.rs's threads
+//!             json_body.rs (shape, types), params.rs (GenerationParams, limits.rs),
+//!             prompt.rs (token ids)
 //!        -> submit.rs: complete engine requests, validated once by the engine handle,
 //!             admission.rs (429 when the queue is full), EngineHandle::add_request(request, sink)
 //!        -> engine thread --RequestEvent--> tokio channel
@@ -11,19 +13,26 @@
 //!        -> stream.rs (SSE chunks) | collect.rs (one JSON body)
 //! ```
 //!
-//! Each request's events come back over its own unbounded channel. When the client goes away
-//! the response future or stream is dropped with the channel's receiver, the sink reports
+//! Each request's events come back over its own bounded channel, which the engine thread never
+//! waits on (a client too slow to keep up is aborted, see `submit.rs`). When the client goes
+//! away the response future or stream is dropped with the channel's receiver, the sink reports
 //! itself closed, and the engine aborts the request before its next step.
+//!
+//! A failed engine thread is watched for (`supervision.rs`): `/health` turns 503, and the
+//! engine is rebuilt or [`serve`] drains and returns the failure.
 //!
 //! The server knows no model files or tensors: it serves a [`ServedModel`] (an engine handle
 //! and a tokenizer) that the caller wired up. It loads in the background: `GET /health` (and
 //! every model route) answers 503 until [`AppState::set_model`] is called.
 
 mod admission;
+mod body_limit;
 mod choices;
 mod collect;
+mod cpu_work;
 mod error;
 mod json_body;
+mod limits;
 mod metrics;
 mod middleware;
 mod options;
@@ -34,13 +43,15 @@ mod routes;
 mod state;
 mod stream;
 mod submit;
+mod supervision;
 mod telemetry;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
+use axum::handler::Handler;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
 pub use error::{ApiError, RequestFieldNames};
@@ -58,18 +69,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi::openapi))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{model}", get(models::get_model))
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
+        .route("/v1/completions", json_post(completions::completions))
+        .route("/v1/chat/completions", json_post(chat::chat_completions))
+        .route("/tokenize", json_post(tokenize::tokenize))
+        .route("/detokenize", json_post(tokenize::detokenize))
         .fallback(|| async { ApiError::for_status(StatusCode::NOT_FOUND) })
         .with_state(state)
 }
 
-/// Wraps `routes` in the layers every route gets (see `middleware.rs`): body limit, API key,
-/// panic -> 500, OpenAI errors for bare statuses, and the request log.
+/// A POST route whose body is JSON: any other content type is a 415 (see
+/// `middleware::require_json_content_type`). Other methods still get 405.
+fn json_post<H, T>(handler: H) -> MethodRouter<Arc<AppState>>
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    post(handler).route_layer(axum::middleware::from_fn(
+        middleware::require_json_content_type,
+    ))
+}
+
+/// Wraps `routes` in the layers every route gets (see `middleware.rs`): API key, panic -> 500,
+/// OpenAI errors for bare statuses, CORS when origins are allowed, the body read whole within
+/// its limit (`body_limit.rs`), and the request log.
 pub fn with_layers(routes: Router, state: Arc<AppState>) -> Router {
-    routes
+    let routes = routes
         .layer(axum::extract::DefaultBodyLimit::max(
             state.options.max_body_bytes,
         ))
@@ -82,9 +106,18 @@ pub fn with_layers(routes: Router, state: Arc<AppState>) -> Router {
         ))
         .layer(axum::middleware::from_fn(middleware::json_errors))
         .layer(axum::middleware::from_fn_with_state(
-            state,
-            middleware::log_and_count_requests,
-        ))
+            state.clone(),
+            body_limit::read_body_within_limit,
+        ));
+    // Outside the API key check: a browser's preflight carries no credentials.
+    let routes = match middleware::cors(&state.options.allowed_origins) {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes.layer(axum::middleware::from_fn_with_state(
+        state,
+        middleware::log_and_count_requests,
+    ))
 }
 
 /// The whole application: [`router`] inside [`with_layers`].
@@ -93,7 +126,11 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` completes; then stops accepting, lets
-/// in-flight requests finish for up to `shutdown_timeout`, and returns.
+/// in-flight requests finish for up to `shutdown_timeout`, ends those still running with an
+/// error (an SSE error event, or a 503 for a response not started), and returns.
+///
+/// If the engine fails and cannot be rebuilt (see `supervision.rs`), it shuts down the same
+/// way and returns the failure as an error.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -102,8 +139,22 @@ pub async fn serve(
     let app = app(state.clone());
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let flag = state.clone();
+    let (engine_failed_tx, mut engine_failed) = tokio::sync::oneshot::channel();
+    let installer = state.clone();
+    let supervisor = supervision::supervise(state.engine_watch.clone(), move |model| {
+        installer.set_model(model)
+    });
     let graceful = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            reason = supervisor => {
+                tracing::error!(
+                    target: "minserve_server",
+                    "the engine is down and will not be rebuilt; draining, then exiting"
+                );
+                let _ = engine_failed_tx.send(reason);
+            }
+        }
         flag.begin_shutdown();
         tracing::info!(
             target: "minserve_server",
@@ -116,23 +167,37 @@ pub async fn serve(
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(graceful)
         .into_future();
+    tokio::pin!(server);
     let timeout = state.options.shutdown_timeout;
     let deadline = async move {
         let _ = rx.wait_for(|&stop| stop).await;
         tokio::time::sleep(timeout).await;
     };
-    tokio::select! {
-        result = server => result,
+    let result = tokio::select! {
+        result = &mut server => result,
         _ = deadline => {
             tracing::warn!(
                 target: "minserve_server",
-                "shutdown timeout reached with {} requests still in flight; dropping them",
+                "shutdown timeout reached with {} requests still in flight; ending them with \
+                 an error",
                 state.inflight_requests()
             );
-            Ok(())
+            state.cut_off_responses();
+            // The cut responses end at once with their error; a client that does not read it
+            // is not waited for long.
+            tokio::time::timeout(CUT_OFF_GRACE, server)
+                .await
+                .unwrap_or(Ok(()))
         }
+    };
+    match engine_failed.try_recv() {
+        Ok(reason) => Err(std::io::Error::other(reason)),
+        Err(_) => result,
     }
 }
+
+/// How long responses cut off at the shutdown timeout get to send their error and end.
+const CUT_OFF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {

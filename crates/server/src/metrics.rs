@@ -62,6 +62,36 @@ impl Histogram {
     }
 }
 
+/// Why the server ended a generation before it finished (its client going away is counted
+/// apart, in `minserve_request_aborted_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// The shutdown timeout was reached while it ran.
+    ShutdownTimeout,
+    /// Its client read the stream so slowly that the events waiting for it reached the
+    /// per-request cap (see `submit.rs`).
+    ClientTooSlow,
+    /// The engine stopped (its thread failed) before it finished.
+    EngineFailed,
+}
+
+impl Interruption {
+    const ALL: [Interruption; 3] = [
+        Interruption::ShutdownTimeout,
+        Interruption::ClientTooSlow,
+        Interruption::EngineFailed,
+    ];
+
+    /// The `reason` label of `minserve_request_interrupted_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Interruption::ShutdownTimeout => "shutdown_timeout",
+            Interruption::ClientTooSlow => "client_too_slow",
+            Interruption::EngineFailed => "engine_failed",
+        }
+    }
+}
+
 pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub time_per_output_token: Histogram,
@@ -71,6 +101,8 @@ pub struct Metrics {
     pub success_length: AtomicU64,
     pub aborted: AtomicU64,
     pub rejected: AtomicU64,
+    /// Per [`Interruption`], in the order of `Interruption::ALL`.
+    interrupted: [AtomicU64; 3],
 }
 
 impl Default for Metrics {
@@ -101,6 +133,7 @@ impl Default for Metrics {
             success_length: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            interrupted: Default::default(),
         }
     }
 }
@@ -112,6 +145,13 @@ fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
 }
 
 impl Metrics {
+    pub(crate) fn count_interruption(&self, reason: Interruption) {
+        let i = Interruption::ALL.iter().position(|&r| r == reason);
+        if let Some(counter) = i.and_then(|i| self.interrupted.get(i)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The whole page; `stats` is `None` while the model loads.
     pub fn render(&self, stats: Option<EngineStats>) -> String {
         let s = stats.unwrap_or_default();
@@ -190,6 +230,19 @@ impl Metrics {
             "Requests answered 429 because the waiting queue was full.",
             self.rejected.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP minserve_request_interrupted_total Requests the server ended before they \
+             finished, by reason.\n# TYPE minserve_request_interrupted_total counter"
+        );
+        for (reason, counter) in Interruption::ALL.iter().zip(&self.interrupted) {
+            let _ = writeln!(
+                out,
+                "minserve_request_interrupted_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                counter.load(Ordering::Relaxed)
+            );
+        }
         for h in [
             &self.time_to_first_token,
             &self.time_per_output_token,

@@ -1,6 +1,6 @@
 //! The layers around every route: the API key check, a JSON body for every error, the
 //! request log, and the in-flight count that shutdown waits on. [`with_layers`](crate::with_layers)
-//! stacks them.
+//! stacks them. The routes that take a JSON body also get [`require_json_content_type`].
 //!
 //! A request is logged once. Most are logged here when the handler returns; a generation
 //! request whose response carries [`LoggedByHandler`] writes its own line when it ends, since
@@ -8,14 +8,15 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -35,6 +36,15 @@ fn keys_match(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header. The scheme is matched in any
+/// case (RFC 7235: `bearer` and `BEARER` are the same scheme).
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// 401 unless the request carries `Authorization: Bearer <key>` (when the server has a key).
 pub(crate) async fn require_api_key(
     State(state): State<Arc<AppState>>,
@@ -46,8 +56,7 @@ pub(crate) async fn require_api_key(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         if !is_public_route(request.uri().path())
             && !given.is_some_and(|g| keys_match(g.as_bytes(), key.as_bytes()))
         {
@@ -55,6 +64,69 @@ pub(crate) async fn require_api_key(
         }
     }
     next.run(request).await
+}
+
+/// 415 unless the body is declared `application/json`. Besides telling a client that sent the
+/// wrong thing, this keeps web pages from driving the API: a cross-origin POST with any other
+/// content type (`text/plain`, a form, none) is a "simple" request that browsers send without
+/// asking the server first (no CORS preflight), while `application/json` needs the preflight,
+/// which only origins allowed by `--allowed-origins` pass.
+pub(crate) async fn require_json_content_type(request: Request, next: Next) -> Response {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !content_type.is_some_and(is_json_media_type) {
+        let got = match content_type {
+            Some(t) => format!("`{t}`"),
+            None => "none".to_string(),
+        };
+        return ApiError::new(
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!(
+                "The request body must be JSON, sent with `Content-Type: application/json` \
+                 (got {got})."
+            ),
+        )
+        .code("unsupported_media_type")
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// The CORS layer for `allowed_origins` (see [`ServerOptions::allowed_origins`]); `None` when
+/// no origin is allowed, so that no CORS header is ever sent. Origins that are not valid header
+/// values are skipped (the CLI refuses them before).
+///
+/// [`ServerOptions::allowed_origins`]: crate::ServerOptions::allowed_origins
+pub(crate) fn cors(allowed_origins: &[String]) -> Option<CorsLayer> {
+    if allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// `application/json`, in any case, with or without parameters (`; charset=utf-8`).
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
 }
 
 /// The 500 answered for a handler that panicked; the other requests carry on.

@@ -17,6 +17,16 @@ pub struct ServerOptions {
     pub max_body_bytes: usize,
     /// After SIGINT / SIGTERM, how long in-flight requests may take to finish.
     pub shutdown_timeout: Duration,
+    /// Web origins (`https://app.example.com`, or `*` for any) whose pages may call the API
+    /// from a browser (CORS). Empty, the default: no CORS headers at all, so browsers keep
+    /// every other origin's scripts out.
+    pub allowed_origins: Vec<String>,
+    /// Most requests parsed, tokenized or serialized at once, on threads apart from those that
+    /// answer HTTP (see `cpu_work.rs`); more wait their turn. Default: the number of CPUs.
+    pub cpu_work_threads: usize,
+    /// Most events (tokens) buffered per sequence for a client that reads its stream slower
+    /// than they are generated; past it the request is aborted (`client_too_slow`).
+    pub max_buffered_events: usize,
 }
 
 impl Default for ServerOptions {
@@ -27,6 +37,9 @@ impl Default for ServerOptions {
             max_queue: 256,
             max_body_bytes: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
+            cpu_work_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_buffered_events: 1024,
         }
     }
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type, JsonBody};
+use crate::limits::MAX_SEQUENCES_PER_REQUEST;
 
 /// A prompt as the client gave it: its tokens, and its text when it came as text.
 pub(crate) struct Prompt {
@@ -45,6 +46,18 @@ pub(crate) fn completion_prompts(
         Some(Value::String(s)) => vec![encode(s)?],
         Some(Value::Array(items)) if items.is_empty() => {
             return Err(ApiError::invalid("prompt", "`prompt` must not be empty"))
+        }
+        // Each prompt is at least one sequence: refused before any of them is tokenized.
+        Some(Value::Array(items))
+            if items.len() > MAX_SEQUENCES_PER_REQUEST && !items[0].is_number() =>
+        {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "`prompt` may hold at most {MAX_SEQUENCES_PER_REQUEST} prompts, got {}",
+                    items.len()
+                ),
+            ))
         }
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items

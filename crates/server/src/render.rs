@@ -67,6 +67,10 @@ impl ResponseRenderer {
         }
     }
 
+    pub fn wants_logprobs(&self) -> bool {
+        self.wants_logprobs
+    }
+
     pub fn include_usage(&self) -> bool {
         self.include_usage
     }

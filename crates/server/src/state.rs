@@ -2,20 +2,22 @@
 //! flag, the metrics and the in-flight counters.
 //!
 //! The model arrives after the server is already listening ([`spawn_load`] publishes it with
-//! [`AppState::set_model`]); until then, and again once shutdown has begun, every model route
-//! answers 503. The server knows no tensors: a [`ServedModel`] is an engine handle and a
+//! [`AppState::set_model`]); until then, after its engine failed, and once shutdown has begun,
+//! every model route answers 503. The server knows no tensors: a [`ServedModel`] is an engine handle and a
 //! tokenizer, wired up by whoever loaded the model (the CLI, or a test).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use minserve_core::engine_thread::EngineHandle;
 use minserve_tokenizer::Tokenizer;
 
+use crate::cpu_work::CpuWork;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::options::ServerOptions;
+use crate::supervision::{EngineWatch, Rebuild};
 
 /// The model behind the API: the engine running on its own thread, and the tokenizer that
 /// turns prompts into its token ids and its token ids back into text.
@@ -49,7 +51,10 @@ impl ServedModel {
 /// Everything the handlers share.
 pub struct AppState {
     pub options: ServerOptions,
-    model: OnceLock<Arc<ServedModel>>,
+    /// The model being served; replaced when a failed engine is rebuilt.
+    model: RwLock<Option<Arc<ServedModel>>>,
+    /// The engine's health (see `supervision.rs`).
+    pub(crate) engine_watch: Arc<EngineWatch<ServedModel>>,
     load_error: Mutex<Option<String>>,
     shutting_down: AtomicBool,
     pub metrics: Metrics,
@@ -60,25 +65,50 @@ pub struct AppState {
     pub(crate) inflight_requests: AtomicUsize,
     /// Unix time the server started, the `created` of its model card.
     pub started: u64,
+    /// Turns true when the shutdown timeout is reached: the responses still running end at
+    /// once, with an error (see `submit.rs`), instead of being dropped mid-transfer.
+    cut_off: tokio::sync::watch::Sender<bool>,
+    /// Where CPU-heavy request work runs (see `cpu_work.rs`).
+    pub(crate) cpu_work: CpuWork,
 }
 
 impl AppState {
     pub fn new(options: ServerOptions) -> Arc<Self> {
         Arc::new(Self {
-            options,
-            model: OnceLock::new(),
+            model: RwLock::new(None),
+            engine_watch: Arc::default(),
             load_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             metrics: Metrics::default(),
             inflight_seqs: AtomicUsize::new(0),
             inflight_requests: AtomicUsize::new(0),
             started: unix_time(),
+            cut_off: tokio::sync::watch::Sender::new(false),
+            cpu_work: CpuWork::new(options.cpu_work_threads),
+            options,
         })
     }
 
-    /// The model is ready: `/health` turns 200.
+    /// The model is ready: `/health` turns 200. Its engine is watched from now on (see
+    /// `supervision.rs`); a later call replaces it.
     pub fn set_model(&self, model: ServedModel) {
-        let _ = self.model.set(Arc::new(model));
+        self.engine_watch.watch(&model.engine);
+        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(model));
+    }
+
+    /// How to build a new engine when the running one fails (the CLI's `--restart-engine`);
+    /// without it, a failed engine makes [`serve`](crate::serve) drain and return an error.
+    pub fn set_engine_rebuild(
+        &self,
+        rebuild: impl Fn() -> anyhow::Result<ServedModel> + Send + Sync + 'static,
+    ) {
+        let rebuild: Rebuild<ServedModel> = Arc::new(rebuild);
+        self.engine_watch.set_rebuild(rebuild);
+    }
+
+    /// Why the engine failed, until it is rebuilt.
+    pub fn engine_failure(&self) -> Option<String> {
+        self.engine_watch.failure()
     }
 
     /// Loading failed: `/health` stays 503 and says why.
@@ -94,8 +124,8 @@ impl AppState {
             .clone()
     }
 
-    pub fn model(&self) -> Option<&Arc<ServedModel>> {
-        self.model.get()
+    pub fn model(&self) -> Option<Arc<ServedModel>> {
+        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// From now on every model route and `/health` answer 503; [`serve`](crate::serve) calls
@@ -108,17 +138,30 @@ impl AppState {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
+    /// Ends every response still running with an error: the shutdown timeout is reached.
+    pub fn cut_off_responses(&self) {
+        self.cut_off.send_replace(true);
+    }
+
+    /// Turns true once [`cut_off_responses`](Self::cut_off_responses) was called.
+    pub(crate) fn cut_off_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.cut_off.subscribe()
+    }
+
     /// Requests currently being answered.
     pub fn inflight_requests(&self) -> usize {
         self.inflight_requests.load(Ordering::SeqCst)
     }
 
-    /// The model, or 503 while loading / shutting down.
+    /// The model, or 503 while loading, after the engine failed, or shutting down.
     pub(crate) fn ready_model(&self) -> Result<Arc<ServedModel>, ApiError> {
+        if let Some(reason) = self.engine_failure() {
+            return Err(ApiError::engine_unavailable(&reason));
+        }
         if self.is_shutting_down() {
             return Err(ApiError::shutting_down());
         }
-        self.model.get().cloned().ok_or_else(ApiError::loading)
+        self.model().ok_or_else(ApiError::loading)
     }
 }
 

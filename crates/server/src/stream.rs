@@ -7,8 +7,9 @@
 //! data: [DONE]
 //! ```
 //!
-//! An error after the stream has started (the engine failed or went away) can no longer
-//! change the status: it is sent as an error object in a `data:` event, then `[DONE]`.
+//! An error after the stream has started (the engine failed or went away, the shutdown timeout
+//! was reached) can no longer change the status: it is sent as an error object in a `data:`
+//! event, then `[DONE]`.
 
 use std::convert::Infallible;
 
@@ -38,9 +39,12 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
         }
         let mut text_offsets = vec![0usize; num_choices];
         while !generation.choices().all_finished() {
-            let Some(change) = generation.next_change().await else {
-                yield sse_event(&ApiError::engine_gone().to_json());
-                break;
+            let change = match generation.next_change().await {
+                Ok(change) => change,
+                Err(error) => {
+                    yield sse_event(&error.to_json());
+                    break;
+                }
             };
             let delta = match change {
                 ChoiceChange::Invisible => continue,

@@ -8,17 +8,20 @@
 //! folds the events into choices and feeds the request's telemetry; dropping it before the
 //! request ended (the client went away) aborts what is still running in the engine.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use minserve_core::request::{
     EventSink, FinishReason, RequestError, RequestEvent, RequestId, ValidatedRequest,
 };
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::admission::{admit, QueueSlots};
 use crate::choices::{ChoiceChange, Choices};
 use crate::error::ApiError;
+use crate::metrics::Interruption;
 use crate::params::GenerationParams;
 use crate::prompt::Prompt;
 use crate::state::{AppState, ServedModel};
@@ -26,24 +29,63 @@ use crate::telemetry::RequestTelemetry;
 
 /// Forwards one prompt's events to the response; `is_closed` turns true once the response (and
 /// with it the receiver) is dropped, which makes the engine abort the request.
+///
+/// The channel is bounded (`ServerOptions::max_buffered_events` per sequence) and the engine
+/// thread never waits on it: when a client reads so slowly that the channel is full, the event
+/// is refused, the request's sinks all report themselves closed, the engine aborts it, and the
+/// response ends with a `client_too_slow` error once the client has read what was buffered.
 struct ChannelSink {
     prompt: usize,
-    tx: UnboundedSender<(usize, RequestEvent)>,
+    tx: Sender<(usize, RequestEvent)>,
+    slow_client: Arc<SlowClient>,
+}
+
+/// Shared by the sinks of one generation: whether an event did not fit. Counted the moment it
+/// happens, on the engine thread: the response may never be polled again (its client reads
+/// nothing), so it could not count it itself.
+struct SlowClient {
+    overflowed: AtomicBool,
+    state: Arc<AppState>,
+}
+
+impl SlowClient {
+    fn overflow(&self) {
+        if !self.overflowed.swap(true, Ordering::Relaxed) {
+            self.state
+                .metrics
+                .count_interruption(Interruption::ClientTooSlow);
+        }
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
 }
 
 impl EventSink for ChannelSink {
     fn send(&self, event: RequestEvent) -> bool {
-        self.tx.send((self.prompt, event)).is_ok()
+        match self.tx.try_send((self.prompt, event)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.slow_client.overflow();
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
     }
     fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.is_closed() || self.slow_client.overflowed()
     }
 }
 
 /// A generation request handed to the engine, for as long as its response lives.
 pub(crate) struct InFlightGeneration {
     /// Each prompt's events, tagged with the prompt's index.
-    events: UnboundedReceiver<(usize, RequestEvent)>,
+    events: Receiver<(usize, RequestEvent)>,
+    /// Set when the client read too slowly and an event did not fit (see [`ChannelSink`]).
+    slow_client: Arc<SlowClient>,
+    /// The most events buffered per sequence, for the error message.
+    buffered_per_sequence: usize,
     choices: Choices,
     model: Arc<ServedModel>,
     /// One engine request per prompt (none when nothing is generated).
@@ -51,6 +93,8 @@ pub(crate) struct InFlightGeneration {
     /// Declared before `telemetry`: the slots are given back before the log line is written.
     _slots: Option<QueueSlots>,
     telemetry: RequestTelemetry,
+    /// Turns true when the shutdown timeout cuts the running responses off.
+    cut_off: tokio::sync::watch::Receiver<bool>,
 }
 
 impl InFlightGeneration {
@@ -62,12 +106,41 @@ impl InFlightGeneration {
         self.telemetry.prompt_tokens()
     }
 
-    /// Waits for the next event and folds it into the choices; `None` when the engine went
-    /// away before the request finished.
-    pub async fn next_change(&mut self) -> Option<ChoiceChange> {
-        let (prompt, event) = self.events.recv().await?;
+    /// Waits for the next event and folds it into the choices; or the error that ends the
+    /// response early: the engine went away, or the shutdown timeout was reached.
+    pub async fn next_change(&mut self) -> Result<ChoiceChange, ApiError> {
+        let next = tokio::select! {
+            biased;
+            next = self.events.recv() => next,
+            true = turns_true(&mut self.cut_off) => {
+                return Err(self.interrupt(Interruption::ShutdownTimeout));
+            }
+        };
+        let Some((prompt, event)) = next else {
+            let reason = match self.slow_client.overflowed() {
+                true => Interruption::ClientTooSlow,
+                false => Interruption::EngineFailed,
+            };
+            return Err(self.interrupt(reason));
+        };
         self.telemetry.observe(&event);
-        Some(self.choices.apply(prompt, event))
+        Ok(self.choices.apply(prompt, event))
+    }
+
+    /// Ends the response early for `reason`: the error the client gets.
+    fn interrupt(&mut self, reason: Interruption) -> ApiError {
+        let error = match reason {
+            Interruption::ShutdownTimeout => ApiError::cut_off_at_shutdown(),
+            Interruption::ClientTooSlow => ApiError::client_too_slow(self.buffered_per_sequence),
+            Interruption::EngineFailed => {
+                ApiError::engine_gone(self.model.engine.failure().as_deref())
+            }
+        };
+        // The sink counted a slow client already, when it happened.
+        let counted = reason != Interruption::ClientTooSlow;
+        self.telemetry
+            .interrupted(reason, error.status.as_u16(), counted);
+        error
     }
 
     /// Every choice finished: the request's metrics are recorded.
@@ -81,8 +154,20 @@ impl InFlightGeneration {
     }
 }
 
+/// Completes with true once `signal` is true; with false if its sender is gone (never, here:
+/// the state that owns it outlives every response).
+async fn turns_true(signal: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    signal.wait_for(|&value| value).await.is_ok()
+}
+
 impl Drop for InFlightGeneration {
     fn drop(&mut self) {
+        if self.slow_client.overflowed() {
+            // Its client left before reading the error: still a slow client, not a cancel.
+            let status = ApiError::client_too_slow(0).status.as_u16();
+            self.telemetry
+                .interrupted(Interruption::ClientTooSlow, status, false);
+        }
         if !self.telemetry.has_ended() {
             for &id in &self.engine_ids {
                 self.model.engine.abort(id);
@@ -114,14 +199,24 @@ pub(crate) fn submit(
         samples_per_prompt,
         arrival,
     } = submission;
-    let (tx, events) = unbounded_channel();
+    let buffered_per_sequence = state.options.max_buffered_events.max(1);
+    // Room for every sequence's buffered tokens, and each prompt's `Scheduled`.
+    let capacity = prompts.len() * (samples_per_prompt * buffered_per_sequence + 1);
+    let (tx, events) = channel(capacity);
+    let slow_client = Arc::new(SlowClient {
+        overflowed: AtomicBool::new(false),
+        state: state.clone(),
+    });
     let in_flight = |engine_ids, slots, telemetry| InFlightGeneration {
         events,
+        slow_client: slow_client.clone(),
+        buffered_per_sequence,
         choices: Choices::new(prompts.len(), samples_per_prompt),
         model: model.clone(),
         engine_ids,
         _slots: slots,
         telemetry,
+        cut_off: state.cut_off_signal(),
     };
     let prompt_tokens = prompts.iter().map(|p| p.tokens.len()).sum();
     let path = params.api.path();
@@ -139,7 +234,7 @@ pub(crate) fn submit(
                     text: String::new(),
                     completion_tokens: 0,
                 };
-                let _ = tx.send((prompt, finished));
+                let _ = tx.try_send((prompt, finished));
             }
         }
         return Ok(in_flight(Vec::new(), None, telemetry()));
@@ -167,6 +262,7 @@ pub(crate) fn submit(
         let sink = ChannelSink {
             prompt,
             tx: tx.clone(),
+            slow_client: slow_client.clone(),
         };
         let id = model.engine.add_request(request, Box::new(sink));
         generation.engine_ids.push(id);

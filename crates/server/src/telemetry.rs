@@ -13,6 +13,7 @@ use std::time::Instant;
 use minserve_core::request::{FinishReason, RequestEvent};
 
 use crate::choices::Choices;
+use crate::metrics::Interruption;
 use crate::state::AppState;
 
 pub(crate) struct RequestTelemetry {
@@ -28,6 +29,8 @@ pub(crate) struct RequestTelemetry {
     ended: bool,
     /// The status the log line reports.
     status: u16,
+    /// Why the server ended it early, if it did.
+    interruption: Option<Interruption>,
 }
 
 impl RequestTelemetry {
@@ -47,6 +50,7 @@ impl RequestTelemetry {
             completion_tokens: 0,
             ended: false,
             status: 200,
+            interruption: None,
         }
     }
 
@@ -117,6 +121,19 @@ impl RequestTelemetry {
         self.status = 500;
     }
 
+    /// The server ends the request early, counted by reason unless `count` is false (counted
+    /// already where it happened); what still runs in the engine is aborted when the response
+    /// is dropped.
+    pub fn interrupted(&mut self, reason: Interruption, status: u16, count: bool) {
+        if self.interruption.is_none() && !self.ended {
+            if count {
+                self.state.metrics.count_interruption(reason);
+            }
+            self.interruption = Some(reason);
+            self.status = status;
+        }
+    }
+
     /// Refused by admission (429): it never reached the engine.
     pub fn rejected(&mut self) {
         self.ended = true;
@@ -126,9 +143,15 @@ impl RequestTelemetry {
 
 impl Drop for RequestTelemetry {
     fn drop(&mut self) {
-        if !self.ended {
+        let cancelled = !self.ended && self.interruption.is_none();
+        if cancelled {
             self.state.metrics.aborted.fetch_add(1, Ordering::Relaxed);
         }
+        let outcome = match self.interruption {
+            Some(reason) => format!(" interrupted={}", reason.label()),
+            None if cancelled => " cancelled".to_string(),
+            None => String::new(),
+        };
         tracing::info!(
             target: "minserve_server",
             "POST {} {} prompt_tokens={} completion_tokens={} latency_ms={:.1}{}",
@@ -137,7 +160,7 @@ impl Drop for RequestTelemetry {
             self.prompt_tokens,
             self.completion_tokens,
             self.arrival.elapsed().as_secs_f64() * 1e3,
-            if self.ended { "" } else { " cancelled" },
+            outcome,
         );
     }
 }

@@ -4,26 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{scheduler, TestServer};
+use common::{assert_error, scheduler, TestServer};
 use minserve_server::ServerOptions;
 use serde_json::{json, Value};
-
-fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>) {
-    assert_eq!(status, want_status, "{body}");
-    let e = &body["error"];
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(e["type"].is_string(), "{body}");
-    assert!(
-        e.get("code").is_some() && e.get("param").is_some(),
-        "{body}"
-    );
-    if let Some(p) = param {
-        assert_eq!(e["param"], p, "{body}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests() {

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::generation::generate;
-use super::model_request;
+use super::{body_size, model_request};
 use crate::error::ApiError;
 use crate::params::{GenerationApi, GenerationParams};
 use crate::prompt::chat_prompt;
@@ -21,8 +21,15 @@ pub(crate) async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let (body, model) = model_request(body, &state)?;
-    let params = GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
-    let prompt = chat_prompt(&body, &model.tokenizer)?;
+    let shared = state.clone();
+    let (model, params, prompt) = state
+        .cpu_work
+        .run(body_size(&body), move || {
+            let (body, model) = model_request(body, &shared)?;
+            let params = GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
+            let prompt = chat_prompt(&body, &model.tokenizer)?;
+            Ok::<_, ApiError>((model, params, prompt))
+        })
+        .await??;
     generate(&state, model, params, vec![prompt], arrival).await
 }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::generation::generate;
-use super::model_request;
+use super::{body_size, model_request};
 use crate::error::ApiError;
 use crate::params::{GenerationApi, GenerationParams};
 use crate::prompt::completion_prompts;
@@ -20,11 +20,19 @@ pub(crate) async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let (body, model) = model_request(body, &state)?;
-    let params = GenerationParams::parse(&body, GenerationApi::Completion, model.vocab_size())?;
-    if body.get("suffix").is_some() {
-        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
-    }
-    let prompts = completion_prompts(&body, &model.tokenizer, model.vocab_size())?;
+    let shared = state.clone();
+    let (model, params, prompts) = state
+        .cpu_work
+        .run(body_size(&body), move || {
+            let (body, model) = model_request(body, &shared)?;
+            let params =
+                GenerationParams::parse(&body, GenerationApi::Completion, model.vocab_size())?;
+            if body.get("suffix").is_some() {
+                return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+            }
+            let prompts = completion_prompts(&body, &model.tokenizer, model.vocab_size())?;
+            Ok((model, params, prompts))
+        })
+        .await??;
     generate(&state, model, params, prompts, arrival).await
 }

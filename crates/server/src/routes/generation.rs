@@ -44,6 +44,6 @@ pub(super) async fn generate(
     if params.delivery.stream {
         Ok(sse_response(renderer, generation))
     } else {
-        single_body_response(renderer, generation).await
+        single_body_response(&state.cpu_work, renderer, generation).await
     }
 }

@@ -18,6 +18,12 @@ use crate::error::ApiError;
 use crate::json_body::JsonBody;
 use crate::state::{AppState, ServedModel};
 
+/// The size of a body, for [`crate::cpu_work::CpuWork::run`] (0 when it could not be read:
+/// the error is answered at once).
+fn body_size(body: &Result<Bytes, BytesRejection>) -> usize {
+    body.as_ref().map_or(0, Bytes::len)
+}
+
 /// The body of a model route as an object, its `model` checked against the served model, and
 /// the model; or the error to answer (400, 404, 503).
 fn model_request(

@@ -1,5 +1,6 @@
 //! The operator's pages: `GET /health` (200 once the model is ready, 503 while it loads, after
-//! it failed to load, or once shutdown began) and `GET /metrics` (Prometheus text).
+//! it failed to load, after its engine failed, or once shutdown began) and `GET /metrics`
+//! (Prometheus text).
 
 use std::sync::Arc;
 
@@ -11,6 +12,9 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(reason) = state.engine_failure() {
+        return ApiError::engine_unavailable(&reason).into_response();
+    }
     if state.is_shutting_down() {
         return ApiError::shutting_down().into_response();
     }
@@ -34,13 +38,17 @@ pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub(crate) async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
-    let stats = state.model().map(|m| m.engine.stats());
+    let model = state.model();
+    let mut page = state
+        .metrics
+        .render(model.as_ref().map(|m| m.engine.stats()));
+    state.engine_watch.render(model.is_some(), &mut page);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(stats),
+        page,
     )
         .into_response()
 }

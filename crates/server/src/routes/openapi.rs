@@ -10,8 +10,9 @@ fn error_responses() -> Value {
         "401": r("Missing or wrong API key (when the server has one)"),
         "404": r("Unknown model"),
         "413": r("Request body over the limit"),
+        "415": r("The body is not sent as `Content-Type: application/json`"),
         "429": r("The waiting queue is full; see Retry-After"),
-        "503": r("The model is loading, or the server is shutting down"),
+        "503": r("The model is loading, its engine failed, or the server is shutting down"),
     })
 }
 
@@ -88,7 +89,7 @@ pub(crate) async fn openapi() -> Json<Value> {
             "/v1/models/{model}": simple("One model", "application/json"),
             "/tokenize": {"post": {"summary": "Tokenize a prompt or chat messages", "responses": error_responses()}},
             "/detokenize": {"post": {"summary": "Token ids to text", "responses": error_responses()}},
-            "/health": {"get": {"summary": "200 once the model is loaded, 503 before", "responses": {"200": {"description": "ready"}, "503": {"description": "loading"}}}},
+            "/health": {"get": {"summary": "200 once the model is loaded, 503 before, after its engine failed, or shutting down", "responses": {"200": {"description": "ready"}, "503": {"description": "loading, engine failed (with the reason) or shutting down"}}}},
             "/metrics": simple("Prometheus metrics", "text/plain"),
             "/openapi.json": simple("This document", "application/json"),
         },

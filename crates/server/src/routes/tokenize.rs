@@ -5,11 +5,11 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::model_request;
+use super::{body_size, model_request};
+use crate::cpu_work::{json_response, serialize};
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type};
 use crate::prompt::render_chat;
@@ -21,7 +21,20 @@ pub(crate) async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (body, model) = model_request(body, &state)?;
+    let shared = state.clone();
+    let body = state
+        .cpu_work
+        .run(body_size(&body), move || tokenize_body(body, &shared))
+        .await??;
+    Ok(json_response(body))
+}
+
+/// The serialized answer of [`tokenize`] (a 4 MB prompt makes a response of tens of MB).
+fn tokenize_body(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+) -> Result<Vec<u8>, ApiError> {
+    let (body, model) = model_request(body, state)?;
     let tokenizer = &model.tokenizer;
     let tokens = if body.get("messages").is_some() {
         let add_generation_prompt = body.bool("add_generation_prompt")?.unwrap_or(true);
@@ -38,13 +51,12 @@ pub(crate) async fn tokenize(
     .map_err(|e| ApiError::invalid("prompt", format!("could not tokenize: {e}")))?;
     let token_strs: Vec<Option<String>> =
         tokens.iter().map(|&t| tokenizer.id_to_token(t)).collect();
-    Ok(Json(json!({
+    Ok(serialize(&json!({
         "count": tokens.len(),
         "max_model_len": model.max_model_len(),
         "tokens": tokens,
         "token_strs": token_strs,
-    }))
-    .into_response())
+    })))
 }
 
 /// `{"tokens": [ids]}` -> `{"prompt": text}`.
@@ -52,7 +64,20 @@ pub(crate) async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (body, model) = model_request(body, &state)?;
+    let shared = state.clone();
+    let body = state
+        .cpu_work
+        .run(body_size(&body), move || detokenize_body(body, &shared))
+        .await??;
+    Ok(json_response(body))
+}
+
+/// The serialized answer of [`detokenize`].
+fn detokenize_body(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+) -> Result<Vec<u8>, ApiError> {
+    let (body, model) = model_request(body, state)?;
     let tokens = match body.get("tokens") {
         Some(Value::Array(items)) => token_ids(items, "tokens", model.vocab_size())?,
         Some(other) => return Err(wrong_type("tokens", "an array of token ids", other)),
@@ -62,5 +87,5 @@ pub(crate) async fn detokenize(
         .tokenizer
         .decode(&tokens, false)
         .map_err(|e| ApiError::invalid("tokens", format!("could not detokenize: {e}")))?;
-    Ok(Json(json!({"prompt": prompt})).into_response())
+    Ok(serialize(&json!({"prompt": prompt})))
 }

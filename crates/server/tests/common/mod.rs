@@ -3,12 +3,14 @@
 
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::engine_thread::EngineHandle;
 use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, DeviceOptions, LoadedModel, Runner, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
 use serde_json::Value;
@@ -44,6 +46,16 @@ pub fn serve_loaded(
     loaded: LoadedModel,
     scheduler: SchedulerConfig,
 ) -> anyhow::Result<ServedModel> {
+    serve_wrapped(loaded, scheduler, cache(), |runner| runner)
+}
+
+/// [`serve_loaded`] with the runner inside `wrap` (a test's own executor around it).
+fn serve_wrapped<E: ModelExecutor + Send + 'static>(
+    loaded: LoadedModel,
+    scheduler: SchedulerConfig,
+    cache: CacheOptions,
+    wrap: impl FnOnce(Runner) -> E,
+) -> anyhow::Result<ServedModel> {
     let config = EngineConfig {
         scheduler,
         prefix_caching: true,
@@ -51,13 +63,66 @@ pub fn serve_loaded(
     };
     let tokenizer = Arc::new(loaded.tokenizer);
     let eos = tokenizer.eos_token_ids().to_vec();
-    let runner = Runner::new(loaded.model, cache(), DeviceOptions::default())?;
-    let engine = Engine::new(runner, config, tokenizer.clone(), eos);
+    let runner = Runner::new(loaded.model, cache, DeviceOptions::default())?;
+    let engine = Engine::new(wrap(runner), config, tokenizer.clone(), eos);
     Ok(ServedModel {
         engine: EngineHandle::spawn(engine)?,
         tokenizer,
         max_num_seqs: scheduler.max_num_seqs,
     })
+}
+
+/// An executor that panics in the first step after its trigger is set: the engine thread's
+/// failure, injected from a test (no such hook exists outside the tests).
+pub struct PanicOnTrigger<E> {
+    inner: E,
+    trigger: Arc<AtomicBool>,
+}
+
+impl<E: ModelExecutor> ModelExecutor for PanicOnTrigger<E> {
+    type Error = E::Error;
+
+    fn cache_geometry(&self) -> CacheGeometry {
+        self.inner.cache_geometry()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
+        if self.trigger.swap(false, Ordering::SeqCst) {
+            panic!("injected engine failure");
+        }
+        self.inner.execute(batch)
+    }
+
+    fn for_each_index(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.inner.for_each_index(n, f)
+    }
+}
+
+/// The tiny synthetic model ([`load_synthetic`]) whose engine panics once `trigger` is set.
+pub fn load_synthetic_with_fault(
+    scheduler: SchedulerConfig,
+    trigger: Arc<AtomicBool>,
+) -> anyhow::Result<ServedModel> {
+    serve_wrapped(synthetic_tiny()?, scheduler, cache(), |inner| {
+        PanicOnTrigger { inner, trigger }
+    })
+}
+
+/// The tiny synthetic model with a KV cache of `memory_bytes` (its tokens take 256 bytes
+/// each: 1 KiB of cache holds 4 tokens).
+pub fn load_synthetic_with_kv(
+    scheduler: SchedulerConfig,
+    memory_bytes: usize,
+) -> anyhow::Result<ServedModel> {
+    let cache = CacheOptions {
+        memory_bytes,
+        ..cache()
+    };
+    serve_wrapped(synthetic_tiny()?, scheduler, cache, |runner| runner)
 }
 
 /// Loads the default model (fetching it if needed).
@@ -70,8 +135,12 @@ pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
 /// byte-level tokenizer: the whole HTTP path in a fraction of the real model's time, and
 /// nothing to download. Its text is random, so tests on it check shapes, not words.
 pub fn load_synthetic(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
+    serve_loaded(synthetic_tiny()?, scheduler)
+}
+
+fn synthetic_tiny() -> anyhow::Result<LoadedModel> {
     let spec = SyntheticSpec::parse("synthetic:tiny@f32")?.expect("a synthetic spec");
-    serve_loaded(spec.load()?, scheduler)
+    Ok(spec.load()?)
 }
 
 pub struct TestServer {
@@ -114,7 +183,7 @@ impl TestServer {
         Self::start_loaded(options, move || load_synthetic(scheduler)).await
     }
 
-    async fn start_loaded(
+    pub async fn start_loaded(
         options: ServerOptions,
         load: impl FnOnce() -> anyhow::Result<ServedModel> + Send + 'static,
     ) -> Self {
@@ -194,6 +263,24 @@ impl TestServer {
             let _ = tx.send(());
         }
         self.task.take().unwrap().await.unwrap()
+    }
+}
+
+/// An error in OpenAI's shape with status `want_status`, naming `param` when given.
+pub fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].is_string(), "{body}");
+    assert!(
+        e.get("code").is_some() && e.get("param").is_some(),
+        "{body}"
+    );
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{body}");
     }
 }
 
