@@ -7,6 +7,8 @@
 //! against every generated token of every sample, so their count and length bound the engine's
 //! work per token as well.
 
+use crate::error::ApiError;
+
 /// Most samples one request may ask for (`n` times the number of prompts).
 pub(crate) const MAX_SEQUENCES_PER_REQUEST: usize = 128;
 
@@ -18,3 +20,14 @@ pub(crate) const MAX_STOP_STRING_BYTES: usize = 1024;
 pub(crate) const MAX_STOP_TOKEN_IDS: usize = 1024;
 /// Most entries in `logit_bias`.
 pub(crate) const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+
+/// 400 naming `param` when it holds more than `max` `things` (`count` of them).
+pub(crate) fn at_most(param: &str, things: &str, count: usize, max: usize) -> Result<(), ApiError> {
+    if count > max {
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` may have at most {max} {things}, got {count}"),
+        ));
+    }
+    Ok(())
+}

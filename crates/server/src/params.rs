@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::error::{ApiError, RequestFieldNames};
 use crate::json_body::{token_ids, wrong_type, JsonBody};
 use crate::limits::{
-    MAX_LOGIT_BIAS_ENTRIES, MAX_SEQUENCES_PER_REQUEST, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES,
-    MAX_STOP_TOKEN_IDS,
+    at_most, MAX_LOGIT_BIAS_ENTRIES, MAX_SEQUENCES_PER_REQUEST, MAX_STOP_STRINGS,
+    MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS,
 };
 use crate::prompt::Prompt;
 
@@ -266,15 +266,7 @@ fn logit_bias(body: &JsonBody, vocab_size: usize) -> Result<Vec<(u32, f32)>, Api
     let map = v
         .as_object()
         .ok_or_else(|| wrong_type("logit_bias", "an object of token id -> bias", v))?;
-    if map.len() > MAX_LOGIT_BIAS_ENTRIES {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!(
-                "`logit_bias` may have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {}",
-                map.len()
-            ),
-        ));
-    }
+    at_most("logit_bias", "entries", map.len(), MAX_LOGIT_BIAS_ENTRIES)?;
     map.iter()
         .map(|(key, bias)| {
             let id: u32 = key.trim().parse().map_err(|_| {
@@ -357,15 +349,7 @@ fn stop_conditions(
             "`stop` strings must not be empty",
         ));
     }
-    if stop.len() > MAX_STOP_STRINGS {
-        return Err(ApiError::invalid(
-            "stop",
-            format!(
-                "`stop` may have at most {MAX_STOP_STRINGS} strings, got {}",
-                stop.len()
-            ),
-        ));
-    }
+    at_most("stop", "strings", stop.len(), MAX_STOP_STRINGS)?;
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
         return Err(ApiError::invalid(
             "stop",
@@ -377,16 +361,10 @@ fn stop_conditions(
     }
     let stop_token_ids = match body.get("stop_token_ids") {
         None => Vec::new(),
-        Some(Value::Array(items)) if items.len() > MAX_STOP_TOKEN_IDS => {
-            return Err(ApiError::invalid(
-                "stop_token_ids",
-                format!(
-                    "`stop_token_ids` may have at most {MAX_STOP_TOKEN_IDS} ids, got {}",
-                    items.len()
-                ),
-            ))
+        Some(Value::Array(items)) => {
+            at_most("stop_token_ids", "ids", items.len(), MAX_STOP_TOKEN_IDS)?;
+            token_ids(items, "stop_token_ids", vocab_size)?
         }
-        Some(Value::Array(items)) => token_ids(items, "stop_token_ids", vocab_size)?,
         Some(other) => return Err(wrong_type("stop_token_ids", "an array of token ids", other)),
     };
     let min_tokens = body.count("min_tokens")?.unwrap_or(0);

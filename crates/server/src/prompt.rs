@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type, JsonBody};
-use crate::limits::MAX_SEQUENCES_PER_REQUEST;
+use crate::limits::{at_most, MAX_SEQUENCES_PER_REQUEST};
 
 /// A prompt as the client gave it: its tokens, and its text when it came as text.
 pub(crate) struct Prompt {
@@ -41,24 +41,19 @@ pub(crate) fn completion_prompts(
     };
     let expected =
         "a string, an array of strings, an array of token ids or an array of arrays of token ids";
+    // Each prompt is at least one sequence: too many are refused before any is tokenized.
+    if let Some(Value::Array(items)) = body.get("prompt") {
+        if !items.first().is_some_and(Value::is_number) {
+            at_most("prompt", "prompts", items.len(), MAX_SEQUENCES_PER_REQUEST)?;
+        }
+    }
     let prompts = match body.get("prompt") {
         None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Value::String(s)) => vec![encode(s)?],
         Some(Value::Array(items)) if items.is_empty() => {
             return Err(ApiError::invalid("prompt", "`prompt` must not be empty"))
         }
-        // Each prompt is at least one sequence: refused before any of them is tokenized.
-        Some(Value::Array(items))
-            if items.len() > MAX_SEQUENCES_PER_REQUEST && !items[0].is_number() =>
-        {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "`prompt` may hold at most {MAX_SEQUENCES_PER_REQUEST} prompts, got {}",
-                    items.len()
-                ),
-            ))
-        }
+
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items
                 .iter()

@@ -13,6 +13,26 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A short completion still gets its 200.
+async fn assert_still_serving(s: &TestServer) {
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Once", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The head of a JSON POST to `/v1/completions` as a raw socket sends it, with `extra` header
+/// lines (each ending in CRLF).
+fn raw_completion_head(content_length: usize, extra: &str) -> String {
+    format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         {extra}content-length: {content_length}\r\n\r\n"
+    )
+}
+
 /// A request with more sequences than the batch and the queue hold together could never be
 /// admitted, even by an idle server: a 400 saying so, not a 429 that invites endless retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,11 +339,7 @@ async fn an_oversized_body_always_gets_the_413_json() {
     let mut socket = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
         .await
         .unwrap();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
-        20 << 20
-    );
+    let head = raw_completion_head(20 << 20, "expect: 100-continue\r\n");
     socket.write_all(head.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut answer))
@@ -332,14 +348,7 @@ async fn an_oversized_body_always_gets_the_413_json() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    // Still serving.
-    let (status, _) = s
-        .post(
-            "/v1/completions",
-            json!({"prompt": "Once", "max_tokens": 1}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    assert_still_serving(&s).await;
 }
 
 /// Clients flooding the server with maximal prompts (`RELIABILITY_FLOOD_CLIENTS`, default 4).
@@ -474,11 +483,7 @@ async fn a_client_that_does_not_read_is_aborted_at_the_buffer_cap() {
         .connect(s.base.trim_start_matches("http://").parse().unwrap())
         .await
         .unwrap();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let head = raw_completion_head(body.len(), "connection: close\r\n") + &body;
     stream.write_all(head.as_bytes()).await.unwrap();
     let too_slow = "minserve_request_interrupted_total{reason=\"client_too_slow\"}";
     let start = Instant::now();
@@ -512,14 +517,7 @@ async fn a_client_that_does_not_read_is_aborted_at_the_buffer_cap() {
         .unwrap();
     let error: Value = serde_json::from_str(last_event).unwrap();
     assert_eq!(error["error"]["code"], "client_too_slow", "{error}");
-    // Still serving.
-    let (status, _) = s
-        .post(
-            "/v1/completions",
-            json!({"prompt": "Once", "max_tokens": 1}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    assert_still_serving(&s).await;
 }
 
 /// Serves `state` with the plain router (no supervisor: it never shuts down), to look at it
@@ -987,13 +985,7 @@ async fn the_bad_input_battery_gets_4xx_errors_and_the_server_keeps_serving() {
         assert_error(status, &body, case.status, case.param);
         assert_eq!(s.get("/health").await.0, 200, "after {}", case.what);
     }
-    let (status, body) = s
-        .post(
-            "/v1/completions",
-            json!({"prompt": "Once", "max_tokens": 2}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    assert_still_serving(&s).await;
     s.wait_idle(Duration::from_secs(2)).await;
     println!("bad-input battery: {} cases, all 4xx", cases.len());
 }
@@ -1026,13 +1018,7 @@ async fn a_cancellation_storm_leaves_no_kv_cache_behind() {
     s.wait_idle(Duration::from_secs(5)).await;
     s.metric_until("minserve_request_aborted_total", |v| v == STORM as f64)
         .await;
-    let (status, body) = s
-        .post(
-            "/v1/completions",
-            json!({"prompt": "Once", "max_tokens": 2}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    assert_still_serving(&s).await;
 }
 
 /// Past `--max-queue`, clients get 200 or 429 with `Retry-After`, nothing else: no reset, no

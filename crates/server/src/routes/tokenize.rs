@@ -21,12 +21,7 @@ pub(crate) async fn tokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let shared = state.clone();
-    let body = state
-        .cpu_work
-        .run(body_size(&body), move || tokenize_body(body, &shared))
-        .await??;
-    Ok(json_response(body))
+    answer_on_cpu(state, body, tokenize_body).await
 }
 
 /// The serialized answer of [`tokenize`] (a 4 MB prompt makes a response of tens of MB).
@@ -64,10 +59,23 @@ pub(crate) async fn detokenize(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    answer_on_cpu(state, body, detokenize_body).await
+}
+
+/// A route's body as axum hands it over.
+type RequestBody = Result<Bytes, BytesRejection>;
+
+/// The serialized answer `answer` makes of `body`, made off the async workers when the body is
+/// large (see `cpu_work.rs`).
+async fn answer_on_cpu(
+    state: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    answer: fn(RequestBody, &AppState) -> Result<Vec<u8>, ApiError>,
+) -> Result<Response, ApiError> {
     let shared = state.clone();
     let body = state
         .cpu_work
-        .run(body_size(&body), move || detokenize_body(body, &shared))
+        .run(body_size(&body), move || answer(body, &shared))
         .await??;
     Ok(json_response(body))
 }
