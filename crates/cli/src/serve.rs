@@ -267,6 +267,12 @@ mod tests {
     }
 
     #[test]
+    fn the_engine_is_restarted_only_when_asked() {
+        assert!(!parse(&[]).unwrap().restart_engine);
+        assert!(parse(&["--restart-engine"]).unwrap().restart_engine);
+    }
+
+    #[test]
     fn allowed_origins_are_origins_or_a_star() {
         let origins = |args: &[&str]| parse(args).map(|a| a.allowed_origins);
         assert_eq!(origins(&[]).unwrap(), Vec::<String>::new());
