@@ -33,6 +33,8 @@ struct CountingModel {
     /// Steps executed so far, and the one (counting from 1) that fails before writing anything.
     steps: usize,
     fail_at_step: Option<usize>,
+    /// The step that panics instead: an invariant of the engine's thread failing.
+    panic_at_step: Option<usize>,
 }
 
 impl CountingModel {
@@ -62,6 +64,9 @@ impl ModelExecutor for CountingModel {
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
         self.steps += 1;
+        if Some(self.steps) == self.panic_at_step {
+            panic!("injected panic");
+        }
         if Some(self.steps) == self.fail_at_step {
             return Err(std::io::Error::other("injected failure"));
         }
@@ -122,6 +127,7 @@ fn engine_with(num_blocks: usize, noisy: bool) -> Engine<CountingModel> {
         noisy,
         steps: 0,
         fail_at_step: None,
+        panic_at_step: None,
     };
     let config = EngineConfig {
         scheduler: SchedulerConfig {
@@ -181,6 +187,38 @@ fn streams_tokens_through_the_engine_thread() {
         assert_eq!(text, Letters.decode(&tokens));
         assert_eq!(finish, Some(FinishReason::Length));
     }
+}
+
+/// A panic on the engine thread is reported, not hidden: `failure` says why, the callback is
+/// called once (at once when registered after the failure), the request in flight sees its
+/// events end, and a request added afterwards is dropped with its sink at once.
+#[test]
+fn a_panic_on_the_engine_thread_is_reported() {
+    let mut e = engine(64);
+    e.executor_mut().panic_at_step = Some(3);
+    let handle = EngineHandle::spawn(e).unwrap();
+    let (reported_tx, reported) = mpsc::channel();
+    handle.on_failure(move |reason| reported_tx.send(reason).unwrap());
+    let (tx, rx) = mpsc::channel();
+    let request = handle.validate(greedy(vec![1, 2], 50)).unwrap();
+    handle.add_request(request, Box::new(tx));
+    let reason = reported.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(reason.contains("injected panic"), "{reason}");
+    assert_eq!(handle.failure().as_deref(), Some(reason.as_str()));
+    let (_, tokens, finish) = collect(&rx);
+    assert_eq!((tokens.len(), finish), (2, None), "cut after two steps");
+    assert!(reported.try_recv().is_err(), "reported once");
+
+    let (late_tx, late) = mpsc::channel();
+    handle.on_failure(move |reason| late_tx.send(reason).unwrap());
+    assert_eq!(late.try_recv().unwrap(), reason);
+    let (tx, rx) = mpsc::channel::<RequestEvent>();
+    let request = handle.validate(greedy(vec![3], 5)).unwrap();
+    handle.add_request(request, Box::new(tx));
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(1)),
+        Err(mpsc::RecvTimeoutError::Disconnected)
+    ));
 }
 
 #[test]
