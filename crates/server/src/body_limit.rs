@@ -44,7 +44,9 @@ pub(crate) async fn read_body_within_limit(
         return ApiError::body_too_large(limit).into_response();
     }
     let mut chunks = body.into_data_stream();
-    let mut buffer = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    // Not more up front than a megabyte on a length the client only announced.
+    let reserve = declared.unwrap_or(0).min(limit as u64).min(1 << 20);
+    let mut buffer = Vec::with_capacity(reserve as usize);
     while let Some(chunk) = chunks.next().await {
         let Ok(chunk) = chunk else {
             return ApiError::bad_request("Could not read the request body.").into_response();
