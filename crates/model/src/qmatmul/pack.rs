@@ -65,8 +65,6 @@ impl QWeight {
 
     /// `data`: `n` rows of `k / 32` ggml blocks of `kind`.
     fn from_blocks(kind: Kind, n: usize, k: usize, data: &[u8]) -> Self {
-        let nb = k / BLOCK;
-        let n_tiles = n.div_ceil(TILE_N);
         let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
         let packed = match kind {
             Kind::Q4_0 | Kind::Q4_1 => {
@@ -74,58 +72,41 @@ impl QWeight {
                     Kind::Q4_0 => (18, 2),
                     _ => (20, 4),
                 };
-                let mut tiles = Vec::with_capacity(n_tiles * nb);
-                for t in 0..n_tiles {
-                    for b in 0..nb {
-                        // Columns past `n` stay zero (scales 0) and are never written out.
-                        let mut tile = TileQ4 {
-                            qs: [0; 4 * TILE_N * 4],
-                            d: [f16::ZERO; TILE_N],
-                            m: [f16::ZERO; TILE_N],
-                        };
-                        for c in 0..TILE_N.min(n - t * TILE_N) {
-                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
-                            let blk = &data[at..at + block_bytes];
-                            tile.d[c] = f16_at(blk, 0);
-                            if kind == Kind::Q4_1 {
-                                tile.m[c] = f16_at(blk, 2);
-                            }
-                            let qs = &blk[qs_at..qs_at + BLOCK / 2];
-                            for g in 0..4 {
-                                for j in 0..4 {
-                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j];
-                                }
-                            }
-                        }
-                        tiles.push(tile);
+                // Columns past `n` stay zero (scales 0) and are never written out.
+                let empty = || TileQ4 {
+                    qs: [0; 4 * TILE_N * 4],
+                    d: [f16::ZERO; TILE_N],
+                    m: [f16::ZERO; TILE_N],
+                };
+                let tiles = tile_blocks(n, k, data, block_bytes, empty, |tile, c, blk| {
+                    tile.d[c] = f16_at(blk, 0);
+                    if kind == Kind::Q4_1 {
+                        tile.m[c] = f16_at(blk, 2);
                     }
-                }
+                    let qs = &blk[qs_at..qs_at + BLOCK / 2];
+                    for g in 0..4 {
+                        for j in 0..4 {
+                            tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j];
+                        }
+                    }
+                });
                 Packed::Q4(tiles)
             }
             Kind::Q8_0 => {
-                let block_bytes = 34;
-                let mut tiles = Vec::with_capacity(n_tiles * nb);
-                for t in 0..n_tiles {
-                    for b in 0..nb {
-                        let mut tile = TileQ8 {
-                            // q = 0 (stored 128) in the padding columns.
-                            qs: [128; 8 * TILE_N * 4],
-                            d: [f16::ZERO; TILE_N],
-                        };
-                        for c in 0..TILE_N.min(n - t * TILE_N) {
-                            let at = ((t * TILE_N + c) * nb + b) * block_bytes;
-                            let blk = &data[at..at + block_bytes];
-                            tile.d[c] = f16_at(blk, 0);
-                            let qs = &blk[2..2 + BLOCK];
-                            for g in 0..8 {
-                                for j in 0..4 {
-                                    tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j] ^ 0x80;
-                                }
-                            }
+                let empty = || TileQ8 {
+                    // q = 0 (stored 128) in the padding columns.
+                    qs: [128; 8 * TILE_N * 4],
+                    d: [f16::ZERO; TILE_N],
+                };
+                let tiles = tile_blocks(n, k, data, 34, empty, |tile, c, blk| {
+                    tile.d[c] = f16_at(blk, 0);
+                    let qs = &blk[2..2 + BLOCK];
+                    for g in 0..8 {
+                        for j in 0..4 {
+                            tile.qs[(g * TILE_N + c) * 4 + j] = qs[4 * g + j] ^ 0x80;
                         }
-                        tiles.push(tile);
                     }
-                }
+                });
                 Packed::Q8(tiles)
             }
         };
@@ -158,4 +139,31 @@ impl QWeight {
             Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
         }
     }
+}
+
+/// Walks `data` (`n` rows of `k / BLOCK` blocks of `block_bytes`) in the kernels' order, one
+/// `[column tile][block]` tile at a time: `fill(tile, column, block)` moves one row's block
+/// into its column; columns past `n` keep what `empty` put there.
+fn tile_blocks<T>(
+    n: usize,
+    k: usize,
+    data: &[u8],
+    block_bytes: usize,
+    empty: impl Fn() -> T,
+    mut fill: impl FnMut(&mut T, usize, &[u8]),
+) -> Vec<T> {
+    let nb = k / BLOCK;
+    let n_tiles = n.div_ceil(TILE_N);
+    let mut tiles = Vec::with_capacity(n_tiles * nb);
+    for t in 0..n_tiles {
+        for b in 0..nb {
+            let mut tile = empty();
+            for c in 0..TILE_N.min(n - t * TILE_N) {
+                let at = ((t * TILE_N + c) * nb + b) * block_bytes;
+                fill(&mut tile, c, &data[at..at + block_bytes]);
+            }
+            tiles.push(tile);
+        }
+    }
+    tiles
 }
