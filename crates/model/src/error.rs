@@ -17,6 +17,15 @@ pub enum ModelError {
         architecture: String,
         supported: String,
     },
+    /// A setting the model code does not implement (a RoPE scaling type, ...): never ignored,
+    /// since it would change every result.
+    #[error("{path}: `{key}` = `{value}` is not supported (supported: {supported})")]
+    Unsupported {
+        path: PathBuf,
+        key: String,
+        value: String,
+        supported: String,
+    },
     #[error("{path}: tensor `{name}`: {message}")]
     Tensor {
         path: PathBuf,

@@ -74,6 +74,11 @@ impl TensorReader<'_> {
         Ok(self.tensor(name)?.dequantize(&self.device)?)
     }
 
+    /// A dense tensor the configuration calls for (`wanted`), else none.
+    fn optional(&mut self, wanted: bool, name: &str) -> Result<Option<Tensor>> {
+        wanted.then(|| self.dense(name)).transpose()
+    }
+
     fn quantized(&self, tensor: QTensor) -> Result<LinearWeight> {
         Ok(LinearWeight::quantized(tensor, self.repack_for_cpu)?)
     }
@@ -126,6 +131,14 @@ pub fn load(
             down_proj: r.linear(&format!("{p}.ffn_down"), false)?,
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
+            // llama.cpp's converter stores Gemma's norms as (1 + w): plain RMSNorm weights.
+            q_norm: r.optional(config.qk_norm, &format!("{p}.attn_q_norm.weight"))?,
+            k_norm: r.optional(config.qk_norm, &format!("{p}.attn_k_norm.weight"))?,
+            post_attention_norm: r.optional(
+                config.post_norms,
+                &format!("{p}.post_attention_norm.weight"),
+            )?,
+            post_ffn_norm: r.optional(config.post_norms, &format!("{p}.post_ffw_norm.weight"))?,
         });
     }
     let embedding_q = r.tensor("token_embd.weight")?;

@@ -159,6 +159,11 @@ fn build_weights(
             gate_proj: linear(mlp("gate_proj"), false)?,
             up_proj: linear(mlp("up_proj"), false)?,
             down_proj: linear(mlp("down_proj"), false)?,
+            // Only the Llama block comes from config.json for now (see `ModelConfig`).
+            q_norm: None,
+            k_norm: None,
+            post_attention_norm: None,
+            post_ffn_norm: None,
         });
     }
     let embedding = ckpt.load_f32("model.embed_tokens.weight")?;

@@ -120,13 +120,19 @@ impl Linear {
                 input.quantize(x, m, x.len() / m);
                 QWeight::matmul_quantized_many(&weights, input, outs);
             }
+            // candle's, or a mix (a GGUF may store q and v in different types): one at a time.
             None => {
-                let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                let x_tensor = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
                 for (layer, out) in layers.iter().zip(outs.iter_mut()) {
-                    let LinearWeight::Candle(w) = &layer.weight else {
-                        unreachable!("mixed packed and candle weights in one call")
-                    };
-                    with_f32_slice(&w.forward(&x)?, |y| out.copy_from_slice(y))?;
+                    match &layer.weight {
+                        LinearWeight::Packed(w) => {
+                            input.quantize(x, m, x.len() / m);
+                            QWeight::matmul_quantized_many(&[w], input, &mut [&mut **out]);
+                        }
+                        LinearWeight::Candle(w) => {
+                            with_f32_slice(&w.forward(&x_tensor)?, |y| out.copy_from_slice(y))?
+                        }
+                    }
                 }
             }
         }
@@ -156,6 +162,12 @@ impl Linear {
 
 pub struct LayerWeights {
     pub attn_norm: Tensor,
+    /// Per-head RMSNorm weights of queries and keys (`head_dim` each), when `config.qk_norm`.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// RMSNorm of the attention and MLP outputs, when `config.post_norms`.
+    pub post_attention_norm: Option<Tensor>,
+    pub post_ffn_norm: Option<Tensor>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,

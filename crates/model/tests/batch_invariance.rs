@@ -152,3 +152,76 @@ fn check_batch_invariance(cache: CacheOptions) {
         }
     }
 }
+
+/// The same bit-identity on a sliding-window model (synthetic Gemma 3 shape, window 8, every
+/// third layer global): prompts far past the window, chunks that start inside and outside it,
+/// sequences of different lengths in one batch.
+#[test]
+fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
+    let config = minserve_model::synthetic::preset("tiny-gemma3").unwrap();
+    let weights =
+        minserve_model::synthetic::build(&config, 3, candle_core::quantized::GgmlDType::Q8_0, true)
+            .unwrap();
+    let mut runner = ModelRunner::new(
+        minserve_model::LlamaModel::new(weights),
+        CacheOptions::default(),
+    );
+    let tokens = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + seed * 101) % 500).collect()
+    };
+    let (a, b, c) = (tokens(45, 1), tokens(3, 2), tokens(70, 3));
+    let decode = 12;
+    let alone = {
+        let mut seqs = [Seq {
+            tokens: a.clone(),
+            computed: 0,
+            table: (0..4).collect(),
+        }];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
+    };
+    let batched = {
+        let mut seqs = [
+            Seq {
+                tokens: a.clone(),
+                computed: 0,
+                table: vec![31, 7, 19, 2],
+            },
+            Seq {
+                tokens: b.clone(),
+                computed: 0,
+                table: vec![5],
+            },
+            Seq {
+                tokens: c.clone(),
+                computed: 0,
+                table: vec![8, 9, 10, 12, 13, 14],
+            },
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
+    };
+    let chunked = {
+        let mut seqs = [
+            Seq {
+                tokens: a.clone(),
+                computed: 0,
+                table: vec![50, 51, 52, 53],
+            },
+            Seq {
+                tokens: c,
+                computed: 0,
+                table: vec![60, 61, 62, 63, 64, 65],
+            },
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[5, 13], decode)
+    };
+    assert_eq!(alone.len(), decode + 1);
+    for (name, other) in [("batched", &batched), ("chunked", &chunked)] {
+        assert_eq!(other.len(), alone.len(), "{name}: step count");
+        for (step, (x, y)) in alone.iter().zip(other.iter()).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name}: logits differ from the lone run at step {step}"
+            );
+        }
+    }
+}

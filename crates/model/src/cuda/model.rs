@@ -147,6 +147,18 @@ impl CudaModel {
     /// Moves `weights` to `device`, dense matrices converted to `dtype`.
     pub fn new(weights: LlamaWeights, dtype: DType, device: &Device) -> Result<Self> {
         let c = weights.config;
+        if c.qk_norm
+            || c.post_norms
+            || c.scale_embeddings
+            || c.sliding_window.is_some()
+            || c.activation != crate::config::Activation::Silu
+        {
+            return Err(crate::error::ModelError::Device(format!(
+                "the GPU path runs the Llama block only; `{}` (q/k norms, post-norms, GeGLU or \
+                 sliding windows) runs on the CPU (--device cpu)",
+                c.architecture
+            )));
+        }
         let quantized = matches!(
             weights.layers.first().map(|l| &l.q_proj.weight),
             Some(LinearWeight::Candle(QMatMul::QTensor(_)))
@@ -177,6 +189,7 @@ impl CudaModel {
         let rope = RopeTable::new(
             c.head_dim,
             c.rope_theta,
+            &c.rope_scaling,
             c.max_position_embeddings,
             c.rope_style,
         );
