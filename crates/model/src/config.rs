@@ -56,9 +56,10 @@ pub enum RopeScaling {
 const SUPPORTED_ROPE_SCALING: &str = "none/default, linear, llama3, yarn";
 
 /// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Activation {
     /// SwiGLU: `silu(gate) * up` (Llama, Qwen).
+    #[default]
     Silu,
     /// GeGLU with the tanh approximation of GELU (Gemma).
     GeluTanh,
@@ -96,6 +97,13 @@ pub struct ModelConfig {
     /// Whether the lm_head reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
     pub rope_scaling: RopeScaling,
+    /// How the block differs from Llama's.
+    pub block: BlockVariant,
+}
+
+/// The ways a model's block differs from Llama's; the default is the Llama block.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BlockVariant {
     pub activation: Activation,
     /// RMSNorm of each query and key head before RoPE (Gemma 3, Qwen3).
     pub qk_norm: bool,
@@ -192,21 +200,23 @@ impl ModelConfig {
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             rope_scaling: rope_scaling_from_gguf(content, &arch, source)?,
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
+            block: BlockVariant {
+                activation: if gemma {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                },
+                qk_norm: content
+                    .tensor_infos
+                    .contains_key("blk.0.attn_q_norm.weight"),
+                post_norms: content
+                    .tensor_infos
+                    .contains_key("blk.0.post_attention_norm.weight"),
+                scale_embeddings: gemma,
+                // llama.cpp tells Gemma 3 27B (62 layers) apart the same way; no key says it.
+                query_pre_attn_scalar: (gemma && num_layers == 62).then(|| hidden_size / num_heads),
+                sliding_window,
             },
-            qk_norm: content
-                .tensor_infos
-                .contains_key("blk.0.attn_q_norm.weight"),
-            post_norms: content
-                .tensor_infos
-                .contains_key("blk.0.post_attention_norm.weight"),
-            scale_embeddings: gemma,
-            // llama.cpp tells Gemma 3 27B (62 layers) apart the same way; the GGUF lacks the key.
-            query_pre_attn_scalar: (gemma && num_layers == 62).then(|| hidden_size / num_heads),
-            sliding_window,
             architecture: arch,
         };
         config.validate(source)?;
@@ -254,12 +264,7 @@ impl ModelConfig {
             rope_style: RopeStyle::Neox,
             max_position_embeddings,
             rope_scaling,
-            activation: Activation::Silu,
-            qk_norm: false,
-            post_norms: false,
-            scale_embeddings: false,
-            query_pre_attn_scalar: None,
-            sliding_window: None,
+            block: BlockVariant::default(),
             architecture: raw.model_type,
         };
         config.validate(path)?;
@@ -280,7 +285,7 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if let Some(w) = &self.sliding_window {
+        if let Some(w) = &self.block.sliding_window {
             if w.size == 0 || w.pattern == 0 {
                 return Err(bad(format!(
                     "sliding window of {} with a pattern of {}: both must be positive",
@@ -309,14 +314,15 @@ impl ModelConfig {
 
     /// The sliding window of layer `layer`, `None` for a global layer.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
-        self.sliding_window
+        self.block
+            .sliding_window
             .filter(|w| !(layer + 1).is_multiple_of(w.pattern))
             .map(|w| w.size)
     }
 
     /// What attention scores are multiplied by.
     pub fn attention_scale(&self) -> f32 {
-        let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim);
+        let scalar = self.block.query_pre_attn_scalar.unwrap_or(self.head_dim);
         (1.0 / (scalar as f64).sqrt()) as f32
     }
 }

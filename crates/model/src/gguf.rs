@@ -132,13 +132,16 @@ pub fn load(
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
             // llama.cpp's converter stores Gemma's norms as (1 + w): plain RMSNorm weights.
-            q_norm: r.optional(config.qk_norm, &format!("{p}.attn_q_norm.weight"))?,
-            k_norm: r.optional(config.qk_norm, &format!("{p}.attn_k_norm.weight"))?,
+            q_norm: r.optional(config.block.qk_norm, &format!("{p}.attn_q_norm.weight"))?,
+            k_norm: r.optional(config.block.qk_norm, &format!("{p}.attn_k_norm.weight"))?,
             post_attention_norm: r.optional(
-                config.post_norms,
+                config.block.post_norms,
                 &format!("{p}.post_attention_norm.weight"),
             )?,
-            post_ffn_norm: r.optional(config.post_norms, &format!("{p}.post_ffw_norm.weight"))?,
+            post_ffn_norm: r.optional(
+                config.block.post_norms,
+                &format!("{p}.post_ffw_norm.weight"),
+            )?,
         });
     }
     let embedding_q = r.tensor("token_embd.weight")?;

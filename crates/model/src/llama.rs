@@ -80,7 +80,7 @@ impl LlamaModel {
             c.max_position_embeddings,
             c.rope_style,
         );
-        let local_rope = c.sliding_window.map(|w| {
+        let local_rope = c.block.sliding_window.map(|w| {
             let plain = crate::config::RopeScaling::None;
             RopeTable::new(
                 c.head_dim,
@@ -148,7 +148,7 @@ impl LlamaModel {
                 row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
             }
         })?;
-        if c.scale_embeddings {
+        if c.block.scale_embeddings {
             let factor = (hidden as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= factor);
         }
@@ -233,7 +233,7 @@ impl LlamaModel {
                 &mut [&mut *gate, &mut *up],
             )?;
             let width = c.intermediate_size;
-            let activation_mul = match c.activation {
+            let activation_mul = match c.block.activation {
                 Activation::Silu => silu_mul,
                 Activation::GeluTanh => gelu_tanh_mul,
             };

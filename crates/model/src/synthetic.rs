@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use minserve_core::sampling::Rng;
 use minserve_tokenizer::Tokenizer;
 
-use crate::config::{Activation, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
+use crate::config::{Activation, BlockVariant, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
 use crate::device::DeviceChoice;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
@@ -43,12 +43,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         attention_bias: false,
         tie_word_embeddings: true,
         rope_scaling: RopeScaling::None,
-        activation: Activation::Silu,
-        qk_norm: false,
-        post_norms: false,
-        scale_embeddings: false,
-        query_pre_attn_scalar: None,
-        sliding_window: None,
+        block: BlockVariant::default(),
     };
     // Gemma 3's block: GeGLU, q/k norms, post-norms, scaled embeddings, NeoX RoPE, and
     // sliding-window layers (`window` positions, every `pattern`-th layer global).
@@ -58,15 +53,18 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
         rope_style: RopeStyle::Neox,
-        activation: Activation::GeluTanh,
-        qk_norm: true,
-        post_norms: true,
-        scale_embeddings: true,
-        sliding_window: Some(SlidingWindow {
-            size: window,
-            pattern,
-            local_rope_theta: 10_000.0,
-        }),
+        block: BlockVariant {
+            activation: Activation::GeluTanh,
+            qk_norm: true,
+            post_norms: true,
+            scale_embeddings: true,
+            query_pre_attn_scalar: None,
+            sliding_window: Some(SlidingWindow {
+                size: window,
+                pattern,
+                local_rope_theta: 10_000.0,
+            }),
+        },
         max_position_embeddings: 32_768,
         ..base
     };
@@ -173,10 +171,10 @@ pub fn build(
     let mut layers = Vec::with_capacity(c.num_layers);
     for _ in 0..c.num_layers {
         layers.push(LayerWeights {
-            q_norm: norm(c.qk_norm, c.head_dim, &mut random)?,
-            k_norm: norm(c.qk_norm, c.head_dim, &mut random)?,
-            post_attention_norm: norm(c.post_norms, c.hidden_size, &mut random)?,
-            post_ffn_norm: norm(c.post_norms, c.hidden_size, &mut random)?,
+            q_norm: norm(c.block.qk_norm, c.head_dim, &mut random)?,
+            k_norm: norm(c.block.qk_norm, c.head_dim, &mut random)?,
+            post_attention_norm: norm(c.block.post_norms, c.hidden_size, &mut random)?,
+            post_ffn_norm: norm(c.block.post_norms, c.hidden_size, &mut random)?,
             attn_norm: ones.clone(),
             q_proj: with_bias(
                 linear(c.num_heads * c.head_dim, c.hidden_size, &mut random)?,

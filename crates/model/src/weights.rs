@@ -162,10 +162,10 @@ impl Linear {
 
 pub struct LayerWeights {
     pub attn_norm: Tensor,
-    /// Per-head RMSNorm weights of queries and keys (`head_dim` each), when `config.qk_norm`.
+    /// Per-head RMSNorm weights of queries and keys (`head_dim` each), when `config.block.qk_norm`.
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
-    /// RMSNorm of the attention and MLP outputs, when `config.post_norms`.
+    /// RMSNorm of the attention and MLP outputs, when `config.block.post_norms`.
     pub post_attention_norm: Option<Tensor>,
     pub post_ffn_norm: Option<Tensor>,
     pub q_proj: Linear,

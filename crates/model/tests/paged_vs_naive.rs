@@ -1,6 +1,8 @@
 //! The paged, batched, chunked forward pass against a naive one on a tiny synthetic model: full
 //! causal attention over contiguous K/V, written with plain candle ops, no cache at all.
 
+mod common;
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, D};
 use minserve_core::sampling::Rng;
@@ -21,8 +23,8 @@ fn linear(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// RoPE frequencies at base `theta`, stretched as Llama 3.1 publishes it
-/// (`_compute_llama3_parameters` in `transformers`), computed apart from `rope.rs`.
+/// RoPE frequencies at base `theta`, stretched as Llama 3.1 publishes it, computed apart from
+/// `rope.rs`.
 fn reference_frequencies(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
     let plain = (0..head_dim)
         .step_by(2)
@@ -34,27 +36,17 @@ fn reference_frequencies(head_dim: usize, theta: f32, scaling: &RopeScaling) -> 
             low_freq_factor,
             high_freq_factor,
             original_context,
-        } => (0..head_dim / 2)
-            .map(|i| {
-                let freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let (factor, low, high) = (
-                    factor as f64,
-                    low_freq_factor as f64,
-                    high_freq_factor as f64,
-                );
-                let original = original_context as f64;
-                let scaled = if wavelen < original / high {
-                    freq
-                } else if wavelen > original / low {
-                    freq / factor
-                } else {
-                    let smooth = (original / wavelen - low) / (high - low);
-                    (1.0 - smooth) * freq / factor + smooth * freq
-                };
-                scaled as f32
-            })
-            .collect(),
+        } => common::llama3_reference_frequencies(
+            head_dim,
+            theta as f64,
+            factor as f64,
+            low_freq_factor as f64,
+            high_freq_factor as f64,
+            original_context as f64,
+        )
+        .into_iter()
+        .map(|f| f as f32)
+        .collect(),
         ref other => panic!("the reference has no {other:?}"),
     }
 }
@@ -92,7 +84,7 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
         Tensor::from_vec(mask, (t, t), &dev)
     };
     let global_mask = mask(None)?;
-    let scale = (c.query_pre_attn_scalar.unwrap_or(c.head_dim) as f64).sqrt();
+    let scale = (c.block.query_pre_attn_scalar.unwrap_or(c.head_dim) as f64).sqrt();
     let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
         x.reshape((1, t, n, c.head_dim))?
             .transpose(1, 2)?
@@ -115,12 +107,15 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
 
     let ids = Tensor::new(tokens, &dev)?;
     let mut x = w.embedding.index_select(&ids, 0)?;
-    if c.scale_embeddings {
+    if c.block.scale_embeddings {
         x = (x * (c.hidden_size as f32).sqrt() as f64)?;
     }
     for (index, layer) in w.layers.iter().enumerate() {
         // Every `pattern`-th layer (from 1) is global, the others see a window at their own base.
-        let window = c.sliding_window.filter(|sw| (index + 1) % sw.pattern != 0);
+        let window = c
+            .block
+            .sliding_window
+            .filter(|sw| (index + 1) % sw.pattern != 0);
         let ((cos, sin), mask) = match window {
             Some(sw) => (
                 cos_sin(sw.local_rope_theta, &RopeScaling::None)?,
@@ -153,7 +148,7 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
         x = (norm(linear(&layer.o_proj, &attn)?, &layer.post_attention_norm)? + x)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
         let gate = linear(&layer.gate_proj, &h)?;
-        let gate = match c.activation {
+        let gate = match c.block.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             // candle's `gelu` is the tanh approximation.
             Activation::GeluTanh => gate.gelu()?,

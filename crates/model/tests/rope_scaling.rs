@@ -2,7 +2,11 @@
 //! `transformers`' `modeling_rope_utils`), written again here in f64 apart from `rope.rs`;
 //! reading it from config.json and GGUF; refusing the types that are not implemented.
 
+mod common;
+
 use std::f64::consts::PI;
+
+use common::llama3_reference_frequencies;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -11,34 +15,6 @@ use candle_core::{Device, Tensor};
 use minserve_model::config::RopeScaling;
 use minserve_model::rope::{inverse_frequencies, llama3_parameters};
 use minserve_model::ModelConfig;
-
-/// `_compute_llama3_parameters`.
-fn llama3_reference(
-    head_dim: usize,
-    theta: f64,
-    factor: f64,
-    low_freq_factor: f64,
-    high_freq_factor: f64,
-    original: f64,
-) -> Vec<f64> {
-    let low_freq_wavelen = original / low_freq_factor;
-    let high_freq_wavelen = original / high_freq_factor;
-    (0..head_dim / 2)
-        .map(|i| {
-            let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-            let wavelen = 2.0 * PI / freq;
-            if wavelen < high_freq_wavelen {
-                freq
-            } else if wavelen > low_freq_wavelen {
-                freq / factor
-            } else {
-                let smooth =
-                    (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                (1.0 - smooth) * freq / factor + smooth * freq
-            }
-        })
-        .collect()
-}
 
 /// `_compute_yarn_parameters` (with `truncate`), frequencies only.
 fn yarn_reference(
@@ -88,7 +64,7 @@ fn llama3_frequencies_follow_the_published_formula() {
         original_context: 8192,
     };
     let ours = inverse_frequencies(64, 500_000.0, &scaling);
-    let reference = llama3_reference(64, 500_000.0, 32.0, 1.0, 4.0, 8192.0);
+    let reference = llama3_reference_frequencies(64, 500_000.0, 32.0, 1.0, 4.0, 8192.0);
     assert_close(&ours, &reference, "llama3");
     // All three regimes occur, so the ramp is covered: kept, divided by 32, in between.
     let plain = inverse_frequencies(64, 500_000.0, &RopeScaling::None);
@@ -129,7 +105,7 @@ fn llama3_parameters_come_back_from_gguf_divisors() {
     let plain: Vec<f64> = (0..32)
         .map(|i| 1.0 / 500_000f64.powf(2.0 * i as f64 / 64.0))
         .collect();
-    let scaled = llama3_reference(64, 500_000.0, 32.0, 1.0, 4.0, 8192.0);
+    let scaled = llama3_reference_frequencies(64, 500_000.0, 32.0, 1.0, 4.0, 8192.0);
     let divisors: Vec<f32> = plain
         .iter()
         .zip(&scaled)

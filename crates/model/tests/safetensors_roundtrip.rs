@@ -445,21 +445,14 @@ fn with_llama3_divisors(src: &Path, dst: &Path, factor: f64, original: f64) -> f
     };
     let config = minserve_model::ModelConfig::from_gguf(&content, src).unwrap();
     let head_dim = config.head_dim;
-    let divisors: Vec<f32> = (0..head_dim / 2)
-        .map(|i| {
-            let freq = 1.0 / (theta as f64).powf((2 * i) as f64 / head_dim as f64);
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            let (low, high) = (1.0, 4.0);
-            let scaled = if wavelen < original / high {
-                freq
-            } else if wavelen > original / low {
-                freq / factor
-            } else {
-                let smooth = (original / wavelen - low) / (high - low);
-                (1.0 - smooth) * freq / factor + smooth * freq
-            };
-            (freq / scaled) as f32
-        })
+    let plain =
+        common::llama3_reference_frequencies(head_dim, theta as f64, 1.0, 1.0, 4.0, original);
+    let scaled =
+        common::llama3_reference_frequencies(head_dim, theta as f64, factor, 1.0, 4.0, original);
+    let divisors: Vec<f32> = plain
+        .iter()
+        .zip(&scaled)
+        .map(|(p, s)| (p / s) as f32)
         .collect();
     let mut reader = std::io::BufReader::new(std::fs::File::open(src).unwrap());
     let mut tensors: Vec<(String, QTensor)> = content

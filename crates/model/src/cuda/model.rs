@@ -147,12 +147,7 @@ impl CudaModel {
     /// Moves `weights` to `device`, dense matrices converted to `dtype`.
     pub fn new(weights: LlamaWeights, dtype: DType, device: &Device) -> Result<Self> {
         let c = weights.config;
-        if c.qk_norm
-            || c.post_norms
-            || c.scale_embeddings
-            || c.sliding_window.is_some()
-            || c.activation != crate::config::Activation::Silu
-        {
+        if c.block != crate::config::BlockVariant::default() {
             return Err(crate::error::ModelError::Device(format!(
                 "the GPU path runs the Llama block only; `{}` (q/k norms, post-norms, GeGLU or \
                  sliding windows) runs on the CPU (--device cpu)",
