@@ -114,12 +114,12 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
 pub const PRESETS: &[&str] = &[
     "tiny",
     "tiny-qwen2",
-    "tiny-llama3",
-    "tiny-gemma3",
     "smollm2-135m",
-    "gemma3-270m",
     "llama-1b",
     "llama-8b",
+    "tiny-llama3",
+    "tiny-gemma3",
+    "gemma3-270m",
 ];
 
 /// Seeded weights for `config`. Projections are stored as `dtype` (`F32` keeps them dense);
