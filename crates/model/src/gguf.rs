@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// Reads the header (metadata and tensor directory) of a GGUF file.
 pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
@@ -145,7 +145,11 @@ pub fn load(
         });
     }
     let embedding_q = r.tensor("token_embd.weight")?;
-    let embedding = embedding_q.dequantize(&r.device)?;
+    // The GPU path uploads the table as it is; the CPU keeps it quantized.
+    let embedding = match repack_for_cpu {
+        true => Embedding::from_qtensor(&embedding_q)?,
+        false => Embedding::Dense(embedding_q.dequantize(&r.device)?),
+    };
     let lm_head = match config.tie_word_embeddings {
         true => Linear {
             weight: r.quantized(embedding_q)?,

@@ -19,7 +19,6 @@ use crate::paged_attention::{AttentionPlan, PagedAttention};
 use crate::pool::DisjointWriter;
 use crate::qmatmul::QInput;
 use crate::rope::RopeTable;
-use crate::tensor_util::with_f32_slice;
 use crate::weights::{Linear, LlamaWeights};
 
 pub struct LlamaModel {
@@ -142,12 +141,7 @@ impl LlamaModel {
         let b = &mut *guard;
 
         let x = sized(&mut b.x, n * hidden);
-        with_f32_slice(&self.weights.embedding, |table| {
-            for (row, &token) in x.chunks_exact_mut(hidden).zip(&batch.token_ids) {
-                let token = token as usize;
-                row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
-            }
-        })?;
+        self.weights.embedding.rows_into(&batch.token_ids, x)?;
         if c.block.scale_embeddings {
             let factor = (hidden as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= factor);

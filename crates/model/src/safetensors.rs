@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -182,7 +182,7 @@ fn build_weights(
     let final_norm = ckpt.load_f32("model.norm.weight")?;
     Ok(LlamaWeights {
         config,
-        embedding,
+        embedding: Embedding::Dense(embedding),
         layers,
         final_norm,
         lm_head,

@@ -23,7 +23,7 @@ use crate::device::DeviceChoice;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
 use crate::load::LoadedModel;
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.
 pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -205,7 +205,7 @@ pub fn build(
     };
     Ok(LlamaWeights {
         config: config.clone(),
-        embedding,
+        embedding: Embedding::Dense(embedding),
         layers,
         final_norm: ones,
         lm_head,

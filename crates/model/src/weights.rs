@@ -178,10 +178,95 @@ pub struct LayerWeights {
     pub down_proj: Linear,
 }
 
+/// The token embedding table, `[vocab, hidden]`, indexed by token id.
+pub enum Embedding {
+    Dense(Tensor),
+    /// A GGUF table kept in its quantized type, the rows a step looks up dequantized then:
+    /// Gemma 3's 262,144 x 640 table is 640 MiB as f32, 170 MiB as Q8_0. A row dequantizes to
+    /// exactly the values of the whole table dequantized (block by block, the same code).
+    Quantized {
+        blocks: Vec<u8>,
+        dtype: GgmlDType,
+        rows: usize,
+        hidden: usize,
+    },
+}
+
+impl Embedding {
+    /// A GGUF table: kept quantized unless it is a float type already.
+    pub fn from_qtensor(tensor: &QTensor) -> candle_core::Result<Self> {
+        let (rows, hidden) = tensor.shape().dims2()?;
+        Ok(match tensor.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Self::Dense(tensor.dequantize(&Device::Cpu)?)
+            }
+            dtype => Self::Quantized {
+                blocks: tensor.data()?.into_owned(),
+                dtype,
+                rows,
+                hidden,
+            },
+        })
+    }
+
+    /// The rows of `tokens`, one after another, into `out` (`tokens.len() * hidden` values).
+    pub fn rows_into(&self, tokens: &[u32], out: &mut [f32]) -> candle_core::Result<()> {
+        match self {
+            Self::Dense(table) => with_f32_slice(table, |table| {
+                let hidden = out.len() / tokens.len().max(1);
+                for (row, &token) in out.chunks_exact_mut(hidden).zip(tokens) {
+                    let token = token as usize;
+                    row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
+                }
+            }),
+            &Self::Quantized {
+                ref blocks,
+                dtype,
+                rows,
+                hidden,
+            } => {
+                let row_bytes = blocks.len() / rows;
+                let mut gathered = Vec::with_capacity(tokens.len() * row_bytes);
+                for &token in tokens {
+                    let at = token as usize * row_bytes;
+                    gathered.extend_from_slice(&blocks[at..at + row_bytes]);
+                }
+                let shape = vec![tokens.len(), hidden];
+                let looked_up = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &gathered,
+                    shape,
+                    &Device::Cpu,
+                )?
+                .dequantize(&Device::Cpu)?;
+                with_f32_slice(&looked_up, |rows| out.copy_from_slice(rows))
+            }
+        }
+    }
+
+    /// The whole table as f32 (the GPU path, tests).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(table) => Ok(table.clone()),
+            &Self::Quantized {
+                ref blocks,
+                dtype,
+                rows,
+                hidden,
+            } => candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                blocks,
+                vec![rows, hidden],
+                &Device::Cpu,
+            )?
+            .dequantize(&Device::Cpu),
+        }
+    }
+}
+
 pub struct LlamaWeights {
     pub config: ModelConfig,
-    /// `[vocab, hidden]` f32, indexed by token id.
-    pub embedding: Tensor,
+    pub embedding: Embedding,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,

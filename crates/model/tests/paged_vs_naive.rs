@@ -106,7 +106,7 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
     };
 
     let ids = Tensor::new(tokens, &dev)?;
-    let mut x = w.embedding.index_select(&ids, 0)?;
+    let mut x = w.embedding.dense()?.index_select(&ids, 0)?;
     if c.block.scale_embeddings {
         x = (x * (c.hidden_size as f32).sqrt() as f64)?;
     }

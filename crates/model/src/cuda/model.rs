@@ -172,7 +172,7 @@ impl CudaModel {
                 down: Projection::new(vec![l.down_proj], dtype, device)?,
             });
         }
-        let embedding = vector(&weights.embedding)?;
+        let embedding = vector(&weights.embedding.dense()?)?;
         let lm_head = match (&weights.lm_head.weight, c.tie_word_embeddings) {
             // Share the embedding's GPU copy instead of uploading the same matrix twice.
             (LinearWeight::Candle(QMatMul::Tensor(_)), true) => Projection::Dense {
