@@ -120,12 +120,13 @@ pub struct BlockVariant {
 /// The architectures the one Llama code path implements.
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
 
-fn check_supported(arch: &str, source: &Path) -> Result<(), ModelError> {
+fn check_supported(arch: &str, key: &'static str, source: &Path) -> Result<(), ModelError> {
     if SUPPORTED.contains(&arch) {
         Ok(())
     } else {
         Err(ModelError::UnsupportedArchitecture {
             path: source.to_path_buf(),
+            key,
             architecture: arch.to_string(),
             supported: SUPPORTED.join(", "),
         })
@@ -145,7 +146,7 @@ impl ModelConfig {
             .and_then(|v| v.to_string().ok())
             .ok_or_else(|| missing("general.architecture"))?
             .clone();
-        check_supported(&arch, source)?;
+        check_supported(&arch, "general.architecture", source)?;
         let get_u32 = |name: &str| -> Result<usize, ModelError> {
             let key = format!("{arch}.{name}");
             md.get(&key)
@@ -234,11 +235,12 @@ impl ModelConfig {
             // Its safetensors need the (1 + w) norm convention and other names; not done yet.
             return Err(ModelError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
+                key: "model_type",
                 architecture: raw.model_type,
                 supported: "llama, mistral, qwen2 from config.json; gemma3 from GGUF only".into(),
             });
         }
-        check_supported(&raw.model_type, path)?;
+        check_supported(&raw.model_type, "model_type", path)?;
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));

@@ -11,9 +11,13 @@ pub enum ModelError {
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{path}: architecture `{architecture}` is not supported (supported: {supported})")]
+    #[error(
+        "{path}: architecture `{architecture}` is not supported (read from `{key}`; supported: {supported})"
+    )]
     UnsupportedArchitecture {
         path: PathBuf,
+        /// The metadata key it came from: `general.architecture` or `model_type`.
+        key: &'static str,
         architecture: String,
         supported: String,
     },
