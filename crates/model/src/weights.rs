@@ -1,9 +1,9 @@
 //! The weights of a Llama-family model, whatever file they came from.
 //!
 //! GGUF tensors stay in their quantized format (the activations are quantized to match, as
-//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — run on our own
-//! batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's `QMatMul`;
-//! safetensors tensors are plain f32 matmuls.
+//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — and Q5_0 (as Q8_0) run
+//! on our own batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's
+//! `QMatMul`; safetensors tensors are plain f32 matmuls.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
