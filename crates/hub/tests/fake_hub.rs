@@ -210,9 +210,10 @@ fn a_hub_file_with_the_right_size_but_wrong_sha256_is_rejected() {
     );
     assert!(!tmp.path().join("models").join("flipped").exists());
 
+    // Once the Hub serves the right bytes, the fetch recovers although the wrong ones are still
+    // in the Hugging Face cache: the cache step fails the checksum, the Hub step downloads anew.
     let fixed = FakeHub::serve(&[("org/flipped/m.gguf", good.clone())]);
     opts.hub_endpoint = Some(fixed.endpoint.clone());
-    opts.hub_cache_dir = Some(tmp.path().join("fresh-cache"));
     let path = fetch("flipped", &entry, &opts).expect("the right bytes pass");
     assert!(fs::read(path).expect("read") == good);
 }
