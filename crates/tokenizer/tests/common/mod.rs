@@ -71,8 +71,13 @@ fn read_fixture(name: &str) -> String {
 }
 
 pub fn token_fixtures() -> Vec<TokenFixture> {
+    token_fixtures_of("smollm2_tokens.json")
+}
+
+/// The token fixtures in `tests/fixtures/<name>`.
+pub fn token_fixtures_of(name: &str) -> Vec<TokenFixture> {
     let fixtures: Vec<TokenFixture> =
-        serde_json::from_str(&read_fixture("smollm2_tokens.json")).expect("valid token fixtures");
+        serde_json::from_str(&read_fixture(name)).expect("valid token fixtures");
     assert!(fixtures.len() >= 30, "token fixtures look truncated");
     fixtures
 }
