@@ -84,6 +84,7 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
                 plan: &plan,
                 num_heads: NUM_HEADS,
                 scale: 0.125,
+                window: None,
             }
             .run(&queries, out);
         }

@@ -67,7 +67,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = tokenizer.encode(&prompt_text, true)?;
+    // A chat template writes any BOS itself, as the server relies on too.
+    let prompt = tokenizer.encode(&prompt_text, !args.chat)?;
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }

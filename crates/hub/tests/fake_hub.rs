@@ -146,7 +146,9 @@ fn an_hf_folder_is_fetched_file_by_file() {
             "model.safetensors".into(),
         ],
         size: None,
+        sha256: None,
         pip: None,
+        pip_parts: Vec::new(),
     };
     let dir = fetch("folder", &entry, &opts).expect("fetched");
     assert_eq!(dir, tmp.path().join("models").join("folder"));
@@ -171,7 +173,9 @@ fn a_partly_missing_hf_folder_names_the_missing_file() {
         file: None,
         files: vec!["config.json".into(), "tokenizer.json".into()],
         size: None,
+        sha256: None,
         pip: None,
+        pip_parts: Vec::new(),
     };
     let err = fetch("partial", &entry, &opts).expect_err("config.json missing");
     let FetchError::AllSourcesFailed { attempts, .. } = &err else {
@@ -185,3 +189,33 @@ fn a_partly_missing_hf_folder_names_the_missing_file() {
         "an incomplete folder is not a model"
     );
 }
+
+#[test]
+fn a_hub_file_with_the_right_size_but_wrong_sha256_is_rejected() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let good = fake_gguf(2 << 20);
+    let mut served = good.clone();
+    served[4096] ^= 1;
+    let hub = FakeHub::serve(&[("org/flipped/m.gguf", served)]);
+    let mut opts = isolated(tmp.path());
+    opts.hub_endpoint = Some(hub.endpoint.clone());
+    let mut entry = gguf_entry("org/flipped", "m.gguf", Some(good.len() as u64), None);
+    // sha256 of `fake_gguf(2 << 20)`, computed apart from minserve:
+    // python3 -c "import hashlib;b=b'GGUF\x03\0\0\0'+bytes(i%251 for i in range(2*2**20-8));print(hashlib.sha256(b).hexdigest())"
+    entry.sha256 = Some(GOOD_SHA256.into());
+    let err = fetch("flipped", &entry, &opts).expect_err("one bit off");
+    assert!(
+        err.to_string().contains("sha256") && err.to_string().contains(GOOD_SHA256),
+        "{err}"
+    );
+    assert!(!tmp.path().join("models").join("flipped").exists());
+
+    // Once the Hub serves the right bytes, the fetch recovers although the wrong ones are still
+    // in the Hugging Face cache: the cache step fails the checksum, the Hub step downloads anew.
+    let fixed = FakeHub::serve(&[("org/flipped/m.gguf", good.clone())]);
+    opts.hub_endpoint = Some(fixed.endpoint.clone());
+    let path = fetch("flipped", &entry, &opts).expect("the right bytes pass");
+    assert!(fs::read(path).expect("read") == good);
+}
+
+const GOOD_SHA256: &str = "409e0f58d6fe54db47bf8659cf5c90c9002ec189bd67edcf7c021f11751d9f02";

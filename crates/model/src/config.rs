@@ -1,6 +1,7 @@
 //! Shape and hyper-parameters of a Llama-family model, read from GGUF metadata or a Hugging Face
-//! `config.json`. Llama, SmolLM2, Mistral and Qwen2 differ only in these fields, so one forward
-//! pass serves them all.
+//! `config.json`. Llama, SmolLM2, Mistral, Qwen2 and Gemma 3 differ only in these fields, so
+//! one forward pass serves them all: Gemma's extra norms, activation, embedding scale and
+//! sliding windows are fields here, not a second model.
 
 use std::path::Path;
 
@@ -17,6 +18,62 @@ pub enum RopeStyle {
     Interleaved,
     /// Pairs `(i, i + d/2)`: the layout of Hugging Face checkpoints, and of Qwen2 GGUFs.
     Neox,
+}
+
+/// How RoPE frequencies are stretched so that a model reaches past the context it was first
+/// trained on. Applies to the layers with global attention (Gemma's local layers use plain
+/// RoPE at their own base). Formulas: `crate::rope::inverse_frequencies`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f32 },
+    /// Llama 3.1's: wavelengths longer than `original_context / low_freq_factor` divided by
+    /// `factor`, shorter than `original_context / high_freq_factor` kept, a smooth ramp between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: usize,
+    },
+    /// YaRN as Hugging Face `transformers` computes it: interpolated low frequencies,
+    /// extrapolated high ones, a linear ramp between (in dimensions set by `beta_fast` and
+    /// `beta_slow`), and cos/sin multiplied by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+    },
+    /// One divisor per frequency, as stored in a GGUF's `rope_freqs.weight`: how llama.cpp's
+    /// converter writes Llama 3's scaling (the parameters themselves are not kept).
+    Divisors(Vec<f32>),
+}
+
+/// The scaling types [`RopeScaling`] implements, for error messages.
+const SUPPORTED_ROPE_SCALING: &str = "none/default, linear, llama3, yarn";
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// SwiGLU: `silu(gate) * up` (Llama, Qwen).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
+/// Local attention on some layers: they see only the last `size` positions (the token itself
+/// and `size - 1` before it), like Hugging Face's and llama.cpp's masks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlidingWindow {
+    pub size: usize,
+    /// Every `pattern`-th layer (counting from 1) is global, the others local: Gemma 3 has 6.
+    pub pattern: usize,
+    /// RoPE base of the local layers; global layers use `rope_theta` and `rope_scaling`.
+    pub local_rope_theta: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,17 +96,37 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Whether the lm_head reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
+    pub rope_scaling: RopeScaling,
+    /// How the block differs from Llama's.
+    pub block: BlockVariant,
+}
+
+/// The ways a model's block differs from Llama's; the default is the Llama block.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BlockVariant {
+    pub activation: Activation,
+    /// RMSNorm of each query and key head before RoPE (Gemma 3, Qwen3).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and MLP outputs before they join the residual stream (Gemma).
+    pub post_norms: bool,
+    /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Attention scores are scaled by `1 / sqrt(this)`; `None` means the head size. Gemma 3
+    /// 27B's `query_pre_attn_scalar` differs from its head size.
+    pub query_pre_attn_scalar: Option<usize>,
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 /// The architectures the one Llama code path implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
 
-fn check_supported(arch: &str, source: &Path) -> Result<(), ModelError> {
+fn check_supported(arch: &str, key: &'static str, source: &Path) -> Result<(), ModelError> {
     if SUPPORTED.contains(&arch) {
         Ok(())
     } else {
         Err(ModelError::UnsupportedArchitecture {
             path: source.to_path_buf(),
+            key,
             architecture: arch.to_string(),
             supported: SUPPORTED.join(", "),
         })
@@ -69,7 +146,7 @@ impl ModelConfig {
             .and_then(|v| v.to_string().ok())
             .ok_or_else(|| missing("general.architecture"))?
             .clone();
-        check_supported(&arch, source)?;
+        check_supported(&arch, "general.architecture", source)?;
         let get_u32 = |name: &str| -> Result<usize, ModelError> {
             let key = format!("{arch}.{name}");
             md.get(&key)
@@ -84,22 +161,35 @@ impl ModelConfig {
         let hidden_size = get_u32("embedding_length")?;
         let num_heads = get_u32("attention.head_count")?;
         let num_kv_heads = get_u32("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = get_u32("rope.dimension_count").unwrap_or(hidden_size / num_heads);
+        let head_dim = get_u32("attention.key_length")
+            .or_else(|_| get_u32("rope.dimension_count"))
+            .unwrap_or(hidden_size / num_heads);
         let token_embd = content.tensor_infos.get("token_embd.weight");
         // Older GGUFs lack `<arch>.vocab_size`; the embedding's row count is authoritative.
         let vocab_size = match token_embd {
             Some(info) => info.shape.dims()[0],
             None => get_u32("vocab_size")?,
         };
-        let rope_style = if arch == "qwen2" {
-            RopeStyle::Neox
-        } else {
-            RopeStyle::Interleaved
+        // llama.cpp's converter permutes q/k rows for interleaved pairs for Llama only.
+        let rope_style = match arch.as_str() {
+            "qwen2" | "gemma3" => RopeStyle::Neox,
+            _ => RopeStyle::Interleaved,
         };
+        let gemma = arch == "gemma3";
+        let sliding_window = match (gemma, get_u32("attention.sliding_window")) {
+            (true, Ok(size)) => Some(SlidingWindow {
+                size,
+                // Not stored in Gemma 3 GGUFs: llama.cpp hard-codes both as well.
+                pattern: get_u32("attention.sliding_window_pattern").unwrap_or(6),
+                local_rope_theta: get_f32("rope.freq_base_swa").unwrap_or(10_000.0),
+            }),
+            _ => None,
+        };
+        let num_layers = get_u32("block_count")?;
         let config = Self {
             hidden_size,
             intermediate_size: get_u32("feed_forward_length")?,
-            num_layers: get_u32("block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -110,6 +200,24 @@ impl ModelConfig {
             max_position_embeddings: get_u32("context_length").unwrap_or(4096),
             attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            rope_scaling: rope_scaling_from_gguf(content, &arch, source)?,
+            block: BlockVariant {
+                activation: if gemma {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                },
+                qk_norm: content
+                    .tensor_infos
+                    .contains_key("blk.0.attn_q_norm.weight"),
+                post_norms: content
+                    .tensor_infos
+                    .contains_key("blk.0.post_attention_norm.weight"),
+                scale_embeddings: gemma,
+                // llama.cpp tells Gemma 3 27B (62 layers) apart the same way; no key says it.
+                query_pre_attn_scalar: (gemma && num_layers == 62).then(|| hidden_size / num_heads),
+                sliding_window,
+            },
             architecture: arch,
         };
         config.validate(source)?;
@@ -123,12 +231,28 @@ impl ModelConfig {
             path: path.to_path_buf(),
             message: format!("not a valid config.json: {e}"),
         })?;
-        check_supported(&raw.model_type, path)?;
+        if raw.model_type.starts_with("gemma") {
+            // Its safetensors need the (1 + w) norm convention and other names; not done yet.
+            return Err(ModelError::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                key: "model_type",
+                architecture: raw.model_type,
+                supported: "llama, mistral, qwen2 from config.json; gemma3 from GGUF only".into(),
+            });
+        }
+        check_supported(&raw.model_type, "model_type", path)?;
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
+        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        let rope_scaling = match &raw.rope_scaling {
+            None | Some(serde_json::Value::Null) => RopeScaling::None,
+            Some(value) => rope_scaling_from_json(value, max_position_embeddings, path)?,
+        };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let config = Self {
-            head_dim: raw
-                .head_dim
-                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            head_dim,
             attention_bias: raw.attention_bias.unwrap_or(raw.model_type == "qwen2"),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             hidden_size: raw.hidden_size,
@@ -138,9 +262,11 @@ impl ModelConfig {
             num_kv_heads,
             vocab_size: raw.vocab_size,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_style: RopeStyle::Neox,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
+            rope_scaling,
+            block: BlockVariant::default(),
             architecture: raw.model_type,
         };
         config.validate(path)?;
@@ -161,6 +287,24 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
+        if let Some(w) = &self.block.sliding_window {
+            if w.size == 0 || w.pattern == 0 {
+                return Err(bad(format!(
+                    "sliding window of {} with a pattern of {}: both must be positive",
+                    w.size, w.pattern
+                )));
+            }
+        }
+        if let RopeScaling::Divisors(d) = &self.rope_scaling {
+            if d.len() != self.head_dim / 2 || d.iter().any(|&x| !(x.is_finite() && x > 0.0)) {
+                return Err(bad(format!(
+                    "rope_freqs.weight has {} entries (head dim {} needs {}), all positive",
+                    d.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                )));
+            }
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head dim {} is odd: RoPE needs pairs",
@@ -170,31 +314,163 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// The `config.json` a Hugging Face `transformers` Llama would read, for `minserve export`.
-    pub fn to_hf_config_json(&self, torch_dtype: &str) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": [match self.architecture.as_str() {
-                "qwen2" => "Qwen2ForCausalLM",
-                "mistral" => "MistralForCausalLM",
-                _ => "LlamaForCausalLM",
-            }],
-            "model_type": self.architecture,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": self.attention_bias,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "torch_dtype": torch_dtype,
-        })
+    /// The sliding window of layer `layer`, `None` for a global layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.block
+            .sliding_window
+            .filter(|w| !(layer + 1).is_multiple_of(w.pattern))
+            .map(|w| w.size)
     }
+
+    /// What attention scores are multiplied by.
+    pub fn attention_scale(&self) -> f32 {
+        let scalar = self.block.query_pre_attn_scalar.unwrap_or(self.head_dim);
+        (1.0 / (scalar as f64).sqrt()) as f32
+    }
+}
+
+/// `rope_scaling` of a `config.json`: `rope_type` (or the older `type`) and its parameters.
+/// Types not implemented are an error naming them, never silently ignored: they would change
+/// every logit.
+fn rope_scaling_from_json(
+    value: &serde_json::Value,
+    max_position_embeddings: usize,
+    path: &Path,
+) -> Result<RopeScaling, ModelError> {
+    let bad = |message: String| ModelError::Format {
+        path: path.to_path_buf(),
+        message: format!("rope_scaling: {message}"),
+    };
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad(format!("no `rope_type` in {value}")))?;
+    let number = |key: &str| value.get(key).and_then(|v| v.as_f64());
+    let factor = || {
+        number("factor")
+            .map(|f| f as f32)
+            .ok_or_else(|| bad(format!("`{kind}` needs a numeric `factor`")))
+    };
+    let original = number("original_max_position_embeddings").map(|v| v as usize);
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: number("low_freq_factor").unwrap_or(1.0) as f32,
+            high_freq_factor: number("high_freq_factor").unwrap_or(4.0) as f32,
+            original_context: original
+                .ok_or_else(|| bad("`llama3` needs `original_max_position_embeddings`".into()))?,
+        },
+        "yarn" => {
+            let factor = factor()?;
+            let mscale = number("mscale");
+            let mscale_all_dim = number("mscale_all_dim");
+            let attention_factor = match (number("attention_factor"), mscale, mscale_all_dim) {
+                (Some(a), _, _) => a as f32,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    yarn_mscale(factor, m as f32) / yarn_mscale(factor, all as f32)
+                }
+                _ => yarn_mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_context: original.unwrap_or(max_position_embeddings),
+                beta_fast: number("beta_fast").unwrap_or(32.0) as f32,
+                beta_slow: number("beta_slow").unwrap_or(1.0) as f32,
+                attention_factor,
+            }
+        }
+        other => {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                key: "rope_scaling.rope_type".into(),
+                value: other.into(),
+                supported: SUPPORTED_ROPE_SCALING.into(),
+            })
+        }
+    })
+}
+
+/// YaRN's default attention factor: `0.1 * m * ln(factor) + 1` (1 when not stretching).
+fn yarn_mscale(factor: f32, m: f32) -> f32 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * factor.ln() + 1.0
+    }
+}
+
+/// The scaling a GGUF declares: `rope_freqs.weight` (Llama 3, as llama.cpp converts it; its
+/// length is checked in `validate`), else the `<arch>.rope.scaling.*` keys.
+fn rope_scaling_from_gguf(
+    content: &gguf_file::Content,
+    arch: &str,
+    source: &Path,
+) -> Result<RopeScaling, ModelError> {
+    let md = &content.metadata;
+    let key = |name: &str| format!("{arch}.rope.scaling.{name}");
+    let number = |name: &str| md.get(&key(name)).and_then(|v| v.to_f32().ok());
+    let count = |name: &str| md.get(&key(name)).and_then(|v| v.to_u32().ok());
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let mut file = std::fs::File::open(source).map_err(|e| ModelError::io(source, e))?;
+        let divisors = content
+            .tensor(&mut file, "rope_freqs.weight", &candle_core::Device::Cpu)
+            .and_then(|t| t.dequantize(&candle_core::Device::Cpu))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| ModelError::Tensor {
+                path: source.to_path_buf(),
+                name: "rope_freqs.weight".into(),
+                message: e.to_string(),
+            })?;
+        return Ok(RopeScaling::Divisors(divisors));
+    }
+    let kind = match md.get(&key("type")) {
+        None => return Ok(RopeScaling::None),
+        Some(v) => v.to_string().map_err(|_| ModelError::Format {
+            path: source.to_path_buf(),
+            message: format!("metadata key `{}` is not a string", key("type")),
+        })?,
+    };
+    let factor = || {
+        number("factor").ok_or_else(|| ModelError::Format {
+            path: source.to_path_buf(),
+            message: format!(
+                "`{}` is `{kind}` but `{}` is missing",
+                key("type"),
+                key("factor")
+            ),
+        })
+    };
+    Ok(match kind.as_str() {
+        "none" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "yarn" => {
+            let factor = factor()?;
+            RopeScaling::Yarn {
+                factor,
+                original_context: count("original_context_length")
+                    .map(|v| v as usize)
+                    .ok_or_else(|| ModelError::Format {
+                        path: source.to_path_buf(),
+                        message: format!("yarn scaling needs `{}`", key("original_context_length")),
+                    })?,
+                beta_fast: number("yarn_beta_fast").unwrap_or(32.0),
+                beta_slow: number("yarn_beta_slow").unwrap_or(1.0),
+                attention_factor: number("attn_factor").unwrap_or_else(|| yarn_mscale(factor, 1.0)),
+            }
+        }
+        other => {
+            return Err(ModelError::Unsupported {
+                path: source.to_path_buf(),
+                key: key("type"),
+                value: other.into(),
+                supported: "none, linear, yarn (and llama3 as rope_freqs.weight)".into(),
+            })
+        }
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,4 +488,5 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
 }

@@ -11,10 +11,23 @@ pub enum ModelError {
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{path}: architecture `{architecture}` is not supported (supported: {supported})")]
+    #[error(
+        "{path}: architecture `{architecture}` is not supported (read from `{key}`; supported: {supported})"
+    )]
     UnsupportedArchitecture {
         path: PathBuf,
+        /// The metadata key it came from: `general.architecture` or `model_type`.
+        key: &'static str,
         architecture: String,
+        supported: String,
+    },
+    /// A setting the model code does not implement (a RoPE scaling type, ...): never ignored,
+    /// since it would change every result.
+    #[error("{path}: `{key}` = `{value}` is not supported (supported: {supported})")]
+    Unsupported {
+        path: PathBuf,
+        key: String,
+        value: String,
         supported: String,
     },
     #[error("{path}: tensor `{name}`: {message}")]

@@ -17,8 +17,9 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use minserve_tokenizer::Tokenizer;
 
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
+use crate::rope::llama3_parameters;
 use crate::safetensors::{tensor_plan, WEIGHTS_FILE};
 
 /// The dtype of the exported tensors.
@@ -87,12 +88,13 @@ pub struct ExportReport {
     pub weights_bytes: u64,
     /// Whether q/k rows were permuted back from llama.cpp's interleaved layout.
     pub unpermuted_qk: bool,
-    /// GGUF tensors with no Hugging Face counterpart that minserve does not use either
-    /// (`rope_freqs.weight`), left out of the folder.
+    /// GGUF tensors with no Hugging Face counterpart, left out of the folder because
+    /// `config.json` carries what they mean (`rope_freqs.weight`: `rope_scaling`).
     pub skipped: Vec<String>,
 }
 
-/// GGUF tensors that are derived data, not weights, and that minserve's forward ignores.
+/// GGUF tensors that are derived data, not weights: `rope_freqs.weight` is Llama 3's RoPE
+/// scaling, written to `config.json` as its parameters (`ModelConfig::to_hf_config_json`).
 const SKIPPABLE: &[&str] = &["rope_freqs.weight"];
 
 /// Exports the GGUF model at `gguf_path` into `out_dir` (created; must be empty if it exists).
@@ -108,6 +110,12 @@ pub fn export_gguf_to_hf(
     let content = crate::gguf::read_content(gguf_path)?;
     let config = ModelConfig::from_gguf(&content, gguf_path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(gguf_path))?;
+    // Before anything is written: what config.json cannot express fails the export.
+    let mut config_json =
+        hf_config_json(&config, dtype.torch_dtype()).map_err(|message| ModelError::Format {
+            path: gguf_path.to_path_buf(),
+            message,
+        })?;
     prepare_out_dir(out_dir)?;
 
     let unpermute = config.rope_style == RopeStyle::Interleaved;
@@ -157,7 +165,6 @@ pub fn export_gguf_to_hf(
         .len();
 
     let config_path = out_dir.join("config.json");
-    let mut config_json = config.to_hf_config_json(dtype.torch_dtype());
     if let Some(obj) = config_json.as_object_mut() {
         // transformers' generate() falls back to these when there is no generation_config.json.
         if let Some(bos) = tokenizer.bos_token_id() {
@@ -192,6 +199,97 @@ pub fn export_gguf_to_hf(
         weights_bytes,
         unpermuted_qk: unpermute,
         skipped,
+    })
+}
+
+/// The `config.json` a Hugging Face `transformers` Llama would read for `config`.
+/// Fails for what it cannot express (Gemma's layout, RoPE divisors that are not Llama 3's).
+pub fn hf_config_json(
+    config: &ModelConfig,
+    torch_dtype: &str,
+) -> Result<serde_json::Value, String> {
+    let c = config;
+    if c.architecture == "gemma3" {
+        return Err("exporting Gemma 3 to a Hugging Face folder is not supported yet".into());
+    }
+    let mut json = serde_json::json!({
+        "architectures": [match c.architecture.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        }],
+        "model_type": c.architecture,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "attention_bias": c.attention_bias,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": torch_dtype,
+    });
+    if let Some(scaling) = rope_scaling_to_json(c)? {
+        json["rope_scaling"] = scaling;
+    }
+    Ok(json)
+}
+
+/// The `rope_scaling` object of an exported `config.json`, `None` without scaling. GGUF stores
+/// Llama 3's scaling as divisors only; they are turned back into its parameters.
+fn rope_scaling_to_json(c: &ModelConfig) -> Result<Option<serde_json::Value>, String> {
+    Ok(Some(match &c.rope_scaling {
+        RopeScaling::None => return Ok(None),
+        RopeScaling::Linear { factor } => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => llama3_json(
+            *factor,
+            *low_freq_factor,
+            *high_freq_factor,
+            *original_context,
+        ),
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+        } => serde_json::json!({
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": original_context,
+            "beta_fast": beta_fast,
+            "beta_slow": beta_slow,
+            "attention_factor": attention_factor,
+        }),
+        RopeScaling::Divisors(divisors) => {
+            let (factor, low, high, original) =
+                llama3_parameters(divisors, c.head_dim, c.rope_theta).ok_or(
+                    "rope_freqs.weight is not Llama 3 scaling; config.json cannot express it",
+                )?;
+            llama3_json(factor, low, high, original)
+        }
+    }))
+}
+
+fn llama3_json(factor: f32, low: f32, high: f32, original: usize) -> serde_json::Value {
+    serde_json::json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
     })
 }
 

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// Reads the header (metadata and tensor directory) of a GGUF file.
 pub fn read_content(path: &Path) -> Result<gguf_file::Content> {
@@ -74,6 +74,11 @@ impl TensorReader<'_> {
         Ok(self.tensor(name)?.dequantize(&self.device)?)
     }
 
+    /// A dense tensor the configuration calls for (`wanted`), else none.
+    fn optional(&mut self, wanted: bool, name: &str) -> Result<Option<Tensor>> {
+        wanted.then(|| self.dense(name)).transpose()
+    }
+
     fn quantized(&self, tensor: QTensor) -> Result<LinearWeight> {
         Ok(LinearWeight::quantized(tensor, self.repack_for_cpu)?)
     }
@@ -126,10 +131,25 @@ pub fn load(
             down_proj: r.linear(&format!("{p}.ffn_down"), false)?,
             attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
             ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
+            // llama.cpp's converter stores Gemma's norms as (1 + w): plain RMSNorm weights.
+            q_norm: r.optional(config.block.qk_norm, &format!("{p}.attn_q_norm.weight"))?,
+            k_norm: r.optional(config.block.qk_norm, &format!("{p}.attn_k_norm.weight"))?,
+            post_attention_norm: r.optional(
+                config.block.post_norms,
+                &format!("{p}.post_attention_norm.weight"),
+            )?,
+            post_ffn_norm: r.optional(
+                config.block.post_norms,
+                &format!("{p}.post_ffw_norm.weight"),
+            )?,
         });
     }
     let embedding_q = r.tensor("token_embd.weight")?;
-    let embedding = embedding_q.dequantize(&r.device)?;
+    // The GPU path uploads the table as it is; the CPU keeps it quantized.
+    let embedding = match repack_for_cpu {
+        true => Embedding::from_qtensor(&embedding_q)?,
+        false => Embedding::Dense(embedding_q.dequantize(&r.device)?),
+    };
     let lm_head = match config.tie_word_embeddings {
         true => Linear {
             weight: r.quantized(embedding_q)?,

@@ -11,28 +11,36 @@ use std::sync::Mutex;
 
 use minserve_core::StepBatch;
 
+use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::math::{add_in_place, rms_norm, silu_mul};
+use crate::math::{add_in_place, gelu_tanh_mul, rms_norm, rms_norm_in_place, silu_mul};
 use crate::paged_attention::{AttentionPlan, PagedAttention};
 use crate::pool::DisjointWriter;
 use crate::qmatmul::QInput;
 use crate::rope::RopeTable;
-use crate::tensor_util::with_f32_slice;
 use crate::weights::{Linear, LlamaWeights};
 
 pub struct LlamaModel {
     pub weights: LlamaWeights,
+    /// RoPE of the global layers (all layers of most models).
     rope: RopeTable,
-    norms: Norms,
+    /// RoPE of the sliding-window layers, at their own base (Gemma 3).
+    local_rope: Option<RopeTable>,
+    layers: Vec<LayerNorms>,
+    final_norm: Vec<f32>,
     buffers: Mutex<Buffers>,
 }
 
-/// The RMSNorm weights as plain vectors.
-struct Norms {
-    attention: Vec<Vec<f32>>,
-    feed_forward: Vec<Vec<f32>>,
-    last: Vec<f32>,
+/// A layer's RMSNorm weights as plain vectors; the optional ones are the architecture's
+/// variations of the Llama block (see `ModelConfig`).
+struct LayerNorms {
+    attention: Vec<f32>,
+    feed_forward: Vec<f32>,
+    /// Per-head norms of queries and keys.
+    qk: Option<(Vec<f32>, Vec<f32>)>,
+    /// Norms of the attention and MLP outputs.
+    post: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Activations of one step, kept across steps (grown, never shrunk) so that a step allocates
@@ -67,27 +75,44 @@ impl LlamaModel {
         let rope = RopeTable::new(
             c.head_dim,
             c.rope_theta,
+            &c.rope_scaling,
             c.max_position_embeddings,
             c.rope_style,
         );
+        let local_rope = c.block.sliding_window.map(|w| {
+            let plain = crate::config::RopeScaling::None;
+            RopeTable::new(
+                c.head_dim,
+                w.local_rope_theta,
+                &plain,
+                c.max_position_embeddings,
+                c.rope_style,
+            )
+        });
         let vector = |t: &candle_core::Tensor| {
             t.flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
                 .expect("norm weights are f32 vectors")
         };
-        let norms = Norms {
-            attention: weights
-                .layers
-                .iter()
-                .map(|l| vector(&l.attn_norm))
-                .collect(),
-            feed_forward: weights.layers.iter().map(|l| vector(&l.ffn_norm)).collect(),
-            last: vector(&weights.final_norm),
+        let pair = |a: &Option<candle_core::Tensor>, b: &Option<candle_core::Tensor>| {
+            Some((vector(a.as_ref()?), vector(b.as_ref()?)))
         };
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| LayerNorms {
+                attention: vector(&l.attn_norm),
+                feed_forward: vector(&l.ffn_norm),
+                qk: pair(&l.q_norm, &l.k_norm),
+                post: pair(&l.post_attention_norm, &l.post_ffn_norm),
+            })
+            .collect();
         Self {
+            final_norm: vector(&weights.final_norm),
             weights,
             rope,
-            norms,
+            local_rope,
+            layers,
             buffers: Mutex::new(Buffers::default()),
         }
     }
@@ -110,18 +135,17 @@ impl LlamaModel {
             c.num_kv_heads * c.head_dim,
         );
         let eps = c.rms_norm_eps as f32;
-        let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
+        let scale = c.attention_scale();
         let plan = AttentionPlan::new(batch, c.num_kv_heads);
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let b = &mut *guard;
 
         let x = sized(&mut b.x, n * hidden);
-        with_f32_slice(&self.weights.embedding, |table| {
-            for (row, &token) in x.chunks_exact_mut(hidden).zip(&batch.token_ids) {
-                let token = token as usize;
-                row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
-            }
-        })?;
+        self.weights.embedding.rows_into(&batch.token_ids, x)?;
+        if c.block.scale_embeddings {
+            let factor = (hidden as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= factor);
+        }
         let normed = sized(&mut b.normed, n * hidden);
         let q = sized(&mut b.q, n * q_dim);
         let k = sized(&mut b.k, n * kv_dim);
@@ -132,16 +156,26 @@ impl LlamaModel {
         let up = sized(&mut b.up, n * c.intermediate_size);
         let quantized = &mut b.quantized;
 
-        for (index, (layer, kv)) in self
+        for (index, ((layer, norms), kv)) in self
             .weights
             .layers
             .iter()
+            .zip(&self.layers)
             .zip(cache.layers.iter_mut())
             .enumerate()
         {
-            let norm = &self.norms.attention[index];
+            let window = c.layer_window(index);
+            let rope = match (window, &self.local_rope) {
+                (Some(_), Some(local)) => local,
+                _ => &self.rope,
+            };
             rows_parallel(normed, hidden, |rows, out| {
-                rms_norm(&x[rows.start * hidden..rows.end * hidden], norm, eps, out)
+                rms_norm(
+                    &x[rows.start * hidden..rows.end * hidden],
+                    &norms.attention,
+                    eps,
+                    out,
+                )
             });
             Linear::forward_many_into(
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
@@ -150,8 +184,12 @@ impl LlamaModel {
                 quantized,
                 &mut [&mut *q, &mut *k, &mut *v],
             )?;
-            self.rope.apply(q, &batch.positions, c.num_heads);
-            self.rope.apply(k, &batch.positions, c.num_kv_heads);
+            if let Some((q_norm, k_norm)) = &norms.qk {
+                rows_parallel(q, q_dim, |_, rows| rms_norm_in_place(rows, q_norm, eps));
+                rows_parallel(k, kv_dim, |_, rows| rms_norm_in_place(rows, k_norm, eps));
+            }
+            rope.apply(q, &batch.positions, c.num_heads);
+            rope.apply(k, &batch.positions, c.num_kv_heads);
             kv.write(&cache.layout, k, v, &batch.slot_mapping);
             PagedAttention {
                 kv,
@@ -160,16 +198,26 @@ impl LlamaModel {
                 plan: &plan,
                 num_heads: c.num_heads,
                 scale,
+                window,
             }
             .run(q, attention);
             layer
                 .o_proj
                 .forward_into(attention, n, quantized, projected)?;
+            if let Some((post_attention, _)) = &norms.post {
+                rows_parallel(projected, hidden, |_, rows| {
+                    rms_norm_in_place(rows, post_attention, eps)
+                });
+            }
             add_in_place(x, projected);
 
-            let norm = &self.norms.feed_forward[index];
             rows_parallel(normed, hidden, |rows, out| {
-                rms_norm(&x[rows.start * hidden..rows.end * hidden], norm, eps, out)
+                rms_norm(
+                    &x[rows.start * hidden..rows.end * hidden],
+                    &norms.feed_forward,
+                    eps,
+                    out,
+                )
             });
             Linear::forward_many_into(
                 &[&layer.gate_proj, &layer.up_proj],
@@ -179,12 +227,21 @@ impl LlamaModel {
                 &mut [&mut *gate, &mut *up],
             )?;
             let width = c.intermediate_size;
+            let activation_mul = match c.block.activation {
+                Activation::Silu => silu_mul,
+                Activation::GeluTanh => gelu_tanh_mul,
+            };
             rows_parallel(gate, width, |rows, out| {
-                silu_mul(out, &up[rows.start * width..rows.end * width])
+                activation_mul(out, &up[rows.start * width..rows.end * width])
             });
             layer
                 .down_proj
                 .forward_into(gate, n, quantized, projected)?;
+            if let Some((_, post_ffn)) = &norms.post {
+                rows_parallel(projected, hidden, |_, rows| {
+                    rms_norm_in_place(rows, post_ffn, eps)
+                });
+            }
             add_in_place(x, projected);
         }
 
@@ -193,7 +250,7 @@ impl LlamaModel {
         for (out, &row) in last.chunks_exact_mut(hidden).zip(&rows) {
             rms_norm(
                 &b.x[row * hidden..(row + 1) * hidden],
-                &self.norms.last,
+                &self.final_norm,
                 eps,
                 out,
             );

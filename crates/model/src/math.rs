@@ -73,6 +73,20 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gelu(gate) * up`, into `gate`: GeGLU with GELU's tanh approximation (Gemma's
+/// `gelu_pytorch_tanh`), `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+        // tanh(|y|) = (1 - e^(-2|y|)) / (1 + e^(-2|y|)): `exp` of a non-positive argument only.
+        let e = exp(-2.0 * y.abs());
+        let tanh = ((1.0 - e) / (1.0 + e)).copysign(y);
+        *g = 0.5 * x * (1.0 + tanh) * u;
+    }
+}
+
 /// RMSNorm of each row of `x` (rows of `weight.len()` values) into `out`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
@@ -81,6 +95,19 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let scale = 1.0 / (mean_square + eps).sqrt();
         for ((o, &v), &w) in out.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
+        }
+    }
+}
+
+/// [`rms_norm`] of each row of `x` (rows of `weight.len()` values: a head for per-head
+/// norms), in place.
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for row in x.chunks_exact_mut(dim) {
+        let mean_square = dot(row, row) / dim as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = *v * scale * w;
         }
     }
 }
@@ -95,6 +122,37 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_tanh_matches_the_formula() {
+        for i in -400..=400 {
+            let x = i as f32 / 40.0;
+            let mut g = [x];
+            gelu_tanh_mul(&mut g, &[1.5]);
+            let xd = x as f64;
+            let want = 0.5
+                * xd
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh())
+                * 1.5;
+            assert!(
+                (g[0] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{x}: {} vs {want}",
+                g[0]
+            );
+        }
+    }
+
+    #[test]
+    fn in_place_rms_norm_equals_rms_norm() {
+        let x: Vec<f32> = (0..48).map(|i| (i as f32 * 0.7).sin()).collect();
+        let w: Vec<f32> = (0..16).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let mut out = vec![0.0; 48];
+        rms_norm(&x, &w, 1e-6, &mut out);
+        let mut y = x.clone();
+        rms_norm_in_place(&mut y, &w, 1e-6);
+        assert_eq!(y, out);
+    }
 
     #[test]
     fn softmax_weights_sum_as_returned() {

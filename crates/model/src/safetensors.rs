@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -159,6 +159,11 @@ fn build_weights(
             gate_proj: linear(mlp("gate_proj"), false)?,
             up_proj: linear(mlp("up_proj"), false)?,
             down_proj: linear(mlp("down_proj"), false)?,
+            // Only the Llama block comes from config.json for now (see `ModelConfig`).
+            q_norm: None,
+            k_norm: None,
+            post_attention_norm: None,
+            post_ffn_norm: None,
         });
     }
     let embedding = ckpt.load_f32("model.embed_tokens.weight")?;
@@ -177,7 +182,7 @@ fn build_weights(
     let final_norm = ckpt.load_f32("model.norm.weight")?;
     Ok(LlamaWeights {
         config,
-        embedding,
+        embedding: Embedding::Dense(embedding),
         layers,
         final_norm,
         lm_head,

@@ -18,12 +18,12 @@ use candle_core::{Device, Tensor};
 use minserve_core::sampling::Rng;
 use minserve_tokenizer::Tokenizer;
 
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::{Activation, BlockVariant, ModelConfig, RopeScaling, RopeStyle, SlidingWindow};
 use crate::device::DeviceChoice;
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaModel;
 use crate::load::LoadedModel;
-use crate::weights::{LayerWeights, Linear, LinearWeight, LlamaWeights};
+use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The shapes `synthetic:NAME` knows.
 pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -42,6 +42,31 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         max_position_embeddings: 4096,
         attention_bias: false,
         tie_word_embeddings: true,
+        rope_scaling: RopeScaling::None,
+        block: BlockVariant::default(),
+    };
+    // Gemma 3's block: GeGLU, q/k norms, post-norms, scaled embeddings, NeoX RoPE, and
+    // sliding-window layers (`window` positions, every `pattern`-th layer global).
+    let gemma3 = |base: ModelConfig, head_dim, window, pattern| ModelConfig {
+        architecture: "gemma3".into(),
+        head_dim,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_style: RopeStyle::Neox,
+        block: BlockVariant {
+            activation: Activation::GeluTanh,
+            qk_norm: true,
+            post_norms: true,
+            scale_embeddings: true,
+            query_pre_attn_scalar: None,
+            sliding_window: Some(SlidingWindow {
+                size: window,
+                pattern,
+                local_rope_theta: 10_000.0,
+            }),
+        },
+        max_position_embeddings: 32_768,
+        ..base
     };
     // 512 leaves room for the synthetic tokenizer's 256 byte tokens and its special tokens.
     Some(match name {
@@ -57,6 +82,22 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             ..llama(64, 128, 2, 4, 2, 512)
         },
         "smollm2-135m" => llama(576, 1536, 30, 9, 3, 49152),
+        // A window of 8 positions, every 3rd layer global: short prompts already cross it.
+        "tiny-gemma3" => gemma3(llama(64, 128, 3, 4, 2, 512), 32, 8, 3),
+        // Llama 3.2's RoPE scaling at the tiny size, with a short original context so that
+        // the scaled band falls among the tiny head's frequencies.
+        "tiny-llama3" => ModelConfig {
+            rope_theta: 500_000.0,
+            rope_style: RopeStyle::Neox,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 64,
+            },
+            ..llama(64, 128, 2, 4, 2, 512)
+        },
+        "gemma3-270m" => gemma3(llama(640, 2048, 18, 4, 1, 262_144), 256, 512, 6),
         "llama-1b" => ModelConfig {
             rope_theta: 500_000.0,
             ..llama(2048, 8192, 16, 32, 8, 128_256)
@@ -70,7 +111,16 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
     })
 }
 
-pub const PRESETS: &[&str] = &["tiny", "tiny-qwen2", "smollm2-135m", "llama-1b", "llama-8b"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "tiny-qwen2",
+    "smollm2-135m",
+    "llama-1b",
+    "llama-8b",
+    "tiny-llama3",
+    "tiny-gemma3",
+    "gemma3-270m",
+];
 
 /// Seeded weights for `config`. Projections are stored as `dtype` (`F32` keeps them dense);
 /// values are uniform with the spread of a trained model's (std about 0.02 for projections),
@@ -109,9 +159,22 @@ pub fn build(
         };
     let c = config;
     let ones = Tensor::ones(c.hidden_size, candle_core::DType::F32, &device)?;
+    // Norm weights near 1 where a trained model's are not all ones either, so that a
+    // misplaced norm changes the logits.
+    let norm = |wanted: bool,
+                len: usize,
+                random: &mut dyn FnMut((usize, usize), f32) -> Result<Tensor>| {
+        wanted
+            .then(|| Ok::<_, ModelError>((random((1, len), 0.3)?.squeeze(0)? + 1.0)?))
+            .transpose()
+    };
     let mut layers = Vec::with_capacity(c.num_layers);
     for _ in 0..c.num_layers {
         layers.push(LayerWeights {
+            q_norm: norm(c.block.qk_norm, c.head_dim, &mut random)?,
+            k_norm: norm(c.block.qk_norm, c.head_dim, &mut random)?,
+            post_attention_norm: norm(c.block.post_norms, c.hidden_size, &mut random)?,
+            post_ffn_norm: norm(c.block.post_norms, c.hidden_size, &mut random)?,
             attn_norm: ones.clone(),
             q_proj: with_bias(
                 linear(c.num_heads * c.head_dim, c.hidden_size, &mut random)?,
@@ -142,7 +205,7 @@ pub fn build(
     };
     Ok(LlamaWeights {
         config: config.clone(),
-        embedding,
+        embedding: Embedding::Dense(embedding),
         layers,
         final_norm: ones,
         lm_head,

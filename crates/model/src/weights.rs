@@ -1,9 +1,9 @@
 //! The weights of a Llama-family model, whatever file they came from.
 //!
 //! GGUF tensors stay in their quantized format (the activations are quantized to match, as
-//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — run on our own
-//! batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's `QMatMul`;
-//! safetensors tensors are plain f32 matmuls.
+//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — and Q5_0 (as Q8_0) run
+//! on our own batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's
+//! `QMatMul`; safetensors tensors are plain f32 matmuls.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -120,13 +120,19 @@ impl Linear {
                 input.quantize(x, m, x.len() / m);
                 QWeight::matmul_quantized_many(&weights, input, outs);
             }
+            // candle's, or a mix (a GGUF may store q and v in different types): one at a time.
             None => {
-                let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                let x_tensor = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
                 for (layer, out) in layers.iter().zip(outs.iter_mut()) {
-                    let LinearWeight::Candle(w) = &layer.weight else {
-                        unreachable!("mixed packed and candle weights in one call")
-                    };
-                    with_f32_slice(&w.forward(&x)?, |y| out.copy_from_slice(y))?;
+                    match &layer.weight {
+                        LinearWeight::Packed(w) => {
+                            input.quantize(x, m, x.len() / m);
+                            QWeight::matmul_quantized_many(&[w], input, &mut [&mut **out]);
+                        }
+                        LinearWeight::Candle(w) => {
+                            with_f32_slice(&w.forward(&x_tensor)?, |y| out.copy_from_slice(y))?
+                        }
+                    }
                 }
             }
         }
@@ -156,6 +162,12 @@ impl Linear {
 
 pub struct LayerWeights {
     pub attn_norm: Tensor,
+    /// Per-head RMSNorm weights of queries and keys (`head_dim` each), when `config.block.qk_norm`.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    /// RMSNorm of the attention and MLP outputs, when `config.block.post_norms`.
+    pub post_attention_norm: Option<Tensor>,
+    pub post_ffn_norm: Option<Tensor>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
@@ -166,10 +178,95 @@ pub struct LayerWeights {
     pub down_proj: Linear,
 }
 
+/// The token embedding table, `[vocab, hidden]`, indexed by token id.
+pub enum Embedding {
+    Dense(Tensor),
+    /// A GGUF table kept in its quantized type, the rows a step looks up dequantized then:
+    /// Gemma 3's 262,144 x 640 table is 640 MiB as f32, 170 MiB as Q8_0. A row dequantizes to
+    /// exactly the values of the whole table dequantized (block by block, the same code).
+    Quantized {
+        blocks: Vec<u8>,
+        dtype: GgmlDType,
+        rows: usize,
+        hidden: usize,
+    },
+}
+
+impl Embedding {
+    /// A GGUF table: kept quantized unless it is a float type already.
+    pub fn from_qtensor(tensor: &QTensor) -> candle_core::Result<Self> {
+        let (rows, hidden) = tensor.shape().dims2()?;
+        Ok(match tensor.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Self::Dense(tensor.dequantize(&Device::Cpu)?)
+            }
+            dtype => Self::Quantized {
+                blocks: tensor.data()?.into_owned(),
+                dtype,
+                rows,
+                hidden,
+            },
+        })
+    }
+
+    /// The rows of `tokens`, one after another, into `out` (`tokens.len() * hidden` values).
+    pub fn rows_into(&self, tokens: &[u32], out: &mut [f32]) -> candle_core::Result<()> {
+        match self {
+            Self::Dense(table) => with_f32_slice(table, |table| {
+                let hidden = out.len() / tokens.len().max(1);
+                for (row, &token) in out.chunks_exact_mut(hidden).zip(tokens) {
+                    let token = token as usize;
+                    row.copy_from_slice(&table[token * hidden..(token + 1) * hidden]);
+                }
+            }),
+            &Self::Quantized {
+                ref blocks,
+                dtype,
+                rows,
+                hidden,
+            } => {
+                let row_bytes = blocks.len() / rows;
+                let mut gathered = Vec::with_capacity(tokens.len() * row_bytes);
+                for &token in tokens {
+                    let at = token as usize * row_bytes;
+                    gathered.extend_from_slice(&blocks[at..at + row_bytes]);
+                }
+                let shape = vec![tokens.len(), hidden];
+                let looked_up = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &gathered,
+                    shape,
+                    &Device::Cpu,
+                )?
+                .dequantize(&Device::Cpu)?;
+                with_f32_slice(&looked_up, |rows| out.copy_from_slice(rows))
+            }
+        }
+    }
+
+    /// The whole table as f32 (the GPU path, tests).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(table) => Ok(table.clone()),
+            &Self::Quantized {
+                ref blocks,
+                dtype,
+                rows,
+                hidden,
+            } => candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                blocks,
+                vec![rows, hidden],
+                &Device::Cpu,
+            )?
+            .dequantize(&Device::Cpu),
+        }
+    }
+}
+
 pub struct LlamaWeights {
     pub config: ModelConfig,
-    /// `[vocab, hidden]` f32, indexed by token id.
-    pub embedding: Tensor,
+    pub embedding: Embedding,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,

@@ -112,3 +112,21 @@ fn unsupported_tensor_type() {
         "{err}"
     );
 }
+
+#[test]
+fn unsupported_architecture_names_the_key_and_what_is_supported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phi.gguf");
+    write_gguf(
+        &path,
+        &[("general.architecture", Value::String("phi3".into()))],
+    );
+    let err = error_of(&path);
+    assert!(
+        err.contains("`phi3`")
+            && err.contains("general.architecture")
+            && err.contains("llama")
+            && err.contains("gemma3"),
+        "{err}"
+    );
+}

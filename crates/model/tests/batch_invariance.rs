@@ -17,6 +17,28 @@ struct Seq {
     table: Vec<u32>,
 }
 
+/// A sequence with nothing computed yet.
+fn seq(tokens: &[u32], table: Vec<u32>) -> Seq {
+    Seq {
+        tokens: tokens.to_vec(),
+        computed: 0,
+        table,
+    }
+}
+
+/// Every step's logits bit for bit equal to the lone run's.
+fn assert_bit_identical(alone: &[Vec<f32>], others: [(&str, &[Vec<f32>]); 2]) {
+    for (name, other) in others {
+        assert_eq!(other.len(), alone.len(), "{name}: step count");
+        for (step, (x, y)) in alone.iter().zip(other.iter()).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{name}: logits differ from the lone run at step {step}"
+            );
+        }
+    }
+}
+
 /// Runs steps until every sequence has `decode` generated tokens; `chunks[i]` bounds how many
 /// prompt tokens sequence `i` may prefill per step. Returns each step's logits of sequence 0.
 fn run(
@@ -98,57 +120,66 @@ fn check_batch_invariance(cache: CacheOptions) {
     let decode = 6;
 
     let alone = {
-        let mut seqs = [Seq {
-            tokens: a.clone(),
-            computed: 0,
-            table: (0..8).collect(),
-        }];
+        let mut seqs = [seq(&a, (0..8).collect())];
         run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
     };
     assert_eq!(alone.len(), decode + 1);
 
     let batched = {
         let mut seqs = [
-            Seq {
-                tokens: a.clone(),
-                computed: 0,
-                table: vec![31, 7, 19, 2, 40, 11, 25, 33],
-            },
-            Seq {
-                tokens: b.clone(),
-                computed: 0,
-                table: vec![5, 6],
-            },
-            Seq {
-                tokens: c.clone(),
-                computed: 0,
-                table: vec![8, 9, 10, 12, 13, 14, 15, 16],
-            },
+            seq(&a, vec![31, 7, 19, 2, 40, 11, 25, 33]),
+            seq(&b, vec![5, 6]),
+            seq(&c, vec![8, 9, 10, 12, 13, 14, 15, 16]),
         ];
         run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
     };
     let chunked = {
         let mut seqs = [
-            Seq {
-                tokens: a.clone(),
-                computed: 0,
-                table: vec![50, 51, 52, 53, 54, 55, 56, 57],
-            },
-            Seq {
-                tokens: c.clone(),
-                computed: 0,
-                table: vec![60, 61, 62, 63, 64, 65, 66, 67],
-            },
+            seq(&a, vec![50, 51, 52, 53, 54, 55, 56, 57]),
+            seq(&c, vec![60, 61, 62, 63, 64, 65, 66, 67]),
         ];
         run(&mut runner, &mut seqs, a.len(), &[7, 13], decode)
     };
-    for (name, other) in [("batched", &batched), ("chunked", &chunked)] {
-        assert_eq!(other.len(), alone.len(), "{name}: step count");
-        for (step, (x, y)) in alone.iter().zip(other.iter()).enumerate() {
-            assert!(
-                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{name}: logits differ from the lone run at step {step}"
-            );
-        }
-    }
+    assert_bit_identical(&alone, [("batched", &batched), ("chunked", &chunked)]);
+}
+
+/// The same bit-identity on a sliding-window model (synthetic Gemma 3 shape, window 8, every
+/// third layer global): prompts far past the window, chunks that start inside and outside it,
+/// sequences of different lengths in one batch.
+#[test]
+fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
+    let config = minserve_model::synthetic::preset("tiny-gemma3").unwrap();
+    let weights =
+        minserve_model::synthetic::build(&config, 3, candle_core::quantized::GgmlDType::Q8_0, true)
+            .unwrap();
+    let mut runner = ModelRunner::new(
+        minserve_model::LlamaModel::new(weights),
+        CacheOptions::default(),
+    );
+    let tokens = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + seed * 101) % 500).collect()
+    };
+    let (a, b, c) = (tokens(45, 1), tokens(3, 2), tokens(70, 3));
+    let decode = 12;
+    let alone = {
+        let mut seqs = [seq(&a, (0..4).collect())];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
+    };
+    let batched = {
+        let mut seqs = [
+            seq(&a, vec![31, 7, 19, 2]),
+            seq(&b, vec![5]),
+            seq(&c, vec![8, 9, 10, 12, 13, 14]),
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
+    };
+    let chunked = {
+        let mut seqs = [
+            seq(&a, vec![50, 51, 52, 53]),
+            seq(&c, vec![60, 61, 62, 63, 64, 65]),
+        ];
+        run(&mut runner, &mut seqs, a.len(), &[5, 13], decode)
+    };
+    assert_eq!(alone.len(), decode + 1);
+    assert_bit_identical(&alone, [("batched", &batched), ("chunked", &chunked)]);
 }

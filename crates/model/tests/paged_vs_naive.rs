@@ -1,10 +1,13 @@
 //! The paged, batched, chunked forward pass against a naive one on a tiny synthetic model: full
 //! causal attention over contiguous K/V, written with plain candle ops, no cache at all.
 
+mod common;
+
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, D};
 use minserve_core::sampling::Rng;
 use minserve_core::{ModelExecutor, StepBatch};
+use minserve_model::config::{Activation, RopeScaling};
 use minserve_model::weights::{Linear, LinearWeight, LlamaWeights};
 use minserve_model::{synthetic, CacheOptions, KvDtype, LlamaModel, ModelRunner, RopeStyle};
 
@@ -20,34 +23,68 @@ fn linear(layer: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Logits at every position of `tokens`, computed the textbook way.
+/// RoPE frequencies at base `theta`, stretched as Llama 3.1 publishes it, computed apart from
+/// `rope.rs`.
+fn reference_frequencies(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
+    let plain = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32));
+    match *scaling {
+        RopeScaling::None => plain.collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_context,
+        } => common::llama3_reference_frequencies(
+            head_dim,
+            theta as f64,
+            factor as f64,
+            low_freq_factor as f64,
+            high_freq_factor as f64,
+            original_context as f64,
+        )
+        .into_iter()
+        .map(|f| f as f32)
+        .collect(),
+        ref other => panic!("the reference has no {other:?}"),
+    }
+}
+
+/// Logits at every position of `tokens`, computed the textbook way: full causal attention
+/// (within the window, on a sliding-window layer) over contiguous K/V, and the architecture's
+/// extra norms, activation and embedding scale spelled out.
 fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
     let c = &w.config;
     let dev = Device::Cpu;
     let t = tokens.len();
     let eps = c.rms_norm_eps as f32;
-    let (cos, sin) = {
-        let inv: Vec<f32> = (0..c.head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / c.rope_theta.powf(i as f32 / c.head_dim as f32))
-            .collect();
+    let cos_sin = |theta: f32, scaling: &RopeScaling| -> candle_core::Result<(Tensor, Tensor)> {
+        let inv = reference_frequencies(c.head_dim, theta, scaling);
         let inv = Tensor::new(inv.as_slice(), &dev)?.unsqueeze(0)?;
         let pos = Tensor::arange(0u32, t as u32, &dev)?
             .to_dtype(DType::F32)?
             .unsqueeze(1)?;
         let angles = pos.broadcast_mul(&inv)?;
-        (angles.cos()?, angles.sin()?)
+        Ok((angles.cos()?, angles.sin()?))
     };
-    let mask: Vec<f32> = (0..t * t)
-        .map(|i| {
-            if i % t > i / t {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), &dev)?;
+    let global_rope = cos_sin(c.rope_theta, &c.rope_scaling)?;
+    // Query i sees key j when j <= i and, within a window of w, i - j < w.
+    let mask = |window: Option<usize>| {
+        let mask: Vec<f32> = (0..t * t)
+            .map(|n| {
+                let (i, j) = (n / t, n % t);
+                if j > i || window.is_some_and(|w| i - j >= w) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(mask, (t, t), &dev)
+    };
+    let global_mask = mask(None)?;
+    let scale = (c.block.query_pre_attn_scalar.unwrap_or(c.head_dim) as f64).sqrt();
     let heads = |x: &Tensor, n: usize| -> candle_core::Result<Tensor> {
         x.reshape((1, t, n, c.head_dim))?
             .transpose(1, 2)?
@@ -62,12 +99,39 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
             .reshape((b, kv * group, t, d))
     };
 
+    // An optional norm: applied when the architecture has it.
+    let norm = |x: Tensor, weight: &Option<Tensor>| match weight {
+        Some(weight) => candle_nn::ops::rms_norm(&x, weight, eps),
+        None => Ok(x),
+    };
+
     let ids = Tensor::new(tokens, &dev)?;
-    let mut x = w.embedding.index_select(&ids, 0)?;
-    for layer in &w.layers {
+    let mut x = w.embedding.dense()?.index_select(&ids, 0)?;
+    if c.block.scale_embeddings {
+        x = (x * (c.hidden_size as f32).sqrt() as f64)?;
+    }
+    for (index, layer) in w.layers.iter().enumerate() {
+        // Every `pattern`-th layer (from 1) is global, the others see a window at their own base.
+        let window = c
+            .block
+            .sliding_window
+            .filter(|sw| (index + 1) % sw.pattern != 0);
+        let ((cos, sin), mask) = match window {
+            Some(sw) => (
+                cos_sin(sw.local_rope_theta, &RopeScaling::None)?,
+                mask(Some(sw.size))?,
+            ),
+            None => (global_rope.clone(), global_mask.clone()),
+        };
         let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-        let q = heads(&linear(&layer.q_proj, &h)?, c.num_heads)?;
-        let k = heads(&linear(&layer.k_proj, &h)?, c.num_kv_heads)?;
+        let q = norm(
+            heads(&linear(&layer.q_proj, &h)?, c.num_heads)?,
+            &layer.q_norm,
+        )?;
+        let k = norm(
+            heads(&linear(&layer.k_proj, &h)?, c.num_kv_heads)?,
+            &layer.k_norm,
+        )?;
         let v = heads(&linear(&layer.v_proj, &h)?, c.num_kv_heads)?;
         let rope = match c.rope_style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i,
@@ -76,15 +140,21 @@ fn naive_logits(w: &LlamaWeights, tokens: &[u32]) -> candle_core::Result<Vec<Vec
         let q = rope(&q, &cos, &sin)?;
         let k = repeat(rope(&k, &cos, &sin)?)?;
         let v = repeat(v)?;
-        let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?.broadcast_add(&mask)?;
+        let scores = (q.matmul(&k.t()?)? / scale)?.broadcast_add(&mask)?;
         let attn = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
         let attn = attn
             .transpose(1, 2)?
             .reshape((t, c.num_heads * c.head_dim))?;
-        x = (linear(&layer.o_proj, &attn)? + x)?;
+        x = (norm(linear(&layer.o_proj, &attn)?, &layer.post_attention_norm)? + x)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-        let gate = candle_nn::ops::silu(&linear(&layer.gate_proj, &h)?)?;
-        x = (linear(&layer.down_proj, &(gate * linear(&layer.up_proj, &h)?)?)? + x)?;
+        let gate = linear(&layer.gate_proj, &h)?;
+        let gate = match c.block.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // candle's `gelu` is the tanh approximation.
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let down = linear(&layer.down_proj, &(gate * linear(&layer.up_proj, &h)?)?)?;
+        x = (norm(down, &layer.post_ffn_norm)? + x)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &w.final_norm, eps)?;
     linear(&w.lm_head, &x)?.to_vec2::<f32>()
@@ -117,6 +187,21 @@ fn paged_attention_matches_naive_attention() {
 #[test]
 fn qwen2_variant_matches_naive_attention() {
     check_against_naive("tiny-qwen2", KvDtype::F32, 1e-4);
+}
+
+/// Llama 3's RoPE scaling, against the published formula in the naive pass.
+#[test]
+fn llama3_rope_scaling_matches_naive_attention() {
+    check_against_naive("tiny-llama3", KvDtype::F32, 1e-4);
+}
+
+/// Gemma 3's block: GeGLU, q/k norms, post-norms, scaled embeddings, and sliding-window layers
+/// (window 8) at their own RoPE base: prompts of 19 and 41 tokens run far past the window, in
+/// chunks that start inside and outside it.
+#[test]
+fn gemma3_variant_matches_naive_attention() {
+    check_against_naive("tiny-gemma3", KvDtype::F32, 1e-4);
+    check_against_naive("tiny-gemma3", KvDtype::F16, 1e-4);
 }
 
 /// The default f16 cache rounds every cached value to 11 significant bits (relative error up to

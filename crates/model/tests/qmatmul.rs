@@ -224,6 +224,14 @@ fn q4_0_matches_reference_and_candle() {
     check_against_candle(GgmlDType::Q4_0, 3);
 }
 
+/// Q5_0 runs as the Q8_0 blocks of the same values: within rounding of the f64 product of its
+/// dequantized weights and Q8_0 activations (what candle's and ggml's Q5_0 dot computes), and of
+/// candle's own Q5_0 matmul.
+#[test]
+fn q5_0_matches_reference_and_candle() {
+    check_against_candle(GgmlDType::Q5_0, 6);
+}
+
 #[test]
 fn other_types_are_left_to_candle() {
     let mut rng = Rng(4);
@@ -238,7 +246,12 @@ fn other_types_are_left_to_candle() {
 #[test]
 fn batch_invariance() {
     let mut rng = Rng(5);
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+    ] {
         for (k, n) in [(576, 1536), (1536, 576), (576, 200)] {
             let w = QWeight::from_qtensor(&quantized(&mut rng, n, k, dtype))
                 .unwrap()

@@ -387,3 +387,96 @@ fn export_refuses_a_non_empty_folder() {
     assert!(err.to_string().contains("not empty"), "{err}");
     assert!(dir.path().join("keep.txt").exists());
 }
+
+/// Llama 3's RoPE scaling, as llama.cpp's converter stores it (`rope_freqs.weight`, one divisor
+/// per frequency, no parameters), through the whole path: the GGUF loads with it, the export
+/// writes it as `config.json`'s `rope_scaling`, and candle-transformers' own Llama (an
+/// independent implementation of the llama3 formula) reads that folder exactly as ours does.
+/// The parameters (factor 8, frequency factors 1 and 4, original context 1024) put four of the
+/// default model's 32 frequencies on the ramp.
+#[test]
+fn llama3_rope_scaling_survives_export_and_matches_candle_llama() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scaled = tmp.path().join("scaled.gguf");
+    let theta = with_llama3_divisors(&common::default_model_path(), &scaled, 8.0, 1024.0);
+    let dir = tmp.path().join("hf");
+    let report = export_gguf_to_hf(&scaled, &dir, ExportDType::F32).unwrap();
+    assert_eq!(report.skipped, ["rope_freqs.weight"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let scaling = &config["rope_scaling"];
+    assert_eq!(scaling["rope_type"], "llama3", "{config}");
+    assert_eq!(scaling["factor"], 8.0);
+    assert_eq!(scaling["low_freq_factor"], 1.0);
+    assert_eq!(scaling["original_max_position_embeddings"], 1024);
+    let high = scaling["high_freq_factor"].as_f64().unwrap();
+    assert!((high - 4.0).abs() < 1e-3, "{high}");
+    assert_eq!(config["rope_theta"].as_f64().unwrap() as f32, theta);
+
+    let (mut ours, prompt) = Ours::load(&dir);
+    let mut candle = Candle::load(&dir);
+    let c = compare(&mut ours, &mut candle, &prompt);
+    assert!(c.worst_max < CANDLE_MAX_TOL, "max diff {}", c.worst_max);
+    assert!(c.worst_mean < CANDLE_MEAN_TOL, "mean diff {}", c.worst_mean);
+    assert_eq!(c.top1_agree, STEPS, "top-1 must agree at every step");
+
+    // The scaling is not a no-op: the unscaled folder is far from candle's scaled model.
+    let plain = export(ExportDType::F32);
+    let (mut unscaled, _) = Ours::load(plain.path());
+    let mut candle = Candle::load(&dir);
+    let c = compare(&mut unscaled, &mut candle, &prompt);
+    assert!(
+        c.worst_max > 100.0 * CANDLE_MAX_TOL,
+        "max diff {}",
+        c.worst_max
+    );
+}
+
+/// Copies the GGUF at `src` to `dst` with a `rope_freqs.weight` for Llama 3 scaling by
+/// `factor` (frequency factors 1 and 4) over `original` positions, computed with the published
+/// formula in f64 as llama.cpp's converter does. Returns the model's RoPE base.
+fn with_llama3_divisors(src: &Path, dst: &Path, factor: f64, original: f64) -> f32 {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let content = minserve_model::gguf::read_content(src).unwrap();
+    let theta = match content.metadata.get("llama.rope.freq_base") {
+        Some(v) => v.to_f32().unwrap(),
+        None => 10_000.0,
+    };
+    let config = minserve_model::ModelConfig::from_gguf(&content, src).unwrap();
+    let head_dim = config.head_dim;
+    let plain =
+        common::llama3_reference_frequencies(head_dim, theta as f64, 1.0, 1.0, 4.0, original);
+    let scaled =
+        common::llama3_reference_frequencies(head_dim, theta as f64, factor, 1.0, 4.0, original);
+    let divisors: Vec<f32> = plain
+        .iter()
+        .zip(&scaled)
+        .map(|(p, s)| (p / s) as f32)
+        .collect();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(src).unwrap());
+    let mut tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            (
+                name.clone(),
+                content.tensor(&mut reader, name, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let freqs = Tensor::new(divisors.as_slice(), &Device::Cpu).unwrap();
+    tensors.push((
+        "rope_freqs.weight".into(),
+        QTensor::quantize(&freqs, GgmlDType::F32).unwrap(),
+    ));
+    let metadata: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    theta
+}

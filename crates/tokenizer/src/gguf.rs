@@ -24,6 +24,7 @@ use tokenizers::processors::sequence::Sequence as ProcessorSequence;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, NormalizerWrapper, SplitDelimiterBehavior};
 
+use crate::builtin_templates;
 use crate::error::{Result, TokenizerError};
 use crate::special_tokens::{bos_eos_template, SpecialTokens};
 use crate::tokenizer::{Tokenizer, TokenizerParts};
@@ -93,6 +94,15 @@ impl Tokenizer {
                 }
             }
         }
+        for (id, token) in tokens.iter().enumerate() {
+            let id = id as u32;
+            if builtin_templates::END_OF_TURN_TOKENS.contains(&token.as_str())
+                && token_types[id as usize] == token_type::CONTROL
+                && !eos_ids.contains(&id)
+            {
+                eos_ids.push(id);
+            }
+        }
         let specials =
             SpecialTokens::from_ids(bos_id, eos_ids, |id| tokens.get(id as usize).cloned());
 
@@ -146,9 +156,15 @@ impl Tokenizer {
             inner.with_post_processor(Some(processor));
         }
 
+        let architecture = match content.metadata.get("general.architecture") {
+            Some(Value::String(arch)) => Some(arch.as_str()),
+            _ => None,
+        };
         let chat_template = match content.metadata.get("tokenizer.chat_template") {
             Some(v) => Some(as_str("tokenizer.chat_template", v)?.to_owned()),
-            None => None,
+            None => architecture
+                .and_then(builtin_templates::for_architecture)
+                .map(str::to_owned),
         };
         let model_max_length = match content.metadata.get("general.architecture") {
             Some(Value::String(arch)) => {

@@ -9,6 +9,7 @@
 //! [`ChatTemplate`] renders a conversation with the model's Jinja chat template the way
 //! Hugging Face `transformers` does.
 
+mod builtin_templates;
 mod chat_template;
 mod error;
 mod gguf;

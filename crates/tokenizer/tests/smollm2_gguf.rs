@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{chat_fixtures, smollm2_tokenizer, token_fixtures};
+use common::{chat_fixtures, id_mismatches, smollm2_tokenizer, token_fixtures};
 use minserve_tokenizer::ChatMessage;
 
 /// The case candle 0.11.1's `TokenizerFromGguf` gets wrong (it yields 378 "ĠThe" first).
@@ -24,23 +24,7 @@ fn the_quick_brown_fox_has_no_leading_space() {
 #[test]
 fn ids_match_llama_cpp_on_every_fixture() {
     let tok = smollm2_tokenizer();
-    let mut mismatches = Vec::new();
-    for f in token_fixtures() {
-        let ids = tok.encode(&f.text, false).unwrap();
-        if ids != f.ids {
-            mismatches.push(format!(
-                "{:?}\n  ours:      {ids:?}\n  llama.cpp: {:?}",
-                f.text, f.ids
-            ));
-        }
-        let with_special = tok.encode(&f.text, true).unwrap();
-        if with_special != f.ids_with_special {
-            mismatches.push(format!(
-                "{:?} (add_special_tokens)\n  ours:      {with_special:?}\n  llama.cpp: {:?}",
-                f.text, f.ids_with_special
-            ));
-        }
-    }
+    let mismatches = id_mismatches(&tok, &token_fixtures());
     assert!(
         mismatches.is_empty(),
         "{} mismatches:\n{}",

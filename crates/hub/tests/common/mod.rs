@@ -154,7 +154,9 @@ pub fn gguf_entry(
         file: Some(file.into()),
         files: Vec::new(),
         size,
+        sha256: None,
         pip,
+        pip_parts: Vec::new(),
     }
 }
 

@@ -147,6 +147,13 @@ impl CudaModel {
     /// Moves `weights` to `device`, dense matrices converted to `dtype`.
     pub fn new(weights: LlamaWeights, dtype: DType, device: &Device) -> Result<Self> {
         let c = weights.config;
+        if c.block != crate::config::BlockVariant::default() {
+            return Err(crate::error::ModelError::Device(format!(
+                "the GPU path runs the Llama block only; `{}` (q/k norms, post-norms, GeGLU or \
+                 sliding windows) runs on the CPU (--device cpu)",
+                c.architecture
+            )));
+        }
         let quantized = matches!(
             weights.layers.first().map(|l| &l.q_proj.weight),
             Some(LinearWeight::Candle(QMatMul::QTensor(_)))
@@ -165,7 +172,7 @@ impl CudaModel {
                 down: Projection::new(vec![l.down_proj], dtype, device)?,
             });
         }
-        let embedding = vector(&weights.embedding)?;
+        let embedding = vector(&weights.embedding.dense()?)?;
         let lm_head = match (&weights.lm_head.weight, c.tie_word_embeddings) {
             // Share the embedding's GPU copy instead of uploading the same matrix twice.
             (LinearWeight::Candle(QMatMul::Tensor(_)), true) => Projection::Dense {
@@ -177,6 +184,7 @@ impl CudaModel {
         let rope = RopeTable::new(
             c.head_dim,
             c.rope_theta,
+            &c.rope_scaling,
             c.max_position_embeddings,
             c.rope_style,
         );

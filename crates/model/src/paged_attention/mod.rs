@@ -4,6 +4,8 @@
 //! Every new token attends to the cached tokens at positions `0..=its own position` of its
 //! sequence. Because a token's K/V is written before attention runs, this one rule covers a
 //! whole prompt (causal within it), a prompt chunk on top of earlier chunks, and a decode token.
+//! On a layer with a sliding window of `w`, the range starts at `position + 1 - w` instead, and
+//! blocks wholly before it are not read at all.
 //!
 //! # Work split
 //!
@@ -94,6 +96,8 @@ pub struct PagedAttention<'a> {
     pub plan: &'a AttentionPlan,
     pub num_heads: usize,
     pub scale: f32,
+    /// The layer's sliding window (positions a token sees, itself included), if it has one.
+    pub window: Option<usize>,
 }
 
 /// Per-worker buffers, kept across calls.
@@ -150,7 +154,26 @@ pub fn attend_group(
     let rows = group.num_rows();
     assert!(group.queries.len() == rows * head_dim && out.len() == rows * head_dim);
     assert!(scores.len() >= rows * group.context);
-    let runs = &group.runs[..group.context.div_ceil(group.block_size)];
+    assert!(group.start < group.context, "attention: an empty window");
+    // The blocks holding keys `start..context`.
+    let first = group
+        .runs
+        .iter()
+        .take_while(|&&(first_key, _)| first_key + group.block_size <= group.start)
+        .count();
+    let end = group
+        .runs
+        .iter()
+        .take_while(|&&(first_key, _)| first_key < group.context)
+        .count();
+    let runs = &group.runs[first..end];
+    assert!(
+        runs.first().is_some_and(|&(k, _)| k <= group.start)
+            && runs
+                .last()
+                .is_some_and(|&(k, _)| k + group.block_size >= group.context),
+        "attention: the block runs do not cover the visible keys"
+    );
     assert!(
         runs.iter()
             .all(|&(_, start)| kv.holds_run(start, group.block_size, head_dim)),
@@ -209,16 +232,13 @@ fn portable_row<T: KvElement>(
 ) {
     let head_dim = group.head_dim;
     block.resize(group.block_size * head_dim, 0.0);
-    let visible = |first_key: usize| (group.context - first_key).min(group.block_size);
     let block_size = group.block_size;
     // A scaled type's run at `start` has its scales at `start / head_dim` (see `KvLayout`).
     for &(first_key, start) in runs {
         // Keys are dimension-major: token t's dimension d is at `d * block_size + t`.
         let keys = T::widen(&pool.keys[start..start + block_size * head_dim], block);
-        for (t, score) in scores[first_key..first_key + visible(first_key)]
-            .iter_mut()
-            .enumerate()
-        {
+        for t in group.visible(first_key) {
+            let score = &mut scores[first_key + t];
             let key = keys[t..].iter().step_by(block_size);
             let mut dot = query.iter().zip(key).map(|(q, k)| q * k).sum::<f32>();
             if T::SCALED {
@@ -227,16 +247,16 @@ fn portable_row<T: KvElement>(
             *score = dot * group.scale;
         }
     }
-    let sum = exp_minus_max(&mut scores[..group.context]);
+    let sum = exp_minus_max(&mut scores[group.start..group.context]);
     out.fill(0.0);
     for &(first_key, start) in runs {
-        let n = visible(first_key);
-        let values = T::widen(&pool.values[start..start + n * head_dim], block);
-        for (t, (&w, value)) in scores[first_key..]
-            .iter()
-            .zip(values.chunks_exact(head_dim))
-            .enumerate()
-        {
+        let visible = group.visible(first_key);
+        let values = T::widen(&pool.values[start..start + visible.end * head_dim], block);
+        for t in visible {
+            let (w, value) = (
+                scores[first_key + t],
+                &values[t * head_dim..(t + 1) * head_dim],
+            );
             // The value's scale rides on its weight: one multiply instead of `head_dim`.
             let w = if T::SCALED {
                 w * pool.value_scales[start / head_dim + t]
@@ -287,6 +307,12 @@ impl PagedAttention<'_> {
         // Positions grow along the tile, so its last token sees the most keys.
         let last_token = first_token + tile.num_rows as usize - 1;
         let max_context = self.batch.positions[last_token] as usize + 1;
+        // Keys before the window of the tile's first token are read by none of its tokens.
+        let first_visible = |position: u32| match self.window {
+            Some(window) => (position as usize + 1).saturating_sub(window),
+            None => 0,
+        };
+        let first_block = first_visible(self.batch.positions[first_token]) / layout.block_size;
 
         let Scratch {
             scores,
@@ -298,8 +324,9 @@ impl PagedAttention<'_> {
         runs.extend(
             block_table
                 .iter()
-                .take(max_context.div_ceil(layout.block_size))
                 .enumerate()
+                .take(max_context.div_ceil(layout.block_size))
+                .skip(first_block)
                 .map(|(i, &id)| {
                     (
                         i * layout.block_size,
@@ -314,6 +341,7 @@ impl PagedAttention<'_> {
             let queries = QueryGroup {
                 queries: &queries[at..at + len],
                 head_dim,
+                start: first_visible(self.batch.positions[token]),
                 context: self.batch.positions[token] as usize + 1,
                 runs,
                 block_size: layout.block_size,
@@ -430,6 +458,7 @@ mod tests {
                             let group = QueryGroup {
                                 queries: &queries[..rows * head_dim],
                                 head_dim,
+                                start: 0,
                                 context,
                                 runs: &runs,
                                 block_size,

@@ -7,9 +7,12 @@ pub struct QueryGroup<'a> {
     /// `num_rows * head_dim` values, one query head after the other.
     pub queries: &'a [f32],
     pub head_dim: usize,
-    /// Keys visible to the token: positions `0..context`.
+    /// Keys visible to the token: positions `start..context` (`start` is 0 but for a layer
+    /// with a sliding window).
+    pub start: usize,
     pub context: usize,
-    /// (first key, offset in the pool) of each block, covering at least `context` keys.
+    /// (first key, offset in the pool) of consecutive blocks, covering at least the keys
+    /// `start..context`; a kernel reads only the ones that hold some of them.
     pub runs: &'a [(usize, usize)],
     pub block_size: usize,
     pub scale: f32,
@@ -18,5 +21,12 @@ pub struct QueryGroup<'a> {
 impl QueryGroup<'_> {
     pub fn num_rows(&self) -> usize {
         self.queries.len() / self.head_dim
+    }
+
+    /// The part of the block starting at key `first_key` that the token sees, as offsets
+    /// into the block (empty when none of it).
+    pub fn visible(&self, first_key: usize) -> std::ops::Range<usize> {
+        let end = self.context.saturating_sub(first_key).min(self.block_size);
+        self.start.saturating_sub(first_key).min(end)..end
     }
 }

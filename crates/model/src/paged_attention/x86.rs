@@ -131,7 +131,6 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
 ) {
     let head_dim = 16 * CH;
     let context = group.context;
-    let visible = |first_key: usize| (context - first_key).min(BLOCK);
     let block_bytes = BLOCK * head_dim * std::mem::size_of::<T>();
     let scores_ptr = scores.as_mut_ptr();
     // Keys are dimension-major within a block: lane t of `key(d)` is token t's dimension d, so
@@ -172,7 +171,8 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
                 }
             }
         }
-        let lanes = ((1u32 << visible(first_key)) - 1) as u16;
+        let visible = group.visible(first_key);
+        let lanes = (((1u32 << visible.end) - 1) & !((1u32 << visible.start) - 1)) as u16;
         let scale = _mm512_set1_ps(group.scale);
         // Lanes past the context read the block's unused scales, finite and masked off below.
         let key_scales = if T::SCALED {
@@ -192,14 +192,14 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
     }
     let mut inverse = [0f32; G];
     for (g, inverse) in inverse.iter_mut().enumerate() {
-        *inverse = 1.0 / exp_minus_max(&mut scores[g * context..(g + 1) * context]);
+        *inverse = 1.0 / exp_minus_max(&mut scores[g * context + group.start..(g + 1) * context]);
     }
     let mut acc = [[_mm512_setzero_ps(); CH]; G];
     for &(first_key, start) in runs {
         let values = pool.values.as_ptr().add(start);
         // Only read when `T::SCALED`: the float types' scales are empty.
         let value_scales = pool.value_scales.as_ptr().wrapping_add(start / head_dim);
-        for j in 0..visible(first_key) {
+        for j in group.visible(first_key) {
             let value = values.add(j * head_dim);
             let mut v = [_mm512_setzero_ps(); CH];
             for (c, v) in v.iter_mut().enumerate() {

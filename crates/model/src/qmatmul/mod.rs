@@ -1,5 +1,6 @@
-//! Batched CPU matmul for GGUF's Q4_0, Q4_1 and Q8_0 weights: each weight block is decoded once
-//! and applied to every row of the batch, so that continuous batching pays off.
+//! Batched CPU matmul for GGUF's Q4_0, Q4_1 and Q8_0 weights (and Q5_0, widened to the Q8_0
+//! blocks of the same values at load): each weight block is decoded once and applied to every
+//! row of the batch, so that continuous batching pays off.
 //!
 //! # Why
 //!
@@ -77,7 +78,7 @@
 //! # Use
 //!
 //! ```ignore
-//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 tensors get packed, the rest stay on candle
+//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors get packed, the rest stay on candle
 //! let w = match QWeight::from_qtensor(&qtensor)? {
 //!     Some(packed) => LinearWeight::Packed(packed),
 //!     None => LinearWeight::Candle(QMatMul::from_qtensor(qtensor)?),

@@ -1,7 +1,9 @@
 //! Repacking GGUF's Q4_0, Q4_1 and Q8_0 blocks into the tiles the kernels read (the "Layout"
 //! section of the module docs): done once at load, moving the values, never re-quantizing them,
-//! so a packed weight takes the file's memory. [`QWeight`] is the packed matrix; its
-//! multiplications are the module's entry points.
+//! so a packed weight takes the file's memory. Q5_0 blocks are Q8_0 blocks exactly (their
+//! 5-bit values fit an i8, under the same f16 scale, and both multiply Q8_0 activations), so they
+//! are widened to Q8_0 and run on its kernels, for 34 bytes per 32 values instead of 22.
+//! [`QWeight`] is the packed matrix; its multiplications are the module's entry points.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
@@ -25,6 +27,8 @@ pub(super) enum Packed {
 /// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
 pub struct QWeight {
     pub(super) kind: Kind,
+    /// The type in the file (`kind` is what it is packed as).
+    dtype: GgmlDType,
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) packed: Packed,
@@ -37,7 +41,7 @@ impl QWeight {
         let kind = match t.dtype() {
             GgmlDType::Q4_0 => Kind::Q4_0,
             GgmlDType::Q4_1 => Kind::Q4_1,
-            GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q8_0 | GgmlDType::Q5_0 => Kind::Q8_0,
             _ => return Ok(None),
         };
         if !matches!(t.device(), Device::Cpu) {
@@ -60,7 +64,12 @@ impl QWeight {
                 n * nb * block_bytes
             );
         }
-        Ok(Some(Self::from_blocks(kind, n, k, &data)))
+        let mut packed = match t.dtype() {
+            GgmlDType::Q5_0 => Self::from_blocks(kind, n, k, &q5_0_as_q8_0(&data)),
+            _ => Self::from_blocks(kind, n, k, &data),
+        };
+        packed.dtype = t.dtype();
+        Ok(Some(packed))
     }
 
     /// `data`: `n` rows of `k / 32` ggml blocks of `kind`.
@@ -110,16 +119,23 @@ impl QWeight {
                 Packed::Q8(tiles)
             }
         };
-        Self { kind, n, k, packed }
-    }
-
-    /// The ggml type of the weights.
-    pub fn dtype(&self) -> GgmlDType {
-        match self.kind {
+        let dtype = match kind {
             Kind::Q4_0 => GgmlDType::Q4_0,
             Kind::Q4_1 => GgmlDType::Q4_1,
             Kind::Q8_0 => GgmlDType::Q8_0,
+        };
+        Self {
+            kind,
+            dtype,
+            n,
+            k,
+            packed,
         }
+    }
+
+    /// The ggml type of the weights in the file.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
     }
 
     /// Output features (rows of the weight).
@@ -139,6 +155,21 @@ impl QWeight {
             Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
         }
     }
+}
+
+/// Q5_0 blocks (f16 scale, 32 high bits, 16 bytes of low nibbles: value = d * (q - 16)) as the
+/// Q8_0 blocks of the same values (f16 scale, 32 i8), as ggml decodes them.
+fn q5_0_as_q8_0(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 22 * 34);
+    for blk in data.chunks_exact(22) {
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let qs = &blk[6..22];
+        out.extend_from_slice(&blk[..2]);
+        let value = |low: u8, bit: u32| ((low as u32 | (((qh >> bit) & 1) << 4)) as i32 - 16) as i8;
+        out.extend((0..16).map(|j| value(qs[j] & 0x0F, j as u32) as u8));
+        out.extend((0..16).map(|j| value(qs[j] >> 4, j as u32 + 16) as u8));
+    }
+    out
 }
 
 /// Walks `data` (`n` rows of `k / BLOCK` blocks of `block_bytes`) in the kernels' order, one

@@ -71,12 +71,40 @@ fn read_fixture(name: &str) -> String {
 }
 
 pub fn token_fixtures() -> Vec<TokenFixture> {
+    token_fixtures_of("smollm2_tokens.json")
+}
+
+/// The token fixtures in `tests/fixtures/<name>`.
+pub fn token_fixtures_of(name: &str) -> Vec<TokenFixture> {
     let fixtures: Vec<TokenFixture> =
-        serde_json::from_str(&read_fixture("smollm2_tokens.json")).expect("valid token fixtures");
+        serde_json::from_str(&read_fixture(name)).expect("valid token fixtures");
     assert!(fixtures.len() >= 30, "token fixtures look truncated");
     fixtures
 }
 
 pub fn chat_fixtures() -> ChatFixtures {
     serde_json::from_str(&read_fixture("smollm2_chat.json")).expect("valid chat fixtures")
+}
+
+/// Every fixture whose ids (without, then with special tokens) differ from `tok`'s, described
+/// for an assertion message.
+pub fn id_mismatches(tok: &Tokenizer, fixtures: &[TokenFixture]) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    for f in fixtures {
+        let ids = tok.encode(&f.text, false).unwrap();
+        if ids != f.ids {
+            mismatches.push(format!(
+                "{:?}\n  ours:      {ids:?}\n  llama.cpp: {:?}",
+                f.text, f.ids
+            ));
+        }
+        let with_special = tok.encode(&f.text, true).unwrap();
+        if with_special != f.ids_with_special {
+            mismatches.push(format!(
+                "{:?} (add_special_tokens)\n  ours:      {with_special:?}\n  llama.cpp: {:?}",
+                f.text, f.ids_with_special
+            ));
+        }
+    }
+    mismatches
 }
