@@ -2,6 +2,7 @@
 
 mod bench;
 mod engine_args;
+mod eval;
 mod export;
 mod fetch;
 mod generate;
@@ -30,6 +31,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Download a model of the catalog (default: the default model); prints its local path.
     Fetch(fetch::FetchArgs),
+    /// Measure a model: perplexity on a text, agreement with a reference model.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Export a GGUF model as a Hugging Face folder (safetensors, config.json, tokenizer).
     Export(export::ExportArgs),
     /// Serve the OpenAI-compatible HTTP API (chat and text completions, streaming, metrics).
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Eval(command) => eval::run(command),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
     }

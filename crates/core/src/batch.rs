@@ -24,12 +24,25 @@ pub struct SequenceChunk {
     /// Whether the engine wants logits for this sequence's last new token. A prompt chunk that
     /// does not reach the end of the prompt needs none, and the model skips its lm_head row.
     pub sample: bool,
+    /// Whether the logits of *every* new token are wanted, not only the last one's: scoring a
+    /// text (perplexity, teacher-forced comparisons) needs the prediction at each position,
+    /// and one pass over the text gives them all. Only meaningful with `sample`.
+    pub logits_for_every_token: bool,
 }
 
 impl SequenceChunk {
     /// Position of the first new token.
     pub fn start_position(&self) -> usize {
         self.context_len - self.num_new_tokens
+    }
+
+    /// Rows of logits this sequence gets from the step.
+    pub fn num_logit_rows(&self) -> usize {
+        match (self.sample, self.logits_for_every_token) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => self.num_new_tokens,
+        }
     }
 }
 
@@ -89,7 +102,22 @@ impl StepBatch {
             context_len,
             block_table: block_table.to_vec(),
             sample,
+            logits_for_every_token: false,
         });
+    }
+
+    /// Like [`push_sequence`](Self::push_sequence) with `sample`, but the step returns a row of
+    /// logits for each of `new_tokens` (in order), each predicting the token after it.
+    pub fn push_scored_sequence(
+        &mut self,
+        new_tokens: &[u32],
+        num_computed: usize,
+        block_table: &[u32],
+        block_size: usize,
+    ) {
+        self.push_sequence(new_tokens, num_computed, block_table, block_size, true);
+        let pushed = self.sequences.last_mut().expect("just pushed");
+        pushed.logits_for_every_token = true;
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -100,20 +128,23 @@ impl StepBatch {
         self.token_ids.is_empty()
     }
 
-    /// Number of sequences that asked for logits: the rows of the step's output.
+    /// Number of rows of logits the step returns: one per sampled sequence, or one per new
+    /// token of a sequence that wants [every token's](SequenceChunk::logits_for_every_token).
     pub fn num_sampled(&self) -> usize {
-        self.sequences.iter().filter(|s| s.sample).count()
+        self.sequences
+            .iter()
+            .map(SequenceChunk::num_logit_rows)
+            .sum()
     }
 
-    /// Row (in the flat token arrays) of the last new token of each sampled sequence.
+    /// Rows (in the flat token arrays) whose logits the step returns, in output order: the last
+    /// new token of each sampled sequence, or all of them for a sequence scored token by token.
     pub fn sampled_rows(&self) -> Vec<usize> {
         let mut rows = Vec::with_capacity(self.sequences.len());
         let mut end = 0;
         for seq in &self.sequences {
             end += seq.num_new_tokens;
-            if seq.sample {
-                rows.push(end - 1);
-            }
+            rows.extend(end - seq.num_logit_rows()..end);
         }
         rows
     }
@@ -135,6 +166,16 @@ mod tests {
         assert_eq!(batch.sequences[0].start_position(), 3);
         assert_eq!(batch.sampled_rows(), vec![2]);
         assert_eq!(batch.num_sampled(), 1);
+    }
+
+    #[test]
+    fn a_scored_sequence_gets_a_row_per_new_token() {
+        let mut batch = StepBatch::new();
+        batch.push_sequence(&[1, 2], 0, &[0], 4, true);
+        batch.push_scored_sequence(&[3, 4, 5], 1, &[1], 4);
+        batch.push_sequence(&[6], 0, &[2], 4, false);
+        assert_eq!(batch.sampled_rows(), vec![1, 2, 3, 4]);
+        assert_eq!(batch.num_sampled(), 4);
     }
 
     #[test]

@@ -41,8 +41,8 @@ pub trait ModelExecutor {
 
     fn vocab_size(&self) -> usize;
 
-    /// Runs one step. Rows of the result follow `batch.sequences` order, one per sequence with
-    /// `sample == true`.
+    /// Runs one step. Rows of the result are those of [`StepBatch::sampled_rows`], in its
+    /// order: one per sampled sequence, or one per new token of a scored one.
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error>;
 
     /// Calls `f(i)` once for every `i` in `0..n`, in any order, on the executor's own threads if

@@ -140,6 +140,7 @@ fn warmup_batch(tokens: usize, block_size: usize) -> StepBatch {
             context_len: tokens,
             block_table: (0..blocks as u32).collect(),
             sample: true,
+            logits_for_every_token: false,
         }],
         block_copies: Vec::new(),
     }
