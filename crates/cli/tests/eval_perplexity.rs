@@ -35,7 +35,7 @@ fn eval(args: &[&str]) -> Value {
 }
 
 #[test]
-fn the_default_model_reads_english_and_a_requantized_copy_agrees_with_it() {
+fn the_default_model_reads_english_and_a_requantized_copy_with_a_q8_cache_agrees_with_it() {
     let report = eval(&[
         "--context",
         "128",
@@ -43,6 +43,8 @@ fn the_default_model_reads_english_and_a_requantized_copy_agrees_with_it() {
         "64",
         "--weights-format",
         "q8_0",
+        "--kv-cache-dtype",
+        "q8",
         "--reference",
         "smollm2-135m-instruct",
     ]);
@@ -57,6 +59,8 @@ fn the_default_model_reads_english_and_a_requantized_copy_agrees_with_it() {
     let reference = report["reference"]["perplexity"].as_f64().unwrap();
     assert_eq!(report["result"]["weights_format"], "Q8_0", "{report}");
     assert!(report["reference"]["weights_format"].is_null(), "{report}");
+    assert_eq!(report["result"]["kv_cache_dtype"], "q8", "{report}");
+    assert_eq!(report["reference"]["kv_cache_dtype"], "f16", "{report}");
     // A 135M model on simple prose: far better than chance (a vocabulary of 49,152; measured
     // 23.3), and a re-quantized copy of the same weights must read it almost the same way
     // (measured: perplexity within 0.2%, 94% of top-1 guesses equal).

@@ -46,9 +46,10 @@ pub struct PerplexityArgs {
     /// Score only the first N tokens of the text.
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// A second model read on the same windows, in its file's own weight types (not
-    /// --weights-format): prints its perplexity and the share of scored places where both
-    /// models' most likely token is the same.
+    /// A second model read on the same windows as it is stored: its file's own weight types
+    /// (not --weights-format) and an f16 KV cache (not --kv-cache-dtype). Prints its
+    /// perplexity and the share of scored places where both models' most likely token is the
+    /// same.
     #[arg(long)]
     reference: Option<String>,
     /// Number format of the cached keys and values (`f16`, `f32`, `q8`).
@@ -129,7 +130,14 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
         );
     }
 
-    let (result, scores) = evaluate(&args, &args.weights, &args.model, loaded, &windows)?;
+    let (result, scores) = evaluate(
+        &args,
+        &args.weights,
+        args.kv_cache_dtype,
+        &args.model,
+        loaded,
+        &windows,
+    )?;
     let mut reference = None;
     let mut top1_agreement = None;
     if let Some(name) = &args.reference {
@@ -143,7 +151,8 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
             same_tokens.starts_with(&tokens),
             "--reference {name} splits the text into other tokens: the two models cannot be compared place by place"
         );
-        let (result, reference_scores) = evaluate(&args, &as_stored, name, other, &windows)?;
+        let (result, reference_scores) =
+            evaluate(&args, &as_stored, KvDtype::F16, name, other, &windows)?;
         let agree = scores
             .iter()
             .zip(&reference_scores)
@@ -171,10 +180,12 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts `loaded` (loaded as `weights` says) behind a runner and scores `windows` with it.
+/// Puts `loaded` (loaded as `weights` says) behind a runner with a `kv_dtype` cache and scores
+/// `windows` with it.
 fn evaluate(
     args: &PerplexityArgs,
     weights: &WeightsArgs,
+    kv_dtype: KvDtype,
     name: &str,
     loaded: minserve_model::LoadedModel,
     windows: &[windows::Window],
@@ -187,10 +198,10 @@ fn evaluate(
         max_step_tokens: args.max_num_batched_tokens,
     };
     // Room for the windows read side by side, with slack for block rounding.
-    let per_token = args.kv_cache_dtype.bytes_per_token(loaded.model.config());
+    let per_token = kv_dtype.bytes_per_token(loaded.model.config());
     let cache = CacheOptions {
         memory_bytes: per_token * args.windows_per_step * (args.context + 32) * 5 / 4,
-        dtype: args.kv_cache_dtype,
+        dtype: kv_dtype,
         ..CacheOptions::default()
     };
     let mut runner = Runner::new(loaded.model, cache, device)?;
@@ -216,7 +227,7 @@ fn evaluate(
     let result = ModelResult {
         model: name.to_string(),
         weights_format: weights.weights_format.map(|f| format!("{f:?}")),
-        kv_cache_dtype: format!("{:?}", args.kv_cache_dtype).to_lowercase(),
+        kv_cache_dtype: format!("{kv_dtype:?}").to_lowercase(),
         perplexity: mean_nll.exp(),
         mean_nll,
         seconds,
