@@ -6,6 +6,7 @@ mod common;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, D};
 use minserve_core::sampling::Rng;
+use minserve_core::sequence::{Sequence, RELEASED_BLOCK};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::config::{Activation, RopeScaling};
 use minserve_model::weights::{Linear, LinearWeight, LlamaWeights};
@@ -225,8 +226,10 @@ fn q8_cache_stays_close_to_naive_attention() {
 }
 
 /// Three sequences of lengths that are not multiples of any block size tried, prefilled in
-/// chunks of different sizes in shared steps, with scattered block tables, then decoded
-/// together; every sampled row must match the naive logits at that position.
+/// chunks of different sizes in shared steps, with scattered blocks from the real block manager,
+/// then decoded together; every sampled row must match the naive logits at that position. On a
+/// sliding-window model, the local layers' blocks that the window has passed are released and
+/// reused while the sequences run.
 fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
     let lengths = [1usize, 19, 41];
     let mut rng = Rng::new(7);
@@ -236,44 +239,41 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
         .collect();
     let decode_steps = 6usize;
     let mut worst = 0f32;
+    let mut released = 0;
     for block_size in [1usize, 3, 16] {
         for chunk in [4usize, 7, 64] {
             let per_seq_blocks = (41 + decode_steps).div_ceil(block_size);
-            let num_blocks = per_seq_blocks * prompts.len() + 5;
+            let config = synthetic::preset(preset).unwrap();
+            let groups = minserve_model::KvGroups::of(&config).num_groups();
+            let num_blocks = per_seq_blocks * prompts.len() * groups + 64;
             let mut runner = tiny_runner(preset, dtype, block_size, num_blocks);
-            // Hand out the pool in a shuffled order so no sequence's blocks are contiguous.
-            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-            for i in (1..ids.len()).rev() {
-                ids.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let tables: Vec<Vec<u32>> = ids
-                .chunks(per_seq_blocks)
-                .take(prompts.len())
-                .map(<[u32]>::to_vec)
+            let mut blocks = common::Blocks::scattered(&runner, rng.next_u64());
+            let mut seqs: Vec<Sequence> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Sequence::new(i as u64, p.clone(), 0, i as u64))
                 .collect();
-            let mut tokens = prompts.clone();
-            let mut computed = vec![0usize; prompts.len()];
             let mut checked = 0;
             for step in 0..64 {
                 let mut batch = StepBatch::new();
                 let mut in_batch = Vec::new();
-                for s in 0..prompts.len() {
-                    let pending = tokens[s].len() - computed[s];
-                    if pending == 0 {
+                for (s, seq) in seqs.iter_mut().enumerate() {
+                    let n = seq.num_pending_tokens().min(chunk);
+                    if n == 0 {
                         continue;
                     }
-                    let n = pending.min(chunk);
-                    let new = &tokens[s][computed[s]..computed[s] + n];
-                    batch.push_sequence(new, computed[s], &tables[s], block_size, true);
-                    in_batch.push((s, computed[s] + n));
+                    blocks.push(&mut batch, seq, n, true);
+                    in_batch.push((s, seq.num_computed_tokens + n));
                 }
                 if batch.is_empty() {
                     break;
                 }
+                blocks.finish(&mut batch);
                 let logits = runner.execute(&batch).unwrap();
                 for (row, &(s, upto)) in in_batch.iter().enumerate() {
-                    computed[s] = upto;
-                    let naive = naive_logits(&runner.model.weights, &tokens[s][..upto]).unwrap();
+                    let seq = &mut seqs[s];
+                    seq.num_computed_tokens = upto;
+                    let naive = naive_logits(&runner.model.weights, &seq.tokens[..upto]).unwrap();
                     let expected = &naive[upto - 1];
                     let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
                     let diff = logits
@@ -288,17 +288,32 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
                     );
                     checked += 1;
                     // Once the prompt is in, extend the sequence with its greedy token.
-                    if upto == tokens[s].len() && tokens[s].len() < prompts[s].len() + decode_steps
-                    {
-                        tokens[s].push(minserve_core::sampling::argmax(logits.row(row)));
+                    if upto == seq.len() && seq.len() < prompts[s].len() + decode_steps {
+                        seq.tokens
+                            .push(minserve_core::sampling::argmax(logits.row(row)));
                     }
                 }
             }
+            released += seqs
+                .iter()
+                .flat_map(|s| s.block_tables.iter().flatten())
+                .filter(|&&id| id == RELEASED_BLOCK)
+                .count();
             assert!(
                 checked >= prompts.len() * decode_steps,
                 "only {checked} rows checked"
             );
         }
     }
-    eprintln!("{preset} {dtype:?}: worst difference {worst:e} of the logits' magnitude");
+    eprintln!("{preset} {dtype:?}: worst difference {worst:e} of the logits' magnitude, {released} blocks released");
+    let windowed = synthetic::preset(preset)
+        .unwrap()
+        .block
+        .sliding_window
+        .is_some();
+    assert_eq!(
+        windowed,
+        released > 0,
+        "{preset}: released {released} blocks"
+    );
 }

@@ -139,9 +139,11 @@ fn warmup_batch(tokens: usize, block_size: usize) -> StepBatch {
             num_new_tokens: tokens,
             context_len: tokens,
             block_table: (0..blocks as u32).collect(),
+            group_block_tables: Vec::new(),
             sample: true,
         }],
         block_copies: Vec::new(),
+        group_slot_mappings: Vec::new(),
     }
 }
 
@@ -166,6 +168,7 @@ impl ModelExecutor for CudaRunner {
             self.model.config.vocab_size,
             self.model.max_positions(),
             self.cache.geometry(),
+            &[None],
         )?;
         self.cache.copy_blocks(&batch.block_copies)?;
         Ok(Logits {
