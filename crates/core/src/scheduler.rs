@@ -472,6 +472,10 @@ mod tests {
         }
         assert_eq!(s.num_preemptions(), 0);
         assert!(s.blocks().num_free_blocks() >= 36 - 2 * 13 - 2 * 2 - 2);
+        // A step with nothing to run carries no group tables.
+        s.remove(1);
+        s.remove(2);
+        assert!(s.schedule().is_empty());
     }
 
     fn samples(first_id: SeqId, n: u64, prompt_len: usize) -> Vec<Sequence> {
