@@ -212,6 +212,14 @@ pub fn hf_config_json(
     if c.architecture == "gemma3" {
         return Err("exporting Gemma 3 to a Hugging Face folder is not supported yet".into());
     }
+    if c.block.qk_norm {
+        // The q/k norm tensors have no name mapping here yet: refused before anything is
+        // written, rather than failing on the first of them half way.
+        return Err(format!(
+            "exporting {} (per-head q/k norms) to a Hugging Face folder is not supported yet",
+            c.architecture
+        ));
+    }
     let mut json = serde_json::json!({
         "architectures": [match c.architecture.as_str() {
             "qwen2" => "Qwen2ForCausalLM",
