@@ -351,6 +351,18 @@ const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + 
 /// loader as a real model's tokenizer.
 pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
     let path = PathBuf::from(format!("{PREFIX}tokenizer"));
+    let content = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata: tokenizer_metadata(config)?,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    };
+    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(&path))
+}
+
+/// The GGUF metadata [`tokenizer`] is built from, to write into a synthetic GGUF file.
+pub fn tokenizer_metadata(config: &ModelConfig) -> Result<HashMap<String, Value>> {
+    let path = PathBuf::from(format!("{PREFIX}tokenizer"));
     let vocab = config.vocab_size;
     let first_filler = 256 + SPECIAL_TOKENS.len();
     if vocab < first_filler {
@@ -396,13 +408,7 @@ pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
         ),
         ("tokenizer.ggml.tokens".into(), strings(tokens.clone())),
     ]);
-    let content = Content {
-        magic: VersionedMagic::GgufV3,
-        metadata,
-        tensor_infos: HashMap::new(),
-        tensor_data_offset: 0,
-    };
-    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(&path))
+    Ok(metadata)
 }
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for the

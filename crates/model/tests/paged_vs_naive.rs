@@ -329,10 +329,10 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
 }
 
 /// A tiny Qwen3 read from a Hugging Face folder (`model_type: qwen3`, `self_attn.q_norm` /
-/// `k_norm`, an explicit `head_dim`) and from a GGUF of the same tensors (`qwen3.*` keys,
-/// `attn_q_norm` / `attn_k_norm`, `attention.key_length`): both configs say what Qwen3 is,
-/// both keep the q/k norms as written, and both forward passes match the naive one (and each
-/// other).
+/// `k_norm`, an explicit `head_dim`), from a GGUF of the same tensors (`qwen3.*` keys,
+/// `attn_q_norm` / `attn_k_norm`, `attention.key_length`), and from that GGUF exported to a
+/// folder: every config says what Qwen3 is, keeps the q/k norms as written, and every forward
+/// pass matches the naive one (and the others).
 #[test]
 fn qwen3_loads_from_a_folder_and_a_gguf() {
     use candle_core::quantized::{gguf_file, QTensor};
@@ -401,12 +401,6 @@ fn qwen3_loads_from_a_folder_and_a_gguf() {
         .collect();
     candle_core::safetensors::save(&by_hf_name, folder.join("model.safetensors")).unwrap();
     let config = minserve_model::ModelConfig::from_hf_config(&folder.join("config.json")).unwrap();
-    // Export cannot write the q/k norms back yet, and says so before writing anything.
-    let err = minserve_model::export::hf_config_json(&config, "float32").unwrap_err();
-    assert!(
-        err.contains("qwen3") && err.contains("not supported"),
-        "{err}"
-    );
     synthetic::tokenizer(&config)
         .unwrap()
         .write_hf_files(&folder)
@@ -414,7 +408,15 @@ fn qwen3_loads_from_a_folder_and_a_gguf() {
 
     let gguf = dir.path().join("qwen3.gguf");
     let u32_value = |v: usize| gguf_file::Value::U32(v as u32);
-    let metadata = [
+    // The synthetic tokenizer's keys, so that the file exports like a real one.
+    let mut metadata: Vec<(&str, gguf_file::Value)> = Vec::new();
+    let tokenizer_metadata = synthetic::tokenizer_metadata(&config).unwrap();
+    for (key, value) in tokenizer_metadata.iter() {
+        if key.starts_with("tokenizer.") {
+            metadata.push((key.as_str(), value.clone()));
+        }
+    }
+    metadata.extend([
         (
             "general.architecture",
             gguf_file::Value::String("qwen3".into()),
@@ -432,7 +434,7 @@ fn qwen3_loads_from_a_folder_and_a_gguf() {
             "qwen3.attention.layer_norm_rms_epsilon",
             gguf_file::Value::F32(1e-6),
         ),
-    ];
+    ]);
     let quantized: Vec<(String, QTensor)> = tensors
         .iter()
         .map(|(_, name, t)| (name.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
@@ -450,9 +452,22 @@ fn qwen3_loads_from_a_folder_and_a_gguf() {
     let from_folder = minserve_model::load_model(&folder).unwrap().model;
     let from_gguf =
         LlamaModel::new(minserve_model::gguf::load(&gguf, &content, None, true).unwrap());
+    // `minserve export` of the GGUF: a folder transformers would read as Qwen3.
+    let exported = dir.path().join("exported");
+    minserve_model::export::export_gguf_to_hf(&gguf, &exported, Default::default()).unwrap();
+    let exported_config = std::fs::read_to_string(exported.join("config.json")).unwrap();
+    let exported_config: serde_json::Value = serde_json::from_str(&exported_config).unwrap();
+    assert_eq!(exported_config["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(exported_config["head_dim"], head_dim);
+    let from_export = minserve_model::load_model(&exported).unwrap().model;
     let prompt: Vec<u32> = (0..23).map(|_| (rng.next_u64() % 256) as u32).collect();
     let mut last_rows = Vec::new();
-    for (source, model) in [("folder", from_folder), ("gguf", from_gguf)] {
+    let models = [
+        ("folder", from_folder),
+        ("gguf", from_gguf),
+        ("exported", from_export),
+    ];
+    for (source, model) in models {
         let c = model.config().clone();
         assert_eq!(c.architecture, "qwen3", "{source}");
         assert!(c.block.qk_norm && !c.attention_bias, "{source}");
@@ -494,6 +509,8 @@ fn qwen3_loads_from_a_folder_and_a_gguf() {
         assert!(diff <= 1e-4 * scale, "{source}: {diff}");
         last_rows.push(logits);
     }
-    let diff = common::max_abs_diff(&last_rows[0], &last_rows[1]);
-    assert!(diff <= 1e-5, "folder and GGUF differ by {diff}");
+    for (source, row) in [("gguf", &last_rows[1]), ("exported", &last_rows[2])] {
+        let diff = common::max_abs_diff(&last_rows[0], row);
+        assert!(diff <= 1e-5, "folder and {source} differ by {diff}");
+    }
 }
