@@ -81,6 +81,7 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
                 kv,
                 layout: &layout,
                 batch: &batch,
+                group: 0,
                 plan: &plan,
                 num_heads: NUM_HEADS,
                 scale: 0.125,

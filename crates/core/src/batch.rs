@@ -4,6 +4,15 @@
 //! the tokens it has not computed yet — a whole prompt, a chunk of one, or the single token sampled
 //! last step. The model sees all those tokens as one flat list, so a step can mix prompt chunks and
 //! decode tokens of many sequences without padding.
+//!
+//! **KV groups.** A model whose layers have different attention spans (Gemma 3: sliding-window
+//! layers beside global ones) keeps its layers' K/V in several *KV groups*, each with its own
+//! block table per sequence (see `block_manager.rs`). Group 0's slots and tables are the plain
+//! fields below (`slot_mapping`, `block_table`), so a model with one group sees nothing else;
+//! groups 1.. follow in `group_slot_mappings` / `group_block_tables`. [`StepBatch::slots`] and
+//! [`SequenceChunk::table`] index them all alike.
+
+use crate::sequence::RELEASED_BLOCK;
 
 /// A block's contents to duplicate before a step writes: `(source, destination)` block ids.
 pub type BlockCopy = (u32, u32);
@@ -18,9 +27,12 @@ pub struct SequenceChunk {
     /// the position of its last new token plus one. Attention for a new token at position `p`
     /// reads cache slots `0..=p`.
     pub context_len: usize,
-    /// Physical block id of each logical block of the sequence, in order. Token at position `p`
-    /// lives in block `block_table[p / block_size]` at offset `p % block_size`.
+    /// Physical block id of each logical block of the sequence in KV group 0, in order. Token at
+    /// position `p` lives in block `block_table[p / block_size]` at offset `p % block_size`.
     pub block_table: Vec<u32>,
+    /// The same for KV groups 1..; a sliding-window group's table holds
+    /// [`RELEASED_BLOCK`] where its blocks lie wholly before the window of every new token.
+    pub group_block_tables: Vec<Vec<u32>>,
     /// Whether the engine wants logits for this sequence's last new token. A prompt chunk that
     /// does not reach the end of the prompt needs none, and the model skips its lm_head row.
     pub sample: bool,
@@ -44,6 +56,14 @@ impl SequenceChunk {
             (true, true) => self.num_new_tokens,
         }
     }
+
+    /// The block table of KV group `group`.
+    pub fn table(&self, group: usize) -> &[u32] {
+        match group {
+            0 => &self.block_table,
+            g => &self.group_block_tables[g - 1],
+        }
+    }
 }
 
 /// Everything the model needs for one forward pass over a ragged batch.
@@ -53,8 +73,11 @@ pub struct StepBatch {
     pub token_ids: Vec<u32>,
     /// Position of each new token within its own sequence (drives RoPE).
     pub positions: Vec<u32>,
-    /// Cache slot (`block_id * block_size + offset`) where each new token's K/V is written.
+    /// Cache slot (`block_id * block_size + offset`) where each new token's K/V is written, in
+    /// KV group 0.
     pub slot_mapping: Vec<u32>,
+    /// The same for KV groups 1.. (empty for a model with one group).
+    pub group_slot_mappings: Vec<Vec<u32>>,
     /// The sequences, in the same order as their rows.
     pub sequences: Vec<SequenceChunk>,
     /// Blocks whose K/V the model copies, `(source, destination)`, one after another in this
@@ -68,7 +91,8 @@ impl StepBatch {
         Self::default()
     }
 
-    /// Appends `new_tokens` of a sequence whose first `num_computed` tokens are already cached.
+    /// Appends `new_tokens` of a sequence whose first `num_computed` tokens are already cached,
+    /// for a model with one KV group.
     ///
     /// Positions and cache slots are derived from the block table here, once, so that the model
     /// never has to know how blocks were assigned.
@@ -83,41 +107,97 @@ impl StepBatch {
         block_size: usize,
         sample: bool,
     ) {
-        let context_len = num_computed + new_tokens.len();
-        assert!(
-            block_table.len() * block_size >= context_len,
-            "block table of {} blocks cannot hold {context_len} tokens",
-            block_table.len()
+        self.push_sequence_groups(
+            new_tokens,
+            num_computed,
+            std::slice::from_ref(&block_table),
+            block_size,
+            sample,
         );
-        for (i, &token) in new_tokens.iter().enumerate() {
-            let position = num_computed + i;
-            let block = block_table[position / block_size] as usize;
-            self.token_ids.push(token);
-            self.positions.push(position as u32);
-            self.slot_mapping
-                .push((block * block_size + position % block_size) as u32);
+    }
+
+    /// [`push_sequence`](Self::push_sequence) with one block table per KV group. Every sequence
+    /// of a batch has the same number of groups.
+    ///
+    /// # Panics
+    /// If a table is too short for the new tokens, or a new token would land in a released
+    /// block: scheduler bugs.
+    pub fn push_sequence_groups<T: AsRef<[u32]>>(
+        &mut self,
+        new_tokens: &[u32],
+        num_computed: usize,
+        block_tables: &[T],
+        block_size: usize,
+        sample: bool,
+    ) {
+        let context_len = num_computed + new_tokens.len();
+        let (first, rest) = block_tables
+            .split_first()
+            .expect("a sequence has at least one KV group");
+        if self.sequences.is_empty() {
+            self.group_slot_mappings = vec![Vec::new(); rest.len()];
         }
+        assert_eq!(
+            self.group_slot_mappings.len(),
+            rest.len(),
+            "every sequence of a batch has the same KV groups"
+        );
+        let slots = std::iter::once(&mut self.slot_mapping).chain(&mut self.group_slot_mappings);
+        for (table, slots) in block_tables.iter().zip(slots) {
+            let table = table.as_ref();
+            assert!(
+                table.len() * block_size >= context_len,
+                "block table of {} blocks cannot hold {context_len} tokens",
+                table.len()
+            );
+            for position in num_computed..context_len {
+                let block = table[position / block_size];
+                assert_ne!(
+                    block, RELEASED_BLOCK,
+                    "a new token lands in a released block"
+                );
+                slots.push((block as usize * block_size + position % block_size) as u32);
+            }
+        }
+        self.token_ids.extend_from_slice(new_tokens);
+        self.positions
+            .extend((num_computed..context_len).map(|p| p as u32));
         self.sequences.push(SequenceChunk {
             num_new_tokens: new_tokens.len(),
             context_len,
-            block_table: block_table.to_vec(),
+            block_table: first.as_ref().to_vec(),
+            group_block_tables: rest.iter().map(|t| t.as_ref().to_vec()).collect(),
             sample,
             logits_for_every_token: false,
         });
     }
 
-    /// Like [`push_sequence`](Self::push_sequence) with `sample`, but the step returns a row of
-    /// logits for each of `new_tokens` (in order), each predicting the token after it.
-    pub fn push_scored_sequence(
+    /// Like [`push_sequence_groups`](Self::push_sequence_groups) with `sample`, but the step
+    /// returns a row of logits for each of `new_tokens` (in order), each predicting the token
+    /// after it.
+    pub fn push_scored_sequence<T: AsRef<[u32]>>(
         &mut self,
         new_tokens: &[u32],
         num_computed: usize,
-        block_table: &[u32],
+        block_tables: &[T],
         block_size: usize,
     ) {
-        self.push_sequence(new_tokens, num_computed, block_table, block_size, true);
+        self.push_sequence_groups(new_tokens, num_computed, block_tables, block_size, true);
         let pushed = self.sequences.last_mut().expect("just pushed");
         pushed.logits_for_every_token = true;
+    }
+
+    /// KV groups of the batch's cache.
+    pub fn num_groups(&self) -> usize {
+        1 + self.group_slot_mappings.len()
+    }
+
+    /// The cache slot of each new token in KV group `group`.
+    pub fn slots(&self, group: usize) -> &[u32] {
+        match group {
+            0 => &self.slot_mapping,
+            g => &self.group_slot_mappings[g - 1],
+        }
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -172,10 +252,29 @@ mod tests {
     fn a_scored_sequence_gets_a_row_per_new_token() {
         let mut batch = StepBatch::new();
         batch.push_sequence(&[1, 2], 0, &[0], 4, true);
-        batch.push_scored_sequence(&[3, 4, 5], 1, &[1], 4);
+        batch.push_scored_sequence(&[3, 4, 5], 1, &[[1]], 4);
         batch.push_sequence(&[6], 0, &[2], 4, false);
         assert_eq!(batch.sampled_rows(), vec![1, 2, 3, 4]);
         assert_eq!(batch.num_sampled(), 4);
+    }
+
+    #[test]
+    fn each_kv_group_gets_its_own_slots() {
+        let mut batch = StepBatch::new();
+        // Group 1 (a window) has released its first block: positions 4..6 use block 3 there.
+        let tables = [vec![7, 2], vec![RELEASED_BLOCK, 3]];
+        batch.push_sequence_groups(&[10, 11], 4, &tables, 4, true);
+        assert_eq!(batch.num_groups(), 2);
+        assert_eq!(batch.slots(0), [2 * 4, 2 * 4 + 1]);
+        assert_eq!(batch.slots(1), [3 * 4, 3 * 4 + 1]);
+        assert_eq!(batch.sequences[0].table(1), [RELEASED_BLOCK, 3]);
+    }
+
+    #[test]
+    #[should_panic(expected = "released block")]
+    fn writing_into_a_released_block_is_a_bug() {
+        let tables = [vec![7, 2], vec![RELEASED_BLOCK, 3]];
+        StepBatch::new().push_sequence_groups(&[10], 3, &tables, 4, true);
     }
 
     #[test]

@@ -7,11 +7,32 @@
 //!
 //! * **Reference counts.** A block is used by as many sequences as have it in their block
 //!   table. A block whose count drops to zero becomes free.
+//! * **KV groups and sliding windows (vLLM's hybrid allocator).** The model's layers are split
+//!   into *KV groups* of equally many layers, all layers of a group with the same attention
+//!   span: global, or a sliding window of `w` positions (Gemma 3 270M: 18 layers = 1 group of
+//!   its 3 global layers + 5 groups of 3 of its 15 local ones). A physical block holds one
+//!   block of tokens for the layers of one group, so blocks of every group cost the same and
+//!   come from one pool, and one free count serves admission and preemption. Each sequence has
+//!   one block table per group, all of the same logical length. In a sliding-window group, a
+//!   block that lies wholly before the window of the next token to compute is never read
+//!   again: [`allocate_slots`](BlockManager::allocate_slots) *releases* it (back to the pool,
+//!   its table entry becomes [`RELEASED_BLOCK`]), so a long sequence holds about `w /
+//!   block_size + 1` blocks per local group instead of its whole length. A model without
+//!   windows has one group and nothing of this shows.
 //! * **Automatic prefix caching.** Once a block is full its content is fixed, so it is
-//!   registered under a hash of its tokens chained with its parent block's hash: equal hashes
-//!   mean equal prefixes up to and including that block. A new sequence reuses the registered
-//!   blocks of its longest cached prefix instead of computing them again (tokens are compared
-//!   too, so a hash collision can never serve wrong K/V).
+//!   registered under a hash of its tokens chained with its parent block's hash (and its
+//!   group): equal hashes mean equal prefixes up to and including that block. A new sequence
+//!   reuses the registered blocks of its longest cached prefix instead of computing them again
+//!   (tokens are compared too, so a hash collision can never serve wrong K/V). A global group
+//!   needs every block of the prefix; a sliding-window group only the blocks that the window of
+//!   the first token after the prefix reaches, and those must still be cached (released blocks
+//!   wait in the free queue like any other, so a recent prefix often still is): the prefix
+//!   reused is the longest that every group can serve.
+//! * **Registered once the step is taken.** A block is registered when the step that fills it
+//!   has been scheduled in full ([`take_block_copies`](BlockManager::take_block_copies) ends a
+//!   step), never while the step is being assembled: a second sequence admitted in the same
+//!   step (the same prompt twice in one batch) computes its own copy rather than adopting a
+//!   block not yet written.
 //! * **LRU eviction.** Freed blocks keep their content and registration while they wait in the
 //!   free queue, so a later request can still hit them. When a fresh block is needed and no
 //!   block without a cached prefix is free, it is taken from the front of the queue, the
@@ -25,26 +46,24 @@
 //!   what its peak load needed instead of creeping up to the whole pool.
 //! * **Forking and copy-on-write (vLLM v0).** The `n` samples of one request share their whole
 //!   prompt: once the first sample has computed it, [`fork`](BlockManager::fork) gives each
-//!   other sample the same block table, the last, partial block included. Full blocks are never
-//!   written again, so they stay shared. The partial block is where every sample writes its
-//!   next token, so [`allocate_slots`](BlockManager::allocate_slots) gives a sequence about to
-//!   write into a block that others still use a fresh block of its own and records a copy
+//!   other sample the same block tables, the last, partial block included. Full blocks are
+//!   never written again, so they stay shared. The partial block is where every sample writes
+//!   its next token, so [`allocate_slots`](BlockManager::allocate_slots) gives a sequence about
+//!   to write into a block that others still use a fresh block of its own and records a copy
 //!   `(src, dst)`; the scheduler hands the step's copies to the model
 //!   ([`StepBatch::block_copies`]), which performs them, in order, before it writes any K/V. The
 //!   last sample to write finds the block its own and writes in place.
-//! * **Shared blocks are never written.** Whatever shares a block (a cached prefix, a fork),
-//!   no step writes into a block whose reference count is above one
-//!   ([`check_step`](BlockManager::check_step)), with one exception: a block handed out fresh
-//!   in this step and filled by it is registered at once, so a sequence admitted later in the
-//!   same step (the same prompt twice in one batch) may already adopt it as a cached prefix.
-//!   That is sound: the adopter only reads it, and the model writes every K/V of a step before
-//!   its attention reads any.
+//! * **Shared blocks are never written, released blocks never read.** No step writes into a
+//!   block whose reference count is above one, and every block a step's attention reads (the
+//!   window of each new token, in every group) is held
+//!   ([`check_step`](BlockManager::check_step)).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 
 use crate::batch::{BlockCopy, StepBatch};
+pub use crate::sequence::RELEASED_BLOCK;
 use crate::sequence::{BlockHash, Sequence};
 
 fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
@@ -54,11 +73,14 @@ fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     hasher.finish()
 }
 
+/// A KV group's index among the groups of a [`BlockManager`].
+pub type KvGroup = usize;
+
 #[derive(Debug, Clone, Default)]
 struct Block {
     ref_count: u32,
-    /// Set while the block is registered in the prefix cache (it is full).
-    hash: Option<BlockHash>,
+    /// Set while the block is registered in the prefix cache (it is full): its group and hash.
+    key: Option<(KvGroup, BlockHash)>,
     /// The tokens whose K/V the block holds, kept to verify prefix-cache hits.
     tokens: Vec<u32>,
     /// Where the block waits while `ref_count == 0`.
@@ -74,11 +96,20 @@ enum FreeList {
     Uncached,
 }
 
-/// A cached prefix found for a sequence: blocks to reuse, in order.
+/// A cached prefix found for a sequence: blocks to reuse, in order, per KV group.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CachedPrefix {
-    pub blocks: Vec<u32>,
+    /// One table per group, each as long as the prefix in blocks; a sliding-window group's
+    /// holds [`RELEASED_BLOCK`] before the window of the first token after the prefix.
+    pub tables: Vec<Vec<u32>>,
     pub hashes: Vec<BlockHash>,
+}
+
+impl CachedPrefix {
+    /// Logical blocks the prefix covers.
+    pub fn num_blocks(&self) -> usize {
+        self.hashes.len()
+    }
 }
 
 /// Counters for metrics and traces.
@@ -90,8 +121,19 @@ pub struct PrefixCacheStats {
     pub hit_tokens: u64,
 }
 
+/// A block filled by the step being assembled, registered once that step is taken.
+#[derive(Debug, Clone)]
+struct PendingRegistration {
+    group: KvGroup,
+    hash: BlockHash,
+    id: u32,
+    tokens: Vec<u32>,
+}
+
 pub struct BlockManager {
     block_size: usize,
+    /// The sliding window of each KV group, in positions; `None` for a global group.
+    group_windows: Vec<Option<usize>>,
     blocks: Vec<Block>,
     /// Free blocks holding a cached prefix, by the time they were freed: the first is the least
     /// recently used.
@@ -99,24 +141,43 @@ pub struct BlockManager {
     /// Free blocks holding no cached prefix; the last was freed most recently.
     free_uncached: Vec<u32>,
     next_tick: u64,
-    /// Registered full blocks by content hash.
-    cached: HashMap<BlockHash, u32>,
+    /// Registered full blocks by group and content hash.
+    cached: HashMap<(KvGroup, BlockHash), u32>,
     prefix_caching: bool,
     stats: PrefixCacheStats,
     /// Copy-on-write copies made since the scheduler last took them, in the order made.
     pending_copies: Vec<BlockCopy>,
-    /// Blocks handed out since the scheduler last took the copies, and those of the step it
-    /// took them for: the blocks [`check_step`](Self::check_step) lets others share while the
-    /// step writes them (see the module documentation).
-    fresh_blocks: Vec<u32>,
-    step_fresh_blocks: Vec<u32>,
+    /// Blocks the step being assembled fills; dropped if the block is freed before the step
+    /// is taken (its sequence preempted), since its next owner writes other tokens.
+    pending_registrations: Vec<PendingRegistration>,
 }
 
 impl BlockManager {
+    /// A pool for a model with one KV group and no sliding window.
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
+        Self::with_groups(num_blocks, block_size, prefix_caching, vec![None])
+    }
+
+    /// A pool shared by KV groups with these sliding windows (`None`: a global group), as the
+    /// model's cache groups its layers.
+    pub fn with_groups(
+        num_blocks: usize,
+        block_size: usize,
+        prefix_caching: bool,
+        group_windows: Vec<Option<usize>>,
+    ) -> Self {
         assert!(block_size > 0, "block size must be positive");
+        assert!(
+            !group_windows.is_empty(),
+            "a cache has at least one KV group"
+        );
+        assert!(
+            group_windows.iter().all(|w| w != &Some(0)),
+            "a sliding window covers at least one position"
+        );
         let mut manager = Self {
             block_size,
+            group_windows,
             blocks: vec![Block::default(); num_blocks],
             free_queue: BTreeMap::new(),
             free_uncached: Vec::with_capacity(num_blocks),
@@ -125,8 +186,7 @@ impl BlockManager {
             prefix_caching,
             stats: PrefixCacheStats::default(),
             pending_copies: Vec::new(),
-            fresh_blocks: Vec::new(),
-            step_fresh_blocks: Vec::new(),
+            pending_registrations: Vec::new(),
         };
         // Block 0 on top: a fresh pool hands its blocks out in order.
         for id in (0..num_blocks as u32).rev() {
@@ -141,6 +201,15 @@ impl BlockManager {
 
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The sliding window of each KV group (`None`: global).
+    pub fn group_windows(&self) -> &[Option<usize>] {
+        &self.group_windows
+    }
+
+    pub fn num_groups(&self) -> usize {
+        self.group_windows.len()
     }
 
     /// Blocks a new allocation can take (including cached blocks nobody uses).
@@ -172,37 +241,91 @@ impl BlockManager {
         num_tokens.div_ceil(self.block_size)
     }
 
-    /// The longest run of the sequence's leading full blocks that is already in the cache.
+    /// The first logical block of `group` that a token at `position` may read: the blocks
+    /// before it lie wholly outside its window.
+    pub fn first_needed_block(&self, group: KvGroup, position: usize) -> usize {
+        match self.group_windows[group] {
+            Some(window) => (position + 1).saturating_sub(window) / self.block_size,
+            None => 0,
+        }
+    }
+
+    /// The longest prefix of the sequence's full blocks that every KV group can serve from the
+    /// cache: a global group every block of it, a sliding-window group the blocks the window of
+    /// the first token after it reaches.
     ///
     /// At least the last prompt token is always left out, even when the whole prompt is
     /// cached: the model must compute something to produce logits to sample from.
     pub fn find_cached_prefix(&mut self, seq: &Sequence) -> CachedPrefix {
-        let mut prefix = CachedPrefix::default();
         if !self.prefix_caching {
-            return prefix;
+            return CachedPrefix::default();
         }
         let cacheable_blocks = seq.len().saturating_sub(1) / self.block_size;
+        let chunks: Vec<&[u32]> = seq
+            .tokens
+            .chunks(self.block_size)
+            .take(cacheable_blocks)
+            .collect();
+        let mut hashes = Vec::with_capacity(chunks.len());
         let mut parent = None;
-        for chunk in seq.tokens.chunks(self.block_size).take(cacheable_blocks) {
+        for chunk in &chunks {
             let hash = hash_block(parent, chunk);
-            match self.cached.get(&hash) {
-                Some(&id) if self.blocks[id as usize].tokens == chunk => {
-                    prefix.blocks.push(id);
-                    prefix.hashes.push(hash);
-                    parent = Some(hash);
-                }
-                _ => break,
-            }
+            hashes.push(hash);
+            parent = Some(hash);
         }
-        prefix
+        let lookup = |group: KvGroup, i: usize| -> Option<u32> {
+            let &id = self.cached.get(&(group, hashes[i]))?;
+            (self.blocks[id as usize].tokens == chunks[i]).then_some(id)
+        };
+        let mut hits: Vec<Vec<Option<u32>>> = Vec::with_capacity(self.num_groups());
+        let mut len = chunks.len();
+        for group in 0..self.num_groups() {
+            let group_hits: Vec<Option<u32>> = match self.group_windows[group] {
+                // A global group needs every block: its first miss ends the prefix.
+                None => (0..len)
+                    .map(|i| lookup(group, i))
+                    .take_while(Option::is_some)
+                    .collect(),
+                Some(_) => (0..len).map(|i| lookup(group, i)).collect(),
+            };
+            if self.group_windows[group].is_none() {
+                len = group_hits.len();
+            }
+            hits.push(group_hits);
+        }
+        // Shorten until each window group holds the blocks the next token reads.
+        while len > 0 {
+            let serves = |group: KvGroup| {
+                let first = self.first_needed_block(group, len * self.block_size);
+                hits[group][first..len].iter().all(Option::is_some)
+            };
+            if (0..self.num_groups()).all(serves) {
+                break;
+            }
+            len -= 1;
+        }
+        let tables = (0..self.num_groups())
+            .map(|group| {
+                let first = self.first_needed_block(group, len * self.block_size);
+                (0..len)
+                    .map(|i| match i < first {
+                        true => RELEASED_BLOCK,
+                        false => hits[group][i].expect("checked above"),
+                    })
+                    .collect()
+            })
+            .collect();
+        hashes.truncate(len);
+        CachedPrefix { tables, hashes }
     }
 
     /// Makes room for `num_new_tokens` more tokens of `seq`, after first adopting `prefix`
     /// (from [`find_cached_prefix`](Self::find_cached_prefix)) for a sequence that has no
-    /// blocks yet. A block these tokens land in that other sequences still use is first
-    /// replaced by a private copy (copy-on-write; the copy is recorded for the model, see
-    /// [`take_block_copies`](Self::take_block_copies)). Registers every block that these
-    /// tokens fill.
+    /// blocks yet. Blocks of sliding-window groups that the window of the first new token has
+    /// passed are released first (and count as room). A block these tokens land in that other
+    /// sequences still use is replaced by a private copy (copy-on-write; the copy is recorded
+    /// for the model, see [`take_block_copies`](Self::take_block_copies)). The blocks these
+    /// tokens fill are registered for prefix reuse once the step is taken.
     ///
     /// Returns false, changing nothing, when there are not enough free blocks.
     pub fn allocate_slots(
@@ -215,50 +338,87 @@ impl BlockManager {
         // lookup for a sequence that then does not fit is not.
         let is_admission = prefix.is_some();
         let prefix = prefix.unwrap_or_default();
-        debug_assert!(prefix.blocks.is_empty() || seq.block_table.is_empty());
+        debug_assert!(prefix.num_blocks() == 0 || seq.block_tables.is_empty());
         let computed = seq
             .num_computed_tokens
-            .max(prefix.blocks.len() * self.block_size);
-        let table_len = seq.block_table.len() + prefix.blocks.len();
+            .max(prefix.num_blocks() * self.block_size);
+        let table_len = seq.num_logical_blocks() + prefix.num_blocks();
         let needed = self
             .blocks_for(computed + num_new_tokens)
             .saturating_sub(table_len);
         let written = self.held_blocks_written(seq, computed, num_new_tokens);
-        let to_copy = written
-            .clone()
-            .filter(|&i| self.is_shared(seq.block_table[i]))
-            .count();
+        let mut to_copy = 0;
+        let mut released = 0;
+        for (group, table) in seq.block_tables.iter().enumerate() {
+            to_copy += written
+                .clone()
+                .filter(|&i| self.is_shared(table[i]))
+                .count();
+            released += self
+                .releasable(group, table, computed)
+                .filter(|&i| !self.is_shared(table[i]))
+                .count();
+        }
         // Reused blocks that sit in the free queue leave it, so they do not count as room.
         let reused_free = prefix
-            .blocks
+            .tables
             .iter()
-            .filter(|&&id| self.blocks[id as usize].ref_count == 0)
+            .flatten()
+            .filter(|&&id| id != RELEASED_BLOCK && self.blocks[id as usize].ref_count == 0)
             .count();
-        if needed + to_copy > self.num_free_blocks() - reused_free {
+        if needed * self.num_groups() + to_copy + reused_free > self.num_free_blocks() + released {
             return false;
         }
 
         if is_admission {
             self.stats.queried_tokens += seq.len() as u64;
-            self.stats.hit_tokens += (prefix.blocks.len() * self.block_size) as u64;
+            self.stats.hit_tokens += (prefix.num_blocks() * self.block_size) as u64;
         }
-        for (&id, &hash) in prefix.blocks.iter().zip(&prefix.hashes) {
-            self.acquire(id);
-            seq.block_table.push(id);
-            seq.block_hashes.push(hash);
+        if seq.block_tables.is_empty() {
+            seq.block_tables = vec![Vec::new(); self.num_groups()];
         }
-        seq.num_computed_tokens = computed;
-        for i in written {
-            if self.is_shared(seq.block_table[i]) {
-                self.copy_on_write(seq, i);
+        for (table, prefix_table) in seq.block_tables.iter_mut().zip(&prefix.tables) {
+            for &id in prefix_table {
+                if id != RELEASED_BLOCK {
+                    self.acquire(id);
+                }
+                table.push(id);
             }
         }
-        for _ in 0..needed {
-            let id = self.take_fresh_block();
-            seq.block_table.push(id);
+        seq.block_hashes.extend_from_slice(&prefix.hashes);
+        seq.num_computed_tokens = computed;
+        // Every group releases before any takes: what one releases is room for the others.
+        for group in 0..self.num_groups() {
+            for i in self.releasable(group, &seq.block_tables[group], computed) {
+                let id = std::mem::replace(&mut seq.block_tables[group][i], RELEASED_BLOCK);
+                self.release(id);
+            }
         }
-        self.register_full_blocks(seq, computed + num_new_tokens);
+        for group in 0..self.num_groups() {
+            for i in written.clone() {
+                if self.is_shared(seq.block_tables[group][i]) {
+                    self.copy_on_write(seq, group, i);
+                }
+            }
+            for _ in 0..needed {
+                let id = self.take_fresh_block();
+                seq.block_tables[group].push(id);
+            }
+        }
+        self.queue_full_blocks(seq, computed + num_new_tokens);
         true
+    }
+
+    /// Logical blocks of `table` (of `group`) still held that the window of the token at
+    /// position `computed` has passed.
+    fn releasable(&self, group: KvGroup, table: &[u32], computed: usize) -> std::ops::Range<usize> {
+        let end = self.first_needed_block(group, computed).min(table.len());
+        // Released blocks are always a leading run, and a step passes few new blocks: scan back.
+        let start = table[..end]
+            .iter()
+            .rposition(|&id| id == RELEASED_BLOCK)
+            .map_or(0, |last| last + 1);
+        start..end
     }
 
     /// Logical blocks, among those `seq` already holds, that its tokens
@@ -272,7 +432,7 @@ impl BlockManager {
         let first = computed / self.block_size;
         let end = self
             .blocks_for(computed + num_new)
-            .min(seq.block_table.len());
+            .min(seq.num_logical_blocks());
         first..end.max(first)
     }
 
@@ -280,24 +440,34 @@ impl BlockManager {
         self.blocks[id as usize].ref_count > 1
     }
 
-    /// Gives `seq` a private copy of its shared logical block `i`. Its K/V are only copied by
-    /// the model, before the step writes, so the copy is queued for the scheduler to hand over.
-    fn copy_on_write(&mut self, seq: &mut Sequence, i: usize) {
-        let src = seq.block_table[i];
+    /// Gives `seq` a private copy of its shared logical block `i` of `group`. Its K/V are only
+    /// copied by the model, before the step writes, so the copy is queued for the scheduler to
+    /// hand over.
+    fn copy_on_write(&mut self, seq: &mut Sequence, group: KvGroup, i: usize) {
+        let src = seq.block_tables[group][i];
         let dst = self.take_fresh_block();
         // Shared, so others still hold it: it never reaches the free queue here.
         self.blocks[src as usize].ref_count -= 1;
-        seq.block_table[i] = dst;
+        seq.block_tables[group][i] = dst;
         self.pending_copies.push((src, dst));
     }
 
     /// The block copies that copy-on-write recorded since the last call, in the order they
     /// must be performed: a block freed after being copied from can be reused, as the
     /// destination of a later copy, within the same step. Called once per scheduled step, it
-    /// also ends the step for [`check_step`](Self::check_step).
+    /// also ends the step: the blocks the step fills are registered for prefix reuse now.
     pub fn take_block_copies(&mut self) -> Vec<BlockCopy> {
-        std::mem::swap(&mut self.step_fresh_blocks, &mut self.fresh_blocks);
-        self.fresh_blocks.clear();
+        for pending in std::mem::take(&mut self.pending_registrations) {
+            let key = (pending.group, pending.hash);
+            // A duplicate of an already registered block (two sequences computing the same
+            // prefix at once) stays private; the first registration wins.
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.cached.entry(key) {
+                entry.insert(pending.id);
+                let block = &mut self.blocks[pending.id as usize];
+                block.key = Some(key);
+                block.tokens = pending.tokens;
+            }
+        }
         std::mem::take(&mut self.pending_copies)
     }
 
@@ -308,7 +478,7 @@ impl BlockManager {
     /// [`allocate_slots`]: Self::allocate_slots
     pub fn fork(&mut self, parent: &Sequence, child: &mut Sequence) {
         assert!(
-            child.block_table.is_empty(),
+            child.block_tables.is_empty(),
             "sequence {} is forked but already holds blocks",
             child.id
         );
@@ -318,26 +488,29 @@ impl BlockManager {
             Some(&parent.tokens[..computed]),
             "a fork starts from its parent's computed tokens"
         );
-        for &id in &parent.block_table {
-            self.acquire(id);
+        for &id in parent.block_tables.iter().flatten() {
+            if id != RELEASED_BLOCK {
+                self.acquire(id);
+            }
         }
-        child.block_table.clone_from(&parent.block_table);
+        child.block_tables.clone_from(&parent.block_tables);
         child.block_hashes.clone_from(&parent.block_hashes);
         child.num_computed_tokens = computed;
     }
 
     /// Returns all of a sequence's blocks. Blocks nobody else uses join the free queue, the
-    /// sequence's last block first, so that the tail of a prefix is evicted before its head
-    /// (heads are what other requests share).
+    /// sequence's last block first and group 0 (global, when the model has such layers) last,
+    /// so that the tail of a prefix is evicted before its head (heads are what other requests
+    /// share).
     pub fn free(&mut self, seq: &mut Sequence) {
-        for &id in seq.block_table.iter().rev() {
-            let block = &mut self.blocks[id as usize];
-            block.ref_count -= 1;
-            if block.ref_count == 0 {
-                self.push_free(id);
+        for table in seq.block_tables.iter().rev() {
+            for &id in table.iter().rev() {
+                if id != RELEASED_BLOCK {
+                    self.release(id);
+                }
             }
         }
-        seq.block_table.clear();
+        seq.block_tables.clear();
         seq.block_hashes.clear();
         seq.num_computed_tokens = 0;
     }
@@ -345,30 +518,35 @@ impl BlockManager {
     /// Like [`free`](Self::free), but also forgets the registrations of blocks written by a
     /// step that failed, whose contents can no longer be trusted.
     pub fn free_and_forget(&mut self, seq: &mut Sequence) {
-        for &id in &seq.block_table {
-            if self.blocks[id as usize].ref_count == 1 {
+        for &id in seq.block_tables.iter().flatten() {
+            if id != RELEASED_BLOCK && self.blocks[id as usize].ref_count == 1 {
                 self.unregister(id);
             }
         }
         self.free(seq);
     }
 
-    /// Registers the blocks of `seq` that are full once its first `num_tokens` are computed.
-    fn register_full_blocks(&mut self, seq: &mut Sequence, num_tokens: usize) {
-        let full = (num_tokens / self.block_size).min(seq.block_table.len());
+    /// Queues for registration the blocks of `seq` that are full once its first `num_tokens`
+    /// are computed (see [`take_block_copies`](Self::take_block_copies)).
+    fn queue_full_blocks(&mut self, seq: &mut Sequence, num_tokens: usize) {
+        let full = (num_tokens / self.block_size).min(seq.num_logical_blocks());
         while seq.block_hashes.len() < full {
             let i = seq.block_hashes.len();
             let tokens = &seq.tokens[i * self.block_size..(i + 1) * self.block_size];
             let hash = hash_block(seq.block_hashes.last().copied(), tokens);
             seq.block_hashes.push(hash);
-            let id = seq.block_table[i];
-            // A duplicate of an already registered block (two sequences computing the same
-            // prefix at once) stays private; the first registration wins.
-            if self.prefix_caching && !self.cached.contains_key(&hash) {
-                self.cached.insert(hash, id);
-                let block = &mut self.blocks[id as usize];
-                block.hash = Some(hash);
-                block.tokens = tokens.to_vec();
+            if !self.prefix_caching {
+                continue;
+            }
+            for (group, table) in seq.block_tables.iter().enumerate() {
+                if table[i] != RELEASED_BLOCK {
+                    self.pending_registrations.push(PendingRegistration {
+                        group,
+                        hash,
+                        id: table[i],
+                        tokens: tokens.to_vec(),
+                    });
+                }
             }
         }
     }
@@ -386,6 +564,15 @@ impl BlockManager {
         block.ref_count += 1;
     }
 
+    /// Drops one reference to block `id`; the last one frees it.
+    fn release(&mut self, id: u32) {
+        let block = &mut self.blocks[id as usize];
+        block.ref_count -= 1;
+        if block.ref_count == 0 {
+            self.push_free(id);
+        }
+    }
+
     /// Takes the most recently freed block that holds no cached prefix, or else the least
     /// recently freed cached one, evicting its prefix.
     fn take_fresh_block(&mut self) -> u32 {
@@ -401,23 +588,25 @@ impl BlockManager {
         self.blocks[id as usize].free = None;
         self.unregister(id);
         self.blocks[id as usize].ref_count = 1;
-        self.fresh_blocks.push(id);
         id
     }
 
     fn unregister(&mut self, id: u32) {
         let block = &mut self.blocks[id as usize];
-        if let Some(hash) = block.hash.take() {
+        if let Some(key) = block.key.take() {
             block.tokens.clear();
-            if self.cached.get(&hash) == Some(&id) {
-                self.cached.remove(&hash);
+            if self.cached.get(&key) == Some(&id) {
+                self.cached.remove(&key);
             }
         }
     }
 
     fn push_free(&mut self, id: u32) {
+        if !self.pending_registrations.is_empty() {
+            self.pending_registrations.retain(|p| p.id != id);
+        }
         let block = &mut self.blocks[id as usize];
-        if block.hash.is_some() {
+        if block.key.is_some() {
             self.free_queue.insert(self.next_tick, id);
             block.free = Some(FreeList::Cached(self.next_tick));
             self.next_tick += 1;
@@ -430,27 +619,59 @@ impl BlockManager {
     /// Checks every invariant of the bookkeeping against the live sequences; for tests.
     pub fn check_invariants<'a>(&self, live: impl IntoIterator<Item = &'a Sequence>) {
         let mut refs = vec![0u32; self.blocks.len()];
+        // The group whose tables hold each block: a block serves one group at a time.
+        let mut group_of: HashMap<u32, KvGroup> = HashMap::new();
         // The computed tokens each block holds for the first sequence seen using it: every
         // other user must agree with them where both have computed.
         let mut contents: HashMap<u32, &[u32]> = HashMap::new();
         for seq in live {
+            if seq.block_tables.is_empty() {
+                assert_eq!(seq.num_computed_tokens, 0, "sequence {}", seq.id);
+                continue;
+            }
+            assert_eq!(
+                seq.block_tables.len(),
+                self.num_groups(),
+                "sequence {}",
+                seq.id
+            );
             assert!(
-                seq.block_table.len() * self.block_size >= seq.num_computed_tokens,
+                seq.num_logical_blocks() * self.block_size >= seq.num_computed_tokens,
                 "sequence {} has computed tokens outside its blocks",
                 seq.id
             );
             let computed = &seq.tokens[..seq.num_computed_tokens];
-            for (&id, held) in seq.block_table.iter().zip(computed.chunks(self.block_size)) {
-                let seen = *contents.entry(id).or_insert(held);
-                let common = seen.len().min(held.len());
-                assert_eq!(
-                    seen[..common],
-                    held[..common],
-                    "block {id} is shared by sequences that disagree on its tokens"
-                );
-            }
-            for &id in &seq.block_table {
-                refs[id as usize] += 1;
+            for (group, table) in seq.block_tables.iter().enumerate() {
+                assert_eq!(table.len(), seq.num_logical_blocks(), "sequence {}", seq.id);
+                // What the next token to compute reads must be held; only what lies wholly
+                // before its window may be released.
+                let first = self.first_needed_block(group, seq.num_computed_tokens);
+                for (i, (&id, held)) in table
+                    .iter()
+                    .zip(computed.chunks(self.block_size))
+                    .enumerate()
+                {
+                    if id == RELEASED_BLOCK {
+                        assert!(
+                            i < first,
+                            "sequence {}: group {group} released block {i}, which its window still reads",
+                            seq.id
+                        );
+                        continue;
+                    }
+                    let seen = *contents.entry(id).or_insert(held);
+                    let common = seen.len().min(held.len());
+                    assert_eq!(
+                        seen[..common],
+                        held[..common],
+                        "block {id} is shared by sequences that disagree on its tokens"
+                    );
+                }
+                for &id in table.iter().filter(|&&id| id != RELEASED_BLOCK) {
+                    refs[id as usize] += 1;
+                    let owner = *group_of.entry(id).or_insert(group);
+                    assert_eq!(owner, group, "block {id} serves two KV groups");
+                }
             }
         }
         let (mut used, mut free, mut cached) = (0, 0, 0);
@@ -460,7 +681,7 @@ impl BlockManager {
                 (None, r) if r > 0 => used += 1,
                 (Some(FreeList::Cached(tick)), 0) => {
                     assert_eq!(self.free_queue.get(&tick), Some(&(id as u32)));
-                    assert!(block.hash.is_some(), "block {id}: cached without a prefix");
+                    assert!(block.key.is_some(), "block {id}: cached without a prefix");
                     cached += 1;
                 }
                 (Some(FreeList::Uncached), 0) => {
@@ -469,16 +690,16 @@ impl BlockManager {
                         "block {id}: missing from the free stack"
                     );
                     assert!(
-                        block.hash.is_none(),
+                        block.key.is_none(),
                         "block {id}: a prefix on the free stack"
                     );
                     free += 1;
                 }
                 _ => panic!("block {id}: free exactly when unused"),
             }
-            if let Some(hash) = block.hash {
+            if let Some(key) = block.key {
                 assert_eq!(
-                    self.cached.get(&hash),
+                    self.cached.get(&key),
                     Some(&(id as u32)),
                     "block {id}: registration"
                 );
@@ -487,6 +708,9 @@ impl BlockManager {
                     self.block_size,
                     "block {id}: cached tokens"
                 );
+                if let Some(&group) = group_of.get(&(id as u32)) {
+                    assert_eq!(group, key.0, "block {id}: registered for another group");
+                }
             }
         }
         assert_eq!(self.free_queue.len(), cached, "free queue length");
@@ -496,30 +720,51 @@ impl BlockManager {
             self.blocks.len(),
             "free + used + cached = total"
         );
-        for (&hash, &id) in &self.cached {
+        for (&key, &id) in &self.cached {
             assert_eq!(
-                self.blocks[id as usize].hash,
-                Some(hash),
+                self.blocks[id as usize].key,
+                Some(key),
                 "stale registration"
             );
         }
     }
 
-    /// Checks that a scheduled step writes no shared block: neither the slots of its new
-    /// tokens nor the destinations of its copies lie in a block anyone else uses, but for
-    /// blocks the step itself fills first (adopted in the same step as a cached prefix; see the
-    /// module documentation). Run by the scheduler in debug builds, after
+    /// Checks a scheduled step against the bookkeeping: no slot of its new tokens and no
+    /// destination of its copies lies in a block anyone else uses, and every block its
+    /// attention reads (in each group, from the window start of each sequence's first new
+    /// token to its last) is held. Run by the scheduler in debug builds, after
     /// [`take_block_copies`](Self::take_block_copies).
     pub fn check_step(&self, batch: &StepBatch) {
-        for &slot in &batch.slot_mapping {
-            let id = slot as usize / self.block_size;
-            if self.step_fresh_blocks.contains(&(id as u32)) {
-                continue;
+        // An empty step (nothing to schedule) has no tables to carry its groups.
+        if batch.sequences.is_empty() {
+            assert!(batch.block_copies.is_empty(), "copies in an empty step");
+            return;
+        }
+        assert_eq!(
+            batch.num_groups(),
+            self.num_groups(),
+            "KV groups of the step"
+        );
+        for group in 0..self.num_groups() {
+            for &slot in batch.slots(group) {
+                let id = slot as usize / self.block_size;
+                assert_eq!(
+                    self.blocks[id].ref_count, 1,
+                    "the step writes slot {slot} of block {id}, which is not private"
+                );
             }
-            assert_eq!(
-                self.blocks[id].ref_count, 1,
-                "the step writes slot {slot} of block {id}, which is not private"
-            );
+            for (index, seq) in batch.sequences.iter().enumerate() {
+                let table = seq.table(group);
+                let first = self.first_needed_block(group, seq.start_position());
+                let read = &table[first..self.blocks_for(seq.context_len)];
+                for (i, &id) in (first..).zip(read) {
+                    assert!(
+                        id != RELEASED_BLOCK && self.blocks[id as usize].ref_count > 0,
+                        "sequence {index} of the step reads logical block {i} of group {group}, \
+                         which it no longer holds"
+                    );
+                }
+            }
         }
         for &(src, dst) in &batch.block_copies {
             assert_ne!(src, dst, "a block copied onto itself");
@@ -544,7 +789,7 @@ mod tests {
         let mut bm = BlockManager::new(4, 4, true);
         let mut s = seq(1, &[1, 2, 3, 4, 5]);
         assert!(bm.allocate_slots(&mut s, 5, None));
-        assert_eq!(s.block_table.len(), 2);
+        assert_eq!(s.num_logical_blocks(), 2);
         assert_eq!(bm.num_free_blocks(), 2);
         bm.check_invariants([&s]);
         bm.free(&mut s);
@@ -560,7 +805,7 @@ mod tests {
         for id in 1..=5 {
             let mut s = seq(id, &[id as u32; 6]);
             assert!(bm.allocate_slots(&mut s, 6, None));
-            assert_eq!(s.block_table, [0, 1], "sequence {id}");
+            assert_eq!(s.block_tables[0], [0, 1], "sequence {id}");
             bm.check_invariants([&s]);
             bm.free(&mut s);
         }
@@ -568,18 +813,19 @@ mod tests {
         let mut bm = BlockManager::new(4, 4, true);
         let mut a = seq(1, &[1, 2, 3, 4, 5]);
         assert!(bm.allocate_slots(&mut a, 5, None));
-        let (full, partial) = (a.block_table[0], a.block_table[1]);
+        bm.take_block_copies(); // the step is taken: its full block is registered
+        let (full, partial) = (a.block_tables[0][0], a.block_tables[0][1]);
         bm.free(&mut a);
         let mut b = seq(2, &[9; 8]);
         assert!(bm.allocate_slots(&mut b, 8, None));
         assert_eq!(
-            b.block_table[0], partial,
+            b.block_tables[0][0], partial,
             "the freed partial block is reused first"
         );
-        assert!(!b.block_table.contains(&full));
+        assert!(!b.block_tables[0].contains(&full));
         bm.check_invariants([&b]);
         let a_again = seq(3, &[1, 2, 3, 4, 5]);
-        assert_eq!(bm.find_cached_prefix(&a_again).blocks, [full]);
+        assert_eq!(bm.find_cached_prefix(&a_again).tables[0], [full]);
     }
 
     #[test]
@@ -587,7 +833,7 @@ mod tests {
         let mut bm = BlockManager::new(2, 4, true);
         let mut s = seq(1, &[0; 9]);
         assert!(!bm.allocate_slots(&mut s, 9, None));
-        assert!(s.block_table.is_empty());
+        assert!(s.block_tables.is_empty());
         assert_eq!(bm.num_free_blocks(), 2);
     }
 
@@ -597,16 +843,17 @@ mod tests {
         let prompt: Vec<u32> = (0..8).collect();
         let mut a = seq(1, &prompt);
         assert!(bm.allocate_slots(&mut a, 8, None));
+        bm.take_block_copies();
         a.num_computed_tokens = 8;
 
         // Same 8 tokens: only the first block may be reused, so that one token is computed.
         let mut b = seq(2, &prompt);
         let prefix = bm.find_cached_prefix(&b);
-        assert_eq!(prefix.blocks, vec![a.block_table[0]]);
+        assert_eq!(prefix.tables[0], vec![a.block_tables[0][0]]);
         assert!(bm.allocate_slots(&mut b, 4, Some(prefix)));
         assert_eq!(b.num_computed_tokens, 4);
-        assert_eq!(b.block_table[0], a.block_table[0]);
-        assert_ne!(b.block_table[1], a.block_table[1]);
+        assert_eq!(b.block_tables[0][0], a.block_tables[0][0]);
+        assert_ne!(b.block_tables[0][1], a.block_tables[0][1]);
         bm.check_invariants([&a, &b]);
     }
 
@@ -615,23 +862,24 @@ mod tests {
         let mut bm = BlockManager::new(3, 2, true);
         let mut a = seq(1, &[1, 2, 3, 4, 5]);
         assert!(bm.allocate_slots(&mut a, 5, None));
+        bm.take_block_copies();
         bm.free(&mut a);
         assert_eq!(bm.num_cached_free_blocks(), 2);
 
         let mut b = seq(2, &[1, 2, 3, 4, 9]);
         let prefix = bm.find_cached_prefix(&b);
-        assert_eq!(prefix.blocks.len(), 2, "both full blocks are still cached");
+        assert_eq!(prefix.num_blocks(), 2, "both full blocks are still cached");
         assert!(bm.allocate_slots(&mut b, 1, Some(prefix)));
         bm.check_invariants([&b]);
         bm.free(&mut b);
 
         // A different prompt needing all three blocks evicts them.
         let mut c = seq(3, &[7, 7, 7, 7, 7, 7]);
-        assert!(bm.find_cached_prefix(&c).blocks.is_empty());
+        assert!(bm.find_cached_prefix(&c).num_blocks() == 0);
         assert!(bm.allocate_slots(&mut c, 6, None));
         assert_eq!(bm.num_cached_free_blocks(), 0);
         let d = seq(4, &[1, 2, 3, 4, 5]);
-        assert!(bm.find_cached_prefix(&d).blocks.is_empty());
+        assert!(bm.find_cached_prefix(&d).num_blocks() == 0);
         bm.check_invariants([&c]);
     }
 
@@ -644,7 +892,7 @@ mod tests {
         let mut forks = [seq(2, &prompt), seq(3, &prompt)];
         for fork in &mut forks {
             bm.fork(&parent, fork);
-            assert_eq!(fork.block_table, parent.block_table);
+            assert_eq!(fork.block_tables, parent.block_tables);
             assert_eq!(fork.block_hashes, parent.block_hashes);
             assert_eq!(fork.num_computed_tokens, 6);
         }
@@ -656,7 +904,7 @@ mod tests {
     fn forks_share_every_block_and_writers_copy_the_shared_partial_one() {
         let mut bm = BlockManager::new(8, 4, true);
         let [mut parent, mut a, mut b] = forked_family(&mut bm);
-        let [full, partial] = [parent.block_table[0], parent.block_table[1]];
+        let [full, partial] = [parent.block_tables[0][0], parent.block_tables[0][1]];
         assert_eq!((bm.ref_count(full), bm.ref_count(partial)), (3, 3));
         assert_eq!(bm.num_free_blocks(), 6, "forking takes no block");
         bm.check_invariants([&parent, &a, &b]);
@@ -667,15 +915,15 @@ mod tests {
             assert!(bm.allocate_slots(s, 1, None));
             s.num_computed_tokens += 1;
         }
-        let copy_of_a = a.block_table[1];
-        let copy_of_parent = parent.block_table[1];
+        let copy_of_a = a.block_tables[0][1];
+        let copy_of_parent = parent.block_tables[0][1];
         assert_eq!(
             bm.take_block_copies(),
             vec![(partial, copy_of_a), (partial, copy_of_parent)]
         );
         assert!(bm.take_block_copies().is_empty(), "taken once");
         assert_eq!(
-            b.block_table[1], partial,
+            b.block_tables[0][1], partial,
             "the last writer keeps the original"
         );
         assert_eq!(
@@ -701,9 +949,9 @@ mod tests {
         let [parent, mut a, b] = forked_family(&mut bm);
         assert_eq!(bm.num_free_blocks(), 0);
         a.tokens.push(10);
-        let table = a.block_table.clone();
+        let table = a.block_tables[0].clone();
         assert!(!bm.allocate_slots(&mut a, 1, None));
-        assert_eq!(a.block_table, table);
+        assert_eq!(a.block_tables[0], table);
         assert_eq!(a.num_computed_tokens, 6);
         assert!(bm.take_block_copies().is_empty());
         a.tokens.pop();
@@ -718,8 +966,126 @@ mod tests {
         bm.check_invariants([&parent, &a, &b]);
         let mut batch = StepBatch::new();
         // As if `a` wrote its 7th token without copying the shared partial block first.
-        batch.push_sequence(&[10], 6, &a.block_table, 4, true);
+        batch.push_sequence(&[10], 6, &a.block_tables[0], 4, true);
         bm.check_step(&batch);
+    }
+
+    #[test]
+    fn a_block_filled_in_a_step_is_shared_only_once_the_step_is_taken() {
+        let mut bm = BlockManager::new(8, 4, true);
+        let prompt: Vec<u32> = (0..9).collect();
+        let mut a = seq(1, &prompt);
+        assert!(bm.allocate_slots(&mut a, 9, None));
+        // The same prompt admitted in the same step finds nothing: a's blocks are not written.
+        let b = seq(2, &prompt);
+        assert_eq!(bm.find_cached_prefix(&b).num_blocks(), 0);
+        bm.take_block_copies();
+        assert_eq!(bm.find_cached_prefix(&b).tables[0], a.block_tables[0][..2]);
+        // A sequence freed before its step is taken registers nothing.
+        let mut c = seq(3, &[7; 9]);
+        assert!(bm.allocate_slots(&mut c, 9, None));
+        bm.free(&mut c);
+        bm.take_block_copies();
+        assert_eq!(bm.find_cached_prefix(&seq(4, &[7; 9])).num_blocks(), 0);
+        bm.check_invariants([&a]);
+    }
+
+    /// Group 0 global, groups 1 and 2 with a window of 6 positions, blocks of 4.
+    fn windowed(num_blocks: usize) -> BlockManager {
+        BlockManager::with_groups(num_blocks, 4, true, vec![None, Some(6), Some(6)])
+    }
+
+    /// Computes `tokens` of `s` one at a time, as decode steps do.
+    fn decode(bm: &mut BlockManager, s: &mut Sequence, tokens: &[u32]) {
+        for &token in tokens {
+            s.tokens.push(token);
+            assert!(bm.allocate_slots(s, 1, None));
+            bm.take_block_copies();
+            s.num_computed_tokens += 1;
+            bm.check_invariants([&*s]);
+        }
+    }
+
+    #[test]
+    fn window_groups_release_the_blocks_their_window_has_passed() {
+        let mut bm = windowed(64);
+        let mut s = seq(1, &[1, 2, 3]);
+        assert!(bm.allocate_slots(&mut s, 3, None));
+        bm.take_block_copies();
+        s.num_computed_tokens = 3;
+        decode(&mut bm, &mut s, &[0; 37]);
+        assert_eq!(s.num_computed_tokens, 40);
+        // The next token (position 40) reads 35..=40: logical blocks 8.. of the window groups.
+        for group in [1, 2] {
+            let table = &s.block_tables[group];
+            assert_eq!(table.len(), 10);
+            assert!(
+                table[..8].iter().all(|&id| id == RELEASED_BLOCK),
+                "{table:?}"
+            );
+            assert!(table[8..].iter().all(|&id| id != RELEASED_BLOCK));
+        }
+        assert!(!s.block_tables[0].contains(&RELEASED_BLOCK));
+        assert_eq!(bm.num_free_blocks(), 64 - 10 - 2 * 2);
+        bm.free(&mut s);
+        bm.check_invariants([]);
+        assert_eq!(bm.num_free_blocks(), 64);
+    }
+
+    #[test]
+    fn released_blocks_are_room_and_a_refusal_still_changes_nothing() {
+        // A window of 5: position 8 reads 4..=8, so computing it releases logical block 0 of
+        // each window group just as it needs a third block in every group.
+        let mut bm = BlockManager::with_groups(7, 4, true, vec![None, Some(5), Some(5)]);
+        let mut s = seq(1, &[5; 8]);
+        assert!(bm.allocate_slots(&mut s, 8, None));
+        bm.take_block_copies();
+        s.num_computed_tokens = 8;
+        assert_eq!(bm.num_free_blocks(), 1);
+        // 1 free + 2 released = the 3 blocks position 8 needs.
+        decode(&mut bm, &mut s, &[1, 2, 3, 4]);
+        assert_eq!(bm.num_free_blocks(), 0);
+        // Position 12 needs 3 again but releases only 2: refused.
+        s.tokens.push(9);
+        let tables = s.block_tables.clone();
+        assert!(!bm.allocate_slots(&mut s, 1, None));
+        assert_eq!(s.block_tables, tables, "a refusal changes nothing");
+        assert_eq!(bm.num_free_blocks(), 0);
+        s.tokens.pop();
+        bm.check_invariants([&s]);
+    }
+
+    #[test]
+    fn a_window_group_reuses_a_prefix_only_while_its_window_is_cached() {
+        let mut bm = windowed(64);
+        let prompt: Vec<u32> = (0..21).collect();
+        let mut a = seq(1, &prompt);
+        assert!(bm.allocate_slots(&mut a, 16, None));
+        bm.take_block_copies();
+        a.num_computed_tokens = 16;
+        assert!(bm.allocate_slots(&mut a, 5, None));
+        bm.take_block_copies();
+        a.num_computed_tokens = 21;
+        // a has released logical blocks 0..3 of its window groups (position 16 reads 11..).
+        let held: Vec<u32> = a.block_tables[1].clone();
+        assert_eq!(held[..2], [RELEASED_BLOCK; 2]);
+        bm.free(&mut a);
+        // Same 21 tokens again: 5 full blocks, the 6th token after the prefix (position 20)
+        // reads 15..=20, logical blocks 3 and 4: still cached, so the whole prefix is reused.
+        let b = seq(2, &prompt);
+        let prefix = bm.find_cached_prefix(&b);
+        assert_eq!(prefix.num_blocks(), 5);
+        assert_eq!(prefix.tables[1][..3], [RELEASED_BLOCK; 3]);
+        assert_eq!(prefix.tables[1][3..], held[3..5]);
+        // Evict one window block the prefix end needs: the prefix shrinks until the window of
+        // its first uncomputed token is served (4 blocks: position 16 reads blocks 2 and 3).
+        let evicted = held[4];
+        bm.acquire(evicted);
+        bm.unregister(evicted);
+        bm.release(evicted);
+        bm.check_invariants([]);
+        let prefix = bm.find_cached_prefix(&b);
+        assert_eq!(prefix.num_blocks(), 4, "{prefix:?}");
     }
 
     #[test]
@@ -728,6 +1094,6 @@ mod tests {
         let mut a = seq(1, &[1, 2, 3, 4, 5]);
         assert!(bm.allocate_slots(&mut a, 5, None));
         let b = seq(2, &[1, 2, 3, 4, 5]);
-        assert!(bm.find_cached_prefix(&b).blocks.is_empty());
+        assert!(bm.find_cached_prefix(&b).num_blocks() == 0);
     }
 }

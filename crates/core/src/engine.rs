@@ -113,16 +113,20 @@ impl<E: ModelExecutor> Engine<E> {
         eos_token_ids: Vec<u32>,
     ) -> Self {
         let geometry = executor.cache_geometry();
+        let group_windows = executor.kv_group_windows();
         let limits = EngineLimits {
             max_model_len: config.max_model_len,
             vocab_size: executor.vocab_size(),
-            num_blocks: geometry.num_blocks,
+            // A sequence never holds more than a full table in each KV group: what fits in
+            // this share of the pool can always run, alone if need be.
+            num_blocks: geometry.num_blocks / group_windows.len(),
             block_size: geometry.block_size,
         };
-        let blocks = BlockManager::new(
+        let blocks = BlockManager::with_groups(
             geometry.num_blocks,
             geometry.block_size,
             config.prefix_caching,
+            group_windows,
         );
         Self {
             scheduler: Scheduler::new(config.scheduler, blocks),

@@ -39,6 +39,13 @@ pub trait ModelExecutor {
 
     fn cache_geometry(&self) -> CacheGeometry;
 
+    /// The sliding window of each KV group of the runner's cache (`None`: a group of global
+    /// layers), in the order the step's slots and block tables give them (see
+    /// `block_manager.rs`). One global group unless the model has sliding-window layers.
+    fn kv_group_windows(&self) -> Vec<Option<usize>> {
+        vec![None]
+    }
+
     fn vocab_size(&self) -> usize;
 
     /// Runs one step. Rows of the result are those of [`StepBatch::sampled_rows`], in its

@@ -279,7 +279,7 @@ impl Scheduler {
             }
             let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
             let prefix = self.blocks.find_cached_prefix(seq);
-            let num_cached = prefix.blocks.len() * self.blocks.block_size();
+            let num_cached = prefix.num_blocks() * self.blocks.block_size();
             let num_new = (seq.len() - num_cached).min(budget);
             if !self.blocks.allocate_slots(seq, num_new, Some(prefix)) {
                 break;
@@ -360,10 +360,10 @@ impl Scheduler {
         for s in scheduled {
             let seq = &self.seqs[&s.id];
             let start = seq.num_computed_tokens;
-            batch.push_sequence(
+            batch.push_sequence_groups(
                 &seq.tokens[start..start + s.num_new_tokens],
                 start,
-                &seq.block_table,
+                &seq.block_tables,
                 block_size,
                 s.samples,
             );
@@ -433,21 +433,49 @@ mod tests {
     }
 
     /// Found by the HTTP fuzzer (`crates/server/tests/reliability.rs`): the same prompt twice
-    /// in one step. The second adopts the block the first fills in that step as a cached
-    /// prefix; the step may write that block although it is shared (debug builds used to fail
-    /// `check_step` here, killing the engine thread).
+    /// in one step. The second once adopted the block the first fills in that step as a cached
+    /// prefix, and the step wrote a shared block (debug builds failed `check_step`, killing the
+    /// engine thread). Blocks are registered once their step is taken, so the second computes
+    /// its own copy; a third, a step later, shares the first's.
     #[test]
-    fn the_same_prompt_twice_in_one_step_shares_the_block_it_fills() {
+    fn the_same_prompt_twice_in_one_step_computes_it_twice() {
         let mut s = Scheduler::new(config(512, 8), BlockManager::new(16, 16, true));
         let prompt: Vec<u32> = (0..26).collect();
         s.add_samples(vec![Sequence::new(1, prompt.clone(), 0, 1)]);
-        s.add_samples(vec![Sequence::new(2, prompt, 0, 2)]);
+        s.add_samples(vec![Sequence::new(2, prompt.clone(), 0, 2)]);
         let step = run_step(&mut s);
         assert_eq!(step.seqs.len(), 2);
-        assert_eq!(step.seqs[1].num_cached_tokens, 16);
+        assert_eq!(step.seqs[1].num_cached_tokens, 0);
         let (a, b) = (s.get(1).unwrap(), s.get(2).unwrap());
-        assert_eq!(a.block_table[0], b.block_table[0]);
-        run_step(&mut s);
+        assert_ne!(a.block_tables[0][0], b.block_tables[0][0]);
+        let first_block = a.block_tables[0][0];
+        s.add_samples(vec![Sequence::new(3, prompt, 0, 3)]);
+        let step = run_step(&mut s);
+        let third = step.seqs.iter().find(|q| q.id == 3).unwrap();
+        assert_eq!(third.num_cached_tokens, 16);
+        assert_eq!(s.get(3).unwrap().block_tables[0][0], first_block);
+    }
+
+    /// With a sliding-window group, long sequences hold only their window there: two of 200
+    /// tokens run side by side in a pool of 36 blocks, which would need 2 x 2 x 13 = 52 without
+    /// the window (13 blocks in each group), and needs 2 x 13 + at most 2 x 2 + 2 with it.
+    #[test]
+    fn window_groups_let_long_sequences_share_a_small_pool() {
+        let blocks = BlockManager::with_groups(36, 16, true, vec![None, Some(16)]);
+        let mut s = Scheduler::new(config(64, 8), blocks);
+        s.add_samples(vec![Sequence::new(1, vec![1; 40], 0, 1)]);
+        s.add_samples(vec![Sequence::new(2, vec![2; 40], 0, 2)]);
+        while s.get(1).unwrap().len() < 200 {
+            let step = run_step(&mut s);
+            assert!(step.preempted.is_empty());
+            assert_eq!(s.num_running(), 2);
+        }
+        assert_eq!(s.num_preemptions(), 0);
+        assert!(s.blocks().num_free_blocks() >= 36 - 2 * 13 - 2 * 2 - 2);
+        // A step with nothing to run carries no group tables.
+        s.remove(1);
+        s.remove(2);
+        assert!(s.schedule().is_empty());
     }
 
     fn samples(first_id: SeqId, n: u64, prompt_len: usize) -> Vec<Sequence> {
@@ -522,7 +550,7 @@ mod tests {
         let victim = s.get(2).unwrap();
         assert_eq!(victim.num_computed_tokens, 0);
         assert!(victim.len() > 3, "it keeps the tokens it generated");
-        assert!(victim.block_table.is_empty());
+        assert!(victim.block_tables.is_empty());
         assert_eq!(s.num_preemptions(), 1);
 
         // Once sequence 1 finishes, 2 recomputes everything it had (prompt and output) at once.
@@ -619,16 +647,18 @@ mod tests {
         assert_eq!(s.get(2).unwrap().num_computed_tokens, 6);
 
         // Each writes its 7th token into the shared partial block: the first two copy it.
-        let shared = s.get(1).unwrap().block_table[1];
+        let shared = s.get(1).unwrap().block_tables[0][1];
         let step = run_step(&mut s);
         assert_eq!(tokens_per_seq(&step), vec![(1, 1), (2, 1), (3, 1)]);
-        let copied: Vec<u32> = [1, 2].map(|id| s.get(id).unwrap().block_table[1]).into();
+        let copied: Vec<u32> = [1, 2]
+            .map(|id| s.get(id).unwrap().block_tables[0][1])
+            .into();
         assert_eq!(
             step.batch.block_copies,
             vec![(shared, copied[0]), (shared, copied[1])]
         );
-        assert_eq!(s.get(3).unwrap().block_table[1], shared);
-        let full = s.get(1).unwrap().block_table[0];
+        assert_eq!(s.get(3).unwrap().block_tables[0][1], shared);
+        let full = s.get(1).unwrap().block_tables[0][0];
         assert_eq!(s.blocks().ref_count(full), 3);
 
         for id in 1..=3 {

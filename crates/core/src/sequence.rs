@@ -11,6 +11,11 @@ pub type BlockHash = u64;
 /// Identifies a sequence for its whole life, across preemptions.
 pub type SeqId = u64;
 
+/// A block-table entry of a sliding-window KV group whose block lies wholly before the window of
+/// every token the sequence has still to compute: the block went back to the pool (see
+/// `block_manager.rs`) and nothing may read it. Never a valid block id.
+pub const RELEASED_BLOCK: u32 = u32::MAX;
+
 #[derive(Debug, Clone)]
 pub struct Sequence {
     pub id: SeqId,
@@ -19,8 +24,11 @@ pub struct Sequence {
     pub num_prompt_tokens: usize,
     /// Tokens whose K/V sit in the cache (or are being written by the current step).
     pub num_computed_tokens: usize,
-    /// Physical block of each logical block, owned through the block manager.
-    pub block_table: Vec<u32>,
+    /// Per KV group (see `block_manager.rs`; a model without sliding windows has one), the
+    /// physical block of each logical block, owned through the block manager. Empty while the
+    /// sequence holds no blocks. A sliding-window group's table keeps its length: logical block
+    /// `i` stays at index `i`, [`RELEASED_BLOCK`] where the window has passed it.
+    pub block_tables: Vec<Vec<u32>>,
     /// Prefix-cache hash of each full block of `tokens`, in order; each chains its parent's.
     pub block_hashes: Vec<BlockHash>,
     /// Lower runs first under the priority policy (vLLM's convention).
@@ -36,7 +44,7 @@ impl Sequence {
             num_prompt_tokens: prompt.len(),
             tokens: prompt,
             num_computed_tokens: 0,
-            block_table: Vec::new(),
+            block_tables: Vec::new(),
             block_hashes: Vec::new(),
             priority,
             arrival,
@@ -49,6 +57,11 @@ impl Sequence {
 
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// Logical blocks the sequence holds (the same number in every KV group).
+    pub fn num_logical_blocks(&self) -> usize {
+        self.block_tables.first().map_or(0, Vec::len)
     }
 
     /// Tokens the model still has to compute before this sequence can sample again.

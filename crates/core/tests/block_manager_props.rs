@@ -1,8 +1,10 @@
 //! Property tests of the block manager: random interleavings of admitting prompts (with prefix
 //! lookups), decoding, forking samples (copy-on-write), preempting and finishing sequences never
-//! break its bookkeeping, and every sequence always reads back its own tokens.
+//! break its bookkeeping, and every sequence always reads back its own tokens; with
+//! sliding-window KV groups too, where blocks the window has passed are released while the
+//! sequence runs and must never be read again.
 
-use minserve_core::block_manager::BlockManager;
+use minserve_core::block_manager::{BlockManager, RELEASED_BLOCK};
 use minserve_core::sequence::Sequence;
 use minserve_core::StepBatch;
 use proptest::prelude::*;
@@ -51,14 +53,17 @@ struct FakeCache {
 
 impl FakeCache {
     /// Runs what a step does for `new` tokens of `seq` that were just allocated: checks that
-    /// no shared block is written, performs the copies, then writes the tokens.
+    /// no shared block is written, performs the copies, writes the tokens in every KV group,
+    /// then reads what attention reads (each new token's window, in every group) and checks
+    /// it is the sequence's own tokens: a block released too early and reused by another
+    /// sequence, or a released entry read at all, fails here.
     fn run(&mut self, bm: &mut BlockManager, seq: &Sequence, new: usize) {
         let start = seq.num_computed_tokens;
         let mut batch = StepBatch::new();
-        batch.push_sequence(
+        batch.push_sequence_groups(
             &seq.tokens[start..start + new],
             start,
-            &seq.block_table,
+            &seq.block_tables,
             self.block_size,
             true,
         );
@@ -71,20 +76,44 @@ impl FakeCache {
             );
             self.slots.copy_within(src..src + self.block_size, dst);
         }
-        for (&slot, &token) in batch.slot_mapping.iter().zip(&batch.token_ids) {
-            self.slots[slot as usize] = Some(token);
+        for group in 0..batch.num_groups() {
+            for (&slot, &token) in batch.slots(group).iter().zip(&batch.token_ids) {
+                self.slots[slot as usize] = Some(token);
+            }
+        }
+        for (group, window) in bm.group_windows().iter().enumerate() {
+            for position in start..start + new {
+                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                self.assert_reads(seq, group, first..position + 1);
+            }
         }
     }
 
-    fn assert_reads_back(&self, seq: &Sequence) {
-        for (pos, &token) in seq.tokens[..seq.num_computed_tokens].iter().enumerate() {
-            let block = seq.block_table[pos / self.block_size] as usize;
-            assert_eq!(
-                self.slots[block * self.block_size + pos % self.block_size],
-                Some(token),
-                "sequence {} reads a wrong token at position {pos}",
+    fn assert_reads(&self, seq: &Sequence, group: usize, positions: std::ops::Range<usize>) {
+        for pos in positions {
+            let block = seq.block_tables[group][pos / self.block_size];
+            assert_ne!(
+                block, RELEASED_BLOCK,
+                "sequence {} reads position {pos} of group {group} from a released block",
                 seq.id
             );
+            assert_eq!(
+                self.slots[block as usize * self.block_size + pos % self.block_size],
+                Some(seq.tokens[pos]),
+                "sequence {} reads a wrong token at position {pos} of group {group}",
+                seq.id
+            );
+        }
+    }
+
+    /// Every held block of `seq` still holds its tokens.
+    fn assert_reads_back(&self, seq: &Sequence) {
+        for (group, table) in seq.block_tables.iter().enumerate() {
+            for pos in 0..seq.num_computed_tokens {
+                if table[pos / self.block_size] != RELEASED_BLOCK {
+                    self.assert_reads(seq, group, pos..pos + 1);
+                }
+            }
         }
     }
 }
@@ -93,7 +122,7 @@ impl FakeCache {
 /// False, changing nothing, when it does not fit.
 fn admit(bm: &mut BlockManager, cache: &mut FakeCache, seq: &mut Sequence) -> bool {
     let prefix = bm.find_cached_prefix(seq);
-    let cached = prefix.blocks.len() * bm.block_size();
+    let cached = prefix.num_blocks() * bm.block_size();
     assert!(cached < seq.len(), "the last token is always computed");
     let free_before = bm.num_free_blocks();
     let new = seq.len() - cached;
@@ -103,7 +132,7 @@ fn admit(bm: &mut BlockManager, cache: &mut FakeCache, seq: &mut Sequence) -> bo
             free_before,
             "a refusal changes nothing"
         );
-        assert!(seq.block_table.is_empty());
+        assert!(seq.block_tables.is_empty());
         return false;
     }
     assert_eq!(seq.num_computed_tokens, cached);
@@ -119,9 +148,15 @@ proptest! {
         num_blocks in 1usize..24,
         block_size in 1usize..6,
         caching in any::<bool>(),
+        groups in prop_oneof![
+            Just(vec![None]),
+            (1usize..12).prop_map(|w| vec![None, Some(w)]),
+            (1usize..12).prop_map(|w| vec![None, Some(w), Some(w)]),
+            (1usize..12).prop_map(|w| vec![Some(w), Some(w)]),
+        ],
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        let mut bm = BlockManager::new(num_blocks, block_size, caching);
+        let mut bm = BlockManager::with_groups(num_blocks, block_size, caching, groups);
         let mut cache = FakeCache { block_size, slots: vec![None; num_blocks * block_size] };
         let mut live: Vec<Sequence> = Vec::new();
         let mut next_id = 0;
@@ -139,12 +174,12 @@ proptest! {
                     let n = live.len();
                     let seq = &mut live[i % n];
                     seq.tokens.push(token);
-                    let table = seq.block_table.clone();
+                    let tables = seq.block_tables.clone();
                     if bm.allocate_slots(seq, 1, None) {
                         cache.run(&mut bm, seq, 1);
                         seq.num_computed_tokens += 1;
                     } else {
-                        prop_assert_eq!(&seq.block_table, &table, "a refusal changes nothing");
+                        prop_assert_eq!(&seq.block_tables, &tables, "a refusal changes nothing");
                         prop_assert!(bm.take_block_copies().is_empty());
                         // Out of blocks: what the scheduler does is preempt; here, free it.
                         let mut seq = live.swap_remove(i % n);
@@ -158,7 +193,7 @@ proptest! {
                     let free_before = bm.num_free_blocks();
                     bm.fork(parent, &mut child);
                     prop_assert_eq!(bm.num_free_blocks(), free_before, "a fork takes no block");
-                    for &id in &child.block_table {
+                    for &id in child.block_tables.iter().flatten().filter(|&&id| id != RELEASED_BLOCK) {
                         prop_assert!(bm.ref_count(id) > 1);
                     }
                     live.push(child);
@@ -166,7 +201,7 @@ proptest! {
                 Op::Preempt { i } if !live.is_empty() => {
                     let mut seq = live.swap_remove(i % live.len());
                     bm.free(&mut seq);
-                    prop_assert!(seq.block_table.is_empty());
+                    prop_assert!(seq.block_tables.is_empty());
                     prop_assert_eq!(seq.num_computed_tokens, 0);
                     if admit(&mut bm, &mut cache, &mut seq) {
                         live.push(seq);
@@ -176,7 +211,7 @@ proptest! {
                     let n = live.len();
                     let mut seq = live.swap_remove(i % n);
                     bm.free(&mut seq);
-                    prop_assert!(seq.block_table.is_empty());
+                    prop_assert!(seq.block_tables.is_empty());
                 }
                 _ => {}
             }

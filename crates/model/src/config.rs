@@ -1,5 +1,5 @@
 //! Shape and hyper-parameters of a Llama-family model, read from GGUF metadata or a Hugging Face
-//! `config.json`. Llama, SmolLM2, Mistral, Qwen2 and Gemma 3 differ only in these fields, so
+//! `config.json`. Llama, SmolLM2, Mistral, Qwen2, Qwen3 and Gemma 3 differ only in these fields, so
 //! one forward pass serves them all: Gemma's extra norms, activation, embedding scale and
 //! sliding windows are fields here, not a second model.
 
@@ -78,7 +78,7 @@ pub struct SlidingWindow {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    /// `general.architecture` or `model_type`: llama, mistral, qwen2.
+    /// `general.architecture` or `model_type`: llama, mistral, qwen2, qwen3, gemma3.
     pub architecture: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -118,7 +118,7 @@ pub struct BlockVariant {
 }
 
 /// The architectures the one Llama code path implements.
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
+const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3"];
 
 fn check_supported(arch: &str, key: &'static str, source: &Path) -> Result<(), ModelError> {
     if SUPPORTED.contains(&arch) {
@@ -172,7 +172,7 @@ impl ModelConfig {
         };
         // llama.cpp's converter permutes q/k rows for interleaved pairs for Llama only.
         let rope_style = match arch.as_str() {
-            "qwen2" | "gemma3" => RopeStyle::Neox,
+            "qwen2" | "qwen3" | "gemma3" => RopeStyle::Neox,
             _ => RopeStyle::Interleaved,
         };
         let gemma = arch == "gemma3";
@@ -237,7 +237,8 @@ impl ModelConfig {
                 path: path.to_path_buf(),
                 key: "model_type",
                 architecture: raw.model_type,
-                supported: "llama, mistral, qwen2 from config.json; gemma3 from GGUF only".into(),
+                supported: "llama, mistral, qwen2, qwen3 from config.json; gemma3 from GGUF only"
+                    .into(),
             });
         }
         check_supported(&raw.model_type, "model_type", path)?;
@@ -266,7 +267,11 @@ impl ModelConfig {
             rope_style: RopeStyle::Neox,
             max_position_embeddings,
             rope_scaling,
-            block: BlockVariant::default(),
+            block: BlockVariant {
+                // Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
+                qk_norm: raw.model_type == "qwen3",
+                ..BlockVariant::default()
+            },
             architecture: raw.model_type,
         };
         config.validate(path)?;

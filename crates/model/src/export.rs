@@ -212,9 +212,17 @@ pub fn hf_config_json(
     if c.architecture == "gemma3" {
         return Err("exporting Gemma 3 to a Hugging Face folder is not supported yet".into());
     }
+    if c.block.qk_norm && c.architecture != "qwen3" {
+        // transformers reads q/k norms for Qwen3 only: refused before anything is written.
+        return Err(format!(
+            "exporting {} (per-head q/k norms) to a Hugging Face folder is not supported yet",
+            c.architecture
+        ));
+    }
     let mut json = serde_json::json!({
         "architectures": [match c.architecture.as_str() {
             "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
             "mistral" => "MistralForCausalLM",
             _ => "LlamaForCausalLM",
         }],
@@ -341,6 +349,9 @@ fn hf_name(gguf: &str) -> Option<(String, Role)> {
         "ffn_up" => ("mlp.up_proj", Role::Other),
         "ffn_down" => ("mlp.down_proj", Role::Other),
         "attn_norm" if suffix == "weight" => ("input_layernorm", Role::Other),
+        // Per-head norms (Qwen3): `head_dim` weights, not rows of heads, so never permuted.
+        "attn_q_norm" if suffix == "weight" => ("self_attn.q_norm", Role::Other),
+        "attn_k_norm" if suffix == "weight" => ("self_attn.k_norm", Role::Other),
         "ffn_norm" if suffix == "weight" => ("post_attention_layernorm", Role::Other),
         _ => return None,
     };

@@ -1,10 +1,19 @@
-//! The paged KV cache: one pre-allocated pool of blocks per layer.
+//! The paged KV cache: pre-allocated pools of blocks, shared by the layers of each KV group.
 //!
 //! A block holds the keys and values of `block_size` consecutive tokens of one sequence. Which
 //! blocks a sequence owns is the engine's business (its block table); the cache only knows slots.
 //! No per-sequence contiguous K/V exists anywhere: attention reads the blocks in place.
 //!
-//! Layout of each layer's pools: `[num_blocks, num_kv_heads, block_size * head_dim]`, keys
+//! KV groups (vLLM's hybrid allocator; the bookkeeping is `minserve_core::block_manager`): the
+//! layers are split into groups of equally many layers ([`KvGroups`]), all layers of a group
+//! with the same attention span (global, or one sliding window). Block `b` of pool `j` holds
+//! the K/V of the `j`-th layer of whichever group block `b` is handed to, so a block costs the
+//! same in every group and the pool is one: a model with 3 global and 15 sliding-window layers
+//! has 6 groups of 3 layers and 3 pools, and its long sequences hold only a window's worth of
+//! blocks in 5 of the 6 groups. A model without windows has one group of all its layers: one
+//! pool per layer, as before groups existed.
+//!
+//! Layout of each pool: `[num_blocks, num_kv_heads, block_size * head_dim]`, keys
 //! dimension-major and values token-major inside a run (see [`KvLayout`]). Keeping a head's
 //! `block_size` tokens contiguous lets attention stream one block of one head as a single
 //! `block_size * head_dim` run of memory.
@@ -330,24 +339,126 @@ fn zeroed_f16(len: usize) -> Vec<f16> {
     unsafe { Vec::from_raw_parts(bits.as_ptr() as *mut f16, bits.len(), bits.capacity()) }
 }
 
+/// How the cache groups a model's layers: see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvGroups {
+    /// The sliding window of each group (`None`: global), global groups first.
+    pub windows: Vec<Option<usize>>,
+    /// For each layer, its group and its pool (its index among the group's layers).
+    pub layers: Vec<(usize, usize)>,
+    /// Layers in every group, and so pools in the cache.
+    pub layers_per_group: usize,
+}
+
+impl KvGroups {
+    /// Groups of `config`'s layers by attention span, as large as divides every span's layer
+    /// count (Gemma 3 270M: 3 global and 15 local layers, groups of 3).
+    pub fn of(config: &ModelConfig) -> Self {
+        let mut spans: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for layer in 0..config.num_layers {
+            let window = config.layer_window(layer);
+            match spans.iter_mut().find(|(w, _)| *w == window) {
+                Some((_, layers)) => layers.push(layer),
+                None => spans.push((window, vec![layer])),
+            }
+        }
+        // Group 0 is global when any layer is: its blocks are the heads of prefixes, freed last.
+        spans.sort_by_key(|(window, _)| window.is_some());
+        let per_group = spans
+            .iter()
+            .fold(0, |g, (_, layers)| gcd(g, layers.len()))
+            .max(1);
+        let mut groups = Self {
+            windows: Vec::new(),
+            layers: vec![(0, 0); config.num_layers],
+            layers_per_group: per_group,
+        };
+        for (window, layers) in spans {
+            for chunk in layers.chunks(per_group) {
+                for (pool, &layer) in chunk.iter().enumerate() {
+                    groups.layers[layer] = (groups.windows.len(), pool);
+                }
+                groups.windows.push(window);
+            }
+        }
+        if groups.windows.is_empty() {
+            groups.windows.push(None);
+        }
+        groups
+    }
+
+    /// All layers in one global group: nothing is released while a sequence runs (attention
+    /// still reads only each layer's window). What the cache was before KV groups; kept to
+    /// measure what they save.
+    pub fn single(config: &ModelConfig) -> Self {
+        Self {
+            windows: vec![None],
+            layers: (0..config.num_layers).map(|layer| (0, layer)).collect(),
+            layers_per_group: config.num_layers.max(1),
+        }
+    }
+
+    pub fn num_groups(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 pub struct KvCache {
     pub layout: KvLayout,
-    pub layers: Vec<LayerKv>,
+    /// One pool per layer of a group (see [`KvGroups`]).
+    pub pools: Vec<LayerKv>,
+    pub groups: KvGroups,
 }
 
 impl KvCache {
-    /// A pool of `num_blocks` blocks for every layer of `config`.
+    /// A pool of `num_blocks` blocks, grouped by [`KvGroups::of`].
     pub fn new(config: &ModelConfig, dtype: KvDtype, block_size: usize, num_blocks: usize) -> Self {
+        Self::with_groups(config, KvGroups::of(config), dtype, block_size, num_blocks)
+    }
+
+    pub fn with_groups(
+        config: &ModelConfig,
+        groups: KvGroups,
+        dtype: KvDtype,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Self {
         let layout = KvLayout {
             num_blocks,
             block_size,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         };
-        let layers = (0..config.num_layers)
+        let pools = (0..groups.layers_per_group)
             .map(|_| LayerKv::zeroed(dtype, &layout))
             .collect();
-        Self { layout, layers }
+        Self {
+            layout,
+            pools,
+            groups,
+        }
+    }
+
+    /// Bytes of one block of `groups` (the K/V of `block_size` tokens for the layers of one
+    /// group, with the scales of a scaled type).
+    pub fn bytes_per_block(
+        config: &ModelConfig,
+        groups: &KvGroups,
+        dtype: KvDtype,
+        block_size: usize,
+    ) -> usize {
+        2 * groups.layers_per_group
+            * config.num_kv_heads
+            * dtype.bytes_per_row(config.head_dim)
+            * block_size
     }
 
     /// As many blocks as fit in `memory_bytes` (at least one).
@@ -357,16 +468,13 @@ impl KvCache {
         block_size: usize,
         memory_bytes: usize,
     ) -> Self {
-        let bytes_per_block = dtype.bytes_per_token(config) * block_size;
-        Self::new(
-            config,
-            dtype,
-            block_size,
-            (memory_bytes / bytes_per_block).max(1),
-        )
+        let groups = KvGroups::of(config);
+        let bytes_per_block = Self::bytes_per_block(config, &groups, dtype, block_size);
+        let num_blocks = (memory_bytes / bytes_per_block).max(1);
+        Self::with_groups(config, groups, dtype, block_size, num_blocks)
     }
 
-    /// Copies the keys and values of every layer from block `src` onto block `dst`, for each
+    /// Copies the keys and values of every pool from block `src` onto block `dst`, for each
     /// `(src, dst)` in order (a step's copy-on-write copies, made before it writes any K/V).
     /// Checks every block id first, so that a bad list changes nothing.
     pub fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
@@ -380,8 +488,8 @@ impl KvCache {
             )));
         }
         for &(src, dst) in copies {
-            for layer in &mut self.layers {
-                layer.copy_block(&self.layout, src as usize, dst as usize);
+            for pool in &mut self.pools {
+                pool.copy_block(&self.layout, src as usize, dst as usize);
             }
         }
         Ok(())
@@ -404,7 +512,7 @@ mod tests {
     fn block_contents(cache: &KvCache, layer: usize, block: usize) -> Vec<f32> {
         let layout = &cache.layout;
         let range = layout.block_offset(block, 0)..layout.block_offset(block + 1, 0);
-        match &cache.layers[layer] {
+        match &cache.pools[layer] {
             LayerKv::Q8(pool) => {
                 let run = layout.block_size * layout.head_dim;
                 let first_scale = range.start / layout.head_dim;
@@ -449,7 +557,7 @@ mod tests {
         for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
             let cache = KvCache::with_memory(&config, dtype, 16, memory);
             let bytes: usize = cache
-                .layers
+                .pools
                 .iter()
                 .map(|layer| match layer {
                     LayerKv::F16(p) => 2 * (p.keys.len() + p.values.len()),
@@ -550,7 +658,7 @@ mod tests {
             let num_slots = layout.num_blocks * layout.block_size;
             // A distinct, f16-exact value for every (layer, slot, head, dim), keys and values;
             // q8 rows get distinct scales, so a block copied without its scales reads wrong.
-            for (l, layer) in cache.layers.iter_mut().enumerate() {
+            for (l, layer) in cache.pools.iter_mut().enumerate() {
                 let keys: Vec<f32> = (0..num_slots * row)
                     .map(|i| (l * 1000 + i) as f32)
                     .collect();

@@ -32,7 +32,7 @@ pub mod weights;
 pub use config::{ModelConfig, RopeStyle};
 pub use device::{DeviceChoice, DeviceOptions};
 pub use error::{ModelError, Result};
-pub use kv_cache::{KvCache, KvDtype};
+pub use kv_cache::{KvCache, KvDtype, KvGroups};
 pub use llama::LlamaModel;
 pub use load::{load_model, load_model_with, load_tokenizer, LoadOptions, LoadedModel};
 pub use runner::{CacheOptions, ModelRunner, Runner};

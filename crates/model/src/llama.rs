@@ -9,6 +9,7 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
+use minserve_core::sequence::RELEASED_BLOCK;
 use minserve_core::StepBatch;
 
 use crate::config::Activation;
@@ -156,14 +157,9 @@ impl LlamaModel {
         let up = sized(&mut b.up, n * c.intermediate_size);
         let quantized = &mut b.quantized;
 
-        for (index, ((layer, norms), kv)) in self
-            .weights
-            .layers
-            .iter()
-            .zip(&self.layers)
-            .zip(cache.layers.iter_mut())
-            .enumerate()
-        {
+        for (index, (layer, norms)) in self.weights.layers.iter().zip(&self.layers).enumerate() {
+            let (group, pool) = cache.groups.layers[index];
+            let kv = &mut cache.pools[pool];
             let window = c.layer_window(index);
             let rope = match (window, &self.local_rope) {
                 (Some(_), Some(local)) => local,
@@ -190,11 +186,12 @@ impl LlamaModel {
             }
             rope.apply(q, &batch.positions, c.num_heads);
             rope.apply(k, &batch.positions, c.num_kv_heads);
-            kv.write(&cache.layout, k, v, &batch.slot_mapping);
+            kv.write(&cache.layout, k, v, batch.slots(group));
             PagedAttention {
                 kv,
                 layout: &cache.layout,
                 batch,
+                group,
                 plan: &plan,
                 num_heads: c.num_heads,
                 scale,
@@ -268,6 +265,7 @@ impl LlamaModel {
             self.weights.config.vocab_size,
             self.rope.max_positions(),
             cache.geometry(),
+            &cache.groups.windows,
         )
     }
 }
@@ -279,22 +277,31 @@ pub(crate) fn validate_batch(
     vocab: usize,
     max_positions: usize,
     layout: minserve_core::CacheGeometry,
+    group_windows: &[Option<usize>],
 ) -> Result<()> {
     let bad = |m: String| Err(ModelError::InvalidBatch(m));
     let n = batch.num_tokens();
     if n == 0 {
         return bad("empty batch".into());
     }
-    if batch.positions.len() != n || batch.slot_mapping.len() != n {
+    if batch.num_groups() != group_windows.len() {
+        return bad(format!(
+            "{} KV groups in the batch, {} in the cache",
+            batch.num_groups(),
+            group_windows.len()
+        ));
+    }
+    let groups = 0..group_windows.len();
+    if batch.positions.len() != n || groups.clone().any(|g| batch.slots(g).len() != n) {
         return bad("token, position and slot arrays differ in length".into());
     }
     let num_slots = layout.num_blocks * layout.block_size;
     if let Some(t) = batch.token_ids.iter().find(|&&t| t as usize >= vocab) {
         return bad(format!("token id {t} is outside the vocabulary of {vocab}"));
     }
-    if let Some(s) = batch
-        .slot_mapping
-        .iter()
+    if let Some(s) = groups
+        .clone()
+        .flat_map(|g| batch.slots(g))
         .find(|&&s| s as usize >= num_slots)
     {
         return bad(format!(
@@ -312,15 +319,24 @@ pub(crate) fn validate_batch(
                 seq.context_len,
             ));
         }
-        if seq.block_table.len() * layout.block_size < seq.context_len {
-            return bad(format!("sequence {index}: block table too short"));
-        }
-        if seq
-            .block_table
-            .iter()
-            .any(|&b| b as usize >= layout.num_blocks)
-        {
-            return bad(format!("sequence {index}: block id outside the pool"));
+        for (group, window) in group_windows.iter().enumerate() {
+            let table = seq.table(group);
+            if table.len() * layout.block_size < seq.context_len {
+                return bad(format!("sequence {index}: block table too short"));
+            }
+            // Attention reads from the window start of the first new token on; only blocks
+            // before it may have been released.
+            let first_read = window.map_or(0, |w| {
+                (seq.start_position() + 1).saturating_sub(w) / layout.block_size
+            });
+            let outside = |(i, &b): (usize, &u32)| {
+                b as usize >= layout.num_blocks && !(b == RELEASED_BLOCK && i < first_read)
+            };
+            if table.iter().enumerate().any(outside) {
+                return bad(format!(
+                    "sequence {index}: block id outside the pool in KV group {group}"
+                ));
+            }
         }
         for (i, position) in (seq.start_position()..seq.context_len).enumerate() {
             if batch.positions.get(row + i) != Some(&(position as u32)) {

@@ -91,6 +91,10 @@ impl ModelExecutor for Runner {
         self.executor().cache_geometry()
     }
 
+    fn kv_group_windows(&self) -> Vec<Option<usize>> {
+        self.executor().kv_group_windows()
+    }
+
     fn vocab_size(&self) -> usize {
         self.executor().vocab_size()
     }
@@ -130,6 +134,10 @@ impl ModelExecutor for ModelRunner {
 
     fn cache_geometry(&self) -> CacheGeometry {
         self.cache.geometry()
+    }
+
+    fn kv_group_windows(&self) -> Vec<Option<usize>> {
+        self.cache.groups.windows.clone()
     }
 
     fn vocab_size(&self) -> usize {

@@ -94,6 +94,10 @@ pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         if o_proj_has_bias(c) {
             add("self_attn.o_proj.bias", vec![h]);
         }
+        if c.block.qk_norm {
+            add("self_attn.q_norm.weight", vec![c.head_dim]);
+            add("self_attn.k_norm.weight", vec![c.head_dim]);
+        }
         add("post_attention_layernorm.weight", vec![h]);
         add("mlp.gate_proj.weight", vec![ff, h]);
         add("mlp.up_proj.weight", vec![ff, h]);
@@ -144,6 +148,14 @@ fn build_weights(
         };
         Ok(Linear { weight, bias })
     };
+    let qk_norm = |i: usize, name: &str| -> Result<Option<Tensor>> {
+        match config.block.qk_norm {
+            true => Ok(Some(
+                ckpt.load_f32(&layer_name(i, &format!("self_attn.{name}.weight")))?,
+            )),
+            false => Ok(None),
+        }
+    };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let attn = |proj: &str| layer_name(i, &format!("self_attn.{proj}"));
@@ -159,9 +171,9 @@ fn build_weights(
             gate_proj: linear(mlp("gate_proj"), false)?,
             up_proj: linear(mlp("up_proj"), false)?,
             down_proj: linear(mlp("down_proj"), false)?,
-            // Only the Llama block comes from config.json for now (see `ModelConfig`).
-            q_norm: None,
-            k_norm: None,
+            q_norm: qk_norm(i, "q_norm")?,
+            k_norm: qk_norm(i, "k_norm")?,
+            // Gemma's post-norms are not read from config.json yet (see `ModelConfig`).
             post_attention_norm: None,
             post_ffn_norm: None,
         });

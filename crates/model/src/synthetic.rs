@@ -68,6 +68,21 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         max_position_embeddings: 32_768,
         ..base
     };
+    // Qwen3 (dense): Llama's block with per-head q/k RMSNorm, NeoX RoPE pairs, no bias, and
+    // a head size of its own (not hidden / heads).
+    let qwen3 = |base: ModelConfig, head_dim| ModelConfig {
+        architecture: "qwen3".into(),
+        head_dim,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_style: RopeStyle::Neox,
+        max_position_embeddings: 40_960,
+        block: BlockVariant {
+            qk_norm: true,
+            ..BlockVariant::default()
+        },
+        ..base
+    };
     // 512 leaves room for the synthetic tokenizer's 256 byte tokens and its special tokens.
     Some(match name {
         "tiny" => llama(64, 128, 2, 4, 2, 512),
@@ -98,6 +113,10 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             ..llama(64, 128, 2, 4, 2, 512)
         },
         "gemma3-270m" => gemma3(llama(640, 2048, 18, 4, 1, 262_144), 256, 512, 6),
+        // Heads of 32 with a hidden size of 64: 4 x 32 = 128 query dims, as Qwen3's heads of
+        // 128 outgrow its hidden size of 1,024 (16 x 128 = 2,048).
+        "tiny-qwen3" => qwen3(llama(64, 128, 2, 4, 2, 512), 32),
+        "qwen3-0.6b" => qwen3(llama(1024, 3072, 28, 16, 8, 151_936), 128),
         "llama-1b" => ModelConfig {
             rope_theta: 500_000.0,
             ..llama(2048, 8192, 16, 32, 8, 128_256)
@@ -120,6 +139,8 @@ pub const PRESETS: &[&str] = &[
     "tiny-llama3",
     "tiny-gemma3",
     "gemma3-270m",
+    "tiny-qwen3",
+    "qwen3-0.6b",
 ];
 
 /// Seeded weights for `config`. Projections are stored as `dtype` (`F32` keeps them dense);
@@ -330,6 +351,18 @@ const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + 
 /// loader as a real model's tokenizer.
 pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
     let path = PathBuf::from(format!("{PREFIX}tokenizer"));
+    let content = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata: tokenizer_metadata(config)?,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    };
+    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(&path))
+}
+
+/// The GGUF metadata [`tokenizer`] is built from, to write into a synthetic GGUF file.
+pub fn tokenizer_metadata(config: &ModelConfig) -> Result<HashMap<String, Value>> {
+    let path = PathBuf::from(format!("{PREFIX}tokenizer"));
     let vocab = config.vocab_size;
     let first_filler = 256 + SPECIAL_TOKENS.len();
     if vocab < first_filler {
@@ -375,13 +408,7 @@ pub fn tokenizer(config: &ModelConfig) -> Result<Tokenizer> {
         ),
         ("tokenizer.ggml.tokens".into(), strings(tokens.clone())),
     ]);
-    let content = Content {
-        magic: VersionedMagic::GgufV3,
-        metadata,
-        tensor_infos: HashMap::new(),
-        tensor_data_offset: 0,
-    };
-    Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(&path))
+    Ok(metadata)
 }
 
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for the

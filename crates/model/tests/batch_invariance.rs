@@ -8,22 +8,13 @@
 mod common;
 
 use minserve_core::sampling::argmax;
+use minserve_core::sequence::Sequence;
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, KvDtype, ModelRunner};
 
-struct Seq {
-    tokens: Vec<u32>,
-    computed: usize,
-    table: Vec<u32>,
-}
-
 /// A sequence with nothing computed yet.
-fn seq(tokens: &[u32], table: Vec<u32>) -> Seq {
-    Seq {
-        tokens: tokens.to_vec(),
-        computed: 0,
-        table,
-    }
+fn seq(tokens: &[u32]) -> Sequence {
+    Sequence::new(0, tokens.to_vec(), 0, 0)
 }
 
 /// Every step's logits bit for bit equal to the lone run's.
@@ -39,54 +30,50 @@ fn assert_bit_identical(alone: &[Vec<f32>], others: [(&str, &[Vec<f32>]); 2]) {
     }
 }
 
-/// Runs steps until every sequence has `decode` generated tokens; `chunks[i]` bounds how many
-/// prompt tokens sequence `i` may prefill per step. Returns each step's logits of sequence 0.
+/// Runs steps until every sequence has `decode` generated tokens, with blocks from `blocks`;
+/// `chunks[i]` bounds how many prompt tokens sequence `i` may prefill per step. Returns each
+/// step's logits of sequence 0.
 fn run(
     runner: &mut ModelRunner,
-    seqs: &mut [Seq],
+    mut blocks: common::Blocks,
+    seqs: &mut [Sequence],
     prompt_len0: usize,
     chunks: &[usize],
     decode: usize,
 ) -> Vec<Vec<f32>> {
-    let block_size = runner.cache_geometry().block_size;
-    let target: Vec<usize> = seqs.iter().map(|s| s.tokens.len() + decode).collect();
+    let target: Vec<usize> = seqs.iter().map(|s| s.len() + decode).collect();
     let mut seq0_logits = Vec::new();
     loop {
         let mut batch = StepBatch::new();
         let mut members = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            let pending = s.tokens.len() - s.computed;
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let pending = s.num_pending_tokens();
             if pending == 0 {
                 continue;
             }
             let n = pending.min(chunks[i]);
-            let sample = s.computed + n == s.tokens.len();
-            batch.push_sequence(
-                &s.tokens[s.computed..s.computed + n],
-                s.computed,
-                &s.table,
-                block_size,
-                sample,
-            );
+            let sample = s.num_computed_tokens + n == s.len();
+            blocks.push(&mut batch, s, n, sample);
             members.push((i, n, sample));
         }
         if batch.is_empty() {
             break;
         }
+        blocks.finish(&mut batch);
         let logits = runner.execute(&batch).unwrap();
         let mut row = 0;
         for (i, n, sample) in members {
             let s = &mut seqs[i];
-            s.computed += n;
+            s.num_computed_tokens += n;
             if !sample {
                 continue;
             }
             let l = logits.row(row);
             row += 1;
-            if i == 0 && s.computed >= prompt_len0 {
+            if i == 0 && s.num_computed_tokens >= prompt_len0 {
                 seq0_logits.push(l.to_vec());
             }
-            if s.tokens.len() < target[i] {
+            if s.len() < target[i] {
                 s.tokens.push(argmax(l));
             }
         }
@@ -119,33 +106,13 @@ fn check_batch_invariance(cache: CacheOptions) {
     let mut runner = ModelRunner::new(loaded.model, cache);
     let decode = 6;
 
-    let alone = {
-        let mut seqs = [seq(&a, (0..8).collect())];
-        run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
-    };
-    assert_eq!(alone.len(), decode + 1);
-
-    let batched = {
-        let mut seqs = [
-            seq(&a, vec![31, 7, 19, 2, 40, 11, 25, 33]),
-            seq(&b, vec![5, 6]),
-            seq(&c, vec![8, 9, 10, 12, 13, 14, 15, 16]),
-        ];
-        run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
-    };
-    let chunked = {
-        let mut seqs = [
-            seq(&a, vec![50, 51, 52, 53, 54, 55, 56, 57]),
-            seq(&c, vec![60, 61, 62, 63, 64, 65, 66, 67]),
-        ];
-        run(&mut runner, &mut seqs, a.len(), &[7, 13], decode)
-    };
-    assert_bit_identical(&alone, [("batched", &batched), ("chunked", &chunked)]);
+    check_runs(&mut runner, [&a, &b, &c], [7, 13], decode);
 }
 
 /// The same bit-identity on a sliding-window model (synthetic Gemma 3 shape, window 8, every
 /// third layer global): prompts far past the window, chunks that start inside and outside it,
-/// sequences of different lengths in one batch.
+/// sequences of different lengths in one batch; the local layers' blocks that the window has
+/// passed are released and handed out again (to other groups and sequences) as the runs go.
 #[test]
 fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
     let config = minserve_model::synthetic::preset("tiny-gemma3").unwrap();
@@ -161,25 +128,34 @@ fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
     };
     let (a, b, c) = (tokens(45, 1), tokens(3, 2), tokens(70, 3));
     let decode = 12;
+    check_runs(&mut runner, [&a, &b, &c], [5, 13], decode);
+}
+
+/// Sequence `a`'s logits over its prompt and `decode` tokens, bit for bit the same alone, in a
+/// batch with `b` and `c`, and with `a` and `c` prefilled in chunks of `chunks` tokens; each
+/// run from fresh bookkeeping, the batched and chunked ones with scattered blocks.
+fn check_runs(runner: &mut ModelRunner, [a, b, c]: [&[u32]; 3], chunks: [usize; 2], decode: usize) {
     let alone = {
-        let mut seqs = [seq(&a, (0..4).collect())];
-        run(&mut runner, &mut seqs, a.len(), &[usize::MAX], decode)
-    };
-    let batched = {
-        let mut seqs = [
-            seq(&a, vec![31, 7, 19, 2]),
-            seq(&b, vec![5]),
-            seq(&c, vec![8, 9, 10, 12, 13, 14]),
-        ];
-        run(&mut runner, &mut seqs, a.len(), &[usize::MAX; 3], decode)
-    };
-    let chunked = {
-        let mut seqs = [
-            seq(&a, vec![50, 51, 52, 53]),
-            seq(&c, vec![60, 61, 62, 63, 64, 65]),
-        ];
-        run(&mut runner, &mut seqs, a.len(), &[5, 13], decode)
+        let blocks = common::Blocks::new(runner);
+        run(
+            runner,
+            blocks,
+            &mut [seq(a)],
+            a.len(),
+            &[usize::MAX],
+            decode,
+        )
     };
     assert_eq!(alone.len(), decode + 1);
+    let batched = {
+        let blocks = common::Blocks::scattered(runner, 1);
+        let mut seqs = [seq(a), seq(b), seq(c)];
+        run(runner, blocks, &mut seqs, a.len(), &[usize::MAX; 3], decode)
+    };
+    let chunked = {
+        let blocks = common::Blocks::scattered(runner, 2);
+        let mut seqs = [seq(a), seq(c)];
+        run(runner, blocks, &mut seqs, a.len(), &chunks, decode)
+    };
     assert_bit_identical(&alone, [("batched", &batched), ("chunked", &chunked)]);
 }

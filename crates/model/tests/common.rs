@@ -78,3 +78,79 @@ pub fn llama3_reference_frequencies(
         })
         .collect()
 }
+
+/// Blocks for hand-driven steps from the real block manager, with the runner's KV groups: a
+/// sliding-window model's sequences release the blocks their windows have passed, and later
+/// allocations reuse them, as in the engine.
+pub struct Blocks {
+    pub manager: minserve_core::block_manager::BlockManager,
+}
+
+impl Blocks {
+    pub fn new(runner: &minserve_model::ModelRunner) -> Self {
+        use minserve_core::ModelExecutor;
+        let geometry = runner.cache_geometry();
+        Self {
+            manager: minserve_core::block_manager::BlockManager::with_groups(
+                geometry.num_blocks,
+                geometry.block_size,
+                false,
+                runner.kv_group_windows(),
+            ),
+        }
+    }
+
+    /// Like [`new`](Self::new), with the first free blocks (up to 64 per KV group) handed out in an order drawn from
+    /// `seed`, so that no sequence's blocks are contiguous and runs differ in placement.
+    pub fn scattered(runner: &minserve_model::ModelRunner, seed: u64) -> Self {
+        use minserve_core::sequence::Sequence;
+        let mut blocks = Self::new(runner);
+        let manager = &mut blocks.manager;
+        let groups = manager.num_groups() as u64;
+        let num_holders = (manager.num_blocks() as u64 / groups).min(64);
+        let mut holders: Vec<Sequence> = (0..num_holders)
+            .map(|i| {
+                let mut s = Sequence::new(i, vec![0], 0, i);
+                assert!(manager.allocate_slots(&mut s, 1, None));
+                s
+            })
+            .collect();
+        let mut rng = minserve_core::sampling::Rng::new(seed);
+        while !holders.is_empty() {
+            let i = (rng.next_u64() % holders.len() as u64) as usize;
+            manager.free(&mut holders.swap_remove(i));
+        }
+        manager.take_block_copies();
+        blocks
+    }
+
+    /// Allocates the next `n` tokens of `seq` and appends them to `batch`; the caller adds `n`
+    /// to `seq.num_computed_tokens` once the step ran.
+    pub fn push(
+        &mut self,
+        batch: &mut minserve_core::StepBatch,
+        seq: &mut minserve_core::sequence::Sequence,
+        n: usize,
+        sample: bool,
+    ) {
+        assert!(
+            self.manager.allocate_slots(seq, n, None),
+            "the pool is too small for the test"
+        );
+        let start = seq.num_computed_tokens;
+        batch.push_sequence_groups(
+            &seq.tokens[start..start + n],
+            start,
+            &seq.block_tables,
+            self.manager.block_size(),
+            sample,
+        );
+    }
+
+    /// Ends a step's batch: its copies, and the block manager's own checks of what it writes
+    /// and reads.
+    pub fn finish(&mut self, batch: &mut minserve_core::StepBatch) {
+        batch.block_copies = self.manager.take_block_copies();
+        self.manager.check_step(batch);
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::SchedulerConfig;
 use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
-use minserve_model::{load_model, CacheOptions, ModelRunner};
+use minserve_model::{load_model, synthetic, CacheOptions, LlamaModel, ModelRunner};
 use minserve_tokenizer::Tokenizer;
 
 struct Setup {
@@ -20,9 +20,21 @@ struct Setup {
 
 fn setup(kv_cache_bytes: usize, max_num_seqs: usize, max_num_batched_tokens: usize) -> Setup {
     let loaded = load_model(&common::default_model_path()).expect("load");
-    let max_model_len = loaded.model.config().max_position_embeddings;
+    let limits = (kv_cache_bytes, max_num_seqs, max_num_batched_tokens);
+    engine(loaded.model, loaded.tokenizer, limits, true)
+}
+
+/// An engine over `model` with a KV pool of `kv_cache_bytes`, `max_num_seqs` and
+/// `max_num_batched_tokens`.
+fn engine(
+    model: LlamaModel,
+    tokenizer: Tokenizer,
+    (kv_cache_bytes, max_num_seqs, max_num_batched_tokens): (usize, usize, usize),
+    prefix_caching: bool,
+) -> Setup {
+    let max_model_len = model.config().max_position_embeddings;
     let runner = ModelRunner::new(
-        loaded.model,
+        model,
         CacheOptions {
             block_size: 16,
             memory_bytes: kv_cache_bytes,
@@ -35,10 +47,9 @@ fn setup(kv_cache_bytes: usize, max_num_seqs: usize, max_num_batched_tokens: usi
             max_num_seqs,
             ..SchedulerConfig::default()
         },
-        prefix_caching: true,
+        prefix_caching,
         max_model_len,
     };
-    let tokenizer = loaded.tokenizer;
     let eos = tokenizer.eos_token_ids().to_vec();
     Setup {
         engine: Engine::new(runner, config, Arc::new(tokenizer.clone()), eos),
@@ -338,4 +349,53 @@ fn impossible_requests_are_rejected_up_front() {
         err.to_string().contains("maximum context length is 8192"),
         "{err}"
     );
+}
+
+/// A sliding-window model (synthetic Gemma 3 shape: window 8, every third layer global)
+/// through the engine, whose local KV groups release the blocks their window has passed: a
+/// pool too small for the workload (preemptions), and prefixes reused from the cache (a
+/// window group adopts only the blocks the window reaches), give the greedy outputs of a large
+/// pool without prefix caching.
+#[test]
+fn a_sliding_window_model_gives_the_same_outputs_whatever_the_pool_and_cache() {
+    let config = synthetic::preset("tiny-gemma3").unwrap();
+    let build = |limits, prefix_caching| {
+        let weights =
+            synthetic::build(&config, 5, candle_core::quantized::GgmlDType::Q8_0, true).unwrap();
+        let tokenizer = synthetic::tokenizer(&config).unwrap();
+        engine(LlamaModel::new(weights), tokenizer, limits, prefix_caching)
+    };
+    let shared: Vec<u32> = (0..70).map(|i| (i * 7 + 3) % 250).collect();
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|p| {
+            let mut prompt = shared.clone();
+            prompt.extend((0..5 + 3 * p).map(|i| (i * 11 + p * 31) % 250));
+            prompt
+        })
+        .collect();
+    let requests = || -> Vec<Request> { prompts.iter().map(|p| greedy(p.clone(), 30)).collect() };
+
+    let mut reference = build((64 << 20, 64, 512), false);
+    let expected = generate(&mut reference.engine, requests());
+
+    // tiny-gemma3's 3 layers make 3 KV groups of one layer (1 global, 2 local), so a block
+    // holds one layer's 16 tokens; 24 blocks are far less than 6 sequences of up to 115 tokens
+    // need even with the windows (each about 8 global blocks and 2 x 2 local ones), and 64-token
+    // chunks make the prefills cross the window.
+    let groups = minserve_model::KvGroups::of(&config);
+    let block_bytes = minserve_model::KvCache::bytes_per_block(
+        &config,
+        &groups,
+        minserve_model::KvDtype::F16,
+        16,
+    );
+    let mut small = build((24 * block_bytes, 64, 64), true);
+    // One request first, so the others find its prefix in the cache.
+    let first = generate(&mut small.engine, vec![requests().remove(0)]);
+    let rest = generate(&mut small.engine, requests().split_off(1));
+    let stats = small.engine.stats();
+    assert!(stats.prefix_hit_tokens > 0, "no prefix was reused");
+    assert!(stats.num_preemptions > 0, "the pool was meant to run out");
+    assert_eq!(expected[0], first[0]);
+    assert_eq!(expected[1..], rest[..]);
 }

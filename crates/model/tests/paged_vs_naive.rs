@@ -6,6 +6,7 @@ mod common;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor, D};
 use minserve_core::sampling::Rng;
+use minserve_core::sequence::{Sequence, RELEASED_BLOCK};
 use minserve_core::{ModelExecutor, StepBatch};
 use minserve_model::config::{Activation, RopeScaling};
 use minserve_model::weights::{Linear, LinearWeight, LlamaWeights};
@@ -204,6 +205,16 @@ fn gemma3_variant_matches_naive_attention() {
     check_against_naive("tiny-gemma3", KvDtype::F16, 1e-4);
 }
 
+/// Qwen3: per-head q/k RMSNorm before RoPE, NeoX pairs, no bias, and heads of 32 on a hidden
+/// size of 64 (query width 128: the head size is its own, not hidden / heads).
+#[test]
+fn qwen3_variant_matches_naive_attention() {
+    let config = synthetic::preset("tiny-qwen3").unwrap();
+    assert_ne!(config.num_heads * config.head_dim, config.hidden_size);
+    check_against_naive("tiny-qwen3", KvDtype::F32, 1e-4);
+    check_against_naive("tiny-qwen3", KvDtype::F16, 1e-4);
+}
+
 /// The default f16 cache rounds every cached value to 11 significant bits (relative error up to
 /// 2^-11); on these models the logits still stay within the f32 tolerance, which also proves
 /// the widening path reads the same slots.
@@ -225,8 +236,10 @@ fn q8_cache_stays_close_to_naive_attention() {
 }
 
 /// Three sequences of lengths that are not multiples of any block size tried, prefilled in
-/// chunks of different sizes in shared steps, with scattered block tables, then decoded
-/// together; every sampled row must match the naive logits at that position.
+/// chunks of different sizes in shared steps, with scattered blocks from the real block manager,
+/// then decoded together; every sampled row must match the naive logits at that position. On a
+/// sliding-window model, the local layers' blocks that the window has passed are released and
+/// reused while the sequences run.
 fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
     let lengths = [1usize, 19, 41];
     let mut rng = Rng::new(7);
@@ -236,44 +249,41 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
         .collect();
     let decode_steps = 6usize;
     let mut worst = 0f32;
+    let mut released = 0;
     for block_size in [1usize, 3, 16] {
         for chunk in [4usize, 7, 64] {
             let per_seq_blocks = (41 + decode_steps).div_ceil(block_size);
-            let num_blocks = per_seq_blocks * prompts.len() + 5;
+            let config = synthetic::preset(preset).unwrap();
+            let groups = minserve_model::KvGroups::of(&config).num_groups();
+            let num_blocks = per_seq_blocks * prompts.len() * groups + 64;
             let mut runner = tiny_runner(preset, dtype, block_size, num_blocks);
-            // Hand out the pool in a shuffled order so no sequence's blocks are contiguous.
-            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-            for i in (1..ids.len()).rev() {
-                ids.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let tables: Vec<Vec<u32>> = ids
-                .chunks(per_seq_blocks)
-                .take(prompts.len())
-                .map(<[u32]>::to_vec)
+            let mut blocks = common::Blocks::scattered(&runner, rng.next_u64());
+            let mut seqs: Vec<Sequence> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Sequence::new(i as u64, p.clone(), 0, i as u64))
                 .collect();
-            let mut tokens = prompts.clone();
-            let mut computed = vec![0usize; prompts.len()];
             let mut checked = 0;
             for step in 0..64 {
                 let mut batch = StepBatch::new();
                 let mut in_batch = Vec::new();
-                for s in 0..prompts.len() {
-                    let pending = tokens[s].len() - computed[s];
-                    if pending == 0 {
+                for (s, seq) in seqs.iter_mut().enumerate() {
+                    let n = seq.num_pending_tokens().min(chunk);
+                    if n == 0 {
                         continue;
                     }
-                    let n = pending.min(chunk);
-                    let new = &tokens[s][computed[s]..computed[s] + n];
-                    batch.push_sequence(new, computed[s], &tables[s], block_size, true);
-                    in_batch.push((s, computed[s] + n));
+                    blocks.push(&mut batch, seq, n, true);
+                    in_batch.push((s, seq.num_computed_tokens + n));
                 }
                 if batch.is_empty() {
                     break;
                 }
+                blocks.finish(&mut batch);
                 let logits = runner.execute(&batch).unwrap();
                 for (row, &(s, upto)) in in_batch.iter().enumerate() {
-                    computed[s] = upto;
-                    let naive = naive_logits(&runner.model.weights, &tokens[s][..upto]).unwrap();
+                    let seq = &mut seqs[s];
+                    seq.num_computed_tokens = upto;
+                    let naive = naive_logits(&runner.model.weights, &seq.tokens[..upto]).unwrap();
                     let expected = &naive[upto - 1];
                     let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
                     let diff = logits
@@ -288,17 +298,219 @@ fn check_against_naive(preset: &str, dtype: KvDtype, tolerance: f32) {
                     );
                     checked += 1;
                     // Once the prompt is in, extend the sequence with its greedy token.
-                    if upto == tokens[s].len() && tokens[s].len() < prompts[s].len() + decode_steps
-                    {
-                        tokens[s].push(minserve_core::sampling::argmax(logits.row(row)));
+                    if upto == seq.len() && seq.len() < prompts[s].len() + decode_steps {
+                        seq.tokens
+                            .push(minserve_core::sampling::argmax(logits.row(row)));
                     }
                 }
             }
+            released += seqs
+                .iter()
+                .flat_map(|s| s.block_tables.iter().flatten())
+                .filter(|&&id| id == RELEASED_BLOCK)
+                .count();
             assert!(
                 checked >= prompts.len() * decode_steps,
                 "only {checked} rows checked"
             );
         }
     }
-    eprintln!("{preset} {dtype:?}: worst difference {worst:e} of the logits' magnitude");
+    eprintln!("{preset} {dtype:?}: worst difference {worst:e} of the logits' magnitude, {released} blocks released");
+    let windowed = synthetic::preset(preset)
+        .unwrap()
+        .block
+        .sliding_window
+        .is_some();
+    assert_eq!(
+        windowed,
+        released > 0,
+        "{preset}: released {released} blocks"
+    );
+}
+
+/// A tiny Qwen3 read from a Hugging Face folder (`model_type: qwen3`, `self_attn.q_norm` /
+/// `k_norm`, an explicit `head_dim`), from a GGUF of the same tensors (`qwen3.*` keys,
+/// `attn_q_norm` / `attn_k_norm`, `attention.key_length`), and from that GGUF exported to a
+/// folder: every config says what Qwen3 is, keeps the q/k norms as written, and every forward
+/// pass matches the naive one (and the others).
+#[test]
+fn qwen3_loads_from_a_folder_and_a_gguf() {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let (hidden, ff, layers, heads, kv_heads, head_dim, vocab) = (64, 128, 2, 4, 2, 32, 512);
+    let mut rng = Rng::new(11);
+    let mut random = |shape: &[usize], center: f32, spread: f32| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| center + spread * ((rng.next_u64() % 2001) as f32 / 1000.0 - 1.0))
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    // (Hugging Face name, GGUF name, tensor)
+    let mut tensors: Vec<(String, String, Tensor)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            "token_embd.weight".into(),
+            random(&[vocab, hidden], 0.0, 0.05),
+        ),
+        (
+            "model.norm.weight".into(),
+            "output_norm.weight".into(),
+            random(&[hidden], 1.0, 0.1),
+        ),
+    ];
+    for i in 0..layers {
+        let q_dim = heads * head_dim;
+        let kv_dim = kv_heads * head_dim;
+        let per_layer: [(&str, &str, Vec<usize>, f32); 11] = [
+            ("input_layernorm", "attn_norm", vec![hidden], 1.0),
+            ("self_attn.q_proj", "attn_q", vec![q_dim, hidden], 0.0),
+            ("self_attn.k_proj", "attn_k", vec![kv_dim, hidden], 0.0),
+            ("self_attn.v_proj", "attn_v", vec![kv_dim, hidden], 0.0),
+            ("self_attn.o_proj", "attn_output", vec![hidden, q_dim], 0.0),
+            ("self_attn.q_norm", "attn_q_norm", vec![head_dim], 1.0),
+            ("self_attn.k_norm", "attn_k_norm", vec![head_dim], 1.0),
+            ("post_attention_layernorm", "ffn_norm", vec![hidden], 1.0),
+            ("mlp.gate_proj", "ffn_gate", vec![ff, hidden], 0.0),
+            ("mlp.up_proj", "ffn_up", vec![ff, hidden], 0.0),
+            ("mlp.down_proj", "ffn_down", vec![hidden, ff], 0.0),
+        ];
+        for (hf, gguf, shape, center) in per_layer {
+            let spread = if center == 1.0 { 0.3 } else { 0.1 };
+            tensors.push((
+                format!("model.layers.{i}.{hf}.weight"),
+                format!("blk.{i}.{gguf}.weight"),
+                random(&shape, center, spread),
+            ));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    let folder = dir.path().join("qwen3");
+    std::fs::create_dir(&folder).unwrap();
+    let config_json = serde_json::json!({
+        "model_type": "qwen3", "hidden_size": hidden, "intermediate_size": ff,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab,
+        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+        "attention_bias": false, "tie_word_embeddings": true,
+    });
+    std::fs::write(folder.join("config.json"), config_json.to_string()).unwrap();
+    let by_hf_name: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(hf, _, t)| (hf.clone(), t.clone()))
+        .collect();
+    candle_core::safetensors::save(&by_hf_name, folder.join("model.safetensors")).unwrap();
+    let config = minserve_model::ModelConfig::from_hf_config(&folder.join("config.json")).unwrap();
+    synthetic::tokenizer(&config)
+        .unwrap()
+        .write_hf_files(&folder)
+        .unwrap();
+
+    let gguf = dir.path().join("qwen3.gguf");
+    let u32_value = |v: usize| gguf_file::Value::U32(v as u32);
+    // The synthetic tokenizer's keys, so that the file exports like a real one.
+    let mut metadata: Vec<(&str, gguf_file::Value)> = Vec::new();
+    let tokenizer_metadata = synthetic::tokenizer_metadata(&config).unwrap();
+    for (key, value) in tokenizer_metadata.iter() {
+        if key.starts_with("tokenizer.") {
+            metadata.push((key.as_str(), value.clone()));
+        }
+    }
+    metadata.extend([
+        (
+            "general.architecture",
+            gguf_file::Value::String("qwen3".into()),
+        ),
+        ("qwen3.embedding_length", u32_value(hidden)),
+        ("qwen3.feed_forward_length", u32_value(ff)),
+        ("qwen3.block_count", u32_value(layers)),
+        ("qwen3.attention.head_count", u32_value(heads)),
+        ("qwen3.attention.head_count_kv", u32_value(kv_heads)),
+        ("qwen3.attention.key_length", u32_value(head_dim)),
+        ("qwen3.attention.value_length", u32_value(head_dim)),
+        ("qwen3.context_length", u32_value(40960)),
+        ("qwen3.rope.freq_base", gguf_file::Value::F32(1_000_000.0)),
+        (
+            "qwen3.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(1e-6),
+        ),
+    ]);
+    let quantized: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(_, name, t)| (name.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let quantized: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(
+        &mut std::fs::File::create(&gguf).unwrap(),
+        &metadata,
+        &quantized,
+    )
+    .unwrap();
+    let content = minserve_model::gguf::read_content(&gguf).unwrap();
+
+    let from_folder = minserve_model::load_model(&folder).unwrap().model;
+    let from_gguf =
+        LlamaModel::new(minserve_model::gguf::load(&gguf, &content, None, true).unwrap());
+    // `minserve export` of the GGUF: a folder transformers would read as Qwen3.
+    let exported = dir.path().join("exported");
+    minserve_model::export::export_gguf_to_hf(&gguf, &exported, Default::default()).unwrap();
+    let exported_config = std::fs::read_to_string(exported.join("config.json")).unwrap();
+    let exported_config: serde_json::Value = serde_json::from_str(&exported_config).unwrap();
+    assert_eq!(exported_config["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(exported_config["head_dim"], head_dim);
+    let from_export = minserve_model::load_model(&exported).unwrap().model;
+    let prompt: Vec<u32> = (0..23).map(|_| (rng.next_u64() % 256) as u32).collect();
+    let mut last_rows = Vec::new();
+    let models = [
+        ("folder", from_folder),
+        ("gguf", from_gguf),
+        ("exported", from_export),
+    ];
+    for (source, model) in models {
+        let c = model.config().clone();
+        assert_eq!(c.architecture, "qwen3", "{source}");
+        assert!(c.block.qk_norm && !c.attention_bias, "{source}");
+        assert_eq!(
+            (c.head_dim, c.rope_style),
+            (head_dim, RopeStyle::Neox),
+            "{source}"
+        );
+        let written = &tensors
+            .iter()
+            .find(|(hf, _, _)| hf.ends_with("1.self_attn.k_norm.weight"));
+        let read = model.weights.layers[1]
+            .k_norm
+            .as_ref()
+            .expect("k_norm read");
+        assert_eq!(
+            read.to_vec1::<f32>().unwrap(),
+            written.unwrap().2.to_vec1::<f32>().unwrap(),
+            "{source}"
+        );
+        let naive = naive_logits(&model.weights, &prompt).unwrap();
+        let mut runner = ModelRunner::new(
+            model,
+            CacheOptions {
+                block_size: 16,
+                memory_bytes: 1 << 20,
+                dtype: KvDtype::F32,
+            },
+        );
+        let mut blocks = common::Blocks::new(&runner);
+        let mut seq = Sequence::new(0, prompt.clone(), 0, 0);
+        let mut batch = StepBatch::new();
+        blocks.push(&mut batch, &mut seq, prompt.len(), true);
+        blocks.finish(&mut batch);
+        let logits = runner.execute(&batch).unwrap().row(0).to_vec();
+        let expected = &naive[prompt.len() - 1];
+        let scale = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = common::max_abs_diff(&logits, expected);
+        assert!(diff <= 1e-4 * scale, "{source}: {diff}");
+        last_rows.push(logits);
+    }
+    for (source, row) in [("gguf", &last_rows[1]), ("exported", &last_rows[2])] {
+        let diff = common::max_abs_diff(&last_rows[0], row);
+        assert!(diff <= 1e-5, "folder and {source} differ by {diff}");
+    }
 }

@@ -143,6 +143,16 @@ fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
+/// `chat_template_kwargs` (vLLM's parameter): extra variables for the chat template, such as
+/// Qwen3's `enable_thinking`.
+fn chat_template_kwargs(body: &JsonBody) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match body.get("chat_template_kwargs") {
+        None | Some(Value::Null) => Ok(serde_json::Map::new()),
+        Some(Value::Object(map)) => Ok(map.clone()),
+        Some(other) => Err(wrong_type("chat_template_kwargs", "an object", other)),
+    }
+}
+
 /// The conversation in `messages`, rendered with the model's chat template.
 pub(crate) fn render_chat(
     body: &JsonBody,
@@ -150,13 +160,14 @@ pub(crate) fn render_chat(
     add_generation_prompt: bool,
 ) -> Result<String, ApiError> {
     let messages = chat_messages(body)?;
+    let kwargs = chat_template_kwargs(body)?;
     let template = tokenizer.chat_template().ok_or_else(|| {
         ApiError::bad_request(
             "This model has no chat template: send a `prompt` to /v1/completions instead.",
         )
     })?;
     template
-        .render(&messages, add_generation_prompt)
+        .render_with(&messages, add_generation_prompt, &kwargs)
         .map_err(|e| {
             ApiError::invalid(
                 "messages",

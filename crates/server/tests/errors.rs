@@ -78,6 +78,10 @@ async fn bad_requests() {
             "messages[0].content",
         ),
         (json!({"min_tokens": 5, "max_tokens": 2}), "min_tokens"),
+        (
+            json!({"chat_template_kwargs": "think"}),
+            "chat_template_kwargs",
+        ),
     ];
     for (extra, param) in cases {
         let (status, body) = s.post("/v1/chat/completions", chat(extra.clone())).await;

@@ -100,11 +100,28 @@ impl ChatTemplate {
     /// header that opens the assistant's turn (e.g. `<|im_start|>assistant\n`), which is what a
     /// server wants before generating a reply.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`render`](Self::render) with extra template variables, as `transformers`'
+    /// `apply_chat_template(..., **kwargs)` and vLLM's `chat_template_kwargs` pass them: Qwen3's
+    /// template reads `enable_thinking` (false closes an empty `<think></think>` block after
+    /// the generation prompt, so the model answers without reasoning). `messages`,
+    /// `add_generation_prompt`, `bos_token` and `eos_token` cannot be overridden this way.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|source| TokenizerError::TemplateRender { source })?;
-        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        let mut ctx: BTreeMap<&str, Value> = extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), Value::from_serialize(v)))
+            .collect();
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         if let Some(bos) = &self.bos_token {

@@ -49,11 +49,12 @@ pub fn score_windows<E: ModelExecutor>(
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Vec<TokenScore>> {
     let geometry = executor.cache_geometry();
+    let groups = executor.kv_group_windows().len();
     let longest = windows.iter().map(|w| w.input.len()).max().unwrap_or(0);
     let blocks_per_window = longest.div_ceil(geometry.block_size).max(1);
     let side_by_side = limits
         .windows
-        .min(geometry.num_blocks / blocks_per_window)
+        .min(geometry.num_blocks / (blocks_per_window * groups))
         .min(windows.len().max(1));
     anyhow::ensure!(
         side_by_side > 0,
@@ -80,8 +81,9 @@ fn score_group<E: ModelExecutor>(
     scores: &mut Vec<TokenScore>,
 ) -> anyhow::Result<()> {
     let block_size = executor.cache_geometry().block_size;
-    let tables: Vec<Vec<u32>> = (0..group.len())
-        .map(|w| ((w * blocks_per_window) as u32..((w + 1) * blocks_per_window) as u32).collect())
+    let kv_groups = executor.kv_group_windows().len();
+    let tables: Vec<Vec<Vec<u32>>> = (0..group.len())
+        .map(|w| window_tables(w, kv_groups, blocks_per_window))
         .collect();
     // Tokens of each window already in the cache. The last input token is never fed: nothing
     // after it is predicted.
@@ -104,7 +106,7 @@ fn score_group<E: ModelExecutor>(
             let first_predicting = window.first_scored - 1;
             if start < first_predicting {
                 let end = first_predicting.min(start + tokens_left);
-                batch.push_sequence(
+                batch.push_sequence_groups(
                     &window.input[start..end],
                     start,
                     &tables[w],
@@ -148,6 +150,17 @@ fn score_group<E: ModelExecutor>(
     }
     scores.extend(per_window.into_iter().flatten());
     Ok(())
+}
+
+/// The block tables (one per KV group) of the `slot`-th window read side by side: windows are
+/// short, so even a sliding-window group keeps all its blocks, each window its own.
+pub(super) fn window_tables(slot: usize, kv_groups: usize, blocks: usize) -> Vec<Vec<u32>> {
+    (0..kv_groups)
+        .map(|g| {
+            let first = (slot * kv_groups + g) * blocks;
+            (first as u32..(first + blocks) as u32).collect()
+        })
+        .collect()
 }
 
 /// `-log_softmax(logits)[target]`, in f64 so that a 262k-entry sum loses nothing, and the

@@ -139,10 +139,12 @@ fn warmup_batch(tokens: usize, block_size: usize) -> StepBatch {
             num_new_tokens: tokens,
             context_len: tokens,
             block_table: (0..blocks as u32).collect(),
+            group_block_tables: Vec::new(),
             sample: true,
             logits_for_every_token: false,
         }],
         block_copies: Vec::new(),
+        group_slot_mappings: Vec::new(),
     }
 }
 
@@ -167,6 +169,7 @@ impl ModelExecutor for CudaRunner {
             self.model.config.vocab_size,
             self.model.max_positions(),
             self.cache.geometry(),
+            &[None],
         )?;
         self.cache.copy_blocks(&batch.block_copies)?;
         Ok(Logits {

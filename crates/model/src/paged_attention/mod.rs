@@ -93,6 +93,8 @@ pub struct PagedAttention<'a> {
     pub kv: &'a LayerKv,
     pub layout: &'a KvLayout,
     pub batch: &'a StepBatch,
+    /// The layer's KV group: whose block tables hold its blocks.
+    pub group: usize,
     pub plan: &'a AttentionPlan,
     pub num_heads: usize,
     pub scale: f32,
@@ -302,7 +304,7 @@ impl PagedAttention<'_> {
         let layout = self.layout;
         let head_dim = layout.head_dim;
         let group = self.num_heads / layout.num_kv_heads;
-        let block_table = &self.batch.sequences[tile.sequence as usize].block_table;
+        let block_table = self.batch.sequences[tile.sequence as usize].table(self.group);
         let first_token = tile.first_row as usize;
         // Positions grow along the tile, so its last token sees the most keys.
         let last_token = first_token + tile.num_rows as usize - 1;
@@ -396,7 +398,7 @@ mod tests {
                 let slots: Vec<u32> = (0..context_max)
                     .map(|p| table[p / block_size] * block_size as u32 + (p % block_size) as u32)
                     .collect();
-                cache.layers[0].write(&layout, &k, &v, &slots);
+                cache.pools[0].write(&layout, &k, &v, &slots);
                 // What the cache holds, widened: q8 rows (one per token and KV head) come back
                 // as their i8 codes times the row's absmax / 127.
                 let cached = |x: &[f32]| -> Vec<f64> {
@@ -468,7 +470,7 @@ mod tests {
                             let mut out = vec![0.0; rows * head_dim];
                             attend_group(
                                 kernel,
-                                &cache.layers[0],
+                                &cache.pools[0],
                                 &group,
                                 &mut scores,
                                 &mut Vec::new(),

@@ -86,6 +86,10 @@ impl<E: ModelExecutor> ModelExecutor for PanicOnTrigger<E> {
         self.inner.cache_geometry()
     }
 
+    fn kv_group_windows(&self) -> Vec<Option<usize>> {
+        self.inner.kv_group_windows()
+    }
+
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
