@@ -8,8 +8,10 @@
 //! message fit for the client.
 
 use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::constraint::ConstraintFactory;
 use crate::sampling::{SamplingParams, MAX_LOGPROBS};
 
 /// Identifies a request; handed out by the engine or its handle.
@@ -31,6 +33,8 @@ pub struct Request {
     /// Independent samples of the same prompt.
     pub n: usize,
     pub priority: i32,
+    /// A grammar the output must follow (structured outputs); each sample walks its own copy.
+    pub constraint: Option<Arc<dyn ConstraintFactory>>,
 }
 
 impl Request {
@@ -45,6 +49,7 @@ impl Request {
             ignore_eos: false,
             n: 1,
             priority: 0,
+            constraint: None,
         }
     }
 }
