@@ -385,12 +385,20 @@ impl<E: ModelExecutor> Engine<E> {
             let Some(sample) = self.samples.get(&s.id) else {
                 continue;
             };
+            // Before this step runs, what a new sequence has computed is its prefix-cache hit.
+            let cached_tokens = self
+                .scheduler
+                .get(s.id)
+                .map_or(0, |seq| seq.num_computed_tokens);
             if let Some(request) = self.requests.get_mut(&sample.request) {
                 if !request.scheduled {
                     request.scheduled = true;
                     // A closed sink is noticed (and the request aborted) before the next step;
                     // aborting now would pull a sequence out of the batch being run.
-                    request.sink.send(RequestEvent::Scheduled { at: now });
+                    request.sink.send(RequestEvent::Scheduled {
+                        at: now,
+                        cached_tokens,
+                    });
                 }
             }
         }

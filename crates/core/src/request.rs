@@ -96,7 +96,12 @@ pub enum RequestEvent {
     /// The scheduler picked the request for the first time, at `at`: its time in the queue is
     /// over. Sent once per request (not per sample, nor again after a preemption), before its
     /// first token.
-    Scheduled { at: Instant },
+    Scheduled {
+        at: Instant,
+        /// Prompt tokens found in the prefix cache, not computed again (OpenAI's
+        /// `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: usize,
+    },
     Token {
         index: usize,
         token: u32,

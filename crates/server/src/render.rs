@@ -138,7 +138,11 @@ impl ResponseRenderer {
             .map(|(i, c)| self.finished_choice(i, c))
             .collect();
         let mut body = self.response_object(false, rendered);
-        body["usage"] = usage(prompt_tokens, choices.completion_tokens());
+        body["usage"] = usage(
+            prompt_tokens,
+            choices.completion_tokens(),
+            choices.cached_tokens(),
+        );
         body
     }
 
@@ -152,9 +156,13 @@ impl ResponseRenderer {
     }
 
     /// The last chunk of a stream with `include_usage`: no choices, the token counts.
-    pub fn usage_chunk(&self, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    pub fn usage_chunk(&self, prompt_tokens: usize, choices: &Choices) -> Value {
         let mut last = self.response_object(true, Vec::new());
-        last["usage"] = usage(prompt_tokens, completion_tokens);
+        last["usage"] = usage(
+            prompt_tokens,
+            choices.completion_tokens(),
+            choices.cached_tokens(),
+        );
         last
     }
 
@@ -363,11 +371,12 @@ fn completion_logprobs(
     })
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 

@@ -86,8 +86,7 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
         if generation.choices().all_finished() {
             generation.finished();
             if renderer.include_usage() {
-                let completion_tokens = generation.choices().completion_tokens();
-                yield sse_event(&renderer.usage_chunk(generation.prompt_tokens(), completion_tokens));
+                yield sse_event(&renderer.usage_chunk(generation.prompt_tokens(), generation.choices()));
             }
         }
         yield Ok(Event::default().data("[DONE]"));
