@@ -214,7 +214,10 @@ mod tests {
     fn text_printer_prints_the_text_and_counts_eos_out() {
         let mut printer = TextPrinter::new(Vec::new(), vec![2]);
         printer
-            .print(RequestEvent::Scheduled { at: Instant::now() })
+            .print(RequestEvent::Scheduled {
+                at: Instant::now(),
+                cached_tokens: 0,
+            })
             .unwrap();
         assert_eq!(printer.first_token_at, None);
         for event in [

@@ -10,7 +10,7 @@ use clap::Args;
 use minserve_core::engine_thread::EngineHandle;
 use minserve_core::EngineConfig;
 use minserve_model::{CacheOptions, DeviceOptions, LoadedModel};
-use minserve_server::{AppState, ServedModel, ServerOptions};
+use minserve_server::{AppState, ServedModel, ServerOptions, ToolCallFormat};
 
 use crate::engine_args::{build_engine, EngineArgs};
 
@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// CORS headers are sent.
     #[arg(long, value_delimiter = ',', value_parser = parse_origin)]
     allowed_origins: Vec<String>,
+    /// How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`) or
+    /// `llama3_json`. Default: read from the chat template (docs/tool-calling.md).
+    #[arg(long, value_parser = parse_tool_call_parser)]
+    tool_call_parser: Option<ToolCallFormat>,
     /// When the engine thread fails, load the model again and carry on (the failure is
     /// counted in minserve_engine_restarts_total) instead of draining and exiting non-zero.
     /// A --trace-file starts over with the new engine.
@@ -125,6 +129,15 @@ fn parse_memory(text: &str) -> Result<usize, String> {
     Ok(bytes as usize)
 }
 
+fn parse_tool_call_parser(name: &str) -> Result<ToolCallFormat, String> {
+    ToolCallFormat::from_name(name).ok_or_else(|| {
+        format!(
+            "unknown tool call parser {name:?}; one of: {}",
+            ToolCallFormat::NAMES.join(", ")
+        )
+    })
+}
+
 /// A web origin as browsers send it in `Origin` (`scheme://host[:port]`, no path), or `*`.
 fn parse_origin(text: &str) -> Result<String, String> {
     let origin = text.trim();
@@ -158,11 +171,11 @@ fn start_engine(
     if let Some(trace) = trace {
         engine.set_trace(trace);
     }
-    Ok(ServedModel {
-        engine: EngineHandle::spawn(engine).context("starting the engine thread")?,
+    Ok(ServedModel::new(
+        EngineHandle::spawn(engine).context("starting the engine thread")?,
         tokenizer,
-        max_num_seqs: config.scheduler.max_num_seqs,
-    })
+        config.scheduler.max_num_seqs,
+    ))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -185,6 +198,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         allowed_origins: args.allowed_origins.clone(),
+        tool_call_parser: args.tool_call_parser,
         ..ServerOptions::default()
     };
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))

@@ -50,11 +50,11 @@ impl Server {
         let eos = tokenizer.eos_token_ids().to_vec();
         let runner = Runner::new(loaded.model, cache, DeviceOptions::default()).unwrap();
         let engine = Engine::new(runner, config, tokenizer.clone(), eos);
-        state.set_model(ServedModel {
-            engine: EngineHandle::spawn(engine).unwrap(),
+        state.set_model(ServedModel::new(
+            EngineHandle::spawn(engine).unwrap(),
             tokenizer,
-            max_num_seqs: config.scheduler.max_num_seqs,
-        });
+            config.scheduler.max_num_seqs,
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();

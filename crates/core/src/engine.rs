@@ -28,9 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::block_manager::BlockManager;
+use crate::constraint::{ConstrainedSample, TokenMask};
 use crate::detokenize::TokenDecoder;
 use crate::executor::{Logits, ModelExecutor};
 use crate::output::{OutputStage, SampleOutput, TokenOutput};
+use crate::request::FinishReason;
 use crate::request::{
     EngineLimits, EventSink, Request, RequestError, RequestEvent, RequestId, ValidatedRequest,
 };
@@ -70,6 +72,11 @@ pub struct EngineStats {
     pub decode_steps: u64,
     pub decode_step_tokens: u64,
     pub decode_step_seconds: f64,
+    /// Structured outputs: time spent computing grammar masks (mostly on a thread of its own,
+    /// during the forward pass), and the part of it the step waited for (the masks not ready
+    /// when the forward pass was, or computed inline).
+    pub grammar_mask_seconds: f64,
+    pub grammar_wait_seconds: f64,
 }
 
 /// One sample of a request, as far as sampling and the output stage need it; its tokens and
@@ -80,6 +87,8 @@ struct Sample {
     index: usize,
     rng: Rng,
     output: SampleOutput,
+    /// The sample's walk through its request's grammar, if it has one.
+    constrained: Option<ConstrainedSample>,
 }
 
 /// Per-request state shared by its `n` samples.
@@ -233,6 +242,9 @@ impl<E: ModelExecutor> Engine<E> {
                     // so that results never depend on what else shares the batch.
                     rng: Rng::new(base_seed.wrapping_add(index as u64 * 0x9E37_79B9)),
                     output: new_output.clone(),
+                    constrained: request.constraint.as_ref().map(|grammar| {
+                        ConstrainedSample::new(grammar.start(), self.limits.vocab_size)
+                    }),
                 },
             );
         }
@@ -270,7 +282,7 @@ impl<E: ModelExecutor> Engine<E> {
         }
         self.report_first_scheduled(&step);
         let started = Instant::now();
-        match self.executor.execute(&step.batch) {
+        match self.execute_preparing_masks(&step) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
                 let mut sampling: Vec<SeqId> = step
@@ -304,6 +316,50 @@ impl<E: ModelExecutor> Engine<E> {
         true
     }
 
+    /// Runs the forward pass of `step` and, meanwhile, on a thread of its own, computes the
+    /// token masks of the constrained samples that draw a token this step: a grammar's mask
+    /// costs CPU time but needs only the tokens drawn so far, so it is off the critical path.
+    /// Steps without a constrained sample spawn nothing.
+    fn execute_preparing_masks(&mut self, step: &ScheduledStep) -> Result<Logits, E::Error> {
+        let mut pending: Vec<(SeqId, ConstrainedSample)> = step
+            .seqs
+            .iter()
+            .filter(|s| s.samples)
+            .filter_map(|s| {
+                let sample = self.samples.get_mut(&s.id)?;
+                Some((s.id, sample.constrained.take()?))
+            })
+            .collect();
+        if pending.is_empty() {
+            return self.executor.execute(&step.batch);
+        }
+        let executor = &mut self.executor;
+        let (result, pending, busy, waited) = std::thread::scope(|scope| {
+            let masks = scope.spawn(move || {
+                let started = Instant::now();
+                for (_, sample) in &mut pending {
+                    // A failure is met again, and reported, when the row is sampled.
+                    let _ = sample.prepare_mask();
+                }
+                (pending, started.elapsed())
+            });
+            let result = executor.execute(&step.batch);
+            let executed = Instant::now();
+            let (pending, busy) = masks
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (result, pending, busy, executed.elapsed())
+        });
+        self.stats.grammar_mask_seconds += busy.as_secs_f64();
+        self.stats.grammar_wait_seconds += waited.as_secs_f64();
+        for (id, constrained) in pending {
+            if let Some(sample) = self.samples.get_mut(&id) {
+                sample.constrained = Some(constrained);
+            }
+        }
+        result
+    }
+
     /// Gives each sample forked this step a copy of its parent's logits row (rows are
     /// processed in place while sampling): a fork's first token is drawn from the same logits
     /// as its parent's, with its own generator, as if it had computed the prompt itself.
@@ -333,12 +389,20 @@ impl<E: ModelExecutor> Engine<E> {
             let Some(sample) = self.samples.get(&s.id) else {
                 continue;
             };
+            // Before this step runs, what a new sequence has computed is its prefix-cache hit.
+            let cached_tokens = self
+                .scheduler
+                .get(s.id)
+                .map_or(0, |seq| seq.num_computed_tokens);
             if let Some(request) = self.requests.get_mut(&sample.request) {
                 if !request.scheduled {
                     request.scheduled = true;
                     // A closed sink is noticed (and the request aborted) before the next step;
                     // aborting now would pull a sequence out of the batch being run.
-                    request.sink.send(RequestEvent::Scheduled { at: now });
+                    request.sink.send(RequestEvent::Scheduled {
+                        at: now,
+                        cached_tokens,
+                    });
                 }
             }
         }
@@ -369,7 +433,10 @@ impl<E: ModelExecutor> Engine<E> {
             output: &'a [u32],
             /// Token ids banned for this step: EOS and stop ids until `min_tokens` are out.
             banned: Vec<u32>,
+            /// The tokens its grammar allows, if it has one.
+            mask: Option<&'a TokenMask>,
         }
+        self.prepare_missing_masks(ids);
         /// What drawing one row writes: its logits (processed in place), the sequence's
         /// generator (advanced), the token.
         struct Draw<'a> {
@@ -394,6 +461,7 @@ impl<E: ModelExecutor> Engine<E> {
                     prompt: &seq.tokens[..seq.num_prompt_tokens],
                     output,
                     banned,
+                    mask: sample.constrained.as_ref().map(|c| &c.mask),
                 })
             })
             .collect();
@@ -413,6 +481,9 @@ impl<E: ModelExecutor> Engine<E> {
             let Some(job) = &jobs[i] else { return };
             let mut draw = draws[i].lock().unwrap_or_else(|e| e.into_inner());
             let Draw { row, rng, token } = &mut *draw;
+            if let Some(mask) = job.mask {
+                mask.apply(row);
+            }
             for &t in &job.banned {
                 if let Some(l) = row.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
@@ -435,6 +506,39 @@ impl<E: ModelExecutor> Engine<E> {
             .collect()
     }
 
+    /// Computes the masks the step's forward pass did not (samples forked this step, a mask
+    /// that failed); a request whose grammar fails is failed and its rows left undrawn.
+    fn prepare_missing_masks(&mut self, ids: &[SeqId]) {
+        let mut failed = Vec::new();
+        let started = Instant::now();
+        for id in ids {
+            let Some(sample) = self.samples.get_mut(id) else {
+                continue;
+            };
+            if let Some(Err(e)) = sample.constrained.as_mut().map(|c| c.prepare_mask()) {
+                failed.push((sample.request, e));
+            }
+        }
+        let inline = started.elapsed().as_secs_f64();
+        self.stats.grammar_mask_seconds += inline;
+        self.stats.grammar_wait_seconds += inline;
+        for (request, message) in failed {
+            self.fail_request(request, &format!("structured output failed: {message}"));
+        }
+    }
+
+    /// Ends `request_id` with [`RequestEvent::Failed`] and frees its blocks; the others keep
+    /// going.
+    fn fail_request(&mut self, request_id: RequestId, message: &str) {
+        if let Some(request) = self.requests.remove(&request_id) {
+            request.sink.send(RequestEvent::Failed(message.to_string()));
+            for id in request.seqs {
+                self.samples.remove(&id);
+                self.scheduler.remove(id);
+            }
+        }
+    }
+
     /// Appends the token drawn for sequence `id`, runs it through the output stage and emits
     /// what it adds: text, and the end of the sample when it finishes.
     fn emit(&mut self, id: SeqId, sampled: SampledToken) {
@@ -448,12 +552,28 @@ impl<E: ModelExecutor> Engine<E> {
         seq.tokens.push(sampled.token);
         self.stats.generation_tokens += 1;
         let num_output = seq.len() - seq.num_prompt_tokens;
-        let TokenOutput { text, finish } = self.output.push(
+        let grammar_complete = match sample.constrained.as_mut().map(|c| c.commit(sampled.token)) {
+            None => false,
+            Some(Ok(())) => sample
+                .constrained
+                .as_ref()
+                .is_some_and(|c| c.constraint.is_complete()),
+            Some(Err(e)) => {
+                let request_id = sample.request;
+                self.fail_request(request_id, &format!("structured output failed: {e}"));
+                return;
+            }
+        };
+        let TokenOutput { text, mut finish } = self.output.push(
             &mut sample.output,
             &request.request,
             sampled.token,
             num_output,
         );
+        if grammar_complete && finish != Some(FinishReason::Stop) {
+            // The output is a complete sentence of the grammar, also at `max_tokens`.
+            finish = Some(FinishReason::Stop);
+        }
         let delivered = request.sink.send(RequestEvent::Token {
             index: sample.index,
             token: sampled.token,

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod block_manager;
+pub mod constraint;
 pub mod detokenize;
 pub mod engine;
 pub mod engine_thread;

@@ -8,8 +8,10 @@
 //! message fit for the client.
 
 use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Instant;
 
+use crate::constraint::ConstraintFactory;
 use crate::sampling::{SamplingParams, MAX_LOGPROBS};
 
 /// Identifies a request; handed out by the engine or its handle.
@@ -31,6 +33,8 @@ pub struct Request {
     /// Independent samples of the same prompt.
     pub n: usize,
     pub priority: i32,
+    /// A grammar the output must follow (structured outputs); each sample walks its own copy.
+    pub constraint: Option<Arc<dyn ConstraintFactory>>,
 }
 
 impl Request {
@@ -45,6 +49,7 @@ impl Request {
             ignore_eos: false,
             n: 1,
             priority: 0,
+            constraint: None,
         }
     }
 }
@@ -91,7 +96,12 @@ pub enum RequestEvent {
     /// The scheduler picked the request for the first time, at `at`: its time in the queue is
     /// over. Sent once per request (not per sample, nor again after a preemption), before its
     /// first token.
-    Scheduled { at: Instant },
+    Scheduled {
+        at: Instant,
+        /// Prompt tokens found in the prefix cache, not computed again (OpenAI's
+        /// `usage.prompt_tokens_details.cached_tokens`).
+        cached_tokens: usize,
+    },
     Token {
         index: usize,
         token: u32,

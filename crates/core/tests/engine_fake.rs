@@ -479,7 +479,7 @@ fn scheduled_at(events: &[RequestEvent]) -> Vec<std::time::Instant> {
     events
         .iter()
         .filter_map(|ev| match ev {
-            RequestEvent::Scheduled { at } => Some(*at),
+            RequestEvent::Scheduled { at, .. } => Some(*at),
             _ => None,
         })
         .collect()

@@ -50,6 +50,8 @@ pub(crate) enum ChoiceChange {
 pub(crate) struct Choices {
     samples_per_prompt: usize,
     choices: Vec<Choice>,
+    /// Prompt tokens served from the prefix cache, over all prompts.
+    cached_tokens: usize,
 }
 
 impl Choices {
@@ -59,6 +61,7 @@ impl Choices {
             choices: (0..num_prompts * samples_per_prompt)
                 .map(|_| Choice::default())
                 .collect(),
+            cached_tokens: 0,
         }
     }
 
@@ -79,6 +82,11 @@ impl Choices {
         self.choices.iter().map(|c| c.tokens).sum()
     }
 
+    /// Prompt tokens the prefix cache held (`usage.prompt_tokens_details.cached_tokens`).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
+    }
+
     /// Tokens of the longest choice.
     pub fn longest_choice_tokens(&self) -> usize {
         self.choices.iter().map(|c| c.tokens).max().unwrap_or(0)
@@ -91,7 +99,10 @@ impl Choices {
     /// Folds one event of prompt `prompt` into its choice.
     pub fn apply(&mut self, prompt: usize, event: RequestEvent) -> ChoiceChange {
         match event {
-            RequestEvent::Scheduled { .. } => ChoiceChange::Invisible,
+            RequestEvent::Scheduled { cached_tokens, .. } => {
+                self.cached_tokens += cached_tokens;
+                ChoiceChange::Invisible
+            }
             RequestEvent::Token {
                 index,
                 token,
@@ -179,7 +190,13 @@ mod tests {
         let mut choices = Choices::new(2, 2);
         let at = Instant::now();
         assert!(matches!(
-            choices.apply(0, RequestEvent::Scheduled { at }),
+            choices.apply(
+                0,
+                RequestEvent::Scheduled {
+                    at,
+                    cached_tokens: 3
+                }
+            ),
             ChoiceChange::Invisible
         ));
         assert!(matches!(
@@ -198,6 +215,7 @@ mod tests {
         let last = choices.iter().nth(3).unwrap();
         assert_eq!((last.text.as_str(), last.tokens), ("ab", 2));
         assert_eq!(choices.completion_tokens(), 2);
+        assert_eq!(choices.cached_tokens(), 3);
         assert_eq!(choices.longest_choice_tokens(), 2);
         assert!(!choices.all_finished());
         for (prompt, index) in [(0, 0), (0, 1), (1, 0)] {

@@ -60,6 +60,11 @@ impl JsonBody {
         }
     }
 
+    /// Every field as sent, `null`s included.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// The value of `name`, unless absent or `null`.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name).filter(|v| !v.is_null())

@@ -31,6 +31,8 @@ mod choices;
 mod collect;
 mod cpu_work;
 mod error;
+mod fields;
+mod generation_api;
 mod json_body;
 mod limits;
 mod metrics;
@@ -42,9 +44,12 @@ mod render;
 mod routes;
 mod state;
 mod stream;
+mod structured;
 mod submit;
 mod supervision;
 mod telemetry;
+mod tool_format;
+mod tools;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -56,7 +61,7 @@ use axum::Router;
 
 pub use error::{ApiError, RequestFieldNames};
 pub use metrics::Metrics;
-pub use options::ServerOptions;
+pub use options::{ServerOptions, ToolCallFormat};
 pub use state::{spawn_load, AppState, ServedModel};
 
 use routes::{chat, completions, models, monitoring, openapi, tokenize};

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub use crate::tool_format::ToolCallFormat;
+
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -27,6 +29,9 @@ pub struct ServerOptions {
     /// Most events (tokens) buffered per sequence for a client that reads its stream slower
     /// than they are generated; past it the request is aborted (`client_too_slow`).
     pub max_buffered_events: usize,
+    /// How the model writes tool calls; `None` reads it from the chat template (see
+    /// `tool_format.rs`).
+    pub tool_call_parser: Option<ToolCallFormat>,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +45,7 @@ impl Default for ServerOptions {
             allowed_origins: Vec::new(),
             cpu_work_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_buffered_events: 1024,
+            tool_call_parser: None,
         }
     }
 }

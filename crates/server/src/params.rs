@@ -7,52 +7,23 @@
 //! context and the KV cache, the sampling ranges the engine accepts) is not checked here: the
 //! engine handle validates each request once (see `submit.rs`).
 
+use std::sync::Arc;
+
+use minserve_core::constraint::ConstraintFactory;
 use minserve_core::request::Request;
 use minserve_core::sampling::SamplingParams;
 use serde_json::Value;
 
 use crate::error::{ApiError, RequestFieldNames};
+use crate::fields::refuse_unsupported;
+use crate::generation_api::GenerationApi;
 use crate::json_body::{token_ids, wrong_type, JsonBody};
 use crate::limits::{
     at_most, MAX_LOGIT_BIAS_ENTRIES, MAX_SEQUENCES_PER_REQUEST, MAX_STOP_STRINGS,
     MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS,
 };
 use crate::prompt::Prompt;
-
-/// The two generation APIs; they name some parameters differently and only completions echo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GenerationApi {
-    /// `/v1/chat/completions`
-    Chat,
-    /// `/v1/completions`
-    Completion,
-}
-
-impl GenerationApi {
-    /// The route, as the request's log line names it.
-    pub fn path(self) -> &'static str {
-        match self {
-            GenerationApi::Chat => "/v1/chat/completions",
-            GenerationApi::Completion => "/v1/completions",
-        }
-    }
-
-    /// The field the prompt comes from.
-    pub fn prompt_param(self) -> &'static str {
-        match self {
-            GenerationApi::Chat => "messages",
-            GenerationApi::Completion => "prompt",
-        }
-    }
-
-    /// The field that asks for alternatives with each token's log probability.
-    pub fn logprobs_param(self) -> &'static str {
-        match self {
-            GenerationApi::Chat => "top_logprobs",
-            GenerationApi::Completion => "logprobs",
-        }
-    }
-}
+use crate::tool_format::Tool;
 
 /// How many tokens to generate, as the client asked.
 #[derive(Debug, Clone, Copy)]
@@ -96,19 +67,24 @@ pub(crate) struct GenerationParams {
     pub delivery: StreamOptions,
     /// Completions: start each choice with its prompt.
     pub echo: bool,
+    /// The grammar the output follows (`structured.rs`), set once it is compiled.
+    pub constraint: Option<Arc<dyn ConstraintFactory>>,
+    /// Chat with tools: the functions whose calls are read out of the output.
+    pub tool_calls: Option<Vec<Tool>>,
 }
 
 impl GenerationParams {
     /// Reads every generation parameter of `body`; `vocab_size` bounds the token ids in
     /// `logit_bias` and `stop_token_ids`.
     pub fn parse(body: &JsonBody, api: GenerationApi, vocab_size: usize) -> Result<Self, ApiError> {
+        refuse_unsupported(body, api)?;
         let echo = api == GenerationApi::Completion && body.bool("echo")?.unwrap_or(false);
         let max_tokens = max_tokens(body, api, echo)?;
         let n = body.int("n")?.unwrap_or(1);
         let sampling = sampling(body, api, echo, vocab_size)?;
         let stop = stop_conditions(body, max_tokens, vocab_size)?;
         let priority = priority(body)?;
-        body.str("user")?; // accepted and ignored, but must be a string
+        body.str("user")?; // no effect (see fields.rs), but OpenAI wants a string
         let delivery = stream_options(body)?;
         Ok(Self {
             api,
@@ -119,6 +95,8 @@ impl GenerationParams {
             priority,
             delivery,
             echo,
+            constraint: None,
+            tool_calls: None,
         })
     }
 
@@ -162,6 +140,7 @@ impl GenerationParams {
             ignore_eos: self.stop.ignore_eos,
             n,
             priority: self.priority,
+            constraint: self.constraint.clone(),
         }
     }
 

@@ -4,12 +4,14 @@
 //! Errors name the field the prompt came from (`prompt` or `messages`); a prompt's length is
 //! checked against the model's limits later, once, by the engine handle (see `submit.rs`).
 
-use minserve_tokenizer::{ChatMessage, Tokenizer};
-use serde_json::Value;
+use minserve_tokenizer::{ChatMessage, RenderOptions, Tokenizer};
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type, JsonBody};
 use crate::limits::{at_most, MAX_SEQUENCES_PER_REQUEST};
+use crate::tool_format::ToolCallFormat;
+use crate::tools::ToolRequest;
 
 /// A prompt as the client gave it: its tokens, and its text when it came as text.
 pub(crate) struct Prompt {
@@ -78,7 +80,76 @@ pub(crate) fn completion_prompts(
     Ok(prompts)
 }
 
-/// One entry of `messages`: a role and its content, a string or an array of text parts.
+/// The text of a message's `content`: a string, an array of text parts, or nothing.
+fn content_text(param: &str, content: Option<&Value>) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            &format!("{param}.content"),
+                            "only text content parts ({\"type\": \"text\", \"text\": ...}) \
+                                 are supported",
+                        ))
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(other) => Err(wrong_type(
+            &format!("{param}.content"),
+            "a string or an array of text parts",
+            other,
+        )),
+    }
+}
+
+/// An assistant message's `tool_calls`, with each call's `arguments` (a JSON string, as
+/// OpenAI sends them) turned into the object templates write with `tojson`.
+fn tool_calls(param: &str, calls: &Value) -> Result<Vec<Value>, ApiError> {
+    let param = format!("{param}.tool_calls");
+    let items = calls
+        .as_array()
+        .ok_or_else(|| wrong_type(&param, "an array of tool calls", calls))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, call)| {
+            let at = format!("{param}[{i}]");
+            let id = call.get("id").and_then(Value::as_str);
+            let function = call.get("function");
+            let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let (Some(id), Some(name)) = (id, name) else {
+                return Err(ApiError::invalid(
+                    &at,
+                    format!("`{at}` needs an `id` and a `function.name`"),
+                ));
+            };
+            let arguments = match function.and_then(|f| f.get("arguments")) {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(Value::String(text)) => serde_json::from_str(text).map_err(|e| {
+                    ApiError::invalid(
+                        &format!("{at}.function.arguments"),
+                        format!("`{at}.function.arguments` is not valid JSON: {e}"),
+                    )
+                })?,
+                Some(other) => other.clone(),
+            };
+            Ok(serde_json::json!({
+                "id": id, "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }))
+        })
+        .collect()
+}
+
+/// One entry of `messages`: a role, its content (a string or an array of text parts), and for
+/// tool calling an assistant's `tool_calls` or a tool's `tool_call_id`.
 fn chat_message(index: usize, message: &Value) -> Result<ChatMessage, ApiError> {
     let param = format!("messages[{index}]");
     let obj = message
@@ -94,34 +165,61 @@ fn chat_message(index: usize, message: &Value) -> Result<ChatMessage, ApiError> 
             ))
         }
     };
-    let content = match obj.get("content") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => {
-            let mut texts = Vec::new();
-            for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            &format!("{param}.content"),
-                            "only text content parts ({\"type\": \"text\", \"text\": ...}) \
-                                 are supported",
-                        ))
-                    }
-                }
-            }
-            texts.join("\n")
+    let mut message = ChatMessage::new(role, content_text(&param, obj.get("content"))?);
+    match obj.get("tool_calls").filter(|v| !v.is_null()) {
+        Some(calls) if message.role == "assistant" => {
+            message.tool_calls = Some(tool_calls(&param, calls)?)
         }
-        Some(other) => {
-            return Err(wrong_type(
-                &format!("{param}.content"),
-                "a string or an array of text parts",
-                other,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                &format!("{param}.tool_calls"),
+                "only assistant messages carry `tool_calls`",
             ))
         }
-    };
-    Ok(ChatMessage { role, content })
+        None => {}
+    }
+    if message.role == "tool" {
+        let id = obj
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("{param}.tool_call_id"),
+                    format!("`{param}.tool_call_id` is required in a tool message"),
+                )
+            })?;
+        message.tool_call_id = Some(id.to_string());
+    }
+    if let Some(name) = obj.get("name").and_then(Value::as_str) {
+        message.name = Some(name.to_string());
+    }
+    Ok(message)
+}
+
+/// Every `tool` message answers a call an earlier assistant message made; its `name` is the
+/// called function's when the client left it out.
+fn link_tool_results(messages: &mut [ChatMessage]) -> Result<(), ApiError> {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for (i, message) in messages.iter_mut().enumerate() {
+        for call in message.tool_calls.iter().flatten() {
+            let id = call["id"].as_str().unwrap_or_default().to_string();
+            let name = call["function"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            calls.push((id, name));
+        }
+        if let Some(id) = &message.tool_call_id {
+            let Some((_, name)) = calls.iter().find(|(call, _)| call == id) else {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].tool_call_id"),
+                    format!("no earlier assistant message made a tool call with id `{id}`"),
+                ));
+            };
+            message.name.get_or_insert_with(|| name.clone());
+        }
+    }
+    Ok(())
 }
 
 fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
@@ -136,49 +234,162 @@ fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
             "`messages` must not be empty",
         ));
     }
-    items
+    let mut messages = items
         .iter()
         .enumerate()
         .map(|(i, m)| chat_message(i, m))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    link_tool_results(&mut messages)?;
+    Ok(messages)
 }
 
-/// `chat_template_kwargs` (vLLM's parameter): extra variables for the chat template, such as
-/// Qwen3's `enable_thinking`.
-fn chat_template_kwargs(body: &JsonBody) -> Result<serde_json::Map<String, Value>, ApiError> {
-    match body.get("chat_template_kwargs") {
-        None | Some(Value::Null) => Ok(serde_json::Map::new()),
-        Some(Value::Object(map)) => Ok(map.clone()),
-        Some(other) => Err(wrong_type("chat_template_kwargs", "an object", other)),
+/// For a template that does not render tools: the tools described in the system message, and
+/// earlier calls and their results written into the messages' text, in `format`'s words.
+fn describe_tools_in_messages(
+    messages: &mut Vec<ChatMessage>,
+    tools: &ToolRequest,
+    format: ToolCallFormat,
+) {
+    for message in messages.iter_mut() {
+        for call in message.tool_calls.take().into_iter().flatten() {
+            let name = call["function"]["name"].as_str().unwrap_or_default();
+            let text = format.call_text(name, &call["function"]["arguments"]);
+            if !message.content.is_empty() {
+                message.content.push('\n');
+            }
+            message.content.push_str(&text);
+        }
+        if message.role == "tool" {
+            message.role = "user".to_string();
+            message.content = format!("<tool_response>\n{}\n</tool_response>", message.content);
+            message.tool_call_id = None;
+            message.name = None;
+        }
+    }
+    let description = ToolCallFormat::system_prompt(&tools.definitions);
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = format!("{}\n\n{description}", first.content);
+        }
+        _ => messages.insert(0, ChatMessage::new("system", description)),
     }
 }
 
-/// The conversation in `messages`, rendered with the model's chat template.
+/// How `messages` become the prompt text: the tools, the template's extra variables and where
+/// the prompt ends.
+pub(crate) struct ChatRendering<'a> {
+    pub tools: Option<&'a ToolRequest>,
+    pub format: ToolCallFormat,
+}
+
+/// `chat_template_kwargs` (vLLM's parameter): extra template variables, such as Qwen3's
+/// `enable_thinking`; the ones minserve sets from the request are refused.
+fn template_kwargs(body: &JsonBody) -> Result<Option<&Map<String, Value>>, ApiError> {
+    let Some(v) = body.get("chat_template_kwargs") else {
+        return Ok(None);
+    };
+    let kwargs = v
+        .as_object()
+        .ok_or_else(|| wrong_type("chat_template_kwargs", "an object", v))?;
+    for reserved in [
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+    ] {
+        if kwargs.contains_key(reserved) {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                format!(
+                    "`chat_template_kwargs` may not set `{reserved}`: minserve sets it from the \
+                     request"
+                ),
+            ));
+        }
+    }
+    Ok(Some(kwargs))
+}
+
+/// The conversation in `messages`, rendered with the model's chat template. By default the
+/// prompt opens the assistant's turn (`add_generation_prompt`); with
+/// `continue_final_message` it ends inside the last (assistant) message instead, for the
+/// model to continue it, as Hugging Face's `apply_chat_template` does.
 pub(crate) fn render_chat(
     body: &JsonBody,
     tokenizer: &Tokenizer,
-    add_generation_prompt: bool,
+    default_generation_prompt: bool,
+    rendering: &ChatRendering,
 ) -> Result<String, ApiError> {
-    let messages = chat_messages(body)?;
-    let kwargs = chat_template_kwargs(body)?;
+    let mut messages = chat_messages(body)?;
     let template = tokenizer.chat_template().ok_or_else(|| {
         ApiError::bad_request(
             "This model has no chat template: send a `prompt` to /v1/completions instead.",
         )
     })?;
-    template
-        .render_with(&messages, add_generation_prompt, &kwargs)
-        .map_err(|e| {
+    let continue_final = body.bool("continue_final_message")?.unwrap_or(false);
+    let add_generation_prompt = body
+        .bool("add_generation_prompt")?
+        .unwrap_or(default_generation_prompt && !continue_final);
+    if continue_final && add_generation_prompt {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "`continue_final_message` continues the last message: it cannot be combined with \
+             `add_generation_prompt`",
+        ));
+    }
+    let final_text = messages
+        .last()
+        .map(|m| m.content.clone())
+        .unwrap_or_default();
+    if continue_final
+        && (final_text.trim().is_empty() || messages.last().is_some_and(|m| m.role != "assistant"))
+    {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "`continue_final_message` needs a last message from the assistant with text to \
+             continue",
+        ));
+    }
+    let tools = rendering.tools;
+    if let Some(tools) = tools.filter(|_| !template.renders_tools()) {
+        describe_tools_in_messages(&mut messages, tools, rendering.format);
+    }
+    let options = RenderOptions {
+        add_generation_prompt,
+        tools: tools
+            .filter(|_| template.renders_tools())
+            .map(|t| &t.definitions),
+        extra: template_kwargs(body)?,
+    };
+    let text = template.render_with(&messages, &options).map_err(|e| {
+        ApiError::invalid(
+            "messages",
+            format!("could not apply the chat template: {e}"),
+        )
+    })?;
+    if continue_final {
+        // Cut what the template writes after the last message (its end-of-turn marker).
+        let final_text = final_text.trim();
+        let end = text.rfind(final_text).ok_or_else(|| {
             ApiError::invalid(
-                "messages",
-                format!("could not apply the chat template: {e}"),
+                "continue_final_message",
+                "the chat template does not write the last message's text as it is; it cannot \
+                 be continued",
             )
-        })
+        })?;
+        return Ok(text[..end + final_text.len()].to_string());
+    }
+    Ok(text)
 }
 
 /// The conversation in `messages`, rendered and tokenized, ready for the assistant's turn.
-pub(crate) fn chat_prompt(body: &JsonBody, tokenizer: &Tokenizer) -> Result<Prompt, ApiError> {
-    let text = render_chat(body, tokenizer, true)?;
+pub(crate) fn chat_prompt(
+    body: &JsonBody,
+    tokenizer: &Tokenizer,
+    rendering: &ChatRendering,
+) -> Result<Prompt, ApiError> {
+    let text = render_chat(body, tokenizer, true, rendering)?;
     // The template writes any BOS itself.
     let tokens = tokenizer.encode(&text, false).map_err(|e| {
         ApiError::invalid("messages", format!("could not tokenize the messages: {e}"))

@@ -14,9 +14,11 @@ use minserve_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 
 use crate::choices::{Choice, Choices, TokenLogprob};
-use crate::params::{GenerationApi, GenerationParams};
+use crate::generation_api::GenerationApi;
+use crate::params::GenerationParams;
 use crate::prompt::Prompt;
 use crate::state::unix_time;
+use crate::tool_format::{CallScanner, OutputPiece, ParsedCall, Tool};
 
 /// Renders the objects of one response; shared by the streaming and the single-body paths.
 pub(crate) struct ResponseRenderer {
@@ -30,6 +32,8 @@ pub(crate) struct ResponseRenderer {
     wants_logprobs: bool,
     /// With completions' `echo`: the text each prompt's choices start with.
     echoes: Option<Vec<String>>,
+    /// Chat with tools: the functions whose calls are read out of the output.
+    tools: Option<Vec<Tool>>,
 }
 
 impl ResponseRenderer {
@@ -64,7 +68,42 @@ impl ResponseRenderer {
             wants_logprobs: params.sampling.logprobs.is_some(),
             echoes,
             tokenizer,
+            tools: params.tool_calls.clone(),
         }
+    }
+
+    /// A reader of one choice's tool calls, when the request has tools to call.
+    pub fn call_scanner(&self) -> Option<CallScanner> {
+        self.tools.as_deref().map(CallScanner::new)
+    }
+
+    /// The streamed deltas of what `scanner` settled: content, or a call (its id and name
+    /// first, then its arguments, as OpenAI streams them); `calls` counts the choice's calls.
+    pub fn piece_deltas(
+        &self,
+        choice: usize,
+        pieces: Vec<OutputPiece>,
+        calls: &mut usize,
+    ) -> Vec<Value> {
+        let mut deltas = Vec::new();
+        for piece in pieces {
+            let delta = |d: Value| json!({"index": choice, "delta": d, "logprobs": null, "finish_reason": null});
+            match piece {
+                OutputPiece::Content(text) => deltas.push(delta(json!({"content": text}))),
+                OutputPiece::Call(call) => {
+                    let index = *calls;
+                    *calls += 1;
+                    deltas.push(delta(json!({"tool_calls": [{
+                        "index": index, "id": tool_call_id(), "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }]})));
+                    deltas.push(delta(json!({"tool_calls": [{
+                        "index": index, "function": {"arguments": call.arguments},
+                    }]})));
+                }
+            }
+        }
+        deltas
     }
 
     pub fn wants_logprobs(&self) -> bool {
@@ -99,7 +138,11 @@ impl ResponseRenderer {
             .map(|(i, c)| self.finished_choice(i, c))
             .collect();
         let mut body = self.response_object(false, rendered);
-        body["usage"] = usage(prompt_tokens, choices.completion_tokens());
+        body["usage"] = usage(
+            prompt_tokens,
+            choices.completion_tokens(),
+            choices.cached_tokens(),
+        );
         body
     }
 
@@ -113,9 +156,13 @@ impl ResponseRenderer {
     }
 
     /// The last chunk of a stream with `include_usage`: no choices, the token counts.
-    pub fn usage_chunk(&self, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    pub fn usage_chunk(&self, prompt_tokens: usize, choices: &Choices) -> Value {
         let mut last = self.response_object(true, Vec::new());
-        last["usage"] = usage(prompt_tokens, completion_tokens);
+        last["usage"] = usage(
+            prompt_tokens,
+            choices.completion_tokens(),
+            choices.cached_tokens(),
+        );
         last
     }
 
@@ -168,8 +215,15 @@ impl ResponseRenderer {
         }
     }
 
-    /// The streamed end of a choice, with any text held back until then.
-    pub fn finish_delta(&self, choice: usize, text: String, reason: FinishReason) -> Value {
+    /// The streamed end of a choice, with any text held back until then; `called` when it
+    /// made tool calls (its finish reason is then `tool_calls`).
+    pub fn finish_delta(
+        &self,
+        choice: usize,
+        text: String,
+        reason: FinishReason,
+        called: bool,
+    ) -> Value {
         match self.api {
             GenerationApi::Chat => {
                 let delta = if text.is_empty() {
@@ -179,7 +233,7 @@ impl ResponseRenderer {
                 };
                 json!({
                     "index": choice, "delta": delta, "logprobs": null,
-                    "finish_reason": reason.as_str(),
+                    "finish_reason": chat_finish_reason(reason, called),
                 })
             }
             GenerationApi::Completion => json!({
@@ -193,16 +247,19 @@ impl ResponseRenderer {
     fn finished_choice(&self, choice: usize, c: &Choice) -> Value {
         let tokenizer = &self.tokenizer;
         match self.api {
-            GenerationApi::Chat => json!({
-                "index": choice,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.wants_logprobs.then(|| json!({
-                    "content": c.logprobs.iter()
-                        .map(|lp| chat_logprob_entry(tokenizer, lp))
-                        .collect::<Vec<_>>()
-                })),
-                "finish_reason": finish_reason_json(c.finish),
-            }),
+            GenerationApi::Chat => {
+                let (message, called) = self.chat_message(&c.text);
+                json!({
+                    "index": choice,
+                    "message": message,
+                    "logprobs": self.wants_logprobs.then(|| json!({
+                        "content": c.logprobs.iter()
+                            .map(|lp| chat_logprob_entry(tokenizer, lp))
+                            .collect::<Vec<_>>()
+                    })),
+                    "finish_reason": c.finish.map(|r| chat_finish_reason(r, called)),
+                })
+            }
             GenerationApi::Completion => json!({
                 "index": choice,
                 "text": self.echo(choice).unwrap_or_default().to_string() + &c.text,
@@ -212,6 +269,52 @@ impl ResponseRenderer {
             }),
         }
     }
+}
+
+impl ResponseRenderer {
+    /// A finished chat choice's message, its tool calls read out of `text` when the request
+    /// has tools; and whether it has calls.
+    fn chat_message(&self, text: &str) -> (Value, bool) {
+        let Some(mut scanner) = self.call_scanner() else {
+            return (json!({"role": "assistant", "content": text}), false);
+        };
+        let mut pieces = scanner.push(text);
+        pieces.extend(scanner.finish());
+        let mut content = String::new();
+        let mut calls: Vec<ParsedCall> = Vec::new();
+        for piece in pieces {
+            match piece {
+                OutputPiece::Content(t) => content.push_str(&t),
+                OutputPiece::Call(call) => calls.push(call),
+            }
+        }
+        if calls.is_empty() {
+            return (json!({"role": "assistant", "content": content}), false);
+        }
+        let tool_calls: Vec<Value> = calls
+            .into_iter()
+            .map(|call| {
+                json!({"id": tool_call_id(), "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}})
+            })
+            .collect();
+        let content = (!content.is_empty()).then_some(content);
+        let message = json!({"role": "assistant", "content": content, "tool_calls": tool_calls});
+        (message, true)
+    }
+}
+
+/// A chat choice's finish reason: `tool_calls` when it ended by calling tools.
+fn chat_finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called => "tool_calls",
+        other => other.as_str(),
+    }
+}
+
+/// A fresh id for a tool call, `call_` and 24 hex digits.
+fn tool_call_id() -> String {
+    format!("call_{}", &response_id("x")[2..26])
 }
 
 /// `-inf` has no JSON spelling; vLLM reports it as -9999.
@@ -268,11 +371,12 @@ fn completion_logprobs(
     })
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 

@@ -7,10 +7,11 @@
 //! tokenizer, wired up by whoever loaded the model (the CLI, or a test).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use minserve_core::engine_thread::EngineHandle;
+use minserve_grammar::GrammarCompiler;
 use minserve_tokenizer::Tokenizer;
 
 use crate::cpu_work::CpuWork;
@@ -26,9 +27,31 @@ pub struct ServedModel {
     pub tokenizer: Arc<Tokenizer>,
     /// Most sequences the engine runs at once: admission counts those beyond it as waiting.
     pub max_num_seqs: usize,
+    /// Built on the first request with a grammar (its token trie takes a moment), or why the
+    /// vocabulary cannot take grammars.
+    grammars: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 impl ServedModel {
+    pub fn new(engine: EngineHandle, tokenizer: Arc<Tokenizer>, max_num_seqs: usize) -> Self {
+        Self {
+            engine,
+            tokenizer,
+            max_num_seqs,
+            grammars: OnceLock::new(),
+        }
+    }
+
+    /// The compiler of structured-output grammars for this model's vocabulary.
+    pub(crate) fn grammars(&self) -> Result<&GrammarCompiler, &str> {
+        self.grammars
+            .get_or_init(|| {
+                GrammarCompiler::new(&self.tokenizer, self.vocab_size()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
     /// Longest prompt plus generation the model accepts.
     pub fn max_model_len(&self) -> usize {
         self.engine.limits().max_model_len

@@ -38,6 +38,9 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
             }
         }
         let mut text_offsets = vec![0usize; num_choices];
+        // With tools: each choice's output read for calls, and the calls it made.
+        let mut scanners: Vec<_> = (0..num_choices).map(|_| renderer.call_scanner()).collect();
+        let mut calls = vec![0usize; num_choices];
         while !generation.choices().all_finished() {
             let change = match generation.next_change().await {
                 Ok(change) => change,
@@ -48,15 +51,30 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
             };
             let delta = match change {
                 ChoiceChange::Invisible => continue,
+                ChoiceChange::Token { choice, text, .. } if scanners[choice].is_some() => {
+                    let pieces = scanners[choice].as_mut().expect("checked").push(&text);
+                    for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
+                        yield sse_event(&renderer.chunk(delta));
+                    }
+                    continue;
+                }
                 ChoiceChange::Token { choice, text, logprob } => renderer.token_delta(
                     choice,
                     text,
                     logprob.as_ref(),
                     &mut text_offsets[choice],
                 ),
-                ChoiceChange::Finished { choice, text, reason } => {
-                    renderer.finish_delta(choice, text, reason)
-                }
+                ChoiceChange::Finished { choice, text, reason } => match scanners[choice].as_mut() {
+                    Some(scanner) => {
+                        let mut pieces = scanner.push(&text);
+                        pieces.extend(scanner.finish());
+                        for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
+                            yield sse_event(&renderer.chunk(delta));
+                        }
+                        renderer.finish_delta(choice, String::new(), reason, calls[choice] > 0)
+                    }
+                    None => renderer.finish_delta(choice, text, reason, false),
+                },
                 ChoiceChange::Failed(message) => {
                     generation.failed();
                     yield sse_event(&ApiError::internal(message).to_json());
@@ -68,8 +86,7 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
         if generation.choices().all_finished() {
             generation.finished();
             if renderer.include_usage() {
-                let completion_tokens = generation.choices().completion_tokens();
-                yield sse_event(&renderer.usage_chunk(generation.prompt_tokens(), completion_tokens));
+                yield sse_event(&renderer.usage_chunk(generation.prompt_tokens(), generation.choices()));
             }
         }
         yield Ok(Event::default().data("[DONE]"));

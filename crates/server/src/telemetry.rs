@@ -69,7 +69,7 @@ impl RequestTelemetry {
     /// first token the time to first token.
     pub fn observe(&mut self, event: &RequestEvent) {
         match event {
-            RequestEvent::Scheduled { at } if !self.scheduled => {
+            RequestEvent::Scheduled { at, .. } if !self.scheduled => {
                 self.scheduled = true;
                 let queued = at.saturating_duration_since(self.arrival);
                 self.state.metrics.queue_time.observe(queued.as_secs_f64());

@@ -48,6 +48,7 @@ async fn chat_completions() {
     let prompt_tokens = r["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 5);
     assert_eq!(r["usage"]["total_tokens"], prompt_tokens + 4);
+    assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let greedy = content_of(&r, 0).to_string();
     assert!(!greedy.is_empty());
 
@@ -63,6 +64,14 @@ async fn chat_completions() {
         .await;
     assert_eq!(content_of(&r2, 0), greedy);
     assert_eq!(r2["usage"]["prompt_tokens"], prompt_tokens);
+    // Its prompt's full blocks come from the prefix cache.
+    let cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached > 0 && cached < prompt_tokens,
+        "{cached} of {prompt_tokens}"
+    );
 
     // n, seed (reproducible), logprobs + top_logprobs.
     let body = json!({

@@ -121,6 +121,40 @@ async fn bad_requests() {
         assert_error(status, &r, 400, Some(param));
     }
 
+    // Fields minserve does not implement or know are refused by name (docs/api-fields.md);
+    // the same fields asking for nothing are accepted.
+    for (body, param) in [
+        (chat(json!({"temprature": 0.5})), "temprature"),
+        (chat(json!({"store": true})), "store"),
+        (chat(json!({"modalities": ["text", "audio"]})), "modalities"),
+        (chat(json!({"reasoning_effort": "low"})), "reasoning_effort"),
+        (chat(json!({"functions": []})), "functions"),
+        (chat(json!({"echo": true})), "echo"),
+        (
+            chat(json!({"include_stop_str_in_output": true})),
+            "include_stop_str_in_output",
+        ),
+        (json!({"prompt": "hi", "best_of": 3}), "best_of"),
+        (json!({"prompt": "hi", "suffix": "end"}), "suffix"),
+        (json!({"prompt": "hi", "messages": []}), "messages"),
+    ] {
+        let path = match body.get("prompt") {
+            Some(_) => "/v1/completions",
+            None => "/v1/chat/completions",
+        };
+        let (status, r) = s.post(path, body).await;
+        assert_error(status, &r, 400, Some(param));
+    }
+    let asks_nothing = chat(
+        json!({"store": false, "modalities": ["text"], "service_tier": "auto",
+        "metadata": {"k": "v"}, "skip_special_tokens": true, "frequency_penalty": null}),
+    );
+    let (status, r) = s.post("/v1/chat/completions", asks_nothing).await;
+    assert_eq!(status, 200, "{r}");
+    let best_of_n = json!({"prompt": "hi", "max_tokens": 1, "n": 2, "best_of": 2});
+    let (status, r) = s.post("/v1/completions", best_of_n).await;
+    assert_eq!(status, 200, "{r}");
+
     // Beyond the context: both lengths in the message.
     let (_, models) = s.get("/v1/models").await;
     let models: Value = serde_json::from_str(&models).unwrap();

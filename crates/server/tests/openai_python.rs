@@ -44,15 +44,18 @@ fn venv_python() -> PathBuf {
     python
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_openai_python_client() {
+/// Runs `script` (in `tests/`) against a server on the default model with `max_num_seqs`;
+/// it must print `ok_line`.
+async fn run_python_script(script: &str, max_num_seqs: usize, ok_line: &str) {
     let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     let options = ServerOptions {
         api_key: Some("test-key".into()),
         ..common::options()
     };
-    let s = TestServer::start(options, scheduler(16)).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let s = TestServer::start(options, scheduler(max_num_seqs)).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
     let base = s.url("/v1");
     let output = tokio::process::Command::new(&python)
         .arg(&script)
@@ -65,7 +68,26 @@ async fn official_openai_python_client() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "openai client failed:\n{stdout}\n{stderr}"
+        "{} failed:\n{stdout}\n{stderr}",
+        script.display()
     );
-    assert!(stdout.contains("openai client OK"), "{stdout}");
+    assert!(stdout.contains(ok_line), "{stdout}");
+    println!("{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client() {
+    run_python_script("openai_client.py", 16, "openai client OK").await;
+}
+
+/// 50 of 50 seeded samples at temperature 1 follow their schema, regex or choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_structured_outputs() {
+    run_python_script("openai_structured.py", 64, "openai structured OK").await;
+}
+
+/// A tool-calling round trip, streamed and not; a named `tool_choice` always calls that tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_tool_calls() {
+    run_python_script("openai_tools.py", 32, "openai tools OK").await;
 }

@@ -21,13 +21,25 @@ use crate::error::{Result, TokenizerError};
 /// as `(in chat_template:LINE)`.
 const TEMPLATE_NAME: &str = "chat_template";
 
-/// One message of a conversation, as the OpenAI API and chat templates see it.
+/// One message of a conversation, as the OpenAI API and chat templates see it. Fields a
+/// message does not have are left out of what the template sees (templates test them with
+/// `is defined`), as Hugging Face's `apply_chat_template` passes the messages it is given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, ... (templates decide which roles they accept).
+    /// `system`, `user`, `assistant`, `tool`, ... (templates decide which roles they accept).
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant's calls: `{"id", "type": "function", "function": {"name", "arguments"}}`,
+    /// the arguments as a JSON object (templates write them with `tojson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` message: the function that answered (templates that show it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -36,8 +48,23 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
+}
+
+/// What a template is rendered with besides the messages.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions<'a> {
+    /// Append the header that opens the assistant's turn.
+    pub add_generation_prompt: bool,
+    /// The request's tools (`[{"type": "function", "function": {...}}]`), as `tools`.
+    pub tools: Option<&'a serde_json::Value>,
+    /// More variables (a request's `chat_template_kwargs`, e.g. `enable_thinking`); the
+    /// variables above and the special tokens take precedence.
+    pub extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A compiled chat template.
@@ -91,6 +118,11 @@ impl ChatTemplate {
         })
     }
 
+    /// Whether the template reads the `tools` variable (renders tool definitions itself).
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// The template text, as given to [`ChatTemplate::new`] (used when exporting it again).
     pub fn source(&self) -> &str {
         &self.source
@@ -100,30 +132,35 @@ impl ChatTemplate {
     /// header that opens the assistant's turn (e.g. `<|im_start|>assistant\n`), which is what a
     /// server wants before generating a reply.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+        let options = RenderOptions {
+            add_generation_prompt,
+            ..RenderOptions::default()
+        };
+        self.render_with(messages, &options)
     }
 
-    /// [`render`](Self::render) with extra template variables, as `transformers`'
-    /// `apply_chat_template(..., **kwargs)` and vLLM's `chat_template_kwargs` pass them: Qwen3's
-    /// template reads `enable_thinking` (false closes an empty `<think></think>` block after
-    /// the generation prompt, so the model answers without reasoning). `messages`,
-    /// `add_generation_prompt`, `bos_token` and `eos_token` cannot be overridden this way.
-    pub fn render_with(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-        extra: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<String> {
+    /// Renders `messages` with `options`: tools and extra variables, as `transformers`'
+    /// `apply_chat_template(..., tools=..., **kwargs)` and vLLM's `chat_template_kwargs` pass
+    /// them: Qwen3's template reads `enable_thinking` (false closes an empty
+    /// `<think></think>` block after the generation prompt, so the model answers without
+    /// reasoning).
+    pub fn render_with(&self, messages: &[ChatMessage], options: &RenderOptions) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|source| TokenizerError::TemplateRender { source })?;
-        let mut ctx: BTreeMap<&str, Value> = extra
-            .iter()
-            .map(|(k, v)| (k.as_str(), Value::from_serialize(v)))
-            .collect();
+        let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
+        for (key, value) in options.extra.into_iter().flatten() {
+            ctx.insert(key.as_str(), Value::from_serialize(value));
+        }
         ctx.insert("messages", Value::from_serialize(messages));
-        ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt",
+            Value::from(options.add_generation_prompt),
+        );
+        if let Some(tools) = options.tools {
+            ctx.insert("tools", Value::from_serialize(tools));
+        }
         if let Some(bos) = &self.bos_token {
             ctx.insert("bos_token", Value::from(bos.as_str()));
         }

@@ -17,7 +17,7 @@ mod hf;
 mod special_tokens;
 mod tokenizer;
 
-pub use chat_template::{ChatMessage, ChatTemplate};
+pub use chat_template::{ChatMessage, ChatTemplate, RenderOptions};
 pub use error::{Result, TokenizerError};
 pub use tokenizer::Tokenizer;
 

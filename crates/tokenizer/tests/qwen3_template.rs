@@ -4,7 +4,7 @@
 //! empty think block after the generation prompt, and earlier assistant turns lose their
 //! reasoning.
 
-use minserve_tokenizer::{ChatMessage, ChatTemplate};
+use minserve_tokenizer::{ChatMessage, ChatTemplate, RenderOptions};
 
 fn template() -> ChatTemplate {
     let source = include_str!("fixtures/qwen3_chat_template.jinja");
@@ -13,6 +13,20 @@ fn template() -> ChatTemplate {
 
 fn kwargs(json: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     json.as_object().unwrap().clone()
+}
+
+fn render(
+    t: &ChatTemplate,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let options = RenderOptions {
+        add_generation_prompt,
+        extra: Some(extra),
+        ..RenderOptions::default()
+    };
+    t.render_with(messages, &options).unwrap()
 }
 
 #[test]
@@ -25,15 +39,15 @@ fn thinking_is_on_unless_the_request_turns_it_off() {
     let head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(t.render(&messages, true).unwrap(), head);
     let on = kwargs(serde_json::json!({"enable_thinking": true}));
-    assert_eq!(t.render_with(&messages, true, &on).unwrap(), head);
+    assert_eq!(render(&t, &messages, true, &on), head);
     let off = kwargs(serde_json::json!({"enable_thinking": false}));
     assert_eq!(
-        t.render_with(&messages, true, &off).unwrap(),
+        render(&t, &messages, true, &off),
         format!("{head}<think>\n\n</think>\n\n")
     );
     // Without a generation prompt, the switch changes nothing.
     assert_eq!(
-        t.render_with(&messages, false, &off).unwrap(),
+        render(&t, &messages, false, &off),
         t.render(&messages, false).unwrap()
     );
 }

@@ -10,6 +10,8 @@ use clap::Args;
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::{EventSink, Request, RequestEvent};
 
+use minserve_grammar::{Grammar, GrammarCompiler};
+
 use crate::engine_args::{build_engine, EngineArgs};
 
 #[derive(Args)]
@@ -38,6 +40,30 @@ pub struct ThroughputArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Share of the requests (0 to 1) whose output must follow a JSON schema (a list of
+    /// records, open-ended so that every request still runs `--output-len` tokens): the cost
+    /// of structured outputs (docs/constrained-decoding.md).
+    #[arg(long, default_value_t = 0.0)]
+    json_schema_fraction: f64,
+}
+
+/// The schema of `--json-schema-fraction`: records with a name, a number and a flag, as many
+/// as the output holds (it never completes, so `--output-len` tokens are drawn under it).
+fn bench_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {"records": {"type": "array", "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 16},
+                "value": {"type": "number"},
+                "ok": {"type": "boolean"},
+            },
+            "required": ["name", "value", "ok"],
+            "additionalProperties": false,
+        }}},
+        "required": ["records"],
+    })
 }
 
 /// `a / b`, or 0 when there is nothing to divide (a run without decode-only steps).
@@ -71,9 +97,21 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let device = args
         .engine
         .device_options(&args.weights, args.engine.kv_cache_mib.is_some())?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.json_schema_fraction),
+        "--json-schema-fraction must be between 0 and 1"
+    );
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let grammar = match args.json_schema_fraction > 0.0 {
+        true => {
+            let compiler = GrammarCompiler::new(&tokenizer, vocab as usize)?;
+            Some(compiler.compile(&Grammar::JsonSchema(bench_schema()))?)
+        }
+        false => None,
+    };
     let mut engine = build_engine(
         loaded.model,
-        Arc::new(loaded.tokenizer),
+        tokenizer,
         args.engine.cache_options(),
         device,
         args.engine.engine_config(max_model_len),
@@ -98,6 +136,12 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         prompt_tokens += prompt.len();
         let mut request = Request::new(prompt, args.output_len);
         request.ignore_eos = true;
+        // Spread evenly: request i is constrained when the share so far is below the target.
+        let constrained = ((i + 1) as f64 * args.json_schema_fraction).floor()
+            > (i as f64 * args.json_schema_fraction).floor();
+        if constrained {
+            request.constraint = grammar.clone();
+        }
         request.params = SamplingParams {
             seed: Some(args.seed.wrapping_add(i as u64)),
             ..SamplingParams::default()
@@ -140,6 +184,9 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         "mean_decode_batch": mean_decode_batch,
         "decode_step_ms": decode_step_ms,
         "decode_tokens_per_s": decode_tokens_per_s,
+        "json_schema_fraction": args.json_schema_fraction,
+        "grammar_mask_s": stats.grammar_mask_seconds,
+        "grammar_wait_s": stats.grammar_wait_seconds,
     });
     if args.json {
         println!("{report}");
@@ -172,6 +219,14 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         );
         println!("peak KV usage:     {:.1}%", stats.peak_kv_usage * 100.0);
         println!("preemptions:       {}", stats.num_preemptions);
+        if grammar.is_some() {
+            println!(
+                "grammar masks:     {:.3} s computed, {:.3} s of it waited for ({:.1}% of the run)",
+                stats.grammar_mask_seconds,
+                stats.grammar_wait_seconds,
+                100.0 * stats.grammar_wait_seconds / elapsed
+            );
+        }
     }
     Ok(())
 }

@@ -12,9 +12,13 @@ use axum::response::Response;
 use super::generation::generate;
 use super::{body_size, model_request};
 use crate::error::ApiError;
-use crate::params::{GenerationApi, GenerationParams};
-use crate::prompt::chat_prompt;
-use crate::state::AppState;
+use crate::generation_api::GenerationApi;
+use crate::params::GenerationParams;
+use crate::prompt::{chat_prompt, ChatRendering};
+use crate::state::{AppState, ServedModel};
+use crate::structured::{compile, compiled_grammar};
+use crate::tool_format::ToolCallFormat;
+use crate::tools::tool_request;
 
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -26,10 +30,52 @@ pub(crate) async fn chat_completions(
         .cpu_work
         .run(body_size(&body), move || {
             let (body, model) = model_request(body, &shared)?;
-            let params = GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
-            let prompt = chat_prompt(&body, &model.tokenizer)?;
+            let mut params =
+                GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
+            let tools = tool_request(&body, &model)?;
+            let format = tool_call_format(&shared, &model);
+            params.constraint = compiled_grammar(&body, GenerationApi::Chat, &model)?;
+            if let Some(grammar) = tools.as_ref().and_then(|t| t.forced_call_grammar(format)) {
+                if params.constraint.is_some() {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "a forced tool call and a response format cannot both shape the output",
+                    ));
+                }
+                params.constraint = Some(compile(&grammar, "tool_choice", &model)?);
+            }
+            params.tool_calls = tools
+                .as_ref()
+                .filter(|t| t.parses_calls())
+                .map(|t| t.tools.clone());
+            if params.tool_calls.is_some()
+                && params.delivery.stream
+                && params.sampling.logprobs.is_some()
+            {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    "`logprobs` cannot be streamed together with tool calls (a call is sent \
+                     whole, not token by token); send it without `stream`, or without tools",
+                ));
+            }
+            let rendering = ChatRendering {
+                tools: tools.as_ref(),
+                format,
+            };
+            let prompt = chat_prompt(&body, &model.tokenizer, &rendering)?;
             Ok::<_, ApiError>((model, params, prompt))
         })
         .await??;
     generate(&state, model, params, vec![prompt], arrival).await
+}
+
+/// How the served model writes tool calls: `--tool-call-parser`, or what its chat template
+/// teaches.
+pub(super) fn tool_call_format(state: &AppState, model: &ServedModel) -> ToolCallFormat {
+    state.options.tool_call_parser.unwrap_or_else(|| {
+        model
+            .tokenizer
+            .chat_template()
+            .map_or(ToolCallFormat::Hermes, ToolCallFormat::for_template)
+    })
 }

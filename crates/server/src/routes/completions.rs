@@ -11,9 +11,11 @@ use axum::response::Response;
 use super::generation::generate;
 use super::{body_size, model_request};
 use crate::error::ApiError;
-use crate::params::{GenerationApi, GenerationParams};
+use crate::generation_api::GenerationApi;
+use crate::params::GenerationParams;
 use crate::prompt::completion_prompts;
 use crate::state::AppState;
+use crate::structured::compiled_grammar;
 
 pub(crate) async fn completions(
     State(state): State<Arc<AppState>>,
@@ -25,11 +27,9 @@ pub(crate) async fn completions(
         .cpu_work
         .run(body_size(&body), move || {
             let (body, model) = model_request(body, &shared)?;
-            let params =
+            let mut params =
                 GenerationParams::parse(&body, GenerationApi::Completion, model.vocab_size())?;
-            if body.get("suffix").is_some() {
-                return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
-            }
+            params.constraint = compiled_grammar(&body, GenerationApi::Completion, &model)?;
             let prompts = completion_prompts(&body, &model.tokenizer, model.vocab_size())?;
             Ok((model, params, prompts))
         })

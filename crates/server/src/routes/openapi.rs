@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 fn error_responses() -> Value {
     let r = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     json!({
-        "400": r("Malformed JSON, a parameter of the wrong type or out of range, a prompt too long"),
+        "400": r("Malformed JSON, a parameter of the wrong type or out of range, an unknown or unsupported field (docs/api-fields.md), a grammar that cannot be followed, a prompt too long"),
         "401": r("Missing or wrong API key (when the server has one)"),
         "404": r("Unknown model"),
         "413": r("Request body over the limit"),
@@ -55,6 +55,7 @@ pub(crate) async fn openapi() -> Json<Value> {
         "ignore_eos": {"type": "boolean"},
         "min_tokens": {"type": "integer", "minimum": 0},
         "priority": {"type": "integer", "description": "lower is served first with --scheduling-policy priority"},
+        "structured_outputs": {"type": "object", "description": "vLLM's: one of json (a schema), regex, choice, grammar (Lark), json_object; see docs/constrained-decoding.md"},
     });
     let mut chat = sampling.clone();
     chat["messages"] = json!({"type": "array", "minItems": 1, "items": {"type": "object",
@@ -66,6 +67,14 @@ pub(crate) async fn openapi() -> Json<Value> {
     chat["max_completion_tokens"] = json!({"type": "integer", "minimum": 1});
     chat["logprobs"] = json!({"type": "boolean"});
     chat["top_logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 20});
+    chat["response_format"] = json!({"type": "object", "description": "type: text, json_object or json_schema (with json_schema.schema)"});
+    chat["tools"] = json!({"type": "array", "items": {"type": "object", "properties": {"type": {"const": "function"}, "function": {"type": "object", "required": ["name"]}}}});
+    chat["tool_choice"] =
+        json!({"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]});
+    chat["parallel_tool_calls"] = json!({"type": "boolean", "default": true});
+    chat["chat_template_kwargs"] = json!({"type": "object"});
+    chat["add_generation_prompt"] = json!({"type": "boolean", "default": true});
+    chat["continue_final_message"] = json!({"type": "boolean", "default": false});
     let mut completion = sampling;
     completion["prompt"] = json!({"oneOf": [
         {"type": "string"},

@@ -8,12 +8,14 @@ use axum::extract::State;
 use axum::response::Response;
 use serde_json::{json, Value};
 
+use super::chat::tool_call_format;
 use super::{body_size, model_request};
 use crate::cpu_work::{json_response, serialize};
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type};
-use crate::prompt::render_chat;
+use crate::prompt::{render_chat, ChatRendering};
 use crate::state::AppState;
+use crate::tools::tool_request;
 
 /// `{"prompt": ..., "add_special_tokens": true}` or `{"messages": [...],
 /// "add_generation_prompt": true}` -> the token ids and their strings.
@@ -32,8 +34,12 @@ fn tokenize_body(
     let (body, model) = model_request(body, state)?;
     let tokenizer = &model.tokenizer;
     let tokens = if body.get("messages").is_some() {
-        let add_generation_prompt = body.bool("add_generation_prompt")?.unwrap_or(true);
-        let text = render_chat(&body, tokenizer, add_generation_prompt)?;
+        let tools = tool_request(&body, &model)?;
+        let rendering = ChatRendering {
+            tools: tools.as_ref(),
+            format: tool_call_format(state, &model),
+        };
+        let text = render_chat(&body, tokenizer, true, &rendering)?;
         let add_special = body.bool("add_special_tokens")?.unwrap_or(false);
         tokenizer.encode(&text, add_special)
     } else {

@@ -65,11 +65,11 @@ fn serve_wrapped<E: ModelExecutor + Send + 'static>(
     let eos = tokenizer.eos_token_ids().to_vec();
     let runner = Runner::new(loaded.model, cache, DeviceOptions::default())?;
     let engine = Engine::new(wrap(runner), config, tokenizer.clone(), eos);
-    Ok(ServedModel {
-        engine: EngineHandle::spawn(engine)?,
+    Ok(ServedModel::new(
+        EngineHandle::spawn(engine)?,
         tokenizer,
-        max_num_seqs: scheduler.max_num_seqs,
-    })
+        scheduler.max_num_seqs,
+    ))
 }
 
 /// An executor that panics in the first step after its trigger is set: the engine thread's

@@ -1,0 +1,36 @@
+//! The two generation APIs, chat and text completions: one code path, a few names apart.
+
+/// The two generation APIs; they name some parameters differently and only completions echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GenerationApi {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completion,
+}
+
+impl GenerationApi {
+    /// The route, as the request's log line names it.
+    pub fn path(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "/v1/chat/completions",
+            GenerationApi::Completion => "/v1/completions",
+        }
+    }
+
+    /// The field the prompt comes from.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "messages",
+            GenerationApi::Completion => "prompt",
+        }
+    }
+
+    /// The field that asks for alternatives with each token's log probability.
+    pub fn logprobs_param(self) -> &'static str {
+        match self {
+            GenerationApi::Chat => "top_logprobs",
+            GenerationApi::Completion => "logprobs",
+        }
+    }
+}
