@@ -40,6 +40,43 @@ pub struct ThroughputArgs {
     json: bool,
 }
 
+/// The requests of one run: `num_prompts` seeded random prompts of `prefix_len` shared and
+/// `input_len` own tokens, each generating `output_len` tokens (EOS ignored).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Shape {
+    pub num_prompts: usize,
+    pub input_len: usize,
+    pub output_len: usize,
+    pub prefix_len: usize,
+}
+
+impl Shape {
+    /// Token ids are drawn from the upper three quarters of a vocabulary of `vocab`: real
+    /// words, never special tokens. Each request samples with its own seed.
+    pub fn requests(&self, vocab: u64, seed: u64) -> Vec<Request> {
+        let mut rng = Rng::new(seed);
+        let mut random_tokens = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| (vocab / 4 + rng.next_u64() % (vocab - vocab / 4)) as u32)
+                .collect()
+        };
+        let prefix = random_tokens(self.prefix_len);
+        (0..self.num_prompts)
+            .map(|i| {
+                let mut prompt = prefix.clone();
+                prompt.extend(random_tokens(self.input_len));
+                let mut request = Request::new(prompt, self.output_len);
+                request.ignore_eos = true;
+                request.params = SamplingParams {
+                    seed: Some(seed.wrapping_add(i as u64)),
+                    ..SamplingParams::default()
+                };
+                request
+            })
+            .collect()
+    }
+}
+
 /// `a / b`, or 0 when there is nothing to divide (a run without decode-only steps).
 fn ratio_or_zero(a: f64, b: f64) -> f64 {
     if b > 0.0 {
@@ -50,7 +87,7 @@ fn ratio_or_zero(a: f64, b: f64) -> f64 {
 }
 
 /// Counts generated tokens without keeping them.
-struct CountingSink(Arc<AtomicUsize>);
+pub struct CountingSink(pub Arc<AtomicUsize>);
 
 impl EventSink for CountingSink {
     fn send(&self, event: RequestEvent) -> bool {
@@ -82,26 +119,16 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         engine.set_trace(trace);
     }
 
-    // Token ids from the upper part of the vocabulary: real words, never special tokens.
-    let mut rng = Rng::new(args.seed);
-    let mut random_tokens = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| (vocab / 4 + rng.next_u64() % (vocab - vocab / 4)) as u32)
-            .collect()
-    };
-    let prefix = random_tokens(args.prefix_len);
     let generated = Arc::new(AtomicUsize::new(0));
+    let shape = Shape {
+        num_prompts: args.num_prompts,
+        input_len: args.input_len,
+        output_len: args.output_len,
+        prefix_len: args.prefix_len,
+    };
     let mut prompt_tokens = 0;
-    for i in 0..args.num_prompts {
-        let mut prompt = prefix.clone();
-        prompt.extend(random_tokens(args.input_len));
-        prompt_tokens += prompt.len();
-        let mut request = Request::new(prompt, args.output_len);
-        request.ignore_eos = true;
-        request.params = SamplingParams {
-            seed: Some(args.seed.wrapping_add(i as u64)),
-            ..SamplingParams::default()
-        };
+    for (i, request) in shape.requests(vocab, args.seed).into_iter().enumerate() {
+        prompt_tokens += request.prompt.len();
         engine
             .submit(request, Box::new(CountingSink(generated.clone())))
             .map_err(|e| anyhow::anyhow!("request {i} rejected: {e}"))?;
@@ -122,9 +149,9 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         "input_len": args.input_len,
         "prefix_len": args.prefix_len,
         "output_len": args.output_len,
-        "max_num_seqs": args.engine.max_num_seqs,
-        "max_num_batched_tokens": args.engine.max_num_batched_tokens,
-        "prefix_caching": !args.engine.no_prefix_caching,
+        "max_num_seqs": args.engine.scheduler.max_num_seqs,
+        "max_num_batched_tokens": args.engine.scheduler.max_num_batched_tokens,
+        "prefix_caching": !args.engine.scheduler.no_prefix_caching,
         "elapsed_s": elapsed,
         "requests_per_s": args.num_prompts as f64 / elapsed,
         "output_tokens_per_s": output_tokens as f64 / elapsed,
