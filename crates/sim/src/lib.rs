@@ -9,8 +9,10 @@
 //!
 //! See docs/simulator.md.
 
+pub mod cluster;
 pub mod cost;
 pub mod engine;
 pub mod fit;
 pub mod stats;
+pub mod validation;
 pub mod workload;

@@ -26,23 +26,24 @@ pub enum LengthChoice {
 #[derive(Args, Clone, Debug)]
 pub struct ProfileArgs {
     /// A committed cost profile: default-cpu, llama-1b-h100, llama-1b-h200, llama-8b-h100,
-    /// llama-8b-h200.
-    #[arg(long, default_value = "default-cpu", conflicts_with = "cost_model")]
-    pub preset: String,
+    /// llama-8b-h200 [default: default-cpu for `engine`, llama-8b-h100 for `cluster`].
+    #[arg(long, conflicts_with = "cost_model")]
+    pub preset: Option<String>,
     /// A cost profile file, as `simulate calibrate` writes.
     #[arg(long)]
     pub cost_model: Option<PathBuf>,
 }
 
 impl ProfileArgs {
-    pub fn load(&self) -> anyhow::Result<CostProfile> {
+    /// The profile given, or the preset `default`.
+    pub fn load(&self, default: &str) -> anyhow::Result<CostProfile> {
         Ok(match &self.cost_model {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
                 CostProfile::parse(&text, &path.display().to_string())?
             }
-            None => CostProfile::preset(&self.preset)?,
+            None => CostProfile::preset(self.preset.as_deref().unwrap_or(default))?,
         })
     }
 }
@@ -100,7 +101,7 @@ pub struct SimulateEngineArgs {
 }
 
 pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
-    let profile = args.profile.load()?;
+    let profile = args.profile.load("default-cpu")?;
     let requests = match &args.trace {
         Some(path) => {
             let text = std::fs::read_to_string(path)

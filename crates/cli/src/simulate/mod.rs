@@ -3,6 +3,7 @@
 //! See docs/simulator.md.
 
 pub mod calibrate;
+pub mod cluster;
 pub mod engine;
 
 use clap::Subcommand;
@@ -13,11 +14,14 @@ pub enum SimulateCommand {
     Engine(engine::SimulateEngineArgs),
     /// Fit a cost model to steps of the real model (bench throughput shapes) and write it.
     Calibrate(calibrate::CalibrateArgs),
+    /// A day of a GPU cluster: online replicas and batch jobs under each scheduling policy.
+    Cluster(cluster::SimulateClusterArgs),
 }
 
 pub fn run(command: SimulateCommand) -> anyhow::Result<()> {
     match command {
         SimulateCommand::Engine(args) => engine::run(args),
         SimulateCommand::Calibrate(args) => calibrate::run(args),
+        SimulateCommand::Cluster(args) => cluster::run(args),
     }
 }
