@@ -676,6 +676,7 @@ impl ReplicaTrial<'_> {
             },
             cost: self.profile.cost,
             slo: Some(self.slo),
+            ingest_s: 0.0,
         }
     }
 

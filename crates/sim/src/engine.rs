@@ -137,6 +137,25 @@ pub struct SimConfig {
     pub geometry: CacheGeometry,
     pub cost: CostModel,
     pub slo: Option<Slo>,
+    /// Seconds the server's front end spends on each request, one at a time, before the
+    /// engine sees it (0 for requests handed to the engine in process, as `bench throughput`
+    /// does). Requests sent together so reach a running engine staggered, as over HTTP.
+    pub ingest_s: f64,
+}
+
+/// The server's front end: each request takes `seconds` (parsing, tokenizing) on one queue
+/// before the engine sees it.
+struct Ingest {
+    seconds: f64,
+    free_at: f64,
+}
+
+impl Ingest {
+    /// When a request sent at `sent` reaches the engine.
+    fn admit(&mut self, sent: f64) -> f64 {
+        self.free_at = self.free_at.max(sent) + self.seconds;
+        self.free_at
+    }
 }
 
 /// One request as its client saw it, in virtual seconds.
@@ -222,14 +241,19 @@ pub fn simulate(
     let mut engine = Engine::new(executor, config.engine, Arc::new(NoText), Vec::new());
     let (events_tx, events) = mpsc::channel();
     let mut timelines = vec![Timeline::default(); requests.len()];
-    let mut pending: VecDeque<(usize, f64)> = match load {
+    // Requests as the engine sees them: `(index, sent, reaches the engine)`.
+    let mut ingest = Ingest {
+        seconds: config.ingest_s,
+        free_at: 0.0,
+    };
+    let mut pending: VecDeque<(usize, f64, f64)> = match load {
         Load::Open => requests
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, r.arrival_s))
+            .map(|(i, r)| (i, r.arrival_s, ingest.admit(r.arrival_s)))
             .collect(),
         Load::Closed { concurrency } => (0..concurrency.min(requests.len()))
-            .map(|i| (i, 0.0))
+            .map(|i| (i, 0.0, ingest.admit(0.0)))
             .collect(),
     };
     let mut next_closed = pending.len();
@@ -242,7 +266,7 @@ pub fn simulate(
     let mut decode_seconds = 0.0;
     while unfinished > 0 {
         let now = engine.executor().now();
-        while let Some(&(index, at)) = pending.front() {
+        while let Some(&(index, sent, at)) = pending.front() {
             if at > now {
                 break;
             }
@@ -251,7 +275,7 @@ pub fn simulate(
             let mut request = Request::new(prompt_tokens(spec, index), spec.output_len);
             request.ignore_eos = true;
             request.params = SamplingParams::greedy();
-            timelines[index].sent = at;
+            timelines[index].sent = sent;
             let sink = SimSink {
                 index,
                 events: events_tx.clone(),
@@ -270,13 +294,13 @@ pub fn simulate(
         }
         if !engine.has_work() {
             match pending.front() {
-                Some(&(_, at)) => {
+                Some(&(_, _, at)) => {
                     engine.executor_mut().advance_to(at);
                     continue;
                 }
                 None if matches!(load, Load::Closed { .. }) && next_closed < requests.len() => {
                     // Every client's request was refused: the next ones go now.
-                    pending.push_back((next_closed, now));
+                    pending.push_back((next_closed, now, ingest.admit(now)));
                     next_closed += 1;
                     continue;
                 }
@@ -331,7 +355,7 @@ pub fn simulate(
                     t.failed |= matches!(event, SimEvent::Failed);
                     unfinished -= 1;
                     if matches!(load, Load::Closed { .. }) && next_closed < requests.len() {
-                        pending.push_back((next_closed, end));
+                        pending.push_back((next_closed, end, ingest.admit(end)));
                         next_closed += 1;
                     }
                 }
@@ -455,6 +479,7 @@ mod tests {
                 ttft_ms: 50.0,
                 tpot_ms: 20.0,
             }),
+            ingest_s: 0.0,
         }
     }
 

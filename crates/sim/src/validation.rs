@@ -41,7 +41,19 @@ pub struct Figures {
     pub output_throughput: Option<f64>,
     pub ttft_p50_ms: Option<f64>,
     pub tpot_p50_ms: Option<f64>,
+    /// What the scheduler did (`bench throughput` reports it): engine steps, decode-only
+    /// steps and their mean batch. These do not depend on the machine's speed when every
+    /// request is there from the start, so the simulator must reproduce them almost exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_steps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_decode_batch: Option<f64>,
 }
+
+/// Tolerance of the scheduler's own figures ([`Figures::steps`] and the like).
+pub const SCHEDULER_TOLERANCE: f64 = 0.01;
 
 impl Figures {
     fn of(report: &SimReport) -> Self {
@@ -49,14 +61,21 @@ impl Figures {
             output_throughput: Some(report.output_throughput),
             ttft_p50_ms: report.ttft_ms.map(|s| s.p50),
             tpot_p50_ms: report.tpot_ms.map(|s| s.p50),
+            steps: Some(report.steps as f64),
+            decode_steps: Some(report.decode_steps as f64),
+            mean_decode_batch: Some(report.mean_decode_batch),
         }
     }
 
-    fn named(&self) -> [(&'static str, Option<f64>); 3] {
+    /// Each figure with its name and whether it is one of the scheduler's own.
+    fn named(&self) -> [(&'static str, Option<f64>, bool); 6] {
         [
-            ("output_throughput", self.output_throughput),
-            ("ttft_p50_ms", self.ttft_p50_ms),
-            ("tpot_p50_ms", self.tpot_p50_ms),
+            ("output_throughput", self.output_throughput, false),
+            ("ttft_p50_ms", self.ttft_p50_ms, false),
+            ("tpot_p50_ms", self.tpot_p50_ms, false),
+            ("steps", self.steps, true),
+            ("decode_steps", self.decode_steps, true),
+            ("mean_decode_batch", self.mean_decode_batch, true),
         ]
     }
 }
@@ -82,6 +101,10 @@ pub struct Scenario {
     pub output_len: usize,
     #[serde(default)]
     pub seed: u64,
+    /// The server front end's time per request before the engine sees it
+    /// ([`SimConfig::ingest_s`]); 0 for `bench throughput`, which submits in process.
+    #[serde(default)]
+    pub ingest_ms: f64,
     /// Medians over the runs.
     pub measured: Figures,
     /// Every run's figures, in order.
@@ -139,20 +162,25 @@ pub fn compare(
             },
             cost: profile.cost,
             slo: None,
+            ingest_s: scenario.ingest_ms / 1e3,
         };
         let report = simulate(&config, &requests, load, None)?;
         let simulated = Figures::of(&report);
-        for ((figure, measured), (_, sim)) in
-            scenario.measured.named().into_iter().zip(simulated.named())
-        {
+        let pairs = scenario.measured.named().into_iter().zip(simulated.named());
+        for ((figure, measured, scheduler), (_, sim, _)) in pairs {
             let (Some(measured), Some(simulated)) = (measured, sim) else {
                 continue;
+            };
+            let default = if scheduler {
+                SCHEDULER_TOLERANCE
+            } else {
+                measurements.tolerance
             };
             let tolerance = scenario
                 .exceptions
                 .iter()
                 .find(|e| e.figure == figure)
-                .map_or(measurements.tolerance, |e| e.tolerance);
+                .map_or(default, |e| e.tolerance);
             let error = (simulated - measured) / measured;
             out.push(Comparison {
                 scenario: scenario.name.clone(),

@@ -13,14 +13,17 @@ PORT=${PORT:-18431}
 # Other work on a shared machine slows the model's threads; a higher priority helps.
 NICE=${NICE:-nice -n -15}
 mkdir -p "$OUT"
-$NICE "$BIN" serve --port "$PORT" >"$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER' EXIT
-until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 0.5; done
+# A fresh server per run: every run sends the same seeded prompts, and a server that had seen
+# them would serve them from its prefix cache (the simulation starts cold).
 serve() { # name, load flags...
   local name=$1; shift
+  $NICE "$BIN" serve --port "$PORT" >>"$OUT/serve.log" 2>&1 &
+  local server=$!
+  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 0.5; done
   $NICE "$BIN" bench serve --base-url "http://127.0.0.1:$PORT" --input-len 128 --output-len 128 \
     --ignore-eos "$@" --json "$OUT/$name-$r.json" >/dev/null
+  kill "$server"
+  wait "$server" || true
 }
 for r in $(seq 1 "$REPEATS"); do
   $NICE "$BIN" bench throughput --num-prompts 256 --input-len 128 --output-len 128 --json \

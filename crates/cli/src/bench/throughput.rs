@@ -19,17 +19,8 @@ pub struct ThroughputArgs {
     model: String,
     #[command(flatten)]
     weights: crate::model_source::WeightsArgs,
-    #[arg(long, default_value_t = 256)]
-    num_prompts: usize,
-    /// Prompt tokens per request (after the shared prefix, if any).
-    #[arg(long, default_value_t = 128)]
-    input_len: usize,
-    /// Generated tokens per request (EOS is ignored).
-    #[arg(long, default_value_t = 128)]
-    output_len: usize,
-    /// Tokens of a prefix shared by every prompt, to exercise prefix caching.
-    #[arg(long, default_value_t = 0)]
-    prefix_len: usize,
+    #[command(flatten)]
+    shape: Shape,
     #[command(flatten)]
     engine: EngineArgs,
     /// Seed of the prompts and of sampling.
@@ -41,12 +32,20 @@ pub struct ThroughputArgs {
 }
 
 /// The requests of one run: `num_prompts` seeded random prompts of `prefix_len` shared and
-/// `input_len` own tokens, each generating `output_len` tokens (EOS ignored).
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+/// `input_len` own tokens, each generating `output_len` tokens (EOS ignored). Also the
+/// request flags of `simulate engine`.
+#[derive(Args, Debug, Clone, Copy, serde::Serialize)]
 pub struct Shape {
+    #[arg(long, alias = "requests", default_value_t = 256)]
     pub num_prompts: usize,
+    /// Prompt tokens per request (after the shared prefix, if any).
+    #[arg(long, default_value_t = 128)]
     pub input_len: usize,
+    /// Generated tokens per request (EOS is ignored).
+    #[arg(long, default_value_t = 128)]
     pub output_len: usize,
+    /// Tokens of a prefix shared by every prompt, to exercise prefix caching.
+    #[arg(long, default_value_t = 0)]
     pub prefix_len: usize,
 }
 
@@ -120,12 +119,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     }
 
     let generated = Arc::new(AtomicUsize::new(0));
-    let shape = Shape {
-        num_prompts: args.num_prompts,
-        input_len: args.input_len,
-        output_len: args.output_len,
-        prefix_len: args.prefix_len,
-    };
+    let shape = args.shape;
     let mut prompt_tokens = 0;
     for (i, request) in shape.requests(vocab, args.seed).into_iter().enumerate() {
         prompt_tokens += request.prompt.len();
@@ -145,15 +139,15 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let decode_tokens_per_s =
         ratio_or_zero(stats.decode_step_tokens as f64, stats.decode_step_seconds);
     let report = serde_json::json!({
-        "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "prefix_len": args.prefix_len,
-        "output_len": args.output_len,
+        "num_prompts": shape.num_prompts,
+        "input_len": shape.input_len,
+        "prefix_len": shape.prefix_len,
+        "output_len": shape.output_len,
         "max_num_seqs": args.engine.scheduler.max_num_seqs,
         "max_num_batched_tokens": args.engine.scheduler.max_num_batched_tokens,
         "prefix_caching": !args.engine.scheduler.no_prefix_caching,
         "elapsed_s": elapsed,
-        "requests_per_s": args.num_prompts as f64 / elapsed,
+        "requests_per_s": shape.num_prompts as f64 / elapsed,
         "output_tokens_per_s": output_tokens as f64 / elapsed,
         "total_tokens_per_s": (prompt_tokens + output_tokens) as f64 / elapsed,
         "prompt_tokens": prompt_tokens,
@@ -173,7 +167,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "requests:          {} x ({} + {} prompt, {} output tokens)",
-            args.num_prompts, args.prefix_len, args.input_len, args.output_len
+            shape.num_prompts, shape.prefix_len, shape.input_len, shape.output_len
         );
         println!(
             "elapsed:           {elapsed:.2} s over {} steps",
@@ -181,7 +175,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         );
         println!(
             "requests/s:        {:.2}",
-            args.num_prompts as f64 / elapsed
+            shape.num_prompts as f64 / elapsed
         );
         println!("output tokens/s:   {:.1}", output_tokens as f64 / elapsed);
         println!(

@@ -241,20 +241,24 @@ fn robust_fit(
     Ok((fit_linear(&kept, &FEATURES)?, kept, dropped))
 }
 
+/// The CPU's name with its family and model numbers (a virtual machine may name it only
+/// by brand), and the threads available.
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
-        + &format!(
-            ", {} threads",
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        )
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".to_string());
+    let threads = std::thread::available_parallelism().map_or(0, |n| n.get());
+    match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => {
+            format!("{name} (family {family}, model {model}), {threads} threads")
+        }
+        _ => format!("{name}, {threads} threads"),
+    }
 }
 
 fn git_commit() -> String {

@@ -12,6 +12,7 @@ use minserve_sim::engine::{simulate, Load, SimConfig, SimReport};
 use minserve_sim::stats::{Slo, Summary};
 use minserve_sim::workload::{read_trace, synthesize, Arrivals, Lengths};
 
+use crate::bench::throughput::Shape;
 use crate::engine_args::SchedulerArgs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -52,21 +53,15 @@ impl ProfileArgs {
 pub struct SimulateEngineArgs {
     #[command(flatten)]
     profile: ProfileArgs,
-    /// Requests to simulate (ignored with --trace).
-    #[arg(long, default_value_t = 256)]
-    requests: usize,
-    #[arg(long, default_value_t = 128)]
-    input_len: usize,
-    #[arg(long, default_value_t = 128)]
-    output_len: usize,
-    /// Tokens of a prefix shared by every prompt (before its --input-len own ones).
-    #[arg(long, default_value_t = 0)]
-    prefix_len: usize,
+    /// `--num-prompts` (or `--requests`), `--input-len`, `--output-len`, `--prefix-len`; not
+    /// with --trace.
+    #[command(flatten)]
+    shape: Shape,
     #[arg(long, value_enum, default_value_t = LengthChoice::Fixed)]
     lengths: LengthChoice,
     /// Requests from a JSON-lines trace (`arrival_s`, `prompt_len`, `output_len`, optional
     /// `prefix_group` and `prefix_len`) instead of synthetic ones.
-    #[arg(long, conflicts_with_all = ["requests", "input_len", "output_len", "prefix_len", "lengths"])]
+    #[arg(long, conflicts_with_all = ["num_prompts", "input_len", "output_len", "prefix_len", "lengths"])]
     trace: Option<PathBuf>,
     /// Keep this many requests in flight (closed loop), like `bench serve --concurrency`.
     #[arg(long, conflicts_with = "request_rate")]
@@ -86,6 +81,11 @@ pub struct SimulateEngineArgs {
     /// Context length [default: the profile's].
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Milliseconds the server's front end spends on each request (parsing, tokenizing), one
+    /// at a time, before the engine sees it: 0 models `bench throughput` (in process); a
+    /// little more models requests over HTTP reaching a running engine one by one.
+    #[arg(long, default_value_t = 0.0)]
+    ingest_ms: f64,
     /// A service-level objective `TTFT_MS,TPOT_MS`: adds goodput.
     #[arg(long)]
     slo: Option<Slo>,
@@ -109,9 +109,10 @@ pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
             read_trace(&text).with_context(|| format!("in {}", path.display()))?
         }
         None => {
-            anyhow::ensure!(args.requests > 0, "--requests must be positive");
+            let shape = args.shape;
+            anyhow::ensure!(shape.num_prompts > 0, "--requests must be positive");
             anyhow::ensure!(
-                args.input_len > 0 && args.output_len > 0,
+                shape.input_len > 0 && shape.output_len > 0,
                 "--input-len and --output-len must be positive"
             );
             let arrivals = match args.request_rate {
@@ -137,12 +138,18 @@ pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
             };
             let lengths = match args.lengths {
                 LengthChoice::Fixed => Lengths::Fixed {
-                    input: args.input_len,
-                    output: args.output_len,
+                    input: shape.input_len,
+                    output: shape.output_len,
                 },
                 LengthChoice::Sharegpt => Lengths::ShareGptLike,
             };
-            synthesize(args.requests, arrivals, lengths, args.prefix_len, args.seed)
+            synthesize(
+                shape.num_prompts,
+                arrivals,
+                lengths,
+                shape.prefix_len,
+                args.seed,
+            )
         }
     };
     let load = match args.concurrency {
@@ -174,6 +181,7 @@ pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
         },
         cost: profile.cost,
         slo: args.slo,
+        ingest_s: args.ingest_ms.max(0.0) / 1e3,
     };
     let mut trace = args
         .step_trace
