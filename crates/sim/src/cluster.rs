@@ -339,7 +339,10 @@ pub fn simulate_cluster(
         .collect();
     // Replicas: the time each started (serving once `startup_s` has passed). The day starts
     // with the replicas its first minutes need already serving.
-    let mut replicas: Vec<f64> = vec![-online.startup_s; online.replicas_for(online.startup_s)];
+    let warm = online
+        .replicas_for(online.startup_s)
+        .min(config.gpus / online.gpus_per_replica);
+    let mut replicas: Vec<f64> = vec![-online.startup_s; warm];
     let mut ticks = Vec::new();
     let (mut busy_gpu_s, mut online_gpu_s, mut online_useful_gpu_s) = (0.0, 0.0, 0.0);
     let (mut lost_gpu_s, mut restart_gpu_s, mut held_idle_gpu_s) = (0.0, 0.0, 0.0);
