@@ -11,21 +11,56 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
-use minserve_core::{Engine, EngineConfig};
+use minserve_core::{Engine, EngineConfig, ModelExecutor};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LlamaModel, Runner};
 use minserve_tokenizer::Tokenizer;
 
 use crate::model_source::WeightsArgs;
 
-/// Engine settings shared by every command that runs the engine.
+/// The scheduler's settings: shared by every command that runs the engine, and by
+/// `simulate`, which runs the same scheduler without a model.
 #[derive(Args, Clone)]
-pub struct EngineArgs {
+pub struct SchedulerArgs {
     /// Sequences per step at most.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
     /// Tokens per step at most (prompt chunks and decode tokens together).
     #[arg(long, default_value_t = 512)]
     pub max_num_batched_tokens: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Turn automatic prefix caching off.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// `fcfs`, or `priority` (lower value first).
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    pub scheduling_policy: String,
+}
+
+impl SchedulerArgs {
+    /// The scheduler's budget and policy; `max_model_len` is the model's context length.
+    pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+                policy: match self.scheduling_policy.as_str() {
+                    "priority" => SchedulingPolicy::Priority,
+                    _ => SchedulingPolicy::Fcfs,
+                },
+            },
+            prefix_caching: !self.no_prefix_caching,
+            max_model_len,
+        }
+    }
+}
+
+/// Engine settings shared by every command that runs the engine.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
     /// KV cache size in MiB [default: 1024 on the CPU; on a GPU the cache takes what
     /// --gpu-memory-utilization leaves].
     #[arg(long)]
@@ -38,15 +73,6 @@ pub struct EngineArgs {
     /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
-    /// Tokens per KV cache block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// Turn automatic prefix caching off.
-    #[arg(long)]
-    pub no_prefix_caching: bool,
-    /// `fcfs`, or `priority` (lower value first).
-    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
-    pub scheduling_policy: String,
     /// Write one JSON line per engine step to this file.
     #[arg(long)]
     pub trace_file: Option<PathBuf>,
@@ -57,7 +83,7 @@ impl EngineArgs {
     /// [`device_options`](Self::device_options) lets the runner size it instead).
     pub fn cache_options(&self) -> CacheOptions {
         CacheOptions {
-            block_size: self.block_size,
+            block_size: self.scheduler.block_size,
             memory_bytes: self.kv_cache_mib.unwrap_or(1024) << 20,
             dtype: self.kv_cache_dtype,
         }
@@ -73,24 +99,13 @@ impl EngineArgs {
             device: weights.device()?,
             dtype: weights.dtype,
             gpu_memory_utilization: (!sized).then_some(self.gpu_memory_utilization),
-            max_step_tokens: self.max_num_batched_tokens,
+            max_step_tokens: self.scheduler.max_num_batched_tokens,
         })
     }
 
     /// The scheduler's budget and policy; `max_model_len` is the model's context length.
     pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
-        EngineConfig {
-            scheduler: SchedulerConfig {
-                max_num_batched_tokens: self.max_num_batched_tokens,
-                max_num_seqs: self.max_num_seqs,
-                policy: match self.scheduling_policy.as_str() {
-                    "priority" => SchedulingPolicy::Priority,
-                    _ => SchedulingPolicy::Fcfs,
-                },
-            },
-            prefix_caching: !self.no_prefix_caching,
-            max_model_len,
-        }
+        self.scheduler.engine_config(max_model_len)
     }
 
     /// The --trace-file to hand to [`Engine::set_trace`], created (truncated) now, if one was
@@ -115,7 +130,20 @@ pub fn build_engine(
     device: DeviceOptions,
     config: EngineConfig,
 ) -> anyhow::Result<Engine<Runner>> {
+    build_engine_with(model, tokenizer, cache, device, config, |runner| runner)
+}
+
+/// [`build_engine`] with the runner wrapped by `wrap` (`simulate calibrate` watches each
+/// batch it runs).
+pub fn build_engine_with<E: ModelExecutor>(
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    cache: CacheOptions,
+    device: DeviceOptions,
+    config: EngineConfig,
+    wrap: impl FnOnce(Runner) -> E,
+) -> anyhow::Result<Engine<E>> {
     let eos = tokenizer.eos_token_ids().to_vec();
     let runner = Runner::new(model, cache, device)?;
-    Ok(Engine::new(runner, config, tokenizer, eos))
+    Ok(Engine::new(wrap(runner), config, tokenizer, eos))
 }

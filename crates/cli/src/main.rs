@@ -8,6 +8,7 @@ mod fetch;
 mod generate;
 mod model_source;
 mod serve;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,9 @@ enum Command {
     Export(export::ExportArgs),
     /// Serve the OpenAI-compatible HTTP API (chat and text completions, streaming, metrics).
     Serve(serve::ServeArgs),
+    /// The real scheduler without weights: step times from a cost model, on a virtual clock.
+    #[command(subcommand)]
+    Simulate(simulate::SimulateCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(command) => eval::run(command),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Simulate(command) => simulate::run(command),
     }
 }

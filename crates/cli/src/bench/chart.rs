@@ -1,6 +1,7 @@
-//! The sweep chart: output throughput against TPOT p50 (what each client feels while tokens
-//! stream) and against TTFT p99 (how long the unluckiest wait to start), one point per
-//! concurrency level. Drawn once as SVG and once as PNG, from the same code.
+//! Charts, drawn once as SVG and once as PNG from the same code ([`Figure`], [`render`]): the
+//! sweep chart here (output throughput against TPOT p50, what each client feels while tokens
+//! stream, and against TTFT p99, how long the unluckiest wait to start; one point per
+//! concurrency level), and `simulate cluster`'s day.
 
 use std::path::Path;
 use std::sync::Once;
@@ -38,7 +39,15 @@ impl ChartPoint {
     }
 }
 
-pub fn draw(title: &str, points: &[ChartPoint], svg: &Path, png: &Path) -> anyhow::Result<()> {
+/// Something drawn on any plotters backend.
+pub trait Figure {
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static;
+}
+
+/// Draws `figure` into `svg` and `png` (1200 x 520).
+pub fn render(figure: &impl Figure, svg: &Path, png: &Path) -> anyhow::Result<()> {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
         if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
@@ -48,12 +57,16 @@ pub fn draw(title: &str, points: &[ChartPoint], svg: &Path, png: &Path) -> anyho
 
     {
         let root = SVGBackend::new(svg, SIZE).into_drawing_area();
-        draw_on(&root, title, points).with_context(|| format!("drawing {}", svg.display()))?;
+        figure
+            .draw_on(&root)
+            .with_context(|| format!("drawing {}", svg.display()))?;
     }
     let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
-        draw_on(&root, title, points).with_context(|| format!("drawing {}", png.display()))?;
+        figure
+            .draw_on(&root)
+            .with_context(|| format!("drawing {}", png.display()))?;
     }
     let file = std::fs::File::create(png).with_context(|| format!("creating {}", png.display()))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), SIZE.0, SIZE.1);
@@ -63,6 +76,24 @@ pub fn draw(title: &str, points: &[ChartPoint], svg: &Path, png: &Path) -> anyho
         .write_header()
         .and_then(|mut writer| writer.write_image_data(&rgb))
         .with_context(|| format!("writing {}", png.display()))
+}
+
+struct SweepChart<'a> {
+    title: &'a str,
+    points: &'a [ChartPoint],
+}
+
+impl Figure for SweepChart<'_> {
+    fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        draw_on(root, self.title, self.points)
+    }
+}
+
+pub fn draw(title: &str, points: &[ChartPoint], svg: &Path, png: &Path) -> anyhow::Result<()> {
+    render(&SweepChart { title, points }, svg, png)
 }
 
 /// A panel's x axis: its label and what it plots.

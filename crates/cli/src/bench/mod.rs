@@ -5,7 +5,7 @@
 
 pub mod chart;
 pub mod serve;
-pub mod stats;
+pub use minserve_sim::stats;
 pub mod sweep;
 pub mod throughput;
 

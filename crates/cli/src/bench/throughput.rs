@@ -21,17 +21,8 @@ pub struct ThroughputArgs {
     model: String,
     #[command(flatten)]
     weights: crate::model_source::WeightsArgs,
-    #[arg(long, default_value_t = 256)]
-    num_prompts: usize,
-    /// Prompt tokens per request (after the shared prefix, if any).
-    #[arg(long, default_value_t = 128)]
-    input_len: usize,
-    /// Generated tokens per request (EOS is ignored).
-    #[arg(long, default_value_t = 128)]
-    output_len: usize,
-    /// Tokens of a prefix shared by every prompt, to exercise prefix caching.
-    #[arg(long, default_value_t = 0)]
-    prefix_len: usize,
+    #[command(flatten)]
+    shape: Shape,
     #[command(flatten)]
     engine: EngineArgs,
     /// Seed of the prompts and of sampling.
@@ -66,6 +57,51 @@ fn bench_schema() -> serde_json::Value {
     })
 }
 
+/// The requests of one run: `num_prompts` seeded random prompts of `prefix_len` shared and
+/// `input_len` own tokens, each generating `output_len` tokens (EOS ignored). Also the
+/// request flags of `simulate engine`.
+#[derive(Args, Debug, Clone, Copy, serde::Serialize)]
+pub struct Shape {
+    #[arg(long, alias = "requests", default_value_t = 256)]
+    pub num_prompts: usize,
+    /// Prompt tokens per request (after the shared prefix, if any).
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    /// Generated tokens per request (EOS is ignored).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Tokens of a prefix shared by every prompt, to exercise prefix caching.
+    #[arg(long, default_value_t = 0)]
+    pub prefix_len: usize,
+}
+
+impl Shape {
+    /// Token ids are drawn from the upper three quarters of a vocabulary of `vocab`: real
+    /// words, never special tokens. Each request samples with its own seed.
+    pub fn requests(&self, vocab: u64, seed: u64) -> Vec<Request> {
+        let mut rng = Rng::new(seed);
+        let mut random_tokens = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| (vocab / 4 + rng.next_u64() % (vocab - vocab / 4)) as u32)
+                .collect()
+        };
+        let prefix = random_tokens(self.prefix_len);
+        (0..self.num_prompts)
+            .map(|i| {
+                let mut prompt = prefix.clone();
+                prompt.extend(random_tokens(self.input_len));
+                let mut request = Request::new(prompt, self.output_len);
+                request.ignore_eos = true;
+                request.params = SamplingParams {
+                    seed: Some(seed.wrapping_add(i as u64)),
+                    ..SamplingParams::default()
+                };
+                request
+            })
+            .collect()
+    }
+}
+
 /// `a / b`, or 0 when there is nothing to divide (a run without decode-only steps).
 fn ratio_or_zero(a: f64, b: f64) -> f64 {
     if b > 0.0 {
@@ -76,7 +112,7 @@ fn ratio_or_zero(a: f64, b: f64) -> f64 {
 }
 
 /// Counts generated tokens without keeping them.
-struct CountingSink(Arc<AtomicUsize>);
+pub struct CountingSink(pub Arc<AtomicUsize>);
 
 impl EventSink for CountingSink {
     fn send(&self, event: RequestEvent) -> bool {
@@ -120,32 +156,17 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         engine.set_trace(trace);
     }
 
-    // Token ids from the upper part of the vocabulary: real words, never special tokens.
-    let mut rng = Rng::new(args.seed);
-    let mut random_tokens = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| (vocab / 4 + rng.next_u64() % (vocab - vocab / 4)) as u32)
-            .collect()
-    };
-    let prefix = random_tokens(args.prefix_len);
     let generated = Arc::new(AtomicUsize::new(0));
+    let shape = args.shape;
     let mut prompt_tokens = 0;
-    for i in 0..args.num_prompts {
-        let mut prompt = prefix.clone();
-        prompt.extend(random_tokens(args.input_len));
-        prompt_tokens += prompt.len();
-        let mut request = Request::new(prompt, args.output_len);
-        request.ignore_eos = true;
+    for (i, mut request) in shape.requests(vocab, args.seed).into_iter().enumerate() {
+        prompt_tokens += request.prompt.len();
         // Spread evenly: request i is constrained when the share so far is below the target.
         let constrained = ((i + 1) as f64 * args.json_schema_fraction).floor()
             > (i as f64 * args.json_schema_fraction).floor();
         if constrained {
             request.constraint = grammar.clone();
         }
-        request.params = SamplingParams {
-            seed: Some(args.seed.wrapping_add(i as u64)),
-            ..SamplingParams::default()
-        };
         engine
             .submit(request, Box::new(CountingSink(generated.clone())))
             .map_err(|e| anyhow::anyhow!("request {i} rejected: {e}"))?;
@@ -162,15 +183,15 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let decode_tokens_per_s =
         ratio_or_zero(stats.decode_step_tokens as f64, stats.decode_step_seconds);
     let report = serde_json::json!({
-        "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "prefix_len": args.prefix_len,
-        "output_len": args.output_len,
-        "max_num_seqs": args.engine.max_num_seqs,
-        "max_num_batched_tokens": args.engine.max_num_batched_tokens,
-        "prefix_caching": !args.engine.no_prefix_caching,
+        "num_prompts": shape.num_prompts,
+        "input_len": shape.input_len,
+        "prefix_len": shape.prefix_len,
+        "output_len": shape.output_len,
+        "max_num_seqs": args.engine.scheduler.max_num_seqs,
+        "max_num_batched_tokens": args.engine.scheduler.max_num_batched_tokens,
+        "prefix_caching": !args.engine.scheduler.no_prefix_caching,
         "elapsed_s": elapsed,
-        "requests_per_s": args.num_prompts as f64 / elapsed,
+        "requests_per_s": shape.num_prompts as f64 / elapsed,
         "output_tokens_per_s": output_tokens as f64 / elapsed,
         "total_tokens_per_s": (prompt_tokens + output_tokens) as f64 / elapsed,
         "prompt_tokens": prompt_tokens,
@@ -193,7 +214,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "requests:          {} x ({} + {} prompt, {} output tokens)",
-            args.num_prompts, args.prefix_len, args.input_len, args.output_len
+            shape.num_prompts, shape.prefix_len, shape.input_len, shape.output_len
         );
         println!(
             "elapsed:           {elapsed:.2} s over {} steps",
@@ -201,7 +222,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         );
         println!(
             "requests/s:        {:.2}",
-            args.num_prompts as f64 / elapsed
+            shape.num_prompts as f64 / elapsed
         );
         println!("output tokens/s:   {:.1}", output_tokens as f64 / elapsed);
         println!(

@@ -1,6 +1,7 @@
-//! The statistics of `minserve bench serve`: percentiles as numpy computes them (vLLM's
-//! benchmark_serving reports them so, and figures are compared against it) and goodput under a
-//! service-level objective.
+//! The statistics of `minserve bench serve` and `minserve simulate`: percentiles as numpy
+//! computes them (vLLM's benchmark_serving reports them so, and figures are compared against it)
+//! and goodput under a service-level objective. One module for both, so that a simulated figure
+//! and a measured one are the same computation.
 
 use serde::Serialize;
 
