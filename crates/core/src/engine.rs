@@ -530,13 +530,10 @@ impl<E: ModelExecutor> Engine<E> {
     /// Ends `request_id` with [`RequestEvent::Failed`] and frees its blocks; the others keep
     /// going.
     fn fail_request(&mut self, request_id: RequestId, message: &str) {
-        if let Some(request) = self.requests.remove(&request_id) {
+        if let Some(request) = self.requests.get(&request_id) {
             request.sink.send(RequestEvent::Failed(message.to_string()));
-            for id in request.seqs {
-                self.samples.remove(&id);
-                self.scheduler.remove(id);
-            }
         }
+        self.abort(request_id);
     }
 
     /// Appends the token drawn for sequence `id`, runs it through the output stage and emits

@@ -125,15 +125,8 @@ pub struct LinearCost {
 
 impl LinearCost {
     pub fn coefficient(&self, feature: Feature) -> f64 {
-        match feature {
-            Feature::Constant => self.constant,
-            Feature::PrefillTokens => self.prefill_tokens,
-            Feature::DecodeTokens => self.decode_tokens,
-            Feature::AttendedKeys => self.attended_keys,
-            Feature::ContextTokens => self.context_tokens,
-            Feature::Sequences => self.sequences,
-            Feature::SampledRows => self.sampled_rows,
-        }
+        let mut copy = *self;
+        *copy.coefficient_mut(feature)
     }
 
     pub fn coefficient_mut(&mut self, feature: Feature) -> &mut f64 {

@@ -65,26 +65,26 @@ pub fn score_windows<E: ModelExecutor>(
     let mut scores = Vec::with_capacity(windows.iter().map(|w| w.targets().len()).sum());
     let mut done = 0;
     for group in windows.chunks(side_by_side) {
-        score_group(executor, group, limits, blocks_per_window, &mut scores)?;
+        let tables: Vec<Vec<Vec<u32>>> = (0..group.len())
+            .map(|slot| window_tables(slot, groups, blocks_per_window))
+            .collect();
+        score_group(executor, group, &tables, limits, &mut scores)?;
         done += group.len();
         progress(done);
     }
     Ok(scores)
 }
 
-/// Feeds `group` (each window in its own blocks) step by step until every window is read.
+/// Feeds `group` step by step until every window is read, window `w` in the blocks of
+/// `tables[w]` (one table per KV group).
 fn score_group<E: ModelExecutor>(
     executor: &mut E,
     group: &[Window],
+    tables: &[Vec<Vec<u32>>],
     limits: StepLimits,
-    blocks_per_window: usize,
     scores: &mut Vec<TokenScore>,
 ) -> anyhow::Result<()> {
     let block_size = executor.cache_geometry().block_size;
-    let kv_groups = executor.kv_group_windows().len();
-    let tables: Vec<Vec<Vec<u32>>> = (0..group.len())
-        .map(|w| window_tables(w, kv_groups, blocks_per_window))
-        .collect();
     // Tokens of each window already in the cache. The last input token is never fed: nothing
     // after it is predicted.
     let mut fed = vec![0usize; group.len()];
