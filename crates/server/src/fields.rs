@@ -180,6 +180,24 @@ pub(crate) const FIELDS: &[Field] = &[
         "a routing hint for the provider's prompt cache; minserve's prefix cache is automatic \
          and shared by all requests",
     ),
+    // SGLang's reasoning switches, which the vLLM and SGLang routers add to every request they
+    // forward. SGLang itself gives them effect only when started with a reasoning parser.
+    meaningless(
+        "separate_reasoning",
+        Chat,
+        "SGLang's; takes effect only with a reasoning parser, which minserve does not run: \
+         reasoning text stays in `content`",
+    ),
+    meaningless(
+        "stream_reasoning",
+        Chat,
+        "SGLang's; as `separate_reasoning`",
+    ),
+    meaningless(
+        "include_reasoning",
+        Chat,
+        "SGLang's; as `separate_reasoning`",
+    ),
     // Refused unless they ask for nothing.
     refused("store", Chat, "minserve stores no completions", is_false),
     refused(
@@ -267,6 +285,19 @@ pub(crate) const FIELDS: &[Field] = &[
         Both,
         "special tokens are always left out of the text",
         is_true,
+    ),
+    // SGLang's extra parameters that routers forward with their default values.
+    refused(
+        "no_stop_trim",
+        Both,
+        "a matched stop string is always trimmed from the output",
+        is_false,
+    ),
+    refused(
+        "return_hidden_states",
+        Both,
+        "hidden states are not returned",
+        is_false,
     ),
     refused(
         "prompt_logprobs",

@@ -50,6 +50,7 @@ mod supervision;
 mod telemetry;
 mod tool_format;
 mod tools;
+mod vllm_compat;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -71,11 +72,16 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(monitoring::health))
         .route("/metrics", get(monitoring::metrics_page))
+        .route("/get_load", get(monitoring::load))
         .route("/openapi.json", get(openapi::openapi))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{model}", get(models::get_model))
         .route("/v1/completions", json_post(completions::completions))
         .route("/v1/chat/completions", json_post(chat::chat_completions))
+        .route(
+            "/v1/chat/completions/render",
+            json_post(tokenize::render_chat_request),
+        )
         .route("/tokenize", json_post(tokenize::tokenize))
         .route("/detokenize", json_post(tokenize::detokenize))
         .fallback(|| async { ApiError::for_status(StatusCode::NOT_FOUND) })

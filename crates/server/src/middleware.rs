@@ -23,7 +23,7 @@ use crate::state::AppState;
 
 /// Routes that answer without the API key: probes and the API description.
 fn is_public_route(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics" | "/openapi.json")
+    matches!(path, "/health" | "/metrics" | "/get_load" | "/openapi.json")
 }
 
 /// Constant-time comparison, so the key cannot be guessed byte by byte from timings.

@@ -495,6 +495,64 @@ async fn models_metrics_openapi() {
     }
 }
 
+/// What the vLLM router reads of a worker (docs/scale-out.md): `/get_load`, the render route,
+/// `vllm:` metrics, and requests as it forwards them, with SGLang's fields added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_llm_routers_read_of_a_worker() {
+    let s = TestServer::start_synthetic(common::options(), scheduler(64)).await;
+    let (status, load) = s.get("/get_load").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&load).unwrap(),
+        json!({"load": 0})
+    );
+
+    let messages = json!([{"role": "user", "content": "hi there"}]);
+    let (status, rendered) = s
+        .post(
+            "/v1/chat/completions/render",
+            json!({"model": MODEL, "messages": messages, "max_tokens": 5}),
+        )
+        .await;
+    assert_eq!(status, 200, "{rendered}");
+    let (_, tokenized) = s.post("/tokenize", json!({"messages": messages})).await;
+    assert_eq!(rendered["token_ids"], tokenized["tokens"]);
+    assert!(!rendered["token_ids"].as_array().unwrap().is_empty());
+
+    // A chat request as vllm-router 0.1.17 forwards it.
+    let forwarded = json!({
+        "model": MODEL, "messages": messages, "stream": false, "max_tokens": 2,
+        "logprobs": false, "no_stop_trim": false, "ignore_eos": false,
+        "continue_final_message": false, "skip_special_tokens": true,
+        "separate_reasoning": true, "stream_reasoning": true, "return_hidden_states": false,
+        "include_reasoning": true,
+    });
+    let (status, r) = s.post("/v1/chat/completions", forwarded.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    // A value that asks for something minserve does not do is still refused by name.
+    for (field, value) in [("no_stop_trim", true), ("return_hidden_states", true)] {
+        let mut body = forwarded.clone();
+        body[field] = json!(value);
+        let (status, e) = s.post("/v1/chat/completions", body).await;
+        assert_eq!(status, 400, "{field}: {e}");
+        assert_eq!(e["error"]["param"], field);
+    }
+
+    let label = format!("{{model_name=\"{MODEL}\"}}");
+    assert_eq!(
+        s.metric(&format!("vllm:num_requests_waiting{label}")).await,
+        0.0
+    );
+    assert_eq!(
+        s.metric(&format!("vllm:kv_cache_usage_perc{label}")).await,
+        0.0
+    );
+    s.metric_until(&format!("vllm:generation_tokens_total{label}"), |v| {
+        v == 2.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_time_lasts_until_the_engine_schedules_the_request() {
     // One sequence runs at a time: a second request waits for the first to finish.

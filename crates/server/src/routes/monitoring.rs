@@ -1,6 +1,7 @@
 //! The operator's pages: `GET /health` (200 once the model is ready, 503 while it loads, after
 //! it failed to load, after its engine failed, or once shutdown began) and `GET /metrics`
-//! (Prometheus text).
+//! (Prometheus text, with the `vllm:` names routers read), and `GET /get_load` for routers
+//! (`vllm_compat.rs`).
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::vllm_compat;
 
 pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
     if let Some(reason) = state.engine_failure() {
@@ -39,9 +41,13 @@ pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 pub(crate) async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
     let model = state.model();
-    let mut page = state
-        .metrics
-        .render(model.as_ref().map(|m| m.engine.stats()));
+    let stats = model.as_ref().map(|m| m.engine.stats());
+    let mut page = state.metrics.render(stats);
+    vllm_compat::render_metrics(
+        &stats.unwrap_or_default(),
+        &state.options.served_model_name,
+        &mut page,
+    );
     state.engine_watch.render(model.is_some(), &mut page);
     (
         [(
@@ -51,4 +57,12 @@ pub(crate) async fn metrics_page(State(state): State<Arc<AppState>>) -> Response
         page,
     )
         .into_response()
+}
+
+/// `{"load": N}`: the requests the engine holds, 0 while the model loads.
+pub(crate) async fn load(State(state): State<Arc<AppState>>) -> Response {
+    let load = state
+        .model()
+        .map_or(0, |m| vllm_compat::load(&m.engine.stats()));
+    axum::Json(serde_json::json!({ "load": load })).into_response()
 }

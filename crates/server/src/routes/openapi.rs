@@ -98,8 +98,10 @@ pub(crate) async fn openapi() -> Json<Value> {
             "/v1/models/{model}": simple("One model", "application/json"),
             "/tokenize": {"post": {"summary": "Tokenize a prompt or chat messages", "responses": error_responses()}},
             "/detokenize": {"post": {"summary": "Token ids to text", "responses": error_responses()}},
+            "/v1/chat/completions/render": {"post": {"summary": "The prompt token ids a chat request would run (vLLM's render route, for routers)", "responses": error_responses()}},
             "/health": {"get": {"summary": "200 once the model is loaded, 503 before, after its engine failed, or shutting down", "responses": {"200": {"description": "ready"}, "503": {"description": "loading, engine failed (with the reason) or shutting down"}}}},
             "/metrics": simple("Prometheus metrics", "text/plain"),
+            "/get_load": simple("The requests the engine holds, as `{\"load\": N}`, for LLM routers", "application/json"),
             "/openapi.json": simple("This document", "application/json"),
         },
         "components": {"schemas": {

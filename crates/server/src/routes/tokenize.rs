@@ -1,4 +1,4 @@
-//! vLLM's `POST /tokenize` and `POST /detokenize`.
+//! vLLM's `POST /tokenize`, `POST /detokenize` and `POST /v1/chat/completions/render`.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use super::{body_size, model_request};
 use crate::cpu_work::{json_response, serialize};
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type};
-use crate::prompt::{render_chat, ChatRendering};
+use crate::prompt::{chat_prompt, render_chat, ChatRendering};
 use crate::state::AppState;
 use crate::tools::tool_request;
 
@@ -58,6 +58,30 @@ fn tokenize_body(
         "tokens": tokens,
         "token_strs": token_strs,
     })))
+}
+
+/// A chat request -> `{"token_ids": [...]}`, the prompt it would run, as vLLM's render route
+/// answers. The vLLM router's `cache_aware` policy asks for it to match requests by tokens.
+pub(crate) async fn render_chat_request(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    answer_on_cpu(state, body, render_chat_body).await
+}
+
+/// The serialized answer of [`render_chat_request`].
+fn render_chat_body(
+    body: Result<Bytes, BytesRejection>,
+    state: &AppState,
+) -> Result<Vec<u8>, ApiError> {
+    let (body, model) = model_request(body, state)?;
+    let tools = tool_request(&body, &model)?;
+    let rendering = ChatRendering {
+        tools: tools.as_ref(),
+        format: tool_call_format(state, &model),
+    };
+    let prompt = chat_prompt(&body, &model.tokenizer, &rendering)?;
+    Ok(serialize(&json!({"token_ids": prompt.tokens})))
 }
 
 /// `{"tokens": [ids]}` -> `{"prompt": text}`.

@@ -1,0 +1,105 @@
+//! What routers and gateways written for vLLM and SGLang workers read from a worker, so that
+//! minserve replicas can sit behind them unchanged (docs/scale-out.md):
+//!
+//! - `GET /get_load`: `{"load": N}`, the requests the engine holds (running and waiting). The
+//!   vLLM router's `power_of_two` policy sends a request to the less loaded of two workers by
+//!   it.
+//! - `vllm:`-prefixed metrics beside minserve's own: the queue and KV gauges that the vLLM
+//!   router, the Gateway API Inference Extension's endpoint picker and KEDA / Prometheus-adapter
+//!   autoscaling rules are written against, labelled with `model_name` as vLLM labels them.
+
+use std::fmt::Write;
+
+use minserve_core::engine::EngineStats;
+
+/// The requests an engine holds, as `/get_load` reports them.
+pub(crate) fn load(stats: &EngineStats) -> usize {
+    stats.num_running + stats.num_waiting
+}
+
+/// Appends the `vllm:` series for the model served as `model_name` to a `/metrics` page.
+pub(crate) fn render_metrics(stats: &EngineStats, model_name: &str, out: &mut String) {
+    let label = format!("{{model_name=\"{}\"}}", escape_label(model_name));
+    let series: [(&str, &str, &str, String); 7] = [
+        (
+            "vllm:num_requests_running",
+            "gauge",
+            "Sequences in the running batch (as minserve_num_requests_running).",
+            stats.num_running.to_string(),
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Sequences waiting to be scheduled (as minserve_num_requests_waiting).",
+            stats.num_waiting.to_string(),
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV cache usage, 1 meaning full (as minserve_kv_cache_usage_ratio; vLLM's name says perc \
+             but holds a fraction too).",
+            stats.kv_usage.to_string(),
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_queried_tokens.to_string(),
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache.",
+            stats.prefix_hit_tokens.to_string(),
+        ),
+        (
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Prompt tokens accepted.",
+            stats.prompt_tokens.to_string(),
+        ),
+        (
+            "vllm:generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            stats.generation_tokens.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name}{label} {value}");
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_carry_the_model_label_and_the_engine_figures() {
+        let stats = EngineStats {
+            num_running: 3,
+            num_waiting: 5,
+            kv_usage: 0.25,
+            prefix_hit_tokens: 32,
+            prefix_queried_tokens: 64,
+            ..EngineStats::default()
+        };
+        let mut page = String::new();
+        render_metrics(&stats, "m\"x", &mut page);
+        assert!(page.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 3\n"));
+        assert!(page.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 5\n"));
+        assert!(page.contains("vllm:kv_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
+        assert!(page.contains("vllm:prefix_cache_hits_total{model_name=\"m\\\"x\"} 32\n"));
+        assert_eq!(load(&stats), 8);
+    }
+}
