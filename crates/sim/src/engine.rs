@@ -16,12 +16,13 @@ use std::sync::Arc;
 use minserve_core::detokenize::TokenDecoder;
 use minserve_core::sampling::SamplingParams;
 use minserve_core::{
-    CacheGeometry, Engine, EngineConfig, EventSink, Logits, ModelExecutor, Request, RequestEvent,
-    StepBatch,
+    CacheGeometry, Engine, EngineConfig, EngineStats, EventSink, Logits, ModelExecutor, Request,
+    RequestEvent, StepBatch,
 };
 use serde::Serialize;
 
 use crate::cost::{CostModel, StepFeatures};
+use crate::router::{Router, RoutingPolicy};
 use crate::stats::{tpot_ms, Slo, Summary};
 use crate::workload::{prompt_tokens, RequestSpec, SIM_VOCAB};
 
@@ -188,6 +189,10 @@ pub struct StepRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {
     pub num_requests: usize,
+    /// Replicas behind the router (1: one engine, no routing).
+    pub replicas: usize,
+    pub routing: &'static str,
+    pub requests_per_replica: Vec<usize>,
     pub completed: usize,
     /// Refused by the engine's validation (longer than the context or the whole KV cache).
     pub rejected: usize,
@@ -235,13 +240,98 @@ pub fn simulate(
     config: &SimConfig,
     requests: &[RequestSpec],
     load: Load,
+    step_trace: Option<&mut dyn Write>,
+) -> Result<SimReport, SimError> {
+    simulate_replicas(
+        config,
+        1,
+        RoutingPolicy::RoundRobin,
+        requests,
+        load,
+        step_trace,
+    )
+}
+
+/// One replica: a real engine on its own virtual clock, and the figures kept of its steps.
+struct Replica {
+    engine: Engine<SimExecutor>,
+    events_tx: mpsc::Sender<(usize, SimEvent)>,
+    events: mpsc::Receiver<(usize, SimEvent)>,
+    /// The step computed and not yet over: when it ends, and the events it made, which its
+    /// clients see only then.
+    in_flight: Option<(f64, Vec<(usize, SimEvent)>)>,
+    kv_area: f64,
+    kv_samples: Vec<(f64, f64)>,
+    decode_seconds: f64,
+}
+
+impl Replica {
+    fn new(config: &SimConfig) -> Self {
+        let executor = SimExecutor::new(config.cost, config.geometry);
+        let (events_tx, events) = mpsc::channel();
+        Self {
+            engine: Engine::new(executor, config.engine, Arc::new(NoText), Vec::new()),
+            events_tx,
+            events,
+            in_flight: None,
+            kv_area: 0.0,
+            kv_samples: Vec::new(),
+            decode_seconds: 0.0,
+        }
+    }
+
+    /// When this replica's next step starts, if it has one to start.
+    fn next_step_at(&self) -> Option<f64> {
+        (self.in_flight.is_none() && self.engine.has_work()).then(|| self.engine.executor().now())
+    }
+}
+
+/// What happens next in a run of several replicas, in the order ties are taken: a step's end
+/// first (its finished clients may send their next request at that instant), then an arrival,
+/// then the start of a step (which sees every request that arrived by then).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+enum Next {
+    StepEnd { at: f64, replica: usize },
+    Arrival { at: f64 },
+    StepStart { at: f64, replica: usize },
+}
+
+impl Next {
+    fn at(self) -> f64 {
+        match self {
+            Next::StepEnd { at, .. } | Next::Arrival { at } | Next::StepStart { at, .. } => at,
+        }
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Next::StepEnd { .. } => 0,
+            Next::Arrival { .. } => 1,
+            Next::StepStart { .. } => 2,
+        }
+    }
+}
+
+/// Runs `requests` through `num_replicas` real engines (independent machines, each with the
+/// whole `config`), a `policy` router in front of them, under `load`. Events are taken in the
+/// order of virtual time across replicas, so the router sees each replica's load as it is at
+/// a request's arrival. `step_trace` gets one JSON line per step of replica 0.
+pub fn simulate_replicas(
+    config: &SimConfig,
+    num_replicas: usize,
+    policy: RoutingPolicy,
+    requests: &[RequestSpec],
+    load: Load,
     mut step_trace: Option<&mut dyn Write>,
 ) -> Result<SimReport, SimError> {
-    let executor = SimExecutor::new(config.cost, config.geometry);
-    let mut engine = Engine::new(executor, config.engine, Arc::new(NoText), Vec::new());
-    let (events_tx, events) = mpsc::channel();
+    let mut replicas: Vec<Replica> = (0..num_replicas.max(1))
+        .map(|_| Replica::new(config))
+        .collect();
+    let mut router = Router::new(policy, replicas.len());
+    let mut placed = vec![0usize; requests.len()];
+    let mut requests_per_replica = vec![0usize; replicas.len()];
     let mut timelines = vec![Timeline::default(); requests.len()];
-    // Requests as the engine sees them: `(index, sent, reaches the engine)`.
+    // Requests as the router sees them: `(index, sent, reaches the router)`.
     let mut ingest = Ingest {
         seconds: config.ingest_s,
         free_at: 0.0,
@@ -260,111 +350,148 @@ pub fn simulate(
     let mut rejected = 0;
     let mut first_rejection = None;
     let mut unfinished = requests.len();
-    let mut kv_samples: Vec<(f64, f64)> = Vec::new();
     let mut itls = Vec::new();
-    let mut kv_area = 0.0;
-    let mut decode_seconds = 0.0;
     while unfinished > 0 {
-        let now = engine.executor().now();
-        while let Some(&(index, sent, at)) = pending.front() {
-            if at > now {
-                break;
-            }
-            pending.pop_front();
-            let spec = &requests[index];
-            let mut request = Request::new(prompt_tokens(spec, index), spec.output_len);
-            request.ignore_eos = true;
-            request.params = SamplingParams::greedy();
-            timelines[index].sent = sent;
-            let sink = SimSink {
-                index,
-                events: events_tx.clone(),
+        let mut next: Option<Next> = pending.front().map(|&(_, _, at)| Next::Arrival { at });
+        for (r, replica) in replicas.iter().enumerate() {
+            let candidate = match (&replica.in_flight, replica.next_step_at()) {
+                (Some((at, _)), _) => Next::StepEnd {
+                    at: *at,
+                    replica: r,
+                },
+                (None, Some(at)) => Next::StepStart { at, replica: r },
+                (None, None) => continue,
             };
-            if let Err(e) = engine.submit(request, Box::new(sink)) {
-                timelines[index].failed = true;
-                rejected += 1;
-                unfinished -= 1;
-                first_rejection.get_or_insert_with(|| format!("request {index}: {e}"));
+            let earlier =
+                next.is_none_or(|n| (candidate.at(), candidate.rank()) < (n.at(), n.rank()));
+            if earlier {
+                next = Some(candidate);
             }
         }
-        // Refusals were reported through the sinks too; they are counted above.
-        while events.try_recv().is_ok() {}
-        if unfinished == 0 {
-            break;
-        }
-        if !engine.has_work() {
-            match pending.front() {
-                Some(&(_, _, at)) => {
-                    engine.executor_mut().advance_to(at);
-                    continue;
-                }
-                None if matches!(load, Load::Closed { .. }) && next_closed < requests.len() => {
-                    // Every client's request was refused: the next ones go now.
-                    pending.push_back((next_closed, now, ingest.admit(now)));
-                    next_closed += 1;
-                    continue;
-                }
-                None => return Err(SimError::Stalled(unfinished)),
+        match next {
+            None if matches!(load, Load::Closed { .. }) && next_closed < requests.len() => {
+                // Every client's request was refused: the next ones go now.
+                let now = replicas
+                    .iter()
+                    .map(|r| r.engine.executor().now())
+                    .fold(0.0, f64::max);
+                pending.push_back((next_closed, now, ingest.admit(now)));
+                next_closed += 1;
             }
-        }
-        let start = engine.executor().now();
-        if !engine.step() {
-            return Err(SimError::Stalled(unfinished));
-        }
-        let end = engine.executor().now();
-        let stats = engine.stats();
-        kv_area += stats.kv_usage * (end - start);
-        kv_samples.push((end, stats.kv_usage));
-        if engine
-            .executor()
-            .last
-            .is_some_and(|(features, _)| features.prefill_tokens == 0)
-        {
-            decode_seconds += end - start;
-        }
-        if let Some(out) = step_trace.as_deref_mut() {
-            if let Some((features, duration_s)) = engine.executor().last {
-                let record = StepRecord {
-                    step: stats.steps,
-                    start_s: start,
-                    duration_s,
-                    features,
-                    running: stats.num_running,
-                    waiting: stats.num_waiting,
-                    kv_usage: stats.kv_usage,
-                    preemptions: stats.num_preemptions,
+            None => return Err(SimError::Stalled(unfinished)),
+            Some(Next::Arrival { at }) => {
+                let (index, sent, _) = pending.pop_front().expect("an arrival is pending");
+                let spec = &requests[index];
+                let r = router.route(spec);
+                placed[index] = r;
+                requests_per_replica[r] += 1;
+                let replica = &mut replicas[r];
+                if replica.in_flight.is_none() && !replica.engine.has_work() {
+                    replica.engine.executor_mut().advance_to(at);
+                }
+                let mut request = Request::new(prompt_tokens(spec, index), spec.output_len);
+                request.ignore_eos = true;
+                request.params = SamplingParams::greedy();
+                timelines[index].sent = sent;
+                let sink = SimSink {
+                    index,
+                    events: replica.events_tx.clone(),
                 };
-                let _ = serde_json::to_writer(&mut *out, &record);
-                let _ = writeln!(out);
-            }
-        }
-        while let Ok((index, event)) = events.try_recv() {
-            let t = &mut timelines[index];
-            match event {
-                SimEvent::Token => {
-                    if t.first_token.is_none() {
-                        t.first_token = Some(end);
-                    } else {
-                        itls.push((end - t.last_token) * 1e3);
-                    }
-                    t.last_token = end;
-                    t.tokens += 1;
-                }
-                SimEvent::Finished | SimEvent::Failed => {
-                    t.finished = Some(end);
-                    t.failed |= matches!(event, SimEvent::Failed);
+                if let Err(e) = replica.engine.submit(request, Box::new(sink)) {
+                    timelines[index].failed = true;
+                    rejected += 1;
                     unfinished -= 1;
-                    if matches!(load, Load::Closed { .. }) && next_closed < requests.len() {
-                        pending.push_back((next_closed, end, ingest.admit(end)));
-                        next_closed += 1;
+                    router.done(r, spec.prompt_len + spec.output_len);
+                    first_rejection.get_or_insert_with(|| format!("request {index}: {e}"));
+                }
+                // Refusals were reported through the sink too; they are counted above.
+                while replica.events.try_recv().is_ok() {}
+            }
+            Some(Next::StepStart { replica: r, .. }) => {
+                let replica = &mut replicas[r];
+                let start = replica.engine.executor().now();
+                if !replica.engine.step() {
+                    return Err(SimError::Stalled(unfinished));
+                }
+                let end = replica.engine.executor().now();
+                let stats = replica.engine.stats();
+                replica.kv_area += stats.kv_usage * (end - start);
+                replica.kv_samples.push((end, stats.kv_usage));
+                let last = replica.engine.executor().last;
+                if let Some((features, duration_s)) = last {
+                    if features.prefill_tokens == 0 {
+                        replica.decode_seconds += end - start;
+                    }
+                    if let (0, Some(out)) = (r, step_trace.as_deref_mut()) {
+                        let record = StepRecord {
+                            step: stats.steps,
+                            start_s: start,
+                            duration_s,
+                            features,
+                            running: stats.num_running,
+                            waiting: stats.num_waiting,
+                            kv_usage: stats.kv_usage,
+                            preemptions: stats.num_preemptions,
+                        };
+                        let _ = serde_json::to_writer(&mut *out, &record);
+                        let _ = writeln!(out);
+                    }
+                }
+                let events = replica.events.try_iter().collect();
+                replica.in_flight = Some((end, events));
+            }
+            Some(Next::StepEnd {
+                at: end,
+                replica: r,
+            }) => {
+                let (_, events) = replicas[r].in_flight.take().expect("a step is in flight");
+                for (index, event) in events {
+                    let t = &mut timelines[index];
+                    match event {
+                        SimEvent::Token => {
+                            if t.first_token.is_none() {
+                                t.first_token = Some(end);
+                            } else {
+                                itls.push((end - t.last_token) * 1e3);
+                            }
+                            t.last_token = end;
+                            t.tokens += 1;
+                            router.done(placed[index], 1);
+                        }
+                        SimEvent::Finished | SimEvent::Failed => {
+                            t.finished = Some(end);
+                            t.failed |= matches!(event, SimEvent::Failed);
+                            unfinished -= 1;
+                            // Its prompt, and what it did not generate (a failure), are no
+                            // longer outstanding either.
+                            let spec = &requests[index];
+                            let generated = t.tokens.min(spec.output_len);
+                            router
+                                .done(placed[index], spec.prompt_len + spec.output_len - generated);
+                            if matches!(load, Load::Closed { .. }) && next_closed < requests.len() {
+                                pending.push_back((next_closed, end, ingest.admit(end)));
+                                next_closed += 1;
+                            }
+                        }
                     }
                 }
             }
         }
     }
-    let stats = engine.stats();
+    let all_stats: Vec<EngineStats> = replicas.iter().map(|r| r.engine.stats()).collect();
+    let sum = |f: fn(&EngineStats) -> u64| all_stats.iter().map(f).sum::<u64>();
+    let decode_steps = sum(|s| s.decode_steps);
+    let decode_seconds: f64 = replicas.iter().map(|r| r.decode_seconds).sum();
+    let mut kv_samples: Vec<(f64, f64)> = replicas
+        .iter()
+        .flat_map(|r| r.kv_samples.iter().copied())
+        .collect();
+    kv_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut report = SimReport {
         num_requests: requests.len(),
+        replicas: replicas.len(),
+        routing: policy.name(),
+        requests_per_replica,
         completed: 0,
         rejected,
         first_rejection,
@@ -381,14 +508,17 @@ pub fn simulate(
         slo: config.slo,
         good_requests: None,
         goodput: None,
-        steps: stats.steps,
-        decode_steps: stats.decode_steps,
-        mean_decode_batch: stats.decode_step_tokens as f64 / (stats.decode_steps.max(1)) as f64,
-        decode_step_ms: decode_seconds * 1e3 / (stats.decode_steps.max(1)) as f64,
-        preemptions: stats.num_preemptions,
-        prefix_hit_tokens: stats.prefix_hit_tokens,
-        prefix_queried_tokens: stats.prefix_queried_tokens,
-        peak_kv_usage: stats.peak_kv_usage,
+        steps: sum(|s| s.steps),
+        decode_steps,
+        mean_decode_batch: sum(|s| s.decode_step_tokens) as f64 / decode_steps.max(1) as f64,
+        decode_step_ms: decode_seconds * 1e3 / decode_steps.max(1) as f64,
+        preemptions: sum(|s| s.num_preemptions),
+        prefix_hit_tokens: sum(|s| s.prefix_hit_tokens),
+        prefix_queried_tokens: sum(|s| s.prefix_queried_tokens),
+        peak_kv_usage: all_stats
+            .iter()
+            .map(|s| s.peak_kv_usage)
+            .fold(0.0, f64::max),
         mean_kv_usage: 0.0,
         kv_usage_timeline: downsample(&kv_samples, KV_TIMELINE_POINTS),
     };
@@ -396,9 +526,13 @@ pub fn simulate(
         .iter()
         .map(|t| t.sent)
         .fold(f64::INFINITY, f64::min);
-    let end = engine.executor().now();
+    let end = replicas
+        .iter()
+        .map(|r| r.engine.executor().now())
+        .fold(0.0, f64::max);
     report.duration_s = (end - start.min(end)).max(0.0);
-    report.mean_kv_usage = kv_area / report.duration_s.max(1e-12);
+    let kv_area: f64 = replicas.iter().map(|r| r.kv_area).sum();
+    report.mean_kv_usage = kv_area / replicas.len() as f64 / report.duration_s.max(1e-12);
     let (mut ttfts, mut tpots, mut e2els) = (vec![], vec![], vec![]);
     let mut good = 0;
     for (spec, t) in requests.iter().zip(&timelines) {
@@ -564,6 +698,74 @@ mod tests {
         requests.iter_mut().for_each(|r| r.prefix_group = None);
         let cold = simulate(&config(1000), &requests, Load::Open, None).unwrap();
         assert_eq!(cold.prefix_hit_tokens, 0);
+    }
+
+    #[test]
+    fn replicas_multiply_a_closed_loop_and_share_its_requests() {
+        let requests = fixed(8, 32, 8, Arrivals::AllAtOnce);
+        let load = Load::Closed { concurrency: 2 };
+        let one = simulate(&config(100), &requests, load, None).unwrap();
+        let two = simulate_replicas(
+            &config(100),
+            2,
+            RoutingPolicy::RoundRobin,
+            &requests,
+            load,
+            None,
+        )
+        .unwrap();
+        assert_eq!((two.completed, two.replicas), (8, 2));
+        assert_eq!(two.requests_per_replica, [4, 4]);
+        // One client per replica: each sees the cost model exactly, as alone (42 ms TTFT),
+        // while on one engine the two clients share every step.
+        let ttft = two.ttft_ms.unwrap();
+        assert!((ttft.p50 - 42.0).abs() < 1e-9 && (ttft.p99 - 42.0).abs() < 1e-9);
+        assert!(
+            (two.duration_s - 4.0 * 0.112).abs() < 1e-9,
+            "{}",
+            two.duration_s
+        );
+        assert!(one.duration_s > two.duration_s);
+        assert_eq!(two.steps, 2 * 4 * 8);
+    }
+
+    #[test]
+    fn a_prefix_aware_router_keeps_each_prefix_on_one_replica() {
+        // 12 groups of 256-token prefixes, 8 requests each, arriving over time; each replica's
+        // cache holds about 5 of the 12 prefixes.
+        let mut requests = synthesize(
+            96,
+            Arrivals::Poisson { rate: 40.0 },
+            Lengths::Fixed {
+                input: 16,
+                output: 4,
+            },
+            256,
+            3,
+        );
+        // Groups in a scrambled order (a regular one can line up with round robin's cycle).
+        for (i, r) in requests.iter_mut().enumerate() {
+            r.prefix_group = Some(((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 12);
+        }
+        let run = |policy| {
+            simulate_replicas(&config(90), 3, policy, &requests, Load::Open, None).unwrap()
+        };
+        let blind = run(RoutingPolicy::RoundRobin);
+        let aware = run(RoutingPolicy::PrefixAware);
+        let balanced = run(RoutingPolicy::LeastOutstandingTokens);
+        for report in [&blind, &aware, &balanced] {
+            assert_eq!(report.completed, 96);
+            assert_eq!(report.requests_per_replica.iter().sum::<usize>(), 96);
+            assert!(report.requests_per_replica.iter().all(|&n| n > 0));
+        }
+        let rate = |r: &SimReport| r.prefix_hit_tokens as f64 / r.prefix_queried_tokens as f64;
+        assert!(
+            rate(&aware) > rate(&blind) + 0.2,
+            "prefix-aware {:.2} vs round robin {:.2}",
+            rate(&aware),
+            rate(&blind)
+        );
+        assert!(aware.ttft_ms.unwrap().p50 < blind.ttft_ms.unwrap().p50);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!   fitted linear model or a device's roofline; committed presets.
 //! - [`fit`]: least squares from measured steps to a linear cost model.
 //! - [`workload`]: arrivals, lengths, shared prefixes, JSON-lines traces.
-//! - [`engine`]: the real [`minserve_core::Engine`] stepped on a virtual clock.
+//! - [`engine`]: the real [`minserve_core::Engine`] stepped on a virtual clock, one replica or
+//!   several behind a [`router`].
 //! - [`stats`]: percentiles and goodput, shared with `bench serve`.
 //!
 //! See docs/simulator.md.
@@ -13,6 +14,7 @@ pub mod cluster;
 pub mod cost;
 pub mod engine;
 pub mod fit;
+pub mod router;
 pub mod stats;
 pub mod validation;
 pub mod workload;

@@ -8,12 +8,34 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use minserve_core::CacheGeometry;
 use minserve_sim::cost::CostProfile;
-use minserve_sim::engine::{simulate, Load, SimConfig, SimReport};
+use minserve_sim::engine::{simulate_replicas, Load, SimConfig, SimReport};
+use minserve_sim::router::RoutingPolicy;
 use minserve_sim::stats::{Slo, Summary};
 use minserve_sim::workload::{read_trace, synthesize, Arrivals, Lengths};
 
 use crate::bench::throughput::Shape;
 use crate::engine_args::SchedulerArgs;
+
+/// How requests are spread over `--replicas` (docs/simulator.md#replicas-behind-a-router).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoutingChoice {
+    /// Replica after replica.
+    RoundRobin,
+    /// To the replica with the fewest tokens still to compute.
+    LeastOutstandingTokens,
+    /// A shared prefix goes where it went before (unless that replica is overloaded).
+    PrefixAware,
+}
+
+impl From<RoutingChoice> for RoutingPolicy {
+    fn from(choice: RoutingChoice) -> Self {
+        match choice {
+            RoutingChoice::RoundRobin => RoutingPolicy::RoundRobin,
+            RoutingChoice::LeastOutstandingTokens => RoutingPolicy::LeastOutstandingTokens,
+            RoutingChoice::PrefixAware => RoutingPolicy::PrefixAware,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LengthChoice {
@@ -95,9 +117,17 @@ pub struct SimulateEngineArgs {
     /// Also write the report to this file as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write one JSON line per simulated step (its time, features, queue and KV usage).
+    /// Write one JSON line per simulated step (its time, features, queue and KV usage); of
+    /// the first replica when there are several.
     #[arg(long)]
     step_trace: Option<PathBuf>,
+    /// Replicas of the engine, each a machine of its own with the whole KV cache, behind a
+    /// router.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// How the router spreads requests over the replicas.
+    #[arg(long, value_enum, default_value_t = RoutingChoice::RoundRobin)]
+    routing: RoutingChoice,
 }
 
 pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
@@ -192,8 +222,11 @@ pub fn run(args: SimulateEngineArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", path.display()))
         })
         .transpose()?;
-    let report = simulate(
+    anyhow::ensure!(args.replicas > 0, "--replicas must be positive");
+    let report = simulate_replicas(
         &config,
+        args.replicas,
+        args.routing.into(),
         &requests,
         load,
         trace.as_mut().map(|t| t as &mut dyn Write),
@@ -222,6 +255,12 @@ fn print(profile: &CostProfile, config: &SimConfig, load: Load, r: &SimReport) {
         "KV cache:", config.geometry.num_blocks, config.geometry.block_size
     );
     println!("{:<40}{load}", "Load:");
+    if r.replicas > 1 {
+        println!(
+            "{:<40}{} ({} routing; requests per replica {:?})",
+            "Replicas:", r.replicas, r.routing, r.requests_per_replica
+        );
+    }
     println!("{:<40}{}", "Successful requests:", r.completed);
     println!("{:<40}{}", "Rejected requests:", r.rejected);
     if let Some(first) = &r.first_rejection {
