@@ -88,3 +88,66 @@ fn bad_input_is_named() {
     assert!(!ok);
     assert!(stderr.contains("model.json: missing field"), "{stderr}");
 }
+
+#[test]
+fn a_cluster_serves_two_models_and_replicas_sit_behind_a_router() {
+    let (ok, stdout, stderr) = minserve(&[
+        "simulate",
+        "cluster",
+        "--gpus",
+        "64",
+        "--hours",
+        "4",
+        "--policy",
+        "backfill-preempt",
+        "--online",
+        "llama-1b-h100:0.3:4",
+        "--online",
+        "llama-8b-h100:0.3:16:2",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("| backfill-preempt | llama-1b-h100 |")
+            && stdout.contains("| backfill-preempt | llama-8b-h100 |"),
+        "{stdout}"
+    );
+    for (spec, error) in [
+        (
+            "llama-1b-h100:1.5:4",
+            "the peak share must be above 0 and at most 1",
+        ),
+        (
+            "llama-1b-h100:0.3",
+            "expected PRESET:PEAK_SHARE:TROUGH_HOUR",
+        ),
+        ("no-such-preset:0.3:4", "no-such-preset"),
+    ] {
+        let (ok, _, stderr) = minserve(&["simulate", "cluster", "--online", spec]);
+        assert!(!ok);
+        assert!(stderr.contains(error), "{spec}: {stderr}");
+    }
+
+    let (ok, stdout, stderr) = minserve(&[
+        "simulate",
+        "engine",
+        "--requests",
+        "48",
+        "--input-len",
+        "32",
+        "--prefix-len",
+        "64",
+        "--output-len",
+        "8",
+        "--concurrency",
+        "6",
+        "--replicas",
+        "3",
+        "--routing",
+        "prefix-aware",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("3 (prefix-aware routing; requests per replica"),
+        "{stdout}"
+    );
+}

@@ -1,6 +1,6 @@
-//! Cluster-level simulation: `gpus` GPUs shared by online replicas of a model (scaled with a
-//! diurnal load) and batch jobs that each need `k` GPUs for a while, under a cluster
-//! scheduler with priority classes, preemption and EASY backfilling.
+//! Cluster-level simulation: `gpus` GPUs shared by online replicas of one or more models (each
+//! scaled with its own diurnal load) and batch jobs that each need `k` GPUs for a while, under
+//! a cluster scheduler with priority classes, preemption and EASY backfilling.
 //!
 //! Fidelity is bought where it is affordable: the cluster advances in ticks (a minute by
 //! default) and treats a replica as a server of known capacity: the request rate at which
@@ -9,8 +9,8 @@
 //! checks that level against the one below: at the capacity the engine simulation meets the
 //! SLO, well above it does not.
 //!
-//! Jobs, in order of their class (online replicas first, then batch jobs by priority, then
-//! arrival):
+//! Jobs, in order of their class (online replicas first, model by model in the order given,
+//! then batch jobs by priority, then arrival):
 //! - `Fcfs`: the head job starts when enough GPUs are free; nothing jumps it.
 //! - EASY backfill: the head job gets a reservation at the earliest time enough GPUs free
 //!   up (from the running jobs' ends); a later job starts now if it fits the free GPUs and
@@ -37,9 +37,11 @@ pub struct JobSpec {
     pub priority: i32,
 }
 
-/// Online traffic: requests per second over the day, and what one replica is.
+/// One online model's traffic: requests per second over the day, and what one replica is.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OnlineLoad {
+    /// The model, as reports name it.
+    pub name: String,
     /// Mean rate; the rate swings by `amplitude` (a fraction of the mean) over a day, lowest at
     /// `trough_hour`.
     pub mean_rate: f64,
@@ -178,6 +180,15 @@ pub enum ClusterError {
         field: &'static str,
         value: f64,
     },
+    #[error("two online models are named {0:?}")]
+    DuplicateModel(String),
+    #[error("online model {model:?}: `{field}` is {value}; {rule}")]
+    BadModel {
+        model: String,
+        field: &'static str,
+        value: f64,
+        rule: &'static str,
+    },
     #[error("`{field}` is {value}; {rule}")]
     BadConfig {
         field: &'static str,
@@ -255,6 +266,8 @@ pub struct ClusterReport {
     /// GPU-seconds held by batch jobs after their work ended within their last tick.
     pub batch_held_idle_gpu_s: f64,
     pub online_gpu_s: f64,
+    /// Each online model's figures, in the order given.
+    pub models: Vec<ModelReport>,
     pub ticks: Vec<TickRecord>,
     /// When each job (in input order) first started.
     #[serde(skip)]
@@ -262,6 +275,17 @@ pub struct ClusterReport {
     /// `(job, shadow time)` of the first EASY reservation each head job got.
     #[serde(skip)]
     pub head_reservations: Vec<(usize, f64)>,
+}
+
+/// One online model over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub name: String,
+    /// Its requests within the SLO over all its requests.
+    pub slo_attainment: f64,
+    pub worst_hour_slo_attainment: f64,
+    pub peak_replicas: usize,
+    pub online_gpu_s: f64,
 }
 
 /// Where a backfill may go: the head job's reservation.
@@ -318,7 +342,7 @@ pub fn easy_backfill(reservation: &mut Reservation, gpus: usize, end: f64) -> bo
 /// Runs the day.
 pub fn simulate_cluster(
     config: &ClusterConfig,
-    online: &OnlineLoad,
+    online: &[OnlineLoad],
     jobs: &[JobSpec],
 ) -> Result<ClusterReport, ClusterError> {
     check(config, online, jobs)?;
@@ -337,12 +361,31 @@ pub fn simulate_cluster(
             queued_since: spec.arrival_s,
         })
         .collect();
-    // Replicas: the time each started (serving once `startup_s` has passed). The day starts
-    // with the replicas its first minutes need already serving.
-    let warm = online
-        .replicas_for(online.startup_s)
-        .min(config.gpus / online.gpus_per_replica);
-    let mut replicas: Vec<f64> = vec![-online.startup_s; warm];
+    // Each model's replicas: the time each started (serving once `startup_s` has passed). The
+    // day starts with the replicas each model's first minutes need already serving.
+    let mut replicas: Vec<Vec<f64>> = Vec::with_capacity(online.len());
+    let mut warm_gpus = 0;
+    for model in online {
+        let warm = model
+            .replicas_for(model.startup_s)
+            .min((config.gpus - warm_gpus) / model.gpus_per_replica);
+        warm_gpus += warm * model.gpus_per_replica;
+        replicas.push(vec![-model.startup_s; warm]);
+    }
+    let online_gpus = |replicas: &[Vec<f64>]| -> usize {
+        replicas
+            .iter()
+            .zip(online)
+            .map(|(r, model)| r.len() * model.gpus_per_replica)
+            .sum()
+    };
+    // Per model: requests, requests within the SLO, GPU-seconds, most replicas, and each
+    // tick's `(rate, attainment)` for its worst hour.
+    let mut model_requests = vec![0.0; online.len()];
+    let mut model_in_slo = vec![0.0; online.len()];
+    let mut model_gpu_s = vec![0.0; online.len()];
+    let mut model_peak = vec![0usize; online.len()];
+    let mut model_ticks: Vec<Vec<(f64, f64)>> = vec![Vec::new(); online.len()];
     let mut ticks = Vec::new();
     let (mut busy_gpu_s, mut online_gpu_s, mut online_useful_gpu_s) = (0.0, 0.0, 0.0);
     let (mut lost_gpu_s, mut restart_gpu_s, mut held_idle_gpu_s) = (0.0, 0.0, 0.0);
@@ -351,14 +394,19 @@ pub fn simulate_cluster(
     let mut head_reservations: Vec<(usize, f64)> = Vec::new();
     let dt = config.tick_s;
     let mut t = 0.0;
-    let gpr = online.gpus_per_replica;
     while t < config.duration_s - 1e-9 {
-        // 1. Online replicas: scale to the load at the end of the startup delay.
-        let wanted = online.replicas_for(t + online.startup_s);
-        if replicas.len() > wanted {
-            // Starting ones go first, then the newest serving ones.
-            replicas.sort_by(|a, b| b.total_cmp(a));
-            replicas.drain(..replicas.len() - wanted);
+        // 1. Online replicas: scale each model to its load at the end of its startup delay,
+        // all scale-downs first so that the GPUs they free are there for the scale-ups.
+        let wanted: Vec<usize> = online
+            .iter()
+            .map(|model| model.replicas_for(t + model.startup_s))
+            .collect();
+        for (own, &wanted) in replicas.iter_mut().zip(&wanted) {
+            if own.len() > wanted {
+                // Starting ones go first, then the newest serving ones.
+                own.sort_by(|a, b| b.total_cmp(a));
+                own.drain(..own.len() - wanted);
+            }
         }
         let batch_gpus = |states: &[JobState]| -> usize {
             states
@@ -367,9 +415,13 @@ pub fn simulate_cluster(
                 .map(|s| s.spec.gpus)
                 .sum()
         };
-        while replicas.len() < wanted {
-            let free = config.gpus - replicas.len() * gpr - batch_gpus(&states);
-            if free < gpr {
+        for (m, model) in online.iter().enumerate() {
+            while replicas[m].len() < wanted[m] {
+                let free = config.gpus - online_gpus(&replicas) - batch_gpus(&states);
+                if free >= model.gpus_per_replica {
+                    replicas[m].push(t);
+                    continue;
+                }
                 if !config.policy.preempts() {
                     break;
                 }
@@ -393,12 +445,10 @@ pub fn simulate_cluster(
                 s.preemptions += 1;
                 s.queued_since = t;
                 preemptions += 1;
-                continue;
             }
-            replicas.push(t);
         }
         // 2. Batch jobs: start what the policy allows.
-        let mut free = config.gpus - replicas.len() * gpr - batch_gpus(&states);
+        let mut free = config.gpus - online_gpus(&replicas) - batch_gpus(&states);
         let mut queue: Vec<usize> = (0..states.len())
             .filter(|&i| {
                 let s = &states[i];
@@ -473,30 +523,45 @@ pub fn simulate_cluster(
                 s.unsaved_s -= checkpoints * config.checkpoint_interval_s;
             }
         }
-        let serving = replicas
-            .iter()
-            .filter(|&&start| start + online.startup_s <= t)
-            .count();
-        let rate = online.rate_at(t);
-        let capacity = serving as f64 * online.replica.capacity;
-        let attainment = online.replica.attainment(rate, capacity);
+        let (mut rate, mut rate_in_slo, mut serving, mut starting) = (0.0, 0.0, 0, 0);
+        for (m, model) in online.iter().enumerate() {
+            let own = &replicas[m];
+            let gpr = model.gpus_per_replica;
+            let own_serving = own
+                .iter()
+                .filter(|&&start| start + model.startup_s <= t)
+                .count();
+            let own_rate = model.rate_at(t);
+            let capacity = own_serving as f64 * model.replica.capacity;
+            let attainment = model.replica.attainment(own_rate, capacity);
+            model_requests[m] += own_rate * dt;
+            model_in_slo[m] += attainment * own_rate * dt;
+            model_gpu_s[m] += (own.len() * gpr) as f64 * dt;
+            model_peak[m] = model_peak[m].max(own.len());
+            model_ticks[m].push((own_rate, attainment));
+            online_useful_gpu_s += if capacity > 0.0 {
+                (own_rate.min(capacity) / capacity) * (own_serving * gpr) as f64 * dt
+            } else {
+                0.0
+            };
+            rate += own_rate;
+            rate_in_slo += attainment * own_rate;
+            serving += own_serving;
+            starting += own.len() - own_serving;
+        }
+        let attainment = if rate > 0.0 { rate_in_slo / rate } else { 1.0 };
         requests += rate * dt;
-        requests_in_slo += attainment * rate * dt;
-        let online_gpus = replicas.len() * gpr;
+        requests_in_slo += rate_in_slo * dt;
+        let online_gpus = online_gpus(&replicas);
         online_gpu_s += online_gpus as f64 * dt;
-        online_useful_gpu_s += if capacity > 0.0 {
-            (rate.min(capacity) / capacity) * (serving * gpr) as f64 * dt
-        } else {
-            0.0
-        };
         busy_gpu_s += online_gpus as f64 * dt;
         let busy = online_gpus + batch;
         ticks.push(TickRecord {
             t,
             online_rate: rate,
-            replicas_wanted: wanted,
+            replicas_wanted: wanted.iter().sum(),
             replicas_serving: serving,
-            replicas_starting: replicas.len() - serving,
+            replicas_starting: starting,
             batch_gpus: batch,
             busy_gpus: busy,
             utilization: busy as f64 / config.gpus as f64,
@@ -529,19 +594,40 @@ pub fn simulate_cluster(
         .collect();
     waits.sort_by(f64::total_cmp);
     let ticks_per_hour = (3600.0 / dt).round().max(1.0) as usize;
-    let worst_hour = ticks
-        .chunks(ticks_per_hour)
-        .map(|hour| {
-            let (r, ok) = hour.iter().fold((0.0, 0.0), |(r, ok), k| {
-                (r + k.online_rate, ok + k.online_rate * k.slo_attainment)
-            });
-            if r > 0.0 {
-                ok / r
+    let worst_hour = |ticks: &[(f64, f64)]| {
+        ticks
+            .chunks(ticks_per_hour)
+            .map(|hour| {
+                let (r, ok) = hour.iter().fold((0.0, 0.0), |(r, ok), &(rate, att)| {
+                    (r + rate, ok + rate * att)
+                });
+                if r > 0.0 {
+                    ok / r
+                } else {
+                    1.0
+                }
+            })
+            .fold(1.0, f64::min)
+    };
+    let all_ticks: Vec<(f64, f64)> = ticks
+        .iter()
+        .map(|k| (k.online_rate, k.slo_attainment))
+        .collect();
+    let models = online
+        .iter()
+        .enumerate()
+        .map(|(m, model)| ModelReport {
+            name: model.name.clone(),
+            slo_attainment: if model_requests[m] > 0.0 {
+                model_in_slo[m] / model_requests[m]
             } else {
                 1.0
-            }
+            },
+            worst_hour_slo_attainment: worst_hour(&model_ticks[m]),
+            peak_replicas: model_peak[m],
+            online_gpu_s: model_gpu_s[m],
         })
-        .fold(1.0, f64::min);
+        .collect();
     Ok(ClusterReport {
         policy: config.policy,
         gpus: config.gpus,
@@ -553,7 +639,7 @@ pub fn simulate_cluster(
         } else {
             1.0
         },
-        worst_hour_slo_attainment: worst_hour,
+        worst_hour_slo_attainment: worst_hour(&all_ticks),
         jobs_submitted: waits.len(),
         jobs_finished: states.iter().filter(|s| s.finished_at.is_some()).count(),
         job_wait_mean_s: waits.iter().sum::<f64>() / waits.len().max(1) as f64,
@@ -564,6 +650,7 @@ pub fn simulate_cluster(
         batch_useful_gpu_s: batch_useful,
         batch_held_idle_gpu_s: held_idle_gpu_s,
         online_gpu_s,
+        models,
         ticks,
         job_first_starts: states.iter().map(|s| s.first_start).collect(),
         head_reservations,
@@ -572,7 +659,7 @@ pub fn simulate_cluster(
 
 fn check(
     config: &ClusterConfig,
-    online: &OnlineLoad,
+    online: &[OnlineLoad],
     jobs: &[JobSpec],
 ) -> Result<(), ClusterError> {
     let positive = [
@@ -580,6 +667,42 @@ fn check(
         ("tick_s", config.tick_s),
         ("duration_s", config.duration_s),
         ("checkpoint_interval_s", config.checkpoint_interval_s),
+    ];
+    for (field, value) in positive {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(ClusterError::BadConfig {
+                field,
+                value,
+                rule: "it must be positive",
+            });
+        }
+    }
+    if !(config.restart_cost_s.is_finite() && config.restart_cost_s >= 0.0) {
+        return Err(ClusterError::BadConfig {
+            field: "restart_cost_s",
+            value: config.restart_cost_s,
+            rule: "it must be 0 or more",
+        });
+    }
+    for (i, model) in online.iter().enumerate() {
+        if online[..i].iter().any(|other| other.name == model.name) {
+            return Err(ClusterError::DuplicateModel(model.name.clone()));
+        }
+        check_model(config, model).map_err(|e| match e {
+            ClusterError::BadConfig { field, value, rule } => ClusterError::BadModel {
+                model: model.name.clone(),
+                field,
+                value,
+                rule,
+            },
+            other => other,
+        })?;
+    }
+    check_jobs(config, jobs)
+}
+
+fn check_model(config: &ClusterConfig, online: &OnlineLoad) -> Result<(), ClusterError> {
+    let positive = [
         ("gpus_per_replica", online.gpus_per_replica as f64),
         ("replica.capacity", online.replica.capacity),
         ("target_utilization", online.target_utilization),
@@ -595,7 +718,6 @@ fn check(
     }
     for (field, value) in [
         ("mean_rate", online.mean_rate),
-        ("restart_cost_s", config.restart_cost_s),
         ("startup_s", online.startup_s),
     ] {
         if !(value.is_finite() && value >= 0.0) {
@@ -620,6 +742,10 @@ fn check(
             rule: "a replica must fit the cluster",
         });
     }
+    Ok(())
+}
+
+fn check_jobs(config: &ClusterConfig, jobs: &[JobSpec]) -> Result<(), ClusterError> {
     for (index, job) in jobs.iter().enumerate() {
         if job.gpus == 0 {
             return Err(ClusterError::BadJob {

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 fn online(mean_rate: f64) -> OnlineLoad {
     OnlineLoad {
+        name: "model".into(),
         mean_rate,
         amplitude: 0.8,
         trough_hour: 2.0,
@@ -73,7 +74,7 @@ proptest! {
         seed_jobs in jobs(4),
     ) {
         let jobs: Vec<JobSpec> = seed_jobs;
-        let report = simulate_cluster(&config(gpus, policy), &online(rate), &jobs).unwrap();
+        let report = simulate_cluster(&config(gpus, policy), &[online(rate)], &jobs).unwrap();
         for tick in &report.ticks {
             prop_assert!(tick.busy_gpus <= gpus, "{tick:?}");
             prop_assert!((0.0..=1.0).contains(&tick.utilization));
@@ -113,8 +114,8 @@ proptest! {
         let mut easy = config(gpus, Policy::BackfillPreempt);
         fcfs.duration_s = 200.0 * 3600.0;
         easy.duration_s = fcfs.duration_s;
-        let strict = simulate_cluster(&fcfs, &online(0.0), &jobs).unwrap();
-        let backfilled = simulate_cluster(&easy, &online(0.0), &jobs).unwrap();
+        let strict = simulate_cluster(&fcfs, &[online(0.0)], &jobs).unwrap();
+        let backfilled = simulate_cluster(&easy, &[online(0.0)], &jobs).unwrap();
         prop_assert_eq!(strict.jobs_finished, jobs.len());
         prop_assert_eq!(backfilled.jobs_finished, jobs.len());
         // Every head job started by the shadow time of the reservation it first got.
@@ -173,7 +174,8 @@ fn a_job_larger_than_the_cluster_is_named() {
             priority: 0,
         },
     ];
-    let e = simulate_cluster(&config(8, Policy::BackfillPreempt), &online(1.0), &jobs).unwrap_err();
+    let e =
+        simulate_cluster(&config(8, Policy::BackfillPreempt), &[online(1.0)], &jobs).unwrap_err();
     assert_eq!(
         e,
         ClusterError::JobTooLarge {
@@ -185,7 +187,7 @@ fn a_job_larger_than_the_cluster_is_named() {
     assert_eq!(e.to_string(), "job 1 needs 9 GPUs; the cluster has 8");
     let mut bad = config(8, Policy::BackfillPreempt);
     bad.tick_s = 0.0;
-    let e = simulate_cluster(&bad, &online(1.0), &jobs[..1])
+    let e = simulate_cluster(&bad, &[online(1.0)], &jobs[..1])
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("`tick_s` is 0"), "{e}");
@@ -204,7 +206,7 @@ fn preemption_keeps_online_slos_that_waiting_for_free_gpus_misses() {
         .collect();
     let mut c = config(64, Policy::BackfillPreempt);
     c.duration_s = 24.0 * 3600.0;
-    let load = online(20.0);
+    let load = [online(20.0)];
     let preempt = simulate_cluster(&c, &load, &jobs).unwrap();
     c.policy = Policy::BackfillNoPreempt;
     let wait = simulate_cluster(&c, &load, &jobs).unwrap();
@@ -217,4 +219,56 @@ fn preemption_keeps_online_slos_that_waiting_for_free_gpus_misses() {
     );
     assert!(preempt.preemptions > 0 && preempt.lost_gpu_s > 0.0);
     assert_eq!(wait.preemptions, 0);
+}
+
+#[test]
+fn two_models_with_peaks_apart_share_the_cluster_and_each_keeps_its_slo() {
+    let jobs: Vec<JobSpec> = (0..40)
+        .map(|i| JobSpec {
+            arrival_s: 0.0,
+            gpus: 4,
+            duration_s: 20.0 * 3600.0,
+            priority: i % 2,
+        })
+        .collect();
+    let mut c = config(64, Policy::BackfillPreempt);
+    c.duration_s = 24.0 * 3600.0;
+    let mut day = online(10.0);
+    day.name = "day".into();
+    let mut night = online(10.0);
+    night.name = "night".into();
+    night.trough_hour = day.trough_hour + 12.0;
+    night.burst = None;
+    let r = simulate_cluster(&c, &[day.clone(), night.clone()], &jobs).unwrap();
+    assert_eq!(r.models.len(), 2);
+    for m in &r.models {
+        assert!(m.slo_attainment > 0.98, "{}: {}", m.name, m.slo_attainment);
+    }
+    let per_model: f64 = r.models.iter().map(|m| m.online_gpu_s).sum();
+    assert!((per_model - r.online_gpu_s).abs() < 1e-6);
+    assert!(r.ticks.iter().all(|k| k.busy_gpus <= 64));
+    // Peaks twelve hours apart: the two models together never need what their two peaks add
+    // up to, and the GPUs one gives back at its trough go to the other or to batch jobs.
+    let together = r
+        .ticks
+        .iter()
+        .map(|k| k.replicas_serving + k.replicas_starting)
+        .max()
+        .unwrap();
+    let apart = r.models[0].peak_replicas + r.models[1].peak_replicas;
+    assert!(together * 4 < apart * 3, "{together} vs {apart}");
+    // Alone, each model's SLO holds too, and batch jobs get less with both.
+    let alone = simulate_cluster(&c, &[day.clone()], &jobs).unwrap();
+    assert!(alone.batch_useful_gpu_s > r.batch_useful_gpu_s);
+
+    let e = simulate_cluster(&c, &[day.clone(), day], &jobs).unwrap_err();
+    assert_eq!(e, ClusterError::DuplicateModel("day".into()));
+    let mut broken = night;
+    broken.target_utilization = 0.0;
+    let e = simulate_cluster(&c, &[broken], &jobs).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("online model \"night\": `target_utilization`"),
+        "{e}"
+    );
 }

@@ -13,6 +13,7 @@ use minserve_sim::cluster::{
     batch_jobs, replica_capacity, simulate_cluster, Burst, ClusterConfig, ClusterReport,
     OnlineLoad, Policy, ReplicaTrial, TickRecord,
 };
+use minserve_sim::cost::CostProfile;
 use minserve_sim::stats::Slo;
 use minserve_sim::workload::Lengths;
 use plotters::coord::Shift;
@@ -68,6 +69,12 @@ pub struct SimulateClusterArgs {
     checkpoint_minutes: f64,
     #[arg(long, default_value_t = 3.0)]
     restart_minutes: f64,
+    /// Several online models instead of the one above, each `PRESET:PEAK_SHARE:TROUGH_HOUR`
+    /// with an optional `:GPUS_PER_REPLICA` (e.g. `llama-8b-h100:0.4:4` and
+    /// `llama-1b-h100:0.2:16`: two models whose daily peaks are 12 hours apart); repeatable.
+    /// They share --amplitude, --target-utilization, --replica-startup-s, --slo and the burst.
+    #[arg(long, value_name = "SPEC")]
+    online: Vec<String>,
     /// One policy (fcfs-preempt, backfill-no-preempt, backfill-preempt) instead of all three.
     #[arg(long, value_parser = ["fcfs-preempt", "backfill-no-preempt", "backfill-preempt"])]
     policy: Option<String>,
@@ -78,48 +85,120 @@ pub struct SimulateClusterArgs {
     out_dir: Option<PathBuf>,
 }
 
+/// One online model of the day: its cost profile, the share of the cluster its peak needs,
+/// the hour of its trough, GPUs per replica.
+struct OnlineSpec {
+    profile: CostProfile,
+    peak_share: f64,
+    trough_hour: f64,
+    gpus_per_replica: usize,
+}
+
+impl OnlineSpec {
+    /// `PRESET:PEAK_SHARE:TROUGH_HOUR[:GPUS_PER_REPLICA]`.
+    fn parse(spec: &str) -> anyhow::Result<Self> {
+        let parts: Vec<&str> = spec.split(':').collect();
+        anyhow::ensure!(
+            (3..=4).contains(&parts.len()),
+            "--online {spec:?}: expected PRESET:PEAK_SHARE:TROUGH_HOUR[:GPUS_PER_REPLICA]"
+        );
+        let number = |what: &str, text: &str| -> anyhow::Result<f64> {
+            text.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .with_context(|| format!("--online {spec:?}: {what} {text:?} is not a number"))
+        };
+        let peak_share = number("the peak share", parts[1])?;
+        anyhow::ensure!(
+            peak_share > 0.0 && peak_share <= 1.0,
+            "--online {spec:?}: the peak share must be above 0 and at most 1"
+        );
+        let trough_hour = number("the trough hour", parts[2])?;
+        anyhow::ensure!(
+            trough_hour < 24.0,
+            "--online {spec:?}: the trough hour must be below 24"
+        );
+        let gpus_per_replica = match parts.get(3) {
+            Some(text) => text
+                .parse::<usize>()
+                .ok()
+                .filter(|&g| g > 0)
+                .with_context(|| {
+                    format!("--online {spec:?}: GPUs per replica {text:?} must be a positive whole number")
+                })?,
+            None => 1,
+        };
+        Ok(Self {
+            profile: CostProfile::preset(parts[0]).with_context(|| format!("--online {spec:?}"))?,
+            peak_share,
+            trough_hour,
+            gpus_per_replica,
+        })
+    }
+
+    /// The model's load, with a replica's capacity measured on the engine-level simulator.
+    fn load(&self, args: &SimulateClusterArgs) -> anyhow::Result<OnlineLoad> {
+        let profile = &self.profile;
+        let replica = replica_capacity(
+            &ReplicaTrial {
+                profile,
+                engine: EngineConfig {
+                    scheduler: SchedulerConfig::default(),
+                    prefix_caching: true,
+                    max_model_len: profile.max_model_len,
+                },
+                block_size: 16,
+                slo: args.slo,
+                lengths: Lengths::ShareGptLike,
+                requests: 1000,
+                seed: args.seed,
+            },
+            0.95,
+        )?;
+        anyhow::ensure!(
+            replica.capacity > 0.0,
+            "one replica of {} meets the SLO at no request rate",
+            profile.name
+        );
+        let replicas_at_peak = self.peak_share * args.gpus as f64 / self.gpus_per_replica as f64;
+        let peak_rate = replicas_at_peak * replica.capacity * args.target_utilization;
+        Ok(OnlineLoad {
+            name: profile.name.clone(),
+            mean_rate: peak_rate / (1.0 + args.amplitude),
+            amplitude: args.amplitude,
+            trough_hour: self.trough_hour,
+            gpus_per_replica: self.gpus_per_replica,
+            replica,
+            startup_s: args.replica_startup_s,
+            target_utilization: args.target_utilization,
+            burst: (args.burst_multiplier != 1.0).then_some(Burst {
+                start_s: args.burst_hour * 3600.0,
+                duration_s: args.burst_hours * 3600.0,
+                multiplier: args.burst_multiplier,
+            }),
+        })
+    }
+}
+
 pub fn run(args: SimulateClusterArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let profile = args.profile.load("llama-8b-h100")?;
-    let engine = EngineConfig {
-        scheduler: SchedulerConfig::default(),
-        prefix_caching: true,
-        max_model_len: profile.max_model_len,
+    let specs = if args.online.is_empty() {
+        vec![OnlineSpec {
+            profile: args.profile.load("llama-8b-h100")?,
+            peak_share: args.online_peak_share,
+            trough_hour: 4.0,
+            gpus_per_replica: args.gpus_per_replica,
+        }]
+    } else {
+        args.online
+            .iter()
+            .map(|spec| OnlineSpec::parse(spec))
+            .collect::<anyhow::Result<Vec<_>>>()?
     };
-    let replica = replica_capacity(
-        &ReplicaTrial {
-            profile: &profile,
-            engine,
-            block_size: 16,
-            slo: args.slo,
-            lengths: Lengths::ShareGptLike,
-            requests: 1000,
-            seed: args.seed,
-        },
-        0.95,
-    )?;
-    let capacity = replica.capacity;
-    anyhow::ensure!(
-        capacity > 0.0,
-        "one replica of {} meets the SLO at no request rate",
-        profile.name
-    );
-    let replicas_at_peak = args.online_peak_share * args.gpus as f64 / args.gpus_per_replica as f64;
-    let peak_rate = replicas_at_peak * capacity * args.target_utilization;
-    let online = OnlineLoad {
-        mean_rate: peak_rate / (1.0 + args.amplitude),
-        amplitude: args.amplitude,
-        trough_hour: 4.0,
-        gpus_per_replica: args.gpus_per_replica,
-        replica,
-        startup_s: args.replica_startup_s,
-        target_utilization: args.target_utilization,
-        burst: (args.burst_multiplier != 1.0).then_some(Burst {
-            start_s: args.burst_hour * 3600.0,
-            duration_s: args.burst_hours * 3600.0,
-            multiplier: args.burst_multiplier,
-        }),
-    };
+    let online = specs
+        .iter()
+        .map(|spec| spec.load(&args))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let duration_s = args.hours * 3600.0;
     let jobs = batch_jobs(
         args.gpus,
@@ -129,20 +208,25 @@ pub fn run(args: SimulateClusterArgs) -> anyhow::Result<()> {
         args.seed,
     );
     println!(
-        "{} GPUs, {} h; online: {} replicas ({} GPU each), {:.2} req/s each within TTFT {} ms / \
-         TPOT {} ms (engine simulation of {}), {:.0} req/s mean, {:.0} at peak; batch: {} jobs",
+        "{} GPUs, {} h; batch: {} jobs",
         args.gpus,
         args.hours,
-        profile.name,
-        args.gpus_per_replica,
-        capacity,
-        args.slo.ttft_ms,
-        args.slo.tpot_ms,
-        profile.name,
-        online.mean_rate,
-        peak_rate,
         jobs.len()
     );
+    for model in &online {
+        println!(
+            "online {}: replicas of {} GPU, {:.2} req/s each within TTFT {} ms / TPOT {} ms \
+             (engine simulation), {:.0} req/s mean, {:.0} at peak, lowest at {:.0}:00",
+            model.name,
+            model.gpus_per_replica,
+            model.replica.capacity,
+            args.slo.ttft_ms,
+            args.slo.tpot_ms,
+            model.mean_rate,
+            model.mean_rate * (1.0 + model.amplitude),
+            model.trough_hour,
+        );
+    }
     let policies: Vec<Policy> = match &args.policy {
         Some(name) => Policy::ALL
             .into_iter()
@@ -162,6 +246,7 @@ pub fn run(args: SimulateClusterArgs) -> anyhow::Result<()> {
         };
         reports.push(simulate_cluster(&config, &online, &jobs)?);
     }
+    let names: Vec<&str> = online.iter().map(|m| m.name.as_str()).collect();
     println!();
     println!(
         "| policy | GPU utilization | useful | online SLO attainment | worst hour | jobs done | \
@@ -185,11 +270,31 @@ pub fn run(args: SimulateClusterArgs) -> anyhow::Result<()> {
             r.restart_gpu_s / 3600.0,
         );
     }
+    if online.len() > 1 {
+        println!();
+        println!("| policy | online model | SLO attainment | worst hour | peak replicas | GPU-h |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for r in &reports {
+            for m in &r.models {
+                println!(
+                    "| {} | {} | {:.2}% | {:.2}% | {} | {:.0} |",
+                    r.policy.name(),
+                    m.name,
+                    m.slo_attainment * 100.0,
+                    m.worst_hour_slo_attainment * 100.0,
+                    m.peak_replicas,
+                    m.online_gpu_s / 3600.0,
+                );
+            }
+        }
+    }
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let title = format!(
             "{} GPUs over {} h: online {} + batch jobs",
-            args.gpus, args.hours, profile.name
+            args.gpus,
+            args.hours,
+            names.join(" + ")
         );
         render(
             &DayChart {
