@@ -662,28 +662,13 @@ fn check(
     online: &[OnlineLoad],
     jobs: &[JobSpec],
 ) -> Result<(), ClusterError> {
-    let positive = [
+    require_positive(&[
         ("gpus", config.gpus as f64),
         ("tick_s", config.tick_s),
         ("duration_s", config.duration_s),
         ("checkpoint_interval_s", config.checkpoint_interval_s),
-    ];
-    for (field, value) in positive {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(ClusterError::BadConfig {
-                field,
-                value,
-                rule: "it must be positive",
-            });
-        }
-    }
-    if !(config.restart_cost_s.is_finite() && config.restart_cost_s >= 0.0) {
-        return Err(ClusterError::BadConfig {
-            field: "restart_cost_s",
-            value: config.restart_cost_s,
-            rule: "it must be 0 or more",
-        });
-    }
+    ])?;
+    require_non_negative(&[("restart_cost_s", config.restart_cost_s)])?;
     for (i, model) in online.iter().enumerate() {
         if online[..i].iter().any(|other| other.name == model.name) {
             return Err(ClusterError::DuplicateModel(model.name.clone()));
@@ -702,32 +687,15 @@ fn check(
 }
 
 fn check_model(config: &ClusterConfig, online: &OnlineLoad) -> Result<(), ClusterError> {
-    let positive = [
+    require_positive(&[
         ("gpus_per_replica", online.gpus_per_replica as f64),
         ("replica.capacity", online.replica.capacity),
         ("target_utilization", online.target_utilization),
-    ];
-    for (field, value) in positive {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(ClusterError::BadConfig {
-                field,
-                value,
-                rule: "it must be positive",
-            });
-        }
-    }
-    for (field, value) in [
+    ])?;
+    require_non_negative(&[
         ("mean_rate", online.mean_rate),
         ("startup_s", online.startup_s),
-    ] {
-        if !(value.is_finite() && value >= 0.0) {
-            return Err(ClusterError::BadConfig {
-                field,
-                value,
-                rule: "it must be 0 or more",
-            });
-        }
-    }
+    ])?;
     if !(0.0..=1.0).contains(&online.amplitude) {
         return Err(ClusterError::BadConfig {
             field: "amplitude",
@@ -743,6 +711,30 @@ fn check_model(config: &ClusterConfig, online: &OnlineLoad) -> Result<(), Cluste
         });
     }
     Ok(())
+}
+
+/// The first of `fields` that is not a finite number above 0, as an error.
+fn require_positive(fields: &[(&'static str, f64)]) -> Result<(), ClusterError> {
+    require(fields, |v| v > 0.0, "it must be positive")
+}
+
+/// The first of `fields` that is not a finite number of 0 or more, as an error.
+fn require_non_negative(fields: &[(&'static str, f64)]) -> Result<(), ClusterError> {
+    require(fields, |v| v >= 0.0, "it must be 0 or more")
+}
+
+fn require(
+    fields: &[(&'static str, f64)],
+    holds: fn(f64) -> bool,
+    rule: &'static str,
+) -> Result<(), ClusterError> {
+    match fields
+        .iter()
+        .find(|&&(_, value)| !(value.is_finite() && holds(value)))
+    {
+        Some(&(field, value)) => Err(ClusterError::BadConfig { field, value, rule }),
+        None => Ok(()),
+    }
 }
 
 fn check_jobs(config: &ClusterConfig, jobs: &[JobSpec]) -> Result<(), ClusterError> {

@@ -6,6 +6,18 @@ use minserve_sim::cluster::{
 };
 use proptest::prelude::*;
 
+/// 40 jobs of 4 GPUs for 20 hours, all queued at the start: a cluster full of batch work.
+fn long_batch_jobs() -> Vec<JobSpec> {
+    (0..40)
+        .map(|i| JobSpec {
+            arrival_s: 0.0,
+            gpus: 4,
+            duration_s: 20.0 * 3600.0,
+            priority: i % 2,
+        })
+        .collect()
+}
+
 fn online(mean_rate: f64) -> OnlineLoad {
     OnlineLoad {
         name: "model".into(),
@@ -196,14 +208,7 @@ fn a_job_larger_than_the_cluster_is_named() {
 #[test]
 fn preemption_keeps_online_slos_that_waiting_for_free_gpus_misses() {
     // A cluster full of long batch jobs; online load rises through the day.
-    let jobs: Vec<JobSpec> = (0..40)
-        .map(|i| JobSpec {
-            arrival_s: 0.0,
-            gpus: 4,
-            duration_s: 20.0 * 3600.0,
-            priority: i % 2,
-        })
-        .collect();
+    let jobs = long_batch_jobs();
     let mut c = config(64, Policy::BackfillPreempt);
     c.duration_s = 24.0 * 3600.0;
     let load = [online(20.0)];
@@ -223,14 +228,7 @@ fn preemption_keeps_online_slos_that_waiting_for_free_gpus_misses() {
 
 #[test]
 fn two_models_with_peaks_apart_share_the_cluster_and_each_keeps_its_slo() {
-    let jobs: Vec<JobSpec> = (0..40)
-        .map(|i| JobSpec {
-            arrival_s: 0.0,
-            gpus: 4,
-            duration_s: 20.0 * 3600.0,
-            priority: i % 2,
-        })
-        .collect();
+    let jobs = long_batch_jobs();
     let mut c = config(64, Policy::BackfillPreempt);
     c.duration_s = 24.0 * 3600.0;
     let mut day = online(10.0);
