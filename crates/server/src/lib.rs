@@ -42,6 +42,7 @@ mod middleware;
 mod options;
 mod params;
 mod prompt;
+mod python_call;
 mod render;
 mod responses;
 mod routes;

@@ -254,7 +254,9 @@ fn describe_tools_in_messages(
     tools: &ToolRequest,
     format: ToolCallFormat,
 ) {
-    for message in messages.iter_mut() {
+    let mut written: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    let mut after_result = false;
+    for mut message in messages.drain(..) {
         for call in message.tool_calls.take().into_iter().flatten() {
             let name = call["function"]["name"].as_str().unwrap_or_default();
             let text = format.call_text(name, &call["function"]["arguments"]);
@@ -263,14 +265,25 @@ fn describe_tools_in_messages(
             }
             message.content.push_str(&text);
         }
-        if message.role == "tool" {
-            message.role = "user".to_string();
-            message.content = format!("<tool_response>\n{}\n</tool_response>", message.content);
-            message.tool_call_id = None;
-            message.name = None;
+        if message.role != "tool" {
+            after_result = false;
+            written.push(message);
+            continue;
         }
+        let result = format.result_text(&message.content);
+        match written.last_mut() {
+            // The results of one turn's calls are one user turn (templates such as Gemma's
+            // want the turns to alternate).
+            Some(last) if after_result => {
+                last.content.push('\n');
+                last.content.push_str(&result);
+            }
+            _ => written.push(ChatMessage::new("user", result)),
+        }
+        after_result = true;
     }
-    let description = ToolCallFormat::system_prompt(&tools.definitions);
+    *messages = written;
+    let description = format.system_prompt(&tools.definitions);
     match messages.first_mut() {
         Some(first) if first.role == "system" => {
             first.content = format!("{}\n\n{description}", first.content);

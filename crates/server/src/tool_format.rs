@@ -7,8 +7,15 @@
 //! - **Llama 3 JSON** (Llama 3.1-3.3): the whole turn is `{"name": ..., "parameters": {...}}`,
 //!   after an optional `<|python_tag|>`.
 //!
-//! Both also take the generic JSON fallback: a turn that is nothing but a call object (or an
-//! array of them), with `arguments` or `parameters`, naming an offered tool.
+//! - **Gemma** (Gemma 3, whose template does not render tools: minserve describes them in the
+//!   system turn as Gemma's function-calling guide does): a Python call in a fenced block,
+//!   `` ```tool_code\nget_weather(city="Paris")\n``` `` (also a JSON call inside it, or a bare
+//!   Python list of calls, `[get_weather(city="Paris")]`, as a whole turn); results go back in
+//!   `` ```tool_output `` blocks. Read and written by `python_call.rs`.
+//!
+//! Every format is read whichever one the model was told to write: the generic fallback takes
+//! a turn that is nothing but a call object (or an array of them), with `arguments` or
+//! `parameters`, naming an offered tool.
 //!
 //! [`CallScanner`] reads an output as it streams: text that cannot be part of a call is content
 //! at once; a call that opens the usual way, `{"name": "<offered tool>", "arguments": {` (or
@@ -23,9 +30,13 @@ use minserve_grammar::Grammar;
 use minserve_tokenizer::ChatTemplate;
 use serde_json::{json, Value};
 
+use crate::python_call::{call_lark, parse_calls, write_call};
+
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
+const CODE_OPEN: &str = "```tool_code";
+const CODE_CLOSE: &str = "```";
 
 /// One function the model may call.
 #[derive(Debug, Clone)]
@@ -40,23 +51,26 @@ pub(crate) struct Tool {
 pub enum ToolCallFormat {
     Hermes,
     Llama3Json,
+    Gemma,
 }
 
 impl ToolCallFormat {
     /// The names `--tool-call-parser` takes.
-    pub const NAMES: [&'static str; 2] = ["hermes", "llama3_json"];
+    pub const NAMES: [&'static str; 3] = ["hermes", "llama3_json", "gemma"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "hermes" => Some(Self::Hermes),
             "llama3_json" => Some(Self::Llama3Json),
+            "gemma" => Some(Self::Gemma),
             _ => None,
         }
     }
 
-    /// The format a chat template teaches its model: Llama 3's when it speaks of
-    /// `<|python_tag|>` or the `ipython` role, Hermes otherwise (also for templates that do not
-    /// render tools at all: minserve then describes them in Hermes' words, see
+    /// The format a chat template teaches its model: Llama 3's when it renders tools and
+    /// speaks of `<|python_tag|>` or the `ipython` role; Gemma's for a Gemma template
+    /// (`<start_of_turn>`) that does not render tools; Hermes otherwise (also for other
+    /// templates that do not render tools: minserve then describes them in Hermes' words, see
     /// [`ToolCallFormat::system_prompt`]).
     pub fn for_template(template: &ChatTemplate) -> Self {
         let source = template.source();
@@ -65,15 +79,17 @@ impl ToolCallFormat {
             && !source.contains(OPEN)
         {
             Self::Llama3Json
+        } else if !template.renders_tools() && source.contains("<start_of_turn>") {
+            Self::Gemma
         } else {
             Self::Hermes
         }
     }
 
-    /// The key a call's arguments go under.
+    /// The key a JSON call's arguments go under.
     fn arguments_key(self) -> &'static str {
         match self {
-            Self::Hermes => "arguments",
+            Self::Hermes | Self::Gemma => "arguments",
             Self::Llama3Json => "parameters",
         }
     }
@@ -106,13 +122,41 @@ impl ToolCallFormat {
             }
             Self::Hermes => format!("start: \"{OPEN}\\n\" {call} \"\\n{CLOSE}\""),
             Self::Llama3Json => format!("start: {call}"),
+            Self::Gemma => {
+                let mut rules = Vec::new();
+                let calls: Vec<String> = tools
+                    .iter()
+                    .enumerate()
+                    .map(|(id, tool)| call_lark(tool, id, &schema["x-guidance"], &mut rules))
+                    .collect();
+                let repeat = if parallel { " (\"\\n\" call)*" } else { "" };
+                format!(
+                    "start: \"{CODE_OPEN}\\n\" call{repeat} \"\\n{CODE_CLOSE}\"\ncall: {}\n{}",
+                    calls.join(" | "),
+                    rules.join("\n")
+                )
+            }
         };
         Grammar::Lark(lark)
     }
 
     /// For templates that do not render tools: the system text that describes `definitions`
-    /// (the request's `tools`) and how to call them, in Hermes' words.
-    pub(crate) fn system_prompt(definitions: &Value) -> String {
+    /// (the request's `tools`) and how to call them, in this format's words (Hermes' for
+    /// Llama 3, whose templates render tools themselves).
+    pub(crate) fn system_prompt(self, definitions: &Value) -> String {
+        if self == Self::Gemma {
+            let mut text = String::from(
+                "You have access to functions. If you decide to call any of them, write the \
+                 call as Python, with keyword arguments, in a tool_code block:\n```tool_code\n\
+                 function_name(argument_name=value)\n```\nThe result comes back in a \
+                 tool_output block. The functions, in JSON:\n",
+            );
+            for tool in definitions.as_array().into_iter().flatten() {
+                text.push_str(&tool["function"].to_string());
+                text.push('\n');
+            }
+            return text;
+        }
         let mut text = String::from(
             "You may call one or more functions to answer the user. The functions are \
              described in JSON within <tools></tools>:\n<tools>\n",
@@ -136,6 +180,18 @@ impl ToolCallFormat {
         match self {
             Self::Hermes => format!("{OPEN}\n{call}\n{CLOSE}"),
             Self::Llama3Json => call.to_string(),
+            Self::Gemma => format!("{CODE_OPEN}\n{}\n{CODE_CLOSE}", write_call(name, arguments)),
+        }
+    }
+
+    /// A tool's result as this format writes it into a user turn, for templates that do not
+    /// render `tool` messages themselves.
+    pub(crate) fn result_text(self, result: &str) -> String {
+        match self {
+            Self::Gemma => format!("```tool_output\n{result}\n{CODE_CLOSE}"),
+            Self::Hermes | Self::Llama3Json => {
+                format!("<tool_response>\n{result}\n</tool_response>")
+            }
         }
     }
 }
@@ -400,12 +456,20 @@ impl CallScanner {
     /// the `end` everything is. True when it entered a call whose arguments stream.
     fn scan_tags(&mut self, end: bool, out: &mut Vec<OutputPiece>) -> bool {
         loop {
-            match self.pending.find(OPEN) {
-                Some(open) => {
+            let next_block = [(OPEN, CLOSE), (CODE_OPEN, CODE_CLOSE)]
+                .into_iter()
+                .filter_map(|(open, close)| Some((self.pending.find(open)?, open, close)))
+                .min();
+            match next_block {
+                Some((open, open_tag, close_tag)) => {
                     let before = self.pending[..open].to_string();
                     self.content(&before, out);
-                    let body_start = open + OPEN.len();
-                    match call_prefix(&self.pending[body_start..], &self.tool_names) {
+                    let body_start = open + open_tag.len();
+                    let prefix = match open_tag {
+                        OPEN => call_prefix(&self.pending[body_start..], &self.tool_names),
+                        _ => Prefix::No,
+                    };
+                    match prefix {
                         Prefix::Call { name, len } => {
                             self.pending.drain(..body_start + len);
                             self.start_call(name, true, out);
@@ -418,11 +482,11 @@ impl CallScanner {
                         // Not a call that can stream: read whole once the block is closed.
                         _ => {}
                     }
-                    let close = self.pending[body_start..].find(CLOSE);
+                    let close = self.pending[body_start..].find(close_tag);
                     let (body, consumed) = match close {
                         Some(c) => (
                             &self.pending[body_start..body_start + c],
-                            body_start + c + CLOSE.len(),
+                            body_start + c + close_tag.len(),
                         ),
                         // A call cut off by the end of the output: taken if it parses.
                         None if end => (&self.pending[body_start..], self.pending.len()),
@@ -432,22 +496,31 @@ impl CallScanner {
                         }
                     };
                     let block = self.pending[open..consumed].to_string();
-                    match self.call_from_json(body.trim()) {
-                        Some(call) => {
+                    let calls = match open_tag {
+                        OPEN => self.call_from_json(body.trim()).map(|call| vec![call]),
+                        _ => self
+                            .whole_turn_calls(body)
+                            .or_else(|| parse_calls(body, &self.tool_names)),
+                    };
+                    match calls {
+                        Some(calls) => {
                             self.whitespace.clear();
-                            self.calls += 1;
-                            push_call(out, call);
+                            for call in calls {
+                                self.calls += 1;
+                                push_call(out, call);
+                            }
                         }
                         None => self.content(&block, out),
                     }
                     self.pending.drain(..consumed);
                 }
                 None => {
-                    // Hold a tail that may still become `<tool_call>`.
+                    // Hold a tail that may still open a block.
                     let keep = if end {
                         0
                     } else {
                         partial_suffix(&self.pending, OPEN)
+                            .max(partial_suffix(&self.pending, CODE_OPEN))
                     };
                     let settled = self.pending.len() - keep;
                     let text = self.pending[..settled].to_string();
@@ -491,6 +564,7 @@ impl CallScanner {
             .map(|part| self.call_from_json(part.trim()))
             .collect::<Option<Vec<_>>>()
             .filter(|calls| !calls.is_empty())
+            .or_else(|| parse_calls(text, &self.tool_names))
     }
 
     fn call_from_json(&self, text: &str) -> Option<ParsedCall> {
@@ -752,6 +826,24 @@ mod tests {
                     call("add", r#"{"a": {"b": [1, "}"]}}"#),
                     call("get_weather", "{}"),
                 ],
+            ),
+            // Gemma's tool_code blocks (Python or JSON inside), and a bare list of Python calls.
+            (
+                "Sure.\n```tool_code\nadd(a=1, b=2)\n```",
+                vec![Read::Content("Sure.".into()), call("add", r#"{"a":1,"b":2}"#)],
+            ),
+            (
+                "```tool_code\nget_weather(city=\"Paris\")\nadd(a=3, b=4)\n```",
+                vec![call("get_weather", r#"{"city":"Paris"}"#), call("add", r#"{"a":3,"b":4}"#)],
+            ),
+            (
+                "```tool_code\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n```",
+                vec![call("add", r#"{"a":1}"#)],
+            ),
+            ("[add(a=1, b=2)]", vec![call("add", r#"{"a":1,"b":2}"#)]),
+            (
+                "Run ```python\nprint(1)\n``` or ```tool_code\nrm(x=1)\n```",
+                vec![Read::Content("Run ```python\nprint(1)\n``` or ```tool_code\nrm(x=1)\n```".into())],
             ),
             // Held whole: another key order.
             (
