@@ -99,7 +99,11 @@ impl Arguments<'_> {
             // Reserved before it is built: the expression refers to later rules only.
             self.rules.push(defined.clone());
             let body = self.from(j, first);
-            let slot = self.rules.iter_mut().find(|r| **r == defined).expect("reserved");
+            let slot = self
+                .rules
+                .iter_mut()
+                .find(|r| **r == defined)
+                .expect("reserved");
             slot.push_str(&body);
         }
         name
@@ -213,7 +217,11 @@ impl Reader<'_> {
         match self.rest().chars().next()? {
             '"' | '\'' => self.string().map(Value::String),
             '[' | '(' => {
-                let close = if self.eat('[') { ']' } else { self.eat('(').then_some(')')? };
+                let close = if self.eat('[') {
+                    ']'
+                } else {
+                    self.eat('(').then_some(')')?
+                };
                 let mut items = Vec::new();
                 loop {
                     self.skip_whitespace();
@@ -286,7 +294,10 @@ impl Reader<'_> {
                         't' => out.push('\t'),
                         'r' => out.push('\r'),
                         'u' => {
-                            let hex: String = (0..4).filter_map(|_| chars.next()).map(|(_, c)| c).collect();
+                            let hex: String = (0..4)
+                                .filter_map(|_| chars.next())
+                                .map(|(_, c)| c)
+                                .collect();
                             out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
                         }
                         other => out.push(other),
@@ -347,7 +358,10 @@ mod tests {
         );
         assert_eq!(
             read("add(a=1)\nadd(b=2)"),
-            Some(vec![("add".into(), json!({"a": 1})), ("add".into(), json!({"b": 2}))])
+            Some(vec![
+                ("add".into(), json!({"a": 1})),
+                ("add".into(), json!({"b": 2}))
+            ])
         );
         // Written back, read the same.
         let args = json!({"city": "Paris \"2\"", "n": [1, true, null]});
@@ -356,7 +370,14 @@ mod tests {
             Some(vec![("get_weather".into(), args)])
         );
         // Not calls: unknown function, positional arguments, trailing text, unclosed.
-        for text in ["nope(a=1)", "add(1, 2)", "add(a=1) and more", "add(a=1", "", "print"] {
+        for text in [
+            "nope(a=1)",
+            "add(1, 2)",
+            "add(a=1) and more",
+            "add(a=1",
+            "",
+            "print",
+        ] {
             assert_eq!(read(text), None, "{text:?}");
         }
     }

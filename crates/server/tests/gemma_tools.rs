@@ -111,7 +111,10 @@ async fn gemma_writes_tool_code_calls_that_are_read_back() {
     let mut arguments = String::new();
     for event in &events {
         let delta = &event["choices"][0]["delta"];
-        assert!(delta["content"].as_str().unwrap_or("").is_empty(), "{event}");
+        assert!(
+            delta["content"].as_str().unwrap_or("").is_empty(),
+            "{event}"
+        );
         for call in delta["tool_calls"].as_array().into_iter().flatten() {
             name.push_str(call["function"]["name"].as_str().unwrap_or(""));
             arguments.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
