@@ -5,12 +5,13 @@
 
 use serde_json::{json, Map, Number, Value};
 
-use crate::tool_format::{ParsedCall, Tool};
+/// A call read: the function's name and its arguments as a JSON object.
+pub(crate) type Call = (String, Value);
 
 /// The calls in `text`: one per line (or separated by `;`), or a Python list of calls
 /// (`[f(a=1), g()]`); each must name one of `tool_names`. `None` unless all of it reads as
 /// calls.
-pub(crate) fn parse_calls(text: &str, tool_names: &[String]) -> Option<Vec<ParsedCall>> {
+pub(crate) fn parse_calls(text: &str, tool_names: &[String]) -> Option<Vec<Call>> {
     let mut reader = Reader { text, at: 0 };
     reader.skip_whitespace();
     let bracketed = reader.eat('[');
@@ -24,7 +25,7 @@ pub(crate) fn parse_calls(text: &str, tool_names: &[String]) -> Option<Vec<Parse
             break;
         }
         let call = reader.call()?;
-        if !tool_names.contains(&call.name) {
+        if !tool_names.contains(&call.0) {
             return None;
         }
         calls.push(call);
@@ -49,19 +50,24 @@ pub(crate) fn write_call(name: &str, arguments: &Value) -> String {
     format!("{name}({})", arguments.join(", "))
 }
 
-/// A Lark expression whose sentences are calls of `tool` with valid arguments: its declared
+/// A Lark expression whose sentences are calls of function `name` with valid arguments
+/// (`parameters`, their JSON schema): its declared
 /// parameters in their order, the required ones always, the others optional, each value
 /// written by `%json` with the parameter's schema in `layout` (the compact JSON layout). The
 /// rules it needs are added to `rules`, named after `id`.
-pub(crate) fn call_lark(tool: &Tool, id: usize, layout: &Value, rules: &mut Vec<String>) -> String {
-    let properties: Vec<(&String, &Value)> = tool
-        .parameters
+pub(crate) fn call_lark(
+    name: &str,
+    parameters: &Value,
+    id: usize,
+    layout: &Value,
+    rules: &mut Vec<String>,
+) -> String {
+    let properties: Vec<(&String, &Value)> = parameters
         .get("properties")
         .and_then(Value::as_object)
         .map(|p| p.iter().collect())
         .unwrap_or_default();
-    let required: Vec<&str> = tool
-        .parameters
+    let required: Vec<&str> = parameters
         .get("required")
         .and_then(Value::as_array)
         .map(|r| r.iter().filter_map(Value::as_str).collect())
@@ -73,7 +79,7 @@ pub(crate) fn call_lark(tool: &Tool, id: usize, layout: &Value, rules: &mut Vec<
         required,
         rules,
     };
-    let open = json!(format!("{}(", tool.name));
+    let open = json!(format!("{name}("));
     match arguments.properties.is_empty() {
         true => format!("{open} \")\""),
         false => format!("{open} {} \")\"", arguments.from(0, true)),
@@ -181,7 +187,7 @@ impl Reader<'_> {
     }
 
     /// `name(key=value, ...)`.
-    fn call(&mut self) -> Option<ParsedCall> {
+    fn call(&mut self) -> Option<Call> {
         let name = self.identifier()?.to_string();
         self.skip_whitespace();
         if !self.eat('(') {
@@ -206,10 +212,7 @@ impl Reader<'_> {
                 return None;
             }
         }
-        Some(ParsedCall {
-            name,
-            arguments: Value::Object(arguments).to_string(),
-        })
+        Some((name, Value::Object(arguments)))
     }
 
     fn value(&mut self) -> Option<Value> {
@@ -329,12 +332,7 @@ mod tests {
     }
 
     fn read(text: &str) -> Option<Vec<(String, Value)>> {
-        parse_calls(text, &names()).map(|calls| {
-            calls
-                .into_iter()
-                .map(|c| (c.name, serde_json::from_str(&c.arguments).unwrap()))
-                .collect()
-        })
+        parse_calls(text, &names())
     }
 
     #[test]

@@ -127,7 +127,10 @@ impl ToolCallFormat {
                 let calls: Vec<String> = tools
                     .iter()
                     .enumerate()
-                    .map(|(id, tool)| call_lark(tool, id, &schema["x-guidance"], &mut rules))
+                    .map(|(id, tool)| {
+                        let layout = &schema["x-guidance"];
+                        call_lark(&tool.name, &tool.parameters, id, layout, &mut rules)
+                    })
                     .collect();
                 let repeat = if parallel { " (\"\\n\" call)*" } else { "" };
                 format!(
@@ -500,7 +503,7 @@ impl CallScanner {
                         OPEN => self.call_from_json(body.trim()).map(|call| vec![call]),
                         _ => self
                             .whole_turn_calls(body)
-                            .or_else(|| parse_calls(body, &self.tool_names)),
+                            .or_else(|| self.python_calls(body)),
                     };
                     match calls {
                         Some(calls) => {
@@ -564,7 +567,17 @@ impl CallScanner {
             .map(|part| self.call_from_json(part.trim()))
             .collect::<Option<Vec<_>>>()
             .filter(|calls| !calls.is_empty())
-            .or_else(|| parse_calls(text, &self.tool_names))
+            .or_else(|| self.python_calls(text))
+    }
+
+    /// The Python-style calls `text` holds (Gemma's), if that is all it holds.
+    fn python_calls(&self, text: &str) -> Option<Vec<ParsedCall>> {
+        let calls = parse_calls(text, &self.tool_names)?;
+        let calls = calls.into_iter().map(|(name, arguments)| ParsedCall {
+            name,
+            arguments: arguments.to_string(),
+        });
+        Some(calls.collect())
     }
 
     fn call_from_json(&self, text: &str) -> Option<ParsedCall> {

@@ -23,6 +23,12 @@ async fn first_token(s: &TestServer, text: &str) -> u64 {
     t["tokens"][0].as_u64().unwrap()
 }
 
+/// A chat request whose greedy answer meets one of its stop strings.
+fn counting_with_stops() -> Value {
+    json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
+           "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]})
+}
+
 fn content_of(v: &Value, i: usize) -> &str {
     v["choices"][i]["message"]["content"].as_str().unwrap()
 }
@@ -110,13 +116,7 @@ async fn chat_completions() {
     assert_eq!(a["usage"]["completion_tokens"], 6);
 
     // Stop strings end with finish_reason "stop" and are not emitted.
-    let (_, r) = s
-        .post(
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
-                   "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]}),
-        )
-        .await;
+    let (_, r) = s.post("/v1/chat/completions", counting_with_stops()).await;
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
     let text = content_of(&r, 0);
     assert!(!text.contains([' ', ',', '\n', '.']), "{text:?}");
@@ -581,14 +581,12 @@ async fn stop_reason_names_the_stop_string_or_token() {
     assert!(r["choices"][0]["stop_reason"].is_null(), "{r}");
 
     // Streamed, chat: the finish chunk carries it.
+    let mut streamed = counting_with_stops();
+    streamed["stream"] = json!(true);
     let response = s
         .client
         .post(s.url("/v1/chat/completions"))
-        .json(
-            &json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
-                      "max_tokens": 30, "temperature": 0, "stream": true,
-                      "stop": [" ", ",", "\n", "."]}),
-        )
+        .json(&streamed)
         .send()
         .await
         .unwrap();
@@ -601,13 +599,7 @@ async fn stop_reason_names_the_stop_string_or_token() {
     let reason = finish["choices"][0]["stop_reason"].as_str().unwrap();
     assert!([" ", ",", "\n", "."].contains(&reason), "{finish}");
     // Not streamed, the same reason.
-    let (_, r) = s
-        .post(
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
-                   "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]}),
-        )
-        .await;
+    let (_, r) = s.post("/v1/chat/completions", counting_with_stops()).await;
     assert_eq!(r["choices"][0]["stop_reason"], reason, "{r}");
 
     // EOS: null.
