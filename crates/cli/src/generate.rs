@@ -230,6 +230,7 @@ mod tests {
                 reason: FinishReason::Stop,
                 text: "!".into(),
                 completion_tokens: 4,
+                stop_reason: None,
             },
         ] {
             printer.print(event).unwrap();

@@ -55,8 +55,8 @@ pub struct ServeArgs {
     /// CORS headers are sent.
     #[arg(long, value_delimiter = ',', value_parser = parse_origin)]
     allowed_origins: Vec<String>,
-    /// How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`) or
-    /// `llama3_json`. Default: read from the chat template (docs/tool-calling.md).
+    /// How the model writes tool calls: `hermes` (`<tool_call>{...}</tool_call>`),
+    /// `llama3_json` or `gemma` (tool_code). Default: read from the chat template.
     #[arg(long, value_parser = parse_tool_call_parser)]
     tool_call_parser: Option<ToolCallFormat>,
     /// When the engine thread fails, load the model again and carry on (the failure is

@@ -561,7 +561,11 @@ impl<E: ModelExecutor> Engine<E> {
                 return;
             }
         };
-        let TokenOutput { text, mut finish } = self.output.push(
+        let TokenOutput {
+            text,
+            mut finish,
+            mut stop_reason,
+        } = self.output.push(
             &mut sample.output,
             &request.request,
             sampled.token,
@@ -570,6 +574,7 @@ impl<E: ModelExecutor> Engine<E> {
         if grammar_complete && finish != Some(FinishReason::Stop) {
             // The output is a complete sentence of the grammar, also at `max_tokens`.
             finish = Some(FinishReason::Stop);
+            stop_reason = None;
         }
         let delivered = request.sink.send(RequestEvent::Token {
             index: sample.index,
@@ -589,6 +594,7 @@ impl<E: ModelExecutor> Engine<E> {
                 reason,
                 text: self.output.held_back(&mut sample.output),
                 completion_tokens: num_output,
+                stop_reason,
             });
             self.finish_sequence(id);
         }

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use crate::detokenize::{IncrementalDetokenizer, TokenDecoder};
-use crate::request::{FinishReason, Request};
+use crate::request::{FinishReason, Request, StopReason};
 use crate::stop::StopStrings;
 
 /// The engine-wide part of the stage: how to decode, and the model's end-of-sequence ids.
@@ -42,6 +42,8 @@ pub struct TokenOutput {
     pub text: String,
     /// Set when this token ends the sample.
     pub finish: Option<FinishReason>,
+    /// The request's stop string or stop token id that ended it, if one did.
+    pub stop_reason: Option<StopReason>,
 }
 
 impl OutputStage {
@@ -78,21 +80,35 @@ impl OutputStage {
         num_output: usize,
     ) -> TokenOutput {
         let mut finish = None;
+        let mut stop_reason = None;
         let mut text = String::new();
         if self.stop_token_ids(request).any(|t| t == token) {
             finish = Some(FinishReason::Stop);
+            // EOS first, as vLLM checks it: a stop id that is also EOS reports no reason.
+            let eos = !request.ignore_eos && self.eos_token_ids.contains(&token);
+            if !eos {
+                stop_reason = Some(StopReason::Token(token));
+            }
         } else {
             let delta = sample.detokenizer.push(token, self.decoder.as_ref());
             let outcome = sample.stop_strings.push(&delta);
             text = outcome.emit;
             if outcome.stopped {
                 finish = Some(FinishReason::Stop);
+                stop_reason = sample
+                    .stop_strings
+                    .matched()
+                    .map(|s| StopReason::String(s.to_string()));
             }
         }
         if finish.is_none() && num_output >= request.max_tokens {
             finish = Some(FinishReason::Length);
         }
-        TokenOutput { text, finish }
+        TokenOutput {
+            text,
+            finish,
+            stop_reason,
+        }
     }
 
     /// The text `sample` still holds back once it has ended: a partial character, or a prefix

@@ -73,6 +73,14 @@ impl Deref for ValidatedRequest {
     }
 }
 
+/// What stopped a sample, when the request asked for it (vLLM's `stop_reason`): one of its
+/// stop strings, or one of its stop token ids. EOS and a completed grammar are no such reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    String(String),
+    Token(u32),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// EOS, a stop token id, or a stop string.
@@ -117,6 +125,9 @@ pub enum RequestEvent {
         /// Text held back until the end (a prefix of a stop string that never completed).
         text: String,
         completion_tokens: usize,
+        /// The stop string or stop token id that ended it; `None` at EOS, a complete grammar
+        /// or the length limit.
+        stop_reason: Option<StopReason>,
     },
     /// The request failed inside the engine; no more events follow.
     Failed(String),

@@ -5,7 +5,7 @@
 //! changed for the client ([`ChoiceChange`]); the streaming path renders each change as a chunk,
 //! the single-body path renders the finished [`Choice`]s at the end.
 
-use minserve_core::request::{FinishReason, RequestEvent};
+use minserve_core::request::{FinishReason, RequestEvent, StopReason};
 
 /// A generated token with its log probability and the most likely alternatives.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub(crate) struct Choice {
     /// Tokens generated, including those whose text is still held back.
     pub tokens: usize,
     pub finish: Option<FinishReason>,
+    /// The stop string or stop token id that ended it (vLLM's `stop_reason`).
+    pub stop_reason: Option<StopReason>,
     /// One per token, when the request asked for logprobs.
     pub logprobs: Vec<TokenLogprob>,
 }
@@ -41,6 +43,7 @@ pub(crate) enum ChoiceChange {
         /// Text held back until the end.
         text: String,
         reason: FinishReason,
+        stop_reason: Option<StopReason>,
     },
     /// The request failed; no more events follow.
     Failed(String),
@@ -137,6 +140,7 @@ impl Choices {
                 index,
                 reason,
                 text,
+                stop_reason,
                 ..
             } => {
                 let choice = prompt * self.samples_per_prompt + index;
@@ -145,10 +149,12 @@ impl Choices {
                 };
                 c.text.push_str(&text);
                 c.finish = Some(reason);
+                c.stop_reason = stop_reason.clone();
                 ChoiceChange::Finished {
                     choice,
                     text,
                     reason,
+                    stop_reason,
                 }
             }
             RequestEvent::Failed(message) => ChoiceChange::Failed(message),
@@ -182,6 +188,7 @@ mod tests {
             reason: FinishReason::Stop,
             text: text.into(),
             completion_tokens: 0,
+            stop_reason: None,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Every field a chat or text completion request may carry, and what minserve does with it:
+//! Every field a chat, text completion or Responses API request may carry, and what minserve does with it:
 //! honour it, accept it as meaningless here, or refuse it. Nothing is silently ignored: a field
 //! that is not in [`FIELDS`] is refused as OpenAI refuses it ("Unrecognized request argument
 //! supplied"), and a refused field is a 400 naming it unless it holds the value that asks for
@@ -12,23 +12,38 @@ use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::json_body::{as_int, JsonBody};
 
-/// The APIs a field belongs to.
+/// The APIs a field belongs to: a set of [`GenerationApi`]s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Apis {
-    Chat,
-    Completion,
-    Both,
-}
+pub(crate) struct Apis(u8);
 
 impl Apis {
-    fn includes(self, api: GenerationApi) -> bool {
-        match self {
-            Apis::Both => true,
-            Apis::Chat => api == GenerationApi::Chat,
-            Apis::Completion => api == GenerationApi::Completion,
+    const fn of(api: GenerationApi) -> u8 {
+        match api {
+            GenerationApi::Chat => 1,
+            GenerationApi::Completion => 2,
+            GenerationApi::Responses => 4,
         }
     }
+
+    fn includes(self, api: GenerationApi) -> bool {
+        self.0 & Self::of(api) != 0
+    }
+
+    /// Whether a field of `self` and one of `other` could be sent to the same API.
+    #[cfg(test)]
+    fn overlaps(self, other: Apis) -> bool {
+        self.0 & other.0 != 0
+    }
 }
+
+const CHAT: Apis = Apis(Apis::of(GenerationApi::Chat));
+const COMPLETION: Apis = Apis(Apis::of(GenerationApi::Completion));
+const RESPONSES: Apis = Apis(Apis::of(GenerationApi::Responses));
+/// Chat and text completions.
+const BOTH: Apis = Apis(CHAT.0 | COMPLETION.0);
+/// The two conversation APIs: chat and the Responses API.
+const CHAT_RESPONSES: Apis = Apis(CHAT.0 | RESPONSES.0);
+const ALL: Apis = Apis(BOTH.0 | RESPONSES.0);
 
 /// What minserve does with a field.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +113,19 @@ fn is_true(v: &Value, _: &JsonBody) -> bool {
     v == &Value::Bool(true)
 }
 
+fn is_zero(v: &Value, _: &JsonBody) -> bool {
+    as_int(v) == Some(0)
+}
+
+fn is_empty_array(v: &Value, _: &JsonBody) -> bool {
+    v.as_array().is_some_and(Vec::is_empty)
+}
+
+/// `truncation: "disabled"`, the default.
+fn is_disabled(v: &Value, _: &JsonBody) -> bool {
+    v.as_str() == Some("disabled")
+}
+
 /// `modalities: ["text"]`: text out is all there is.
 fn text_only(v: &Value, _: &JsonBody) -> bool {
     v.as_array()
@@ -115,68 +143,70 @@ fn best_of_n(v: &Value, body: &JsonBody) -> bool {
     as_int(v) == Some(n)
 }
 
-use Apis::{Both, Chat, Completion};
-
 /// Every field of both requests, in the order of `docs/api-fields.md`.
 pub(crate) const FIELDS: &[Field] = &[
     // The prompt and the model.
-    supported("model", Both),
-    supported("messages", Chat),
-    supported("prompt", Completion),
+    supported("model", ALL),
+    supported("messages", CHAT),
+    supported("prompt", COMPLETION),
+    supported("input", RESPONSES),
+    supported("instructions", RESPONSES),
     // Length and stopping.
-    supported("max_tokens", Both),
-    supported("max_completion_tokens", Chat),
-    supported("min_tokens", Both),
-    supported("stop", Both),
-    supported("stop_token_ids", Both),
-    supported("ignore_eos", Both),
+    supported("max_tokens", BOTH),
+    supported("max_completion_tokens", CHAT),
+    supported("max_output_tokens", RESPONSES),
+    supported("min_tokens", ALL),
+    supported("stop", ALL),
+    supported("stop_token_ids", ALL),
+    supported("ignore_eos", ALL),
     // Sampling.
-    supported("temperature", Both),
-    supported("top_p", Both),
-    supported("top_k", Both),
-    supported("min_p", Both),
-    supported("presence_penalty", Both),
-    supported("frequency_penalty", Both),
-    supported("repetition_penalty", Both),
-    supported("logit_bias", Both),
-    supported("seed", Both),
-    supported("n", Both),
-    supported("logprobs", Both),
-    supported("top_logprobs", Chat),
-    supported("echo", Completion),
+    supported("temperature", ALL),
+    supported("top_p", ALL),
+    supported("top_k", ALL),
+    supported("min_p", ALL),
+    supported("presence_penalty", ALL),
+    supported("frequency_penalty", ALL),
+    supported("repetition_penalty", ALL),
+    supported("logit_bias", ALL),
+    supported("seed", ALL),
+    supported("n", BOTH),
+    supported("logprobs", BOTH),
+    supported("top_logprobs", CHAT),
+    supported("echo", COMPLETION),
     // Delivery and scheduling.
-    supported("stream", Both),
-    supported("stream_options", Both),
-    supported("priority", Both),
+    supported("stream", ALL),
+    supported("stream_options", BOTH),
+    supported("priority", ALL),
     // Structured outputs and tools.
-    supported("response_format", Chat),
-    supported("structured_outputs", Both),
-    supported("tools", Chat),
-    supported("tool_choice", Chat),
-    supported("parallel_tool_calls", Chat),
+    supported("response_format", CHAT),
+    supported("text", RESPONSES),
+    supported("structured_outputs", BOTH),
+    supported("tools", CHAT_RESPONSES),
+    supported("tool_choice", CHAT_RESPONSES),
+    supported("parallel_tool_calls", CHAT_RESPONSES),
     // The chat template.
-    supported("chat_template_kwargs", Chat),
-    supported("add_generation_prompt", Chat),
-    supported("continue_final_message", Chat),
+    supported("chat_template_kwargs", CHAT),
+    supported("add_generation_prompt", CHAT),
+    supported("continue_final_message", CHAT),
     // Accepted, without effect here.
     meaningless(
         "user",
-        Both,
+        ALL,
         "an end-user id for the provider's abuse monitoring; minserve keeps no per-user state",
     ),
     meaningless(
         "safety_identifier",
-        Chat,
+        CHAT_RESPONSES,
         "the successor of `user`, for abuse monitoring; nothing to monitor with",
     ),
     meaningless(
         "metadata",
-        Chat,
+        CHAT_RESPONSES,
         "tags for stored completions; minserve stores none",
     ),
     meaningless(
         "prompt_cache_key",
-        Chat,
+        CHAT_RESPONSES,
         "a routing hint for the provider's prompt cache; minserve's prefix cache is automatic \
          and shared by all requests",
     ),
@@ -184,161 +214,240 @@ pub(crate) const FIELDS: &[Field] = &[
     // forward. SGLang itself gives them effect only when started with a reasoning parser.
     meaningless(
         "separate_reasoning",
-        Chat,
+        CHAT,
         "SGLang's; takes effect only with a reasoning parser, which minserve does not run: \
          reasoning text stays in `content`",
     ),
     meaningless(
         "stream_reasoning",
-        Chat,
+        CHAT,
         "SGLang's; as `separate_reasoning`",
     ),
     meaningless(
         "include_reasoning",
-        Chat,
+        CHAT,
         "SGLang's; as `separate_reasoning`",
     ),
+    meaningless(
+        "store",
+        RESPONSES,
+        "OpenAI keeps responses for later reference by default; minserve keeps none (a later \
+         `previous_response_id` is refused), so `true` and `false` are answered alike",
+    ),
+    meaningless(
+        "stream_options",
+        RESPONSES,
+        "`include_obfuscation` pads streamed events against length side channels; minserve \
+         does not pad them",
+    ),
+    meaningless(
+        "prompt_cache_retention",
+        RESPONSES,
+        "minserve's prefix cache keeps blocks while the KV cache has room for them",
+    ),
     // Refused unless they ask for nothing.
-    refused("store", Chat, "minserve stores no completions", is_false),
+    refused("store", CHAT, "minserve stores no completions", is_false),
     refused(
         "service_tier",
-        Chat,
+        CHAT_RESPONSES,
         "there is one tier: `auto` or `default`",
         default_tier,
     ),
     refused(
         "modalities",
-        Chat,
+        CHAT,
         "only text output: `[\"text\"]`",
         text_only,
     ),
     refused(
         "best_of",
-        Completion,
+        COMPLETION,
         "minserve does not rank candidates: `best_of` must equal `n` (or be left out)",
         best_of_n,
     ),
     refused(
         "suffix",
-        Completion,
+        COMPLETION,
         "insertion (fill-in-the-middle) is not supported",
         never,
     ),
-    refused("audio", Chat, "audio output is not supported", never),
+    refused("audio", CHAT, "audio output is not supported", never),
     refused(
         "prediction",
-        Chat,
+        CHAT,
         "predicted outputs (speculative decoding from a given text) are not supported",
         never,
     ),
     refused(
         "reasoning_effort",
-        Chat,
+        CHAT,
         "the served models are not reasoning models",
         never,
     ),
     refused(
         "verbosity",
-        Chat,
+        CHAT,
         "no model here is trained to follow a verbosity setting",
         never,
     ),
     refused(
         "web_search_options",
-        Chat,
+        CHAT,
         "minserve has no web search",
         never,
     ),
     refused(
         "functions",
-        Chat,
+        CHAT,
         "the deprecated function-calling fields are not supported: send `tools`",
         never,
     ),
     refused(
         "function_call",
-        Chat,
+        CHAT,
         "the deprecated function-calling fields are not supported: send `tool_choice`",
         never,
     ),
     // vLLM's extra parameters that minserve does not implement.
     refused(
         "use_beam_search",
-        Both,
+        BOTH,
         "beam search is not implemented",
         is_false,
     ),
     refused(
         "include_stop_str_in_output",
-        Both,
+        BOTH,
         "a matched stop string is never part of the output",
         is_false,
     ),
     refused(
         "skip_special_tokens",
-        Both,
+        BOTH,
         "special tokens are always left out of the text",
         is_true,
     ),
     refused(
         "spaces_between_special_tokens",
-        Both,
+        BOTH,
         "special tokens are always left out of the text",
         is_true,
     ),
     // SGLang's extra parameters that routers forward with their default values.
     refused(
         "no_stop_trim",
-        Both,
+        BOTH,
         "a matched stop string is always trimmed from the output",
         is_false,
     ),
     refused(
         "return_hidden_states",
-        Both,
+        BOTH,
         "hidden states are not returned",
         is_false,
     ),
     refused(
         "prompt_logprobs",
-        Both,
+        BOTH,
         "the model runner computes logits at the last prompt position only",
         never,
     ),
     refused(
         "truncate_prompt_tokens",
-        Both,
+        BOTH,
         "prompts are never truncated: a prompt that does not fit is refused",
         never,
     ),
     refused(
         "guided_json",
-        Both,
+        BOTH,
         "vLLM's removed `guided_*` fields are not supported: send `structured_outputs`",
         never,
     ),
     refused(
         "guided_regex",
-        Both,
+        BOTH,
         "vLLM's removed `guided_*` fields are not supported: send `structured_outputs`",
         never,
     ),
     refused(
         "guided_choice",
-        Both,
+        BOTH,
         "vLLM's removed `guided_*` fields are not supported: send `structured_outputs`",
         never,
     ),
     refused(
         "guided_grammar",
-        Both,
+        BOTH,
         "vLLM's removed `guided_*` fields are not supported: send `structured_outputs`",
         never,
     ),
     refused(
         "chat_template",
-        Chat,
+        CHAT,
         "a request cannot replace the model's chat template",
+        never,
+    ),
+    // The Responses API's state and hosted features.
+    refused(
+        "previous_response_id",
+        RESPONSES,
+        "minserve keeps no responses (it is stateless): send the whole conversation in `input`",
+        never,
+    ),
+    refused(
+        "conversation",
+        RESPONSES,
+        "minserve keeps no conversations (it is stateless): send the whole conversation in \
+         `input`",
+        never,
+    ),
+    refused(
+        "background",
+        RESPONSES,
+        "a response runs while its request is open; there is no background mode",
+        is_false,
+    ),
+    refused(
+        "include",
+        RESPONSES,
+        "there is no extra output to include: an empty list asks for nothing",
+        is_empty_array,
+    ),
+    refused(
+        "reasoning",
+        RESPONSES,
+        "the served models are not reasoning models",
+        never,
+    ),
+    refused(
+        "top_logprobs",
+        RESPONSES,
+        "log probabilities are not reported on /v1/responses: use /v1/chat/completions",
+        is_zero,
+    ),
+    refused(
+        "truncation",
+        RESPONSES,
+        "prompts are never truncated: a prompt that does not fit is refused",
+        is_disabled,
+    ),
+    refused(
+        "max_tool_calls",
+        RESPONSES,
+        "the number of calls is not limited: leave it out",
+        never,
+    ),
+    refused(
+        "prompt",
+        RESPONSES,
+        "stored prompt templates are not supported: send `input`",
+        never,
+    ),
+    refused(
+        "context_management",
+        RESPONSES,
+        "conversations are not compacted: send the input that should be read",
         never,
     ),
 ];
@@ -400,9 +509,13 @@ mod tests {
         let doc = include_str!("../../../docs/api-fields.md");
         for field in FIELDS {
             let apis = match field.apis {
-                Both => "both",
-                Chat => "chat",
-                Completion => "completions",
+                BOTH => "both",
+                CHAT => "chat",
+                COMPLETION => "completions",
+                RESPONSES => "responses",
+                CHAT_RESPONSES => "chat, responses",
+                ALL => "all",
+                other => panic!("no docs name for {other:?}"),
             };
             let row = format!("| `{}` | {apis} | {} |", field.name, status(field.handling));
             assert!(
@@ -423,7 +536,7 @@ mod tests {
         for (i, a) in FIELDS.iter().enumerate() {
             for b in &FIELDS[i + 1..] {
                 assert!(
-                    a.name != b.name || (a.apis != Both && b.apis != Both && a.apis != b.apis),
+                    a.name != b.name || !a.apis.overlaps(b.apis),
                     "{} is listed twice",
                     a.name
                 );

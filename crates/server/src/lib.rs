@@ -3,14 +3,16 @@
 //! ```text
 //! socket -> middleware.rs (API key, JSON errors, CORS, log, in-flight count),
 //!           body_limit.rs (the body read whole, within its limit)
-//!        -> routes/chat.rs | routes/completions.rs: read the body, on cpu_work.rs's threads
+//!        -> routes/chat.rs | routes/completions.rs | routes/responses.rs (responses/): read
+//!             the body, on cpu_work.rs's threads
 //!             json_body.rs (shape, types), params.rs (GenerationParams, limits.rs),
 //!             prompt.rs (token ids)
 //!        -> submit.rs: complete engine requests, validated once by the engine handle,
 //!             admission.rs (429 when the queue is full), EngineHandle::add_request(request, sink)
 //!        -> engine thread --RequestEvent--> tokio channel
 //!        -> choices.rs (events -> choices, pure) -> render.rs (JSON)
-//!        -> stream.rs (SSE chunks) | collect.rs (one JSON body)
+//!        -> stream.rs (SSE chunks) | collect.rs (one JSON body); the Responses API renders
+//!             its own objects and events (responses/)
 //! ```
 //!
 //! Each request's events come back over its own bounded channel, which the engine thread never
@@ -40,7 +42,9 @@ mod middleware;
 mod options;
 mod params;
 mod prompt;
+mod python_call;
 mod render;
+mod responses;
 mod routes;
 mod state;
 mod stream;
@@ -65,7 +69,9 @@ pub use metrics::Metrics;
 pub use options::{ServerOptions, ToolCallFormat};
 pub use state::{spawn_load, AppState, ServedModel};
 
-use routes::{chat, completions, models, monitoring, openapi, tokenize};
+use routes::{
+    chat, completions, models, monitoring, openapi, responses as responses_api, tokenize,
+};
 
 /// The routes, without the outer layers (see [`app`]).
 pub fn router(state: Arc<AppState>) -> Router {
@@ -82,6 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/chat/completions/render",
             json_post(tokenize::render_chat_request),
         )
+        .route("/v1/responses", json_post(responses_api::responses))
         .route("/tokenize", json_post(tokenize::tokenize))
         .route("/detokenize", json_post(tokenize::detokenize))
         .fallback(|| async { ApiError::for_status(StatusCode::NOT_FOUND) })

@@ -85,7 +85,7 @@ impl GenerationParams {
         let stop = stop_conditions(body, max_tokens, vocab_size)?;
         let priority = priority(body)?;
         body.str("user")?; // no effect (see fields.rs), but OpenAI wants a string
-        let delivery = stream_options(body)?;
+        let delivery = stream_options(body, api)?;
         Ok(Self {
             api,
             max_tokens,
@@ -160,20 +160,24 @@ impl GenerationParams {
     }
 }
 
-/// `max_tokens` (chat: `max_completion_tokens` first): at least 1, or 0 with `echo`.
+/// `max_tokens` (chat: `max_completion_tokens` first; the Responses API:
+/// `max_output_tokens`): at least 1, or 0 with `echo`.
 fn max_tokens(body: &JsonBody, api: GenerationApi, echo: bool) -> Result<MaxTokens, ApiError> {
-    let chat = api == GenerationApi::Chat;
-    let (asked, param) = match body.int("max_completion_tokens")? {
-        Some(x) if chat => (Some(x), "max_completion_tokens"),
-        _ => (body.int("max_tokens")?, "max_tokens"),
+    let (asked, param) = match api {
+        GenerationApi::Chat => match body.int("max_completion_tokens")? {
+            Some(x) => (Some(x), "max_completion_tokens"),
+            None => (body.int("max_tokens")?, "max_tokens"),
+        },
+        GenerationApi::Completion => (body.int("max_tokens")?, "max_tokens"),
+        GenerationApi::Responses => (body.int("max_output_tokens")?, "max_output_tokens"),
     };
     match asked {
         Some(0) if echo => {}
         Some(x) if x < 1 => {
-            let hint = if chat {
-                ""
-            } else {
+            let hint = if api == GenerationApi::Completion {
                 " (0 is allowed with `echo`, to get the prompt back alone)"
+            } else {
+                ""
             };
             return Err(ApiError::invalid(
                 param,
@@ -289,6 +293,8 @@ fn logprobs(body: &JsonBody, api: GenerationApi, echo: bool) -> Result<Option<us
             }
         }
         GenerationApi::Completion => body.count("logprobs")?,
+        // Only `top_logprobs: 0` gets this far (see fields.rs).
+        GenerationApi::Responses => None,
     };
     if echo && logprobs.is_some() {
         // OpenAI would give the prompt's tokens their log probabilities, which needs logits at
@@ -377,10 +383,12 @@ fn priority(body: &JsonBody) -> Result<i32, ApiError> {
     })
 }
 
-/// `stream` and `stream_options.include_usage`.
-fn stream_options(body: &JsonBody) -> Result<StreamOptions, ApiError> {
+/// `stream` and `stream_options.include_usage` (the Responses API's stream always ends with
+/// the usage, and its `stream_options` mean something else: see fields.rs).
+fn stream_options(body: &JsonBody, api: GenerationApi) -> Result<StreamOptions, ApiError> {
     let stream = body.bool("stream")?.unwrap_or(false);
     let include_usage = match body.get("stream_options") {
+        _ if api == GenerationApi::Responses => false,
         None => false,
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,

@@ -197,8 +197,9 @@ fn chat_message(index: usize, message: &Value) -> Result<ChatMessage, ApiError> 
 }
 
 /// Every `tool` message answers a call an earlier assistant message made; its `name` is the
-/// called function's when the client left it out.
-fn link_tool_results(messages: &mut [ChatMessage]) -> Result<(), ApiError> {
+/// called function's when the client left it out. A tool message that answers no call is an
+/// error: its index, and the id it answers.
+pub(crate) fn link_tool_results(messages: &mut [ChatMessage]) -> Result<(), (usize, String)> {
     let mut calls: Vec<(String, String)> = Vec::new();
     for (i, message) in messages.iter_mut().enumerate() {
         for call in message.tool_calls.iter().flatten() {
@@ -211,10 +212,7 @@ fn link_tool_results(messages: &mut [ChatMessage]) -> Result<(), ApiError> {
         }
         if let Some(id) = &message.tool_call_id {
             let Some((_, name)) = calls.iter().find(|(call, _)| call == id) else {
-                return Err(ApiError::invalid(
-                    &format!("messages[{i}].tool_call_id"),
-                    format!("no earlier assistant message made a tool call with id `{id}`"),
-                ));
+                return Err((i, id.clone()));
             };
             message.name.get_or_insert_with(|| name.clone());
         }
@@ -222,7 +220,8 @@ fn link_tool_results(messages: &mut [ChatMessage]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
+/// Chat's `messages`.
+pub(crate) fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
     let items = match body.get("messages") {
         None => return Err(ApiError::invalid("messages", "`messages` is required")),
         Some(Value::Array(items)) => items,
@@ -239,7 +238,12 @@ fn chat_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
         .enumerate()
         .map(|(i, m)| chat_message(i, m))
         .collect::<Result<Vec<_>, _>>()?;
-    link_tool_results(&mut messages)?;
+    link_tool_results(&mut messages).map_err(|(i, id)| {
+        ApiError::invalid(
+            &format!("messages[{i}].tool_call_id"),
+            format!("no earlier assistant message made a tool call with id `{id}`"),
+        )
+    })?;
     Ok(messages)
 }
 
@@ -250,7 +254,9 @@ fn describe_tools_in_messages(
     tools: &ToolRequest,
     format: ToolCallFormat,
 ) {
-    for message in messages.iter_mut() {
+    let mut written: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
+    let mut after_result = false;
+    for mut message in messages.drain(..) {
         for call in message.tool_calls.take().into_iter().flatten() {
             let name = call["function"]["name"].as_str().unwrap_or_default();
             let text = format.call_text(name, &call["function"]["arguments"]);
@@ -259,14 +265,25 @@ fn describe_tools_in_messages(
             }
             message.content.push_str(&text);
         }
-        if message.role == "tool" {
-            message.role = "user".to_string();
-            message.content = format!("<tool_response>\n{}\n</tool_response>", message.content);
-            message.tool_call_id = None;
-            message.name = None;
+        if message.role != "tool" {
+            after_result = false;
+            written.push(message);
+            continue;
         }
+        let result = format.result_text(&message.content);
+        match written.last_mut() {
+            // The results of one turn's calls are one user turn (templates such as Gemma's
+            // want the turns to alternate).
+            Some(last) if after_result => {
+                last.content.push('\n');
+                last.content.push_str(&result);
+            }
+            _ => written.push(ChatMessage::new("user", result)),
+        }
+        after_result = true;
     }
-    let description = ToolCallFormat::system_prompt(&tools.definitions);
+    *messages = written;
+    let description = format.system_prompt(&tools.definitions);
     match messages.first_mut() {
         Some(first) if first.role == "system" => {
             first.content = format!("{}\n\n{description}", first.content);
@@ -311,17 +328,18 @@ fn template_kwargs(body: &JsonBody) -> Result<Option<&Map<String, Value>>, ApiEr
     Ok(Some(kwargs))
 }
 
-/// The conversation in `messages`, rendered with the model's chat template. By default the
-/// prompt opens the assistant's turn (`add_generation_prompt`); with
-/// `continue_final_message` it ends inside the last (assistant) message instead, for the
-/// model to continue it, as Hugging Face's `apply_chat_template` does.
+/// The conversation in `messages` (read from `body`'s `messages` or the Responses API's
+/// `input`), rendered with the model's chat template. By default the prompt opens the
+/// assistant's turn (`add_generation_prompt`); with `continue_final_message` it ends inside
+/// the last (assistant) message instead, for the model to continue it, as Hugging Face's
+/// `apply_chat_template` does.
 pub(crate) fn render_chat(
     body: &JsonBody,
+    mut messages: Vec<ChatMessage>,
     tokenizer: &Tokenizer,
     default_generation_prompt: bool,
     rendering: &ChatRendering,
 ) -> Result<String, ApiError> {
-    let mut messages = chat_messages(body)?;
     let template = tokenizer.chat_template().ok_or_else(|| {
         ApiError::bad_request(
             "This model has no chat template: send a `prompt` to /v1/completions instead.",
@@ -386,10 +404,11 @@ pub(crate) fn render_chat(
 /// The conversation in `messages`, rendered and tokenized, ready for the assistant's turn.
 pub(crate) fn chat_prompt(
     body: &JsonBody,
+    messages: Vec<ChatMessage>,
     tokenizer: &Tokenizer,
     rendering: &ChatRendering,
 ) -> Result<Prompt, ApiError> {
-    let text = render_chat(body, tokenizer, true, rendering)?;
+    let text = render_chat(body, messages, tokenizer, true, rendering)?;
     // The template writes any BOS itself.
     let tokens = tokenizer.encode(&text, false).map_err(|e| {
         ApiError::invalid("messages", format!("could not tokenize the messages: {e}"))

@@ -1,5 +1,6 @@
 //! The JSON of a generation response: OpenAI's `chat.completion` / `text_completion` objects,
-//! the chunks of a streamed one, logprobs and usage.
+//! the chunks of a streamed one, logprobs and usage. (The Responses API has its own objects:
+//! `responses/`.)
 //!
 //! Chat and text completions differ only here, in the JSON around each choice; everything
 //! before (parameters, submission, choices) is one code path for both. Nothing here does I/O.
@@ -9,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use minserve_core::request::FinishReason;
+use minserve_core::request::{FinishReason, StopReason};
 use minserve_tokenizer::Tokenizer;
 use serde_json::{json, Map, Value};
 
@@ -18,7 +19,7 @@ use crate::generation_api::GenerationApi;
 use crate::params::GenerationParams;
 use crate::prompt::Prompt;
 use crate::state::unix_time;
-use crate::tool_format::{CallScanner, OutputPiece, ParsedCall, Tool};
+use crate::tool_format::{gather, CallScanner, OutputPiece, Tool};
 
 /// Renders the objects of one response; shared by the streaming and the single-body paths.
 pub(crate) struct ResponseRenderer {
@@ -46,7 +47,7 @@ impl ResponseRenderer {
     ) -> Self {
         let api = params.api;
         let prefix = match api {
-            GenerationApi::Chat => "chatcmpl",
+            GenerationApi::Chat | GenerationApi::Responses => "chatcmpl",
             GenerationApi::Completion => "cmpl",
         };
         let echoes = params.echo.then(|| {
@@ -85,25 +86,24 @@ impl ResponseRenderer {
         pieces: Vec<OutputPiece>,
         calls: &mut usize,
     ) -> Vec<Value> {
-        let mut deltas = Vec::new();
-        for piece in pieces {
-            let delta = |d: Value| json!({"index": choice, "delta": d, "logprobs": null, "finish_reason": null});
-            match piece {
-                OutputPiece::Content(text) => deltas.push(delta(json!({"content": text}))),
-                OutputPiece::Call(call) => {
-                    let index = *calls;
+        let delta = |d: Value| json!({"index": choice, "delta": d, "logprobs": null, "finish_reason": null});
+        pieces
+            .into_iter()
+            .filter_map(|piece| match piece {
+                OutputPiece::Content(text) => Some(delta(json!({"content": text}))),
+                OutputPiece::CallStart(name) => {
                     *calls += 1;
-                    deltas.push(delta(json!({"tool_calls": [{
-                        "index": index, "id": tool_call_id(), "type": "function",
-                        "function": {"name": call.name, "arguments": ""},
-                    }]})));
-                    deltas.push(delta(json!({"tool_calls": [{
-                        "index": index, "function": {"arguments": call.arguments},
-                    }]})));
+                    Some(delta(json!({"tool_calls": [{
+                        "index": *calls - 1, "id": tool_call_id(), "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }]})))
                 }
-            }
-        }
-        deltas
+                OutputPiece::CallArguments(text) => Some(delta(json!({"tool_calls": [{
+                    "index": calls.saturating_sub(1), "function": {"arguments": text},
+                }]}))),
+                OutputPiece::CallEnd => None,
+            })
+            .collect()
     }
 
     pub fn wants_logprobs(&self) -> bool {
@@ -116,8 +116,8 @@ impl ResponseRenderer {
 
     fn object(&self, chunk: bool) -> &'static str {
         match (self.api, chunk) {
-            (GenerationApi::Chat, false) => "chat.completion",
-            (GenerationApi::Chat, true) => "chat.completion.chunk",
+            (GenerationApi::Chat | GenerationApi::Responses, false) => "chat.completion",
+            (GenerationApi::Chat | GenerationApi::Responses, true) => "chat.completion.chunk",
             (GenerationApi::Completion, _) => "text_completion",
         }
     }
@@ -175,7 +175,7 @@ impl ResponseRenderer {
     /// The delta each streamed choice starts with, if any: the assistant role, or the echo.
     pub fn opening_delta(&self, choice: usize) -> Option<Value> {
         match self.api {
-            GenerationApi::Chat => Some(json!({
+            GenerationApi::Chat | GenerationApi::Responses => Some(json!({
                 "index": choice, "delta": {"role": "assistant", "content": ""},
                 "logprobs": null, "finish_reason": null,
             })),
@@ -196,7 +196,7 @@ impl ResponseRenderer {
     ) -> Value {
         let tokenizer = &self.tokenizer;
         match self.api {
-            GenerationApi::Chat => {
+            GenerationApi::Chat | GenerationApi::Responses => {
                 let logprobs =
                     logprob.map(|lp| json!({"content": [chat_logprob_entry(tokenizer, lp)]}));
                 json!({
@@ -215,17 +215,15 @@ impl ResponseRenderer {
         }
     }
 
-    /// The streamed end of a choice, with any text held back until then; `called` when it
-    /// made tool calls (its finish reason is then `tool_calls`).
-    pub fn finish_delta(
-        &self,
-        choice: usize,
-        text: String,
-        reason: FinishReason,
-        called: bool,
-    ) -> Value {
+    /// The streamed end of a choice, with any text held back until then.
+    pub fn finish_delta(&self, choice: usize, text: String, end: Finish) -> Value {
+        let stop_reason = stop_reason_json(end.stop_reason);
         match self.api {
-            GenerationApi::Chat => {
+            GenerationApi::Completion => json!({
+                "index": choice, "text": text, "logprobs": null,
+                "finish_reason": end.reason.as_str(), "stop_reason": stop_reason,
+            }),
+            _ => {
                 let delta = if text.is_empty() {
                     json!({})
                 } else {
@@ -233,13 +231,10 @@ impl ResponseRenderer {
                 };
                 json!({
                     "index": choice, "delta": delta, "logprobs": null,
-                    "finish_reason": chat_finish_reason(reason, called),
+                    "finish_reason": chat_finish_reason(end.reason, end.called),
+                    "stop_reason": stop_reason,
                 })
             }
-            GenerationApi::Completion => json!({
-                "index": choice, "text": text, "logprobs": null,
-                "finish_reason": reason.as_str(),
-            }),
         }
     }
 
@@ -247,7 +242,7 @@ impl ResponseRenderer {
     fn finished_choice(&self, choice: usize, c: &Choice) -> Value {
         let tokenizer = &self.tokenizer;
         match self.api {
-            GenerationApi::Chat => {
+            GenerationApi::Chat | GenerationApi::Responses => {
                 let (message, called) = self.chat_message(&c.text);
                 json!({
                     "index": choice,
@@ -258,6 +253,7 @@ impl ResponseRenderer {
                             .collect::<Vec<_>>()
                     })),
                     "finish_reason": c.finish.map(|r| chat_finish_reason(r, called)),
+                    "stop_reason": stop_reason_json(c.stop_reason.as_ref()),
                 })
             }
             GenerationApi::Completion => json!({
@@ -266,6 +262,7 @@ impl ResponseRenderer {
                 "logprobs": self.wants_logprobs
                     .then(|| completion_logprobs(tokenizer, &c.logprobs, 0)),
                 "finish_reason": finish_reason_json(c.finish),
+                "stop_reason": stop_reason_json(c.stop_reason.as_ref()),
             }),
         }
     }
@@ -280,14 +277,7 @@ impl ResponseRenderer {
         };
         let mut pieces = scanner.push(text);
         pieces.extend(scanner.finish());
-        let mut content = String::new();
-        let mut calls: Vec<ParsedCall> = Vec::new();
-        for piece in pieces {
-            match piece {
-                OutputPiece::Content(t) => content.push_str(&t),
-                OutputPiece::Call(call) => calls.push(call),
-            }
-        }
+        let (content, calls) = gather(pieces);
         if calls.is_empty() {
             return (json!({"role": "assistant", "content": content}), false);
         }
@@ -304,6 +294,25 @@ impl ResponseRenderer {
     }
 }
 
+/// How a streamed choice ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Finish<'a> {
+    pub reason: FinishReason,
+    pub stop_reason: Option<&'a StopReason>,
+    /// It made tool calls (chat's finish reason is then `tool_calls`).
+    pub called: bool,
+}
+
+/// vLLM's `stop_reason`: the matched stop string, the stop token id, or null (EOS, a complete
+/// grammar, the length limit).
+fn stop_reason_json(reason: Option<&StopReason>) -> Value {
+    match reason {
+        None => Value::Null,
+        Some(StopReason::String(s)) => json!(s),
+        Some(StopReason::Token(id)) => json!(id),
+    }
+}
+
 /// A chat choice's finish reason: `tool_calls` when it ended by calling tools.
 fn chat_finish_reason(reason: FinishReason, called: bool) -> &'static str {
     match reason {
@@ -313,7 +322,7 @@ fn chat_finish_reason(reason: FinishReason, called: bool) -> &'static str {
 }
 
 /// A fresh id for a tool call, `call_` and 24 hex digits.
-fn tool_call_id() -> String {
+pub(crate) fn tool_call_id() -> String {
     format!("call_{}", &response_id("x")[2..26])
 }
 
@@ -381,7 +390,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -
 }
 
 /// A fresh, unguessable response id: `prefix-` and 32 hex digits.
-fn response_id(prefix: &str) -> String {
+pub(crate) fn response_id(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));

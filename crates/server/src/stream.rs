@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::choices::ChoiceChange;
 use crate::error::ApiError;
 use crate::middleware::logged_by_handler;
-use crate::render::ResponseRenderer;
+use crate::render::{Finish, ResponseRenderer};
 use crate::submit::InFlightGeneration;
 
 fn sse_event(value: &Value) -> Result<Event, Infallible> {
@@ -64,17 +64,21 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
                     logprob.as_ref(),
                     &mut text_offsets[choice],
                 ),
-                ChoiceChange::Finished { choice, text, reason } => match scanners[choice].as_mut() {
-                    Some(scanner) => {
-                        let mut pieces = scanner.push(&text);
-                        pieces.extend(scanner.finish());
-                        for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
-                            yield sse_event(&renderer.chunk(delta));
+                ChoiceChange::Finished { choice, text, reason, stop_reason } => {
+                    let end = Finish { reason, stop_reason: stop_reason.as_ref(), called: false };
+                    match scanners[choice].as_mut() {
+                        Some(scanner) => {
+                            let mut pieces = scanner.push(&text);
+                            pieces.extend(scanner.finish());
+                            for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
+                                yield sse_event(&renderer.chunk(delta));
+                            }
+                            let end = Finish { called: calls[choice] > 0, ..end };
+                            renderer.finish_delta(choice, String::new(), end)
                         }
-                        renderer.finish_delta(choice, String::new(), reason, calls[choice] > 0)
+                        None => renderer.finish_delta(choice, text, end),
                     }
-                    None => renderer.finish_delta(choice, text, reason, false),
-                },
+                }
                 ChoiceChange::Failed(message) => {
                     generation.failed();
                     yield sse_event(&ApiError::internal(message).to_json());

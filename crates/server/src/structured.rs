@@ -1,5 +1,6 @@
-//! Structured outputs: chat's `response_format` (OpenAI) and `structured_outputs` on both
-//! APIs (vLLM's extra parameter: `json`, `regex`, `choice` or `grammar`), read and compiled
+//! Structured outputs: chat's `response_format` and the Responses API's `text.format`
+//! (OpenAI), and `structured_outputs` on chat and completions (vLLM's extra parameter: `json`,
+//! `regex`, `choice` or `grammar`), read and compiled
 //! into a grammar the engine follows token by token (`crates/grammar`). Everything that
 //! cannot be followed is a 400 here, before the request is queued.
 
@@ -19,6 +20,9 @@ pub(crate) fn requested_grammar(
     body: &JsonBody,
     api: GenerationApi,
 ) -> Result<Option<(Grammar, &'static str)>, ApiError> {
+    if api == GenerationApi::Responses {
+        return Ok(text_format(body)?.map(|g| (g, "text.format")));
+    }
     let from_response_format = match body.get("response_format") {
         Some(format) if api == GenerationApi::Chat => response_format(format)?,
         _ => None,
@@ -67,9 +71,64 @@ pub(crate) fn compile(
         .map_err(|e| ApiError::invalid(param, format!("`{param}` cannot be used: {e}")))
 }
 
-/// OpenAI's `response_format`: `text` (no grammar), `json_object` or `json_schema`.
+/// OpenAI's chat `response_format`: `text` (no grammar), `json_object` or `json_schema`, the
+/// schema under `json_schema`.
 fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
-    let param = "response_format";
+    let spec = match format.get("type").and_then(Value::as_str) {
+        Some("json_schema") => {
+            let spec = format.get("json_schema").ok_or_else(|| {
+                ApiError::invalid(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` is required with type `json_schema`",
+                )
+            })?;
+            if !spec.is_object() {
+                return Err(wrong_type("response_format.json_schema", "an object", spec));
+            }
+            Some(spec)
+        }
+        _ => None,
+    };
+    output_format(format, "response_format", spec)
+}
+
+/// The Responses API's `text`: `format` as chat's `response_format` but with the schema's
+/// fields beside `type`; `verbosity` is refused as chat's is.
+fn text_format(body: &JsonBody) -> Result<Option<Grammar>, ApiError> {
+    let Some(text) = body.get("text") else {
+        return Ok(None);
+    };
+    let config = text
+        .as_object()
+        .ok_or_else(|| wrong_type("text", "an object", text))?;
+    for (key, value) in config.iter().filter(|(_, v)| !v.is_null()) {
+        match key.as_str() {
+            "format" => {}
+            "verbosity" if value.as_str() == Some("medium") => {}
+            other => {
+                return Err(ApiError::invalid(
+                    &format!("text.{other}"),
+                    format!(
+                        "`text.{other}` is not supported: only `text.format` is (and \
+                         `verbosity: medium`, the default)"
+                    ),
+                ))
+            }
+        }
+    }
+    match config.get("format").filter(|f| !f.is_null()) {
+        None => Ok(None),
+        Some(format) => output_format(format, "text.format", Some(format)),
+    }
+}
+
+/// A format object of type `text` (no grammar), `json_object` or `json_schema`; `spec` holds
+/// the `schema` of a `json_schema` one.
+fn output_format(
+    format: &Value,
+    param: &str,
+    spec: Option<&Value>,
+) -> Result<Option<Grammar>, ApiError> {
     let kind = format
         .get("type")
         .and_then(Value::as_str)
@@ -80,29 +139,17 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
             serde_json::json!({"type": "object"}),
         ))),
         "json_schema" => {
-            let spec = format.get("json_schema").ok_or_else(|| {
-                ApiError::invalid(
-                    "response_format.json_schema",
-                    "`response_format.json_schema` is required with type `json_schema`",
-                )
-            })?;
-            if !spec.is_object() {
-                return Err(wrong_type("response_format.json_schema", "an object", spec));
-            }
             // `strict` false would let OpenAI stray from the schema; following it exactly is
             // within what it allows. No `schema` means any JSON object, as in OpenAI's API.
-            let schema = match spec.get("schema") {
+            let schema = match spec.and_then(|s| s.get("schema")) {
                 None | Some(Value::Null) => serde_json::json!({"type": "object"}),
                 Some(schema) => schema.clone(),
             };
             Ok(Some(Grammar::JsonSchema(schema)))
         }
         other => Err(ApiError::invalid(
-            "response_format.type",
-            format!(
-                "`response_format.type` must be `text`, `json_object` or `json_schema`, got \
-                 {other:?}"
-            ),
+            &format!("{param}.type"),
+            format!("`{param}.type` must be `text`, `json_object` or `json_schema`, got {other:?}"),
         )),
     }
 }

@@ -233,6 +233,7 @@ pub(crate) fn submit(
                     reason: FinishReason::Length,
                     text: String::new(),
                     completion_tokens: 0,
+                    stop_reason: None,
                 };
                 let _ = tx.try_send((prompt, finished));
             }

@@ -1,11 +1,15 @@
 //! Tool calling, the request side: `tools`, `tool_choice` and `parallel_tool_calls` read and
-//! checked, and the grammar that enforces `required` and a named choice. How calls are
+//! checked, and the grammar that enforces `required` and a named choice. Chat nests a
+//! function under `function` (`{"type": "function", "function": {"name", ...}}`); the
+//! Responses API writes it flat (`{"type": "function", "name", ...}`); both become the same
+//! [`ToolRequest`]. How calls are
 //! written in the model's output and read back is `tool_format.rs`.
 
 use minserve_grammar::Grammar;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
+use crate::generation_api::GenerationApi;
 use crate::json_body::{wrong_type, JsonBody};
 use crate::state::ServedModel;
 use crate::structured::compile;
@@ -31,7 +35,7 @@ pub(crate) struct ToolRequest {
     pub choice: ToolChoice,
     /// More than one call per turn (OpenAI's default: true).
     pub parallel: bool,
-    /// `tools` as sent, for the chat template.
+    /// `tools` in chat's shape, for the chat template.
     pub definitions: Value,
 }
 
@@ -61,20 +65,21 @@ fn valid_function_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request; `None` without tools.
-/// Each `parameters` schema is compiled for `model`, so that a malformed one is refused now.
+/// `tools`, `tool_choice` and `parallel_tool_calls` of a chat or Responses API request; `None`
+/// without tools. Each `parameters` schema is compiled for `model`, so that a malformed one is
+/// refused now.
 pub(crate) fn tool_request(
     body: &JsonBody,
+    api: GenerationApi,
     model: &ServedModel,
 ) -> Result<Option<ToolRequest>, ApiError> {
     let choice = tool_choice(body)?;
     let parallel = body.bool("parallel_tool_calls")?.unwrap_or(true);
-    let definitions = match body.get("tools") {
-        None => Value::Array(Vec::new()),
-        Some(v @ Value::Array(_)) => v.clone(),
+    let items: &[Value] = match body.get("tools") {
+        None => &[],
+        Some(Value::Array(items)) => items,
         Some(other) => return Err(wrong_type("tools", "an array of tools", other)),
     };
-    let items = definitions.as_array().expect("checked above");
     if items.is_empty() {
         return match choice {
             None | Some(ToolChoice::None | ToolChoice::Auto) => Ok(None),
@@ -85,17 +90,20 @@ pub(crate) fn tool_request(
         };
     }
     let mut tools: Vec<Tool> = Vec::with_capacity(items.len());
+    let mut definitions = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let tool = tool(i, item)?;
+        let (function, at) = tool_function(i, item, api)?;
+        let tool = tool(&function, &at)?;
         if tools.iter().any(|t| t.name == tool.name) {
             return Err(ApiError::invalid(
-                &format!("tools[{i}].function.name"),
+                &format!("{at}.name"),
                 format!("two tools are named `{}`", tool.name),
             ));
         }
-        let param = format!("tools[{i}].function.parameters");
+        let param = format!("{at}.parameters");
         compile(&Grammar::JsonSchema(tool.parameters.clone()), &param, model)?;
         tools.push(tool);
+        definitions.push(json!({"type": "function", "function": function}));
     }
     let choice = choice.unwrap_or(ToolChoice::Auto);
     if let ToolChoice::Named(name) = &choice {
@@ -110,36 +118,49 @@ pub(crate) fn tool_request(
         tools,
         choice,
         parallel,
-        definitions,
+        definitions: Value::Array(definitions),
     }))
 }
 
-/// Entry `i` of `tools`: `{"type": "function", "function": {"name", "description"?,
-/// "parameters"?, "strict"?}}`.
-fn tool(i: usize, item: &Value) -> Result<Tool, ApiError> {
+/// Entry `i` of `tools`: the function it describes (chat: `{"type": "function", "function":
+/// {...}}`, the Responses API: `{"type": "function", ...}`), and where its fields are named in
+/// errors.
+fn tool_function(
+    i: usize,
+    item: &Value,
+    api: GenerationApi,
+) -> Result<(Map<String, Value>, String), ApiError> {
     let param = format!("tools[{i}]");
     if item.get("type").and_then(Value::as_str) != Some("function") {
         return Err(ApiError::invalid(
             &format!("{param}.type"),
-            format!("`{param}.type` must be `function`"),
+            format!("`{param}.type` must be `function`: minserve runs no hosted tools"),
         ));
     }
-    let function = item
-        .get("function")
-        .filter(|f| f.is_object())
-        .ok_or_else(|| {
-            ApiError::invalid(
-                &format!("{param}.function"),
-                format!("`{param}.function` must be an object"),
-            )
-        })?;
+    let (function, at) = match api {
+        GenerationApi::Responses => {
+            let mut function = item.as_object().cloned().unwrap_or_default();
+            function.remove("type");
+            (Some(function), param)
+        }
+        _ => (
+            item.get("function").and_then(Value::as_object).cloned(),
+            format!("{param}.function"),
+        ),
+    };
+    let function =
+        function.ok_or_else(|| ApiError::invalid(&at, format!("`{at}` must be an object")))?;
+    Ok((function, at))
+}
+
+/// A tool's function, `{"name", "description"?, "parameters"?, "strict"?}`, whose fields are
+/// named `{param}.name` etc. in errors.
+fn tool(function: &Map<String, Value>, param: &str) -> Result<Tool, ApiError> {
     let name = function.get("name").and_then(Value::as_str).unwrap_or("");
     if !valid_function_name(name) {
         return Err(ApiError::invalid(
-            &format!("{param}.function.name"),
-            format!(
-                "`{param}.function.name` must be 1 to 64 letters, digits, `_` or `-`, got {name:?}"
-            ),
+            &format!("{param}.name"),
+            format!("`{param}.name` must be 1 to 64 letters, digits, `_` or `-`, got {name:?}"),
         ));
     }
     let parameters = match function.get("parameters") {
@@ -147,7 +168,7 @@ fn tool(i: usize, item: &Value) -> Result<Tool, ApiError> {
         Some(schema @ Value::Object(_)) => schema.clone(),
         Some(other) => {
             return Err(wrong_type(
-                &format!("{param}.function.parameters"),
+                &format!("{param}.parameters"),
                 "a JSON schema object",
                 other,
             ))
@@ -159,7 +180,8 @@ fn tool(i: usize, item: &Value) -> Result<Tool, ApiError> {
     })
 }
 
-/// `tool_choice`: `none`, `auto`, `required`, or `{"type": "function", "function": {"name"}}`.
+/// `tool_choice`: `none`, `auto`, `required`, or a function: `{"type": "function", "function":
+/// {"name"}}` (chat) or `{"type": "function", "name"}` (the Responses API).
 fn tool_choice(body: &JsonBody) -> Result<Option<ToolChoice>, ApiError> {
     let Some(v) = body.get("tool_choice") else {
         return Ok(None);
@@ -172,9 +194,10 @@ fn tool_choice(body: &JsonBody) -> Result<Option<ToolChoice>, ApiError> {
             let name = o
                 .get("function")
                 .and_then(|f| f.get("name"))
+                .or_else(|| o.get("name"))
                 .and_then(Value::as_str)
                 .ok_or_else(|| {
-                    ApiError::invalid("tool_choice", "`tool_choice.function.name` is required")
+                    ApiError::invalid("tool_choice", "`tool_choice` must name the function")
                 })?;
             ToolChoice::Named(name.to_string())
         }

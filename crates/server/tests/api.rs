@@ -12,6 +12,23 @@ fn text_of(v: &Value, i: usize) -> &str {
     v["choices"][i]["text"].as_str().unwrap()
 }
 
+/// The id of the first token of `text`, without special tokens.
+async fn first_token(s: &TestServer, text: &str) -> u64 {
+    let (_, t) = s
+        .post(
+            "/tokenize",
+            json!({"prompt": text, "add_special_tokens": false}),
+        )
+        .await;
+    t["tokens"][0].as_u64().unwrap()
+}
+
+/// A chat request whose greedy answer meets one of its stop strings.
+fn counting_with_stops() -> Value {
+    json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
+           "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]})
+}
+
 fn content_of(v: &Value, i: usize) -> &str {
     v["choices"][i]["message"]["content"].as_str().unwrap()
 }
@@ -99,13 +116,7 @@ async fn chat_completions() {
     assert_eq!(a["usage"]["completion_tokens"], 6);
 
     // Stop strings end with finish_reason "stop" and are not emitted.
-    let (_, r) = s
-        .post(
-            "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "Count: 1, 2, 3, 4"}],
-                   "max_tokens": 30, "temperature": 0, "stop": [" ", ",", "\n", "."]}),
-        )
-        .await;
+    let (_, r) = s.post("/v1/chat/completions", counting_with_stops()).await;
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
     let text = content_of(&r, 0);
     assert!(!text.contains([' ', ',', '\n', '.']), "{text:?}");
@@ -316,13 +327,7 @@ async fn completions() {
     );
 
     // logit_bias forces a token; ignore_eos + min_tokens run to max_tokens.
-    let (_, t2) = s
-        .post(
-            "/tokenize",
-            json!({"prompt": " hello", "add_special_tokens": false}),
-        )
-        .await;
-    let forced = t2["tokens"][0].as_u64().unwrap();
+    let forced = first_token(&s, " hello").await;
     let (_, r) = s
         .post(
             "/v1/completions",
@@ -595,4 +600,74 @@ async fn queue_time_lasts_until_the_engine_schedules_the_request() {
         "queue time {waited:.3} s, but the second request waited {first_took:.3} s"
     );
     assert!(waited <= first_took + 1.0, "{waited} vs {first_took}");
+}
+
+/// vLLM's `stop_reason`: the stop string or stop token id that ended a choice, null at EOS and
+/// at the length limit; in the body and in the streamed finish chunk, on both APIs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reason_names_the_stop_string_or_token() {
+    let s = TestServer::start(common::options(), scheduler(8)).await;
+    let counting = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0});
+    let with = |extra: Value| {
+        let mut body = counting.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+
+    // A stop string: the one that matched.
+    let (_, r) = s
+        .post("/v1/completions", with(json!({"stop": ["7", ","]})))
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_eq!(r["choices"][0]["stop_reason"], ",", "{r}");
+
+    // A stop token id: the id.
+    let comma = first_token(&s, ",").await;
+    let (_, r) = s
+        .post("/v1/completions", with(json!({"stop_token_ids": [comma]})))
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_eq!(r["choices"][0]["stop_reason"], comma, "{r}");
+
+    // The length limit: null.
+    let (_, r) = s
+        .post("/v1/completions", with(json!({"max_tokens": 1})))
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    assert!(r["choices"][0]["stop_reason"].is_null(), "{r}");
+
+    // Streamed, chat: the finish chunk carries it.
+    let mut streamed = counting_with_stops();
+    streamed["stream"] = json!(true);
+    let response = s
+        .client
+        .post(s.url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let (events, _) = read_sse(response).await;
+    let finish = events
+        .iter()
+        .find(|e| e["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop", "{finish}");
+    let reason = finish["choices"][0]["stop_reason"].as_str().unwrap();
+    assert!([" ", ",", "\n", "."].contains(&reason), "{finish}");
+    // Not streamed, the same reason.
+    let (_, r) = s.post("/v1/chat/completions", counting_with_stops()).await;
+    assert_eq!(r["choices"][0]["stop_reason"], reason, "{r}");
+
+    // EOS: null.
+    let (_, r) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 200,
+                   "temperature": 0}),
+        )
+        .await;
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert!(r["choices"][0]["stop_reason"].is_null(), "{r}");
 }

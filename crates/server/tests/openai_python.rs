@@ -91,3 +91,11 @@ async fn official_openai_python_client_structured_outputs() {
 async fn official_openai_python_client_tool_calls() {
     run_python_script("openai_tools.py", 32, "openai tools OK").await;
 }
+
+/// The Responses API: `responses.create` (text, messages, instructions), `.parse` with a
+/// Pydantic schema, `.stream` reassembling to the non-streamed response, a function-tool round
+/// trip, bad input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_responses() {
+    run_python_script("openai_responses.py", 32, "openai responses OK").await;
+}

@@ -77,7 +77,7 @@ print("call:", name, args)
 
 # Streamed: a call's id and name first, then its arguments; nothing in content.
 stream = client.chat.completions.create(**request, stream=True)
-calls, content, finish = {}, [], None
+calls, content, finish, fragments = {}, [], None, 0
 for chunk in stream:
     for c in chunk.choices:
         finish = c.finish_reason or finish
@@ -89,10 +89,13 @@ for chunk in stream:
                 entry["id"], entry["name"] = d.id, d.function.name
             else:
                 assert entry["id"] is not None, "arguments before the name"
+                fragments += 1
             entry["arguments"] += d.function.arguments or ""
 assert finish == "tool_calls", finish
 assert "".join(content).strip() == "", content
 assert [(e["name"], json.loads(e["arguments"])) for e in calls.values()] == [(name, args)], calls
+# The arguments stream token by token, not as one fragment at the end.
+assert fragments > 2, fragments
 
 # The tool's answer goes back; the model answers in text.
 result = "18 degrees and sunny" if name == "get_weather" else "42"

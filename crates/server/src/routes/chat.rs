@@ -9,12 +9,15 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::Response;
 
+use minserve_tokenizer::ChatMessage;
+
 use super::generation::generate;
 use super::{body_size, model_request};
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
+use crate::json_body::JsonBody;
 use crate::params::GenerationParams;
-use crate::prompt::{chat_prompt, ChatRendering};
+use crate::prompt::{chat_messages, chat_prompt, ChatRendering, Prompt};
 use crate::state::{AppState, ServedModel};
 use crate::structured::{compile, compiled_grammar};
 use crate::tool_format::ToolCallFormat;
@@ -30,43 +33,56 @@ pub(crate) async fn chat_completions(
         .cpu_work
         .run(body_size(&body), move || {
             let (body, model) = model_request(body, &shared)?;
-            let mut params =
-                GenerationParams::parse(&body, GenerationApi::Chat, model.vocab_size())?;
-            let tools = tool_request(&body, &model)?;
-            let format = tool_call_format(&shared, &model);
-            params.constraint = compiled_grammar(&body, GenerationApi::Chat, &model)?;
-            if let Some(grammar) = tools.as_ref().and_then(|t| t.forced_call_grammar(format)) {
-                if params.constraint.is_some() {
-                    return Err(ApiError::invalid(
-                        "tool_choice",
-                        "a forced tool call and a response format cannot both shape the output",
-                    ));
-                }
-                params.constraint = Some(compile(&grammar, "tool_choice", &model)?);
-            }
-            params.tool_calls = tools
-                .as_ref()
-                .filter(|t| t.parses_calls())
-                .map(|t| t.tools.clone());
-            if params.tool_calls.is_some()
-                && params.delivery.stream
-                && params.sampling.logprobs.is_some()
-            {
-                return Err(ApiError::invalid(
-                    "logprobs",
-                    "`logprobs` cannot be streamed together with tool calls (a call is sent \
-                     whole, not token by token); send it without `stream`, or without tools",
-                ));
-            }
-            let rendering = ChatRendering {
-                tools: tools.as_ref(),
-                format,
-            };
-            let prompt = chat_prompt(&body, &model.tokenizer, &rendering)?;
+            let (params, prompt) =
+                conversation(&body, GenerationApi::Chat, &shared, &model, || {
+                    chat_messages(&body)
+                })?;
             Ok::<_, ApiError>((model, params, prompt))
         })
         .await??;
     generate(&state, model, params, vec![prompt], arrival).await
+}
+
+/// What a conversation request (chat, or the Responses API) asks for: its parameters, with the
+/// grammar of its output format or forced tool call and the tools whose calls are read out of
+/// the output, and its messages rendered into the prompt.
+pub(super) fn conversation(
+    body: &JsonBody,
+    api: GenerationApi,
+    state: &AppState,
+    model: &ServedModel,
+    messages: impl FnOnce() -> Result<Vec<ChatMessage>, ApiError>,
+) -> Result<(GenerationParams, Prompt), ApiError> {
+    let mut params = GenerationParams::parse(body, api, model.vocab_size())?;
+    let tools = tool_request(body, api, model)?;
+    let format = tool_call_format(state, model);
+    params.constraint = compiled_grammar(body, api, model)?;
+    if let Some(grammar) = tools.as_ref().and_then(|t| t.forced_call_grammar(format)) {
+        if params.constraint.is_some() {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a forced tool call and a response format cannot both shape the output",
+            ));
+        }
+        params.constraint = Some(compile(&grammar, "tool_choice", model)?);
+    }
+    params.tool_calls = tools
+        .as_ref()
+        .filter(|t| t.parses_calls())
+        .map(|t| t.tools.clone());
+    if params.tool_calls.is_some() && params.delivery.stream && params.sampling.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`logprobs` cannot be streamed together with tool calls (the deltas of a call carry \
+             no log probabilities); send it without `stream`, or without tools",
+        ));
+    }
+    let rendering = ChatRendering {
+        tools: tools.as_ref(),
+        format,
+    };
+    let prompt = chat_prompt(body, messages()?, &model.tokenizer, &rendering)?;
+    Ok((params, prompt))
 }
 
 /// How the served model writes tool calls: `--tool-call-parser`, or what its chat template

@@ -44,6 +44,14 @@ pub(super) async fn generate(
     if params.delivery.stream {
         Ok(sse_response(renderer, generation))
     } else {
-        single_body_response(&state.cpu_work, renderer, generation).await
+        // A guess at the body's size: tens of bytes per token, many more with logprobs.
+        let bytes_per_token = if renderer.wants_logprobs() { 1024 } else { 64 };
+        single_body_response(
+            &state.cpu_work,
+            generation,
+            bytes_per_token,
+            move |choices, prompt_tokens| renderer.single_body(choices, prompt_tokens),
+        )
+        .await
     }
 }

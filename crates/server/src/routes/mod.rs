@@ -7,6 +7,7 @@ mod generation;
 pub(crate) mod models;
 pub(crate) mod monitoring;
 pub(crate) mod openapi;
+pub(crate) mod responses;
 pub(crate) mod tokenize;
 
 use std::sync::Arc;

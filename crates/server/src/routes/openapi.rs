@@ -86,6 +86,21 @@ pub(crate) async fn openapi() -> Json<Value> {
     completion["max_tokens"] =
         json!({"type": "integer", "minimum": 0, "description": "0 only with echo"});
     completion["logprobs"] = json!({"type": "integer", "minimum": 0, "maximum": 20, "description": "not together with echo: prompt tokens get no log probabilities"});
+    let responses = json!({
+        "model": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "description": "a message ({role, content}), a function_call or a function_call_output item"}}]},
+        "instructions": {"type": "string"},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "default": 1},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "stream": {"type": "boolean"},
+        "text": {"type": "object", "description": "format: {type: text | json_object | json_schema (with name, schema)}"},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {"type": {"const": "function"}, "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        "parallel_tool_calls": {"type": "boolean", "default": true},
+        "store": {"type": "boolean", "description": "accepted; nothing is stored"},
+        "previous_response_id": {"description": "refused: minserve is stateless"},
+    });
     let simple = |summary: &str, content: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {content: {}}}}}});
     Json(json!({
         "openapi": "3.1.0",
@@ -94,6 +109,7 @@ pub(crate) async fn openapi() -> Json<Value> {
         "paths": {
             "/v1/chat/completions": generation("Chat completion", "ChatCompletionRequest"),
             "/v1/completions": generation("Text completion", "CompletionRequest"),
+            "/v1/responses": generation("Responses API: a response object, or with `stream: true` its typed events", "ResponsesRequest"),
             "/v1/models": simple("The served model", "application/json"),
             "/v1/models/{model}": simple("One model", "application/json"),
             "/tokenize": {"post": {"summary": "Tokenize a prompt or chat messages", "responses": error_responses()}},
@@ -107,6 +123,7 @@ pub(crate) async fn openapi() -> Json<Value> {
         "components": {"schemas": {
             "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": chat},
             "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": completion},
+            "ResponsesRequest": {"type": "object", "required": ["input"], "properties": responses},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "message": {"type": "string"}, "type": {"type": "string"},
                 "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},

@@ -12,8 +12,9 @@ use super::chat::tool_call_format;
 use super::{body_size, model_request};
 use crate::cpu_work::{json_response, serialize};
 use crate::error::ApiError;
+use crate::generation_api::GenerationApi;
 use crate::json_body::{token_ids, wrong_type};
-use crate::prompt::{chat_prompt, render_chat, ChatRendering};
+use crate::prompt::{chat_messages, chat_prompt, render_chat, ChatRendering};
 use crate::state::AppState;
 use crate::tools::tool_request;
 
@@ -34,12 +35,12 @@ fn tokenize_body(
     let (body, model) = model_request(body, state)?;
     let tokenizer = &model.tokenizer;
     let tokens = if body.get("messages").is_some() {
-        let tools = tool_request(&body, &model)?;
+        let tools = tool_request(&body, GenerationApi::Chat, &model)?;
         let rendering = ChatRendering {
             tools: tools.as_ref(),
             format: tool_call_format(state, &model),
         };
-        let text = render_chat(&body, tokenizer, true, &rendering)?;
+        let text = render_chat(&body, chat_messages(&body)?, tokenizer, true, &rendering)?;
         let add_special = body.bool("add_special_tokens")?.unwrap_or(false);
         tokenizer.encode(&text, add_special)
     } else {
@@ -75,12 +76,12 @@ fn render_chat_body(
     state: &AppState,
 ) -> Result<Vec<u8>, ApiError> {
     let (body, model) = model_request(body, state)?;
-    let tools = tool_request(&body, &model)?;
+    let tools = tool_request(&body, GenerationApi::Chat, &model)?;
     let rendering = ChatRendering {
         tools: tools.as_ref(),
         format: tool_call_format(state, &model),
     };
-    let prompt = chat_prompt(&body, &model.tokenizer, &rendering)?;
+    let prompt = chat_prompt(&body, chat_messages(&body)?, &model.tokenizer, &rendering)?;
     Ok(serialize(&json!({"token_ids": prompt.tokens})))
 }
 

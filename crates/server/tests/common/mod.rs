@@ -131,7 +131,12 @@ pub fn load_synthetic_with_kv(
 
 /// Loads the default model (fetching it if needed).
 pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
-    let path = minserve_hub::resolve(minserve_hub::default_model(), &Default::default())?;
+    load_named(minserve_hub::default_model(), scheduler)
+}
+
+/// Loads the catalog's model `name` (fetching it if needed).
+pub fn load_named(name: &str, scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
+    let path = minserve_hub::resolve(name, &Default::default())?;
     serve_loaded(load_model(&path)?, scheduler)
 }
 
