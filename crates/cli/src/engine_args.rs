@@ -33,9 +33,23 @@ pub struct SchedulerArgs {
     /// Turn automatic prefix caching off.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// `fcfs`, or `priority` (lower value first).
-    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
-    pub scheduling_policy: String,
+    /// `fcfs`, `priority` (lower value first), or `fair-share` (weighted fair queuing
+    /// across the tenants of --api-keys: docs/tenants.md). Default: `fcfs`, or `fair-share`
+    /// when `serve` has --api-keys.
+    #[arg(long, value_parser = ["fcfs", "priority", "fair-share"])]
+    pub scheduling_policy: Option<String>,
+}
+
+/// A --scheduling-policy name.
+pub fn parse_policy(name: &str) -> Result<SchedulingPolicy, String> {
+    match name {
+        "fcfs" => Ok(SchedulingPolicy::Fcfs),
+        "priority" => Ok(SchedulingPolicy::Priority),
+        "fair-share" => Ok(SchedulingPolicy::FairShare),
+        other => Err(format!(
+            "unknown scheduling policy `{other}`: fcfs, priority or fair-share"
+        )),
+    }
 }
 
 impl SchedulerArgs {
@@ -45,10 +59,11 @@ impl SchedulerArgs {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
-                policy: match self.scheduling_policy.as_str() {
-                    "priority" => SchedulingPolicy::Priority,
-                    _ => SchedulingPolicy::Fcfs,
-                },
+                policy: self
+                    .scheduling_policy
+                    .as_deref()
+                    .map_or(Ok(SchedulingPolicy::Fcfs), parse_policy)
+                    .expect("clap checked the policy name"),
             },
             prefix_caching: !self.no_prefix_caching,
             max_model_len,

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::json_body::{wrong_type, JsonBody};
-use crate::state::ServedModel;
+use crate::models::ServedModel;
 use crate::structured::compile;
 use crate::tool_format::{Tool, ToolCallFormat};
 

@@ -11,17 +11,20 @@ use axum::response::Response;
 
 use super::generation::generate;
 use super::{body_size, model_request};
+use crate::caller::Caller;
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
+use crate::models::ServedModel;
 use crate::params::GenerationParams;
 use crate::prompt::{chat_prompt, ChatRendering};
-use crate::state::{AppState, ServedModel};
+use crate::state::AppState;
 use crate::structured::{compile, compiled_grammar};
 use crate::tool_format::ToolCallFormat;
 use crate::tools::tool_request;
 
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
@@ -66,7 +69,7 @@ pub(crate) async fn chat_completions(
             Ok::<_, ApiError>((model, params, prompt))
         })
         .await??;
-    generate(&state, model, params, vec![prompt], arrival).await
+    generate(&state, model, caller, params, vec![prompt], arrival).await
 }
 
 /// How the served model writes tool calls: `--tool-call-parser`, or what its chat template
