@@ -119,9 +119,10 @@ fn check(shape: FileShape) -> Result<ServeConfig, Mistake> {
         return mistake(0..0, "no [[model]] table: the file names no model to serve");
     }
     let kv_cache_memory = match shape.kv_cache_memory {
-        Some(size) => {
-            Some(crate::serve::parse_memory(size.get_ref()).or_else(|e| mistake(size.span(), e))?)
-        }
+        Some(size) => Some(
+            crate::engine_args::parse_memory(size.get_ref())
+                .or_else(|e| mistake(size.span(), e))?,
+        ),
         None => None,
     };
     let mut ids: Vec<Spanned<String>> = Vec::new();

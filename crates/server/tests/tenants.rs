@@ -148,6 +148,8 @@ async fn one_tenants_flood_does_not_hold_back_another_tenant() {
 
 /// A small KV cache (17 blocks of 16 tokens) and other traffic between the turns of a
 /// 5-turn chat: with a session id its earlier turns stay cached; without, they are evicted.
+/// Returns each turn's cached tokens and turn 5's time to first token (it asks for one token:
+/// its latency is its TTFT).
 async fn chat_cached_tokens(session: Option<&str>) -> (Vec<u64>, Duration) {
     let s = TestServer::start_loaded(options(), || {
         common::load_with_kv(scheduler(4), 17 * 16 * 23_040)
@@ -160,7 +162,8 @@ async fn chat_cached_tokens(session: Option<&str>) -> (Vec<u64>, Duration) {
         messages
             .push(json!({"role": "user", "content": format!("Question {turn}: name a colour.")}));
         let mut chat = s.client.post(s.url("/v1/chat/completions")).json(&json!({
-            "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": true,
+            "messages": messages, "max_tokens": if turn == 5 { 1 } else { 8 },
+            "temperature": 0, "ignore_eos": true,
         }));
         if let Some(id) = session {
             chat = chat.header("x-session-id", id);
@@ -201,4 +204,83 @@ async fn a_sessions_later_turns_hit_the_prefix_cache_through_other_traffic() {
         without[4], 0,
         "without a session the churn evicted it: {without:?}"
     );
+}
+
+/// The figures of docs/tenants.md (run by hand: `cargo nextest run -p minserve-server --test
+/// tenants figures --run-ignored only --no-capture`): turn 5's TTFT with and without a
+/// session, and a quiet tenant's TTFT alone and while another tenant floods, under fair share
+/// and FCFS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figures() {
+    for session in [Some("conversation-1"), None] {
+        let mut ttfts = Vec::new();
+        for _ in 0..3 {
+            let (cached, ttft) = chat_cached_tokens(session).await;
+            assert_eq!(cached[4] > 0, session.is_some());
+            ttfts.push(ttft.as_secs_f64() * 1e3);
+        }
+        ttfts.sort_by(f64::total_cmp);
+        println!(
+            "turn 5 TTFT, session {session:?}: median {:.0} ms of {ttfts:.0?}",
+            ttfts[1]
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.toml");
+    std::fs::write(&path, KEYS).unwrap();
+    for policy in [SchedulingPolicy::FairShare, SchedulingPolicy::Fcfs] {
+        let config = SchedulerConfig {
+            max_num_seqs: 8,
+            policy,
+            ..SchedulerConfig::default()
+        };
+        let s = start(&path, move || common::load(config)).await;
+        let quiet_ttft = |s: &TestServer| {
+            let started = Instant::now();
+            let sent = request(
+                s,
+                "key-quiet",
+                json!({"prompt": "Hello there", "max_tokens": 1}),
+            )
+            .send();
+            async move {
+                assert_eq!(sent.await.unwrap().status(), 200);
+                started.elapsed().as_secs_f64() * 1e3
+            }
+        };
+        let mut alone = Vec::new();
+        for _ in 0..5 {
+            alone.push(quiet_ttft(&s).await);
+        }
+        let flood = (0..32)
+            .map(|i| {
+                request(
+                    &s,
+                    "key-flood",
+                    json!({"prompt": format!("Story {i}: once upon a time"),
+                        "max_tokens": 32, "ignore_eos": true}),
+                )
+                .send()
+            })
+            .map(tokio::spawn)
+            .collect::<Vec<_>>();
+        s.metric_until("minserve_num_requests_waiting", |w| w >= 20.0)
+            .await;
+        let mut loaded = Vec::new();
+        for _ in 0..5 {
+            loaded.push(quiet_ttft(&s).await);
+        }
+        for f in flood {
+            f.abort();
+        }
+        alone.sort_by(f64::total_cmp);
+        // In the order sent: under FCFS the first waits for the whole flood, and the flood
+        // is over for the others.
+        println!(
+            "{policy:?}: quiet TTFT alone p50 {:.0} ms max {:.0} ms; sent one after another \
+             during a 32-request flood: {loaded:.0?} ms",
+            alone[2], alone[4]
+        );
+    }
 }
