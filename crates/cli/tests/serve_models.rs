@@ -136,3 +136,22 @@ fn a_config_file_with_an_unknown_key_is_refused_with_its_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn kv_caches_larger_than_the_memory_available_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("models.toml");
+    std::fs::write(&config, CONFIG.replace("\"64MiB\"", "\"4096GiB\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(["serve", "--port", "0", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the KV caches of the 2 models take 4096.00 GiB together")
+            && stderr.contains("tiny-a: 1048576 MiB")
+            && stderr.contains("memory available"),
+        "{stderr}"
+    );
+}

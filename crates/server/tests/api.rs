@@ -435,6 +435,8 @@ async fn models_metrics_openapi() {
     assert_eq!(status, 200, "{r}");
     let (status, page) = s.get("/metrics").await;
     assert_eq!(status, 200);
+    // Every series is labelled with its model; without the label, the names as before.
+    let page = common::unlabelled(&page);
     for name in [
         "minserve_num_requests_running",
         "minserve_num_requests_waiting",
