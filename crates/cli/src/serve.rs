@@ -532,6 +532,50 @@ mod tests {
         assert!(error.contains("q8"), "{error}");
     }
 
+    #[test]
+    fn several_models_split_the_kv_memory_and_take_their_names() {
+        let args = parse(&[
+            "--model",
+            "synthetic:tiny=one",
+            "--model",
+            "/m/llama.Q4_0.gguf",
+            "--kv-cache-memory",
+            "1GiB",
+        ])
+        .unwrap();
+        let plans = args.plans().unwrap();
+        let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
+        assert_eq!(names, ["one", "llama.Q4_0"]);
+        assert_eq!(plans[0].source, "synthetic:tiny");
+        assert!(plans.iter().all(|p| p.cache.memory_bytes == 512 << 20));
+        // One --model is served as before, with the whole pool.
+        let single = parse(&["--model", "m", "--served-model-name", "mine"]).unwrap();
+        let plans = single.plans().unwrap();
+        assert_eq!(plans[0].spec.name, "mine");
+        assert_eq!(
+            plans[0].cache.memory_bytes,
+            single.cache_options().memory_bytes
+        );
+        // --served-model-name names one model only.
+        let both = parse(&["--model", "a", "--model", "b", "--served-model-name", "x"]).unwrap();
+        assert!(both.plans().is_err());
+    }
+
+    #[test]
+    fn api_keys_make_fair_share_the_default_policy() {
+        let policy = |args: &[&str]| {
+            let plans = parse(args).unwrap().plans().unwrap();
+            plans[0].engine.scheduler.scheduling_policy.clone()
+        };
+        assert_eq!(policy(&[]), None);
+        assert_eq!(
+            policy(&["--api-keys", "k.toml"]).as_deref(),
+            Some("fair-share")
+        );
+        let explicit = ["--api-keys", "k.toml", "--scheduling-policy", "priority"];
+        assert_eq!(policy(&explicit).as_deref(), Some("priority"));
+    }
+
     /// Every flag issue 4 names for `minserve serve`.
     #[test]
     fn serve_has_the_documented_flags() {

@@ -155,3 +155,46 @@ fn kv_caches_larger_than_the_memory_available_are_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn repeated_model_flags_serve_each_model_under_its_name() {
+    let mut server = common::serve(&[
+        "--model",
+        "synthetic:tiny=one",
+        "--model",
+        "synthetic:tiny=two",
+        "--kv-cache-memory",
+        "32MiB",
+    ]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    runtime.block_on(async {
+        server.wait_ready(&client, Duration::from_secs(60)).await;
+        let models: Value = client
+            .get(server.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["one", "two"], "{models}");
+        assert_eq!(
+            models["data"][0]["kv_cache_tokens"], models["data"][1]["kv_cache_tokens"],
+            "an equal split: {models}"
+        );
+        for model in ["one", "two"] {
+            let (code, body) = status(&client, &server.url("/v1/completions"), "", model).await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(body["model"], model);
+        }
+    });
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+}
