@@ -109,6 +109,8 @@ pub struct Metrics {
     pub success_length: AtomicU64,
     pub aborted: AtomicU64,
     pub rejected: AtomicU64,
+    /// 429s for a tenant over its limits (`tenants.rs`).
+    pub rate_limited: AtomicU64,
     /// Per [`Interruption`], in the order of `Interruption::ALL`.
     interrupted: [AtomicU64; 3],
 }
@@ -141,6 +143,7 @@ impl Default for Metrics {
             success_length: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             interrupted: Default::default(),
         }
     }
@@ -321,6 +324,17 @@ impl Metrics {
             model,
             "",
             self.rejected.load(Ordering::Relaxed),
+        );
+        page.series(
+            (
+                "minserve_request_rate_limited_total",
+                "counter",
+                "Requests answered 429 because their tenant was over its concurrency or \
+                 tokens-per-minute limit.",
+            ),
+            model,
+            "",
+            self.rate_limited.load(Ordering::Relaxed),
         );
         for (reason, counter) in Interruption::ALL.iter().zip(&self.interrupted) {
             page.series(

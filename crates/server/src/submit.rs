@@ -265,15 +265,24 @@ pub(crate) fn submit(
         .iter()
         .map(|r| r.prompt.len() + r.n * r.max_tokens)
         .sum();
-    let admitted = caller
-        .tenant
-        .as_ref()
-        .map(|tenant| TenantPermit::acquire(tenant, tokens as u64))
-        .transpose()
-        .and_then(|permit| {
-            let slots = admit(state, model, prompts.len() * samples_per_prompt)?;
-            Ok((slots, permit))
-        });
+    // The queue first: a request the queue refuses takes nothing from its tenant's tokens.
+    let admitted = admit(state, model, prompts.len() * samples_per_prompt).and_then(|slots| {
+        let permit = caller
+            .tenant
+            .as_ref()
+            .map(|tenant| TenantPermit::acquire(tenant, tokens as u64))
+            .transpose()
+            .inspect_err(|e| {
+                if e.status.as_u16() == 429 {
+                    model
+                        .slot
+                        .metrics
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
+        Ok((slots, permit))
+    });
     let (slots, permit) = match admitted {
         Ok(admitted) => admitted,
         Err(e) => {

@@ -82,6 +82,7 @@ async fn a_tenant_over_its_limit_gets_429_and_a_revoked_key_stops_working_on_rel
     assert_eq!(retry.as_deref(), Some("1"));
     assert_eq!(status_of(&s, "key-quiet").await.0, 200);
     drop(long);
+    assert_eq!(s.metric("minserve_request_rate_limited_total").await, 1.0);
 
     assert_eq!(status_of(&s, "key-nobody").await.0, 401);
 
