@@ -33,9 +33,59 @@ pub struct SchedulerArgs {
     /// Turn automatic prefix caching off.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// `fcfs`, or `priority` (lower value first).
-    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
-    pub scheduling_policy: String,
+    /// `fcfs`, `priority` (lower value first), or `fair-share` (weighted fair queuing
+    /// across the tenants of --api-keys: docs/tenants.md). Default: `fcfs`, or `fair-share`
+    /// when `serve` has --api-keys.
+    #[arg(long, value_parser = ["fcfs", "priority", "fair-share"])]
+    pub scheduling_policy: Option<String>,
+}
+
+/// A memory size: a number with an optional unit. Binary units (`KiB`, `MiB`, `GiB`, `TiB`,
+/// and the bare `K`, `M`, `G`, `T` as in `java -Xmx` or `docker --memory`) count in 1024s,
+/// decimal ones (`KB`, `MB`, `GB`, `TB`) in 1000s, `B` is bytes; no unit means MiB, the unit
+/// of --kv-cache-mib.
+pub fn parse_memory(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a number (e.g. 512MiB, 1GiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "" | "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !(1.0..=usize::MAX as f64).contains(&bytes) {
+        return Err(format!("`{text}` is not a usable memory size"));
+    }
+    Ok(bytes as usize)
+}
+
+/// A --scheduling-policy name.
+pub fn parse_policy(name: &str) -> Result<SchedulingPolicy, String> {
+    match name {
+        "fcfs" => Ok(SchedulingPolicy::Fcfs),
+        "priority" => Ok(SchedulingPolicy::Priority),
+        "fair-share" => Ok(SchedulingPolicy::FairShare),
+        other => Err(format!(
+            "unknown scheduling policy `{other}`: fcfs, priority or fair-share"
+        )),
+    }
 }
 
 impl SchedulerArgs {
@@ -45,10 +95,11 @@ impl SchedulerArgs {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
-                policy: match self.scheduling_policy.as_str() {
-                    "priority" => SchedulingPolicy::Priority,
-                    _ => SchedulingPolicy::Fcfs,
-                },
+                policy: self
+                    .scheduling_policy
+                    .as_deref()
+                    .map_or(Ok(SchedulingPolicy::Fcfs), parse_policy)
+                    .expect("clap checked the policy name"),
             },
             prefix_caching: !self.no_prefix_caching,
             max_model_len,

@@ -8,6 +8,7 @@ mod fetch;
 mod generate;
 mod model_source;
 mod serve;
+mod serve_config;
 mod simulate;
 
 use clap::{Parser, Subcommand};

@@ -1,6 +1,10 @@
 //! `minserve serve`: the OpenAI-compatible HTTP API (see the `minserve-server` crate). This is
-//! where model, engine and server meet: the model is loaded and put into an engine on its own
-//! thread here, and the server only ever sees the engine's handle and the tokenizer.
+//! where model, engine and server meet: each model is loaded and put into an engine on its own
+//! thread here, and the server only ever sees the engines' handles and the tokenizers.
+//!
+//! One `--model` serves one model as it always has. Several (`--model A --model B=NAME`), or a
+//! `--config FILE` (`serve_config.rs`), serve several in one process: each its own engine and
+//! KV pool (the KV memory split between them), loaded in the background each on its own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +14,31 @@ use clap::Args;
 use minserve_core::engine_thread::EngineHandle;
 use minserve_core::EngineConfig;
 use minserve_model::{CacheOptions, DeviceOptions, LoadedModel};
-use minserve_server::{AppState, ServedModel, ServerOptions, ToolCallFormat};
+use minserve_server::{ApiKeys, AppState, ModelSpec, ServedModel, ServerOptions, ToolCallFormat};
 
-use crate::engine_args::{build_engine, EngineArgs};
+use crate::engine_args::{build_engine, parse_memory, EngineArgs};
+use crate::serve_config;
 
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model: a GGUF file, a Hugging Face folder, a catalog alias (fetched on first use), or
-    /// `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer).
-    #[arg(long, default_value_t = minserve_hub::default_model().to_string())]
-    model: String,
+    /// `synthetic:NAME[@FORMAT]` (random weights, byte tokenizer). Repeat it to serve several
+    /// models, each as `SOURCE[=NAME]` (NAME: the id clients send), sharing the KV cache
+    /// memory equally. Default: the default model.
+    #[arg(long = "model", value_name = "MODEL")]
+    models: Vec<String>,
+    /// Serve the models of this TOML file instead (each with its own engine flags, share of
+    /// the KV cache memory and aliases; see docs/multi-model.md).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["models", "served_model_name"])]
+    config: Option<std::path::PathBuf>,
+    /// API keys of tenants, with their fair-share weights and limits (TOML; docs/tenants.md).
+    /// Reloaded on SIGHUP. Makes `fair-share` the default --scheduling-policy.
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<std::path::PathBuf>,
+    /// How long a conversation session's cached prefix is kept ahead of others' after its
+    /// request ends, in seconds (requests name their session in the `x-session-id` header).
+    #[arg(long, default_value_t = 600.0)]
+    session_ttl: f64,
     #[command(flatten)]
     weights: crate::model_source::WeightsArgs,
     /// Address to listen on.
@@ -74,14 +93,15 @@ impl ServeArgs {
         if let Some(name) = &self.served_model_name {
             return name.clone();
         }
-        let path = std::path::Path::new(&self.model);
-        let is_gguf = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        match path.file_stem().and_then(|s| s.to_str()) {
-            Some(stem) if is_gguf && !stem.is_empty() => stem.to_string(),
-            _ => self.model.clone(),
-        }
+        default_name(&self.single_model())
+    }
+
+    /// The model of a one-model server.
+    fn single_model(&self) -> String {
+        self.models
+            .first()
+            .cloned()
+            .unwrap_or_else(|| minserve_hub::default_model().to_string())
     }
 
     fn cache_options(&self) -> CacheOptions {
@@ -91,42 +111,149 @@ impl ServeArgs {
         }
         options
     }
+
+    /// Every model to serve and, for several, the KV memory they share.
+    fn plans(&self) -> anyhow::Result<Vec<ModelPlan>> {
+        if let Some(path) = &self.config {
+            let config = serve_config::load(path)?;
+            let total = config
+                .kv_cache_memory
+                .unwrap_or(self.cache_options().memory_bytes);
+            return config
+                .models
+                .into_iter()
+                .map(|m| {
+                    self.plan(
+                        &m.source,
+                        m.name,
+                        m.aliases,
+                        total,
+                        m.kv_cache_share,
+                        m.engine,
+                    )
+                })
+                .collect();
+        }
+        if self.models.len() <= 1 {
+            let name = Some(self.served_model_name());
+            let total = self.cache_options().memory_bytes;
+            let single = self.single_model();
+            return Ok(vec![self.plan(
+                &single,
+                name,
+                Vec::new(),
+                total,
+                1.0,
+                Default::default(),
+            )?]);
+        }
+        anyhow::ensure!(
+            self.served_model_name.is_none(),
+            "--served-model-name names one model; with several, write --model SOURCE=NAME"
+        );
+        let share = 1.0 / self.models.len() as f64;
+        let total = self.cache_options().memory_bytes;
+        self.models
+            .iter()
+            .map(|arg| {
+                let (source, name) = match arg.split_once('=') {
+                    Some((source, name)) if !name.is_empty() => (source, Some(name.to_string())),
+                    _ => (arg.as_str(), None),
+                };
+                self.plan(source, name, Vec::new(), total, share, Default::default())
+            })
+            .collect()
+    }
+
+    /// One model's engine flags: the command line's, with what the model sets for itself.
+    fn plan(
+        &self,
+        source: &str,
+        name: Option<String>,
+        aliases: Vec<String>,
+        total_kv_bytes: usize,
+        share: f64,
+        overrides: serve_config::EngineOverrides,
+    ) -> anyhow::Result<ModelPlan> {
+        let mut engine = self.engine.clone();
+        if let Some(n) = overrides.max_num_seqs {
+            engine.scheduler.max_num_seqs = n;
+        }
+        if let Some(n) = overrides.max_num_batched_tokens {
+            engine.scheduler.max_num_batched_tokens = n;
+        }
+        if let Some(dtype) = &overrides.kv_cache_dtype {
+            engine.kv_cache_dtype = dtype.parse().map_err(anyhow::Error::msg)?;
+        }
+        if overrides.scheduling_policy.is_some() {
+            engine.scheduler.scheduling_policy = overrides.scheduling_policy;
+        } else if engine.scheduler.scheduling_policy.is_none() && self.api_keys.is_some() {
+            engine.scheduler.scheduling_policy = Some("fair-share".into());
+        }
+        let mut cache = engine.cache_options();
+        cache.memory_bytes = ((total_kv_bytes as f64 * share) as usize).max(1);
+        Ok(ModelPlan {
+            source: source.to_string(),
+            spec: ModelSpec {
+                name: name.unwrap_or_else(|| default_name(source)),
+                aliases,
+            },
+            engine,
+            cache,
+        })
+    }
 }
 
-/// A memory size: a number with an optional unit. Binary units (`KiB`, `MiB`, `GiB`, `TiB`,
-/// and the bare `K`, `M`, `G`, `T` as in `java -Xmx` or `docker --memory`) count in 1024s,
-/// decimal ones (`KB`, `MB`, `GB`, `TB`) in 1000s, `B` is bytes; no unit means MiB, the unit
-/// of --kv-cache-mib.
-fn parse_memory(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a number (e.g. 512MiB, 1GiB)"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "" | "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024.0f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{text}`; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
-            ))
-        }
-    };
-    let bytes = number * scale;
-    if !(1.0..=usize::MAX as f64).contains(&bytes) {
-        return Err(format!("`{text}` is not a usable memory size"));
+/// The id a model is served under when none is given: its argument, with a GGUF file named by
+/// its stem.
+fn default_name(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    match path.file_stem().and_then(|s| s.to_str()) {
+        Some(stem) if is_gguf && !stem.is_empty() => stem.to_string(),
+        _ => model.to_string(),
     }
-    Ok(bytes as usize)
+}
+
+/// One model as this process serves it.
+struct ModelPlan {
+    source: String,
+    spec: ModelSpec,
+    engine: EngineArgs,
+    cache: CacheOptions,
+}
+
+/// Refuses KV caches that together need more memory than the machine has available now (on
+/// the CPU, where the pools live in host memory; Linux's `MemAvailable`).
+fn check_kv_memory(plans: &[ModelPlan]) -> anyhow::Result<()> {
+    let total: usize = plans.iter().map(|p| p.cache.memory_bytes).sum();
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        total <= available,
+        "the KV caches of the {} models take {:.2} GiB together ({}), more than the {:.2} GiB of \
+         memory available: lower kv_cache_memory (--kv-cache-memory) or serve fewer models",
+        plans.len(),
+        total as f64 / (1u64 << 30) as f64,
+        plans
+            .iter()
+            .map(|p| format!("{}: {} MiB", p.spec.name, p.cache.memory_bytes >> 20))
+            .collect::<Vec<_>>()
+            .join(", "),
+        available as f64 / (1u64 << 30) as f64,
+    );
+    Ok(())
+}
+
+/// Bytes of memory available for new allocations, when the system says.
+fn available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 fn parse_tool_call_parser(name: &str) -> Result<ToolCallFormat, String> {
@@ -191,54 +318,95 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let plans = args.plans()?;
+    let several = plans.len() > 1 || args.config.is_some();
+    if several && !args.weights.device()?.is_gpu() {
+        check_kv_memory(&plans)?;
+    }
     let options = ServerOptions {
-        served_model_name: args.served_model_name(),
+        served_model_name: plans[0].spec.name.clone(),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         allowed_origins: args.allowed_origins.clone(),
         tool_call_parser: args.tool_call_parser,
+        session_ttl: Duration::from_secs_f64(args.session_ttl.max(0.0)),
         ..ServerOptions::default()
+    };
+    let api_keys = match &args.api_keys {
+        Some(path) => Some(ApiKeys::load(path)?),
+        None => None,
     };
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
+    let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
     eprintln!(
-        "minserve: serving {} on http://{addr}/v1 (loading the model; /health turns 200 when ready)",
-        options.served_model_name
+        "minserve: serving {} on http://{addr}/v1 (loading; /health turns 200 when ready)",
+        names.join(", ")
     );
-    let state: Arc<AppState> = AppState::new(options);
-
-    let model = args.model.clone();
-    let weights = args.weights.clone();
-    let engine = args.engine.clone();
-    let cache = args.cache_options();
-    let sized = args.kv_cache_memory.is_some() || args.engine.kv_cache_mib.is_some();
-    let device = args.engine.device_options(&args.weights, sized)?;
-    let build = Arc::new(move || {
-        let loaded = crate::model_source::load(&model, &weights)?;
-        let trace = engine.trace_writer()?;
-        let config = engine.engine_config(loaded.model.config().max_position_embeddings);
-        start_engine(loaded, cache, device, config, trace)
-    });
-    if args.restart_engine {
-        let rebuild = build.clone();
-        state.set_engine_rebuild(move || rebuild());
+    let specs = plans.iter().map(|p| p.spec.clone()).collect();
+    let state = AppState::with_models(options, specs).map_err(anyhow::Error::msg)?;
+    if let Some(keys) = api_keys {
+        state.set_api_keys(keys);
+        minserve_server::reload_api_keys_on_sighup(state.clone());
     }
-    let loading = minserve_server::spawn_load(state.clone(), move || build());
+
+    let mut loads = Vec::new();
+    for plan in plans {
+        let slot = state
+            .models
+            .find(&plan.spec.name)
+            .expect("every plan has its slot")
+            .clone();
+        let sized = args.kv_cache_memory.is_some() || args.engine.kv_cache_mib.is_some() || several;
+        let device = plan.engine.device_options(&args.weights, sized)?;
+        let weights = args.weights.clone();
+        let ModelPlan {
+            source,
+            engine,
+            cache,
+            ..
+        } = plan;
+        let build = Arc::new(move || {
+            let loaded = crate::model_source::load(&source, &weights)?;
+            let trace = engine.trace_writer()?;
+            let config = engine.engine_config(loaded.model.config().max_position_embeddings);
+            start_engine(loaded, cache, device, config, trace)
+        });
+        if args.restart_engine {
+            let rebuild = build.clone();
+            state.set_engine_rebuild_of(&slot, move || rebuild());
+        }
+        let name = slot.name().to_string();
+        loads.push((
+            name,
+            minserve_server::spawn_load_model(slot, move || build()),
+        ));
+    }
+    let only_one = loads.len() == 1;
     tokio::spawn(async move {
-        match loading.await {
-            Ok(Ok(())) => eprintln!("minserve: model ready"),
-            Ok(Err(message)) => {
-                eprintln!("minserve: error: {message}");
-                std::process::exit(1);
+        let mut failed = 0;
+        let total = loads.len();
+        for (name, loading) in loads {
+            match loading.await {
+                Ok(Ok(())) => eprintln!("minserve: model {name} ready"),
+                Ok(Err(message)) => {
+                    eprintln!("minserve: error: model {name}: {message}");
+                    failed += 1;
+                }
+                Err(e) => {
+                    eprintln!("minserve: error: loading the model {name}: {e}");
+                    failed += 1;
+                }
             }
-            Err(e) => {
-                eprintln!("minserve: error: loading the model: {e}");
-                std::process::exit(1);
-            }
+        }
+        // One model that cannot load leaves nothing to serve; of several, the others serve
+        // and the failed one answers 503 with the reason.
+        if only_one && failed == 1 || failed == total {
+            std::process::exit(1);
         }
     });
 
@@ -362,6 +530,50 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("q8"), "{error}");
+    }
+
+    #[test]
+    fn several_models_split_the_kv_memory_and_take_their_names() {
+        let args = parse(&[
+            "--model",
+            "synthetic:tiny=one",
+            "--model",
+            "/m/llama.Q4_0.gguf",
+            "--kv-cache-memory",
+            "1GiB",
+        ])
+        .unwrap();
+        let plans = args.plans().unwrap();
+        let names: Vec<&str> = plans.iter().map(|p| p.spec.name.as_str()).collect();
+        assert_eq!(names, ["one", "llama.Q4_0"]);
+        assert_eq!(plans[0].source, "synthetic:tiny");
+        assert!(plans.iter().all(|p| p.cache.memory_bytes == 512 << 20));
+        // One --model is served as before, with the whole pool.
+        let single = parse(&["--model", "m", "--served-model-name", "mine"]).unwrap();
+        let plans = single.plans().unwrap();
+        assert_eq!(plans[0].spec.name, "mine");
+        assert_eq!(
+            plans[0].cache.memory_bytes,
+            single.cache_options().memory_bytes
+        );
+        // --served-model-name names one model only.
+        let both = parse(&["--model", "a", "--model", "b", "--served-model-name", "x"]).unwrap();
+        assert!(both.plans().is_err());
+    }
+
+    #[test]
+    fn api_keys_make_fair_share_the_default_policy() {
+        let policy = |args: &[&str]| {
+            let plans = parse(args).unwrap().plans().unwrap();
+            plans[0].engine.scheduler.scheduling_policy.clone()
+        };
+        assert_eq!(policy(&[]), None);
+        assert_eq!(
+            policy(&["--api-keys", "k.toml"]).as_deref(),
+            Some("fair-share")
+        );
+        let explicit = ["--api-keys", "k.toml", "--scheduling-policy", "priority"];
+        assert_eq!(policy(&explicit).as_deref(), Some("priority"));
     }
 
     /// Every flag issue 4 names for `minserve serve`.

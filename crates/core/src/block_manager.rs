@@ -37,6 +37,12 @@
 //!   free queue, so a later request can still hit them. When a fresh block is needed and no
 //!   block without a cached prefix is free, it is taken from the front of the queue, the
 //!   block freed longest ago, which loses its registration then.
+//! * **Conversation sessions are evicted last.** The cached blocks a sessioned sequence
+//!   ([`Sequence::keep_cached`]: a request with a session id) frees wait in a queue of their
+//!   own, ordered by when their time to live runs out. They are evicted only once no other
+//!   cached block is free, except those whose time to live has passed, which go first. So a
+//!   multi-turn chat finds its earlier turns cached at its next turn although other traffic
+//!   churns through the cache meanwhile (see docs/tenants.md).
 //! * **Most recently freed first, for blocks without a cached prefix.** A free block that holds
 //!   no registered prefix (a partial block, a block of a failed step, any block with prefix
 //!   caching off) has nothing worth keeping: these are reused before any cached block is
@@ -61,6 +67,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::time::Instant;
 
 use crate::batch::{BlockCopy, StepBatch};
 pub use crate::sequence::RELEASED_BLOCK;
@@ -94,6 +101,8 @@ enum FreeList {
     Cached(u64),
     /// Holds nothing worth keeping: on the stack of blocks reused most recently freed first.
     Uncached,
+    /// Holds a session's cached prefix, kept until this time: in the session queue.
+    Session(Instant, u64),
 }
 
 /// A cached prefix found for a sequence: blocks to reuse, in order, per KV group.
@@ -138,6 +147,9 @@ pub struct BlockManager {
     /// Free blocks holding a cached prefix, by the time they were freed: the first is the least
     /// recently used.
     free_queue: BTreeMap<u64, u32>,
+    /// Free blocks holding a session's cached prefix, by the end of their time to live (then
+    /// the time they were freed): evicted after every block of `free_queue`, unless expired.
+    session_queue: BTreeMap<(Instant, u64), u32>,
     /// Free blocks holding no cached prefix; the last was freed most recently.
     free_uncached: Vec<u32>,
     next_tick: u64,
@@ -180,6 +192,7 @@ impl BlockManager {
             group_windows,
             blocks: vec![Block::default(); num_blocks],
             free_queue: BTreeMap::new(),
+            session_queue: BTreeMap::new(),
             free_uncached: Vec::with_capacity(num_blocks),
             next_tick: 0,
             cached: HashMap::new(),
@@ -190,7 +203,7 @@ impl BlockManager {
         };
         // Block 0 on top: a fresh pool hands its blocks out in order.
         for id in (0..num_blocks as u32).rev() {
-            manager.push_free(id);
+            manager.push_free(id, None);
         }
         manager
     }
@@ -214,12 +227,12 @@ impl BlockManager {
 
     /// Blocks a new allocation can take (including cached blocks nobody uses).
     pub fn num_free_blocks(&self) -> usize {
-        self.free_queue.len() + self.free_uncached.len()
+        self.free_queue.len() + self.session_queue.len() + self.free_uncached.len()
     }
 
     /// Free blocks that still hold a registered prefix.
     pub fn num_cached_free_blocks(&self) -> usize {
-        self.free_queue.len()
+        self.free_queue.len() + self.session_queue.len()
     }
 
     /// Fraction of blocks held by live sequences (cached but unused blocks count as free).
@@ -503,10 +516,11 @@ impl BlockManager {
     /// so that the tail of a prefix is evicted before its head (heads are what other requests
     /// share).
     pub fn free(&mut self, seq: &mut Sequence) {
+        let keep_until = seq.keep_cached().map(|ttl| Instant::now() + ttl);
         for table in seq.block_tables.iter().rev() {
             for &id in table.iter().rev() {
                 if id != RELEASED_BLOCK {
-                    self.release(id);
+                    self.release_keeping(id, keep_until);
                 }
             }
         }
@@ -559,6 +573,9 @@ impl BlockManager {
             }
             // Only cached blocks are adopted, so this is never searched in practice.
             Some(FreeList::Uncached) => self.free_uncached.retain(|&b| b != id),
+            Some(FreeList::Session(until, tick)) => {
+                self.session_queue.remove(&(until, tick));
+            }
             None => {}
         }
         block.ref_count += 1;
@@ -566,24 +583,36 @@ impl BlockManager {
 
     /// Drops one reference to block `id`; the last one frees it.
     fn release(&mut self, id: u32) {
+        self.release_keeping(id, None);
+    }
+
+    /// [`release`](Self::release); a block freed with `keep_until` and a cached prefix is
+    /// kept ahead of other cached blocks until then.
+    fn release_keeping(&mut self, id: u32, keep_until: Option<Instant>) {
         let block = &mut self.blocks[id as usize];
         block.ref_count -= 1;
         if block.ref_count == 0 {
-            self.push_free(id);
+            self.push_free(id, keep_until);
         }
     }
 
-    /// Takes the most recently freed block that holds no cached prefix, or else the least
-    /// recently freed cached one, evicting its prefix.
+    /// Takes the most recently freed block that holds no cached prefix, or else a session's
+    /// block whose time to live has passed, or else the least recently freed cached one, or
+    /// else the session block closest to its end, evicting its prefix.
     fn take_fresh_block(&mut self) -> u32 {
+        let expired = self
+            .session_queue
+            .first_key_value()
+            .is_some_and(|(&(until, _), _)| until <= Instant::now());
         let id = match self.free_uncached.pop() {
             Some(id) => id,
-            None => {
-                self.free_queue
-                    .pop_first()
-                    .expect("allocate_slots checked that enough blocks are free")
-                    .1
-            }
+            None if expired => self.session_queue.pop_first().expect("checked").1,
+            None => self
+                .free_queue
+                .pop_first()
+                .map(|(_, id)| id)
+                .or_else(|| self.session_queue.pop_first().map(|(_, id)| id))
+                .expect("allocate_slots checked that enough blocks are free"),
         };
         self.blocks[id as usize].free = None;
         self.unregister(id);
@@ -601,12 +630,16 @@ impl BlockManager {
         }
     }
 
-    fn push_free(&mut self, id: u32) {
+    fn push_free(&mut self, id: u32, keep_until: Option<Instant>) {
         if !self.pending_registrations.is_empty() {
             self.pending_registrations.retain(|p| p.id != id);
         }
         let block = &mut self.blocks[id as usize];
-        if block.key.is_some() {
+        if let (Some(until), Some(_)) = (keep_until, block.key) {
+            self.session_queue.insert((until, self.next_tick), id);
+            block.free = Some(FreeList::Session(until, self.next_tick));
+            self.next_tick += 1;
+        } else if block.key.is_some() {
             self.free_queue.insert(self.next_tick, id);
             block.free = Some(FreeList::Cached(self.next_tick));
             self.next_tick += 1;
@@ -684,6 +717,11 @@ impl BlockManager {
                     assert!(block.key.is_some(), "block {id}: cached without a prefix");
                     cached += 1;
                 }
+                (Some(FreeList::Session(until, tick)), 0) => {
+                    assert_eq!(self.session_queue.get(&(until, tick)), Some(&(id as u32)));
+                    assert!(block.key.is_some(), "block {id}: kept without a prefix");
+                    cached += 1;
+                }
                 (Some(FreeList::Uncached), 0) => {
                     assert!(
                         self.free_uncached.contains(&(id as u32)),
@@ -713,7 +751,11 @@ impl BlockManager {
                 }
             }
         }
-        assert_eq!(self.free_queue.len(), cached, "free queue length");
+        assert_eq!(
+            self.free_queue.len() + self.session_queue.len(),
+            cached,
+            "free queue length"
+        );
         assert_eq!(self.free_uncached.len(), free, "free stack length");
         assert_eq!(
             free + used + cached,
@@ -778,6 +820,8 @@ impl BlockManager {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn seq(id: u64, tokens: &[u32]) -> Sequence {
@@ -881,6 +925,70 @@ mod tests {
         let d = seq(4, &[1, 2, 3, 4, 5]);
         assert!(bm.find_cached_prefix(&d).num_blocks() == 0);
         bm.check_invariants([&c]);
+    }
+
+    /// Computes `tokens` in a fresh sequence, registers its full blocks and frees it.
+    fn cache_and_free(bm: &mut BlockManager, id: u64, tokens: &[u32], keep: Option<Duration>) {
+        let mut s = seq(id, tokens);
+        s.owner = Some(std::sync::Arc::new(crate::sequence::Owner {
+            fair_claim: None,
+            keep_cached: keep,
+        }));
+        assert!(bm.allocate_slots(&mut s, tokens.len(), None));
+        bm.take_block_copies();
+        bm.free(&mut s);
+    }
+
+    fn cached_blocks(bm: &mut BlockManager, prompt: &[u32]) -> usize {
+        let mut query = prompt.to_vec();
+        query.push(0);
+        bm.find_cached_prefix(&seq(99, &query)).num_blocks()
+    }
+
+    #[test]
+    fn a_sessions_blocks_are_evicted_after_other_cached_blocks() {
+        let mut bm = BlockManager::new(4, 2, true);
+        // The session's blocks are freed first: plain LRU would evict them first.
+        cache_and_free(&mut bm, 1, &[1, 2, 3, 4], Some(Duration::from_secs(600)));
+        cache_and_free(&mut bm, 2, &[5, 6, 7, 8], None);
+        assert_eq!(bm.num_cached_free_blocks(), 4);
+
+        let mut churn = seq(3, &[9, 9, 9, 9]);
+        assert!(bm.allocate_slots(&mut churn, 4, None));
+        bm.take_block_copies();
+        assert_eq!(
+            cached_blocks(&mut bm, &[1, 2, 3, 4]),
+            2,
+            "the session's prefix stays"
+        );
+        assert_eq!(
+            cached_blocks(&mut bm, &[5, 6, 7, 8]),
+            0,
+            "the other one went"
+        );
+        bm.check_invariants([&churn]);
+
+        // With no other cached block free, the session's are evicted too.
+        let mut more = seq(4, &[8, 8, 8, 8]);
+        assert!(bm.allocate_slots(&mut more, 4, None));
+        assert_eq!(cached_blocks(&mut bm, &[1, 2, 3, 4]), 0);
+        bm.check_invariants([&churn, &more]);
+    }
+
+    #[test]
+    fn a_sessions_blocks_past_their_time_to_live_are_evicted_first() {
+        let mut bm = BlockManager::new(4, 2, true);
+        cache_and_free(&mut bm, 1, &[5, 6, 7, 8], None);
+        cache_and_free(&mut bm, 2, &[1, 2, 3, 4], Some(Duration::ZERO));
+        let mut churn = seq(3, &[9, 9, 9, 9]);
+        assert!(bm.allocate_slots(&mut churn, 4, None));
+        assert_eq!(
+            cached_blocks(&mut bm, &[1, 2, 3, 4]),
+            0,
+            "expired: evicted first"
+        );
+        assert_eq!(cached_blocks(&mut bm, &[5, 6, 7, 8]), 2);
+        bm.check_invariants([&churn]);
     }
 
     /// A parent that has computed a 6-token prompt in blocks of 4, and two forks of it.

@@ -31,6 +31,7 @@ use crate::block_manager::BlockManager;
 use crate::constraint::{ConstrainedSample, TokenMask};
 use crate::detokenize::TokenDecoder;
 use crate::executor::{Logits, ModelExecutor};
+use crate::fair_share::FairClaim;
 use crate::output::{OutputStage, SampleOutput, TokenOutput};
 use crate::request::FinishReason;
 use crate::request::{
@@ -38,7 +39,7 @@ use crate::request::{
 };
 use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
-use crate::sequence::{SeqId, Sequence};
+use crate::sequence::{Owner, SeqId, Sequence};
 use crate::trace::StepTrace;
 
 thread_local! {
@@ -222,17 +223,23 @@ impl<E: ModelExecutor> Engine<E> {
         // One output state cloned for every sample: the request's stop strings are shared, not
         // copied n times.
         let new_output = self.output.new_sample(&request);
+        let owner = (request.tenant.is_some() || request.session.is_some()).then(|| {
+            Arc::new(Owner {
+                fair_claim: request.tenant.clone().map(|share| FairClaim {
+                    share,
+                    expected_tokens: (request.prompt.len() + request.n * request.max_tokens) as u64,
+                }),
+                keep_cached: request.session.as_ref().map(|s| s.ttl),
+            })
+        });
         let mut samples = Vec::with_capacity(request.n);
         for index in 0..request.n {
             self.next_seq_id += 1;
             let id = self.next_seq_id;
             let arrival = id;
-            samples.push(Sequence::new(
-                id,
-                request.prompt.clone(),
-                request.priority,
-                arrival,
-            ));
+            let mut seq = Sequence::new(id, request.prompt.clone(), request.priority, arrival);
+            seq.owner = owner.clone();
+            samples.push(seq);
             self.samples.insert(
                 id,
                 Sample {

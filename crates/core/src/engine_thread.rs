@@ -158,7 +158,11 @@ impl Drop for EngineHandle {
     fn drop(&mut self) {
         self.commands.take(); // closes the channel: the thread finishes its step and exits
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // The last handle can be dropped on the engine thread itself (with a request's
+            // sink that held the server's state): it exits on its own, it cannot join itself.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }

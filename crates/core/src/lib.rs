@@ -11,6 +11,7 @@ pub mod detokenize;
 pub mod engine;
 pub mod engine_thread;
 pub mod executor;
+pub mod fair_share;
 pub mod math;
 pub mod output;
 pub mod request;
@@ -25,6 +26,6 @@ pub use engine::{Engine, EngineConfig, EngineStats};
 pub use engine_thread::EngineHandle;
 pub use executor::{CacheGeometry, Logits, ModelExecutor};
 pub use request::{
-    EngineLimits, EventSink, FinishReason, Request, RequestError, RequestEvent, RequestId,
+    EngineLimits, EventSink, FinishReason, Request, RequestError, RequestEvent, RequestId, Session,
     ValidatedRequest,
 };

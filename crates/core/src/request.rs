@@ -9,9 +9,10 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::constraint::ConstraintFactory;
+use crate::fair_share::TenantShare;
 use crate::sampling::{SamplingParams, MAX_LOGPROBS};
 
 /// Identifies a request; handed out by the engine or its handle.
@@ -35,6 +36,19 @@ pub struct Request {
     pub priority: i32,
     /// A grammar the output must follow (structured outputs); each sample walks its own copy.
     pub constraint: Option<Arc<dyn ConstraintFactory>>,
+    /// Whose request it is, for the fair-share policy (`fair_share.rs`); `None`: anonymous.
+    pub tenant: Option<TenantShare>,
+    /// The conversation session it belongs to: its blocks stay in the prefix cache ahead of
+    /// unsessioned ones, for the session's next turn (`block_manager.rs`).
+    pub session: Option<Session>,
+}
+
+/// A conversation session, as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: Arc<str>,
+    /// How long the request's cached blocks are kept ahead of others' once it ends.
+    pub ttl: Duration,
 }
 
 impl Request {
@@ -50,6 +64,8 @@ impl Request {
             n: 1,
             priority: 0,
             constraint: None,
+            tenant: None,
+            session: None,
         }
     }
 }

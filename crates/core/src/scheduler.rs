@@ -32,6 +32,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::batch::StepBatch;
 use crate::block_manager::BlockManager;
+use crate::fair_share::FairQueue;
 use crate::sequence::{SeqId, Sequence};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,6 +42,9 @@ pub enum SchedulingPolicy {
     Fcfs,
     /// Lowest `priority` value first, then arrival order.
     Priority,
+    /// Weighted fair queuing across tenants: lowest virtual start tag first, then arrival
+    /// order (see `fair_share.rs`).
+    FairShare,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,8 @@ pub struct Scheduler {
     /// computes the prompt for all of them).
     unforked: HashMap<SeqId, Vec<Sequence>>,
     num_preemptions: u64,
+    /// Tenants' virtual finish tags, under the fair-share policy.
+    fair: FairQueue,
 }
 
 impl Scheduler {
@@ -116,6 +122,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             unforked: HashMap::new(),
             num_preemptions: 0,
+            fair: FairQueue::default(),
         }
     }
 
@@ -134,15 +141,34 @@ impl Scheduler {
         if samples.is_empty() {
             return;
         }
-        let forks = samples.split_off(1);
-        let first = samples.pop().expect("one sample is left");
+        let mut forks = samples.split_off(1);
+        let mut first = samples.pop().expect("one sample is left");
+        self.assign_fair_tag(&mut first);
+        for fork in &mut forks {
+            fork.fair_tag = first.fair_tag;
+        }
         if !forks.is_empty() {
             self.unforked.insert(first.id, forks);
         }
-        self.add(first);
+        self.enqueue(first);
     }
 
-    pub fn add(&mut self, seq: Sequence) {
+    pub fn add(&mut self, mut seq: Sequence) {
+        self.assign_fair_tag(&mut seq);
+        self.enqueue(seq);
+    }
+
+    /// Under the fair-share policy, the sequence's virtual start tag, from the head of the
+    /// waiting queue (the virtual time) and its tenant's share.
+    fn assign_fair_tag(&mut self, seq: &mut Sequence) {
+        if self.config.policy == SchedulingPolicy::FairShare {
+            let head = self.waiting.front().map(|w| self.seqs[w].fair_tag);
+            let claim = seq.owner.as_ref().and_then(|o| o.fair_claim.as_ref());
+            seq.fair_tag = self.fair.start_tag(claim, head);
+        }
+    }
+
+    fn enqueue(&mut self, seq: Sequence) {
         let at = self.waiting_position(&seq, false);
         self.waiting.insert(at, seq.id);
         self.seqs.insert(seq.id, seq);
@@ -151,7 +177,8 @@ impl Scheduler {
     /// Where `seq` joins the waiting queue. Under FCFS a newcomer goes to the back and a
     /// preempted sequence to the front: it was admitted, so it arrived before everything
     /// waiting. Under priority order both go behind every waiting sequence with a smaller
-    /// [`order_key`](Sequence::order_key).
+    /// [`order_key`](Sequence::order_key). Under fair share both go by their virtual start tag,
+    /// which a preempted sequence keeps: it is usually among the smallest.
     fn waiting_position(&self, seq: &Sequence, preempted: bool) -> usize {
         match self.config.policy {
             SchedulingPolicy::Fcfs if preempted => 0,
@@ -160,6 +187,13 @@ impl Scheduler {
                 let key = seq.order_key();
                 self.waiting
                     .partition_point(|w| self.seqs[w].order_key() <= key)
+            }
+            SchedulingPolicy::FairShare => {
+                let key = (seq.fair_tag, seq.arrival);
+                self.waiting.partition_point(|w| {
+                    let waiting = &self.seqs[w];
+                    (waiting.fair_tag, waiting.arrival) <= key
+                })
             }
         }
     }

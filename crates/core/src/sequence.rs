@@ -5,6 +5,11 @@
 //! exactly one (the token sampled last step), and a preempted one starts over from zero while
 //! keeping every token it generated.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fair_share::FairClaim;
+
 /// Hash of a full block's tokens chained with its parent's (see `block_manager.rs`).
 pub type BlockHash = u64;
 
@@ -35,6 +40,23 @@ pub struct Sequence {
     pub priority: i32,
     /// Arrival order; ties in priority go to the earlier arrival.
     pub arrival: u64,
+    /// Its request's tenant and session, shared by the request's samples; `None` for the
+    /// anonymous tenant without a session (one pointer: sequences are many, see
+    /// `tests/request_memory.rs`).
+    pub owner: Option<Arc<Owner>>,
+    /// Virtual start tag under the fair-share policy, set when the scheduler queues it.
+    pub fair_tag: u64,
+}
+
+/// Who a sequence's request is from, as the scheduler and the block manager see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Owner {
+    /// The tenant's share the request claims (see `fair_share.rs`); `None`: the anonymous
+    /// tenant.
+    pub fair_claim: Option<FairClaim>,
+    /// For how long its cached blocks outlive it ahead of others' in the prefix cache (a
+    /// conversation session's time to live; see `block_manager.rs`); `None`: no preference.
+    pub keep_cached: Option<Duration>,
 }
 
 impl Sequence {
@@ -48,6 +70,8 @@ impl Sequence {
             block_hashes: Vec::new(),
             priority,
             arrival,
+            owner: None,
+            fair_tag: 0,
         }
     }
 
@@ -67,6 +91,11 @@ impl Sequence {
     /// Tokens the model still has to compute before this sequence can sample again.
     pub fn num_pending_tokens(&self) -> usize {
         self.tokens.len() - self.num_computed_tokens
+    }
+
+    /// For how long its cached blocks are kept ahead of others' once freed (its session's).
+    pub fn keep_cached(&self) -> Option<Duration> {
+        self.owner.as_ref().and_then(|o| o.keep_cached)
     }
 
     pub fn output_tokens(&self) -> &[u32] {

@@ -4,25 +4,26 @@
 //! and the queue hold together would be refused even by an idle server: retrying cannot help,
 //! so it gets a 400 that says so instead.
 //!
-//! The count of sequences admitted but not yet answered lives in
-//! [`AppState::inflight_seqs`]: a [`QueueSlots`] holds a request's share of it and gives it
-//! back when the response ends, however it ends.
+//! Each model has its own engine and so its own queue: the count of its sequences admitted but
+//! not yet answered lives in its [`ModelSlot::inflight_seqs`]: a [`QueueSlots`] holds a
+//! request's share of it and gives it back when the response ends, however it ends.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::ApiError;
-use crate::state::{AppState, ServedModel};
+use crate::models::ModelSlot;
+use crate::state::{AppState, ReadyModel};
 
 /// A request's sequences, counted as admitted until this is dropped.
 pub(crate) struct QueueSlots {
-    state: Arc<AppState>,
+    slot: Arc<ModelSlot>,
     num_seqs: usize,
 }
 
 impl Drop for QueueSlots {
     fn drop(&mut self) {
-        self.state
+        self.slot
             .inflight_seqs
             .fetch_sub(self.num_seqs, Ordering::SeqCst);
     }
@@ -33,7 +34,7 @@ impl Drop for QueueSlots {
 /// when they could never be admitted.
 pub(crate) fn admit(
     state: &Arc<AppState>,
-    model: &ServedModel,
+    model: &ReadyModel,
     num_seqs: usize,
 ) -> Result<QueueSlots, ApiError> {
     let max_queue = state.options.max_queue;
@@ -50,10 +51,13 @@ pub(crate) fn admit(
         )
         .code("never_admissible"));
     }
-    let before = state.inflight_seqs.fetch_add(num_seqs, Ordering::SeqCst);
+    let before = model
+        .slot
+        .inflight_seqs
+        .fetch_add(num_seqs, Ordering::SeqCst);
     // From here the slots are given back on drop, whatever happens.
     let slots = QueueSlots {
-        state: state.clone(),
+        slot: model.slot.clone(),
         num_seqs,
     };
     let waiting = model
@@ -62,7 +66,7 @@ pub(crate) fn admit(
         .num_waiting
         .max((before + num_seqs).saturating_sub(model.max_num_seqs));
     if waiting > max_queue {
-        state.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        model.slot.metrics.rejected.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::queue_full(waiting, max_queue));
     }
     Ok(slots)

@@ -58,11 +58,15 @@ impl ApiError {
         .code("request_too_large")
     }
 
-    pub fn model_not_found(model: &str) -> Self {
+    /// No served model is called `model`; `served` are the names of those that are.
+    pub fn model_not_found(model: &str, served: &[&str]) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("The model `{model}` does not exist."),
+            format!(
+                "The model `{model}` does not exist; this server serves: {}.",
+                served.join(", ")
+            ),
         )
         .param("model")
         .code("model_not_found")
@@ -108,6 +112,14 @@ impl ApiError {
         )
         .code("queue_full");
         e.retry_after = Some(1);
+        e
+    }
+
+    /// A tenant's limit (`tenants.rs`): retry in `retry_after` seconds.
+    pub fn tenant_limit(message: String, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            .code("rate_limit_exceeded");
+        e.retry_after = Some(retry_after);
         e
     }
 

@@ -23,14 +23,17 @@
 //! A failed engine thread is watched for (`supervision.rs`): `/health` turns 503, and the
 //! engine is rebuilt or [`serve`] drains and returns the failure.
 //!
-//! The server knows no model files or tensors: it serves a [`ServedModel`] (an engine handle
-//! and a tokenizer) that the caller wired up. It loads in the background: `GET /health` (and
-//! every model route) answers 503 until [`AppState::set_model`] is called.
+//! The server knows no model files or tensors: it serves [`ServedModel`]s (an engine handle
+//! and a tokenizer each) that the caller wired up, one per configured model (`models.rs`),
+//! routed by the request's `model`. Each loads in the background: `GET /health` (and the
+//! model's routes) answer 503 until [`ModelSlot::set_model`] is called.
 
 mod admission;
 mod body_limit;
+mod caller;
 mod choices;
 mod collect;
+pub mod config_text;
 mod cpu_work;
 mod error;
 mod fields;
@@ -39,6 +42,7 @@ mod json_body;
 mod limits;
 mod metrics;
 mod middleware;
+mod models;
 mod options;
 mod params;
 mod prompt;
@@ -52,6 +56,7 @@ mod structured;
 mod submit;
 mod supervision;
 mod telemetry;
+mod tenants;
 mod tool_format;
 mod tools;
 mod vllm_compat;
@@ -64,24 +69,26 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
+pub use caller::SESSION_HEADER;
 pub use error::{ApiError, RequestFieldNames};
 pub use metrics::Metrics;
+pub use models::{ModelRegistry, ModelSlot, ModelSpec, ServedModel};
 pub use options::{ServerOptions, ToolCallFormat};
-pub use state::{spawn_load, AppState, ServedModel};
+pub use state::{spawn_load, spawn_load_model, AppState};
+pub use tenants::{ApiKeys, Tenant, TenantLimits};
 
-use routes::{
-    chat, completions, models, monitoring, openapi, responses as responses_api, tokenize,
-};
+use routes::{chat, completions, monitoring, openapi, responses as responses_api, tokenize};
 
 /// The routes, without the outer layers (see [`app`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(monitoring::health))
+        .route("/health/{model}", get(monitoring::health_of))
         .route("/metrics", get(monitoring::metrics_page))
         .route("/get_load", get(monitoring::load))
         .route("/openapi.json", get(openapi::openapi))
-        .route("/v1/models", get(models::list_models))
-        .route("/v1/models/{model}", get(models::get_model))
+        .route("/v1/models", get(routes::models::list_models))
+        .route("/v1/models/{model}", get(routes::models::get_model))
         .route("/v1/completions", json_post(completions::completions))
         .route("/v1/chat/completions", json_post(chat::chat_completions))
         .route(
@@ -158,10 +165,31 @@ pub async fn serve(
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let flag = state.clone();
     let (engine_failed_tx, mut engine_failed) = tokio::sync::oneshot::channel();
-    let installer = state.clone();
-    let supervisor = supervision::supervise(state.engine_watch.clone(), move |model| {
-        installer.set_model(model)
-    });
+    // One supervisor per model; the first that gives up (a failed engine it cannot rebuild)
+    // drains the whole server, so that its process supervisor starts a fresh one.
+    let (gave_up_tx, mut gave_up) = tokio::sync::mpsc::channel::<String>(1);
+    let mut supervisors = Vec::new();
+    for slot in state.models.iter() {
+        let slot = slot.clone();
+        let gave_up_tx = gave_up_tx.clone();
+        supervisors.push(tokio::spawn(async move {
+            let installer = slot.clone();
+            let reason = supervision::supervise(slot.engine_watch.clone(), move |model| {
+                installer.set_model(model)
+            })
+            .await;
+            let _ = gave_up_tx
+                .send(format!("model {}: {reason}", slot.name()))
+                .await;
+        }));
+    }
+    drop(gave_up_tx);
+    let supervisor = async move {
+        match gave_up.recv().await {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    };
     let graceful = async move {
         tokio::select! {
             () = shutdown => {}
@@ -208,6 +236,9 @@ pub async fn serve(
                 .unwrap_or(Ok(()))
         }
     };
+    for supervisor in supervisors {
+        supervisor.abort();
+    }
     match engine_failed.try_recv() {
         Ok(reason) => Err(std::io::Error::other(reason)),
         Err(_) => result,
@@ -216,6 +247,33 @@ pub async fn serve(
 
 /// How long responses cut off at the shutdown timeout get to send their error and end.
 const CUT_OFF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads the `--api-keys` file on every SIGHUP, for as long as the process runs: the new keys
+/// replace the old ones at once, or, if the file does not read, the old ones stay and the
+/// reason is logged.
+pub fn reload_api_keys_on_sighup(state: Arc<AppState>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!(target: "minserve_server", "cannot listen for SIGHUP: no key reloads");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match state.reload_api_keys() {
+                Ok(count) => {
+                    tracing::info!(target: "minserve_server", "API keys reloaded: {count} keys")
+                }
+                Err(e) => tracing::error!(
+                    target: "minserve_server",
+                    "API keys not reloaded, the previous keys stay: {e}"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = state;
+}
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {

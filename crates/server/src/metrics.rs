@@ -1,5 +1,7 @@
 //! `GET /metrics`: engine counters plus latency histograms measured in the handlers, in the
-//! Prometheus text format.
+//! Prometheus text format. Each served model has its own [`Metrics`]; every series carries
+//! its `model` label, and [`Exposition`] writes each family once with the series of every
+//! model under it (as the format requires).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,18 +49,24 @@ impl Histogram {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).2
     }
 
-    fn render(&self, out: &mut String) {
+    fn render(&self, page: &mut Exposition, model: &str) {
         let (buckets, sum, count) = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+        let family = page.family(self.name, "histogram", self.help);
+        let labels = model_label(model);
         let mut cumulative = 0;
         for (bound, n) in self.bounds.iter().zip(&buckets) {
             cumulative += n;
-            let _ = writeln!(out, "{}_bucket{{le=\"{bound}\"}} {cumulative}", self.name);
+            family.push(format!(
+                "{}_bucket{{{labels},le=\"{bound}\"}} {cumulative}",
+                self.name
+            ));
         }
-        let _ = writeln!(out, "{}_bucket{{le=\"+Inf\"}} {count}", self.name);
-        let _ = writeln!(out, "{}_sum {sum}", self.name);
-        let _ = writeln!(out, "{}_count {count}", self.name);
+        family.push(format!(
+            "{}_bucket{{{labels},le=\"+Inf\"}} {count}",
+            self.name
+        ));
+        family.push(format!("{}_sum{{{labels}}} {sum}", self.name));
+        family.push(format!("{}_count{{{labels}}} {count}", self.name));
     }
 }
 
@@ -101,6 +109,8 @@ pub struct Metrics {
     pub success_length: AtomicU64,
     pub aborted: AtomicU64,
     pub rejected: AtomicU64,
+    /// 429s for a tenant over its limits (`tenants.rs`).
+    pub rate_limited: AtomicU64,
     /// Per [`Interruption`], in the order of `Interruption::ALL`.
     interrupted: [AtomicU64; 3],
 }
@@ -133,15 +143,96 @@ impl Default for Metrics {
             success_length: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             interrupted: Default::default(),
         }
     }
 }
 
-fn scalar(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
+/// A `/metrics` page being written: metric families in the order first written, each with
+/// the series of every model.
+#[derive(Default)]
+pub struct Exposition {
+    families: Vec<Family>,
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    series: Vec<String>,
+}
+
+impl Family {
+    fn push(&mut self, line: String) {
+        self.series.push(line);
+    }
+}
+
+impl Exposition {
+    /// The family `name`, created on first use.
+    fn family(
+        &mut self,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+    ) -> &mut Family {
+        let i = match self.families.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                self.families.push(Family {
+                    name,
+                    kind,
+                    help,
+                    series: Vec::new(),
+                });
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i]
+    }
+
+    /// One series of `name` for `model`, with its other labels (`reason="x"`) if any.
+    pub(crate) fn series(
+        &mut self,
+        (name, kind, help): (&'static str, &'static str, &'static str),
+        model: &str,
+        labels: &str,
+        value: impl std::fmt::Display,
+    ) {
+        let mut all = model_label(model);
+        if !labels.is_empty() {
+            all.push(',');
+            all.push_str(labels);
+        }
+        self.family(name, kind, help)
+            .push(format!("{name}{{{all}}} {value}"));
+    }
+
+    pub fn finish(self) -> String {
+        let mut out = String::new();
+        for f in self.families {
+            let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+            for line in f.series {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        out
+    }
+}
+
+/// `model="NAME"`.
+fn model_label(model: &str) -> String {
+    format!("model=\"{}\"", label_value(model))
+}
+
+/// A label's value escaped as the text format wants (backslash, quote, newline).
+pub(crate) fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -152,10 +243,9 @@ impl Metrics {
         }
     }
 
-    /// The whole page; `stats` is `None` while the model loads.
-    pub fn render(&self, stats: Option<EngineStats>) -> String {
+    /// The series of `model`; `stats` is `None` while it loads.
+    pub fn render(&self, page: &mut Exposition, model: &str, stats: Option<EngineStats>) {
         let s = stats.unwrap_or_default();
-        let mut out = String::new();
         let gauges: [(&str, &str, String); 3] = [
             (
                 "minserve_num_requests_running",
@@ -174,7 +264,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in gauges {
-            scalar(&mut out, name, "gauge", help, value);
+            page.series((name, "gauge", help), model, "", value);
         }
         let counters = [
             (
@@ -205,42 +295,61 @@ impl Metrics {
             ("minserve_engine_steps_total", "Engine steps run.", s.steps),
         ];
         for (name, help, value) in counters {
-            scalar(&mut out, name, "counter", help, value);
+            page.series((name, "counter", help), model, "", value);
         }
-        let _ = writeln!(
-            out,
-            "# HELP minserve_request_success_total Requests finished, by finish reason.\n\
-             # TYPE minserve_request_success_total counter\n\
-             minserve_request_success_total{{finished_reason=\"stop\"}} {}\n\
-             minserve_request_success_total{{finished_reason=\"length\"}} {}",
-            self.success_stop.load(Ordering::Relaxed),
-            self.success_length.load(Ordering::Relaxed),
-        );
-        scalar(
-            &mut out,
-            "minserve_request_aborted_total",
+        const SUCCESS: (&str, &str, &str) = (
+            "minserve_request_success_total",
             "counter",
-            "Requests whose client went away before they finished.",
+            "Requests finished, by finish reason.",
+        );
+        for (reason, counter) in [
+            ("stop", &self.success_stop),
+            ("length", &self.success_length),
+        ] {
+            let labels = format!("finished_reason=\"{reason}\"");
+            page.series(SUCCESS, model, &labels, counter.load(Ordering::Relaxed));
+        }
+        page.series(
+            (
+                "minserve_request_aborted_total",
+                "counter",
+                "Requests whose client went away before they finished.",
+            ),
+            model,
+            "",
             self.aborted.load(Ordering::Relaxed),
         );
-        scalar(
-            &mut out,
-            "minserve_request_rejected_total",
-            "counter",
-            "Requests answered 429 because the waiting queue was full.",
+        page.series(
+            (
+                "minserve_request_rejected_total",
+                "counter",
+                "Requests answered 429 because the waiting queue was full.",
+            ),
+            model,
+            "",
             self.rejected.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP minserve_request_interrupted_total Requests the server ended before they \
-             finished, by reason.\n# TYPE minserve_request_interrupted_total counter"
+        page.series(
+            (
+                "minserve_request_rate_limited_total",
+                "counter",
+                "Requests answered 429 because their tenant was over its concurrency or \
+                 tokens-per-minute limit.",
+            ),
+            model,
+            "",
+            self.rate_limited.load(Ordering::Relaxed),
         );
         for (reason, counter) in Interruption::ALL.iter().zip(&self.interrupted) {
-            let _ = writeln!(
-                out,
-                "minserve_request_interrupted_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                counter.load(Ordering::Relaxed)
+            page.series(
+                (
+                    "minserve_request_interrupted_total",
+                    "counter",
+                    "Requests the server ended before they finished, by reason.",
+                ),
+                model,
+                &format!("reason=\"{}\"", reason.label()),
+                counter.load(Ordering::Relaxed),
             );
         }
         for h in [
@@ -249,8 +358,14 @@ impl Metrics {
             &self.e2e_latency,
             &self.queue_time,
         ] {
-            h.render(&mut out);
+            h.render(page, model);
         }
-        out
+    }
+
+    /// [`render`](Self::render) alone on a page.
+    pub fn page(&self, model: &str, stats: Option<EngineStats>) -> String {
+        let mut page = Exposition::default();
+        self.render(&mut page, model, stats);
+        page.finish()
     }
 }

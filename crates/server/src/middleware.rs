@@ -18,12 +18,14 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::caller::{CallerTenant, SESSION_HEADER};
 use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Routes that answer without the API key: probes and the API description.
 fn is_public_route(path: &str) -> bool {
     matches!(path, "/health" | "/metrics" | "/get_load" | "/openapi.json")
+        || path.starts_with("/health/")
 }
 
 /// Constant-time comparison, so the key cannot be guessed byte by byte from timings.
@@ -45,22 +47,41 @@ fn bearer_token(authorization: &str) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// 401 unless the request carries `Authorization: Bearer <key>` (when the server has a key).
+/// 401 unless the request carries `Authorization: Bearer <key>` with the server's key or a
+/// tenant's (when the server has keys). A tenant's key marks the request as the tenant's
+/// ([`CallerTenant`]).
 pub(crate) async fn require_api_key(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = &state.options.api_key {
+    let tenants = state.api_keys();
+    if (state.options.api_key.is_some() || tenants.is_some())
+        && !is_public_route(request.uri().path())
+    {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token);
-        if !is_public_route(request.uri().path())
-            && !given.is_some_and(|g| keys_match(g.as_bytes(), key.as_bytes()))
-        {
-            return ApiError::unauthorized().into_response();
+            .and_then(bearer_token)
+            .map(str::to_string);
+        let tenant = given
+            .as_deref()
+            .and_then(|g| tenants.as_ref()?.tenant(g).cloned());
+        match tenant {
+            Some(tenant) => {
+                request.extensions_mut().insert(CallerTenant(tenant));
+            }
+            None => {
+                let server_key = state.options.api_key.as_deref().is_some_and(|key| {
+                    given
+                        .as_deref()
+                        .is_some_and(|g| keys_match(g.as_bytes(), key.as_bytes()))
+                });
+                if !server_key {
+                    return ApiError::unauthorized().into_response();
+                }
+            }
         }
     }
     next.run(request).await
@@ -117,7 +138,11 @@ pub(crate) fn cors(allowed_origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(origins)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static(SESSION_HEADER),
+            ])
             .expose_headers([header::RETRY_AFTER])
             .max_age(Duration::from_secs(600)),
     )

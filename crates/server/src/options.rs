@@ -32,6 +32,9 @@ pub struct ServerOptions {
     /// How the model writes tool calls; `None` reads it from the chat template (see
     /// `tool_format.rs`).
     pub tool_call_parser: Option<ToolCallFormat>,
+    /// How long a conversation session's cached prefix is kept ahead of others' after its
+    /// request ends (see `caller.rs`).
+    pub session_ttl: Duration,
 }
 
 impl Default for ServerOptions {
@@ -46,6 +49,7 @@ impl Default for ServerOptions {
             cpu_work_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_buffered_events: 1024,
             tool_call_parser: None,
+            session_ttl: Duration::from_secs(600),
         }
     }
 }

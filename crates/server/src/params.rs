@@ -141,6 +141,9 @@ impl GenerationParams {
             n,
             priority: self.priority,
             constraint: self.constraint.clone(),
+            // The caller's, set by `submit.rs`.
+            tenant: None,
+            session: None,
         }
     }
 

@@ -1,92 +1,36 @@
-//! What every handler shares: the options, the served model once it is loaded, the shutdown
-//! flag, the metrics and the in-flight counters.
+//! What every handler shares: the options, the served models (each loaded in the background,
+//! see `models.rs`), the shutdown flag and the in-flight counters.
 //!
-//! The model arrives after the server is already listening ([`spawn_load`] publishes it with
-//! [`AppState::set_model`]); until then, after its engine failed, and once shutdown has begun,
-//! every model route answers 503. The server knows no tensors: a [`ServedModel`] is an engine handle and a
-//! tokenizer, wired up by whoever loaded the model (the CLI, or a test).
+//! A model arrives after the server is already listening ([`spawn_load_model`] publishes it
+//! with [`ModelSlot::set_model`]); until then, after its engine failed, and once shutdown has
+//! begun, its routes answer 503. The server knows no tensors: a [`ServedModel`] is an engine
+//! handle and a tokenizer, wired up by whoever loaded the model (the CLI, or a test).
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use minserve_core::engine_thread::EngineHandle;
-use minserve_grammar::GrammarCompiler;
-use minserve_tokenizer::Tokenizer;
+use axum::http::StatusCode;
 
 use crate::cpu_work::CpuWork;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::models::{ModelRegistry, ModelSlot, ModelSpec, ServedModel};
 use crate::options::ServerOptions;
-use crate::supervision::{EngineWatch, Rebuild};
-
-/// The model behind the API: the engine running on its own thread, and the tokenizer that
-/// turns prompts into its token ids and its token ids back into text.
-pub struct ServedModel {
-    pub engine: EngineHandle,
-    pub tokenizer: Arc<Tokenizer>,
-    /// Most sequences the engine runs at once: admission counts those beyond it as waiting.
-    pub max_num_seqs: usize,
-    /// Built on the first request with a grammar (its token trie takes a moment), or why the
-    /// vocabulary cannot take grammars.
-    grammars: OnceLock<Result<GrammarCompiler, String>>,
-}
-
-impl ServedModel {
-    pub fn new(engine: EngineHandle, tokenizer: Arc<Tokenizer>, max_num_seqs: usize) -> Self {
-        Self {
-            engine,
-            tokenizer,
-            max_num_seqs,
-            grammars: OnceLock::new(),
-        }
-    }
-
-    /// The compiler of structured-output grammars for this model's vocabulary.
-    pub(crate) fn grammars(&self) -> Result<&GrammarCompiler, &str> {
-        self.grammars
-            .get_or_init(|| {
-                GrammarCompiler::new(&self.tokenizer, self.vocab_size()).map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(String::as_str)
-    }
-
-    /// Longest prompt plus generation the model accepts.
-    pub fn max_model_len(&self) -> usize {
-        self.engine.limits().max_model_len
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.engine.limits().vocab_size
-    }
-
-    /// Longest prompt plus generation that the engine could ever hold: the context, or the
-    /// whole KV cache if that is smaller.
-    pub fn max_total_tokens(&self) -> usize {
-        let limits = self.engine.limits();
-        limits
-            .max_model_len
-            .min(limits.num_blocks * limits.block_size)
-    }
-}
+use crate::supervision::Rebuild;
+use crate::tenants::ApiKeys;
 
 /// Everything the handlers share.
 pub struct AppState {
     pub options: ServerOptions,
-    /// The model being served; replaced when a failed engine is rebuilt.
-    model: RwLock<Option<Arc<ServedModel>>>,
-    /// The engine's health (see `supervision.rs`).
-    pub(crate) engine_watch: Arc<EngineWatch<ServedModel>>,
-    load_error: Mutex<Option<String>>,
+    /// Every served model, by name and alias.
+    pub models: ModelRegistry,
+    /// The tenants' keys (`--api-keys`), swapped whole when the file is reloaded.
+    api_keys: RwLock<Option<Arc<ApiKeys>>>,
     shutting_down: AtomicBool,
-    pub metrics: Metrics,
-    /// Sequences admitted whose response has not ended yet (for the queue limit; see
-    /// `admission.rs`).
-    pub(crate) inflight_seqs: AtomicUsize,
     /// Requests being answered (for logs and shutdown; see `middleware.rs`).
     pub(crate) inflight_requests: AtomicUsize,
-    /// Unix time the server started, the `created` of its model card.
+    /// Unix time the server started, the `created` of its model cards.
     pub started: u64,
     /// Turns true when the shutdown timeout is reached: the responses still running end at
     /// once, with an error (see `submit.rs`), instead of being dropped mid-transfer.
@@ -95,60 +39,115 @@ pub struct AppState {
     pub(crate) cpu_work: CpuWork,
 }
 
+/// A model ready to take a request: its slot (metrics, admission counts) and its engine.
+#[derive(Clone)]
+pub(crate) struct ReadyModel {
+    pub slot: Arc<ModelSlot>,
+    pub model: Arc<ServedModel>,
+}
+
+impl Deref for ReadyModel {
+    type Target = ServedModel;
+
+    fn deref(&self) -> &ServedModel {
+        &self.model
+    }
+}
+
 impl AppState {
+    /// A server of one model, named `options.served_model_name`.
     pub fn new(options: ServerOptions) -> Arc<Self> {
-        Arc::new(Self {
-            model: RwLock::new(None),
-            engine_watch: Arc::default(),
-            load_error: Mutex::new(None),
+        let spec = ModelSpec::named(options.served_model_name.clone());
+        Self::with_models(options, vec![spec]).expect("one model is a valid registry")
+    }
+
+    /// A server of several models, each with its own engine; the first is the default (its
+    /// name is what a single-model server's `served_model_name` would be). Refused when a
+    /// name or alias is given twice.
+    pub fn with_models(
+        options: ServerOptions,
+        models: Vec<ModelSpec>,
+    ) -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Self {
+            models: ModelRegistry::new(models)?,
+            api_keys: RwLock::new(None),
             shutting_down: AtomicBool::new(false),
-            metrics: Metrics::default(),
-            inflight_seqs: AtomicUsize::new(0),
             inflight_requests: AtomicUsize::new(0),
             started: unix_time(),
             cut_off: tokio::sync::watch::Sender::new(false),
             cpu_work: CpuWork::new(options.cpu_work_threads),
             options,
-        })
+        }))
     }
 
-    /// The model is ready: `/health` turns 200. Its engine is watched from now on (see
-    /// `supervision.rs`); a later call replaces it.
-    pub fn set_model(&self, model: ServedModel) {
-        self.engine_watch.watch(&model.engine);
-        *self.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(model));
+    /// From now on requests need one of these keys, and are their tenant's.
+    pub fn set_api_keys(&self, keys: ApiKeys) {
+        *self.api_keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
     }
 
-    /// How to build a new engine when the running one fails (the CLI's `--restart-engine`);
-    /// without it, a failed engine makes [`serve`](crate::serve) drain and return an error.
-    pub fn set_engine_rebuild(
-        &self,
-        rebuild: impl Fn() -> anyhow::Result<ServedModel> + Send + Sync + 'static,
-    ) {
-        let rebuild: Rebuild<ServedModel> = Arc::new(rebuild);
-        self.engine_watch.set_rebuild(rebuild);
-    }
-
-    /// Why the engine failed, until it is rebuilt.
-    pub fn engine_failure(&self) -> Option<String> {
-        self.engine_watch.failure()
-    }
-
-    /// Loading failed: `/health` stays 503 and says why.
-    pub fn set_load_error(&self, message: String) {
-        *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
-    }
-
-    /// Why loading the model failed, if it did.
-    pub fn load_error(&self) -> Option<String> {
-        self.load_error
-            .lock()
+    /// The tenants' keys, when the server has them.
+    pub(crate) fn api_keys(&self) -> Option<Arc<ApiKeys>> {
+        self.api_keys
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
+    /// Reads the keys file again and swaps the new keys in at once; on any error the old keys
+    /// stay. Returns how many keys there are now.
+    pub fn reload_api_keys(&self) -> Result<usize, String> {
+        let current = self
+            .api_keys()
+            .ok_or("the server was started without --api-keys")?;
+        let fresh = current.reload()?;
+        let count = fresh.len();
+        *self.api_keys.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fresh));
+        Ok(count)
+    }
+
+    /// The first model is ready (see [`ModelSlot::set_model`]).
+    pub fn set_model(&self, model: ServedModel) {
+        self.models.first().set_model(model);
+    }
+
+    /// How to build a new engine for the first model when the running one fails (the CLI's
+    /// `--restart-engine`); see [`set_engine_rebuild_of`](Self::set_engine_rebuild_of).
+    pub fn set_engine_rebuild(
+        &self,
+        rebuild: impl Fn() -> anyhow::Result<ServedModel> + Send + Sync + 'static,
+    ) {
+        self.set_engine_rebuild_of(self.models.first(), rebuild);
+    }
+
+    /// How to build a new engine for `slot` when its running one fails; without it, a failed
+    /// engine makes [`serve`](crate::serve) drain and return an error.
+    pub fn set_engine_rebuild_of(
+        &self,
+        slot: &ModelSlot,
+        rebuild: impl Fn() -> anyhow::Result<ServedModel> + Send + Sync + 'static,
+    ) {
+        let rebuild: Rebuild<ServedModel> = Arc::new(rebuild);
+        slot.engine_watch.set_rebuild(rebuild);
+    }
+
+    /// Why the first model's engine failed, until it is rebuilt.
+    pub fn engine_failure(&self) -> Option<String> {
+        self.models.first().engine_failure()
+    }
+
+    /// Loading the first model failed.
+    pub fn set_load_error(&self, message: String) {
+        self.models.first().set_load_error(message);
+    }
+
+    /// Why loading the first model failed, if it did.
+    pub fn load_error(&self) -> Option<String> {
+        self.models.first().load_error()
+    }
+
+    /// The first model, once loaded.
     pub fn model(&self) -> Option<Arc<ServedModel>> {
-        self.model.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.models.first().model()
     }
 
     /// From now on every model route and `/health` answer 503; [`serve`](crate::serve) calls
@@ -176,21 +175,69 @@ impl AppState {
         self.inflight_requests.load(Ordering::SeqCst)
     }
 
-    /// The model, or 503 while loading, after the engine failed, or shutting down.
-    pub(crate) fn ready_model(&self) -> Result<Arc<ServedModel>, ApiError> {
-        if let Some(reason) = self.engine_failure() {
+    /// The model a request names (`None`: the default one), or 404 listing the served models
+    /// when no model has that id.
+    pub(crate) fn find_model(&self, id: Option<&str>) -> Result<&Arc<ModelSlot>, ApiError> {
+        match id {
+            None => Ok(self.models.first()),
+            Some(id) => self
+                .models
+                .find(id)
+                .ok_or_else(|| ApiError::model_not_found(id, &self.models.names())),
+        }
+    }
+
+    /// The model `id` names, ready; or 404 (no such model), or 503 while it loads, after it
+    /// failed to load or its engine failed, or while shutting down.
+    pub(crate) fn ready_model(&self, id: Option<&str>) -> Result<ReadyModel, ApiError> {
+        let slot = self.find_model(id)?;
+        self.readiness(slot)?;
+        let model = slot.model().ok_or_else(ApiError::loading)?;
+        Ok(ReadyModel {
+            slot: slot.clone(),
+            model,
+        })
+    }
+
+    /// Whether `slot` can take requests now, or the 503 that says why not.
+    pub(crate) fn readiness(&self, slot: &ModelSlot) -> Result<(), ApiError> {
+        if let Some(reason) = slot.engine_failure() {
             return Err(ApiError::engine_unavailable(&reason));
         }
         if self.is_shutting_down() {
             return Err(ApiError::shutting_down());
         }
-        self.model().ok_or_else(ApiError::loading)
+        if let Some(message) = slot.load_error() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                format!("Loading the model `{}` failed: {message}", slot.name()),
+            )
+            .code("model_load_failed"));
+        }
+        if slot.model().is_none() {
+            return Err(ApiError::loading());
+        }
+        Ok(())
     }
 }
 
-/// Loads the model on a blocking thread and publishes it (or the error) to `state`. The
-/// returned task yields the error message if loading failed.
+/// Loads the first model on a blocking thread and publishes it (or the error); see
+/// [`spawn_load_model`].
 pub fn spawn_load<F>(state: Arc<AppState>, load: F) -> tokio::task::JoinHandle<Result<(), String>>
+where
+    F: FnOnce() -> anyhow::Result<ServedModel> + Send + 'static,
+{
+    let slot = state.models.first().clone();
+    spawn_load_model(slot, load)
+}
+
+/// Loads a model on a blocking thread and publishes it (or the error) to its `slot`. The
+/// returned task yields the error message if loading failed.
+pub fn spawn_load_model<F>(
+    slot: Arc<ModelSlot>,
+    load: F,
+) -> tokio::task::JoinHandle<Result<(), String>>
 where
     F: FnOnce() -> anyhow::Result<ServedModel> + Send + 'static,
 {
@@ -202,18 +249,23 @@ where
             .and_then(|r| r);
         match result {
             Ok(model) => {
-                state.set_model(model);
+                slot.set_model(model);
                 tracing::info!(
                     target: "minserve_server",
                     "model {} ready after {:.1} s",
-                    state.options.served_model_name,
+                    slot.name(),
                     started.elapsed().as_secs_f64()
                 );
                 Ok(())
             }
             Err(e) => {
                 let message = format!("{e:#}");
-                state.set_load_error(message.clone());
+                tracing::error!(
+                    target: "minserve_server",
+                    "loading the model {} failed: {message}",
+                    slot.name()
+                );
+                slot.set_load_error(message.clone());
                 Err(message)
             }
         }

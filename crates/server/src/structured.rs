@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::json_body::{wrong_type, JsonBody};
-use crate::state::ServedModel;
+use crate::models::ServedModel;
 
 /// The grammar `body` asks for, and the field that asked.
 pub(crate) fn requested_grammar(

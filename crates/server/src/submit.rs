@@ -19,13 +19,16 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use crate::admission::{admit, QueueSlots};
+use crate::caller::Caller;
 use crate::choices::{ChoiceChange, Choices};
 use crate::error::ApiError;
 use crate::metrics::Interruption;
+use crate::models::{ModelSlot, ServedModel};
 use crate::params::GenerationParams;
 use crate::prompt::Prompt;
-use crate::state::{AppState, ServedModel};
+use crate::state::{AppState, ReadyModel};
 use crate::telemetry::RequestTelemetry;
+use crate::tenants::TenantPermit;
 
 /// Forwards one prompt's events to the response; `is_closed` turns true once the response (and
 /// with it the receiver) is dropped, which makes the engine abort the request.
@@ -45,13 +48,13 @@ struct ChannelSink {
 /// nothing), so it could not count it itself.
 struct SlowClient {
     overflowed: AtomicBool,
-    state: Arc<AppState>,
+    slot: Arc<ModelSlot>,
 }
 
 impl SlowClient {
     fn overflow(&self) {
         if !self.overflowed.swap(true, Ordering::Relaxed) {
-            self.state
+            self.slot
                 .metrics
                 .count_interruption(Interruption::ClientTooSlow);
         }
@@ -92,6 +95,8 @@ pub(crate) struct InFlightGeneration {
     engine_ids: Vec<RequestId>,
     /// Declared before `telemetry`: the slots are given back before the log line is written.
     _slots: Option<QueueSlots>,
+    /// The request's place in its tenant's concurrency limit.
+    _tenant_permit: Option<TenantPermit>,
     telemetry: RequestTelemetry,
     /// Turns true when the shutdown timeout cuts the running responses off.
     cut_off: tokio::sync::watch::Receiver<bool>,
@@ -184,13 +189,15 @@ pub(crate) struct Submission<'a> {
     pub samples_per_prompt: usize,
     /// When the request arrived, for its latencies.
     pub arrival: Instant,
+    /// Its tenant (whose limits it counts against) and session.
+    pub caller: Caller,
 }
 
 /// Validates the submission's prompts against the engine's limits, admits them (429 when the
 /// queue is full) and queues them in the engine.
 pub(crate) fn submit(
     state: &Arc<AppState>,
-    model: &Arc<ServedModel>,
+    model: &ReadyModel,
     submission: Submission<'_>,
 ) -> Result<InFlightGeneration, ApiError> {
     let Submission {
@@ -198,6 +205,7 @@ pub(crate) fn submit(
         prompts,
         samples_per_prompt,
         arrival,
+        caller,
     } = submission;
     let buffered_per_sequence = state.options.max_buffered_events.max(1);
     // Room for every sequence's buffered tokens, and each prompt's `Scheduled`.
@@ -205,22 +213,23 @@ pub(crate) fn submit(
     let (tx, events) = channel(capacity);
     let slow_client = Arc::new(SlowClient {
         overflowed: AtomicBool::new(false),
-        state: state.clone(),
+        slot: model.slot.clone(),
     });
-    let in_flight = |engine_ids, slots, telemetry| InFlightGeneration {
+    let in_flight = |engine_ids, slots, permit, telemetry| InFlightGeneration {
         events,
         slow_client: slow_client.clone(),
         buffered_per_sequence,
         choices: Choices::new(prompts.len(), samples_per_prompt),
-        model: model.clone(),
+        model: model.model.clone(),
         engine_ids,
         _slots: slots,
+        _tenant_permit: permit,
         telemetry,
         cut_off: state.cut_off_signal(),
     };
     let prompt_tokens = prompts.iter().map(|p| p.tokens.len()).sum();
     let path = params.api.path();
-    let telemetry = || RequestTelemetry::new(state.clone(), path, arrival, prompt_tokens);
+    let telemetry = || RequestTelemetry::new(model.slot.clone(), path, arrival, prompt_tokens);
     let reject = |e: RequestError| ApiError::from_request_error(&e, params.field_names());
 
     if params.echoes_prompt_only() {
@@ -238,27 +247,51 @@ pub(crate) fn submit(
                 let _ = tx.try_send((prompt, finished));
             }
         }
-        return Ok(in_flight(Vec::new(), None, telemetry()));
+        return Ok(in_flight(Vec::new(), None, None, telemetry()));
     }
 
     let max_total_tokens = model.max_total_tokens();
     let requests = prompts
         .iter()
         .map(|p| {
-            let request = params.engine_request(p, samples_per_prompt, max_total_tokens);
+            let mut request = params.engine_request(p, samples_per_prompt, max_total_tokens);
+            request.tenant = caller.tenant.as_ref().map(|t| t.share());
+            request.session = caller.session.clone();
             model.engine.validate(request).map_err(reject)
         })
         .collect::<Result<Vec<ValidatedRequest>, ApiError>>()?;
 
     let mut telemetry = telemetry();
-    let slots = match admit(state, model, prompts.len() * samples_per_prompt) {
-        Ok(slots) => slots,
+    let tokens: usize = requests
+        .iter()
+        .map(|r| r.prompt.len() + r.n * r.max_tokens)
+        .sum();
+    // The queue first: a request the queue refuses takes nothing from its tenant's tokens.
+    let admitted = admit(state, model, prompts.len() * samples_per_prompt).and_then(|slots| {
+        let permit = caller
+            .tenant
+            .as_ref()
+            .map(|tenant| TenantPermit::acquire(tenant, tokens as u64))
+            .transpose()
+            .inspect_err(|e| {
+                if e.status.as_u16() == 429 {
+                    model
+                        .slot
+                        .metrics
+                        .rate_limited
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            })?;
+        Ok((slots, permit))
+    });
+    let (slots, permit) = match admitted {
+        Ok(admitted) => admitted,
         Err(e) => {
             telemetry.rejected();
             return Err(e);
         }
     };
-    let mut generation = in_flight(Vec::new(), Some(slots), telemetry);
+    let mut generation = in_flight(Vec::new(), Some(slots), permit, telemetry);
     for (prompt, request) in requests.into_iter().enumerate() {
         let sink = ChannelSink {
             prompt,

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use minserve_core::engine_thread::EngineHandle;
 use tokio::sync::Notify;
 
+use crate::metrics::Exposition;
+
 /// Builds a fresh `M` (the served model: an engine and its tokenizer) to replace one whose
 /// engine failed.
 pub(crate) type Rebuild<M> = Arc<dyn Fn() -> anyhow::Result<M> + Send + Sync>;
@@ -78,21 +80,38 @@ impl<M> EngineWatch<M> {
             .clone()
     }
 
-    /// The engine's lines of `/metrics`; `loaded` whether an engine was ever set.
-    pub fn render(&self, loaded: bool, out: &mut String) {
-        use std::fmt::Write;
+    /// The engine's series of `/metrics` for `model`; `loaded` whether an engine was ever set.
+    pub fn render(&self, page: &mut Exposition, model: &str, loaded: bool) {
         let up = loaded && self.failure().is_none();
-        let _ = writeln!(
-            out,
-            "# HELP minserve_engine_up 1 while the engine thread runs, 0 while the model loads \
-             or after the engine failed.\n# TYPE minserve_engine_up gauge\nminserve_engine_up {}\n\
-             # HELP minserve_engine_failures_total Engine thread failures (panics).\n\
-             # TYPE minserve_engine_failures_total counter\nminserve_engine_failures_total {}\n\
-             # HELP minserve_engine_restarts_total Engines rebuilt after a failure \
-             (--restart-engine).\n# TYPE minserve_engine_restarts_total counter\n\
-             minserve_engine_restarts_total {}",
+        page.series(
+            (
+                "minserve_engine_up",
+                "gauge",
+                "1 while the engine thread runs, 0 while the model loads or after the engine \
+                 failed.",
+            ),
+            model,
+            "",
             u8::from(up),
+        );
+        page.series(
+            (
+                "minserve_engine_failures_total",
+                "counter",
+                "Engine thread failures (panics).",
+            ),
+            model,
+            "",
             self.failures.load(Ordering::Relaxed),
+        );
+        page.series(
+            (
+                "minserve_engine_restarts_total",
+                "counter",
+                "Engines rebuilt after a failure (--restart-engine).",
+            ),
+            model,
+            "",
             self.restarts.load(Ordering::Relaxed),
         );
     }

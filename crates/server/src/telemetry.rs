@@ -14,10 +14,11 @@ use minserve_core::request::{FinishReason, RequestEvent};
 
 use crate::choices::Choices;
 use crate::metrics::Interruption;
-use crate::state::AppState;
+use crate::models::ModelSlot;
 
 pub(crate) struct RequestTelemetry {
-    state: Arc<AppState>,
+    /// The model it went to: its metrics.
+    slot: Arc<ModelSlot>,
     /// The route, for the log line.
     path: &'static str,
     arrival: Instant,
@@ -35,13 +36,13 @@ pub(crate) struct RequestTelemetry {
 
 impl RequestTelemetry {
     pub fn new(
-        state: Arc<AppState>,
+        slot: Arc<ModelSlot>,
         path: &'static str,
         arrival: Instant,
         prompt_tokens: usize,
     ) -> Self {
         Self {
-            state,
+            slot,
             path,
             arrival,
             scheduled: false,
@@ -72,12 +73,12 @@ impl RequestTelemetry {
             RequestEvent::Scheduled { at, .. } if !self.scheduled => {
                 self.scheduled = true;
                 let queued = at.saturating_duration_since(self.arrival);
-                self.state.metrics.queue_time.observe(queued.as_secs_f64());
+                self.slot.metrics.queue_time.observe(queued.as_secs_f64());
             }
             RequestEvent::Token { .. } => {
                 if self.first_token.is_none() {
                     let now = Instant::now();
-                    self.state
+                    self.slot
                         .metrics
                         .time_to_first_token
                         .observe(now.duration_since(self.arrival).as_secs_f64());
@@ -96,7 +97,7 @@ impl RequestTelemetry {
             return;
         }
         self.ended = true;
-        let m = &self.state.metrics;
+        let m = &self.slot.metrics;
         let e2e = self.arrival.elapsed().as_secs_f64();
         m.e2e_latency.observe(e2e);
         let longest = choices.longest_choice_tokens();
@@ -127,7 +128,7 @@ impl RequestTelemetry {
     pub fn interrupted(&mut self, reason: Interruption, status: u16, count: bool) {
         if self.interruption.is_none() && !self.ended {
             if count {
-                self.state.metrics.count_interruption(reason);
+                self.slot.metrics.count_interruption(reason);
             }
             self.interruption = Some(reason);
             self.status = status;
@@ -145,7 +146,7 @@ impl Drop for RequestTelemetry {
     fn drop(&mut self) {
         let cancelled = !self.ended && self.interruption.is_none();
         if cancelled {
-            self.state.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+            self.slot.metrics.aborted.fetch_add(1, Ordering::Relaxed);
         }
         let outcome = match self.interruption {
             Some(reason) => format!(" interrupted={}", reason.label()),

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::json_body::{wrong_type, JsonBody};
-use crate::state::ServedModel;
+use crate::models::ServedModel;
 use crate::structured::compile;
 use crate::tool_format::{Tool, ToolCallFormat};
 

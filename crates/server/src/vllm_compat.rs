@@ -8,18 +8,19 @@
 //!   router, the Gateway API Inference Extension's endpoint picker and KEDA / Prometheus-adapter
 //!   autoscaling rules are written against, labelled with `model_name` as vLLM labels them.
 
-use std::fmt::Write;
-
 use minserve_core::engine::EngineStats;
+
+use crate::metrics::{label_value, Exposition};
 
 /// The requests an engine holds, as `/get_load` reports them.
 pub(crate) fn load(stats: &EngineStats) -> usize {
     stats.num_running + stats.num_waiting
 }
 
-/// Appends the `vllm:` series for the model served as `model_name` to a `/metrics` page.
-pub(crate) fn render_metrics(stats: &EngineStats, model_name: &str, out: &mut String) {
-    let label = format!("{{model_name=\"{}\"}}", escape_label(model_name));
+/// Adds the `vllm:` series of the model served as `model_name` to a `/metrics` page; they
+/// carry vLLM's `model_name` label beside minserve's `model`.
+pub(crate) fn render_metrics(page: &mut Exposition, model_name: &str, stats: &EngineStats) {
+    let label = format!("model_name=\"{}\"", label_value(model_name));
     let series: [(&str, &str, &str, String); 7] = [
         (
             "vllm:num_requests_running",
@@ -66,18 +67,8 @@ pub(crate) fn render_metrics(stats: &EngineStats, model_name: &str, out: &mut St
         ),
     ];
     for (name, kind, help, value) in series {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name}{label} {value}");
+        page.series((name, kind, help), model_name, &label, value);
     }
-}
-
-/// A Prometheus label value: backslash, quote and newline escaped.
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -94,12 +85,18 @@ mod tests {
             prefix_queried_tokens: 64,
             ..EngineStats::default()
         };
-        let mut page = String::new();
-        render_metrics(&stats, "m\"x", &mut page);
-        assert!(page.contains("vllm:num_requests_running{model_name=\"m\\\"x\"} 3\n"));
-        assert!(page.contains("vllm:num_requests_waiting{model_name=\"m\\\"x\"} 5\n"));
-        assert!(page.contains("vllm:kv_cache_usage_perc{model_name=\"m\\\"x\"} 0.25\n"));
-        assert!(page.contains("vllm:prefix_cache_hits_total{model_name=\"m\\\"x\"} 32\n"));
+        let mut page = Exposition::default();
+        render_metrics(&mut page, "m\"x", &stats);
+        let page = page.finish();
+        let labels = r#"{model="m\"x",model_name="m\"x"}"#;
+        for (name, value) in [
+            ("vllm:num_requests_running", "3"),
+            ("vllm:num_requests_waiting", "5"),
+            ("vllm:kv_cache_usage_perc", "0.25"),
+            ("vllm:prefix_cache_hits_total", "32"),
+        ] {
+            assert!(page.contains(&format!("\n{name}{labels} {value}\n")), "{page}");
+        }
         assert_eq!(load(&stats), 8);
     }
 }

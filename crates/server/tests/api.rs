@@ -440,6 +440,8 @@ async fn models_metrics_openapi() {
     assert_eq!(status, 200, "{r}");
     let (status, page) = s.get("/metrics").await;
     assert_eq!(status, 200);
+    // Every series is labelled with its model; without the label, the names as before.
+    let page = common::unlabelled(&page);
     for name in [
         "minserve_num_requests_running",
         "minserve_num_requests_waiting",
@@ -543,7 +545,7 @@ async fn what_llm_routers_read_of_a_worker() {
         assert_eq!(e["error"]["param"], field);
     }
 
-    let label = format!("{{model_name=\"{MODEL}\"}}");
+    let label = format!("{{model=\"{MODEL}\",model_name=\"{MODEL}\"}}");
     assert_eq!(
         s.metric(&format!("vllm:num_requests_waiting{label}")).await,
         0.0

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{scheduler, TestServer, MODEL};
-use minserve_server::ServerOptions;
+use minserve_server::{ApiKeys, AppState, ModelSpec, ServerOptions};
 
 fn venv_python() -> PathBuf {
     if let Some(python) = std::env::var_os("MINSERVE_OPENAI_PYTHON") {
@@ -47,12 +47,18 @@ fn venv_python() -> PathBuf {
 /// Runs `script` (in `tests/`) against a server on the default model with `max_num_seqs`;
 /// it must print `ok_line`.
 async fn run_python_script(script: &str, max_num_seqs: usize, ok_line: &str) {
-    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     let options = ServerOptions {
         api_key: Some("test-key".into()),
         ..common::options()
     };
     let s = TestServer::start(options, scheduler(max_num_seqs)).await;
+    run_script_against(&s, script, ok_line).await;
+}
+
+/// Runs `script` with the server's `/v1` URL and [`MODEL`] as arguments; it must print
+/// `ok_line`.
+async fn run_script_against(s: &TestServer, script: &str, ok_line: &str) {
+    let python = tokio::task::spawn_blocking(venv_python).await.unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join(script);
@@ -98,4 +104,47 @@ async fn official_openai_python_client_tool_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_client_responses() {
     run_python_script("openai_responses.py", 32, "openai responses OK").await;
+}
+
+/// Two models and two tenants through the SDK: each model by name, an unknown one as
+/// `NotFoundError`, a tenant over its concurrency as `RateLimitError` with `Retry-After`, a
+/// session's second turn cached (`tests/openai_tenants.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_models_and_tenants() {
+    let state = AppState::with_models(
+        common::options(),
+        vec![
+            ModelSpec {
+                name: MODEL.into(),
+                aliases: vec!["chat".into()],
+            },
+            ModelSpec::named("tiny"),
+        ],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[tenant]]\nname = \"a\"\nkeys = [\"key-a\"]\nmax_concurrent_requests = 1\n\n\
+         [[tenant]]\nname = \"b\"\nkeys = [\"key-b\"]\n",
+    )
+    .unwrap();
+    state.set_api_keys(ApiKeys::load(&keys).unwrap());
+    let (real, tiny) = tokio::join!(
+        tokio::task::spawn_blocking(|| common::load(scheduler(4))),
+        tokio::task::spawn_blocking(|| common::load_synthetic(scheduler(2))),
+    );
+    state
+        .models
+        .find(MODEL)
+        .unwrap()
+        .set_model(real.unwrap().unwrap());
+    state
+        .models
+        .find("tiny")
+        .unwrap()
+        .set_model(tiny.unwrap().unwrap());
+    let s = TestServer::start_with(state).await;
+    run_script_against(&s, "openai_tenants.py", "openai tenants OK").await;
 }

@@ -286,7 +286,7 @@ async fn the_shutdown_timeout_ends_running_responses_with_an_error() {
     let body: Value = single.json().await.unwrap();
     assert_error(status, &body, 503, None);
     assert_eq!(body["error"]["code"], "shutdown_timeout");
-    let page = s.state.metrics.render(None);
+    let page = common::unlabelled(&s.state.models.first().metrics.page(common::MODEL, None));
     assert!(
         page.contains("minserve_request_interrupted_total{reason=\"shutdown_timeout\"} 2"),
         "{page}"
@@ -599,7 +599,8 @@ async fn a_failed_engine_is_reported_and_the_server_exits_with_the_error() {
         "minserve_engine_failures_total 1",
         "minserve_request_interrupted_total{reason=\"engine_failed\"} 1",
     ] {
-        assert!(page.lines().any(|l| l == line), "{line} in\n{page}");
+        let unlabelled = common::unlabelled(&page);
+        assert!(unlabelled.lines().any(|l| l == line), "{line} in\n{page}");
     }
     let r = client
         .post(format!("{base}/v1/completions"))

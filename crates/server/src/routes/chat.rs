@@ -13,18 +13,21 @@ use minserve_tokenizer::ChatMessage;
 
 use super::generation::generate;
 use super::{body_size, model_request};
+use crate::caller::Caller;
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::json_body::JsonBody;
+use crate::models::ServedModel;
 use crate::params::GenerationParams;
 use crate::prompt::{chat_messages, chat_prompt, ChatRendering, Prompt};
-use crate::state::{AppState, ServedModel};
+use crate::state::AppState;
 use crate::structured::{compile, compiled_grammar};
 use crate::tool_format::ToolCallFormat;
 use crate::tools::tool_request;
 
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
@@ -40,7 +43,7 @@ pub(crate) async fn chat_completions(
             Ok::<_, ApiError>((model, params, prompt))
         })
         .await??;
-    generate(&state, model, params, vec![prompt], arrival).await
+    generate(&state, model, caller, params, vec![prompt], arrival).await
 }
 
 /// What a conversation request (chat, or the Responses API) asks for: its parameters, with the

@@ -10,6 +10,7 @@ use axum::response::Response;
 
 use super::generation::generate;
 use super::{body_size, model_request};
+use crate::caller::Caller;
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::params::GenerationParams;
@@ -19,6 +20,7 @@ use crate::structured::compiled_grammar;
 
 pub(crate) async fn completions(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
@@ -34,5 +36,5 @@ pub(crate) async fn completions(
             Ok((model, params, prompts))
         })
         .await??;
-    generate(&state, model, params, prompts, arrival).await
+    generate(&state, model, caller, params, prompts, arrival).await
 }

@@ -6,19 +6,21 @@ use std::time::Instant;
 
 use axum::response::Response;
 
+use crate::caller::Caller;
 use crate::collect::single_body_response;
 use crate::error::ApiError;
 use crate::params::GenerationParams;
 use crate::prompt::Prompt;
 use crate::render::ResponseRenderer;
-use crate::state::{AppState, ServedModel};
+use crate::state::{AppState, ReadyModel};
 use crate::stream::sse_response;
 use crate::submit::{submit, Submission};
 
 /// Submits `prompts` with `params` and answers with their completion.
 pub(super) async fn generate(
     state: &Arc<AppState>,
-    model: Arc<ServedModel>,
+    model: ReadyModel,
+    caller: Caller,
     params: GenerationParams,
     prompts: Vec<Prompt>,
     arrival: Instant,
@@ -32,10 +34,11 @@ pub(super) async fn generate(
             prompts: &prompts,
             samples_per_prompt,
             arrival,
+            caller,
         },
     )?;
     let renderer = ResponseRenderer::new(
-        state.options.served_model_name.clone(),
+        model.slot.name().to_string(),
         model.tokenizer.clone(),
         &params,
         &prompts,

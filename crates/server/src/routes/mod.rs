@@ -10,14 +10,12 @@ pub(crate) mod openapi;
 pub(crate) mod responses;
 pub(crate) mod tokenize;
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 
 use crate::error::ApiError;
 use crate::json_body::JsonBody;
-use crate::state::{AppState, ServedModel};
+use crate::state::{AppState, ReadyModel};
 
 /// The size of a body, for [`crate::cpu_work::CpuWork::run`] (0 when it could not be read:
 /// the error is answered at once).
@@ -25,17 +23,13 @@ fn body_size(body: &Result<Bytes, BytesRejection>) -> usize {
     body.as_ref().map_or(0, Bytes::len)
 }
 
-/// The body of a model route as an object, its `model` checked against the served model, and
-/// the model; or the error to answer (400, 404, 503).
+/// The body of a model route as an object, and the model its `model` names (the first served
+/// one when absent); or the error to answer (400, 404 listing the served models, 503).
 fn model_request(
     body: Result<Bytes, BytesRejection>,
     state: &AppState,
-) -> Result<(JsonBody, Arc<ServedModel>), ApiError> {
+) -> Result<(JsonBody, ReadyModel), ApiError> {
     let body = JsonBody::parse(body, state.options.max_body_bytes)?;
-    if let Some(model) = body.str("model")? {
-        if model != state.options.served_model_name {
-            return Err(ApiError::model_not_found(model));
-        }
-    }
-    Ok((body, state.ready_model()?))
+    let model = state.ready_model(body.str("model")?)?;
+    Ok((body, model))
 }

@@ -11,6 +11,7 @@ use axum::response::Response;
 
 use super::chat::conversation;
 use super::{body_size, model_request};
+use crate::caller::Caller;
 use crate::collect::single_body_response;
 use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
@@ -22,6 +23,7 @@ use crate::submit::{submit, Submission};
 
 pub(crate) async fn responses(
     State(state): State<Arc<AppState>>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
@@ -34,7 +36,7 @@ pub(crate) async fn responses(
                 conversation(&body, GenerationApi::Responses, &shared, &model, || {
                     input_messages(&body)
                 })?;
-            let shell = ResponseShell::new(&body, &shared.options.served_model_name, &params);
+            let shell = ResponseShell::new(&body, model.slot.name(), &params);
             Ok::<_, ApiError>((model, params, prompt, shell))
         })
         .await??;
@@ -47,6 +49,7 @@ pub(crate) async fn responses(
             prompts: &prompts,
             samples_per_prompt: params.samples_per_prompt(prompts.len())?,
             arrival,
+            caller,
         },
     )?;
     if params.delivery.stream {

@@ -129,6 +129,19 @@ pub fn load_synthetic_with_kv(
     serve_wrapped(synthetic_tiny()?, scheduler, cache, |runner| runner)
 }
 
+/// The default model with a KV cache of `memory_bytes` (23,040 bytes per token in f16).
+pub fn load_with_kv(
+    scheduler: SchedulerConfig,
+    memory_bytes: usize,
+) -> anyhow::Result<ServedModel> {
+    let path = minserve_hub::resolve(minserve_hub::default_model(), &Default::default())?;
+    let cache = CacheOptions {
+        memory_bytes,
+        ..cache()
+    };
+    serve_wrapped(load_model(&path)?, scheduler, cache, |runner| runner)
+}
+
 /// Loads the default model (fetching it if needed).
 pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
     load_named(minserve_hub::default_model(), scheduler)
@@ -226,10 +239,12 @@ impl TestServer {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
-    /// One value of the Prometheus page.
+    /// The value of series `name` (with its labels but the `model` one, which is
+    /// [`MODEL`]'s) on `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, page) = self.get("/metrics").await;
-        page.lines()
+        unlabelled(&page)
+            .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{page}"))
     }
@@ -310,4 +325,12 @@ pub async fn read_sse(response: reqwest::Response) -> (Vec<Value>, bool) {
         }
     }
     (events, done)
+}
+
+/// A `/metrics` page with [`MODEL`]'s `model` label taken out of every series, so that tests
+/// of one model can name series as a single-model page would.
+pub fn unlabelled(page: &str) -> String {
+    let label = format!("model=\"{MODEL}\"");
+    page.replace(&format!("{{{label}}}"), "")
+        .replace(&format!("{{{label},"), "{")
 }
