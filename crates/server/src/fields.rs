@@ -1,5 +1,5 @@
-//! Every field a chat, text completion or Responses API request may carry, and what minserve does with it:
-//! honour it, accept it as meaningless here, or refuse it. Nothing is silently ignored: a field
+//! Every field a chat, text completion or Responses API request may carry, and what minserve
+//! does with it: honour it, accept it as meaningless here, or refuse it. Nothing is silently ignored: a field
 //! that is not in [`FIELDS`] is refused as OpenAI refuses it ("Unrecognized request argument
 //! supplied"), and a refused field is a 400 naming it unless it holds the value that asks for
 //! nothing (`store: false`, `best_of` equal to `n`, ...).
@@ -48,7 +48,8 @@ const ALL: Apis = Apis(BOTH.0 | RESPONSES.0);
 /// What minserve does with a field.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Handling {
-    /// Read and honoured (`params.rs`, `prompt.rs`, `structured.rs`, `tools.rs`).
+    /// Read and honoured (`params.rs`, `prompt.rs`, `structured.rs`, `tools.rs`,
+    /// `responses/input.rs`).
     Supported,
     /// Accepted (its type is not checked beyond JSON) and without effect here, for the reason
     /// given.

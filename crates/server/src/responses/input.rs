@@ -55,8 +55,8 @@ struct Conversation {
 
 impl Conversation {
     fn push(&mut self, item: Option<usize>, message: ChatMessage) {
-        // `instructions` and a system (or developer) message first are one system message:
-        // many templates take only one.
+        // Consecutive system (or developer) messages, `instructions` and a leading system
+        // message above all, are one system message: many templates take only one.
         if let Some(last) = self.messages.last_mut() {
             if last.role == "system" && message.role == "system" {
                 last.content = format!("{}\n\n{}", last.content, message.content);
