@@ -181,6 +181,8 @@ pub(crate) const FIELDS: &[Field] = &[
     // Structured outputs and tools.
     supported("response_format", CHAT),
     supported("text", RESPONSES),
+    supported("store", RESPONSES),
+    supported("previous_response_id", RESPONSES),
     supported("structured_outputs", BOTH),
     supported("tools", CHAT_RESPONSES),
     supported("tool_choice", CHAT_RESPONSES),
@@ -210,12 +212,6 @@ pub(crate) const FIELDS: &[Field] = &[
         CHAT_RESPONSES,
         "a routing hint for the provider's prompt cache; minserve's prefix cache is automatic \
          and shared by all requests",
-    ),
-    meaningless(
-        "store",
-        RESPONSES,
-        "OpenAI keeps responses for later reference by default; minserve keeps none (a later \
-         `previous_response_id` is refused), so `true` and `false` are answered alike",
     ),
     meaningless(
         "stream_options",
@@ -360,16 +356,10 @@ pub(crate) const FIELDS: &[Field] = &[
     ),
     // The Responses API's state and hosted features.
     refused(
-        "previous_response_id",
-        RESPONSES,
-        "minserve keeps no responses (it is stateless): send the whole conversation in `input`",
-        never,
-    ),
-    refused(
         "conversation",
         RESPONSES,
-        "minserve keeps no conversations (it is stateless): send the whole conversation in \
-         `input`",
+        "conversation objects are not kept: use `previous_response_id`, or send the whole \
+         conversation in `input`",
         never,
     ),
     refused(

@@ -93,6 +93,7 @@ pub struct AppState {
     cut_off: tokio::sync::watch::Sender<bool>,
     /// Where CPU-heavy request work runs (see `cpu_work.rs`).
     pub(crate) cpu_work: CpuWork,
+    pub(crate) responses: Arc<crate::responses::store::ResponseStore>,
 }
 
 impl AppState {
@@ -108,6 +109,7 @@ impl AppState {
             started: unix_time(),
             cut_off: tokio::sync::watch::Sender::new(false),
             cpu_work: CpuWork::new(options.cpu_work_threads),
+            responses: Arc::default(),
             options,
         })
     }
