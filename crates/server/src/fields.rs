@@ -1,5 +1,5 @@
-//! Every field a chat, text completion or Responses API request may carry, and what minserve does with it:
-//! honour it, accept it as meaningless here, or refuse it. Nothing is silently ignored: a field
+//! Every field a chat, text completion or Responses API request may carry, and what minserve
+//! does with it: honour it, accept it as meaningless here, or refuse it. Nothing is silently ignored: a field
 //! that is not in [`FIELDS`] is refused as OpenAI refuses it ("Unrecognized request argument
 //! supplied"), and a refused field is a 400 naming it unless it holds the value that asks for
 //! nothing (`store: false`, `best_of` equal to `n`, ...).
@@ -48,7 +48,8 @@ const ALL: Apis = Apis(BOTH.0 | RESPONSES.0);
 /// What minserve does with a field.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Handling {
-    /// Read and honoured (`params.rs`, `prompt.rs`, `structured.rs`, `tools.rs`).
+    /// Read and honoured (`params.rs`, `prompt.rs`, `structured.rs`, `tools.rs`,
+    /// `responses/input.rs`).
     Supported,
     /// Accepted (its type is not checked beyond JSON) and without effect here, for the reason
     /// given.
@@ -180,6 +181,8 @@ pub(crate) const FIELDS: &[Field] = &[
     // Structured outputs and tools.
     supported("response_format", CHAT),
     supported("text", RESPONSES),
+    supported("store", RESPONSES),
+    supported("previous_response_id", RESPONSES),
     supported("structured_outputs", BOTH),
     supported("tools", CHAT_RESPONSES),
     supported("tool_choice", CHAT_RESPONSES),
@@ -227,12 +230,6 @@ pub(crate) const FIELDS: &[Field] = &[
         "include_reasoning",
         CHAT,
         "SGLang's; as `separate_reasoning`",
-    ),
-    meaningless(
-        "store",
-        RESPONSES,
-        "OpenAI keeps responses for later reference by default; minserve keeps none (a later \
-         `previous_response_id` is refused), so `true` and `false` are answered alike",
     ),
     meaningless(
         "stream_options",
@@ -390,16 +387,10 @@ pub(crate) const FIELDS: &[Field] = &[
     ),
     // The Responses API's state and hosted features.
     refused(
-        "previous_response_id",
-        RESPONSES,
-        "minserve keeps no responses (it is stateless): send the whole conversation in `input`",
-        never,
-    ),
-    refused(
         "conversation",
         RESPONSES,
-        "minserve keeps no conversations (it is stateless): send the whole conversation in \
-         `input`",
+        "conversation objects are not kept: use `previous_response_id`, or send the whole \
+         conversation in `input`",
         never,
     ),
     refused(

@@ -37,6 +37,7 @@ pub struct AppState {
     cut_off: tokio::sync::watch::Sender<bool>,
     /// Where CPU-heavy request work runs (see `cpu_work.rs`).
     pub(crate) cpu_work: CpuWork,
+    pub(crate) responses: Arc<crate::responses::store::ResponseStore>,
 }
 
 /// A model ready to take a request: its slot (metrics, admission counts) and its engine.
@@ -76,6 +77,7 @@ impl AppState {
             started: unix_time(),
             cut_off: tokio::sync::watch::Sender::new(false),
             cpu_work: CpuWork::new(options.cpu_work_threads),
+            responses: Arc::default(),
             options,
         }))
     }

@@ -172,6 +172,15 @@ with ThreadPoolExecutor(max_workers=samples) as pool:
     list(pool.map(named, range(samples)))
 print(f"named tool_choice: {samples}/{samples} calls of the named function")
 
+# The same round trip continued from the stored response: previous_response_id carries the
+# conversation, the new input is just the function's output.
+answer = client.responses.create(
+    model=model, previous_response_id=first.id, tools=tools, tool_choice="none", temperature=0,
+    max_output_tokens=30,
+    input=[{"type": "function_call_output", "call_id": call.call_id, "output": result}])
+assert answer.previous_response_id == first.id and answer.output_text, answer
+print("answer (previous_response_id):", repr(answer.output_text))
+
 # Bad input: the SDK raises BadRequestError naming the field.
 for kwargs, param in [
     (dict(input="hi", previous_response_id="resp_123"), "previous_response_id"),

@@ -223,14 +223,45 @@ async fn bad_responses_requests_are_400s_naming_the_field() {
         let (status, r) = s.post("/v1/responses", body.clone()).await;
         assert_error(status, &r, 400, Some(param));
     }
-    // Accepted without effect: `store`, `metadata`, `stream_options`.
+    // Accepted without effect: `metadata`, echoed.
     let (status, r) = s
         .post(
             "/v1/responses",
-            json!({"input": "hi", "store": true, "metadata": {"a": "b"}, "max_output_tokens": 2}),
+            json!({"input": "hi", "metadata": {"a": "b"}, "max_output_tokens": 2}),
         )
         .await;
     assert_eq!(status, 200, "{r}");
-    assert_eq!(r["store"], false);
+    assert_eq!(r["store"], true);
     assert_eq!(r["metadata"], json!({"a": "b"}));
+
+    // `previous_response_id` continues a stored response: its conversation comes first.
+    let first_id = r["id"].as_str().unwrap();
+    let first_input = r["usage"]["input_tokens"].as_u64().unwrap();
+    let (status, next) = s
+        .post(
+            "/v1/responses",
+            json!({"input": "and again", "previous_response_id": first_id, "max_output_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(next["previous_response_id"], first_id);
+    assert!(
+        next["usage"]["input_tokens"].as_u64().unwrap() > first_input + 2,
+        "{next}"
+    );
+    // Not kept with `store: false`.
+    let (_, unkept) = s
+        .post(
+            "/v1/responses",
+            json!({"input": "hi", "store": false, "max_output_tokens": 2}),
+        )
+        .await;
+    assert_eq!(unkept["store"], false);
+    let (status, r) = s
+        .post(
+            "/v1/responses",
+            json!({"input": "hi", "previous_response_id": unkept["id"]}),
+        )
+        .await;
+    assert_error(status, &r, 400, Some("previous_response_id"));
 }

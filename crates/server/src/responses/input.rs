@@ -3,18 +3,37 @@
 use minserve_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
 
+use super::store::{ResponseStore, MAX_BYTES};
 use crate::error::ApiError;
 use crate::json_body::{wrong_type, JsonBody};
 use crate::prompt::link_tool_results;
 
-/// `instructions` (a system message first) and `input`: a string (one user message) or a list
-/// of items: messages (`{"role", "content"}`, `type: "message"` or none; the content a string
-/// or text parts), the model's earlier `function_call`s (joined to the assistant turn they
-/// belong to) and their `function_call_output`s (tool messages).
-pub(crate) fn input_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiError> {
+/// The messages to render, and the conversation to keep if the response is stored (the same,
+/// without `instructions`): the stored conversation of `previous_response_id`, if any, then
+/// `input`: a string (one user message) or a list of items: messages (`{"role", "content"}`,
+/// `type: "message"` or none; the content a string or text parts), the model's earlier
+/// `function_call`s (joined to the assistant turn they belong to) and their
+/// `function_call_output`s (tool messages). `instructions` is a system message first.
+pub(crate) fn input_messages(
+    body: &JsonBody,
+    store: &ResponseStore,
+) -> Result<(Vec<ChatMessage>, Vec<ChatMessage>), ApiError> {
     let mut conversation = Conversation::default();
-    if let Some(instructions) = body.str("instructions")? {
-        conversation.push(None, ChatMessage::new("system", instructions));
+    if let Some(id) = body.str("previous_response_id")? {
+        let previous = store.get(id).ok_or_else(|| {
+            ApiError::invalid(
+                "previous_response_id",
+                format!(
+                    "no response `{id}` is stored: minserve keeps finished responses in memory \
+                     (the newest, up to {} MiB of text) unless they were sent with `store: \
+                     false`, and none across restarts",
+                    MAX_BYTES >> 20
+                ),
+            )
+        })?;
+        for message in previous.iter() {
+            conversation.push(None, message.clone());
+        }
     }
     match body.get("input") {
         None => return Err(ApiError::invalid("input", "`input` is required")),
@@ -43,7 +62,17 @@ pub(crate) fn input_messages(body: &JsonBody) -> Result<Vec<ChatMessage>, ApiErr
             format!("no earlier `function_call` item has the call_id `{id}`"),
         )
     })?;
-    Ok(messages)
+    let history = messages.clone();
+    if let Some(instructions) = body.str("instructions")? {
+        // One system message: many templates take only one.
+        match messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{instructions}\n\n{}", first.content);
+            }
+            _ => messages.insert(0, ChatMessage::new("system", instructions)),
+        }
+    }
+    Ok((messages, history))
 }
 
 /// The messages so far, and the input item each came from (none for `instructions`).
@@ -55,8 +84,7 @@ struct Conversation {
 
 impl Conversation {
     fn push(&mut self, item: Option<usize>, message: ChatMessage) {
-        // `instructions` and a system (or developer) message first are one system message:
-        // many templates take only one.
+        // Consecutive system (or developer) messages are one: many templates take only one.
         if let Some(last) = self.messages.last_mut() {
             if last.role == "system" && message.role == "system" {
                 last.content = format!("{}\n\n{}", last.content, message.content);

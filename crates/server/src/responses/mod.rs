@@ -12,11 +12,13 @@
 //!           or collect.rs (one body)
 //! ```
 //!
-//! Stateless: nothing is kept after a response is sent, so `previous_response_id` and
-//! `conversation` are refused (fields.rs) and an agent loop sends its whole conversation,
-//! earlier `function_call` and `function_call_output` items included, in `input`.
+//! A finished response is kept in memory (store.rs, bounded) unless `store: false`, so a
+//! later request may continue it with `previous_response_id`; or an agent loop sends its whole
+//! conversation, earlier `function_call` and `function_call_output` items included, in
+//! `input`. Stored `conversation` objects are not supported.
 
 pub(crate) mod input;
 pub(crate) mod object;
 pub(crate) mod output;
+pub(crate) mod store;
 pub(crate) mod stream;

@@ -1,10 +1,14 @@
 //! The `response` object: a response's id, status, output and usage, with the request's
 //! settings as OpenAI echoes them back.
 
+use std::sync::Arc;
+
 use minserve_core::request::FinishReason;
+use minserve_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
 
 use super::output::OutputItems;
+use super::store::{assistant_turn, ResponseStore};
 use crate::choices::Choices;
 use crate::json_body::JsonBody;
 use crate::params::GenerationParams;
@@ -16,6 +20,8 @@ use crate::tool_format::Tool;
 pub(crate) struct ResponseShell {
     id: String,
     created_at: u64,
+    /// With `store`: where the finished response is kept, and its conversation so far.
+    keep: Option<(Arc<ResponseStore>, Vec<ChatMessage>)>,
     /// The settings echoed back, in OpenAI's field order.
     settings: Map<String, Value>,
     /// The functions whose calls are read out of the output.
@@ -58,7 +64,12 @@ impl Status {
 }
 
 impl ResponseShell {
-    pub fn new(body: &JsonBody, served_model_name: &str, params: &GenerationParams) -> Self {
+    pub fn new(
+        body: &JsonBody,
+        served_model_name: &str,
+        params: &GenerationParams,
+        keep: Option<(Arc<ResponseStore>, Vec<ChatMessage>)>,
+    ) -> Self {
         let sent = |name: &str, default: Value| body.get(name).cloned().unwrap_or(default);
         let mut settings = Map::new();
         settings.insert("model".into(), json!(served_model_name));
@@ -69,14 +80,17 @@ impl ResponseShell {
                 "parallel_tool_calls",
                 sent("parallel_tool_calls", json!(true)),
             ),
-            ("previous_response_id", Value::Null),
+            (
+                "previous_response_id",
+                sent("previous_response_id", Value::Null),
+            ),
             ("temperature", json!(params.sampling.temperature)),
             ("top_p", json!(params.sampling.top_p)),
             ("tool_choice", sent("tool_choice", json!("auto"))),
             ("tools", sent("tools", json!([]))),
             ("text", sent("text", json!({"format": {"type": "text"}}))),
             ("truncation", json!("disabled")),
-            ("store", json!(false)),
+            ("store", json!(keep.is_some())),
             ("metadata", sent("metadata", json!({}))),
             ("user", sent("user", Value::Null)),
         ] {
@@ -85,6 +99,7 @@ impl ResponseShell {
         Self {
             id: format!("resp_{}", &response_id("x")[2..]),
             created_at: unix_time(),
+            keep,
             settings,
             tools: params.tool_calls.clone(),
         }
@@ -120,7 +135,17 @@ impl ResponseShell {
             choice.map_or("", |c| c.text.as_str()),
             status != Status::Incomplete,
         );
+        self.keep(output.items());
         self.object(status, output.items(), Some(usage(choices, prompt_tokens)))
+    }
+
+    /// The response finished with `output`: kept for `previous_response_id`, with `store`.
+    pub fn keep(&self, output: &[Value]) {
+        if let Some((store, conversation)) = &self.keep {
+            let mut conversation = conversation.clone();
+            conversation.push(assistant_turn(output));
+            store.put(self.id.clone(), conversation);
+        }
     }
 }
 

@@ -80,6 +80,7 @@ pub(crate) fn sse_response(shell: ResponseShell, generation: InFlightGeneration)
         if generation.choices().all_finished() {
             generation.finished();
             let usage = usage(generation.choices(), generation.prompt_tokens());
+            shell.keep(output.items());
             let response = shell.object(status, output.items(), Some(usage));
             yield events.event(json!({"type": status.final_event(), "response": response}));
         }

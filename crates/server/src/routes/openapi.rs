@@ -98,8 +98,8 @@ pub(crate) async fn openapi() -> Json<Value> {
         "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {"type": {"const": "function"}, "name": {"type": "string"}, "parameters": {"type": "object"}}}},
         "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
         "parallel_tool_calls": {"type": "boolean", "default": true},
-        "store": {"type": "boolean", "description": "accepted; nothing is stored"},
-        "previous_response_id": {"description": "refused: minserve is stateless"},
+        "store": {"type": "boolean", "default": true, "description": "keep the finished response in memory (bounded) for previous_response_id"},
+        "previous_response_id": {"type": "string", "description": "continue a stored response"},
     });
     let simple = |summary: &str, content: &str| json!({"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {content: {}}}}}});
     Json(json!({

@@ -32,11 +32,19 @@ pub(crate) async fn responses(
         .cpu_work
         .run(body_size(&body), move || {
             let (body, model) = model_request(body, &shared)?;
+            let mut history = Vec::new();
             let (params, prompt) =
                 conversation(&body, GenerationApi::Responses, &shared, &model, || {
-                    input_messages(&body)
+                    let (messages, conversation) = input_messages(&body, &shared.responses)?;
+                    history = conversation;
+                    Ok(messages)
                 })?;
-            let shell = ResponseShell::new(&body, model.slot.name(), &params);
+            // OpenAI keeps a response unless told not to.
+            let keep = body
+                .bool("store")?
+                .unwrap_or(true)
+                .then(|| (shared.responses.clone(), history));
+            let shell = ResponseShell::new(&body, model.slot.name(), &params, keep);
             Ok::<_, ApiError>((model, params, prompt, shell))
         })
         .await??;
