@@ -10,7 +10,7 @@ fn a_real_trace_is_plotted_and_summarized() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.jsonl");
     let trace = trace.to_str().unwrap();
-    // A pool of 1 MiB (45 blocks of the default model) for 6 x 80 tokens: it preempts.
+    // A pool of 8 MiB (22 blocks of the default model) for 6 x 80 tokens (30): it preempts.
     let (ok, stdout, stderr) = minserve(&[
         "bench",
         "throughput",
@@ -21,7 +21,7 @@ fn a_real_trace_is_plotted_and_summarized() {
         "--output-len",
         "40",
         "--kv-cache-mib",
-        "1",
+        "8",
         "--max-num-batched-tokens",
         "64",
         "--trace-file",

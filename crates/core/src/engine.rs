@@ -325,9 +325,11 @@ impl<E: ModelExecutor> Engine<E> {
             return false;
         }
         self.report_first_scheduled(&step);
-        if self.trace.is_some() {
+        // Read now: a sample that finishes in this step is gone when its record is written.
+        let step_requests: Option<Vec<RequestId>> = self.trace.is_some().then(|| {
             self.trace_preemptions(&step);
-        }
+            step.seqs.iter().map(|s| self.request_of(s.id)).collect()
+        });
         let started = Instant::now();
         match self.execute_preparing_masks(&step) {
             Ok(mut logits) => {
@@ -357,16 +359,10 @@ impl<E: ModelExecutor> Engine<E> {
         }
         self.stats.steps += 1;
         self.refresh_stats();
-        if let (Some(trace), Some(started)) = (&mut self.trace, step_started) {
-            let samples = &self.samples;
-            let request_of = |id| samples.get(&id).map_or(0, |s: &Sample| s.request);
-            trace.step(
-                self.stats.steps,
-                started,
-                &step,
-                &self.scheduler,
-                request_of,
-            );
+        if let (Some(trace), Some(started), Some(requests)) =
+            (&mut self.trace, step_started, step_requests)
+        {
+            trace.step(self.stats.steps, started, &step, &self.scheduler, &requests);
         }
         true
     }

@@ -220,23 +220,24 @@ impl Trace {
     }
 
     /// Writes the record of `step`, the engine's `step_number`-th, which started at `started`
-    /// and has now run; `scheduler` is read as the step left it, `request_of` names each
-    /// sequence's request.
+    /// and has now run; `scheduler` is read as the step left it, `requests` names the request
+    /// of each of the step's sequences.
     pub fn step(
         &mut self,
         step_number: u64,
         started: Instant,
         step: &ScheduledStep,
         scheduler: &Scheduler,
-        request_of: impl Fn(SeqId) -> u64,
+        requests: &[u64],
     ) {
         let blocks = scheduler.blocks();
         let seqs = step
             .seqs
             .iter()
-            .map(|s| StepSeq {
+            .zip(requests)
+            .map(|(s, &request)| StepSeq {
                 id: s.id,
-                request: request_of(s.id),
+                request,
                 new_tokens: s.num_new_tokens,
                 cached_tokens: s.num_cached_tokens,
                 prefill: s.is_prefill,

@@ -382,6 +382,10 @@ fn a_real_trace_reads_back_to_the_schema() {
     for step in &steps {
         assert!(step.prefill_tokens + step.decode_tokens <= 64, "the budget");
         assert_eq!(step.blocks_used + step.blocks_free, 8);
+        assert!(
+            step.seqs.iter().all(|seq| seq.request > 0),
+            "every sequence names its request, also in the step it finishes"
+        );
         let tables = step.block_tables.as_ref().expect("--trace-blocks");
         assert_eq!(tables.len(), step.seqs.len());
         for (seq, blocks) in step.seqs.iter().zip(tables) {
