@@ -1051,20 +1051,26 @@ mod tests {
         )
     }
 
+    /// Two sequences of 3 tokens in 4 blocks of 2 and swap preemption into `host_blocks` host
+    /// blocks, run until the pool runs out and one is preempted.
+    fn swap_until_preempted(host_blocks: usize) -> (Scheduler, ScheduledStep) {
+        let mut s = swap_config(host_blocks);
+        s.add(Sequence::new(1, vec![5; 3], 0, 1));
+        s.add(Sequence::new(2, vec![6; 3], 0, 2));
+        loop {
+            let step = run_step(&mut s);
+            if !step.preempted.is_empty() {
+                return (s, step);
+            }
+        }
+    }
+
     /// The pool of `out_of_blocks_preempts_the_newest_which_resumes_with_its_tokens`, with swap
     /// preemption: sequence 2's computed blocks go to the host pool, and when it resumes they
     /// come back to fresh device blocks and it decodes one token instead of recomputing.
     #[test]
     fn a_swapped_sequence_resumes_where_it_stopped() {
-        let mut s = swap_config(8);
-        s.add(Sequence::new(1, vec![5; 3], 0, 1));
-        s.add(Sequence::new(2, vec![6; 3], 0, 2));
-        let step = loop {
-            let step = run_step(&mut s);
-            if !step.preempted.is_empty() {
-                break step;
-            }
-        };
+        let (mut s, step) = swap_until_preempted(8);
         assert_eq!(step.swapped_out, vec![2]);
         let computed = s.swap_space().computed_tokens(2).unwrap();
         assert_eq!(step.batch.swap_out.len(), computed.div_ceil(2));
@@ -1092,15 +1098,7 @@ mod tests {
 
     #[test]
     fn a_full_host_pool_falls_back_to_recompute() {
-        let mut s = swap_config(1);
-        s.add(Sequence::new(1, vec![5; 3], 0, 1));
-        s.add(Sequence::new(2, vec![6; 3], 0, 2));
-        let step = loop {
-            let step = run_step(&mut s);
-            if !step.preempted.is_empty() {
-                break step;
-            }
-        };
+        let (mut s, step) = swap_until_preempted(1);
         assert_eq!(step.preempted, vec![2]);
         assert!(step.swapped_out.is_empty() && step.batch.swap_out.is_empty());
         s.remove(1);
@@ -1111,10 +1109,8 @@ mod tests {
     /// A sequence aborted while swapped out gives its host blocks back.
     #[test]
     fn removing_a_swapped_sequence_frees_its_host_blocks() {
-        let mut s = swap_config(8);
-        s.add(Sequence::new(1, vec![5; 3], 0, 1));
-        s.add(Sequence::new(2, vec![6; 3], 0, 2));
-        while run_step(&mut s).swapped_out.is_empty() {}
+        let (mut s, step) = swap_until_preempted(8);
+        assert_eq!(step.swapped_out, vec![2]);
         assert!(s.swap_space().num_free_blocks() < 8);
         s.remove(2);
         run_step(&mut s);
