@@ -357,7 +357,11 @@ impl Scheduler {
 
         step.batch = self.build_batch(&step.seqs);
         step.batch.block_copies = self.blocks.take_block_copies();
-        (step.batch.swap_out, step.batch.swap_in) = self.swap.take_swaps();
+        // A step with nothing to run is not executed, so its swaps wait for the next one,
+        // which makes them first; nothing writes a block in between.
+        if !step.seqs.is_empty() {
+            (step.batch.swap_out, step.batch.swap_in) = self.swap.take_swaps();
+        }
         if cfg!(debug_assertions) {
             self.blocks.check_step(&step.batch);
         }
