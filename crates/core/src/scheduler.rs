@@ -9,15 +9,19 @@
 //!    room for them, the **lowest-priority, newest** running sequence is **preempted**
 //!    (`Scheduler::make_room`, `Scheduler::preempt`): its blocks are freed and it goes back to
 //!    the waiting queue keeping every token it generated; it will recompute them later (its
-//!    prefix may still be cached). It rejoins the queue where its order says: under FCFS at the
+//!    prefix may still be cached), or, under `PreemptionMode::Swap`, its K/V wait in the
+//!    runner's host pool (`swap.rs`). It rejoins the queue where its order says: under FCFS at the
 //!    front (it arrived before everything waiting), under priority behind every more urgent
 //!    waiting sequence.
 //! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
 //!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
-//!    behind it, so that a long prompt is not starved by short ones. The `n` samples of one
+//!    behind it, so that a long prompt is not starved by short ones (with `backfill`, up to
+//!    that many may pass it: `backfill.rs`; with `priority_preemption`, it may first preempt
+//!    less urgent running sequences: `Scheduler::admit_waiting`). The `n` samples of one
 //!    request are admitted together: the first one alone computes the prompt, and counts for
-//!    all `n` against `max_num_seqs`.
+//!    all `n` against `max_num_seqs`. Under `Batching::Static` nothing is admitted while a
+//!    batch runs (`static_batch.rs`).
 //! 3. **Forks** (after the step ran, [`Scheduler::fork_samples`]): once a request's first
 //!    sample has computed its prompt, the others are forked from it, sharing its blocks
 //!    (copy-on-write, see `block_manager.rs`), and run as ordinary sequences from then on.
