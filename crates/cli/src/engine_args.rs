@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::scheduler::{Batching, PreemptionMode, SchedulerConfig, SchedulingPolicy};
+use minserve_core::trace::TraceOptions;
 use minserve_core::{Engine, EngineConfig, ModelExecutor};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LlamaModel, Runner};
 use minserve_tokenizer::Tokenizer;
@@ -38,6 +39,22 @@ pub struct SchedulerArgs {
     /// when `serve` has --api-keys.
     #[arg(long, value_parser = ["fcfs", "priority", "fair-share"])]
     pub scheduling_policy: Option<String>,
+    /// `continuous` (waiting requests join the batch at every step), or `static` (a batch is
+    /// formed only once the previous one has finished: the pre-Orca baseline).
+    #[arg(long, default_value = "continuous", value_parser = ["continuous", "static"])]
+    pub batching: String,
+    /// When the head of the queue does not fit in the KV cache, admit up to this many later
+    /// requests that do fit ahead of it (per head, so it is never starved); 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub backfill: usize,
+    /// A waiting request that does not fit preempts running requests of a lower priority
+    /// (greater value) to make room. Implies --scheduling-policy priority.
+    #[arg(long)]
+    pub priority_preemption: bool,
+    /// What a preempted sequence's KV cache becomes: `recompute` (dropped, computed again when
+    /// it resumes) or `swap` (copied to a host pool of --swap-space-mib and back).
+    #[arg(long, default_value = "recompute", value_parser = ["recompute", "swap"])]
+    pub preemption_mode: String,
 }
 
 /// A memory size: a number with an optional unit. Binary units (`KiB`, `MiB`, `GiB`, `TiB`,
@@ -95,14 +112,31 @@ impl SchedulerArgs {
             scheduler: SchedulerConfig {
                 max_num_batched_tokens: self.max_num_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
-                policy: self
-                    .scheduling_policy
-                    .as_deref()
-                    .map_or(Ok(SchedulingPolicy::Fcfs), parse_policy)
-                    .expect("clap checked the policy name"),
+                policy: if self.priority_preemption {
+                    SchedulingPolicy::Priority
+                } else {
+                    self.scheduling_policy
+                        .as_deref()
+                        .map_or(Ok(SchedulingPolicy::Fcfs), parse_policy)
+                        .expect("clap checked the policy name")
+                },
+                batching: match self.batching.as_str() {
+                    "static" => Batching::Static,
+                    _ => Batching::Continuous,
+                },
+                backfill: self.backfill,
+                priority_preemption: self.priority_preemption,
+                preemption_mode: self.preemption_mode(),
             },
             prefix_caching: !self.no_prefix_caching,
             max_model_len,
+        }
+    }
+
+    pub fn preemption_mode(&self) -> PreemptionMode {
+        match self.preemption_mode.as_str() {
+            "swap" => PreemptionMode::Swap,
+            _ => PreemptionMode::Recompute,
         }
     }
 }
@@ -124,9 +158,16 @@ pub struct EngineArgs {
     /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
-    /// Write one JSON line per engine step to this file.
+    /// Host memory for the KV cache of sequences preempted with --preemption-mode swap, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub swap_space_mib: usize,
+    /// Write the engine trace (a JSON line per step and per request event; docs/trace.md) to
+    /// this file.
     #[arg(long)]
     pub trace_file: Option<PathBuf>,
+    /// Add every scheduled sequence's block tables to the trace's step records.
+    #[arg(long, requires = "trace_file")]
+    pub trace_blocks: bool,
 }
 
 impl EngineArgs {
@@ -137,6 +178,21 @@ impl EngineArgs {
             block_size: self.scheduler.block_size,
             memory_bytes: self.kv_cache_mib.unwrap_or(1024) << 20,
             dtype: self.kv_cache_dtype,
+        }
+    }
+
+    /// Host memory of the swap pool: none unless preemption swaps.
+    pub fn swap_bytes(&self) -> usize {
+        match self.scheduler.preemption_mode() {
+            PreemptionMode::Swap => self.swap_space_mib << 20,
+            PreemptionMode::Recompute => 0,
+        }
+    }
+
+    /// What the trace records beyond the default.
+    pub fn trace_options(&self) -> TraceOptions {
+        TraceOptions {
+            block_tables: self.trace_blocks,
         }
     }
 
@@ -171,8 +227,8 @@ impl EngineArgs {
     }
 }
 
-/// A loaded model on its device, with its KV cache, driven by an engine configured by
-/// `config`; `tokenizer` (the model's, shared so that a server can tokenize with it too)
+/// A loaded model on its device, with its KV cache (and a host swap pool of `swap_bytes`),
+/// driven by an engine configured by `config`; `tokenizer` (the model's, shared so that a server can tokenize with it too)
 /// detokenizes the output and names the EOS ids.
 pub fn build_engine(
     model: LlamaModel,
@@ -180,8 +236,17 @@ pub fn build_engine(
     cache: CacheOptions,
     device: DeviceOptions,
     config: EngineConfig,
+    swap_bytes: usize,
 ) -> anyhow::Result<Engine<Runner>> {
-    build_engine_with(model, tokenizer, cache, device, config, |runner| runner)
+    build_engine_with(
+        model,
+        tokenizer,
+        cache,
+        device,
+        config,
+        swap_bytes,
+        |runner| runner,
+    )
 }
 
 /// [`build_engine`] with the runner wrapped by `wrap` (`simulate calibrate` watches each
@@ -192,9 +257,11 @@ pub fn build_engine_with<E: ModelExecutor>(
     cache: CacheOptions,
     device: DeviceOptions,
     config: EngineConfig,
+    swap_bytes: usize,
     wrap: impl FnOnce(Runner) -> E,
 ) -> anyhow::Result<Engine<E>> {
     let eos = tokenizer.eos_token_ids().to_vec();
-    let runner = Runner::new(model, cache, device)?;
+    let mut runner = Runner::new(model, cache, device)?;
+    runner.set_swap_space(swap_bytes)?;
     Ok(Engine::new(wrap(runner), config, tokenizer, eos))
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use minserve_core::sampling::SamplingParams;
-use minserve_core::scheduler::{SchedulerConfig, SchedulingPolicy};
+use minserve_core::scheduler::SchedulerConfig;
 use minserve_core::{EngineConfig, Request, RequestError, RequestEvent};
 use minserve_model::{CacheOptions, DeviceOptions};
 use minserve_tokenizer::ChatMessage;
@@ -88,7 +88,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: prompt.len(),
             max_num_seqs: 1,
-            policy: SchedulingPolicy::Fcfs,
+            ..SchedulerConfig::default()
         },
         // One request: no other prompt could share its prefix.
         prefix_caching: false,
@@ -100,6 +100,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         cache,
         device,
         config,
+        0,
     )?;
 
     let mut request = Request::new(prompt.clone(), args.max_tokens);

@@ -6,10 +6,12 @@ mod eval;
 mod export;
 mod fetch;
 mod generate;
+mod kv_calc;
 mod model_source;
 mod serve;
 mod serve_config;
 mod simulate;
+mod trace;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,11 @@ enum Command {
     /// The real scheduler without weights: step times from a cost model, on a virtual clock.
     #[command(subcommand)]
     Simulate(simulate::SimulateCommand),
+    /// Read an engine trace (--trace-file): charts of each step, each request's timeline.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+    /// KV cache size of a model: bytes per token and per sequence, blocks, for a batch.
+    KvCalc(kv_calc::KvCalcArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,5 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Simulate(command) => simulate::run(command),
+        Command::Trace(command) => trace::run(command),
+        Command::KvCalc(args) => kv_calc::run(args),
     }
 }

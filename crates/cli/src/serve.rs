@@ -291,12 +291,20 @@ fn start_engine(
     cache: CacheOptions,
     device: DeviceOptions,
     config: EngineConfig,
-    trace: Option<Box<dyn std::io::Write + Send>>,
+    engine_args: &EngineArgs,
 ) -> anyhow::Result<ServedModel> {
     let tokenizer = Arc::new(loaded.tokenizer);
-    let mut engine = build_engine(loaded.model, tokenizer.clone(), cache, device, config)?;
-    if let Some(trace) = trace {
-        engine.set_trace(trace);
+    let swap_bytes = engine_args.swap_bytes();
+    let mut engine = build_engine(
+        loaded.model,
+        tokenizer.clone(),
+        cache,
+        device,
+        config,
+        swap_bytes,
+    )?;
+    if let Some(trace) = engine_args.trace_writer()? {
+        engine.set_trace(trace, engine_args.trace_options());
     }
     Ok(ServedModel::new(
         EngineHandle::spawn(engine).context("starting the engine thread")?,
@@ -372,9 +380,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } = plan;
         let build = Arc::new(move || {
             let loaded = crate::model_source::load(&source, &weights)?;
-            let trace = engine.trace_writer()?;
             let config = engine.engine_config(loaded.model.config().max_position_embeddings);
-            start_engine(loaded, cache, device, config, trace)
+            start_engine(loaded, cache, device, config, &engine)
         });
         if args.restart_engine {
             let rebuild = build.clone();

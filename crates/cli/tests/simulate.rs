@@ -1,19 +1,9 @@
 //! `minserve simulate` as users run it: calibrating on a (synthetic) model, simulating with the
 //! profile it wrote, and the errors of bad input.
 
-use std::process::Command;
+mod common;
 
-fn minserve(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args(args)
-        .output()
-        .expect("running minserve");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::minserve;
 
 #[test]
 fn calibrate_writes_a_profile_that_simulate_engine_reads() {

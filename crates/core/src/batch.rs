@@ -17,6 +17,11 @@ use crate::sequence::RELEASED_BLOCK;
 /// A block's contents to duplicate before a step writes: `(source, destination)` block ids.
 pub type BlockCopy = (u32, u32);
 
+/// A block's contents to move between the device pool and the host swap pool: `(source,
+/// destination)`, a device block and a host block for a swap-out, the other way round for a
+/// swap-in (see `swap.rs`).
+pub type BlockSwap = (u32, u32);
+
 /// The part of a [`StepBatch`] that belongs to one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SequenceChunk {
@@ -84,6 +89,12 @@ pub struct StepBatch {
     /// order, before it writes any of this step's K/V: copy-on-write of a block that a
     /// sequence is about to write while others still read it (see `block_manager.rs`).
     pub block_copies: Vec<BlockCopy>,
+    /// Device blocks the model copies to host blocks first of all, before the copies above:
+    /// the K/V of sequences preempted by swapping, read as the previous step left them.
+    pub swap_out: Vec<BlockSwap>,
+    /// Host blocks the model copies back to device blocks after the copies above and before
+    /// the forward pass: sequences resumed from the swap pool.
+    pub swap_in: Vec<BlockSwap>,
 }
 
 impl StepBatch {

@@ -484,6 +484,25 @@ impl BlockManager {
         std::mem::take(&mut self.pending_copies)
     }
 
+    /// The block whose contents `id` holds before this step runs: the source of a
+    /// copy-on-write copy into `id` queued for this step, or `id` itself. A sequence preempted
+    /// by swapping after it was scheduled in the same step has its K/V read from there, since
+    /// swaps out happen before the step's copies.
+    pub fn pre_step_block(&self, id: u32) -> u32 {
+        self.pending_copies
+            .iter()
+            .rev()
+            .find(|&&(_, dst)| dst == id)
+            .map_or(id, |&(src, _)| src)
+    }
+
+    /// Takes `n` free blocks, each now held once (evicting cached prefixes as a new
+    /// allocation would), or none when fewer are free: the device blocks a sequence swapped
+    /// back in is given.
+    pub fn take_blocks(&mut self, n: usize) -> Option<Vec<u32>> {
+        (n <= self.num_free_blocks()).then(|| (0..n).map(|_| self.take_fresh_block()).collect())
+    }
+
     /// Makes `child`, a sample of the same request as `parent` whose tokens so far are the
     /// same, share all of `parent`'s blocks and computed tokens: nothing is computed or copied
     /// now; the first write into a shared block copies it ([`allocate_slots`]).
@@ -633,6 +652,11 @@ impl BlockManager {
     fn push_free(&mut self, id: u32, keep_until: Option<Instant>) {
         if !self.pending_registrations.is_empty() {
             self.pending_registrations.retain(|p| p.id != id);
+        }
+        // A copy into a block freed in the same step (its sequence preempted by a more urgent
+        // one after being scheduled) has no reader left.
+        if !self.pending_copies.is_empty() {
+            self.pending_copies.retain(|&(_, dst)| dst != id);
         }
         let block = &mut self.blocks[id as usize];
         if let (Some(until), Some(_)) = (keep_until, block.key) {

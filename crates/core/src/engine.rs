@@ -21,7 +21,7 @@
 //! freed before the next step is scheduled.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -40,7 +40,7 @@ use crate::request::{
 use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
 use crate::sequence::{Owner, SeqId, Sequence};
-use crate::trace::StepTrace;
+use crate::trace::{RequestEventKind, RequestRecord, Trace, TraceOptions};
 
 thread_local! {
     /// Scratch space for sampling, one per thread that samples (see `Engine::sample_rows`).
@@ -78,6 +78,9 @@ pub struct EngineStats {
     /// when the forward pass was, or computed inline).
     pub grammar_mask_seconds: f64,
     pub grammar_wait_seconds: f64,
+    /// Swap preemption: sequences moved to the host pool and back.
+    pub num_swapped_out: u64,
+    pub num_swapped_in: u64,
 }
 
 /// One sample of a request, as far as sampling and the output stage need it; its tokens and
@@ -112,7 +115,9 @@ pub struct Engine<E: ModelExecutor> {
     next_seq_id: SeqId,
     next_request_id: RequestId,
     stats: EngineStats,
-    trace: Option<StepTrace>,
+    trace: Option<Trace>,
+    /// While tracing: sequences preempted and not yet resumed.
+    traced_preempted: HashSet<SeqId>,
 }
 
 impl<E: ModelExecutor> Engine<E> {
@@ -138,8 +143,9 @@ impl<E: ModelExecutor> Engine<E> {
             config.prefix_caching,
             group_windows,
         );
+        let host_blocks = executor.swap_capacity_blocks();
         Self {
-            scheduler: Scheduler::new(config.scheduler, blocks),
+            scheduler: Scheduler::with_swap_space(config.scheduler, blocks, host_blocks),
             executor,
             output: OutputStage::new(decoder, eos_token_ids),
             limits,
@@ -149,12 +155,32 @@ impl<E: ModelExecutor> Engine<E> {
             next_request_id: 0,
             stats: EngineStats::default(),
             trace: None,
+            traced_preempted: HashSet::new(),
         }
     }
 
-    /// Writes one JSON line per step to `out` (see `docs/continuous-batching.md`).
-    pub fn set_trace(&mut self, out: Box<dyn Write + Send>) {
-        self.trace = Some(StepTrace::new(out));
+    /// Writes the trace (one JSON line per step and per request event, `docs/trace.md`) to
+    /// `out` from now on.
+    pub fn set_trace(&mut self, out: Box<dyn Write + Send>, options: TraceOptions) {
+        let host_blocks = self.scheduler.swap_space().num_blocks();
+        self.trace = Some(Trace::new(
+            out,
+            options,
+            self.scheduler.blocks(),
+            host_blocks,
+        ));
+    }
+
+    /// Writes a request event, when tracing.
+    fn trace_request(&mut self, record: impl FnOnce() -> RequestRecord) {
+        if let Some(trace) = &mut self.trace {
+            trace.request(record(), Instant::now(), self.stats.steps);
+        }
+    }
+
+    /// The request sequence `id` is a sample of (0 once it is gone).
+    fn request_of(&self, id: SeqId) -> RequestId {
+        self.samples.get(&id).map_or(0, |s| s.request)
     }
 
     pub fn limits(&self) -> EngineLimits {
@@ -257,6 +283,12 @@ impl<E: ModelExecutor> Engine<E> {
         }
         // Sample 0 computes the prompt; the others are forked from it (see `step`).
         self.scheduler.add_samples(samples);
+        self.trace_request(|| RequestRecord {
+            prompt_tokens: Some(request.prompt.len()),
+            n: Some(request.n),
+            priority: Some(request.priority),
+            ..RequestRecord::new(RequestEventKind::Arrived, request_id, None)
+        });
         self.stats.prompt_tokens += (request.prompt.len() * request.n) as u64;
         self.requests.insert(
             request_id,
@@ -271,6 +303,17 @@ impl<E: ModelExecutor> Engine<E> {
 
     /// Drops a request and frees its blocks now.
     pub fn abort(&mut self, request_id: RequestId) {
+        self.abort_with(request_id, "abort");
+    }
+
+    /// [`abort`](Self::abort), traced as finished for `reason`.
+    fn abort_with(&mut self, request_id: RequestId, reason: &str) {
+        if self.requests.contains_key(&request_id) {
+            self.trace_request(|| RequestRecord {
+                reason: Some(reason.to_string()),
+                ..RequestRecord::new(RequestEventKind::Finished, request_id, None)
+            });
+        }
         if let Some(state) = self.requests.remove(&request_id) {
             for id in state.seqs {
                 self.samples.remove(&id);
@@ -282,12 +325,18 @@ impl<E: ModelExecutor> Engine<E> {
     /// Runs one step. Returns false when there was nothing to do.
     pub fn step(&mut self) -> bool {
         self.abort_disconnected();
+        let step_started = self.trace.as_ref().map(|_| Instant::now());
         let step = self.scheduler.schedule();
         if step.is_empty() {
             self.refresh_stats();
             return false;
         }
         self.report_first_scheduled(&step);
+        // Read now: a sample that finishes in this step is gone when its record is written.
+        let step_requests: Option<Vec<RequestId>> = self.trace.is_some().then(|| {
+            self.trace_preemptions(&step);
+            step.seqs.iter().map(|s| self.request_of(s.id)).collect()
+        });
         let started = Instant::now();
         match self.execute_preparing_masks(&step) {
             Ok(mut logits) => {
@@ -317,10 +366,45 @@ impl<E: ModelExecutor> Engine<E> {
         }
         self.stats.steps += 1;
         self.refresh_stats();
-        if let Some(trace) = &mut self.trace {
-            trace.record(self.stats.steps, &step, &self.scheduler);
+        if let (Some(trace), Some(started), Some(requests)) =
+            (&mut self.trace, step_started, step_requests)
+        {
+            trace.step(self.stats.steps, started, &step, &self.scheduler, &requests);
         }
         true
+    }
+
+    /// Traces the step's preemptions, and the resumption of sequences preempted earlier.
+    fn trace_preemptions(&mut self, step: &ScheduledStep) {
+        let step_number = self.stats.steps + 1;
+        let now = Instant::now();
+        let mut records = Vec::new();
+        for &id in &step.preempted {
+            self.traced_preempted.insert(id);
+            records.push(RequestRecord {
+                swapped: Some(step.swapped_out.contains(&id)),
+                ..RequestRecord::new(RequestEventKind::Preempted, self.request_of(id), Some(id))
+            });
+        }
+        if !self.traced_preempted.is_empty() {
+            for s in &step.seqs {
+                if self.traced_preempted.remove(&s.id) {
+                    records.push(RequestRecord {
+                        swapped: Some(step.swapped_in.contains(&s.id)),
+                        ..RequestRecord::new(
+                            RequestEventKind::Resumed,
+                            self.request_of(s.id),
+                            Some(s.id),
+                        )
+                    });
+                }
+            }
+        }
+        if let Some(trace) = &mut self.trace {
+            for record in records {
+                trace.request(record, now, step_number);
+            }
+        }
     }
 
     /// Runs the forward pass of `step` and, meanwhile, on a thread of its own, computes the
@@ -404,6 +488,17 @@ impl<E: ModelExecutor> Engine<E> {
             if let Some(request) = self.requests.get_mut(&sample.request) {
                 if !request.scheduled {
                     request.scheduled = true;
+                    if let Some(trace) = &mut self.trace {
+                        let record = RequestRecord {
+                            cached_tokens: Some(cached_tokens),
+                            ..RequestRecord::new(
+                                RequestEventKind::Scheduled,
+                                sample.request,
+                                Some(s.id),
+                            )
+                        };
+                        trace.request(record, now, self.stats.steps + 1);
+                    }
                     // A closed sink is noticed (and the request aborted) before the next step;
                     // aborting now would pull a sequence out of the batch being run.
                     request.sink.send(RequestEvent::Scheduled {
@@ -540,7 +635,7 @@ impl<E: ModelExecutor> Engine<E> {
         if let Some(request) = self.requests.get(&request_id) {
             request.sink.send(RequestEvent::Failed(message.to_string()));
         }
-        self.abort(request_id);
+        self.abort_with(request_id, "error");
     }
 
     /// Appends the token drawn for sequence `id`, runs it through the output stage and emits
@@ -603,6 +698,12 @@ impl<E: ModelExecutor> Engine<E> {
                 completion_tokens: num_output,
                 stop_reason,
             });
+            let request_id = sample.request;
+            self.trace_request(|| RequestRecord {
+                reason: Some(reason.as_str().to_string()),
+                output_tokens: Some(num_output),
+                ..RequestRecord::new(RequestEventKind::Finished, request_id, Some(id))
+            });
             self.finish_sequence(id);
         }
     }
@@ -623,11 +724,24 @@ impl<E: ModelExecutor> Engine<E> {
     /// A failed forward pass fails the requests it carried; the others keep going. The blocks
     /// it wrote are not trusted for prefix caching.
     fn fail_step(&mut self, step: &ScheduledStep, message: &str) {
-        for s in &step.seqs {
-            let Some(sample) = self.samples.get(&s.id) else {
+        // A sequence swapped out by this step may not have its K/V in the host pool.
+        for id in step
+            .seqs
+            .iter()
+            .map(|s| s.id)
+            .chain(step.swapped_out.iter().copied())
+        {
+            let Some(sample) = self.samples.get(&id) else {
                 continue;
             };
-            if let Some(request) = self.requests.remove(&sample.request) {
+            let request_id = sample.request;
+            if self.requests.contains_key(&request_id) {
+                self.trace_request(|| RequestRecord {
+                    reason: Some("error".into()),
+                    ..RequestRecord::new(RequestEventKind::Finished, request_id, None)
+                });
+            }
+            if let Some(request) = self.requests.remove(&request_id) {
                 request.sink.send(RequestEvent::Failed(format!(
                     "model execution failed: {message}"
                 )));
@@ -649,5 +763,7 @@ impl<E: ModelExecutor> Engine<E> {
         self.stats.num_preemptions = self.scheduler.num_preemptions();
         self.stats.prefix_queried_tokens = prefix.queried_tokens;
         self.stats.prefix_hit_tokens = prefix.hit_tokens;
+        (self.stats.num_swapped_out, self.stats.num_swapped_in) =
+            self.scheduler.swap_space().counts();
     }
 }

@@ -48,6 +48,15 @@ pub trait ModelExecutor {
 
     fn vocab_size(&self) -> usize;
 
+    /// Blocks in the runner's host swap pool, which holds the K/V of sequences preempted by
+    /// swapping (`PreemptionMode::Swap`, see `swap.rs`); 0 when it has none, and then every
+    /// preemption recomputes. A runner with a pool copies [`StepBatch::swap_out`] (device to
+    /// host) before anything else in a step and [`StepBatch::swap_in`] (host to device) after
+    /// the block copies, before the forward pass.
+    fn swap_capacity_blocks(&self) -> usize {
+        0
+    }
+
     /// Runs one step. Rows of the result are those of [`StepBatch::sampled_rows`], in its
     /// order: one per sampled sequence, or one per new token of a scored one.
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error>;

@@ -4,6 +4,7 @@
 //! The model runner (crate `minserve-model`) implements [`ModelExecutor`]; the engine builds one
 //! [`StepBatch`] per step and hands it over.
 
+pub mod backfill;
 pub mod batch;
 pub mod block_manager;
 pub mod constraint;
@@ -18,10 +19,12 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod static_batch;
 pub mod stop;
+pub mod swap;
 pub mod trace;
 
-pub use batch::{BlockCopy, SequenceChunk, StepBatch};
+pub use batch::{BlockCopy, BlockSwap, SequenceChunk, StepBatch};
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use engine_thread::EngineHandle;
 pub use executor::{CacheGeometry, Logits, ModelExecutor};

@@ -9,15 +9,19 @@
 //!    room for them, the **lowest-priority, newest** running sequence is **preempted**
 //!    (`Scheduler::make_room`, `Scheduler::preempt`): its blocks are freed and it goes back to
 //!    the waiting queue keeping every token it generated; it will recompute them later (its
-//!    prefix may still be cached). It rejoins the queue where its order says: under FCFS at the
+//!    prefix may still be cached), or, under `PreemptionMode::Swap`, its K/V wait in the
+//!    runner's host pool (`swap.rs`). It rejoins the queue where its order says: under FCFS at the
 //!    front (it arrived before everything waiting), under priority behind every more urgent
 //!    waiting sequence.
 //! 2. **Then waiting sequences**, in FCFS or priority order, while budget, sequence slots and
 //!    blocks last. A newcomer first adopts the longest cached prefix of its prompt (prefix
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
-//!    behind it, so that a long prompt is not starved by short ones. The `n` samples of one
+//!    behind it, so that a long prompt is not starved by short ones (with `backfill`, up to
+//!    that many may pass it: `backfill.rs`; with `priority_preemption`, it may first preempt
+//!    less urgent running sequences: `Scheduler::admit_waiting`). The `n` samples of one
 //!    request are admitted together: the first one alone computes the prompt, and counts for
-//!    all `n` against `max_num_seqs`.
+//!    all `n` against `max_num_seqs`. Under `Batching::Static` nothing is admitted while a
+//!    batch runs (`static_batch.rs`).
 //! 3. **Forks** (after the step ran, [`Scheduler::fork_samples`]): once a request's first
 //!    sample has computed its prompt, the others are forked from it, sharing its blocks
 //!    (copy-on-write, see `block_manager.rs`), and run as ordinary sequences from then on.
@@ -30,10 +34,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::backfill::Backfill;
 use crate::batch::StepBatch;
 use crate::block_manager::BlockManager;
 use crate::fair_share::FairQueue;
 use crate::sequence::{SeqId, Sequence};
+use crate::static_batch::StaticBatch;
+use crate::swap::{SwapIn, SwapSpace};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SchedulingPolicy {
@@ -47,6 +54,27 @@ pub enum SchedulingPolicy {
     FairShare,
 }
 
+/// When waiting sequences may join the running batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Batching {
+    /// At every step (Orca's iteration-level scheduling).
+    #[default]
+    Continuous,
+    /// Only once the running batch has emptied (see `static_batch.rs`).
+    Static,
+}
+
+/// What happens to a preempted sequence's K/V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreemptionMode {
+    /// Dropped; recomputed (as one prefill, partly from the prefix cache) when resumed.
+    #[default]
+    Recompute,
+    /// Copied to the runner's host pool and back when resumed (see `swap.rs`); recomputed when
+    /// the host pool is full.
+    Swap,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// Tokens computed per step at most (prompt chunks and decode tokens together).
@@ -54,6 +82,14 @@ pub struct SchedulerConfig {
     /// Sequences in a step at most.
     pub max_num_seqs: usize,
     pub policy: SchedulingPolicy,
+    pub batching: Batching,
+    /// Waiting sequences that may be admitted ahead of a queue head that does not fit, per
+    /// head (see `backfill.rs`); 0: the head blocks everything behind it.
+    pub backfill: usize,
+    /// Whether a waiting sequence that does not fit may preempt running sequences of a lower
+    /// priority (a greater `priority` value) to make room.
+    pub priority_preemption: bool,
+    pub preemption_mode: PreemptionMode,
 }
 
 impl Default for SchedulerConfig {
@@ -62,6 +98,10 @@ impl Default for SchedulerConfig {
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
             policy: SchedulingPolicy::Fcfs,
+            batching: Batching::Continuous,
+            backfill: 0,
+            priority_preemption: false,
+            preemption_mode: PreemptionMode::Recompute,
         }
     }
 }
@@ -86,6 +126,10 @@ pub struct ScheduledStep {
     pub seqs: Vec<ScheduledSeq>,
     /// Sequences pushed back to the waiting queue during this step.
     pub preempted: Vec<SeqId>,
+    /// Of those, the ones whose K/V went to the host pool (the others recompute).
+    pub swapped_out: Vec<SeqId>,
+    /// Sequences resumed this step from the host pool.
+    pub swapped_in: Vec<SeqId>,
 }
 
 impl ScheduledStep {
@@ -109,11 +153,28 @@ pub struct Scheduler {
     num_preemptions: u64,
     /// Tenants' virtual finish tags, under the fair-share policy.
     fair: FairQueue,
+    static_batch: StaticBatch,
+    backfill: Backfill,
+    swap: SwapSpace,
 }
 
 impl Scheduler {
     /// A scheduler that allocates the KV cache blocks of `blocks`.
     pub fn new(config: SchedulerConfig, blocks: BlockManager) -> Self {
+        Self::with_swap_space(config, blocks, 0)
+    }
+
+    /// A scheduler whose swap preemption (`PreemptionMode::Swap`) may use `host_blocks` blocks
+    /// of the runner's host pool.
+    pub fn with_swap_space(
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        host_blocks: usize,
+    ) -> Self {
+        let host_blocks = match config.preemption_mode {
+            PreemptionMode::Swap => host_blocks,
+            PreemptionMode::Recompute => 0,
+        };
         Self {
             config,
             blocks,
@@ -123,7 +184,20 @@ impl Scheduler {
             unforked: HashMap::new(),
             num_preemptions: 0,
             fair: FairQueue::default(),
+            static_batch: StaticBatch::default(),
+            backfill: Backfill::new(config.backfill),
+            swap: SwapSpace::new(host_blocks),
         }
+    }
+
+    /// The host pool's bookkeeping, for statistics and traces.
+    pub fn swap_space(&self) -> &SwapSpace {
+        &self.swap
+    }
+
+    /// How many waiting sequences have been admitted ahead of `id` by backfill.
+    pub fn times_overtaken(&self, id: SeqId) -> usize {
+        self.backfill.times_overtaken(id)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -248,6 +322,8 @@ impl Scheduler {
             return self.remove_unforked(id);
         };
         self.unforked.remove(&id);
+        self.swap.discard(id);
+        self.backfill.forget(id);
         if let Some(i) = self.running.iter().position(|&r| r == id) {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
@@ -274,6 +350,7 @@ impl Scheduler {
     pub fn schedule(&mut self) -> ScheduledStep {
         let mut step = ScheduledStep::default();
         let mut budget = self.config.max_num_batched_tokens;
+        self.swap.begin_step();
 
         // 1. Running sequences, highest priority first.
         let mut i = 0;
@@ -302,41 +379,144 @@ impl Scheduler {
         // 2. Waiting sequences, unless this step had to preempt (no room to spare). A request's
         // samples run together once forked, so its first one takes seats for all of them.
         let mut seats = self.running.len() + self.num_unforked(&self.running);
-        while step.preempted.is_empty() && budget > 0 && seats < self.config.max_num_seqs {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
-            let group = 1 + self.num_unforked(&[id]);
-            // A request with more samples than seats still runs, alone.
-            if seats + group > self.config.max_num_seqs && seats > 0 {
-                break;
-            }
-            let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
-            let prefix = self.blocks.find_cached_prefix(seq);
-            let num_cached = prefix.num_blocks() * self.blocks.block_size();
-            let num_new = (seq.len() - num_cached).min(budget);
-            if !self.blocks.allocate_slots(seq, num_new, Some(prefix)) {
-                break;
-            }
-            step.seqs.push(ScheduledSeq {
-                id,
-                num_new_tokens: num_new,
-                samples: num_cached + num_new == seq.len(),
-                num_cached_tokens: num_cached,
-                is_prefill: true,
-            });
-            budget -= num_new;
-            seats += group;
-            self.waiting.pop_front();
-            self.insert_running(id);
+        let may_admit = match self.config.batching {
+            Batching::Continuous => true,
+            Batching::Static => self.static_batch.begin_admission(
+                self.running.is_empty(),
+                self.waiting.iter().map(|id| &self.seqs[id]),
+            ),
+        };
+        if may_admit && step.preempted.is_empty() {
+            self.admit_waiting(&mut step, &mut budget, &mut seats);
+        }
+        if self.config.batching == Batching::Static {
+            self.static_batch.end_admission(budget == 0);
         }
 
         step.batch = self.build_batch(&step.seqs);
         step.batch.block_copies = self.blocks.take_block_copies();
+        // A step with nothing to run is not executed, so its swaps wait for the next one,
+        // which makes them first; nothing writes a block in between.
+        if !step.seqs.is_empty() {
+            (step.batch.swap_out, step.batch.swap_in) = self.swap.take_swaps();
+        }
         if cfg!(debug_assertions) {
             self.blocks.check_step(&step.batch);
         }
         step
+    }
+
+    /// Admits waiting sequences in queue order while budget, seats and blocks last. The first
+    /// that does not fit is the *blocked head*: with priority preemption it may first preempt
+    /// less urgent running sequences; then, with backfill, sequences behind it that fit may go
+    /// first, as many as its bound allows.
+    fn admit_waiting(&mut self, step: &mut ScheduledStep, budget: &mut usize, seats: &mut usize) {
+        let mut blocked_head: Option<SeqId> = None;
+        let mut admitted = Vec::new();
+        let mut i = 0;
+        while *budget > 0 && *seats < self.config.max_num_seqs && i < self.waiting.len() {
+            if blocked_head.is_some_and(|head| !self.backfill.may_overtake(head)) {
+                break;
+            }
+            let id = self.waiting[i];
+            if self.config.batching == Batching::Static
+                && !self.static_batch.admits(&self.seqs[&id])
+            {
+                i += 1;
+                continue;
+            }
+            let group = 1 + self.num_unforked(&[id]);
+            // A request with more samples than seats still runs, alone.
+            let has_seats = *seats + group <= self.config.max_num_seqs || *seats == 0;
+            if has_seats && self.admit(id, *budget, step) {
+                *budget -= step.seqs.last().expect("just admitted").num_new_tokens;
+                *seats += group;
+                self.waiting.remove(i);
+                self.insert_running(id);
+                if self.config.priority_preemption {
+                    admitted.push(id);
+                }
+                match blocked_head {
+                    Some(head) => self.backfill.overtook(head),
+                    None => self.backfill.forget(id),
+                }
+                continue;
+            }
+            if blocked_head.is_none() {
+                if self.config.priority_preemption
+                    && self.preempt_for(id, &admitted, step, budget, seats)
+                {
+                    continue; // room was made: try the head again
+                }
+                blocked_head = Some(id);
+            }
+            i += 1;
+        }
+    }
+
+    /// Schedules waiting sequence `id` for up to `budget` tokens: a swapped-out one comes back
+    /// from the host pool, any other adopts its longest cached prefix first. False, changing
+    /// nothing, when its blocks do not fit.
+    fn admit(&mut self, id: SeqId, budget: usize, step: &mut ScheduledStep) -> bool {
+        let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
+        if let Some(computed) = self.swap.computed_tokens(id) {
+            let num_new = (seq.len() - computed).min(budget);
+            return match self.swap.swap_in(seq, &mut self.blocks, num_new) {
+                SwapIn::Resumed => {
+                    step.seqs.push(ScheduledSeq {
+                        id,
+                        num_new_tokens: num_new,
+                        samples: computed + num_new == seq.len(),
+                        num_cached_tokens: 0,
+                        is_prefill: computed + 1 < seq.len(),
+                    });
+                    step.swapped_in.push(id);
+                    true
+                }
+                SwapIn::NoRoom | SwapIn::NotSwapped => false,
+            };
+        }
+        let prefix = self.blocks.find_cached_prefix(seq);
+        let num_cached = prefix.num_blocks() * self.blocks.block_size();
+        let num_new = (seq.len() - num_cached).min(budget);
+        if !self.blocks.allocate_slots(seq, num_new, Some(prefix)) {
+            return false;
+        }
+        step.seqs.push(ScheduledSeq {
+            id,
+            num_new_tokens: num_new,
+            samples: num_cached + num_new == seq.len(),
+            num_cached_tokens: num_cached,
+            is_prefill: true,
+        });
+        true
+    }
+
+    /// Priority preemption: preempts the least urgent running sequence if it is strictly less
+    /// urgent than the waiting sequence `head` and was not admitted in this step (`admitted`).
+    /// Its share of this step, if it had one, goes back to the budget. False when there is no
+    /// such victim.
+    fn preempt_for(
+        &mut self,
+        head: SeqId,
+        admitted: &[SeqId],
+        step: &mut ScheduledStep,
+        budget: &mut usize,
+        seats: &mut usize,
+    ) -> bool {
+        let Some(&victim) = self.running.last() else {
+            return false;
+        };
+        if self.seqs[&victim].priority <= self.seqs[&head].priority || admitted.contains(&victim) {
+            return false;
+        }
+        if let Some(at) = step.seqs.iter().position(|s| s.id == victim) {
+            *budget += step.seqs.remove(at).num_new_tokens;
+        }
+        *seats -= 1 + self.num_unforked(&[victim]);
+        self.running.pop();
+        self.preempt(victim, step);
+        true
     }
 
     /// Samples still to be forked from the sequences `ids`.
@@ -362,20 +542,25 @@ impl Scheduler {
             let Some(victim) = self.running.pop() else {
                 return false;
             };
-            self.preempt(victim);
-            step.preempted.push(victim);
+            self.preempt(victim, step);
             if victim == id {
                 return false;
             }
         }
     }
 
-    /// Frees the blocks of running sequence `id` (already out of the running list) and puts it
-    /// back in the waiting queue, in its place there; it keeps its tokens.
-    fn preempt(&mut self, id: SeqId) {
+    /// Frees the blocks of running sequence `id` (already out of the running list), its K/V
+    /// swapped to the host pool first under swap preemption, and puts it back in the waiting
+    /// queue, in its place there; it keeps its tokens.
+    fn preempt(&mut self, id: SeqId, step: &mut ScheduledStep) {
         let seq = self.seqs.get_mut(&id).expect("running sequences are known");
-        self.blocks.free(seq);
+        if self.swap.swap_out(seq, &mut self.blocks) {
+            step.swapped_out.push(id);
+        } else {
+            self.blocks.free(seq);
+        }
         self.num_preemptions += 1;
+        step.preempted.push(id);
         let at = self.waiting_position(&self.seqs[&id], true);
         self.waiting.insert(at, id);
     }
@@ -448,7 +633,7 @@ mod tests {
         SchedulerConfig {
             max_num_batched_tokens,
             max_num_seqs,
-            policy: SchedulingPolicy::Fcfs,
+            ..SchedulerConfig::default()
         }
     }
 
@@ -737,5 +922,241 @@ mod tests {
         s.remove(1);
         assert_eq!(s.blocks().num_free_blocks(), 8);
         assert!(!s.has_work());
+    }
+
+    fn policy_config(max_num_batched_tokens: usize, max_num_seqs: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            policy: SchedulingPolicy::Priority,
+            ..config(max_num_batched_tokens, max_num_seqs)
+        }
+    }
+
+    fn ids(step: &ScheduledStep) -> Vec<SeqId> {
+        step.seqs.iter().map(|q| q.id).collect()
+    }
+
+    /// Static batching: a request that arrives while a batch runs waits until every member of
+    /// the batch has left, though the budget, seats and blocks had room for it all along;
+    /// under continuous batching the same request joins at once.
+    #[test]
+    fn static_batching_never_admits_mid_batch() {
+        let run = |batching: Batching| {
+            let mut s = Scheduler::new(
+                SchedulerConfig {
+                    batching,
+                    ..config(64, 8)
+                },
+                BlockManager::new(64, 4, false),
+            );
+            s.add(Sequence::new(1, vec![1; 5], 0, 1));
+            s.add(Sequence::new(2, vec![2; 5], 0, 2));
+            assert_eq!(ids(&run_step(&mut s)), vec![1, 2]);
+            s.add(Sequence::new(3, vec![3; 5], 0, 3));
+            let mut first_step_of_3 = None;
+            for step_number in 2..8 {
+                if step_number == 4 {
+                    s.remove(1);
+                }
+                if step_number == 6 {
+                    s.remove(2);
+                }
+                let step = run_step(&mut s);
+                if ids(&step).contains(&3) && first_step_of_3.is_none() {
+                    first_step_of_3 = Some(step_number);
+                    assert!(
+                        batching == Batching::Continuous || s.num_running() == 1,
+                        "joined a batch that still ran"
+                    );
+                }
+            }
+            first_step_of_3
+        };
+        assert_eq!(run(Batching::Continuous), Some(2));
+        assert_eq!(run(Batching::Static), Some(6), "only once 1 and 2 are gone");
+    }
+
+    /// A batch of long prompts takes several steps of the token budget to form: the members
+    /// waiting when it opened join as the budget allows, a later arrival does not.
+    #[test]
+    fn a_static_batch_forms_over_the_budget_with_its_members_only() {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                batching: Batching::Static,
+                ..config(8, 8)
+            },
+            BlockManager::new(64, 4, false),
+        );
+        for id in 1..=3 {
+            s.add(Sequence::new(id, vec![0; 6], 0, id));
+        }
+        assert_eq!(tokens_per_seq(&run_step(&mut s)), vec![(1, 6), (2, 2)]);
+        s.add(Sequence::new(4, vec![0; 2], 0, 4));
+        assert_eq!(
+            tokens_per_seq(&run_step(&mut s)),
+            vec![(1, 1), (2, 4), (3, 3)],
+            "3 was waiting when the batch opened; 4 was not"
+        );
+        for _ in 0..4 {
+            assert!(!ids(&run_step(&mut s)).contains(&4));
+        }
+        for id in 1..=3 {
+            s.remove(id);
+        }
+        assert_eq!(tokens_per_seq(&run_step(&mut s)), vec![(4, 2)]);
+    }
+
+    /// 12 blocks of 4 tokens. Sequence 1 (20 tokens, then 21: 6 blocks) runs; the head, 2,
+    /// needs 7 blocks and does not fit; 3..=6 need one each. With a bound of 2, exactly two of
+    /// them go first although a third would fit too; without backfill none does. Once 1
+    /// leaves, the head is admitted ahead of the rest.
+    #[test]
+    fn backfill_admits_behind_a_blocked_head_up_to_its_bound() {
+        let run = |bound: usize| {
+            let mut s = Scheduler::new(
+                SchedulerConfig {
+                    backfill: bound,
+                    ..config(64, 8)
+                },
+                BlockManager::new(12, 4, false),
+            );
+            s.add(Sequence::new(1, vec![1; 20], 0, 1));
+            run_step(&mut s);
+            s.add(Sequence::new(2, vec![2; 28], 0, 2));
+            for id in 3..=6 {
+                s.add(Sequence::new(id, vec![id as u32; 3], 0, id));
+            }
+            let step = run_step(&mut s);
+            (s, ids(&step))
+        };
+        let (_, without) = run(0);
+        assert_eq!(without, vec![1], "the head blocks everything behind it");
+
+        let (mut s, with) = run(2);
+        assert_eq!(with, vec![1, 3, 4]);
+        assert_eq!(s.times_overtaken(2), 2);
+        assert!(
+            s.blocks().num_free_blocks() >= 1,
+            "6 would have fit: the bound stopped it"
+        );
+        assert!(!ids(&run_step(&mut s)).contains(&5), "still bounded");
+        s.remove(1);
+        let step = run_step(&mut s);
+        assert_eq!(step.seqs[2].id, 2, "the head goes first once it fits");
+        assert_eq!(step.seqs[2].num_new_tokens, 28);
+        assert_eq!(s.times_overtaken(2), 0, "admitted: its count is done with");
+    }
+
+    /// 6 blocks of 4 tokens, full with three running sequences of priorities 1, 5 and 3 (two
+    /// blocks each, and room to decode in them). A sequence of priority 0 arrives: the running
+    /// one of priority 5, the least urgent, makes room, and its decode token leaves the step.
+    #[test]
+    fn priority_preemption_picks_the_lowest_priority() {
+        let run = |priority_preemption: bool, arriving_priority: i32| {
+            let mut s = Scheduler::new(
+                SchedulerConfig {
+                    priority_preemption,
+                    ..policy_config(64, 8)
+                },
+                BlockManager::new(6, 4, false),
+            );
+            for (id, priority) in [(1, 1), (2, 5), (3, 3)] {
+                s.add(Sequence::new(id, vec![0; 6], priority, id));
+            }
+            run_step(&mut s);
+            s.add(Sequence::new(4, vec![4; 6], arriving_priority, 4));
+            let step = run_step(&mut s);
+            (s, step)
+        };
+        let (s, step) = run(true, 0);
+        assert_eq!(step.preempted, vec![2]);
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1), (3, 1), (4, 6)]);
+        assert_eq!(s.running().map(|q| q.id).collect::<Vec<_>>(), vec![4, 1, 3]);
+        assert_eq!(s.get(2).unwrap().num_computed_tokens, 0, "recomputes later");
+
+        let (_, step) = run(false, 0);
+        assert!(step.preempted.is_empty(), "off: the newcomer waits");
+        let (_, step) = run(true, 5);
+        assert!(
+            step.preempted.is_empty(),
+            "an equally urgent running sequence is not preempted"
+        );
+    }
+
+    fn swap_config(host_blocks: usize) -> Scheduler {
+        Scheduler::with_swap_space(
+            SchedulerConfig {
+                preemption_mode: PreemptionMode::Swap,
+                ..config(64, 8)
+            },
+            BlockManager::new(4, 2, false),
+            host_blocks,
+        )
+    }
+
+    /// Two sequences of 3 tokens in 4 blocks of 2 and swap preemption into `host_blocks` host
+    /// blocks, run until the pool runs out and one is preempted.
+    fn swap_until_preempted(host_blocks: usize) -> (Scheduler, ScheduledStep) {
+        let mut s = swap_config(host_blocks);
+        s.add(Sequence::new(1, vec![5; 3], 0, 1));
+        s.add(Sequence::new(2, vec![6; 3], 0, 2));
+        loop {
+            let step = run_step(&mut s);
+            if !step.preempted.is_empty() {
+                return (s, step);
+            }
+        }
+    }
+
+    /// The pool of `out_of_blocks_preempts_the_newest_which_resumes_with_its_tokens`, with swap
+    /// preemption: sequence 2's computed blocks go to the host pool, and when it resumes they
+    /// come back to fresh device blocks and it decodes one token instead of recomputing.
+    #[test]
+    fn a_swapped_sequence_resumes_where_it_stopped() {
+        let (mut s, step) = swap_until_preempted(8);
+        assert_eq!(step.swapped_out, vec![2]);
+        let computed = s.swap_space().computed_tokens(2).unwrap();
+        assert_eq!(step.batch.swap_out.len(), computed.div_ceil(2));
+        assert_eq!(s.swap_space().num_free_blocks(), 8 - computed.div_ceil(2));
+        let hosts: Vec<u32> = step.batch.swap_out.iter().map(|&(_, h)| h).collect();
+
+        s.remove(1);
+        let step = run_step(&mut s);
+        assert_eq!(step.swapped_in, vec![2]);
+        assert_eq!(tokens_per_seq(&step), vec![(2, 1)], "one decode token");
+        assert!(!step.seqs[0].is_prefill && step.seqs[0].samples);
+        let back: Vec<u32> = step.batch.swap_in.iter().map(|&(h, _)| h).collect();
+        assert_eq!(back, hosts);
+        let table = &s.get(2).unwrap().block_tables[0];
+        for (&(_, device), &block) in step.batch.swap_in.iter().zip(table) {
+            assert_eq!(device, block);
+        }
+        assert_eq!(s.swap_space().num_swapped(), 0);
+        assert_eq!(s.swap_space().counts(), (1, 1));
+        // Host blocks read by this step's swap-ins are free from the next step on.
+        assert_eq!(s.swap_space().num_free_blocks(), 8 - hosts.len());
+        run_step(&mut s);
+        assert_eq!(s.swap_space().num_free_blocks(), 8);
+    }
+
+    #[test]
+    fn a_full_host_pool_falls_back_to_recompute() {
+        let (mut s, step) = swap_until_preempted(1);
+        assert_eq!(step.preempted, vec![2]);
+        assert!(step.swapped_out.is_empty() && step.batch.swap_out.is_empty());
+        s.remove(1);
+        let step = run_step(&mut s);
+        assert!(step.seqs[0].is_prefill, "recomputed");
+    }
+
+    /// A sequence aborted while swapped out gives its host blocks back.
+    #[test]
+    fn removing_a_swapped_sequence_frees_its_host_blocks() {
+        let (mut s, step) = swap_until_preempted(8);
+        assert_eq!(step.swapped_out, vec![2]);
+        assert!(s.swap_space().num_free_blocks() < 8);
+        s.remove(2);
+        run_step(&mut s);
+        assert_eq!(s.swap_space().num_free_blocks(), 8);
+        assert_eq!(s.swap_space().num_swapped(), 0);
     }
 }

@@ -54,6 +54,7 @@ fn engine(policy: SchedulingPolicy) -> Engine<ConstantModel> {
             max_num_batched_tokens: 256,
             max_num_seqs: 2,
             policy,
+            ..SchedulerConfig::default()
         },
         prefix_caching: true,
         max_model_len: 256,

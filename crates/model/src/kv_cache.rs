@@ -33,7 +33,7 @@
 //! 64-byte load for the attention kernel and block copies stay one contiguous run.
 
 use half::f16;
-use minserve_core::{BlockCopy, CacheGeometry};
+use minserve_core::{BlockCopy, BlockSwap, CacheGeometry};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -275,6 +275,24 @@ impl<T: KvElement> KvPool<T> {
         }
     }
 
+    /// Copies block `src` of this pool onto block `dst` of `to`, a pool of the same layout but
+    /// for its block count (swap preemption's host pool, or back).
+    fn copy_block_into(&self, layout: &KvLayout, src: usize, to: &mut Self, dst: usize) {
+        let len = layout.block_offset(1, 0);
+        let (src, dst) = (layout.block_offset(src, 0), layout.block_offset(dst, 0));
+        to.keys[dst..dst + len].copy_from_slice(&self.keys[src..src + len]);
+        to.values[dst..dst + len].copy_from_slice(&self.values[src..src + len]);
+        if T::SCALED {
+            let (src, dst, len) = (
+                src / layout.head_dim,
+                dst / layout.head_dim,
+                len / layout.head_dim,
+            );
+            to.key_scales[dst..dst + len].copy_from_slice(&self.key_scales[src..src + len]);
+            to.value_scales[dst..dst + len].copy_from_slice(&self.value_scales[src..src + len]);
+        }
+    }
+
     /// Whether the run at `start` (a [`KvLayout::block_offset`]) of `block_size` tokens lies
     /// inside the pool, scales included.
     pub fn holds_run(&self, start: usize, block_size: usize, head_dim: usize) -> bool {
@@ -319,6 +337,24 @@ impl LayerKv {
             LayerKv::F16(pool) => pool.copy_block(layout, src, dst),
             LayerKv::F32(pool) => pool.copy_block(layout, src, dst),
             LayerKv::Q8(pool) => pool.copy_block(layout, src, dst),
+        }
+    }
+
+    fn dtype(&self) -> KvDtype {
+        match self {
+            LayerKv::F16(_) => KvDtype::F16,
+            LayerKv::F32(_) => KvDtype::F32,
+            LayerKv::Q8(_) => KvDtype::Q8,
+        }
+    }
+
+    /// Copies block `src` of this pool onto block `dst` of `to`, a pool of the same type.
+    fn copy_block_into(&self, layout: &KvLayout, src: usize, to: &mut Self, dst: usize) {
+        match (self, to) {
+            (LayerKv::F16(a), LayerKv::F16(b)) => a.copy_block_into(layout, src, b, dst),
+            (LayerKv::F32(a), LayerKv::F32(b)) => a.copy_block_into(layout, src, b, dst),
+            (LayerKv::Q8(a), LayerKv::Q8(b)) => a.copy_block_into(layout, src, b, dst),
+            _ => unreachable!("a host pool is made like its device pool"),
         }
     }
 
@@ -490,6 +526,50 @@ impl KvCache {
         for &(src, dst) in copies {
             for pool in &mut self.pools {
                 pool.copy_block(&self.layout, src as usize, dst as usize);
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty cache shaped like this one (groups, layers, element type) with as many blocks
+    /// as fit in `memory_bytes`, possibly none: the host pool of swap preemption, a separate
+    /// allocation beside this one.
+    pub fn host_pool(&self, memory_bytes: usize) -> Self {
+        let dtype = self.pools.first().map_or(KvDtype::F16, LayerKv::dtype);
+        let bytes_per_block = 2
+            * self.groups.layers_per_group
+            * self.layout.num_kv_heads
+            * dtype.bytes_per_row(self.layout.head_dim)
+            * self.layout.block_size;
+        let layout = KvLayout {
+            num_blocks: memory_bytes / bytes_per_block.max(1),
+            ..self.layout
+        };
+        Self {
+            pools: (0..self.pools.len())
+                .map(|_| LayerKv::zeroed(dtype, &layout))
+                .collect(),
+            layout,
+            groups: self.groups.clone(),
+        }
+    }
+
+    /// Copies block `src` of `from` onto block `dst` of `to`, in every pool, for each
+    /// `(src, dst)` in order: a swap between the device pool and its host pool. Checks every
+    /// id first, so that a bad list changes nothing.
+    pub fn swap_blocks(from: &KvCache, to: &mut KvCache, swaps: &[BlockSwap]) -> Result<()> {
+        let (from_blocks, to_blocks) = (from.layout.num_blocks, to.layout.num_blocks);
+        if let Some((src, dst)) = swaps
+            .iter()
+            .find(|&&(src, dst)| src as usize >= from_blocks || dst as usize >= to_blocks)
+        {
+            return Err(ModelError::InvalidBatch(format!(
+                "block swap {src} -> {dst} is outside the pools of {from_blocks} and {to_blocks} blocks"
+            )));
+        }
+        for &(src, dst) in swaps {
+            for (source, target) in from.pools.iter().zip(&mut to.pools) {
+                source.copy_block_into(&from.layout, src as usize, target, dst as usize);
             }
         }
         Ok(())

@@ -34,6 +34,8 @@ pub use device::{DeviceChoice, DeviceOptions};
 pub use error::{ModelError, Result};
 pub use kv_cache::{KvCache, KvDtype, KvGroups};
 pub use llama::LlamaModel;
-pub use load::{load_model, load_model_with, load_tokenizer, LoadOptions, LoadedModel};
+pub use load::{
+    load_config, load_model, load_model_with, load_tokenizer, LoadOptions, LoadedModel,
+};
 pub use runner::{CacheOptions, ModelRunner, Runner};
 pub use synthetic::SyntheticSpec;

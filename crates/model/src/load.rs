@@ -62,6 +62,14 @@ pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel
     })
 }
 
+/// The shape of the model in a GGUF file or Hugging Face folder, without reading any weights.
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if path.is_dir() {
+        return ModelConfig::from_hf_config(&path.join("config.json"));
+    }
+    ModelConfig::from_gguf(&crate::gguf::read_content(path)?, path)
+}
+
 /// The tokenizer of a GGUF file or Hugging Face folder, without reading any weights.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if path.is_dir() {

@@ -75,6 +75,24 @@ impl Runner {
         unreachable!("DeviceChoice::resolve refuses a GPU without the cuda feature")
     }
 
+    /// Gives the runner a host swap pool of `memory_bytes` for swap preemption (0: none).
+    pub fn set_swap_space(&mut self, memory_bytes: usize) -> Result<()> {
+        match self {
+            Self::Cpu(runner) => {
+                runner.set_swap_space(memory_bytes);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) if memory_bytes == 0 => Ok(()),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => Err(ModelError::Device(
+                "swap preemption is not implemented on the GPU runner yet; use \
+                 --preemption-mode recompute"
+                    .into(),
+            )),
+        }
+    }
+
     fn executor(&self) -> &dyn ModelExecutor<Error = ModelError> {
         match self {
             Self::Cpu(runner) => runner,
@@ -99,6 +117,10 @@ impl ModelExecutor for Runner {
         self.executor().vocab_size()
     }
 
+    fn swap_capacity_blocks(&self) -> usize {
+        self.executor().swap_capacity_blocks()
+    }
+
     fn for_each_index(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         self.executor().for_each_index(n, f)
     }
@@ -115,6 +137,9 @@ impl ModelExecutor for Runner {
 pub struct ModelRunner {
     pub model: LlamaModel,
     pub cache: KvCache,
+    /// Swap preemption's host pool: separate memory the K/V of preempted sequences is copied
+    /// to and back (see `minserve_core::swap`); `None` without swap preemption.
+    pub host: Option<KvCache>,
 }
 
 impl ModelRunner {
@@ -125,7 +150,16 @@ impl ModelRunner {
             options.block_size,
             options.memory_bytes,
         );
-        Self { model, cache }
+        Self {
+            model,
+            cache,
+            host: None,
+        }
+    }
+
+    /// A host pool of `memory_bytes` for swap preemption (0: none).
+    pub fn set_swap_space(&mut self, memory_bytes: usize) {
+        self.host = (memory_bytes > 0).then(|| self.cache.host_pool(memory_bytes));
     }
 }
 
@@ -144,14 +178,33 @@ impl ModelExecutor for ModelRunner {
         self.model.config().vocab_size
     }
 
+    fn swap_capacity_blocks(&self) -> usize {
+        self.host.as_ref().map_or(0, |host| host.layout.num_blocks)
+    }
+
     fn for_each_index(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         crate::pool::pool().execute_chunked(n, |range| range.for_each(f));
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits> {
+        // Swaps out read blocks as the last step left them, so they come before anything
+        // writes; swaps in fill fresh blocks the forward pass reads (see `minserve_core::swap`).
         // Copy-on-write copies read blocks that this step's K/V writes may overwrite (a block
-        // freed after being copied from can be reused at once), so they come first.
+        // freed after being copied from can be reused at once), so they come before those.
+        let swaps = !batch.swap_out.is_empty() || !batch.swap_in.is_empty();
+        match &mut self.host {
+            Some(host) => KvCache::swap_blocks(&self.cache, host, &batch.swap_out)?,
+            None if swaps => {
+                return Err(ModelError::InvalidBatch(
+                    "a step swaps blocks but the runner has no swap space".into(),
+                ))
+            }
+            None => {}
+        }
         self.cache.copy_blocks(&batch.block_copies)?;
+        if let Some(host) = &self.host {
+            KvCache::swap_blocks(host, &mut self.cache, &batch.swap_in)?;
+        }
         Ok(Logits {
             vocab_size: self.vocab_size(),
             data: self.model.forward(batch, &mut self.cache)?,

@@ -8,7 +8,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use minserve_core::sampling::SamplingParams;
-use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::scheduler::{PreemptionMode, SchedulerConfig};
+use minserve_core::trace::{read_trace, RequestEventKind, TraceOptions, TraceRecord};
 use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_model::{load_model, synthetic, CacheOptions, LlamaModel, ModelRunner};
 use minserve_tokenizer::Tokenizer;
@@ -32,8 +33,33 @@ fn engine(
     (kv_cache_bytes, max_num_seqs, max_num_batched_tokens): (usize, usize, usize),
     prefix_caching: bool,
 ) -> Setup {
+    let scheduler = SchedulerConfig {
+        max_num_batched_tokens,
+        max_num_seqs,
+        ..SchedulerConfig::default()
+    };
+    engine_with(
+        model,
+        tokenizer,
+        kv_cache_bytes,
+        scheduler,
+        prefix_caching,
+        0,
+    )
+}
+
+/// An engine over `model` with a KV pool of `kv_cache_bytes`, a host swap pool of
+/// `swap_bytes`, and `scheduler`.
+fn engine_with(
+    model: LlamaModel,
+    tokenizer: Tokenizer,
+    kv_cache_bytes: usize,
+    scheduler: SchedulerConfig,
+    prefix_caching: bool,
+    swap_bytes: usize,
+) -> Setup {
     let max_model_len = model.config().max_position_embeddings;
-    let runner = ModelRunner::new(
+    let mut runner = ModelRunner::new(
         model,
         CacheOptions {
             block_size: 16,
@@ -41,12 +67,9 @@ fn engine(
             ..CacheOptions::default()
         },
     );
+    runner.set_swap_space(swap_bytes);
     let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens,
-            max_num_seqs,
-            ..SchedulerConfig::default()
-        },
+        scheduler,
         prefix_caching,
         max_model_len,
     };
@@ -207,7 +230,9 @@ fn forked_samples_equal_separate_requests_and_compute_the_prompt_once() {
 
     let mut forked = setup(64 << 20, 64, 512);
     let trace = SharedBuffer::default();
-    forked.engine.set_trace(Box::new(trace.clone()));
+    forked
+        .engine
+        .set_trace(Box::new(trace.clone()), TraceOptions::default());
     let (tx, rx) = mpsc::channel();
     forked
         .engine
@@ -221,7 +246,8 @@ fn forked_samples_equal_separate_requests_and_compute_the_prompt_once() {
     let steps: Vec<serde_json::Value> = String::from_utf8(trace.0.lock().unwrap().clone())
         .unwrap()
         .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|record| record["type"] == "step")
         .collect();
     let total = |key: &str| steps.iter().map(|s| s[key].as_u64().unwrap()).sum::<u64>();
     assert_eq!(
@@ -250,16 +276,147 @@ fn a_small_pool_preempts_but_outputs_do_not_change() {
     };
     let expected = generate(&mut big.engine, requests());
 
-    // 6 sequences x ~55 tokens need ~24 blocks of 16; give the pool 8 (K and V, 30 layers,
-    // 3 KV heads of 64 f16 values, 16 tokens).
-    let bytes_per_block = 2 * 30 * 3 * 64 * 2 * 16;
-    let mut small = setup(8 * bytes_per_block, 64, 512);
+    // 6 sequences x ~55 tokens need ~24 blocks of 16; give the pool 8.
+    let mut small = setup(8 * BYTES_PER_BLOCK, 64, 512);
     let got = generate(&mut small.engine, requests());
     assert!(
         small.engine.stats().num_preemptions > 0,
         "the pool was meant to run out"
     );
     assert_eq!(expected, got);
+}
+
+/// K and V of one 16-token block of the default model: 30 layers, 3 KV heads of 64 f16 values.
+const BYTES_PER_BLOCK: usize = 2 * 30 * 3 * 64 * 2 * 16;
+
+/// The default model with a pool of 8 blocks (the workloads below need about 4 times that),
+/// swap preemption into a host pool of 64 blocks, and prefix caching off, so that nothing a
+/// resumed sequence reads can come from anywhere but the host pool.
+fn swapping_engine() -> Setup {
+    let loaded = load_model(&common::default_model_path()).expect("load");
+    let scheduler = SchedulerConfig {
+        preemption_mode: PreemptionMode::Swap,
+        ..SchedulerConfig::default()
+    };
+    let (kv, host) = (8 * BYTES_PER_BLOCK, 64 * BYTES_PER_BLOCK);
+    engine_with(loaded.model, loaded.tokenizer, kv, scheduler, false, host)
+}
+
+/// Swap preemption: sequences are copied to the host pool and back instead of recomputed, and
+/// every output, greedy and seeded, is what an unpreempted run (a pool large enough for all)
+/// gives.
+#[test]
+fn swapped_sequences_resume_with_unchanged_output() {
+    let mut big = setup(64 << 20, 64, 512);
+    let prompts = prompts(&big.tokenizer);
+    let requests = || {
+        let greedy_ones = prompts.iter().map(|p| greedy(p.clone(), 40));
+        let seeded = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| seeded_request(p, 40, 1, 100 + i as u64));
+        greedy_ones.chain(seeded).collect::<Vec<_>>()
+    };
+    let expected = generate(&mut big.engine, requests());
+    assert_eq!(big.engine.stats().num_preemptions, 0);
+
+    let mut small = swapping_engine();
+    let trace = SharedBuffer::default();
+    small
+        .engine
+        .set_trace(Box::new(trace.clone()), TraceOptions::default());
+    let got = generate(&mut small.engine, requests());
+    let stats = small.engine.stats();
+    assert!(stats.num_swapped_out > 0, "the pool was meant to run out");
+    assert_eq!(stats.num_swapped_in, stats.num_swapped_out);
+    assert_eq!(
+        stats.num_preemptions, stats.num_swapped_out,
+        "none recomputed"
+    );
+    assert_eq!(expected, got);
+
+    // A resumed sequence decodes on: no step recomputes anything but prompts.
+    let records = read_trace(&trace.0.lock().unwrap()[..]).unwrap();
+    let prefill: usize = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Step(step) => Some(step.prefill_tokens),
+            _ => None,
+        })
+        .sum();
+    let prompt_tokens: usize = 2 * prompts.iter().map(Vec::len).sum::<usize>();
+    assert_eq!(prefill, prompt_tokens);
+}
+
+/// A real run's trace (a small pool, so that it preempts; block tables on) reads back as
+/// schema version 2, and its records agree with each other and with the engine's counters.
+#[test]
+fn a_real_trace_reads_back_to_the_schema() {
+    let mut s = setup(8 * BYTES_PER_BLOCK, 64, 64);
+    let trace = SharedBuffer::default();
+    let options = TraceOptions { block_tables: true };
+    s.engine.set_trace(Box::new(trace.clone()), options);
+    let prompts = prompts(&s.tokenizer);
+    let outputs = generate(
+        &mut s.engine,
+        prompts.iter().map(|p| greedy(p.clone(), 40)).collect(),
+    );
+    let records = read_trace(&trace.0.lock().unwrap()[..]).unwrap();
+    let TraceRecord::Header(header) = &records[0] else {
+        panic!("no header first")
+    };
+    assert_eq!((header.block_size, header.num_blocks), (16, 8));
+
+    let steps: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Step(step) => Some(step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len() as u64, s.engine.stats().steps);
+    for pair in steps.windows(2) {
+        assert_eq!(pair[1].step, pair[0].step + 1);
+        assert!(pair[1].t_ms >= pair[0].t_ms + pair[0].duration_ms * 0.999);
+    }
+    for step in &steps {
+        assert!(step.prefill_tokens + step.decode_tokens <= 64, "the budget");
+        assert_eq!(step.blocks_used + step.blocks_free, 8);
+        assert!(
+            step.seqs.iter().all(|seq| seq.request > 0),
+            "every sequence names its request, also in the step it finishes"
+        );
+        let tables = step.block_tables.as_ref().expect("--trace-blocks");
+        assert_eq!(tables.len(), step.seqs.len());
+        for (seq, blocks) in step.seqs.iter().zip(tables) {
+            assert_eq!(seq.id, blocks.id);
+            assert!(!blocks.tables[0].is_empty());
+        }
+    }
+    let preempted: usize = steps.iter().map(|s| s.preempted.len()).sum();
+    assert!(preempted > 0);
+    assert_eq!(preempted as u64, s.engine.stats().num_preemptions);
+
+    let events = |kind: RequestEventKind| {
+        records
+            .iter()
+            .filter(|r| matches!(r, TraceRecord::Request(e) if e.event == kind))
+            .count()
+    };
+    assert_eq!(events(RequestEventKind::Arrived), prompts.len());
+    assert_eq!(events(RequestEventKind::Scheduled), prompts.len());
+    assert_eq!(events(RequestEventKind::Preempted), preempted);
+    assert_eq!(events(RequestEventKind::Resumed), preempted);
+    assert_eq!(events(RequestEventKind::Finished), prompts.len());
+    for record in &records {
+        if let TraceRecord::Request(e) = record {
+            if e.event == RequestEventKind::Finished {
+                assert_eq!(e.reason.as_deref(), Some("length"));
+                assert_eq!(e.output_tokens, Some(40));
+            }
+        }
+    }
+    assert!(outputs.iter().all(|o| o.tokens.len() == 40));
 }
 
 #[test]

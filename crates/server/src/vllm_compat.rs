@@ -95,7 +95,10 @@ mod tests {
             ("vllm:kv_cache_usage_perc", "0.25"),
             ("vllm:prefix_cache_hits_total", "32"),
         ] {
-            assert!(page.contains(&format!("\n{name}{labels} {value}\n")), "{page}");
+            assert!(
+                page.contains(&format!("\n{name}{labels} {value}\n")),
+                "{page}"
+            );
         }
         assert_eq!(load(&stats), 8);
     }

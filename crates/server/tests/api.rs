@@ -545,7 +545,7 @@ async fn what_llm_routers_read_of_a_worker() {
         assert_eq!(e["error"]["param"], field);
     }
 
-    let label = format!("{{model=\"{MODEL}\",model_name=\"{MODEL}\"}}");
+    let label = format!("{{model_name=\"{MODEL}\"}}");
     assert_eq!(
         s.metric(&format!("vllm:num_requests_waiting{label}")).await,
         0.0

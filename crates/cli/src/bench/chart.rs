@@ -44,9 +44,14 @@ pub trait Figure {
     fn draw_on<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>
     where
         DB::ErrorType: 'static;
+
+    /// Width and height in pixels.
+    fn size(&self) -> (u32, u32) {
+        SIZE
+    }
 }
 
-/// Draws `figure` into `svg` and `png` (1200 x 520).
+/// Draws `figure` into `svg` and `png` (1200 x 520 unless it says otherwise).
 pub fn render(figure: &impl Figure, svg: &Path, png: &Path) -> anyhow::Result<()> {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
@@ -55,21 +60,22 @@ pub fn render(figure: &impl Figure, svg: &Path, png: &Path) -> anyhow::Result<()
         }
     });
 
+    let size = figure.size();
     {
-        let root = SVGBackend::new(svg, SIZE).into_drawing_area();
+        let root = SVGBackend::new(svg, size).into_drawing_area();
         figure
             .draw_on(&root)
             .with_context(|| format!("drawing {}", svg.display()))?;
     }
-    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
         figure
             .draw_on(&root)
             .with_context(|| format!("drawing {}", png.display()))?;
     }
     let file = std::fs::File::create(png).with_context(|| format!("creating {}", png.display()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), SIZE.0, SIZE.1);
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), size.0, size.1);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     encoder

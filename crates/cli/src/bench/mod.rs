@@ -4,6 +4,7 @@
 //! ([`stats`]).
 
 pub mod chart;
+pub mod preemption;
 pub mod serve;
 pub use minserve_sim::stats;
 pub mod sweep;
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Serve(serve::ServeBenchArgs),
     /// `bench serve` at rising concurrency: a markdown table, JSON and a chart.
     Sweep(sweep::SweepArgs),
+    /// Resuming a preempted sequence: swap against recompute, by context length.
+    Preemption(preemption::PreemptionArgs),
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Throughput(args) => throughput::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Sweep(args) => sweep::run(args),
+        BenchCommand::Preemption(args) => preemption::run(args),
     }
 }

@@ -151,9 +151,10 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         args.engine.cache_options(),
         device,
         args.engine.engine_config(max_model_len),
+        args.engine.swap_bytes(),
     )?;
     if let Some(trace) = args.engine.trace_writer()? {
-        engine.set_trace(trace);
+        engine.set_trace(trace, args.engine.trace_options());
     }
 
     let generated = Arc::new(AtomicUsize::new(0));

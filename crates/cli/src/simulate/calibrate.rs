@@ -124,6 +124,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         cache,
         device,
         args.engine.engine_config(config.max_position_embeddings),
+        0,
         |runner| FeatureProbe {
             inner: runner,
             last: StepFeatures::default(),

@@ -65,3 +65,16 @@ impl Server {
         }
     }
 }
+
+/// Runs `minserve ARGS` to completion: (success, stdout, stderr).
+pub fn minserve(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(args)
+        .output()
+        .expect("running minserve");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

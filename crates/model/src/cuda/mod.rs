@@ -144,6 +144,8 @@ fn warmup_batch(tokens: usize, block_size: usize) -> StepBatch {
             logits_for_every_token: false,
         }],
         block_copies: Vec::new(),
+        swap_out: Vec::new(),
+        swap_in: Vec::new(),
         group_slot_mappings: Vec::new(),
     }
 }
@@ -171,6 +173,13 @@ impl ModelExecutor for CudaRunner {
             self.cache.geometry(),
             &[None],
         )?;
+        // The GPU runner offers no swap pool (`swap_capacity_blocks` is 0), so the scheduler
+        // never swaps; a batch that does anyway is refused rather than run without its K/V.
+        if !batch.swap_out.is_empty() || !batch.swap_in.is_empty() {
+            return Err(ModelError::InvalidBatch(
+                "swap preemption is not supported by the GPU runner".into(),
+            ));
+        }
         self.cache.copy_blocks(&batch.block_copies)?;
         Ok(Logits {
             vocab_size: self.model.config.vocab_size,
