@@ -3,8 +3,8 @@
 //! replica killed in the middle of a stream ends that stream instead of hanging it, and the
 //! router answers the next requests from the replica left. docs/scale-out.md.
 //!
-//! Needs the router's venv (`target/router-venv`, which the script makes on first use) and the
-//! openai package in `target/openai-venv` (both made by `.ci/run`).
+//! The router's venv (`target/router-venv`, with vllm-router and the openai package) is made
+//! by the test when missing (`.ci/run` makes it ahead).
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -35,17 +35,39 @@ fn free_ports(span: u16) -> u16 {
     }
 }
 
+/// The router's venv, with the openai package for the client: made (or completed) here when
+/// missing, as the script would make it.
+fn router_venv_with_openai() -> PathBuf {
+    let venv = repo_root().join("target/router-venv");
+    let python = venv.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", "import openai, vllm_router"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready() {
+        let made = (python.exists()
+            || Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success()))
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "vllm-router", "openai"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            made && ready(),
+            "could not set up target/router-venv (vllm-router and openai from PyPI)"
+        );
+    }
+    python
+}
+
 #[test]
 fn replicas_behind_the_vllm_router_survive_a_replica_killed_mid_stream() {
-    let python = repo_root().join("target/openai-venv/bin/python");
-    assert!(
-        Command::new(&python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success()),
-        "the openai package is missing: python3 -m venv target/openai-venv && \
-         target/openai-venv/bin/pip install openai (.ci/run does this)"
-    );
+    let python = router_venv_with_openai();
     let router_port = free_ports(1);
     let worker_port = free_ports(2);
     let mut replicas = Command::new(repo_root().join("scripts/replicas"))
