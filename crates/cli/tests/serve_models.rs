@@ -120,17 +120,22 @@ fn two_models_from_a_config_file_and_keys_reloaded_on_sighup() {
     let _ = server.child.wait();
 }
 
-#[test]
-fn a_config_file_with_an_unknown_key_is_refused_with_its_line() {
+/// `serve --config` with `CONFIG` edited (`from` replaced by `to`): it must fail; its stderr.
+fn serve_refuses_config(from: &str, to: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("models.toml");
-    std::fs::write(&config, CONFIG.replace("max_num_seqs", "max_num_seq")).unwrap();
+    std::fs::write(&config, CONFIG.replace(from, to)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_minserve"))
         .args(["serve", "--port", "0", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused_with_its_line() {
+    let stderr = serve_refuses_config("max_num_seqs", "max_num_seq");
     assert!(
         stderr.contains("models.toml:13:") && stderr.contains("max_num_seq"),
         "{stderr}"
@@ -139,15 +144,7 @@ fn a_config_file_with_an_unknown_key_is_refused_with_its_line() {
 
 #[test]
 fn kv_caches_larger_than_the_memory_available_are_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("models.toml");
-    std::fs::write(&config, CONFIG.replace("\"64MiB\"", "\"4096GiB\"")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args(["serve", "--port", "0", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve_refuses_config("\"64MiB\"", "\"4096GiB\"");
     assert!(
         stderr.contains("the KV caches of the 2 models take 4096.00 GiB together")
             && stderr.contains("tiny-a: 1048576 MiB")
