@@ -289,7 +289,7 @@ impl Replica {
 /// What happens next in a run of several replicas, in the order ties are taken: a step's end
 /// first (its finished clients may send their next request at that instant), then an arrival,
 /// then the start of a step (which sees every request that arrived by then).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy)]
 enum Next {
     StepEnd { at: f64, replica: usize },
     Arrival { at: f64 },
@@ -328,8 +328,8 @@ pub fn simulate_replicas(
         .map(|_| Replica::new(config))
         .collect();
     let mut router = Router::new(policy, replicas.len());
+    // The replica each request went to.
     let mut placed = vec![0usize; requests.len()];
-    let mut requests_per_replica = vec![0usize; replicas.len()];
     let mut timelines = vec![Timeline::default(); requests.len()];
     // Requests as the router sees them: `(index, sent, reaches the router)`.
     let mut ingest = Ingest {
@@ -384,7 +384,6 @@ pub fn simulate_replicas(
                 let spec = &requests[index];
                 let r = router.route(spec);
                 placed[index] = r;
-                requests_per_replica[r] += 1;
                 let replica = &mut replicas[r];
                 if replica.in_flight.is_none() && !replica.engine.has_work() {
                     replica.engine.executor_mut().advance_to(at);
@@ -487,6 +486,10 @@ pub fn simulate_replicas(
         .flat_map(|r| r.kv_samples.iter().copied())
         .collect();
     kv_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut requests_per_replica = vec![0usize; replicas.len()];
+    for &r in &placed {
+        requests_per_replica[r] += 1;
+    }
     let mut report = SimReport {
         num_requests: requests.len(),
         replicas: replicas.len(),
