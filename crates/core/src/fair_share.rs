@@ -21,10 +21,16 @@
 //! tenant of long requests gets fewer of them). An idle tenant banks no credit (the `max` with
 //! `V`): coming back, it starts level with the others, not ahead of them.
 //!
-//! The tags only order *admission* into the running batch; once running, a sequence is never
-//! held back for fairness (preemption still follows `Sequence::order_key`). Requests without a
-//! tenant share one anonymous tenant of weight 1, so with no tenants configured the order is
-//! first come, first served.
+//! The tags order *admission*; the batch's seats are shared too. Without that, a tenant that
+//! fills every seat first keeps them all until its requests finish, and another tenant's
+//! request, however early its tag, waits for a seat to free: a whole decode. So when the queue
+//! is blocked, a waiting request whose tenant holds less than its weighted share of
+//! `max_num_seqs` takes a seat from the tenant furthest above its own share, preempting that
+//! tenant's newest running sequence ([`SeatShares`]; the scheduler's `preempt_for_fair_share`).
+//! Both sides are checked *after* the move (the taker still at or below its share, the giver
+//! still at or above), so a seat never moves back and forth. Requests without a tenant share
+//! one anonymous tenant of weight 1, so with no tenants configured the order is first come,
+//! first served and nothing is preempted for fairness.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,6 +85,80 @@ impl FairQueue {
         *finish = start.saturating_add(step.max(1));
         self.high_water = self.high_water.max(start);
         start
+    }
+}
+
+/// Running seats per tenant against each tenant's weighted share of the batch, for the
+/// tenants that have work (running or waiting).
+#[derive(Debug, Default)]
+pub struct SeatShares {
+    /// Per tenant: weight and seats held.
+    tenants: HashMap<Arc<str>, (u64, u64)>,
+    total_weight: u64,
+    max_seats: u64,
+}
+
+impl SeatShares {
+    pub fn new(max_seats: usize) -> Self {
+        Self {
+            max_seats: max_seats as u64,
+            ..Self::default()
+        }
+    }
+
+    /// Counts `seats` held by the tenant of `claim` (0 for a tenant that only waits).
+    pub fn add(&mut self, claim: Option<&FairClaim>, seats: usize) {
+        let (tenant, weight) = tenant_of(claim);
+        let entry = self.tenants.entry(tenant).or_insert_with(|| {
+            self.total_weight += weight;
+            (weight, 0)
+        });
+        entry.1 += seats as u64;
+    }
+
+    /// Seats above (positive) or below its share the tenant holds, in units of
+    /// `1 / total_weight` seats so that the comparison stays in integers.
+    fn excess(&self, tenant: &str, seats_after: i64) -> Option<i64> {
+        let &(weight, _) = self.tenants.get(tenant)?;
+        Some(seats_after * self.total_weight as i64 - (self.max_seats * weight) as i64)
+    }
+
+    /// Whether the tenant of `claim` may take `group` more seats and still hold no more than
+    /// its share.
+    pub fn may_take(&self, claim: Option<&FairClaim>, group: usize) -> bool {
+        let (tenant, _) = tenant_of(claim);
+        let held = self.tenants.get(&tenant).map_or(0, |t| t.1) as i64;
+        self.excess(&tenant, held + group as i64)
+            .is_some_and(|excess| excess <= 0)
+    }
+
+    /// The tenant furthest above its share that would still hold at least its share after
+    /// giving up `group` seats: the one to take a seat from. `None`: nobody has seats to spare.
+    pub fn giver(&self, group: usize) -> Option<Arc<str>> {
+        self.tenants
+            .iter()
+            .filter_map(|(tenant, &(_, held))| {
+                let after = self.excess(tenant, held as i64 - group as i64)?;
+                (after >= 0).then(|| (after, tenant))
+            })
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+            .map(|(_, tenant)| tenant.clone())
+    }
+
+    /// Moves `seats` from tenant `from` to the tenant of `to`.
+    pub fn move_seats(&mut self, from: &str, to: Option<&FairClaim>, seats: usize) {
+        if let Some(t) = self.tenants.get_mut(from) {
+            t.1 = t.1.saturating_sub(seats as u64);
+        }
+        self.add(to, seats);
+    }
+}
+
+/// The tenant name and weight a claim stands for; `None` is the anonymous tenant.
+pub fn tenant_of(claim: Option<&FairClaim>) -> (Arc<str>, u64) {
+    match claim {
+        Some(c) => (c.share.tenant.clone(), u64::from(c.share.weight.max(1))),
+        None => (Arc::from(""), 1),
     }
 }
 
@@ -184,5 +264,54 @@ mod tests {
         assert!(queue.finish.len() < 20, "{} remembered", queue.finish.len());
         let again = queue.start_tag(Some(&claim("busy", 1, 1)), Some(0));
         assert_eq!(again, busy + 1_000_000 * VIRTUAL_TICKS_PER_TOKEN);
+    }
+
+    #[test]
+    fn seats_move_from_the_tenant_above_its_share_and_never_back() {
+        let mut shares = SeatShares::new(4);
+        let flood = claim("flood", 1, 100);
+        let quiet = claim("quiet", 1, 100);
+        shares.add(Some(&flood), 4);
+        shares.add(Some(&quiet), 0);
+        // Equal weights, four seats: two each.
+        for _ in 0..2 {
+            assert!(shares.may_take(Some(&quiet), 1));
+            assert_eq!(shares.giver(1).as_deref(), Some("flood"));
+            shares.move_seats("flood", Some(&quiet), 1);
+        }
+        assert!(
+            !shares.may_take(Some(&quiet), 1),
+            "a third is beyond its share"
+        );
+        assert!(
+            !shares.may_take(Some(&flood), 1),
+            "the flood cannot take one back"
+        );
+        assert_eq!(shares.giver(1), None, "nobody is above its share");
+    }
+
+    #[test]
+    fn seat_shares_follow_the_weights() {
+        let mut shares = SeatShares::new(8);
+        let gold = claim("gold", 3, 100);
+        let bronze = claim("bronze", 1, 100);
+        shares.add(Some(&gold), 0);
+        shares.add(Some(&bronze), 8);
+        // Gold's share is 6 of 8 seats, bronze's 2.
+        for _ in 0..6 {
+            assert!(shares.may_take(Some(&gold), 1));
+            assert_eq!(shares.giver(1).as_deref(), Some("bronze"));
+            shares.move_seats("bronze", Some(&gold), 1);
+        }
+        assert!(!shares.may_take(Some(&gold), 1));
+        assert_eq!(shares.giver(1), None);
+        // A tenant whose whole share is below one seat never preempts for it.
+        let mut shares = SeatShares::new(2);
+        shares.add(Some(&gold), 2);
+        shares.add(Some(&bronze), 0);
+        assert!(
+            !shares.may_take(Some(&bronze), 1),
+            "bronze's share is half a seat"
+        );
     }
 }

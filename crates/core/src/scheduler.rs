@@ -18,7 +18,9 @@
 //!    caching), then schedules as much of the rest as fits. The queue's head blocks those
 //!    behind it, so that a long prompt is not starved by short ones (with `backfill`, up to
 //!    that many may pass it: `backfill.rs`; with `priority_preemption`, it may first preempt
-//!    less urgent running sequences: `Scheduler::admit_waiting`). The `n` samples of one
+//!    less urgent running sequences: `Scheduler::admit_waiting`; under fair share, a request
+//!    of a tenant below its share of seats takes one from the tenant furthest above its share:
+//!    `Scheduler::admit_by_fair_share`). The `n` samples of one
 //!    request are admitted together: the first one alone computes the prompt, and counts for
 //!    all `n` against `max_num_seqs`. Under `Batching::Static` nothing is admitted while a
 //!    batch runs (`static_batch.rs`).
@@ -37,7 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::backfill::Backfill;
 use crate::batch::StepBatch;
 use crate::block_manager::BlockManager;
-use crate::fair_share::FairQueue;
+use crate::fair_share::{tenant_of, FairQueue, SeatShares};
 use crate::sequence::{SeqId, Sequence};
 use crate::static_batch::StaticBatch;
 use crate::swap::{SwapIn, SwapSpace};
@@ -408,14 +410,23 @@ impl Scheduler {
 
     /// Admits waiting sequences in queue order while budget, seats and blocks last. The first
     /// that does not fit is the *blocked head*: with priority preemption it may first preempt
-    /// less urgent running sequences; then, with backfill, sequences behind it that fit may go
-    /// first, as many as its bound allows.
+    /// less urgent running sequences; under fair share, a request of a tenant below its share
+    /// of seats may take one from a tenant above its share (see `fair_share.rs`); then, with
+    /// backfill, sequences behind it that fit may go first, as many as its bound allows.
     fn admit_waiting(&mut self, step: &mut ScheduledStep, budget: &mut usize, seats: &mut usize) {
         let mut blocked_head: Option<SeqId> = None;
         let mut admitted = Vec::new();
+        let mut shares: Option<SeatShares> = None;
         let mut i = 0;
-        while *budget > 0 && *seats < self.config.max_num_seqs && i < self.waiting.len() {
-            if blocked_head.is_some_and(|head| !self.backfill.may_overtake(head)) {
+        while *budget > 0 && i < self.waiting.len() {
+            let blocked = *seats >= self.config.max_num_seqs
+                || blocked_head.is_some_and(|head| !self.backfill.may_overtake(head));
+            if blocked {
+                if blocked_head.is_none()
+                    && self.admit_by_fair_share(i, &mut shares, &mut admitted, step, budget, seats)
+                {
+                    continue;
+                }
                 break;
             }
             let id = self.waiting[i];
@@ -433,9 +444,7 @@ impl Scheduler {
                 *seats += group;
                 self.waiting.remove(i);
                 self.insert_running(id);
-                if self.config.priority_preemption {
-                    admitted.push(id);
-                }
+                admitted.push(id);
                 match blocked_head {
                     Some(head) => self.backfill.overtook(head),
                     None => self.backfill.forget(id),
@@ -448,10 +457,91 @@ impl Scheduler {
                 {
                     continue; // room was made: try the head again
                 }
+                if self.admit_by_fair_share(i, &mut shares, &mut admitted, step, budget, seats) {
+                    continue;
+                }
                 blocked_head = Some(id);
             }
             i += 1;
         }
+    }
+
+    /// Under fair share, once the queue is blocked from position `from` on: admits the first
+    /// waiting request there whose tenant stays within its share of seats by taking them, after
+    /// preempting the newest running sequence of the tenant furthest above its share (which
+    /// stays at or above it). `shares` is computed on first use and kept up to date. False,
+    /// changing nothing, when no such pair exists.
+    fn admit_by_fair_share(
+        &mut self,
+        from: usize,
+        shares: &mut Option<SeatShares>,
+        admitted: &mut Vec<SeqId>,
+        step: &mut ScheduledStep,
+        budget: &mut usize,
+        seats: &mut usize,
+    ) -> bool {
+        if self.config.policy != SchedulingPolicy::FairShare
+            || self.config.batching == Batching::Static
+        {
+            return false;
+        }
+        let shares = shares.get_or_insert_with(|| self.seat_shares());
+        let claim_of = |seq: &Sequence| seq.owner.as_ref().and_then(|o| o.fair_claim.clone());
+        let Some((taker, claim, group)) = self.waiting.iter().skip(from).find_map(|&id| {
+            let claim = claim_of(&self.seqs[&id]);
+            let group = 1 + self.num_unforked(&[id]);
+            shares
+                .may_take(claim.as_ref(), group)
+                .then_some((id, claim, group))
+        }) else {
+            return false;
+        };
+        let Some(giver) = shares.giver(group) else {
+            return false;
+        };
+        let Some(victim) = self.running.iter().rev().copied().find(|id| {
+            let claim = claim_of(&self.seqs[id]);
+            tenant_of(claim.as_ref()).0 == giver
+                && !admitted.contains(id)
+                && self.num_unforked(&[*id]) + 1 == group
+        }) else {
+            return false;
+        };
+        if let Some(at) = step.seqs.iter().position(|s| s.id == victim) {
+            *budget += step.seqs.remove(at).num_new_tokens;
+        }
+        *seats -= group;
+        self.running.retain(|&r| r != victim);
+        self.preempt(victim, step);
+        shares.move_seats(&giver, claim.as_ref(), group);
+        if !self.admit(taker, *budget, step) {
+            return false; // its blocks do not fit even now; the freed seat goes in queue order
+        }
+        *budget -= step.seqs.last().expect("just admitted").num_new_tokens;
+        *seats += group;
+        self.waiting.retain(|&w| w != taker);
+        self.insert_running(taker);
+        self.backfill.forget(taker);
+        admitted.push(taker);
+        true
+    }
+
+    /// Seats each tenant with work holds (running sequences and their samples to fork).
+    fn seat_shares(&self) -> SeatShares {
+        let mut shares = SeatShares::new(self.config.max_num_seqs);
+        let claim_of = |id: &SeqId| {
+            self.seqs[id]
+                .owner
+                .as_ref()
+                .and_then(|o| o.fair_claim.as_ref())
+        };
+        for id in &self.running {
+            shares.add(claim_of(id), 1 + self.num_unforked(&[*id]));
+        }
+        for id in &self.waiting {
+            shares.add(claim_of(id), 0);
+        }
+        shares
     }
 
     /// Schedules waiting sequence `id` for up to `budget` tokens: a swapped-out one comes back

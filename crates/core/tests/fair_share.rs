@@ -49,10 +49,14 @@ impl TokenDecoder for Digits {
 }
 
 fn engine(policy: SchedulingPolicy) -> Engine<ConstantModel> {
+    engine_with_seats(policy, 2)
+}
+
+fn engine_with_seats(policy: SchedulingPolicy, max_num_seqs: usize) -> Engine<ConstantModel> {
     let config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 256,
-            max_num_seqs: 2,
+            max_num_seqs,
             policy,
             ..SchedulerConfig::default()
         },
@@ -63,7 +67,11 @@ fn engine(policy: SchedulingPolicy) -> Engine<ConstantModel> {
 }
 
 fn request(tenant: &str, weight: u32) -> Request {
-    let mut r = Request::new(vec![2, 3, 4, 5, 6, 7], 8);
+    request_of_length(tenant, weight, 8)
+}
+
+fn request_of_length(tenant: &str, weight: u32, max_tokens: usize) -> Request {
+    let mut r = Request::new(vec![2, 3, 4, 5, 6, 7], max_tokens);
     r.ignore_eos = true;
     r.tenant = Some(TenantShare {
         tenant: tenant.into(),
@@ -134,4 +142,63 @@ fn competing_tenants_are_admitted_by_weight() {
     // Even indices are gold's requests.
     let gold_in_first_8 = order[..8].iter().filter(|&&i| i % 2 == 0).count();
     assert_eq!(gold_in_first_8, 6, "3:1 while both wait: {order:?}");
+}
+
+/// Whether the request behind `rx` has been scheduled, draining its events.
+fn was_scheduled(rx: &mpsc::Receiver<RequestEvent>) -> bool {
+    rx.try_iter()
+        .any(|event| matches!(event, RequestEvent::Scheduled { .. }))
+}
+
+/// A flood holding every seat with long requests; then requests of another tenant arrive one
+/// per step. Returns, per quiet request, the steps it waited before it was scheduled, and the
+/// preemptions the engine made.
+fn quiet_waits_behind_a_full_batch(policy: SchedulingPolicy, quiet: usize) -> (Vec<u64>, u64) {
+    let mut engine = engine_with_seats(policy, 4);
+    let mut flood = Vec::new();
+    for _ in 0..12 {
+        let (tx, rx) = mpsc::channel();
+        engine
+            .submit(request_of_length("flood", 1, 200), Box::new(tx))
+            .unwrap();
+        flood.push(rx);
+    }
+    for _ in 0..3 {
+        assert!(engine.step());
+    }
+    assert_eq!(engine.stats().num_running, 4, "the flood holds every seat");
+    let mut waits = Vec::new();
+    for _ in 0..quiet {
+        let (tx, rx) = mpsc::channel();
+        engine
+            .submit(request_of_length("quiet", 1, 200), Box::new(tx))
+            .unwrap();
+        let mut steps = 0;
+        loop {
+            assert!(engine.step());
+            steps += 1;
+            if was_scheduled(&rx) || steps == 400 {
+                break;
+            }
+        }
+        waits.push(steps);
+        flood.push(rx); // a dropped receiver is a client gone: its request would be aborted
+    }
+    (waits, engine.stats().num_preemptions)
+}
+
+#[test]
+fn a_tenant_below_its_share_of_seats_takes_one_from_a_flood_at_the_next_step() {
+    // Two tenants of equal weight, four seats: "quiet" may hold two. Its first two requests
+    // each take a seat from the flood at once. The third is beyond its share: it waits until
+    // quiet's first request finishes (200 tokens), then takes that seat back from the flood
+    // (which had refilled it in queue order). Nothing moves the other way.
+    let (waits, preemptions) = quiet_waits_behind_a_full_batch(SchedulingPolicy::FairShare, 3);
+    assert_eq!(&waits[..2], &[1, 1], "{waits:?}");
+    assert!((150..=200).contains(&waits[2]), "{waits:?}");
+    assert_eq!(preemptions, 3, "one preemption per seat taken, none back");
+    // First come, first served: the quiet request waits for the whole flood.
+    let (waits, preemptions) = quiet_waits_behind_a_full_batch(SchedulingPolicy::Fcfs, 1);
+    assert!(waits[0] > 200, "{waits:?}");
+    assert_eq!(preemptions, 0);
 }

@@ -107,9 +107,10 @@ async fn a_tenant_over_its_limit_gets_429_and_a_revoked_key_stops_working_on_rel
 }
 
 /// Tenant `flood` sends 12 long requests at once to an engine that runs 2 sequences at a
-/// time; then tenant `quiet` sends one. Under fair share the quiet request takes the first
-/// free slot: it is answered while most of the flood still waits (first come, first served
-/// would make it wait for all 12: `crates/core/tests/fair_share.rs` shows both orders).
+/// time; then tenant `quiet` sends one. Under fair share the quiet tenant is below its share
+/// of the two seats, so its request takes one from the flood at the next step: it is answered
+/// before any flood request but the two that held the seats (first come, first served would
+/// make it wait for all 12: `crates/core/tests/fair_share.rs` shows both orders).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_flood_does_not_hold_back_another_tenant() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,7 +140,7 @@ async fn one_tenants_flood_does_not_hold_back_another_tenant() {
     assert_eq!(status, 200, "{body}");
     let finished = flood.iter().filter(|f| f.is_finished()).count();
     assert!(
-        finished <= 4,
+        finished <= 2,
         "{finished} of the flood's 12 requests were answered before the quiet one"
     );
     for f in flood {
@@ -211,6 +212,16 @@ async fn a_sessions_later_turns_hit_the_prefix_cache_through_other_traffic() {
 /// tenants figures --run-ignored only --no-capture`): turn 5's TTFT with and without a
 /// session, and a quiet tenant's TTFT alone and while another tenant floods, under fair share
 /// and FCFS.
+/// Quiet requests timed alone and during the flood, for the figures.
+const QUIET_SAMPLES: usize = 20;
+const FLOOD_REQUESTS: usize = 64;
+
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn figures() {
@@ -260,16 +271,18 @@ async fn figures() {
             }
         };
         let mut alone = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..QUIET_SAMPLES {
             alone.push(quiet_ttft(&s).await);
         }
-        let flood = (0..32)
+        // Long enough to outlast the quiet tenant's requests (the waiting counts printed show
+        // it did).
+        let flood = (0..FLOOD_REQUESTS)
             .map(|i| {
                 request(
                     &s,
                     "key-flood",
                     json!({"prompt": format!("Story {i}: once upon a time"),
-                        "max_tokens": 32, "ignore_eos": true}),
+                        "max_tokens": 64, "ignore_eos": true}),
                 )
                 .send()
             })
@@ -282,19 +295,24 @@ async fn figures() {
         s.metric_until("minserve_num_requests_waiting", |w| w >= waiting)
             .await;
         let mut loaded = Vec::new();
-        for _ in 0..5 {
+        let mut flood_waiting = Vec::new();
+        for _ in 0..QUIET_SAMPLES {
             loaded.push(quiet_ttft(&s).await);
+            flood_waiting.push(s.metric("minserve_num_requests_waiting").await);
         }
         for f in flood {
             f.abort();
         }
-        alone.sort_by(f64::total_cmp);
         // In the order sent: under FCFS the first waits for the whole flood, and the flood
         // is over for the others.
         println!(
             "{policy:?}, flood capped at 6: {capped}: quiet TTFT alone p50 {:.0} ms max {:.0} \
-             ms; sent one after another during a 32-request flood: {loaded:.0?} ms",
-            alone[2], alone[4]
+             ms; during a {FLOOD_REQUESTS}-request flood p50 {:.0} ms max {:.0} ms (in the order sent: \
+             {loaded:.0?} ms; flood requests waiting after each: {flood_waiting:?})",
+            percentile(&alone, 0.5),
+            percentile(&alone, 1.0),
+            percentile(&loaded, 0.5),
+            percentile(&loaded, 1.0),
         );
     }
 }
