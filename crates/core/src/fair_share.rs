@@ -139,7 +139,7 @@ impl SeatShares {
             .iter()
             .filter_map(|(tenant, &(_, held))| {
                 let after = self.excess(tenant, held as i64 - group as i64)?;
-                (after >= 0).then(|| (after, tenant))
+                (after >= 0).then_some((after, tenant))
             })
             .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
             .map(|(_, tenant)| tenant.clone())
