@@ -70,8 +70,10 @@ pub struct WorkloadArgs {
     /// Most tokens generated per request (`max_tokens`).
     #[arg(long, default_value_t = 128, value_parser = positive)]
     pub output_len: usize,
-    /// Prompts from a JSON-lines file, one `{"prompt": "...", "output_len": N}` per line
-    /// (`output_len` optional), taken in order and cycled, instead of random ones.
+    /// Prompts from a JSON-lines file, one `{"prompt": "...", "output_len": N, "priority": P}`
+    /// per line (`output_len` and `priority` optional; `priority` is sent as vLLM's request
+    /// field, for servers scheduling by priority), taken in order and cycled, instead of
+    /// random ones.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Endpoint::Completions)]
@@ -153,6 +155,15 @@ pub struct Prompt {
     /// By the local tokenizer, without special tokens; used when the server reports no usage.
     pub tokens: usize,
     pub output_len: usize,
+    pub priority: Option<i64>,
+}
+
+/// One line of a --dataset file.
+#[derive(Debug, Clone, PartialEq)]
+struct DatasetEntry {
+    prompt: String,
+    output_len: Option<usize>,
+    priority: Option<i64>,
 }
 
 /// A connection to a server with its workload, ready to run at any load.
@@ -164,7 +175,7 @@ pub struct ServingBenchmark {
     tokenizer: Tokenizer,
     /// Ids that decode alone to whole characters: what random prompts are drawn from.
     candidates: Vec<u32>,
-    dataset: Option<Vec<(String, Option<usize>)>>,
+    dataset: Option<Vec<DatasetEntry>>,
 }
 
 /// What the report keeps of the error messages: the first few different ones.
@@ -218,11 +229,12 @@ impl ServingBenchmark {
         (first..first + n)
             .map(|index| match &self.dataset {
                 Some(entries) => {
-                    let (text, output_len) = &entries[index % entries.len()];
+                    let entry = &entries[index % entries.len()];
                     Ok(Prompt {
-                        tokens: self.tokenizer.encode(text, false)?.len(),
-                        text: text.clone(),
-                        output_len: output_len.unwrap_or(self.args.output_len),
+                        tokens: self.tokenizer.encode(&entry.prompt, false)?.len(),
+                        text: entry.prompt.clone(),
+                        output_len: entry.output_len.unwrap_or(self.args.output_len),
+                        priority: entry.priority,
                     })
                 }
                 None => {
@@ -239,6 +251,7 @@ impl ServingBenchmark {
                         )?,
                         tokens: self.args.input_len,
                         output_len: self.args.output_len,
+                        priority: None,
                     })
                 }
             })
@@ -259,6 +272,9 @@ impl ServingBenchmark {
         }
         if self.args.ignore_eos {
             body["ignore_eos"] = json!(true);
+        }
+        if let Some(priority) = prompt.priority {
+            body["priority"] = json!(priority);
         }
         body
     }
@@ -643,7 +659,7 @@ async fn first_model(client: &reqwest::Client, root: &str) -> anyhow::Result<Str
         .context("the server lists no model")
 }
 
-fn read_dataset(path: &Path) -> anyhow::Result<Vec<(String, Option<usize>)>> {
+fn read_dataset(path: &Path) -> anyhow::Result<Vec<DatasetEntry>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let entries = text
@@ -651,16 +667,28 @@ fn read_dataset(path: &Path) -> anyhow::Result<Vec<(String, Option<usize>)>> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
             let prompt = v["prompt"]
                 .as_str()
-                .with_context(|| format!("{}:{}: no \"prompt\" string", path.display(), i + 1))?;
+                .with_context(|| format!("{}: no \"prompt\" string", at()))?;
             let output_len = v
                 .get("output_len")
                 .and_then(Value::as_u64)
                 .map(|n| n as usize);
-            Ok((prompt.to_string(), output_len))
+            let priority = match v.get("priority") {
+                None => None,
+                Some(p) => Some(
+                    p.as_i64()
+                        .with_context(|| format!("{}: \"priority\" is not an integer", at()))?,
+                ),
+            };
+            Ok(DatasetEntry {
+                prompt: prompt.to_string(),
+                output_len,
+                priority,
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if entries.is_empty() {
@@ -758,6 +786,34 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dataset_lines_carry_optional_lengths_and_priorities() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"a\"}\n\n{\"prompt\": \"b\", \"output_len\": 7, \"priority\": -2}\n",
+        )
+        .unwrap();
+        let entries = read_dataset(&path).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!((entries[0].output_len, entries[0].priority), (None, None));
+        assert_eq!(
+            (entries[1].output_len, entries[1].priority),
+            (Some(7), Some(-2))
+        );
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"a\"}\n{\"prompt\": \"b\", \"priority\": \"high\"}\n",
+        )
+        .unwrap();
+        let err = read_dataset(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("d.jsonl:2: \"priority\" is not an integer"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn stream_reader_takes_events_split_anywhere() {
