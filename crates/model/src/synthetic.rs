@@ -113,6 +113,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
             ..llama(64, 128, 2, 4, 2, 512)
         },
         "gemma3-270m" => gemma3(llama(640, 2048, 18, 4, 1, 262_144), 256, 512, 6),
+        "gemma3-1b" => gemma3(llama(1152, 6912, 26, 4, 1, 262_144), 256, 512, 6),
         // Heads of 32 with a hidden size of 64: 4 x 32 = 128 query dims, as Qwen3's heads of
         // 128 outgrow its hidden size of 1,024 (16 x 128 = 2,048).
         "tiny-qwen3" => qwen3(llama(64, 128, 2, 4, 2, 512), 32),
@@ -139,6 +140,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-llama3",
     "tiny-gemma3",
     "gemma3-270m",
+    "gemma3-1b",
     "tiny-qwen3",
     "qwen3-0.6b",
 ];
