@@ -354,13 +354,13 @@ def paging_waste(r, out):
 
 
 def policies(r, out):
-    """FCFS, backfill, priority and priority preemption under load, with a KV pool that holds two
-    long prompts: who waits, read per request from the engine trace."""
+    """FCFS, backfill, priority and priority preemption under load, with a KV pool that holds one
+    long prompt and a few short ones: who waits, read per request from the engine trace."""
     dataset = out / "mixed.jsonl"
     varied_dataset(dataset, 200, seed=2, short_words=(10, 30), long_share=0.2, long_words=450,
                    output=(32, 32), urgent_share=0.25)
     n = r.sized(60, 16)
-    kv = ["--kv-cache-mib", "40", "--max-num-seqs", "16"]
+    kv = ["--kv-cache-mib", "16", "--max-num-seqs", "16"]
     runs = [("fcfs", []), ("fcfs + backfill 8", ["--backfill", "8"]),
             ("priority", ["--scheduling-policy", "priority"]),
             ("priority + preemption", ["--priority-preemption"])]

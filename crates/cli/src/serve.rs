@@ -14,7 +14,9 @@ use clap::Args;
 use minserve_core::engine_thread::EngineHandle;
 use minserve_core::EngineConfig;
 use minserve_model::{CacheOptions, DeviceOptions, LoadedModel};
-use minserve_server::{ApiKeys, AppState, ModelSpec, ServedModel, ServerOptions, ToolCallFormat};
+use minserve_server::{
+    ApiKeys, AppState, ModelSpec, ReasoningFormat, ServedModel, ServerOptions, ToolCallFormat,
+};
 
 use crate::engine_args::{build_engine, parse_memory, EngineArgs};
 use crate::serve_config;
@@ -78,6 +80,10 @@ pub struct ServeArgs {
     /// `llama3_json` or `gemma` (tool_code). Default: read from the chat template.
     #[arg(long, value_parser = parse_tool_call_parser)]
     tool_call_parser: Option<ToolCallFormat>,
+    /// Return reasoning models' thinking apart from their answer, in chat's
+    /// `reasoning_content`: `qwen3` or `deepseek_r1` (`<think>...</think>`).
+    #[arg(long, value_parser = ReasoningFormat::parse)]
+    reasoning_parser: Option<ReasoningFormat>,
     /// When the engine thread fails, load the model again and carry on (the failure is
     /// counted in minserve_engine_restarts_total) instead of draining and exiting non-zero.
     /// A --trace-file starts over with the new engine.
@@ -339,6 +345,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         allowed_origins: args.allowed_origins.clone(),
         tool_call_parser: args.tool_call_parser,
+        reasoning_parser: args.reasoning_parser,
         session_ttl: Duration::from_secs_f64(args.session_ttl.max(0.0)),
         ..ServerOptions::default()
     };

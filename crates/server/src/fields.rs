@@ -213,23 +213,16 @@ pub(crate) const FIELDS: &[Field] = &[
         "a routing hint for the provider's prompt cache; minserve's prefix cache is automatic \
          and shared by all requests",
     ),
-    // SGLang's reasoning switches, which the vLLM and SGLang routers add to every request they
-    // forward. SGLang itself gives them effect only when started with a reasoning parser.
-    meaningless(
-        "separate_reasoning",
-        CHAT,
-        "SGLang's; takes effect only with a reasoning parser, which minserve does not run: \
-         reasoning text stays in `content`",
-    ),
-    meaningless(
+    // Reasoning switches (`routes/chat.rs`, `reasoning.rs`), which the vLLM and SGLang routers
+    // add to every request they forward; without --reasoning-parser there is nothing to split.
+    supported("separate_reasoning", CHAT),
+    supported("include_reasoning", CHAT),
+    refused(
         "stream_reasoning",
         CHAT,
-        "SGLang's; as `separate_reasoning`",
-    ),
-    meaningless(
-        "include_reasoning",
-        CHAT,
-        "SGLang's; as `separate_reasoning`",
+        "SGLang's; minserve streams the thinking as it comes (`stream_reasoning: true`) and \
+         cannot hold it back to the end",
+        |v, _| v == &Value::Bool(true),
     ),
     meaningless(
         "stream_options",

@@ -47,6 +47,7 @@ mod options;
 mod params;
 mod prompt;
 mod python_call;
+mod reasoning;
 mod render;
 mod responses;
 mod routes;
@@ -74,6 +75,7 @@ pub use error::{ApiError, RequestFieldNames};
 pub use metrics::Metrics;
 pub use models::{ModelRegistry, ModelSlot, ModelSpec, ServedModel};
 pub use options::{ServerOptions, ToolCallFormat};
+pub use reasoning::ReasoningFormat;
 pub use state::{spawn_load, spawn_load_model, AppState};
 pub use tenants::{ApiKeys, Tenant, TenantLimits};
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::reasoning::ReasoningFormat;
 pub use crate::tool_format::ToolCallFormat;
 
 /// Settings of the HTTP layer.
@@ -32,6 +33,9 @@ pub struct ServerOptions {
     /// How the model writes tool calls; `None` reads it from the chat template (see
     /// `tool_format.rs`).
     pub tool_call_parser: Option<ToolCallFormat>,
+    /// How reasoning models mark their thinking, to return it apart from the answer
+    /// (`reasoning_content`, see `reasoning.rs`); `None`: all output is `content`.
+    pub reasoning_parser: Option<ReasoningFormat>,
     /// How long a conversation session's cached prefix is kept ahead of others' after its
     /// request ends (see `caller.rs`).
     pub session_ttl: Duration,
@@ -49,6 +53,7 @@ impl Default for ServerOptions {
             cpu_work_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_buffered_events: 1024,
             tool_call_parser: None,
+            reasoning_parser: None,
             session_ttl: Duration::from_secs(600),
         }
     }

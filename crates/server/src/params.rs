@@ -23,6 +23,7 @@ use crate::limits::{
     MAX_STOP_STRING_BYTES, MAX_STOP_TOKEN_IDS,
 };
 use crate::prompt::Prompt;
+use crate::reasoning::ReasoningFormat;
 use crate::tool_format::Tool;
 
 /// How many tokens to generate, as the client asked.
@@ -71,6 +72,16 @@ pub(crate) struct GenerationParams {
     pub constraint: Option<Arc<dyn ConstraintFactory>>,
     /// Chat with tools: the functions whose calls are read out of the output.
     pub tool_calls: Option<Vec<Tool>>,
+    /// Chat with a reasoning parser: the thinking is split from the answer.
+    pub reasoning: Option<ReasoningOutput>,
+}
+
+/// How a chat response returns a reasoning model's thinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReasoningOutput {
+    pub format: ReasoningFormat,
+    /// vLLM's `include_reasoning`: false drops the thinking, leaving only the answer.
+    pub include: bool,
 }
 
 impl GenerationParams {
@@ -97,6 +108,7 @@ impl GenerationParams {
             echo,
             constraint: None,
             tool_calls: None,
+            reasoning: None,
         })
     }
 

@@ -16,8 +16,9 @@ use serde_json::{json, Map, Value};
 
 use crate::choices::{Choice, Choices, TokenLogprob};
 use crate::generation_api::GenerationApi;
-use crate::params::GenerationParams;
+use crate::params::{GenerationParams, ReasoningOutput};
 use crate::prompt::Prompt;
+use crate::reasoning::{self, ReasoningPiece, ReasoningSplitter};
 use crate::state::unix_time;
 use crate::tool_format::{gather, CallScanner, OutputPiece, Tool};
 
@@ -35,6 +36,8 @@ pub(crate) struct ResponseRenderer {
     echoes: Option<Vec<String>>,
     /// Chat with tools: the functions whose calls are read out of the output.
     tools: Option<Vec<Tool>>,
+    /// Chat with a reasoning parser: the thinking split from the answer.
+    reasoning: Option<ReasoningOutput>,
 }
 
 impl ResponseRenderer {
@@ -70,23 +73,39 @@ impl ResponseRenderer {
             echoes,
             tokenizer,
             tools: params.tool_calls.clone(),
+            reasoning: params.reasoning,
         }
     }
 
     /// A reader of one choice's tool calls, when the request has tools to call.
-    pub fn call_scanner(&self) -> Option<CallScanner> {
+    fn call_scanner(&self) -> Option<CallScanner> {
         self.tools.as_deref().map(CallScanner::new)
+    }
+
+    /// A reader of one streamed chat choice, when its output is more than content: thinking
+    /// to split off, or tool calls to read out.
+    pub fn choice_reader(&self) -> Option<ChoiceReader> {
+        if self.reasoning.is_none() && self.tools.is_none() {
+            return None;
+        }
+        Some(ChoiceReader {
+            reasoning: self
+                .reasoning
+                .map(|r| (ReasoningSplitter::new(r.format), r.include)),
+            scanner: self.call_scanner(),
+            calls: 0,
+        })
     }
 
     /// The streamed deltas of what `scanner` settled: content, or a call (its id and name
     /// first, then its arguments, as OpenAI streams them); `calls` counts the choice's calls.
-    pub fn piece_deltas(
+    fn piece_deltas(
         &self,
         choice: usize,
         pieces: Vec<OutputPiece>,
         calls: &mut usize,
     ) -> Vec<Value> {
-        let delta = |d: Value| json!({"index": choice, "delta": d, "logprobs": null, "finish_reason": null});
+        let delta = |d: Value| chat_delta(choice, d);
         pieces
             .into_iter()
             .filter_map(|piece| match piece {
@@ -268,10 +287,89 @@ impl ResponseRenderer {
     }
 }
 
+/// One streamed chat choice's output as it comes: the thinking split off (with a reasoning
+/// parser), then the answer read for tool calls (with tools).
+pub(crate) struct ChoiceReader {
+    /// The splitter, and whether the thinking is returned.
+    reasoning: Option<(ReasoningSplitter, bool)>,
+    scanner: Option<CallScanner>,
+    /// Tool calls made so far.
+    pub calls: usize,
+}
+
+impl ChoiceReader {
+    /// The deltas of the next piece of output; `last`: the choice ends with it, so whatever
+    /// was held back is settled too.
+    pub fn read(
+        &mut self,
+        renderer: &ResponseRenderer,
+        choice: usize,
+        text: &str,
+        last: bool,
+    ) -> Vec<Value> {
+        let pieces = match &mut self.reasoning {
+            Some((splitter, _)) => {
+                let mut pieces = splitter.push(text);
+                if last {
+                    pieces.extend(splitter.finish());
+                }
+                pieces
+            }
+            None => vec![ReasoningPiece::Content(text.to_string())],
+        };
+        let include_reasoning = self.reasoning.as_ref().is_some_and(|r| r.1);
+        let mut deltas = Vec::new();
+        for piece in pieces {
+            match piece {
+                ReasoningPiece::Reasoning(thought) if include_reasoning => {
+                    deltas.push(chat_delta(choice, json!({"reasoning_content": thought})))
+                }
+                ReasoningPiece::Reasoning(_) => {}
+                ReasoningPiece::Content(answer) => match &mut self.scanner {
+                    Some(scanner) => {
+                        let settled = scanner.push(&answer);
+                        deltas.extend(renderer.piece_deltas(choice, settled, &mut self.calls));
+                    }
+                    None => deltas.push(chat_delta(choice, json!({"content": answer}))),
+                },
+            }
+        }
+        if let (true, Some(scanner)) = (last, &mut self.scanner) {
+            let settled = scanner.finish();
+            deltas.extend(renderer.piece_deltas(choice, settled, &mut self.calls));
+        }
+        deltas
+    }
+}
+
+fn chat_delta(choice: usize, delta: Value) -> Value {
+    json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": null})
+}
+
 impl ResponseRenderer {
-    /// A finished chat choice's message, its tool calls read out of `text` when the request
-    /// has tools; and whether it has calls.
+    /// A finished chat choice's message: its thinking split off when a reasoning parser runs,
+    /// its tool calls read out of the answer when the request has tools; and whether it has
+    /// calls.
     fn chat_message(&self, text: &str) -> (Value, bool) {
+        let (mut message, called) = match &self.reasoning {
+            Some(r) => {
+                let (thought, answer) = reasoning::split(r.format, text);
+                let (mut message, called) = self.answer_message(&answer);
+                if r.include {
+                    message["reasoning_content"] = json!(thought);
+                }
+                (message, called)
+            }
+            None => self.answer_message(text),
+        };
+        if message.get("content").is_none() {
+            message["content"] = Value::Null;
+        }
+        (message, called)
+    }
+
+    /// The message of an answer: its tool calls read out when the request has tools.
+    fn answer_message(&self, text: &str) -> (Value, bool) {
         let Some(mut scanner) = self.call_scanner() else {
             return (json!({"role": "assistant", "content": text}), false);
         };

@@ -38,9 +38,9 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
             }
         }
         let mut text_offsets = vec![0usize; num_choices];
-        // With tools: each choice's output read for calls, and the calls it made.
-        let mut scanners: Vec<_> = (0..num_choices).map(|_| renderer.call_scanner()).collect();
-        let mut calls = vec![0usize; num_choices];
+        // Chat with a reasoning parser or tools: each choice's output read for its thinking
+        // and its calls.
+        let mut readers: Vec<_> = (0..num_choices).map(|_| renderer.choice_reader()).collect();
         while !generation.choices().all_finished() {
             let change = match generation.next_change().await {
                 Ok(change) => change,
@@ -51,9 +51,9 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
             };
             let delta = match change {
                 ChoiceChange::Invisible => continue,
-                ChoiceChange::Token { choice, text, .. } if scanners[choice].is_some() => {
-                    let pieces = scanners[choice].as_mut().expect("checked").push(&text);
-                    for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
+                ChoiceChange::Token { choice, text, .. } if readers[choice].is_some() => {
+                    let reader = readers[choice].as_mut().expect("checked");
+                    for delta in reader.read(&renderer, choice, &text, false) {
                         yield sse_event(&renderer.chunk(delta));
                     }
                     continue;
@@ -66,14 +66,12 @@ pub(crate) fn sse_response(renderer: ResponseRenderer, generation: InFlightGener
                 ),
                 ChoiceChange::Finished { choice, text, reason, stop_reason } => {
                     let end = Finish { reason, stop_reason: stop_reason.as_ref(), called: false };
-                    match scanners[choice].as_mut() {
-                        Some(scanner) => {
-                            let mut pieces = scanner.push(&text);
-                            pieces.extend(scanner.finish());
-                            for delta in renderer.piece_deltas(choice, pieces, &mut calls[choice]) {
+                    match readers[choice].as_mut() {
+                        Some(reader) => {
+                            for delta in reader.read(&renderer, choice, &text, true) {
                                 yield sse_event(&renderer.chunk(delta));
                             }
-                            let end = Finish { called: calls[choice] > 0, ..end };
+                            let end = Finish { called: reader.calls > 0, ..end };
                             renderer.finish_delta(choice, String::new(), end)
                         }
                         None => renderer.finish_delta(choice, text, end),

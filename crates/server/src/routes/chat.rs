@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::generation_api::GenerationApi;
 use crate::json_body::JsonBody;
 use crate::models::ServedModel;
-use crate::params::GenerationParams;
+use crate::params::{GenerationParams, ReasoningOutput};
 use crate::prompt::{chat_messages, chat_prompt, ChatRendering, Prompt};
 use crate::state::AppState;
 use crate::structured::{compile, compiled_grammar};
@@ -80,12 +80,37 @@ pub(super) fn conversation(
              no log probabilities); send it without `stream`, or without tools",
         ));
     }
+    params.reasoning = reasoning_output(body, api, state)?;
+    if params.reasoning.is_some() && params.delivery.stream && params.sampling.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`logprobs` cannot be streamed while a reasoning parser splits the thinking from the \
+             answer (a token's text may straddle both); send it without `stream`, or with \
+             `separate_reasoning: false`",
+        ));
+    }
     let rendering = ChatRendering {
         tools: tools.as_ref(),
         format,
     };
     let prompt = chat_prompt(body, messages()?, &model.tokenizer, &rendering)?;
     Ok((params, prompt))
+}
+
+/// Chat with `--reasoning-parser`: how its thinking is returned. SGLang's `separate_reasoning:
+/// false` keeps it in `content`; vLLM's `include_reasoning: false` drops it.
+fn reasoning_output(
+    body: &JsonBody,
+    api: GenerationApi,
+    state: &AppState,
+) -> Result<Option<ReasoningOutput>, ApiError> {
+    let separate = body.bool("separate_reasoning")?.unwrap_or(true);
+    let include = body.bool("include_reasoning")?.unwrap_or(true);
+    let format = match state.options.reasoning_parser {
+        Some(format) if api == GenerationApi::Chat && separate => format,
+        _ => return Ok(None),
+    };
+    Ok(Some(ReasoningOutput { format, include }))
 }
 
 /// How the served model writes tool calls: `--tool-call-parser`, or what its chat template
