@@ -217,17 +217,17 @@ def chunk_budget(r, out):
     budgets = r.sized([64, 256, 512, 2048], [64, 2048])
     rows, reps = [], []
     for budget in budgets:
-        n = r.sized(24, 6)
+        n = r.sized(16, 6)
         with r.server(f"budget-{budget}", ["--max-num-batched-tokens", str(budget)], out):
             rep = r.bench_serve(out / f"budget-{budget}.json",
-                                ["--request-rate", "1.5", "--num-prompts", str(n)],
+                                ["--request-rate", "0.5", "--num-prompts", str(n)],
                                 ["--input-len", "512", "--output-len", "64", "--ignore-eos"])
         reps.append((budget, rep))
         rows.append([budget, f"{rep['ttft_ms']['p50']:.0f}", f"{rep['ttft_ms']['p99']:.0f}",
                      f"{rep['tpot_ms']['p50']:.1f}", f"{rep['tpot_ms']['p99']:.1f}",
                      f"{rep['itl_ms']['p99']:.1f}", f"{rep['output_throughput']:.0f}"])
     pts = lambda k, q: [[b, rep[k][q]] for b, rep in reps]
-    r.chart("chunk-budget", {"title": "Chunked prefill: token budget per step (512-token prompts, 1.5 req/s)",
+    r.chart("chunk-budget", {"title": "Chunked prefill: token budget per step (512-token prompts, 0.5 req/s)",
                              "x_label": "--max-num-batched-tokens", "x_log": True, "panels": [
         {"y_label": "TTFT (ms)", "y_log": True, "series": [
             {"name": "p50", "points": pts("ttft_ms", "p50")}, {"name": "p99", "points": pts("ttft_ms", "p99")}]},
@@ -384,14 +384,12 @@ def policies(r, out):
                               for c in ["short", "long", "urgent", "normal"]]
                     + [int(preemptions), f"{rep['output_throughput']:.0f}"])
     r.chart("policies", {"title": "Scheduling policies under load (20% long prompts, 25% urgent, 4 req/s)",
-                         "x_label": "policy (1 fcfs, 2 fcfs + backfill, 3 priority, 4 priority + preemption)",
+                         "x_label": "policy", "categories": [name for name, _ in per_run],
                          "panels": [
-        {"y_label": "TTFT p50 (ms)", "y_log": True, "series": [
-            {"name": c, "points": [[i + 1, max(1e-3, pct(cl[c], 0.5))] for i, (_, cl) in enumerate(per_run)]}
-            for c in ["short", "long", "urgent", "normal"]]},
-        {"y_label": "TTFT p99 (ms)", "y_log": True, "series": [
-            {"name": c, "points": [[i + 1, max(1e-3, pct(cl[c], 0.99))] for i, (_, cl) in enumerate(per_run)]}
-            for c in ["short", "long", "urgent", "normal"]]}]}, out)
+        {"y_label": f"TTFT {q} (ms)", "series": [
+            {"name": c, "points": [[i, pct(cl[c], p)] for i, (_, cl) in enumerate(per_run) if cl[c]]}
+            for c in ["short", "long", "urgent", "normal"]]}
+        for q, p in [("p50", 0.5), ("p99", 0.99)]]}, out)
     return table(["policy", "short TTFT p50 / p99 ms", "long", "urgent (priority -1)", "normal",
                   "preemptions", "output tok/s"], rows)
 

@@ -7,6 +7,9 @@
 //!  "panels": [{"y_label": "TTFT p50 (ms)", "y_log": true,
 //!              "series": [{"name": "continuous", "points": [[1, 40.5], [2, 44.1]]}]}]}
 //! ```
+//!
+//! With `"categories": ["fcfs", "priority", ...]` the x axis names them instead (a point's x is
+//! its category's index) and each series is drawn as bars, side by side per category.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +38,9 @@ pub struct LineChart {
     pub x_label: String,
     #[serde(default)]
     pub x_log: bool,
+    /// Names of the x positions 0, 1, ...: a bar chart.
+    #[serde(default)]
+    pub categories: Vec<String>,
     pub panels: Vec<Panel>,
 }
 
@@ -74,6 +80,9 @@ impl LineChart {
         if self.panels.is_empty() {
             bail!("the chart has no panels");
         }
+        if !self.categories.is_empty() && self.x_log {
+            bail!("a chart of categories has no log x axis");
+        }
         for (p, panel) in self.panels.iter().enumerate() {
             if panel.series.iter().all(|s| s.points.is_empty()) {
                 bail!("panel {p} (`{}`) has no points", panel.y_label);
@@ -81,6 +90,17 @@ impl LineChart {
             for series in &panel.series {
                 for &(x, y) in &series.points {
                     let bad = |v: f64, log: bool| !v.is_finite() || (log && v <= 0.0);
+                    let not_a_category = !self.categories.is_empty()
+                        && (x.fract() != 0.0 || x < 0.0 || x as usize >= self.categories.len());
+                    if not_a_category {
+                        bail!(
+                            "panel {p} (`{}`), series `{}`: x = {x} is not the index of one of \
+                             the {} categories",
+                            panel.y_label,
+                            series.name,
+                            self.categories.len()
+                        );
+                    }
                     if bad(x, self.x_log) || bad(y, panel.y_log) {
                         bail!(
                             "panel {p} (`{}`), series `{}`: point ({x}, {y}) cannot be drawn{}",
@@ -100,6 +120,9 @@ impl LineChart {
     }
 
     fn x_range(&self) -> (f64, f64) {
+        if !self.categories.is_empty() {
+            return (-0.5, self.categories.len() as f64 - 0.5);
+        }
         let xs = self
             .panels
             .iter()
@@ -186,15 +209,30 @@ where
     X: Ranged<ValueType = f64> + ValueFormatter<f64>,
     Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
-    chart
-        .configure_mesh()
-        .x_desc(figure.x_label.as_str())
+    let categories = &figure.categories;
+    let x_label = |v: &f64| match categories.is_empty() {
+        true => short(*v),
+        false if (v - v.round()).abs() < 1e-6 && *v >= 0.0 => categories
+            .get(v.round() as usize)
+            .cloned()
+            .unwrap_or_default(),
+        false => String::new(),
+    };
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(figure.x_label.as_str())
         .y_desc(panel.y_label.as_str())
-        .x_label_formatter(&|v| short(*v))
+        .x_label_formatter(&x_label)
         .y_label_formatter(&|v| short(*v))
+        .light_line_style(RGBColor(238, 238, 238))
         .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 16))
-        .draw()?;
+        .axis_desc_style(("sans-serif", 16));
+    if !categories.is_empty() {
+        mesh.x_labels(categories.len() * 2 + 1);
+    }
+    mesh.draw()?;
+    if !categories.is_empty() {
+        return draw_bars(chart, panel);
+    }
     for (i, series) in panel.series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
@@ -210,6 +248,41 @@ where
                 .iter()
                 .map(|&p| Circle::new(p, 4, color.filled())),
         )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
+/// Each series as bars, side by side within each category.
+fn draw_bars<'a, DB, X, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    panel: &Panel,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let floor = chart.y_range().start;
+    let width = 0.8 / panel.series.len().max(1) as f64;
+    for (i, series) in panel.series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let left = -0.4 + i as f64 * width;
+        chart
+            .draw_series(series.points.iter().map(|&(x, y)| {
+                Rectangle::new(
+                    [(x + left, floor), (x + left + width * 0.9, y)],
+                    color.filled(),
+                )
+            }))?
+            .label(series.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
     }
     chart
         .configure_series_labels()
@@ -277,6 +350,33 @@ mod tests {
                 .len()
                 > 1000
         );
+    }
+
+    #[test]
+    fn categories_are_drawn_as_named_bars() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = chart(
+            r#"{"title": "t", "x_label": "policy", "categories": ["fcfs", "priority"],
+                "panels": [{"y_label": "ms", "series": [
+                    {"name": "short", "points": [[0, 10], [1, 20]]},
+                    {"name": "long", "points": [[0, 30]]}]}]}"#,
+        )
+        .unwrap();
+        let prefix = dir.path().join("bars");
+        draw(&c, &prefix).unwrap();
+        let svg = std::fs::read_to_string(prefix.with_extension("svg")).unwrap();
+        assert!(
+            svg.contains("\nfcfs\n") && svg.contains("\npriority\n"),
+            "category names"
+        );
+        assert!(svg.matches("<rect").count() >= 3, "three bars");
+        let err = chart(
+            r#"{"title": "t", "x_label": "x", "categories": ["a"], "panels": [{"y_label": "y",
+                "series": [{"name": "s", "points": [[1, 5]]}]}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("x = 1 is not the index"), "{err}");
     }
 
     #[test]
