@@ -201,6 +201,18 @@ def batching(r, out):
             rows.append([mode, rate, n, f"{rep['output_throughput']:.0f}",
                          f"{rep['ttft_ms']['p50']:.0f}", f"{rep['ttft_ms']['p99']:.0f}",
                          f"{rep['tpot_ms']['p50']:.1f}", f"{rep['e2el_ms']['p50']:.0f}"])
+    # Saturation: 32 clients, each sending its next request when the last ends (a static batch
+    # then idles its seats while its longest member finishes).
+    saturated = {}
+    for mode in ["continuous", "static"]:
+        n = r.sized(128, 32)
+        with r.server(f"{mode}-c32", ["--batching", mode, "--max-num-seqs", "32"], out):
+            rep = r.bench_serve(out / f"{mode}-c32.json", ["--concurrency", "32", "--num-prompts", str(n)],
+                                ["--dataset", str(dataset), "--ignore-eos"])
+        saturated[mode] = rep
+        rows.append([mode, "32 clients", n, f"{rep['output_throughput']:.0f}",
+                     f"{rep['ttft_ms']['p50']:.0f}", f"{rep['ttft_ms']['p99']:.0f}",
+                     f"{rep['tpot_ms']['p50']:.1f}", f"{rep['e2el_ms']['p50']:.0f}"])
     panel = lambda label, f, log=False: {"y_label": label, "y_log": log, "series": [
         {"name": m, "points": [[x, f(rep)] for x, rep in pts]} for m, pts in series.items()]}
     r.chart("batching", {"title": "Static vs continuous batching (default model, varied output lengths)",

@@ -226,9 +226,12 @@ where
         .light_line_style(RGBColor(238, 238, 238))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16));
-    if !categories.is_empty() {
-        mesh.x_labels(categories.len() * 2 + 1);
-    }
+    // A log axis's default labels crowd each decade (500 600 700 ...).
+    mesh.x_labels(if categories.is_empty() {
+        8
+    } else {
+        categories.len() * 2 + 1
+    });
     mesh.draw()?;
     if !categories.is_empty() {
         return draw_bars(chart, panel);
