@@ -261,12 +261,16 @@ function canvasContext(canvas) {
   return { ctx, width, height };
 }
 
-const AXIS = 34; // room for the y labels
+const AXIS = 40; // room for the y labels
+
+function compact(value) {
+  return value >= 1000 ? value / 1000 + "k" : String(value);
+}
 
 function yAxis(ctx, height, max) {
   ctx.fillStyle = "#888";
   ctx.textAlign = "right";
-  ctx.fillText(String(max), AXIS - 4, 10);
+  ctx.fillText(compact(max), AXIS - 4, 10);
   ctx.fillText("0", AXIS - 4, height - 2);
   ctx.strokeStyle = "#ddd";
   ctx.beginPath();
@@ -352,7 +356,7 @@ function drawLatency() {
   drawLines($("latency-chart"), [
     { values: l.map((r) => r.ttft), color: "--ttft", dots: true },
     { values: l.map((r) => r.e2e), color: "--e2e", dots: true },
-  ], REQUESTS_KEPT);
+  ], Math.max(30, l.length));
 }
 
 function drawStepTime() {

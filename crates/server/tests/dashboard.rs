@@ -289,7 +289,7 @@ impl Browser {
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1400,1300"],
+                         "--disable-dev-shm-usage", "--window-size=1400,1140"],
             },
         }}});
         let created: Value = http
@@ -444,10 +444,10 @@ async fn the_dashboard_updates_in_a_real_browser_under_load() {
         );
         return;
     };
-    // A pool of 51 blocks for 8 sequences that grow to up to 8 blocks each: the map fills,
+    // A pool of 39 blocks for 8 sequences that grow to up to 8 blocks each: the map fills,
     // and sequences are preempted now and then.
     let state = AppState::new(options_with_key());
-    let model = tokio::task::spawn_blocking(|| common::load_with_kv(scheduler(8), 18 << 20))
+    let model = tokio::task::spawn_blocking(|| common::load_with_kv(scheduler(8), 14 << 20))
         .await
         .unwrap()
         .expect("loading the default model");
@@ -475,7 +475,8 @@ async fn the_dashboard_updates_in_a_real_browser_under_load() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let second = browser.eval(READ_PAGE).await;
     if let Some(path) = std::env::var_os("MINSERVE_DASHBOARD_SCREENSHOT") {
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // Long enough for the charts to fill.
+        tokio::time::sleep(Duration::from_secs(15)).await;
         std::fs::write(path, browser.screenshot_png().await).unwrap();
     }
     stop.store(true, Ordering::Relaxed);
