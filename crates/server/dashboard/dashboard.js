@@ -9,6 +9,7 @@ const STEPS_KEPT = 160;       // steps drawn in the per-step charts
 const SECONDS_KEPT = 60;      // seconds drawn in the throughput chart
 const REQUESTS_KEPT = 120;    // finished requests drawn in the latency chart
 const EVENTS_KEPT = 200;      // lines kept in the event log
+const REQUESTS_TRACKED = 10000; // requests in flight followed for their latency
 const RECONNECT_MS = 2000;
 const IDLE_AFTER_MS = 2000;   // no new step for this long: the engine is idle
 
@@ -177,6 +178,10 @@ function onRequest(r) {
   switch (r.event) {
     case "arrived":
       view.requests.set(r.request, { arrived: r.t_ms, open: r.n });
+      // A request whose finish was missed (the page fell behind) is forgotten, oldest first.
+      if (view.requests.size > REQUESTS_TRACKED) {
+        view.requests.delete(view.requests.keys().next().value);
+      }
       break;
     case "preempted":
       logEvent("preempted", `${at} step ${r.step}: request ${r.request} (seq ${r.seq}) preempted, ` +

@@ -292,15 +292,7 @@ impl Browser {
                          "--disable-dev-shm-usage", "--window-size=1400,1140"],
             },
         }}});
-        let created: Value = http
-            .post(format!("{root}/session"))
-            .json(&capabilities)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let created = answer(http.post(format!("{root}/session")).json(&capabilities)).await;
         let id = created["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {created}"));
@@ -318,8 +310,7 @@ impl Browser {
             Some(body) => self.http.post(url).json(&body),
             None => self.http.get(url),
         };
-        let answer: Value = request.send().await.unwrap().json().await.unwrap();
-        let value = answer["value"].clone();
+        let value = answer(request).await["value"].clone();
         assert!(value.get("error").is_none(), "WebDriver {path}: {value}");
         value
     }
@@ -342,6 +333,12 @@ impl Browser {
         let _ = self.http.delete(&self.session).send().await;
         let _ = self.driver.kill().await;
     }
+}
+
+/// The JSON a WebDriver request is answered with.
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.expect("chromedriver answers");
+    response.json().await.expect("a JSON answer")
 }
 
 fn decode_base64(text: &str) -> Vec<u8> {
