@@ -228,6 +228,33 @@ async fn events_end_when_the_server_shuts_down() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_end_when_the_engine_fails() {
+    let trigger = Arc::new(AtomicBool::new(false));
+    let fault = trigger.clone();
+    let s = TestServer::start_loaded(options_with_key(), move || {
+        common::load_synthetic_with_fault(scheduler(4), fault)
+    })
+    .await;
+    let mut events = open_events(&s, "").await;
+    events.next(Duration::from_secs(10)).await;
+    trigger.store(true, Ordering::SeqCst);
+    let r = s
+        .client
+        .post(s.url("/v1/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": MODEL, "prompt": "fail", "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.bytes().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while events.response.chunk().await.is_ok_and(|c| c.is_some()) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its engine");
+}
+
 // ---- the browser test ----------------------------------------------------------------------
 
 /// A program by the path in `env`, else by `name` on the PATH.

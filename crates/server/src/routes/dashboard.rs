@@ -11,8 +11,8 @@
 //! Each events stream is one watcher of its model's live feed (`minserve_core::live`): the
 //! engine builds records only while at least one stream is open. The stream reads the feed
 //! every [`PUSH_INTERVAL`] on the server's runtime and sends what is new; serializing happens
-//! here, never on the engine thread. It ends when the server shuts down or the model's engine
-//! is replaced (the page reconnects).
+//! here, never on the engine thread. It ends when the server shuts down, or when the model's
+//! engine fails or is replaced (the page reconnects, and shows the 503 while there is one).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -104,7 +104,8 @@ pub(crate) async fn events(
                 .slot
                 .model()
                 .is_some_and(|current| Arc::ptr_eq(&current, &ready.model));
-            if state.is_shutting_down() || !same_engine {
+            // Shutting down, or the engine failed: the page reconnects and shows the 503.
+            if state.readiness(&ready.slot).is_err() || !same_engine {
                 break;
             }
             let update = watch.read();
