@@ -105,6 +105,17 @@ enum FreeList {
     Session(Instant, u64),
 }
 
+/// What one physical block is doing, for the live block map (`live.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Free, holding nothing worth keeping.
+    Free,
+    /// Free, but still holding a registered prefix that a new request may hit.
+    Cached,
+    /// Held by this many sequences.
+    Used(u32),
+}
+
 /// A cached prefix found for a sequence: blocks to reuse, in order, per KV group.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CachedPrefix {
@@ -239,6 +250,16 @@ impl BlockManager {
     pub fn usage(&self) -> f64 {
         let used = self.blocks.len() - self.num_free_blocks();
         used as f64 / self.blocks.len().max(1) as f64
+    }
+
+    /// Every block's state, in block order. Walks the whole pool: for a watcher's snapshot,
+    /// never for scheduling.
+    pub fn block_states(&self) -> impl Iterator<Item = BlockState> + '_ {
+        self.blocks.iter().map(|block| match block.free {
+            None => BlockState::Used(block.ref_count),
+            Some(FreeList::Uncached) => BlockState::Free,
+            Some(FreeList::Cached(_) | FreeList::Session(..)) => BlockState::Cached,
+        })
     }
 
     /// How many sequences use block `id`.

@@ -32,6 +32,7 @@ use crate::constraint::{ConstrainedSample, TokenMask};
 use crate::detokenize::TokenDecoder;
 use crate::executor::{Logits, ModelExecutor};
 use crate::fair_share::FairClaim;
+use crate::live::{BlockMap, LiveFeed, BLOCK_MAP_INTERVAL};
 use crate::output::{OutputStage, SampleOutput, TokenOutput};
 use crate::request::FinishReason;
 use crate::request::{
@@ -40,7 +41,9 @@ use crate::request::{
 use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
 use crate::sequence::{Owner, SeqId, Sequence};
-use crate::trace::{RequestEventKind, RequestRecord, Trace, TraceOptions};
+use crate::trace::{
+    RequestEventKind, RequestRecord, StepFacts, StepRecord, Trace, TraceOptions, TraceRecord,
+};
 
 thread_local! {
     /// Scratch space for sampling, one per thread that samples (see `Engine::sample_rows`).
@@ -116,7 +119,11 @@ pub struct Engine<E: ModelExecutor> {
     next_request_id: RequestId,
     stats: EngineStats,
     trace: Option<Trace>,
-    /// While tracing: sequences preempted and not yet resumed.
+    /// What a live dashboard watches; published to only while someone does (`live.rs`).
+    live: Arc<LiveFeed>,
+    /// When the live block map was last published.
+    block_map_published: Option<Instant>,
+    /// While recording (a trace, or a watcher): sequences preempted and not yet resumed.
     traced_preempted: HashSet<SeqId>,
 }
 
@@ -144,6 +151,7 @@ impl<E: ModelExecutor> Engine<E> {
             group_windows,
         );
         let host_blocks = executor.swap_capacity_blocks();
+        let live = Arc::new(LiveFeed::new(&blocks, host_blocks));
         Self {
             scheduler: Scheduler::with_swap_space(config.scheduler, blocks, host_blocks),
             executor,
@@ -155,7 +163,31 @@ impl<E: ModelExecutor> Engine<E> {
             next_request_id: 0,
             stats: EngineStats::default(),
             trace: None,
+            live,
+            block_map_published: None,
             traced_preempted: HashSet::new(),
+        }
+    }
+
+    /// The feed a live dashboard watches ([`LiveFeed::watch`]).
+    pub fn live_feed(&self) -> Arc<LiveFeed> {
+        self.live.clone()
+    }
+
+    /// Whether steps and request events are recorded: for a trace, or for a live watcher.
+    fn recording(&self) -> bool {
+        self.trace.is_some() || self.live.is_watched()
+    }
+
+    /// Publishes the KV pool's block map to live watchers now, if there are any (a watcher
+    /// arrived, or the engine goes idle: the last map must show the pool as it stays).
+    pub fn publish_block_map(&mut self) {
+        if self.live.is_watched() {
+            let now = Instant::now();
+            let t_ms = self.live.clock().ms_at(now);
+            self.live
+                .publish_block_map(BlockMap::of(&self.scheduler, self.stats.steps, t_ms));
+            self.block_map_published = Some(now);
         }
     }
 
@@ -171,10 +203,48 @@ impl<E: ModelExecutor> Engine<E> {
         ));
     }
 
-    /// Writes a request event, when tracing.
+    /// Records a request event, when recording.
     fn trace_request(&mut self, record: impl FnOnce() -> RequestRecord) {
+        if self.recording() {
+            self.record_request(record(), Instant::now(), self.stats.steps);
+        }
+    }
+
+    /// Writes `record`, which happened at `at` after `steps` steps, to the trace and the live
+    /// feed, whichever are on.
+    fn record_request(&mut self, record: RequestRecord, at: Instant, steps: u64) {
+        if self.live.is_watched() {
+            let mut live = record.clone();
+            live.t_ms = self.live.clock().ms_at(at);
+            live.step = steps;
+            self.live.publish(TraceRecord::Request(live));
+        }
         if let Some(trace) = &mut self.trace {
-            trace.request(record(), Instant::now(), self.stats.steps);
+            trace.request(record, at, steps);
+        }
+    }
+
+    /// Writes the record of a step that has run to the trace and the live feed.
+    fn record_step(&mut self, started: Instant, step: &ScheduledStep, requests: &[RequestId]) {
+        let facts = StepFacts {
+            number: self.stats.steps,
+            started,
+            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            step,
+            requests,
+        };
+        if let Some(trace) = &mut self.trace {
+            trace.step(&facts, &self.scheduler);
+        }
+        if self.live.is_watched() {
+            let record = StepRecord::of(&facts, self.live.clock(), &self.scheduler, false);
+            self.live.publish(TraceRecord::Step(record));
+            if self
+                .block_map_published
+                .is_none_or(|at| at.elapsed() >= BLOCK_MAP_INTERVAL)
+            {
+                self.publish_block_map();
+            }
         }
     }
 
@@ -325,7 +395,7 @@ impl<E: ModelExecutor> Engine<E> {
     /// Runs one step. Returns false when there was nothing to do.
     pub fn step(&mut self) -> bool {
         self.abort_disconnected();
-        let step_started = self.trace.as_ref().map(|_| Instant::now());
+        let step_started = self.recording().then(Instant::now);
         let step = self.scheduler.schedule();
         if step.is_empty() {
             self.refresh_stats();
@@ -333,7 +403,7 @@ impl<E: ModelExecutor> Engine<E> {
         }
         self.report_first_scheduled(&step);
         // Read now: a sample that finishes in this step is gone when its record is written.
-        let step_requests: Option<Vec<RequestId>> = self.trace.is_some().then(|| {
+        let step_requests: Option<Vec<RequestId>> = step_started.is_some().then(|| {
             self.trace_preemptions(&step);
             step.seqs.iter().map(|s| self.request_of(s.id)).collect()
         });
@@ -366,10 +436,8 @@ impl<E: ModelExecutor> Engine<E> {
         }
         self.stats.steps += 1;
         self.refresh_stats();
-        if let (Some(trace), Some(started), Some(requests)) =
-            (&mut self.trace, step_started, step_requests)
-        {
-            trace.step(self.stats.steps, started, &step, &self.scheduler, &requests);
+        if let (Some(started), Some(requests)) = (step_started, step_requests) {
+            self.record_step(started, &step, &requests);
         }
         true
     }
@@ -400,10 +468,8 @@ impl<E: ModelExecutor> Engine<E> {
                 }
             }
         }
-        if let Some(trace) = &mut self.trace {
-            for record in records {
-                trace.request(record, now, step_number);
-            }
+        for record in records {
+            self.record_request(record, now, step_number);
         }
     }
 
@@ -474,6 +540,8 @@ impl<E: ModelExecutor> Engine<E> {
 
     fn report_first_scheduled(&mut self, step: &ScheduledStep) {
         let now = Instant::now();
+        let recording = self.recording();
+        let mut records = Vec::new();
         // A sequence scheduled for the first time is always a prefill, so decode steps (the
         // bulk of all scheduled sequences) cost no lookup here.
         for s in step.seqs.iter().filter(|s| s.is_prefill) {
@@ -488,16 +556,15 @@ impl<E: ModelExecutor> Engine<E> {
             if let Some(request) = self.requests.get_mut(&sample.request) {
                 if !request.scheduled {
                     request.scheduled = true;
-                    if let Some(trace) = &mut self.trace {
-                        let record = RequestRecord {
+                    if recording {
+                        records.push(RequestRecord {
                             cached_tokens: Some(cached_tokens),
                             ..RequestRecord::new(
                                 RequestEventKind::Scheduled,
                                 sample.request,
                                 Some(s.id),
                             )
-                        };
-                        trace.request(record, now, self.stats.steps + 1);
+                        });
                     }
                     // A closed sink is noticed (and the request aborted) before the next step;
                     // aborting now would pull a sequence out of the batch being run.
@@ -507,6 +574,9 @@ impl<E: ModelExecutor> Engine<E> {
                     });
                 }
             }
+        }
+        for record in records {
+            self.record_request(record, now, self.stats.steps + 1);
         }
     }
 

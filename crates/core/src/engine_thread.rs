@@ -21,11 +21,14 @@ use std::thread::JoinHandle;
 
 use crate::engine::{Engine, EngineStats};
 use crate::executor::ModelExecutor;
+use crate::live::{LiveFeed, LiveWatch};
 use crate::request::{EngineLimits, EventSink, Request, RequestError, RequestId, ValidatedRequest};
 
 enum Command {
     Add(RequestId, Box<ValidatedRequest>, Box<dyn EventSink>),
     Abort(RequestId),
+    /// A live watcher arrived: publish the block map now, even if idle.
+    PublishBlockMap,
 }
 
 /// Called once, with the reason, when the engine thread fails.
@@ -61,6 +64,7 @@ pub struct EngineHandle {
     next_request_id: AtomicU64,
     stats: Arc<Mutex<EngineStats>>,
     supervision: Arc<Supervision>,
+    live: Arc<LiveFeed>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -69,6 +73,7 @@ impl EngineHandle {
     pub fn spawn<E: ModelExecutor + Send + 'static>(engine: Engine<E>) -> std::io::Result<Self> {
         let (commands, inbox) = mpsc::channel();
         let limits = engine.limits();
+        let live = engine.live_feed();
         let stats = Arc::new(Mutex::new(engine.stats()));
         let published = stats.clone();
         let supervision = Arc::new(Supervision::default());
@@ -92,6 +97,7 @@ impl EngineHandle {
             next_request_id: AtomicU64::new(1),
             stats,
             supervision,
+            live,
             thread: Some(thread),
         })
     }
@@ -139,6 +145,19 @@ impl EngineHandle {
         self.send(Command::Abort(id));
     }
 
+    /// Starts watching the engine live (see `live.rs`): from now on, until the watch is
+    /// dropped, the engine publishes its step and request records and its block map.
+    pub fn watch_live(&self) -> LiveWatch {
+        let watch = self.live.watch();
+        self.send(Command::PublishBlockMap);
+        watch
+    }
+
+    /// The live feed, for its header and its watcher count.
+    pub fn live_feed(&self) -> &Arc<LiveFeed> {
+        &self.live
+    }
+
     /// The counters as of the last step.
     pub fn stats(&self) -> EngineStats {
         *self.stats.lock().unwrap_or_else(|e| e.into_inner())
@@ -175,6 +194,7 @@ fn run<E: ModelExecutor>(
     loop {
         // Idle: sleep until a command arrives. Busy: take whatever is queued, then step.
         if !engine.has_work() {
+            engine.publish_block_map();
             match inbox.recv() {
                 Ok(command) => apply(engine, command),
                 Err(_) => return,
@@ -206,5 +226,6 @@ fn apply<E: ModelExecutor>(engine: &mut Engine<E>, command: Command) {
     match command {
         Command::Add(id, request, sink) => engine.add_request_with_id(id, *request, sink),
         Command::Abort(id) => engine.abort(id),
+        Command::PublishBlockMap => engine.publish_block_map(),
     }
 }

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod engine_thread;
 pub mod executor;
 pub mod fair_share;
+pub mod live;
 pub mod math;
 pub mod output;
 pub mod request;

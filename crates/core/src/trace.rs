@@ -180,61 +180,51 @@ impl RequestRecord {
     }
 }
 
-/// The writer the engine holds while tracing.
-pub struct Trace {
-    out: Box<dyn Write + Send>,
-    options: TraceOptions,
-    started: Instant,
-}
-
-impl Trace {
-    /// Starts a trace into `out` with its header.
-    pub fn new(
-        mut out: Box<dyn Write + Send>,
-        options: TraceOptions,
-        blocks: &BlockManager,
-        host_blocks: usize,
-    ) -> Self {
+impl TraceHeader {
+    /// The header of a record stream that starts now, over the pool `blocks` (and a host pool
+    /// of `host_blocks` for swap preemption).
+    pub fn starting_now(blocks: &BlockManager, host_blocks: usize) -> Self {
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let header = TraceRecord::Header(TraceHeader {
+        Self {
             version: TRACE_VERSION,
             started_unix_ms,
             block_size: blocks.block_size(),
             num_blocks: blocks.num_blocks(),
             kv_groups: blocks.num_groups(),
             host_blocks,
-        });
-        write_record(&mut out, &header);
-        Self {
-            out,
-            options,
-            started: Instant::now(),
         }
     }
+}
 
-    /// Milliseconds from the start of the trace to `at`.
-    pub fn ms_since_start(&self, at: Instant) -> f64 {
-        at.saturating_duration_since(self.started).as_secs_f64() * 1e3
-    }
+/// What a step record says of the step it describes, beyond the scheduler's state.
+pub struct StepFacts<'a> {
+    /// The engine's `number`-th step, which started at `started` and ran for `duration_ms`.
+    pub number: u64,
+    pub started: Instant,
+    pub duration_ms: f64,
+    pub step: &'a ScheduledStep,
+    /// The request of each of the step's sequences, in batch order.
+    pub requests: &'a [u64],
+}
 
-    /// Writes the record of `step`, the engine's `step_number`-th, which started at `started`
-    /// and has now run; `scheduler` is read as the step left it, `requests` names the request
-    /// of each of the step's sequences.
-    pub fn step(
-        &mut self,
-        step_number: u64,
-        started: Instant,
-        step: &ScheduledStep,
+impl StepRecord {
+    /// The record of a step that has run, timed by `clock`, with `scheduler` read as the step
+    /// left it; with `block_tables`, every scheduled sequence's block tables too. Shared by
+    /// the trace file and the live feed (`live.rs`), so both speak this one schema.
+    pub fn of(
+        facts: &StepFacts,
+        clock: &RecordClock,
         scheduler: &Scheduler,
-        requests: &[u64],
-    ) {
+        block_tables: bool,
+    ) -> Self {
+        let StepFacts { step, requests, .. } = facts;
         let blocks = scheduler.blocks();
         let seqs = step
             .seqs
             .iter()
-            .zip(requests)
+            .zip(requests.iter())
             .map(|(s, &request)| StepSeq {
                 id: s.id,
                 request,
@@ -244,7 +234,7 @@ impl Trace {
                 samples: s.samples,
             })
             .collect();
-        let block_tables = self.options.block_tables.then(|| {
+        let block_tables = block_tables.then(|| {
             step.batch
                 .sequences
                 .iter()
@@ -263,10 +253,10 @@ impl Trace {
                 })
                 .collect()
         });
-        let record = TraceRecord::Step(StepRecord {
-            step: step_number,
-            t_ms: self.ms_since_start(started),
-            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+        Self {
+            step: facts.number,
+            t_ms: clock.ms_at(facts.started),
+            duration_ms: facts.duration_ms,
             seqs,
             prefill_tokens: step
                 .seqs
@@ -287,8 +277,62 @@ impl Trace {
             swapped_out: step.swapped_out.clone(),
             swapped_in: step.swapped_in.clone(),
             block_tables,
-        });
-        write_record(&mut self.out, &record);
+        }
+    }
+}
+
+/// A clock for the times of a record stream: milliseconds since it started.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordClock {
+    started: Instant,
+}
+
+impl RecordClock {
+    pub fn starting_now() -> Self {
+        Self {
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds from the start to `at`.
+    pub fn ms_at(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.started).as_secs_f64() * 1e3
+    }
+}
+
+/// The writer the engine holds while tracing.
+pub struct Trace {
+    out: Box<dyn Write + Send>,
+    options: TraceOptions,
+    clock: RecordClock,
+}
+
+impl Trace {
+    /// Starts a trace into `out` with its header.
+    pub fn new(
+        mut out: Box<dyn Write + Send>,
+        options: TraceOptions,
+        blocks: &BlockManager,
+        host_blocks: usize,
+    ) -> Self {
+        let header = TraceHeader::starting_now(blocks, host_blocks);
+        write_record(&mut out, &TraceRecord::Header(header));
+        Self {
+            out,
+            options,
+            clock: RecordClock::starting_now(),
+        }
+    }
+
+    /// Milliseconds from the start of the trace to `at`.
+    pub fn ms_since_start(&self, at: Instant) -> f64 {
+        self.clock.ms_at(at)
+    }
+
+    /// Writes the record of a step that has run, with `scheduler` read as the step left it.
+    pub fn step(&mut self, facts: &StepFacts, scheduler: &Scheduler) {
+        let record = StepRecord::of(facts, &self.clock, scheduler, self.options.block_tables);
+        write_record(&mut self.out, &TraceRecord::Step(record));
     }
 
     /// Writes a request event that happened at `at`, after `steps` steps.

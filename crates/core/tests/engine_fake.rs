@@ -556,3 +556,92 @@ fn scheduled_is_not_repeated_after_a_preemption() {
         assert!(matches!(events.last(), Some(RequestEvent::Finished { .. })));
     }
 }
+
+/// Nobody watching: the live feed gets nothing. Someone watching: every step and request
+/// event of a run that preempts, in the trace's schema, and a block map that adds up.
+#[test]
+fn the_live_feed_is_fed_only_while_watched() {
+    use minserve_core::live::{BLOCK_CACHED, BLOCK_FREE, BLOCK_SHARED};
+    use minserve_core::trace::{RequestEventKind, TraceRecord};
+
+    let run = |e: &mut Engine<CountingModel>| {
+        let receivers: Vec<_> = (0..4u32)
+            .map(|i| {
+                let (tx, rx) = mpsc::channel();
+                e.submit(greedy(vec![i; 6], 12), Box::new(tx)).unwrap();
+                rx
+            })
+            .collect();
+        while e.step() {}
+        receivers
+    };
+    // 12 blocks of 4 for four sequences that grow to 5 blocks each: preemptions.
+    let mut e = engine(12);
+    let feed = e.live_feed();
+    run(&mut e);
+    assert!(
+        e.stats().num_preemptions > 0,
+        "the pool was meant to run out"
+    );
+    e.publish_block_map();
+    assert_eq!(feed.published(), (0, 0), "published with nobody watching");
+
+    let mut watch = feed.watch();
+    let steps_before = e.stats().steps;
+    let preemptions_before = e.stats().num_preemptions;
+    run(&mut e);
+    let update = watch.read();
+    assert_eq!(update.missed, 0);
+    let mut steps = Vec::new();
+    let mut events = Vec::new();
+    for record in &update.records {
+        match record {
+            TraceRecord::Step(s) => steps.push(s),
+            TraceRecord::Request(r) => events.push(r),
+            TraceRecord::Header(_) => panic!("a header in the live feed"),
+        }
+    }
+    let numbers: Vec<u64> = steps.iter().map(|s| s.step).collect();
+    assert_eq!(
+        numbers,
+        (steps_before + 1..=e.stats().steps).collect::<Vec<_>>()
+    );
+    let count = |kind| events.iter().filter(|r| r.event == kind).count();
+    assert_eq!(count(RequestEventKind::Arrived), 4);
+    assert_eq!(count(RequestEventKind::Scheduled), 4);
+    assert_eq!(count(RequestEventKind::Finished), 4);
+    let preempted: usize = steps.iter().map(|s| s.preempted.len()).sum();
+    assert_eq!(
+        preempted as u64,
+        e.stats().num_preemptions - preemptions_before
+    );
+    assert_eq!(count(RequestEventKind::Preempted), preempted);
+
+    // The map of a pool mid-run: each sequence's cells are its blocks.
+    let (tx, _rx) = mpsc::channel();
+    e.submit(greedy(vec![9; 6], 12), Box::new(tx)).unwrap();
+    e.step();
+    e.publish_block_map();
+    let map = watch.read().block_map.expect("a block map");
+    let (free, cached, used) = map.counts();
+    assert_eq!(free + cached + used, 12);
+    let usage = e.stats().kv_usage;
+    assert_eq!(used as f64 / 12.0, usage);
+    let running: u32 = map
+        .runs
+        .iter()
+        .filter(|(cell, _)| ![BLOCK_FREE, BLOCK_CACHED, BLOCK_SHARED].contains(cell))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(running, 2, "a 6-token prompt holds 2 blocks of 4");
+    assert!(cached > 0, "the finished requests' full blocks stay cached");
+
+    drop(watch);
+    let published = feed.published();
+    run(&mut e);
+    assert_eq!(
+        feed.published(),
+        published,
+        "published after the watcher left"
+    );
+}

@@ -15,6 +15,9 @@
 //!             its own objects and events (responses/)
 //! ```
 //!
+//! `GET /dashboard` (routes/dashboard.rs) is a live view of an engine: a static page, and
+//! server-sent events from the engine's live feed, fed only while someone watches.
+//!
 //! Each request's events come back over its own bounded channel, which the engine thread never
 //! waits on (a client too slow to keep up is aborted, see `submit.rs`). When the client goes
 //! away the response future or stream is dropped with the channel's receiver, the sink reports
@@ -79,7 +82,9 @@ pub use reasoning::ReasoningFormat;
 pub use state::{spawn_load, spawn_load_model, AppState};
 pub use tenants::{ApiKeys, Tenant, TenantLimits};
 
-use routes::{chat, completions, monitoring, openapi, responses as responses_api, tokenize};
+use routes::{
+    chat, completions, dashboard, monitoring, openapi, responses as responses_api, tokenize,
+};
 
 /// The routes, without the outer layers (see [`app`]).
 pub fn router(state: Arc<AppState>) -> Router {
@@ -88,6 +93,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/{model}", get(monitoring::health_of))
         .route("/metrics", get(monitoring::metrics_page))
         .route("/get_load", get(monitoring::load))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/dashboard.js", get(dashboard::script))
+        .route("/dashboard/dashboard.css", get(dashboard::style))
+        .route("/dashboard/events", get(dashboard::events))
         .route("/openapi.json", get(openapi::openapi))
         .route("/v1/models", get(routes::models::list_models))
         .route("/v1/models/{model}", get(routes::models::get_model))

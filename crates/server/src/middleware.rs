@@ -20,12 +20,15 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::caller::{CallerTenant, SESSION_HEADER};
 use crate::error::ApiError;
+use crate::routes::dashboard;
 use crate::state::AppState;
 
-/// Routes that answer without the API key: probes and the API description.
+/// Routes that answer without the API key: probes, the API description, and the dashboard's
+/// page (its data, `/dashboard/events`, needs the key).
 fn is_public_route(path: &str) -> bool {
     matches!(path, "/health" | "/metrics" | "/get_load" | "/openapi.json")
         || path.starts_with("/health/")
+        || dashboard::is_public_asset(path)
 }
 
 /// Constant-time comparison, so the key cannot be guessed byte by byte from timings.

@@ -2,11 +2,12 @@
 //! benchmark_throughput): seeded random prompts, all submitted at once, `ignore_eos`, timed
 //! from the first step to the last token.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Args;
+use minserve_core::live::LiveFeed;
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::{EventSink, Request, RequestEvent};
 
@@ -36,6 +37,48 @@ pub struct ThroughputArgs {
     /// of structured outputs (docs/constrained-decoding.md).
     #[arg(long, default_value_t = 0.0)]
     json_schema_fraction: f64,
+    /// Watch the engine as an open dashboard does (a thread reads the live feed ten times a
+    /// second and serializes it to JSON): the cost of being watched (docs/dashboard.md).
+    #[arg(long)]
+    watch_live: bool,
+}
+
+/// A reader of the engine's live feed on a thread of its own, as the dashboard's events
+/// stream reads it: every `PUSH_INTERVAL`, everything new, serialized.
+struct LiveReader {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, usize)>,
+}
+
+impl LiveReader {
+    const PUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+    fn start(feed: &Arc<LiveFeed>) -> Self {
+        let mut watch = feed.watch();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut records, mut bytes) = (0, 0);
+            loop {
+                let done = stopped.load(Ordering::Relaxed);
+                let update = watch.read();
+                records += update.records.len() as u64;
+                bytes += serde_json::to_vec(&update.records).map_or(0, |v| v.len());
+                bytes += serde_json::to_vec(&update.block_map.as_deref()).map_or(0, |v| v.len());
+                if done {
+                    return (records, bytes);
+                }
+                std::thread::sleep(Self::PUSH_INTERVAL);
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops reading; returns the records read and the bytes they serialized to.
+    fn finish(self) -> (u64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
 }
 
 /// The schema of `--json-schema-fraction`: records with a name, a number and a flag, as many
@@ -173,9 +216,13 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("request {i} rejected: {e}"))?;
     }
 
+    let reader = args
+        .watch_live
+        .then(|| LiveReader::start(&engine.live_feed()));
     let start = Instant::now();
     while engine.step() {}
     let elapsed = start.elapsed().as_secs_f64();
+    let (live_records, live_bytes) = reader.map_or((0, 0), LiveReader::finish);
     let stats = engine.stats();
     let output_tokens = generated.load(Ordering::Relaxed);
     let decode_steps = stats.decode_steps as f64;
@@ -209,6 +256,9 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         "json_schema_fraction": args.json_schema_fraction,
         "grammar_mask_s": stats.grammar_mask_seconds,
         "grammar_wait_s": stats.grammar_wait_seconds,
+        "watch_live": args.watch_live,
+        "live_records": live_records,
+        "live_bytes": live_bytes,
     });
     if args.json {
         println!("{report}");
@@ -241,6 +291,12 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         );
         println!("peak KV usage:     {:.1}%", stats.peak_kv_usage * 100.0);
         println!("preemptions:       {}", stats.num_preemptions);
+        if args.watch_live {
+            println!(
+                "watched live:      {live_records} records read, {:.1} MiB of JSON",
+                live_bytes as f64 / (1 << 20) as f64
+            );
+        }
         if grammar.is_some() {
             println!(
                 "grammar masks:     {:.3} s computed, {:.3} s of it waited for ({:.1}% of the run)",
