@@ -104,7 +104,7 @@ pub use layout::{QInput, BLOCK, TILE_N};
 pub use pack::QWeight;
 
 use crate::tensor_util::with_f32_slice;
-use layout::{TileQ4, TileQ8};
+use layout::{TileQ4, TileQ4K, TileQ6K, TileQ8};
 use pack::{Kind, Packed};
 use quantize::with_scratch;
 
@@ -129,7 +129,7 @@ impl QWeight {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "qmatmul: x is not {m} x {}", self.k);
         with_scratch(|input| {
-            input.quantize_with(isa, x, m, self.k);
+            input.quantize_with(isa, x, m, self.k, self.activation_forms());
             self.matmul_quantized_with(isa, input, out)
         })
     }
@@ -175,11 +175,28 @@ impl QWeight {
             input.k(),
             self.k
         );
+        let needed = self.activation_forms();
         assert!(
-            input.d.len() >= m * input.nb
-                && input.s.len() >= m * input.nb
-                && input.sum.len() >= m * input.nb
-                && input.qs.len() >= m * self.k,
+            input.forms.covers(needed),
+            "qmatmul: input quantized as {:?}, the weight needs {needed:?}",
+            input.forms
+        );
+        let (nb, nsb) = (input.nb, input.nsb());
+        let q8k = &input.q8k;
+        assert!(
+            !needed.q8_1
+                || (input.d.len() >= m * nb
+                    && input.s.len() >= m * nb
+                    && input.sum.len() >= m * nb
+                    && input.qs.len() >= m * self.k),
+            "qmatmul: input buffers too short"
+        );
+        assert!(
+            !needed.q8k
+                || (q8k.d.len() >= m * nsb
+                    && q8k.bsum16.len() >= m * nsb * 16
+                    && q8k.bsum32.len() >= m * nsb * 8
+                    && q8k.qs.len() >= m * self.k),
             "qmatmul: input buffers too short"
         );
         assert_eq!(
@@ -212,7 +229,7 @@ impl QWeight {
         let m = x.elem_count() / k;
         let outs = with_f32_slice(x, |x| {
             with_scratch(|input| {
-                input.quantize(x, m, k);
+                input.quantize_for(weights, x, m);
                 let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; m * w.n]).collect();
                 let mut slices: Vec<&mut [f32]> =
                     outs.iter_mut().map(|o| o.as_mut_slice()).collect();
@@ -236,7 +253,8 @@ impl QWeight {
     /// The preconditions checked by [`QWeight::check`] hold for `input` and the `m x n` output
     /// at `out`; `item < row_chunks * n_tiles`; no one else accesses this item's elements.
     unsafe fn run_item(&self, isa: Isa, input: &QInput, item: usize, out: *mut f32) {
-        let (m, n, nb) = (input.m, self.n, input.nb);
+        let (m, n) = (input.m, self.n);
+        let nb = self.k / self.kind.block_len();
         let n_tiles = n.div_ceil(TILE_N);
         let (chunk, tile) = (item / n_tiles, item % n_tiles);
         let rows = chunk * ROW_CHUNK..m.min((chunk + 1) * ROW_CHUNK);
@@ -247,6 +265,8 @@ impl QWeight {
         match &self.packed {
             Packed::Q4(t) => tile_q4(isa, self.kind, &t[tiles], input, rows, dst, n, cols),
             Packed::Q8(t) => tile_q8(isa, &t[tiles], input, rows, dst, n, cols),
+            Packed::Q4K(t) => tile_q4k(isa, &t[tiles], input, rows, dst, n, cols),
+            Packed::Q6K(t) => tile_q6k(isa, &t[tiles], input, rows, dst, n, cols),
         }
     }
 }
@@ -375,6 +395,72 @@ unsafe fn tile_q8(
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, _) => x86::q8_avx2::<1>(tiles, acts, r, dst, n, cols),
             _ => scalar::q8(tiles, acts, r..r + take, dst, n, cols),
+        }
+        r += take;
+    }
+}
+
+/// [`tile_q4`] for Q4_K.
+///
+/// # Safety
+/// As [`tile_q4`], with `tiles.len() == acts.nsb()` and the Q8_K form in `acts`.
+unsafe fn tile_q4k(
+    isa: Isa,
+    tiles: &[TileQ4K],
+    acts: &QInput,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    assert!(tiles.len() == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
+    let mut r = rows.start;
+    while r < rows.end {
+        let take = next_take(rows.end - r);
+        let dst = out.add(r * n);
+        match (isa, take) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, ROW_TILE) => x86::q4k_vnni::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, _) => x86::q4k_vnni::<1>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, ROW_TILE) => x86::q4k_avx2::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, _) => x86::q4k_avx2::<1>(tiles, acts, r, dst, n, cols),
+            _ => scalar::q4k(tiles, acts, r..r + take, dst, n, cols),
+        }
+        r += take;
+    }
+}
+
+/// [`tile_q4`] for Q6_K.
+///
+/// # Safety
+/// As [`tile_q4k`].
+unsafe fn tile_q6k(
+    isa: Isa,
+    tiles: &[TileQ6K],
+    acts: &QInput,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    assert!(tiles.len() == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
+    let mut r = rows.start;
+    while r < rows.end {
+        let take = next_take(rows.end - r);
+        let dst = out.add(r * n);
+        match (isa, take) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, ROW_TILE) => x86::q6k_vnni::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, _) => x86::q6k_vnni::<1>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, ROW_TILE) => x86::q6k_avx2::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, _) => x86::q6k_avx2::<1>(tiles, acts, r, dst, n, cols),
+            _ => scalar::q6k(tiles, acts, r..r + take, dst, n, cols),
         }
         r += take;
     }
