@@ -1,6 +1,6 @@
-//! Batched CPU matmul for GGUF's Q4_0, Q4_1 and Q8_0 weights (and Q5_0, widened to the Q8_0
-//! blocks of the same values at load): each weight block is decoded once and applied to every
-//! row of the batch, so that continuous batching pays off.
+//! Batched CPU matmul for GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights (and Q5_0, widened to
+//! the Q8_0 blocks of the same values at load): each weight block is decoded once and applied
+//! to every row of the batch, so that continuous batching pays off.
 //!
 //! # Why
 //!
@@ -40,6 +40,29 @@
 //! this module agree only to float rounding (or, for Q8_K, to activation-quantization noise);
 //! this module matches llama.cpp's reference `vec_dot_q8_0_q8_0`.
 //!
+//! # The k-quants (Q4_K, Q6_K): Q8_K activations, one f32 epilogue per 256 inputs
+//!
+//! As in ggml, Q4_K and Q6_K weights multiply activations quantized to Q8_K super-blocks of 256
+//! (`iscale = -127 / max`, f32 scale, sums of 16 codes), computed exactly as candle's
+//! `BlockQ8K::from_float` (tested byte for byte). Per (row, column, super-block) everything up to
+//! one f32 epilogue is exact integer arithmetic: the sub-block dot products `S_j` (`vpdpbusd` on
+//! the unsigned codes), times the sub-block scales (`vpmulld`), summed into `si`; Q4_K's
+//! minimums give `mi = sum_j m_j * (sum of the row's 32 codes of sub-block j)` (`vpdpwssd` on
+//! pairs), Q6_K's offset of 32 likewise `32 * sum_j sc_j * (sum of 16 codes)`. Then
+//!
+//! ```text
+//! Q4_K:  acc += (d_w * d_x) * si - (dmin_w * d_x) * mi
+//! Q6_K:  acc += (d_w * d_x) * si            (si with the offset already taken out)
+//! ```
+//!
+//! lane-wise, no FMA, super-blocks in order: every ISA path is bit-identical and results are
+//! batch-invariant, as above. This is not candle's arithmetic (its repacked x86 kernel and its
+//! AVX `vec_dot` round per sub-block, with FMAs, and differ from each other: candle's Q6_K
+//! results for a row change between m = 1 and m > 1), so against candle the tests hold a
+//! rounding bound (`tests/qmatmul.rs`), not bit-equality. The tiles keep the file's bytes (Q4_K
+//! unpacks its 12 bytes of 6-bit scales and minimums to 16 at load); Q6_K's 4 + 2 bit codes are
+//! joined per tile (a shift and a `vpternlogd` per register), shared by the row tile.
+//!
 //! # Layout
 //!
 //! At load, the weights are repacked into tiles of 16 output columns by one block of 32 inputs:
@@ -71,14 +94,16 @@
 //!
 //! `isa` detects the instruction set; `layout` holds the data the kernels read (weight tiles,
 //! quantized activation rows); `pack` turns GGUF blocks into tiles ([`QWeight::from_qtensor`]);
-//! `quantize` turns activation rows into Q8_1 blocks ([`QInput::quantize`]); this file holds the
+//! `quantize` turns activation rows into Q8_1 blocks and Q8_K super-blocks
+//! ([`QInput::quantize_for`]); this file holds the
 //! entry points (`matmul*`, `forward*`) and splits their work over the pool; `x86` and `scalar`
 //! are the kernels, `scalar` also the reference arithmetic that the others reproduce.
 //!
 //! # Use
 //!
 //! ```ignore
-//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors get packed, the rest stay on candle
+//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors get packed, the rest stay
+//! // on candle
 //! let w = match QWeight::from_qtensor(&qtensor)? {
 //!     Some(packed) => LinearWeight::Packed(packed),
 //!     None => LinearWeight::Candle(QMatMul::from_qtensor(qtensor)?),
