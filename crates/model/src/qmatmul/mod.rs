@@ -290,8 +290,8 @@ impl QWeight {
         match &self.packed {
             Packed::Q4(t) => tile_q4(isa, self.kind, &t[tiles], input, rows, dst, n, cols),
             Packed::Q8(t) => tile_q8(isa, &t[tiles], input, rows, dst, n, cols),
-            Packed::Q4K(t) => tile_q4k(isa, &t[tiles], input, rows, dst, n, cols),
-            Packed::Q6K(t) => tile_q6k(isa, &t[tiles], input, rows, dst, n, cols),
+            Packed::Q4K(t) => tile_k(isa, KTiles::Q4K(&t[tiles]), input, rows, dst, n, cols),
+            Packed::Q6K(t) => tile_k(isa, KTiles::Q6K(&t[tiles]), input, rows, dst, n, cols),
         }
     }
 }
@@ -425,67 +425,62 @@ unsafe fn tile_q8(
     }
 }
 
-/// [`tile_q4`] for Q4_K.
-///
-/// # Safety
-/// As [`tile_q4`], with `tiles.len() == acts.nsb()` and the Q8_K form in `acts`.
-unsafe fn tile_q4k(
-    isa: Isa,
-    tiles: &[TileQ4K],
-    acts: &QInput,
-    rows: std::ops::Range<usize>,
-    out: *mut f32,
-    n: usize,
-    cols: usize,
-) {
-    assert!(tiles.len() == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
-    let mut r = rows.start;
-    while r < rows.end {
-        let take = next_take(rows.end - r);
-        let dst = out.add(r * n);
-        match (isa, take) {
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, ROW_TILE) => x86::q4k_vnni::<ROW_TILE>(tiles, acts, r, dst, n, cols),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, _) => x86::q4k_vnni::<1>(tiles, acts, r, dst, n, cols),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, ROW_TILE) => x86::q4k_avx2::<ROW_TILE>(tiles, acts, r, dst, n, cols),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => x86::q4k_avx2::<1>(tiles, acts, r, dst, n, cols),
-            _ => scalar::q4k(tiles, acts, r..r + take, dst, n, cols),
-        }
-        r += take;
-    }
+/// The tiles of one column tile of a k-quant weight.
+#[derive(Clone, Copy)]
+enum KTiles<'a> {
+    Q4K(&'a [TileQ4K]),
+    Q6K(&'a [TileQ6K]),
 }
 
-/// [`tile_q4`] for Q6_K.
+/// [`tile_q4`] for Q4_K and Q6_K.
 ///
 /// # Safety
-/// As [`tile_q4k`].
-unsafe fn tile_q6k(
+/// As [`tile_q4`], with one tile per super-block (`acts.nsb()`) and the Q8_K form in `acts`.
+unsafe fn tile_k(
     isa: Isa,
-    tiles: &[TileQ6K],
+    tiles: KTiles,
     acts: &QInput,
     rows: std::ops::Range<usize>,
     out: *mut f32,
     n: usize,
     cols: usize,
 ) {
-    assert!(tiles.len() == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
+    let len = match tiles {
+        KTiles::Q4K(t) => t.len(),
+        KTiles::Q6K(t) => t.len(),
+    };
+    assert!(len == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
     let mut r = rows.start;
     while r < rows.end {
         let take = next_take(rows.end - r);
         let dst = out.add(r * n);
-        match (isa, take) {
+        match (isa, tiles, take) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, ROW_TILE) => x86::q6k_vnni::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            (Isa::Avx512Vnni, KTiles::Q4K(t), ROW_TILE) => {
+                x86::q4k_vnni::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, _) => x86::q6k_vnni::<1>(tiles, acts, r, dst, n, cols),
+            (Isa::Avx512Vnni, KTiles::Q4K(t), _) => x86::q4k_vnni::<1>(t, acts, r, dst, n, cols),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, ROW_TILE) => x86::q6k_avx2::<ROW_TILE>(tiles, acts, r, dst, n, cols),
+            (Isa::Avx512Vnni, KTiles::Q6K(t), ROW_TILE) => {
+                x86::q6k_vnni::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => x86::q6k_avx2::<1>(tiles, acts, r, dst, n, cols),
-            _ => scalar::q6k(tiles, acts, r..r + take, dst, n, cols),
+            (Isa::Avx512Vnni, KTiles::Q6K(t), _) => x86::q6k_vnni::<1>(t, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q4K(t), ROW_TILE) => {
+                x86::q4k_avx2::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q4K(t), _) => x86::q4k_avx2::<1>(t, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q6K(t), ROW_TILE) => {
+                x86::q6k_avx2::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q6K(t), _) => x86::q6k_avx2::<1>(t, acts, r, dst, n, cols),
+            (_, KTiles::Q4K(t), _) => scalar::q4k(t, acts, r..r + take, dst, n, cols),
+            (_, KTiles::Q6K(t), _) => scalar::q6k(t, acts, r..r + take, dst, n, cols),
         }
         r += take;
     }
