@@ -5,12 +5,13 @@ use std::time::Instant;
 
 /// The default model, fetched on first use like the binary does.
 pub fn default_model_path() -> PathBuf {
-    minserve_hub::resolve(
-        minserve_hub::default_model(),
-        &minserve_hub::FetchOptions::default(),
-    )
-    .unwrap_or_else(|e| {
-        eprintln!("cannot get the default model: {e}");
+    catalog_model_path(minserve_hub::default_model())
+}
+
+/// A catalog model by alias, fetched on first use like the binary does.
+pub fn catalog_model_path(alias: &str) -> PathBuf {
+    minserve_hub::resolve(alias, &minserve_hub::FetchOptions::default()).unwrap_or_else(|e| {
+        eprintln!("cannot get `{alias}`: {e}");
         std::process::exit(2);
     })
 }

@@ -3,17 +3,19 @@
 //! batching produces. Both run through `forward` on a `[m, k]` tensor (output allocated per call,
 //! as in the model), alternating rounds so that both see the same machine state; medians.
 //!
-//! 1. Per shape, one weight called over and over (it stays in cache): kernel throughput.
+//! 1. Per shape, one weight called over and over (it stays in cache): kernel throughput; then the
+//!    same for gemma3-270m's k-quant shapes (Q4_K attention output and MLP down, Q6_K MLP down).
 //! 2. One whole decode step (every layer's projections and the lm_head, weights streaming from
 //!    memory as in the model): time per token at each batch size, i.e. the batching gain.
 //!
-//! `cargo bench -p minserve-benches --bench qmatmul`
+//! `cargo bench -p minserve-benches --bench qmatmul` (`-- shapes`, `-- gemma` or `-- model` for
+//! one part)
 
 use std::time::Instant;
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
-use minserve_benches::{default_model_path, median};
+use minserve_benches::{catalog_model_path, default_model_path, median};
 use minserve_model::qmatmul::{Isa, QWeight};
 
 const MS: [usize; 4] = [1, 8, 32, 64];
@@ -30,25 +32,54 @@ const SHAPES: [(&str, &str); 5] = [
     ("lm_head 576->49152", "token_embd.weight"),
 ];
 
+/// gemma3-270m's k-quant matrices: (label, projection, type); the first layer storing the
+/// projection in that type is measured.
+const GEMMA_SHAPES: [(&str, &str, GgmlDType); 3] = [
+    ("gemma o 1024->640", "attn_output", GgmlDType::Q4K),
+    ("gemma down 2048->640", "ffn_down", GgmlDType::Q4K),
+    ("gemma down 2048->640", "ffn_down", GgmlDType::Q6K),
+];
+
 fn main() {
-    // `-- shapes` or `-- model` runs one part only.
+    // `-- shapes`, `-- gemma` or `-- model` runs those parts only.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    const PARTS: [&str; 3] = ["shapes", "gemma", "model"];
     let only = |part: &str| {
-        !args.iter().any(|a| a == "shapes" || a == "model") || args.iter().any(|a| a == part)
+        !args.iter().any(|a| PARTS.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
     let path = default_model_path();
     let mut file = std::fs::File::open(&path).expect("open model");
     let content = gguf_file::Content::read(&mut file).expect("gguf");
     if only("shapes") {
-        shapes(&content, &mut file);
+        let named: Vec<(String, String)> = SHAPES
+            .iter()
+            .map(|&(label, name)| (label.to_string(), name.to_string()))
+            .collect();
+        shapes(&content, &mut file, &named);
+    }
+    if only("gemma") {
+        let mut file = std::fs::File::open(catalog_model_path("gemma3-270m")).expect("open");
+        let content = gguf_file::Content::read(&mut file).expect("gguf");
+        let named: Vec<(String, String)> = GEMMA_SHAPES
+            .iter()
+            .map(|&(label, proj, dtype)| {
+                let name = (0..)
+                    .map(|l| format!("blk.{l}.{proj}.weight"))
+                    .take_while(|name| content.tensor_infos.contains_key(name))
+                    .find(|name| content.tensor_infos[name].ggml_dtype == dtype)
+                    .unwrap_or_else(|| panic!("no {proj} of type {dtype:?}"));
+                (label.to_string(), name)
+            })
+            .collect();
+        shapes(&content, &mut file, &named);
     }
     if only("model") {
         model_step(&content, &mut file);
     }
 }
 
-/// Part 1: each distinct shape, one weight called over and over.
-fn shapes(content: &gguf_file::Content, file: &mut std::fs::File) {
+/// Part 1: each (label, tensor name), one weight called over and over.
+fn shapes(content: &gguf_file::Content, file: &mut std::fs::File, named: &[(String, String)]) {
     let dev = Device::Cpu;
     println!("qmatmul: {:?}, {} candle threads", Isa::best(), {
         candle_core::utils::get_num_threads()
@@ -58,7 +89,7 @@ fn shapes(content: &gguf_file::Content, file: &mut std::fs::File) {
         "shape", "type", "m", "ours us", "candle us", "ours GF/s", "cndl GF/s", "speedup"
     );
     let mut seed = 0x2545F4914F6CDD1Du64;
-    for &(label, name) in &SHAPES {
+    for (label, name) in named {
         let qt = content.tensor(file, name, &dev).expect("tensor");
         let (n, k) = qt.shape().dims2().expect("2d");
         let dtype = qt.dtype();

@@ -1,9 +1,9 @@
 //! The weights of a Llama-family model, whatever file they came from.
 //!
 //! GGUF tensors stay in their quantized format (the activations are quantized to match, as
-//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types — and Q5_0 (as Q8_0) run
-//! on our own batch-reusing kernels (`crate::qmatmul`); other quantized types on candle's
-//! `QMatMul`; safetensors tensors are plain f32 matmuls.
+//! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types —, Q5_0 (as Q8_0), Q4_K
+//! and Q6_K run on our own batch-reusing kernels (`crate::qmatmul`); other quantized types on
+//! candle's `QMatMul`; safetensors tensors are plain f32 matmuls.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -117,7 +117,7 @@ impl Linear {
             .collect();
         match packed {
             Some(weights) => {
-                input.quantize(x, m, x.len() / m);
+                input.quantize_for(&weights, x, m);
                 QWeight::matmul_quantized_many(&weights, input, outs);
             }
             // candle's, or a mix (a GGUF may store q and v in different types): one at a time.
@@ -126,7 +126,7 @@ impl Linear {
                 for (layer, out) in layers.iter().zip(outs.iter_mut()) {
                     match &layer.weight {
                         LinearWeight::Packed(w) => {
-                            input.quantize(x, m, x.len() / m);
+                            input.quantize_for(&[w], x, m);
                             QWeight::matmul_quantized_many(&[w], input, &mut [&mut **out]);
                         }
                         LinearWeight::Candle(w) => {

@@ -109,6 +109,20 @@ fn check_batch_invariance(cache: CacheOptions) {
     check_runs(&mut runner, [&a, &b, &c], [7, 13], decode);
 }
 
+/// The real gemma3-270m (Q5_0, Q8_0, Q4_K and Q6_K matrices, all on the batch-reusing kernels,
+/// and a 512-token sliding window): the same bit-identity.
+#[test]
+fn gemma3_270m_logits_do_not_depend_on_batch_or_chunking() {
+    let loaded = load_model(&common::catalog_model_path("gemma3-270m")).unwrap();
+    let tk = &loaded.tokenizer;
+    let prompt = |t: &str| tk.encode(t, true).unwrap();
+    let a = prompt("The tide comes in twice a day because the moon pulls on the oceans, and the sun does too, a little less.");
+    let b = prompt("Hi");
+    let c = prompt("List three rivers of Europe, then say which one is the longest and through how many countries it flows.");
+    let mut runner = ModelRunner::new(loaded.model, CacheOptions::default());
+    check_runs(&mut runner, [&a, &b, &c], [7, 13], 4);
+}
+
 /// The same bit-identity on a sliding-window model (synthetic Gemma 3 shape, window 8, every
 /// third layer global): prompts far past the window, chunks that start inside and outside it,
 /// sequences of different lengths in one batch; the local layers' blocks that the window has

@@ -15,6 +15,16 @@
 //!   instead (Q8_0 with `k % 256 == 0` on AVX-512) the two also differ by quantization noise,
 //!   at most `sum_j |w_j| * (amax / 254 + amax / 254)` per row; that case is checked with that
 //!   (loose, worst-case) bound only.
+//! * Q4_K / Q6_K: the activations are quantized to Q8_K super-blocks exactly as candle does
+//!   (`BlockQ8K::from_float`), then each super-block contributes
+//!   `(d_w d_x) si - (dmin_w d_x) mi` (Q6_K: the first term) with `si`, `mi` exact integers,
+//!   about five f32 roundings, and `nsb` super-blocks are summed in order. Against the f64
+//!   product of the same quantized activations and dequantized weights we allow
+//!   `(nsb + 6) * f32::EPSILON * mag`, where `mag = sum_j (|w_j| + 2 |dmin m_j|) |x_j|` bounds
+//!   both terms before they cancel (`|d sc q| <= |w| + |dmin m|`). candle (its repacked x86
+//!   kernel, or its AVX `vec_dot` for Q6_K at m = 1) rounds per sub-block of 32 (Q4_K) or 16
+//!   (Q6_K) and uses FMAs: against it `(16 nsb + 16) * f32::EPSILON * mag`. Not bit-identical to
+//!   candle, whose own m = 1 and m > 1 paths differ for Q6_K; ours are batch-invariant.
 //! * ISA paths and batch compositions: **bit-identical** (the same f32 operations per element).
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -232,12 +242,113 @@ fn q5_0_matches_reference_and_candle() {
     check_against_candle(GgmlDType::Q5_0, 6);
 }
 
+/// `dmin * m` per weight of a Q4_K tensor (the minimum each value subtracts; zeros for other
+/// types): its blocks with every nibble cleared, dequantized (and negated).
+fn k_quant_min_terms(wq: &QTensor) -> Tensor {
+    let shape = wq.shape().clone();
+    if wq.dtype() != GgmlDType::Q4K {
+        return Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    }
+    let mut bytes = wq.data().unwrap().into_owned();
+    for blk in bytes.chunks_exact_mut(144) {
+        blk[16..].fill(0);
+    }
+    let cleared = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        GgmlDType::Q4K,
+        &bytes,
+        shape.dims().to_vec(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    cleared.dequantize(&Device::Cpu).unwrap().neg().unwrap()
+}
+
+/// The k-quant bound's `mag` (see the module docs) per (row, column).
+fn k_quant_magnitude(wq: &QTensor, x: &[f32], m: usize) -> Vec<f64> {
+    let (_, k) = wq.shape().dims2().unwrap();
+    let x = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
+    let x = QTensor::quantize(&x, GgmlDType::Q8K)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    let w = wq.dequantize(&Device::Cpu).unwrap().abs().unwrap();
+    let mins = k_quant_min_terms(wq).abs().unwrap();
+    let w = (w + (mins * 2.0).unwrap()).unwrap();
+    let mag = x.abs().unwrap().matmul(&w.t().unwrap()).unwrap();
+    mag.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Q4_K / Q6_K against the f64 product of the same quantized operands and against candle, for
+/// every batch size, with the bounds of the module docs.
+fn check_k_quant(dtype: GgmlDType, seed: u64) {
+    let mut rng = Rng(seed);
+    for (k, n) in [(256, 40), (1024, 640), (2048, 640), (512, 200)] {
+        let wq = quantized(&mut rng, n, k, dtype);
+        let ours_w = QWeight::from_qtensor(&wq).unwrap().expect("supported type");
+        assert_eq!((ours_w.n(), ours_w.k(), ours_w.dtype()), (n, k, dtype));
+        let x_all = rng.matrix(64, k, 1.0);
+        let refs: Vec<_> = MS
+            .iter()
+            .map(|&m| {
+                let x = &x_all[..m * k];
+                let (exact, _) = reference(&wq, x, m, GgmlDType::Q8K);
+                (exact, k_quant_magnitude(&wq, x, m))
+            })
+            .collect();
+        let theirs_w = QMatMul::from_qtensor(wq).unwrap();
+        let nsb = (k / 256) as f64;
+        let eps = f32::EPSILON as f64;
+        for (&m, (exact, mag)) in MS.iter().zip(&refs) {
+            let x = &x_all[..m * k];
+            let got = ours(&ours_w, x, m);
+            let what = format!("{dtype:?} {k}->{n} m={m}");
+            let bound: Vec<f64> = mag.iter().map(|s| (nsb + 6.0) * eps * s).collect();
+            assert_within(&got, exact, &bound, &format!("{what} vs f64 reference"));
+            let theirs: Vec<f64> = candle(&theirs_w, x, m, k)
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let bound: Vec<f64> = mag.iter().map(|s| (16.0 * nsb + 16.0) * eps * s).collect();
+            assert_within(&got, &theirs, &bound, &format!("{what} vs candle"));
+        }
+    }
+}
+
+#[test]
+fn q4_k_matches_reference_and_candle() {
+    check_k_quant(GgmlDType::Q4K, 12);
+}
+
+#[test]
+fn q6_k_matches_reference_and_candle() {
+    check_k_quant(GgmlDType::Q6K, 13);
+}
+
+/// Shapes the packer refuses go to candle: k-quants whose k is not a multiple of 256 (candle
+/// cannot quantize those either), and the types without kernels.
 #[test]
 fn other_types_are_left_to_candle() {
     let mut rng = Rng(4);
-    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32] {
+    for dtype in [GgmlDType::Q2K, GgmlDType::Q5K, GgmlDType::F32] {
         let wq = quantized(&mut rng, 16, 256, dtype);
         assert!(QWeight::from_qtensor(&wq).unwrap().is_none(), "{dtype:?}");
+    }
+}
+
+/// `(k, n)` shapes for a type: k-quants need k to be a multiple of 256.
+fn shapes_for(
+    dtype: GgmlDType,
+    blocks: &[(usize, usize)],
+    super_blocks: &[(usize, usize)],
+) -> Vec<(usize, usize)> {
+    match dtype {
+        GgmlDType::Q4K | GgmlDType::Q6K => super_blocks.to_vec(),
+        _ => blocks.to_vec(),
     }
 }
 
@@ -251,8 +362,15 @@ fn batch_invariance() {
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
         GgmlDType::Q5_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
     ] {
-        for (k, n) in [(576, 1536), (1536, 576), (576, 200)] {
+        let shapes = shapes_for(
+            dtype,
+            &[(576, 1536), (1536, 576), (576, 200)],
+            &[(1024, 640), (2048, 640), (512, 200)],
+        );
+        for (k, n) in shapes {
             let w = QWeight::from_qtensor(&quantized(&mut rng, n, k, dtype))
                 .unwrap()
                 .unwrap();
@@ -296,8 +414,19 @@ fn isa_paths_agree_with_scalar() {
     let available = Isa::available();
     eprintln!("instruction sets here: {available:?}");
     let mut rng = Rng(6);
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
-        for (k, n) in [(64, 4), (96, 20), (576, 40), (576, 192), (1536, 72)] {
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        let shapes = shapes_for(
+            dtype,
+            &[(64, 4), (96, 20), (576, 40), (576, 192), (1536, 72)],
+            &[(256, 4), (256, 20), (512, 40), (1024, 72), (2048, 24)],
+        );
+        for (k, n) in shapes {
             let w = QWeight::from_qtensor(&quantized(&mut rng, n, k, dtype))
                 .unwrap()
                 .unwrap();
@@ -437,6 +566,54 @@ fn default_model_tensors_match_candle() {
     }
 }
 
+/// Weights of several kinds sharing one input (a file may store q as Q4_K and v as Q6_K or
+/// Q8_0): the input is quantized to both Q8_1 blocks and Q8_K super-blocks once, and each
+/// weight gets its own `forward`'s result, bit for bit.
+#[test]
+fn mixed_kinds_share_an_input() {
+    let mut rng = Rng(14);
+    let weights: Vec<QWeight> = [
+        (512, GgmlDType::Q4K),
+        (72, GgmlDType::Q6K),
+        (40, GgmlDType::Q8_0),
+        (24, GgmlDType::Q4_1),
+    ]
+    .iter()
+    .map(|&(n, dtype)| {
+        QWeight::from_qtensor(&quantized(&mut rng, n, 512, dtype))
+            .unwrap()
+            .unwrap()
+    })
+    .collect();
+    let refs: Vec<&QWeight> = weights.iter().collect();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for m in [1, 6] {
+        let x = Tensor::from_vec(rng.matrix(m, 512, 1.0), (m, 512), &Device::Cpu).unwrap();
+        let shared = QWeight::forward_shared(&refs, &x).unwrap();
+        for (w, got) in weights.iter().zip(&shared) {
+            let alone = w.forward(&x).unwrap();
+            assert_bits_eq(&flat(got), &flat(&alone), &format!("{:?} m={m}", w.dtype()));
+        }
+    }
+}
+
+/// A k-quant weight given an input quantized only for the others is refused, not misread.
+#[test]
+#[should_panic(expected = "the weight needs")]
+fn k_quant_needs_its_activation_form() {
+    let mut rng = Rng(15);
+    let q8 = QWeight::from_qtensor(&quantized(&mut rng, 16, 256, GgmlDType::Q8_0))
+        .unwrap()
+        .unwrap();
+    let q4k = QWeight::from_qtensor(&quantized(&mut rng, 16, 256, GgmlDType::Q4K))
+        .unwrap()
+        .unwrap();
+    let mut input = minserve_model::qmatmul::QInput::new();
+    input.quantize_for(&[&q8], &[0.5; 256], 1);
+    let mut out = vec![0f32; 16];
+    QWeight::matmul_quantized_many(&[&q4k], &input, &mut [&mut out]);
+}
+
 /// Quantizing once for several weights (q/k/v) gives each weight's own `forward`, bit for bit.
 #[test]
 fn shared_input_matches_separate_calls() {
@@ -458,7 +635,11 @@ fn shared_input_matches_separate_calls() {
         let x = Tensor::from_vec(rng.matrix(m, 576, 1.0), (m, 576), &Device::Cpu).unwrap();
         let shared = QWeight::forward_shared(&refs, &x).unwrap();
         let mut input = minserve_model::qmatmul::QInput::new();
-        input.quantize(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, 576);
+        input.quantize_for(
+            &refs,
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            m,
+        );
         assert_eq!((input.rows(), input.k()), (m, 576));
         for (w, got) in weights.iter().zip(&shared) {
             let alone = w.forward(&x).unwrap();
@@ -480,4 +661,52 @@ fn shared_input_matches_separate_calls() {
     )
     .unwrap()
     .is_empty());
+}
+
+/// gemma3-270m's k-quant tensors (Q4_K and Q6_K: attention outputs and MLP downs): every one of
+/// them is packed (k a multiple of 256), and a sample of them, fed with noise shaped like hidden
+/// states, matches the f64 product of the quantized operands within the k-quant bound.
+#[test]
+fn gemma_k_quant_tensors_match_reference() {
+    let path = common::catalog_model_path("gemma3-270m");
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut k_quants: Vec<(String, GgmlDType)> = content
+        .tensor_infos
+        .iter()
+        .filter(|(_, info)| matches!(info.ggml_dtype, GgmlDType::Q4K | GgmlDType::Q6K))
+        .map(|(name, info)| {
+            let k = *info.shape.dims().last().unwrap();
+            assert!(k % 256 == 0, "{name}: k = {k} would be left to candle");
+            (name.clone(), info.ggml_dtype)
+        })
+        .collect();
+    k_quants.sort_by(|a, b| a.0.cmp(&b.0));
+    eprintln!("{} k-quant tensors", k_quants.len());
+    assert!(k_quants.iter().any(|(_, t)| *t == GgmlDType::Q4K));
+    assert!(k_quants.iter().any(|(_, t)| *t == GgmlDType::Q6K));
+    let mut rng = Rng(16);
+    // The first and last of each type, by name.
+    let mut sample: Vec<&(String, GgmlDType)> = Vec::new();
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let of_type: Vec<_> = k_quants.iter().filter(|(_, t)| *t == dtype).collect();
+        sample.extend([of_type[0], of_type[of_type.len() - 1]]);
+    }
+    for (name, dtype) in sample {
+        let wq = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let (n, k) = wq.shape().dims2().unwrap();
+        let w = QWeight::from_qtensor(&wq).unwrap().expect("packed");
+        for m in [1, 9] {
+            let x = rng.matrix(m, k, 0.5);
+            let got = ours(&w, &x, m);
+            let (exact, _) = reference(&wq, &x, m, GgmlDType::Q8K);
+            let nsb = (k / 256) as f64;
+            let bound: Vec<f64> = k_quant_magnitude(&wq, &x, m)
+                .iter()
+                .map(|s| (nsb + 6.0) * f32::EPSILON as f64 * s)
+                .collect();
+            let what = format!("{name} ({dtype:?} {k}->{n}) m={m}");
+            assert_within(&got, &exact, &bound, &what);
+        }
+    }
 }

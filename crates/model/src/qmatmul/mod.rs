@@ -1,6 +1,6 @@
-//! Batched CPU matmul for GGUF's Q4_0, Q4_1 and Q8_0 weights (and Q5_0, widened to the Q8_0
-//! blocks of the same values at load): each weight block is decoded once and applied to every
-//! row of the batch, so that continuous batching pays off.
+//! Batched CPU matmul for GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights (and Q5_0, widened to
+//! the Q8_0 blocks of the same values at load): each weight block is decoded once and applied
+//! to every row of the batch, so that continuous batching pays off.
 //!
 //! # Why
 //!
@@ -40,6 +40,29 @@
 //! this module agree only to float rounding (or, for Q8_K, to activation-quantization noise);
 //! this module matches llama.cpp's reference `vec_dot_q8_0_q8_0`.
 //!
+//! # The k-quants (Q4_K, Q6_K): Q8_K activations, one f32 epilogue per 256 inputs
+//!
+//! As in ggml, Q4_K and Q6_K weights multiply activations quantized to Q8_K super-blocks of 256
+//! (`iscale = -127 / max`, f32 scale, sums of 16 codes), computed exactly as candle's
+//! `BlockQ8K::from_float` (tested byte for byte). Per (row, column, super-block) everything up to
+//! one f32 epilogue is exact integer arithmetic: the sub-block dot products `S_j` (`vpdpbusd` on
+//! the unsigned codes), times the sub-block scales (`vpmulld`), summed into `si`; Q4_K's
+//! minimums give `mi = sum_j m_j * (sum of the row's 32 codes of sub-block j)` (`vpdpwssd` on
+//! pairs), Q6_K's offset of 32 likewise `32 * sum_j sc_j * (sum of 16 codes)`. Then
+//!
+//! ```text
+//! Q4_K:  acc += (d_w * d_x) * si - (dmin_w * d_x) * mi
+//! Q6_K:  acc += (d_w * d_x) * si            (si with the offset already taken out)
+//! ```
+//!
+//! lane-wise, no FMA, super-blocks in order: every ISA path is bit-identical and results are
+//! batch-invariant, as above. This is not candle's arithmetic (its repacked x86 kernel and its
+//! AVX `vec_dot` round per sub-block, with FMAs, and differ from each other: candle's Q6_K
+//! results for a row change between m = 1 and m > 1), so against candle the tests hold a
+//! rounding bound (`tests/qmatmul.rs`), not bit-equality. The tiles keep the file's bytes (Q4_K
+//! unpacks its 12 bytes of 6-bit scales and minimums to 16 at load); Q6_K's 4 + 2 bit codes are
+//! joined per tile (a shift and a `vpternlogd` per register), shared by the row tile.
+//!
 //! # Layout
 //!
 //! At load, the weights are repacked into tiles of 16 output columns by one block of 32 inputs:
@@ -71,14 +94,16 @@
 //!
 //! `isa` detects the instruction set; `layout` holds the data the kernels read (weight tiles,
 //! quantized activation rows); `pack` turns GGUF blocks into tiles ([`QWeight::from_qtensor`]);
-//! `quantize` turns activation rows into Q8_1 blocks ([`QInput::quantize`]); this file holds the
+//! `quantize` turns activation rows into Q8_1 blocks and Q8_K super-blocks
+//! ([`QInput::quantize_for`]); this file holds the
 //! entry points (`matmul*`, `forward*`) and splits their work over the pool; `x86` and `scalar`
 //! are the kernels, `scalar` also the reference arithmetic that the others reproduce.
 //!
 //! # Use
 //!
 //! ```ignore
-//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors get packed, the rest stay on candle
+//! // at load: GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors get packed, the rest stay
+//! // on candle
 //! let w = match QWeight::from_qtensor(&qtensor)? {
 //!     Some(packed) => LinearWeight::Packed(packed),
 //!     None => LinearWeight::Candle(QMatMul::from_qtensor(qtensor)?),
@@ -104,7 +129,7 @@ pub use layout::{QInput, BLOCK, TILE_N};
 pub use pack::QWeight;
 
 use crate::tensor_util::with_f32_slice;
-use layout::{TileQ4, TileQ8};
+use layout::{TileQ4, TileQ4K, TileQ6K, TileQ8};
 use pack::{Kind, Packed};
 use quantize::with_scratch;
 
@@ -129,7 +154,7 @@ impl QWeight {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "qmatmul: x is not {m} x {}", self.k);
         with_scratch(|input| {
-            input.quantize_with(isa, x, m, self.k);
+            input.quantize_with(isa, x, m, self.k, self.activation_forms());
             self.matmul_quantized_with(isa, input, out)
         })
     }
@@ -175,11 +200,28 @@ impl QWeight {
             input.k(),
             self.k
         );
+        let needed = self.activation_forms();
         assert!(
-            input.d.len() >= m * input.nb
-                && input.s.len() >= m * input.nb
-                && input.sum.len() >= m * input.nb
-                && input.qs.len() >= m * self.k,
+            input.forms.covers(needed),
+            "qmatmul: input quantized as {:?}, the weight needs {needed:?}",
+            input.forms
+        );
+        let (nb, nsb) = (input.nb, input.nsb());
+        let q8k = &input.q8k;
+        assert!(
+            !needed.q8_1
+                || (input.d.len() >= m * nb
+                    && input.s.len() >= m * nb
+                    && input.sum.len() >= m * nb
+                    && input.qs.len() >= m * self.k),
+            "qmatmul: input buffers too short"
+        );
+        assert!(
+            !needed.q8k
+                || (q8k.d.len() >= m * nsb
+                    && q8k.bsum16.len() >= m * nsb * 16
+                    && q8k.bsum32.len() >= m * nsb * 8
+                    && q8k.qs.len() >= m * self.k),
             "qmatmul: input buffers too short"
         );
         assert_eq!(
@@ -212,7 +254,7 @@ impl QWeight {
         let m = x.elem_count() / k;
         let outs = with_f32_slice(x, |x| {
             with_scratch(|input| {
-                input.quantize(x, m, k);
+                input.quantize_for(weights, x, m);
                 let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; m * w.n]).collect();
                 let mut slices: Vec<&mut [f32]> =
                     outs.iter_mut().map(|o| o.as_mut_slice()).collect();
@@ -236,7 +278,8 @@ impl QWeight {
     /// The preconditions checked by [`QWeight::check`] hold for `input` and the `m x n` output
     /// at `out`; `item < row_chunks * n_tiles`; no one else accesses this item's elements.
     unsafe fn run_item(&self, isa: Isa, input: &QInput, item: usize, out: *mut f32) {
-        let (m, n, nb) = (input.m, self.n, input.nb);
+        let (m, n) = (input.m, self.n);
+        let nb = self.k / self.kind.block_len();
         let n_tiles = n.div_ceil(TILE_N);
         let (chunk, tile) = (item / n_tiles, item % n_tiles);
         let rows = chunk * ROW_CHUNK..m.min((chunk + 1) * ROW_CHUNK);
@@ -247,6 +290,8 @@ impl QWeight {
         match &self.packed {
             Packed::Q4(t) => tile_q4(isa, self.kind, &t[tiles], input, rows, dst, n, cols),
             Packed::Q8(t) => tile_q8(isa, &t[tiles], input, rows, dst, n, cols),
+            Packed::Q4K(t) => tile_k(isa, KTiles::Q4K(&t[tiles]), input, rows, dst, n, cols),
+            Packed::Q6K(t) => tile_k(isa, KTiles::Q6K(&t[tiles]), input, rows, dst, n, cols),
         }
     }
 }
@@ -375,6 +420,67 @@ unsafe fn tile_q8(
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, _) => x86::q8_avx2::<1>(tiles, acts, r, dst, n, cols),
             _ => scalar::q8(tiles, acts, r..r + take, dst, n, cols),
+        }
+        r += take;
+    }
+}
+
+/// The tiles of one column tile of a k-quant weight.
+#[derive(Clone, Copy)]
+enum KTiles<'a> {
+    Q4K(&'a [TileQ4K]),
+    Q6K(&'a [TileQ6K]),
+}
+
+/// [`tile_q4`] for Q4_K and Q6_K.
+///
+/// # Safety
+/// As [`tile_q4`], with one tile per super-block (`acts.nsb()`) and the Q8_K form in `acts`.
+unsafe fn tile_k(
+    isa: Isa,
+    tiles: KTiles,
+    acts: &QInput,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let len = match tiles {
+        KTiles::Q4K(t) => t.len(),
+        KTiles::Q6K(t) => t.len(),
+    };
+    assert!(len == acts.nsb() && rows.end <= acts.m && cols <= TILE_N);
+    let mut r = rows.start;
+    while r < rows.end {
+        let take = next_take(rows.end - r);
+        let dst = out.add(r * n);
+        match (isa, tiles, take) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, KTiles::Q4K(t), ROW_TILE) => {
+                x86::q4k_vnni::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, KTiles::Q4K(t), _) => x86::q4k_vnni::<1>(t, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, KTiles::Q6K(t), ROW_TILE) => {
+                x86::q6k_vnni::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512Vnni, KTiles::Q6K(t), _) => x86::q6k_vnni::<1>(t, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q4K(t), ROW_TILE) => {
+                x86::q4k_avx2::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q4K(t), _) => x86::q4k_avx2::<1>(t, acts, r, dst, n, cols),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q6K(t), ROW_TILE) => {
+                x86::q6k_avx2::<ROW_TILE>(t, acts, r, dst, n, cols)
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, KTiles::Q6K(t), _) => x86::q6k_avx2::<1>(t, acts, r, dst, n, cols),
+            (_, KTiles::Q4K(t), _) => scalar::q4k(t, acts, r..r + take, dst, n, cols),
+            (_, KTiles::Q6K(t), _) => scalar::q6k(t, acts, r..r + take, dst, n, cols),
         }
         r += take;
     }

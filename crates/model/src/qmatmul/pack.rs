@@ -1,6 +1,7 @@
-//! Repacking GGUF's Q4_0, Q4_1 and Q8_0 blocks into the tiles the kernels read (the "Layout"
-//! section of the module docs): done once at load, moving the values, never re-quantizing them,
-//! so a packed weight takes the file's memory. Q5_0 blocks are Q8_0 blocks exactly (their
+//! Repacking GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks into the tiles the kernels read (the
+//! "Layout" section of the module docs): done once at load, moving the values, never
+//! re-quantizing them, so a packed weight takes the file's memory (Q4_K: 148 bytes per 256
+//! values instead of 144, its 6-bit scales and minimums unpacked to bytes). Q5_0 blocks are Q8_0 blocks exactly (their
 //! 5-bit values fit an i8, under the same f16 scale, and both multiply Q8_0 activations), so they
 //! are widened to Q8_0 and run on its kernels, for 34 bytes per 32 values instead of 22.
 //! [`QWeight`] is the packed matrix; its multiplications are the module's entry points.
@@ -9,19 +10,34 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
 
-use super::layout::{TileQ4, TileQ8, BLOCK, TILE_N};
+use super::layout::{Forms, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     Q4_0,
     Q4_1,
     Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl Kind {
+    /// Inputs per block of this kind (one tile holds one block of 16 columns).
+    pub(crate) fn block_len(self) -> usize {
+        match self {
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0 => BLOCK,
+            Kind::Q4K | Kind::Q6K => SUPER_BLOCK,
+        }
+    }
 }
 
 pub(super) enum Packed {
     /// `[column tile][block]`.
     Q4(Vec<TileQ4>),
     Q8(Vec<TileQ8>),
+    /// `[column tile][super-block]`.
+    Q4K(Vec<TileQ4K>),
+    Q6K(Vec<TileQ6K>),
 }
 
 /// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
@@ -35,13 +51,15 @@ pub struct QWeight {
 }
 
 impl QWeight {
-    /// Repacks a `[n, k]` CPU tensor of type Q4_0, Q4_1 or Q8_0; `None` for other types or
-    /// shapes (keep those on candle's `QMatMul`).
+    /// Repacks a `[n, k]` CPU tensor of type Q4_0, Q4_1, Q5_0, Q8_0, Q4_K or Q6_K; `None` for
+    /// other types or shapes (keep those on candle's `QMatMul`).
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
         let kind = match t.dtype() {
             GgmlDType::Q4_0 => Kind::Q4_0,
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q8_0 | GgmlDType::Q5_0 => Kind::Q8_0,
+            GgmlDType::Q4K => Kind::Q4K,
+            GgmlDType::Q6K => Kind::Q6K,
             _ => return Ok(None),
         };
         if !matches!(t.device(), Device::Cpu) {
@@ -50,12 +68,12 @@ impl QWeight {
         let Ok((n, k)) = t.shape().dims2() else {
             return Ok(None);
         };
-        if k == 0 || n == 0 || !k.is_multiple_of(BLOCK) {
+        if k == 0 || n == 0 || !k.is_multiple_of(t.dtype().block_size()) {
             return Ok(None);
         }
         let data = t.data()?;
         let block_bytes = t.dtype().type_size();
-        let nb = k / BLOCK;
+        let nb = k / t.dtype().block_size();
         if data.len() != n * nb * block_bytes {
             candle_core::bail!(
                 "qmatmul: {:?} tensor {n}x{k} has {} bytes, expected {}",
@@ -72,9 +90,8 @@ impl QWeight {
         Ok(Some(packed))
     }
 
-    /// `data`: `n` rows of `k / 32` ggml blocks of `kind`.
+    /// `data`: `n` rows of ggml blocks of `kind`.
     fn from_blocks(kind: Kind, n: usize, k: usize, data: &[u8]) -> Self {
-        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
         let packed = match kind {
             Kind::Q4_0 | Kind::Q4_1 => {
                 let (block_bytes, qs_at) = match kind {
@@ -87,7 +104,7 @@ impl QWeight {
                     d: [f16::ZERO; TILE_N],
                     m: [f16::ZERO; TILE_N],
                 };
-                let tiles = tile_blocks(n, k, data, block_bytes, empty, |tile, c, blk| {
+                let tiles = tile_blocks(n, k / BLOCK, data, block_bytes, empty, |tile, c, blk| {
                     tile.d[c] = f16_at(blk, 0);
                     if kind == Kind::Q4_1 {
                         tile.m[c] = f16_at(blk, 2);
@@ -107,7 +124,7 @@ impl QWeight {
                     qs: [128; 8 * TILE_N * 4],
                     d: [f16::ZERO; TILE_N],
                 };
-                let tiles = tile_blocks(n, k, data, 34, empty, |tile, c, blk| {
+                let tiles = tile_blocks(n, k / BLOCK, data, 34, empty, |tile, c, blk| {
                     tile.d[c] = f16_at(blk, 0);
                     let qs = &blk[2..2 + BLOCK];
                     for g in 0..8 {
@@ -118,11 +135,29 @@ impl QWeight {
                 });
                 Packed::Q8(tiles)
             }
+            Kind::Q4K => Packed::Q4K(tile_blocks(
+                n,
+                k / SUPER_BLOCK,
+                data,
+                144,
+                empty_q4k,
+                fill_q4k,
+            )),
+            Kind::Q6K => Packed::Q6K(tile_blocks(
+                n,
+                k / SUPER_BLOCK,
+                data,
+                210,
+                empty_q6k,
+                fill_q6k,
+            )),
         };
         let dtype = match kind {
             Kind::Q4_0 => GgmlDType::Q4_0,
             Kind::Q4_1 => GgmlDType::Q4_1,
             Kind::Q8_0 => GgmlDType::Q8_0,
+            Kind::Q4K => GgmlDType::Q4K,
+            Kind::Q6K => GgmlDType::Q6K,
         };
         Self {
             kind,
@@ -153,6 +188,18 @@ impl QWeight {
         match &self.packed {
             Packed::Q4(t) => std::mem::size_of_val(t.as_slice()),
             Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
+            Packed::Q4K(t) => std::mem::size_of_val(t.as_slice()),
+            Packed::Q6K(t) => std::mem::size_of_val(t.as_slice()),
+        }
+    }
+
+    /// The quantized activations this weight multiplies: Q8_1 blocks, or Q8_K super-blocks
+    /// for the k-quants.
+    pub(crate) fn activation_forms(&self) -> Forms {
+        let k_quant = self.kind.block_len() == SUPER_BLOCK;
+        Forms {
+            q8_1: !k_quant,
+            q8k: k_quant,
         }
     }
 }
@@ -172,18 +219,97 @@ fn q5_0_as_q8_0(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Walks `data` (`n` rows of `k / BLOCK` blocks of `block_bytes`) in the kernels' order, one
+fn f16_at(b: &[u8], i: usize) -> f16 {
+    f16::from_le_bytes([b[i], b[i + 1]])
+}
+
+/// Padding columns: scales 0, so they add nothing (and are never written out).
+fn empty_q4k() -> TileQ4K {
+    TileQ4K {
+        qs: [0; 8 * 4 * TILE_N * 4],
+        scales: [0; 8 * TILE_N],
+        mins: [0; 8 * TILE_N],
+        d: [f16::ZERO; TILE_N],
+        dmin: [f16::ZERO; TILE_N],
+    }
+}
+
+/// One column's Q4_K block (`d`, `dmin`, 12 bytes of 6-bit scales and minimums, 128 bytes of
+/// nibbles) into column `c` of `tile`.
+fn fill_q4k(tile: &mut TileQ4K, c: usize, blk: &[u8]) {
+    tile.d[c] = f16_at(blk, 0);
+    tile.dmin[c] = f16_at(blk, 2);
+    let packed: &[u8] = &blk[4..16];
+    for j in 0..8 {
+        let (scale, min) = scale_min_k4(j, packed);
+        tile.scales[j * TILE_N + c] = scale;
+        tile.mins[((j / 2) * TILE_N + c) * 2 + j % 2] = min;
+    }
+    let qs = &blk[16..144];
+    for h in 0..4 {
+        for g in 0..8 {
+            for j in 0..4 {
+                tile.qs[((h * 8 + g) * TILE_N + c) * 4 + j] = qs[32 * h + 4 * g + j];
+            }
+        }
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and minimum from Q4_K's 12 packed bytes (ggml's
+/// `get_scale_min_k4`): the first four in the low 6 bits of bytes 0..4 and 4..8, the last four
+/// from the nibbles of bytes 8..12 and the top 2 bits of bytes 0..8.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+fn empty_q6k() -> TileQ6K {
+    TileQ6K {
+        ql: [0; 2 * 2 * 8 * TILE_N * 4],
+        qh: [0; 2 * 8 * TILE_N * 4],
+        scales: [0; 16 * TILE_N],
+        d: [f16::ZERO; TILE_N],
+    }
+}
+
+/// One column's Q6_K block (128 bytes of low bits, 64 of high bits, 16 i8 scales, `d`) into
+/// column `c` of `tile`.
+fn fill_q6k(tile: &mut TileQ6K, c: usize, blk: &[u8]) {
+    let (ql, qh, scales) = (&blk[..128], &blk[128..192], &blk[192..208]);
+    tile.d[c] = f16_at(blk, 208);
+    for (j, &scale) in scales.iter().enumerate() {
+        tile.scales[((j / 2) * TILE_N + c) * 2 + j % 2] = scale as i8;
+    }
+    for h in 0..2 {
+        for g in 0..8 {
+            for j in 0..4 {
+                for s in 0..2 {
+                    tile.ql[(((h * 2 + s) * 8 + g) * TILE_N + c) * 4 + j] =
+                        ql[64 * h + 32 * s + 4 * g + j];
+                }
+                tile.qh[((h * 8 + g) * TILE_N + c) * 4 + j] = qh[32 * h + 4 * g + j];
+            }
+        }
+    }
+}
+
+/// Walks `data` (`n` rows of `nb` blocks of `block_bytes`) in the kernels' order, one
 /// `[column tile][block]` tile at a time: `fill(tile, column, block)` moves one row's block
 /// into its column; columns past `n` keep what `empty` put there.
 fn tile_blocks<T>(
     n: usize,
-    k: usize,
+    nb: usize,
     data: &[u8],
     block_bytes: usize,
     empty: impl Fn() -> T,
     mut fill: impl FnMut(&mut T, usize, &[u8]),
 ) -> Vec<T> {
-    let nb = k / BLOCK;
     let n_tiles = n.div_ceil(TILE_N);
     let mut tiles = Vec::with_capacity(n_tiles * nb);
     for t in 0..n_tiles {

@@ -1,37 +1,66 @@
-//! Quantizing activation rows to ggml's Q8_1 blocks ([`QInput::quantize`]), once per input
-//! however many weights read it: on the thread pool when large, sixteen blocks at a time on
-//! AVX-512, and bit-identical on every instruction set to candle's `BlockQ8_1::from_float` (this
-//! file's tests check it). Also the per-thread buffer that single multiplications quantize into.
+//! Quantizing activation rows ([`QInput::quantize_for`]), once per input however many weights
+//! read it, into the forms those weights multiply: ggml's Q8_1 blocks of 32 (for Q4_0, Q4_1,
+//! Q8_0) and its Q8_K super-blocks of 256 (for Q4_K, Q6_K). On the thread pool when large;
+//! Q8_1 sixteen blocks at a time on AVX-512; bit-identical on every instruction set to candle's
+//! `BlockQ8_1::from_float` and `BlockQ8K::from_float` (this file's tests check it). Also the
+//! per-thread buffer that single multiplications quantize into.
 
 use std::cell::RefCell;
 
 use super::isa::Isa;
-use super::layout::{QInput, BLOCK};
-use super::scalar::quantize_block;
+use super::layout::{Forms, QInput, BLOCK, SUPER_BLOCK};
+use super::pack::QWeight;
+use super::scalar::{quantize_block, quantize_superblock};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
-/// Below this many blocks, quantizing on the calling thread beats waking the pool.
+/// Below this many blocks of 32, quantizing on the calling thread beats waking the pool.
 const PARALLEL_QUANTIZE_BLOCKS: usize = 512;
 
 impl QInput {
-    /// Quantizes `x` (`m x k`, row-major; `k` a multiple of 32), reusing this buffer's memory.
-    /// The result is the same on every instruction set.
-    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
-        self.quantize_with(Isa::best(), x, m, k)
+    /// Quantizes `x` (`m` rows of the weights' `k`, row-major) into the forms `weights` multiply,
+    /// reusing this buffer's memory. The result is the same on every instruction set.
+    ///
+    /// # Panics
+    /// If the weights do not share one `k`, or `x` is not `m x k`.
+    pub fn quantize_for(&mut self, weights: &[&QWeight], x: &[f32], m: usize) {
+        let Some(k) = weights.first().map(|w| w.k()) else {
+            return;
+        };
+        assert!(
+            weights.iter().all(|w| w.k() == k),
+            "qmatmul: weights of different k share an input"
+        );
+        let forms = weights
+            .iter()
+            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        self.quantize_with(Isa::best(), x, m, k, forms)
     }
 
-    pub(crate) fn quantize_with(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
+    pub(crate) fn quantize_with(&mut self, isa: Isa, x: &[f32], m: usize, k: usize, forms: Forms) {
         assert!(isa.is_available(), "qmatmul: {isa:?} is not available here");
         assert!(
             k.is_multiple_of(BLOCK),
             "qmatmul: k = {k} is not a multiple of {BLOCK}"
         );
+        assert!(
+            !forms.q8k || k.is_multiple_of(SUPER_BLOCK),
+            "qmatmul: k = {k} is not a multiple of {SUPER_BLOCK}"
+        );
         assert_eq!(x.len(), m * k, "qmatmul: x is not {m} x {k}");
-        let nb = k / BLOCK;
         self.m = m;
-        self.nb = nb;
-        let blocks = m * nb;
+        self.nb = k / BLOCK;
+        self.forms = forms;
+        if forms.q8_1 {
+            self.quantize_q8_1(isa, x);
+        }
+        if forms.q8k {
+            self.quantize_q8k(x);
+        }
+    }
+
+    fn quantize_q8_1(&mut self, isa: Isa, x: &[f32]) {
+        let blocks = self.m * self.nb;
         // Grow only: the buffer is reused across calls.
         if self.d.len() < blocks {
             self.qs.resize(blocks * BLOCK, 0);
@@ -45,13 +74,68 @@ impl QInput {
             s: self.s.as_mut_ptr(),
             sum: self.sum.as_mut_ptr(),
         };
-        // SAFETY: the buffers hold `blocks` blocks and `x` as many (asserted above); each block
-        // index goes to exactly one call, so no two threads write the same block.
+        // SAFETY: the buffers hold `blocks` blocks and `x` as many (asserted by the caller);
+        // each block index goes to exactly one call, so no two threads write the same block.
         if blocks < PARALLEL_QUANTIZE_BLOCKS {
             unsafe { dst.quantize(isa, x, 0..blocks) }
         } else {
             crate::pool::pool()
                 .execute_chunked(blocks, |range| unsafe { dst.quantize(isa, x, range) });
+        }
+    }
+
+    fn quantize_q8k(&mut self, x: &[f32]) {
+        let blocks = self.m * self.nsb();
+        let rows = &mut self.q8k;
+        if rows.d.len() < blocks {
+            rows.qs.resize(blocks * SUPER_BLOCK, 0);
+            rows.d.resize(blocks, 0.0);
+            rows.bsum16.resize(blocks * 16, 0);
+            rows.bsum32.resize(blocks * 8, 0);
+        }
+        let dst = SuperBlockWriter {
+            qs: rows.qs.as_mut_ptr(),
+            d: rows.d.as_mut_ptr(),
+            bsum16: rows.bsum16.as_mut_ptr(),
+            bsum32: rows.bsum32.as_mut_ptr(),
+        };
+        let per_block = SUPER_BLOCK / BLOCK;
+        // SAFETY: as for the Q8_1 form.
+        if blocks * per_block < PARALLEL_QUANTIZE_BLOCKS {
+            unsafe { dst.quantize(x, 0..blocks) }
+        } else {
+            crate::pool::pool().execute_chunked(blocks, |range| unsafe { dst.quantize(x, range) });
+        }
+    }
+}
+
+/// Raw pointers into a [`QInput`]'s Q8_K buffers, so that pool workers can fill disjoint
+/// super-blocks.
+struct SuperBlockWriter {
+    qs: *mut i8,
+    d: *mut f32,
+    bsum16: *mut i16,
+    bsum32: *mut i16,
+}
+
+// SAFETY: writers only touch the super-blocks they are given, which never overlap.
+unsafe impl Sync for SuperBlockWriter {}
+
+impl SuperBlockWriter {
+    /// # Safety
+    /// `x` and the buffers hold every super-block of `range`, and nothing else accesses those
+    /// super-blocks meanwhile.
+    unsafe fn quantize(&self, x: &[f32], range: std::ops::Range<usize>) {
+        for i in range {
+            let x: &[f32; SUPER_BLOCK] = x[i * SUPER_BLOCK..(i + 1) * SUPER_BLOCK]
+                .try_into()
+                .unwrap();
+            *self.d.add(i) = quantize_superblock(
+                x,
+                &mut *(self.qs.add(i * SUPER_BLOCK) as *mut [i8; SUPER_BLOCK]),
+                &mut *(self.bsum16.add(i * 16) as *mut [i16; 16]),
+                &mut *(self.bsum32.add(i * 8) as *mut [i16; 8]),
+            );
         }
     }
 }
@@ -130,6 +214,11 @@ mod tests {
 
     use super::*;
 
+    const Q8_1: Forms = Forms {
+        q8_1: true,
+        q8k: false,
+    };
+
     /// Blocks with every kind of value: random magnitudes, exact rounding ties, zeros,
     /// subnormals, and (last) NaN and infinities. Ties and zeros come first too, where the
     /// 16-block AVX-512 path takes them (the last group, holding NaN, falls back block by block).
@@ -179,7 +268,7 @@ mod tests {
             .unwrap()
             .into_owned();
         let mut scalar = QInput::default();
-        scalar.quantize_with(Isa::Scalar, &x, m, BLOCK);
+        scalar.quantize_with(Isa::Scalar, &x, m, BLOCK, Q8_1);
         for b in 0..m - 2 {
             let blk = &bytes[b * 36..(b + 1) * 36];
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -191,7 +280,7 @@ mod tests {
         }
         for isa in Isa::available() {
             let mut acts = QInput::default();
-            acts.quantize_with(isa, &x, m, BLOCK);
+            acts.quantize_with(isa, &x, m, BLOCK, Q8_1);
             let first = acts.qs.iter().zip(&scalar.qs).position(|(a, b)| a != b);
             assert_eq!(first, None, "{isa:?}: first differing value");
             assert_eq!(acts.sum, scalar.sum, "{isa:?}");
@@ -199,5 +288,52 @@ mod tests {
             assert_eq!(bits(&acts.d), bits(&scalar.d), "{isa:?}");
             assert_eq!(bits(&acts.s), bits(&scalar.s), "{isa:?}");
         }
+    }
+
+    /// Our Q8_K super-blocks against candle's `BlockQ8K::from_float`, byte for byte (its `d`
+    /// is f32, then 256 codes, then 16 sums of 16 as i16): ties, zeros, a largest magnitude
+    /// that is negative (a negative `d`), tiny and huge scales.
+    #[test]
+    fn q8k_quantization_matches_candle() {
+        let mut x = blocks();
+        x.truncate(x.len() / SUPER_BLOCK * SUPER_BLOCK);
+        // Without the NaN / infinity blocks (candle's codes for those are its own business).
+        x.truncate(x.len() - 2 * SUPER_BLOCK);
+        x.extend((0..SUPER_BLOCK).map(|j| if j == 77 { -3.5 } else { (j % 7) as f32 * 0.5 }));
+        x.extend([0.0; SUPER_BLOCK]);
+        let m = x.len() / SUPER_BLOCK;
+        let t = Tensor::from_slice(&x, (m, SUPER_BLOCK), &Device::Cpu).unwrap();
+        let bytes = QTensor::quantize(&t, GgmlDType::Q8K)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        let mut ours = QInput::default();
+        let forms = Forms {
+            q8_1: false,
+            q8k: true,
+        };
+        ours.quantize_with(Isa::best(), &x, m, SUPER_BLOCK, forms);
+        let q8k = &ours.q8k;
+        let size = 4 + SUPER_BLOCK + 32;
+        for b in 0..m {
+            let blk = &bytes[b * size..(b + 1) * size];
+            let d = f32::from_le_bytes(blk[..4].try_into().unwrap());
+            assert_eq!(q8k.d[b].to_bits(), d.to_bits(), "block {b}");
+            let q: Vec<i8> = blk[4..4 + SUPER_BLOCK].iter().map(|&v| v as i8).collect();
+            assert_eq!(
+                &q8k.qs[b * SUPER_BLOCK..(b + 1) * SUPER_BLOCK],
+                &q[..],
+                "block {b}"
+            );
+            let sums: Vec<i16> = blk[4 + SUPER_BLOCK..]
+                .chunks_exact(2)
+                .map(|v| i16::from_le_bytes([v[0], v[1]]))
+                .collect();
+            assert_eq!(&q8k.bsum16[b * 16..(b + 1) * 16], &sums[..], "block {b}");
+            let pairs: Vec<i16> = sums.chunks_exact(2).map(|p| p[0] + p[1]).collect();
+            assert_eq!(&q8k.bsum32[b * 8..(b + 1) * 8], &pairs[..], "block {b}");
+        }
+        assert!(q8k.d[..m].iter().any(|&d| d < 0.0) && q8k.d[m - 1] == 0.0);
     }
 }

@@ -3,13 +3,14 @@
 //! per (row, column, block) exactly the f32 operations of [`super::scalar`], lane-wise.
 //!
 //! # Safety (all kernels)
-//! The caller guarantees: the named target features are available; `tiles.len() == acts.nb`;
-//! `row0 + R <= acts.m` (so `acts` holds every block read); `cols <= 16`; and
-//! `out + r * n + c` is valid for writes for `r < R`, `c < cols`.
+//! The caller guarantees: the named target features are available; `tiles.len() == acts.nb`
+//! (`acts.nsb()` for the k-quants, whose activations hold the Q8_K form); `row0 + R <= acts.m`
+//! (so `acts` holds every block read); `cols <= 16`; and `out + r * n + c` is valid for writes
+//! for `r < R`, `c < cols`.
 
 use std::arch::x86_64::*;
 
-use super::layout::{QInput, TileQ4, TileQ8, BLOCK};
+use super::layout::{QInput, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK};
 
 /// Four activation bytes (inputs `4g..4g + 4` of a block) broadcast to every 32-bit lane.
 macro_rules! bcast512 {
@@ -20,6 +21,18 @@ macro_rules! bcast512 {
 macro_rules! bcast256 {
     ($x:expr, $g:expr) => {
         _mm256_set1_epi32(($x.add(4 * $g) as *const i32).read_unaligned())
+    };
+}
+
+/// Two i16 sums (`$p` and `$p + 1` of the row's sums at `$s`) broadcast to every 32-bit lane.
+macro_rules! pair512 {
+    ($s:expr, $p:expr) => {
+        _mm512_set1_epi32(($s.add(2 * $p) as *const i32).read_unaligned())
+    };
+}
+macro_rules! pair256 {
+    ($s:expr, $p:expr) => {
+        _mm256_set1_epi32(($s.add(2 * $p) as *const i32).read_unaligned())
     };
 }
 
@@ -413,5 +426,326 @@ unsafe fn store256<const R: usize>(acc: &[__m256; R], out: *mut f32, n: usize, c
             _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
             std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(r * n), cols);
         }
+    }
+}
+
+/// The dot products of `G` groups of four inputs at `x` with the decoded weights `w` (16 columns
+/// each), in two chains. Exact in i32, so the chains' order cannot matter.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_groups512<const G: usize>(w: &[__m512i; G], x: *const i8) -> __m512i {
+    let mut s = [_mm512_setzero_si512(); 2];
+    for (g, w) in w.iter().enumerate() {
+        s[g % 2] = _mm512_dpbusd_epi32(s[g % 2], *w, bcast512!(x, g));
+    }
+    _mm512_add_epi32(s[0], s[1])
+}
+
+/// [`dot_groups512`] on AVX2 for 8 columns, for codes below 16 (Q4_K): u4 x s8 pairs are at
+/// most 2 * 15 * 128 in magnitude, so eight groups summed in i16 stay below 2^15.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_groups256_u4(w: &[__m256i; 8], x: *const i8) -> __m256i {
+    let mut p16 = _mm256_maddubs_epi16(w[0], bcast256!(x, 0));
+    for (g, w) in w.iter().enumerate().skip(1) {
+        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(*w, bcast256!(x, g)));
+    }
+    _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+}
+
+/// The same for four groups of codes below 64 (Q6_K): a pair is at most 2 * 63 * 128 = 16,128
+/// in magnitude, so two groups may share an i16 sum, not more.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_groups256_u6(w: &[__m256i], x: *const i8) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let p01 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[0], bcast256!(x, 0)),
+        _mm256_maddubs_epi16(w[1], bcast256!(x, 1)),
+    );
+    let p23 = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[2], bcast256!(x, 2)),
+        _mm256_maddubs_epi16(w[3], bcast256!(x, 3)),
+    );
+    _mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(super) unsafe fn q4k_vnni<const R: usize>(
+    tiles: &[TileQ4K],
+    acts: &QInput,
+    row0: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let nsb = acts.nsb();
+    let x8 = &acts.q8k;
+    let (xq, xd, xb) = (x8.qs.as_ptr(), x8.d.as_ptr(), x8.bsum32.as_ptr());
+    let low = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, t) in tiles.iter().enumerate() {
+        let mut si = [zero; R];
+        // Sub-blocks 2h (low nibbles) and 2h + 1 (high nibbles), decoded once for R rows.
+        for h in 0..4 {
+            let p = t.qs.as_ptr().add(h * 512) as *const __m512i;
+            let mut lo = [zero; 8];
+            let mut hi = [zero; 8];
+            for g in 0..8 {
+                let raw = _mm512_load_si512(p.add(g));
+                lo[g] = _mm512_and_si512(raw, low);
+                hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+            }
+            let scale = |j: usize| {
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(t.scales.as_ptr().add(j * 16) as *const _))
+            };
+            let (sc_lo, sc_hi) = (scale(2 * h), scale(2 * h + 1));
+            for (r, si) in si.iter_mut().enumerate() {
+                let x = xq.add(((row0 + r) * nsb + b) * SUPER_BLOCK + 64 * h);
+                let s_lo = _mm512_mullo_epi32(dot_groups512(&lo, x), sc_lo);
+                let s_hi = _mm512_mullo_epi32(dot_groups512(&hi, x.add(32)), sc_hi);
+                *si = _mm512_add_epi32(*si, _mm512_add_epi32(s_lo, s_hi));
+            }
+        }
+        // Pairs of minimums (as i16) against pairs of the row's sums of 32 codes.
+        let mins: [__m512i; 4] = std::array::from_fn(|p| {
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(t.mins.as_ptr().add(p * 32) as *const _))
+        });
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+        let dm = _mm512_cvtph_ps(_mm256_loadu_si256(t.dmin.as_ptr() as *const __m256i));
+        for (r, (acc, si)) in acc.iter_mut().zip(si).enumerate() {
+            let a = (row0 + r) * nsb + b;
+            let sums = xb.add(a * 8);
+            let mut mi = zero;
+            for (p, mins) in mins.iter().enumerate() {
+                mi = _mm512_dpwssd_epi32(mi, *mins, pair512!(sums, p));
+            }
+            let dx = _mm512_set1_ps(*xd.add(a));
+            let v = _mm512_sub_ps(
+                _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(si)),
+                _mm512_mul_ps(_mm512_mul_ps(dm, dx), _mm512_cvtepi32_ps(mi)),
+            );
+            *acc = _mm512_add_ps(*acc, v);
+        }
+    }
+    store512(&acc, out, n, cols);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+pub(super) unsafe fn q6k_vnni<const R: usize>(
+    tiles: &[TileQ6K],
+    acts: &QInput,
+    row0: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let nsb = acts.nsb();
+    let x8 = &acts.q8k;
+    let (xq, xd, xb) = (x8.qs.as_ptr(), x8.d.as_ptr(), x8.bsum16.as_ptr());
+    let low = _mm512_set1_epi8(0x0F);
+    let top = _mm512_set1_epi8(0x30);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, t) in tiles.iter().enumerate() {
+        let mut si = [zero; R];
+        // sum over sub-blocks of scale * sum x: the codes' offset of 32, removed at the end.
+        let mut offset = [zero; R];
+        for h in 0..2 {
+            for t6 in 0..4 {
+                // Inputs 128h + 32 t6 .. + 32: sub-blocks 2p and 2p + 1.
+                let (s, high) = (t6 % 2, t6 / 2);
+                let pl = t.ql.as_ptr().add((h * 2 + s) * 512) as *const __m512i;
+                let ph = t.qh.as_ptr().add(h * 512) as *const __m512i;
+                let mut w = [zero; 8];
+                for (g, w) in w.iter_mut().enumerate() {
+                    let l = _mm512_loadu_si512(pl.add(g));
+                    let l = match high {
+                        0 => _mm512_and_si512(l, low),
+                        _ => _mm512_and_si512(_mm512_srli_epi16::<4>(l), low),
+                    };
+                    let q = _mm512_loadu_si512(ph.add(g));
+                    // Bits 2 t6 and 2 t6 + 1 of the high-bits byte to bits 4 and 5.
+                    let q = match t6 {
+                        0 => _mm512_slli_epi16::<4>(q),
+                        1 => _mm512_slli_epi16::<2>(q),
+                        2 => q,
+                        _ => _mm512_srli_epi16::<2>(q),
+                    };
+                    // l | (q & 0x30)
+                    *w = _mm512_ternarylogic_epi32::<0xF8>(l, q, top);
+                }
+                let p = h * 4 + t6;
+                let pair = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                    t.scales.as_ptr().add(p * 32) as *const __m256i
+                ));
+                let sc0 = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pair));
+                let sc1 = _mm512_srai_epi32::<16>(pair);
+                let (w0, w1): (&[__m512i; 4], &[__m512i; 4]) =
+                    (w[..4].try_into().unwrap(), w[4..].try_into().unwrap());
+                for r in 0..R {
+                    let a = (row0 + r) * nsb + b;
+                    let x = xq.add(a * SUPER_BLOCK + 128 * h + 32 * t6);
+                    let s0 = _mm512_mullo_epi32(dot_groups512(w0, x), sc0);
+                    let s1 = _mm512_mullo_epi32(dot_groups512(w1, x.add(16)), sc1);
+                    si[r] = _mm512_add_epi32(si[r], _mm512_add_epi32(s0, s1));
+                    offset[r] = _mm512_dpwssd_epi32(offset[r], pair, pair512!(xb.add(a * 16), p));
+                }
+            }
+        }
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = (row0 + r) * nsb + b;
+            let si = _mm512_sub_epi32(si[r], _mm512_slli_epi32::<5>(offset[r]));
+            let dx = _mm512_set1_ps(*xd.add(a));
+            let v = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(si));
+            *acc = _mm512_add_ps(*acc, v);
+        }
+    }
+    store512(&acc, out, n, cols);
+}
+
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn q4k_avx2<const R: usize>(
+    tiles: &[TileQ4K],
+    acts: &QInput,
+    row0: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let nsb = acts.nsb();
+    let x8 = &acts.q8k;
+    let (xq, xd, xb) = (x8.qs.as_ptr(), x8.d.as_ptr(), x8.bsum32.as_ptr());
+    let low = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
+    for half in 0..2 {
+        if half * 8 >= cols {
+            break;
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, t) in tiles.iter().enumerate() {
+            let mut si = [zero; R];
+            for h in 0..4 {
+                // Group g of this half: bytes h * 512 + g * 64 + half * 32 .. + 32.
+                let p = t.qs.as_ptr().add(h * 512 + half * 32) as *const __m256i;
+                let mut lo = [zero; 8];
+                let mut hi = [zero; 8];
+                for g in 0..8 {
+                    let raw = _mm256_load_si256(p.add(2 * g));
+                    lo[g] = _mm256_and_si256(raw, low);
+                    hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                }
+                let scale = |j: usize| {
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        t.scales.as_ptr().add(j * 16 + half * 8) as *const _
+                    ))
+                };
+                let (sc_lo, sc_hi) = (scale(2 * h), scale(2 * h + 1));
+                for (r, si) in si.iter_mut().enumerate() {
+                    let x = xq.add(((row0 + r) * nsb + b) * SUPER_BLOCK + 64 * h);
+                    let s_lo = _mm256_mullo_epi32(dot_groups256_u4(&lo, x), sc_lo);
+                    let s_hi = _mm256_mullo_epi32(dot_groups256_u4(&hi, x.add(32)), sc_hi);
+                    *si = _mm256_add_epi32(*si, _mm256_add_epi32(s_lo, s_hi));
+                }
+            }
+            let mins: [__m256i; 4] = std::array::from_fn(|p| {
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                    t.mins.as_ptr().add(p * 32 + half * 16) as *const _
+                ))
+            });
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(half * 8) as *const _));
+            let dm = _mm256_cvtph_ps(_mm_loadu_si128(t.dmin.as_ptr().add(half * 8) as *const _));
+            for (r, (acc, si)) in acc.iter_mut().zip(si).enumerate() {
+                let a = (row0 + r) * nsb + b;
+                let sums = xb.add(a * 8);
+                let mut mi = zero;
+                for (p, mins) in mins.iter().enumerate() {
+                    mi = _mm256_add_epi32(mi, _mm256_madd_epi16(*mins, pair256!(sums, p)));
+                }
+                let dx = _mm256_set1_ps(*xd.add(a));
+                let v = _mm256_sub_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(si)),
+                    _mm256_mul_ps(_mm256_mul_ps(dm, dx), _mm256_cvtepi32_ps(mi)),
+                );
+                *acc = _mm256_add_ps(*acc, v);
+            }
+        }
+        store256(&acc, out.add(half * 8), n, cols - half * 8);
+    }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn q6k_avx2<const R: usize>(
+    tiles: &[TileQ6K],
+    acts: &QInput,
+    row0: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
+    let nsb = acts.nsb();
+    let x8 = &acts.q8k;
+    let (xq, xd, xb) = (x8.qs.as_ptr(), x8.d.as_ptr(), x8.bsum16.as_ptr());
+    let low = _mm256_set1_epi8(0x0F);
+    let top = _mm256_set1_epi8(0x30);
+    let zero = _mm256_setzero_si256();
+    for half in 0..2 {
+        if half * 8 >= cols {
+            break;
+        }
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, t) in tiles.iter().enumerate() {
+            let mut si = [zero; R];
+            let mut offset = [zero; R];
+            for h in 0..2 {
+                for t6 in 0..4 {
+                    let (s, high) = (t6 % 2, t6 / 2);
+                    let pl = t.ql.as_ptr().add((h * 2 + s) * 512 + half * 32) as *const __m256i;
+                    let ph = t.qh.as_ptr().add(h * 512 + half * 32) as *const __m256i;
+                    let mut w = [zero; 8];
+                    for (g, w) in w.iter_mut().enumerate() {
+                        let l = _mm256_loadu_si256(pl.add(2 * g));
+                        let l = match high {
+                            0 => _mm256_and_si256(l, low),
+                            _ => _mm256_and_si256(_mm256_srli_epi16::<4>(l), low),
+                        };
+                        let q = _mm256_loadu_si256(ph.add(2 * g));
+                        let q = match t6 {
+                            0 => _mm256_slli_epi16::<4>(q),
+                            1 => _mm256_slli_epi16::<2>(q),
+                            2 => q,
+                            _ => _mm256_srli_epi16::<2>(q),
+                        };
+                        *w = _mm256_or_si256(l, _mm256_and_si256(q, top));
+                    }
+                    let p = h * 4 + t6;
+                    let pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                        t.scales.as_ptr().add(p * 32 + half * 16) as *const __m128i,
+                    ));
+                    let sc0 = _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pair));
+                    let sc1 = _mm256_srai_epi32::<16>(pair);
+                    for r in 0..R {
+                        let a = (row0 + r) * nsb + b;
+                        let x = xq.add(a * SUPER_BLOCK + 128 * h + 32 * t6);
+                        let s0 = _mm256_mullo_epi32(dot_groups256_u6(&w[..4], x), sc0);
+                        let s1 = _mm256_mullo_epi32(dot_groups256_u6(&w[4..], x.add(16)), sc1);
+                        si[r] = _mm256_add_epi32(si[r], _mm256_add_epi32(s0, s1));
+                        let sums = pair256!(xb.add(a * 16), p);
+                        offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(pair, sums));
+                    }
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(half * 8) as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = (row0 + r) * nsb + b;
+                let si = _mm256_sub_epi32(si[r], _mm256_slli_epi32::<5>(offset[r]));
+                let dx = _mm256_set1_ps(*xd.add(a));
+                let v = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(si));
+                *acc = _mm256_add_ps(*acc, v);
+            }
+        }
+        store256(&acc, out.add(half * 8), n, cols - half * 8);
     }
 }
