@@ -303,9 +303,7 @@ fn start_engine(
         config,
         swap_bytes,
     )?;
-    if let Some(trace) = engine_args.trace_writer()? {
-        engine.set_trace(trace, engine_args.trace_options());
-    }
+    engine_args.configure(&mut engine)?;
     Ok(ServedModel::new(
         EngineHandle::spawn(engine).context("starting the engine thread")?,
         tokenizer,
