@@ -690,6 +690,49 @@ mod tests {
         }
     }
 
+    /// Verifying a draft: accepted as often as the model would draw it, and on rejection the
+    /// token comes from the rest of the distribution, so the draws follow the softmax whatever
+    /// the draft; greedy accepts exactly the argmax.
+    #[test]
+    fn a_verified_draft_keeps_the_distribution() {
+        let probs = [0.1, 0.5, 0.3, 0.1];
+        let logits = logits_of(&probs);
+        let mut sampler = Sampler::new();
+        for draft in 0..4u32 {
+            let mut rng = Rng::new(11 + u64::from(draft));
+            let mut seen = vec![0; 4];
+            for _ in 0..20_000 {
+                let mut row = logits.clone();
+                let params = SamplingParams::default();
+                let t = sampler.sample_token_with_draft(
+                    &mut row,
+                    &params,
+                    &[],
+                    &[],
+                    Some(draft),
+                    &mut rng,
+                );
+                seen[t.token as usize] += 1;
+            }
+            let expected: Vec<f64> = probs.iter().map(|&p| f64::from(p)).collect();
+            assert_frequencies(&seen, &expected, 0.012);
+        }
+        let greedy = SamplingParams::greedy();
+        for (draft, accepted) in [(1, true), (2, false)] {
+            let mut row = logits.clone();
+            let t = sampler.sample_token_with_draft(
+                &mut row,
+                &greedy,
+                &[],
+                &[],
+                Some(draft),
+                &mut Rng::new(0),
+            );
+            assert_eq!(t.token, 1);
+            assert_eq!(t.token == draft, accepted);
+        }
+    }
+
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
