@@ -6,6 +6,7 @@
 #
 #   benches/speculative/measure.sh [OUT_DIR] [ROUNDS]
 #
+# SETS (default "repetitive free") and CONCURRENCIES (default "1 8") narrow it down.
 # Needs a release build (`cargo build --release -p minserve`) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +15,8 @@ ROUNDS=${2:-3}
 BIN=target/release/minserve
 PORT=${PORT:-8471}
 DATA=benches/speculative
+SETS=${SETS:-repetitive free}
+CONCURRENCIES=${CONCURRENCIES:-1 8}
 mkdir -p "$OUT"
 
 start_server() {
@@ -55,8 +58,8 @@ for round in $(seq 1 "$ROUNDS"); do
     [ "$mode" = ngram ] && flags=(--speculative ngram)
     start_server "${flags[@]}"
     texts >"$OUT/texts-$mode.jsonl"
-    for set in repetitive free; do
-      for c in 1 8; do
+    for set in $SETS; do
+      for c in $CONCURRENCIES; do
         "$BIN" bench serve --base-url "http://127.0.0.1:$PORT" --endpoint chat \
           --dataset "$DATA/$set.jsonl" --num-prompts $((c == 1 ? 8 : 16)) --concurrency "$c" \
           --json "$OUT/r$round-$mode-$set-c$c.json" >/dev/null
@@ -70,13 +73,13 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 cmp "$OUT/texts-off.jsonl" "$OUT/texts-ngram.jsonl" && echo "greedy texts identical"
-python3 - "$OUT" "$ROUNDS" <<'EOF'
+python3 - "$OUT" "$ROUNDS" "$SETS" "$CONCURRENCIES" <<'EOF'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
 print("| task | concurrency | off tok/s | ngram tok/s | gain |")
 print("| --- | --- | --- | --- | --- |")
-for task in ("repetitive", "free"):
-    for c in (1, 8):
+for task in sys.argv[3].split():
+    for c in map(int, sys.argv[4].split()):
         med = {}
         for mode in ("off", "ngram"):
             runs = [json.load(open(f"{out}/r{r}-{mode}-{task}-c{c}.json"))["output_throughput"]
