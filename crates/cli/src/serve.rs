@@ -185,6 +185,13 @@ impl ServeArgs {
         if let Some(dtype) = &overrides.kv_cache_dtype {
             engine.kv_cache_dtype = dtype.parse().map_err(anyhow::Error::msg)?;
         }
+        if let Some(method) = &overrides.speculative {
+            engine.speculative =
+                Some(crate::engine_args::parse_speculative(method).map_err(anyhow::Error::msg)?);
+        }
+        if let Some(k) = overrides.num_speculative_tokens {
+            engine.num_speculative_tokens = k;
+        }
         if overrides.scheduling_policy.is_some() {
             engine.scheduler.scheduling_policy = overrides.scheduling_policy;
         } else if engine.scheduler.scheduling_policy.is_none() && self.api_keys.is_some() {
