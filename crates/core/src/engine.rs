@@ -70,7 +70,8 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     /// Steps without any prompt token, their tokens and their time (model, sampling and
-    /// emitting): the decode rate at the batch sizes seen, for rooflines.
+    /// emitting): the decode rate at the batch sizes seen, for rooflines. The tokens are those
+    /// computed: with speculative decoding, verified drafts count, accepted or not.
     pub decode_steps: u64,
     pub decode_step_tokens: u64,
     pub decode_step_seconds: f64,
