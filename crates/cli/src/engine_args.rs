@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use minserve_core::scheduler::{Batching, PreemptionMode, SchedulerConfig, SchedulingPolicy};
+use minserve_core::speculative::{DraftMethod, SpeculativeConfig};
 use minserve_core::trace::TraceOptions;
 use minserve_core::{Engine, EngineConfig, ModelExecutor};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LlamaModel, Runner};
@@ -168,6 +169,40 @@ pub struct EngineArgs {
     /// Add every scheduled sequence's block tables to the trace's step records.
     #[arg(long, requires = "trace_file")]
     pub trace_blocks: bool,
+    /// Speculative decoding: `ngram` drafts each decoding sequence's next tokens by prompt
+    /// lookup (what followed the last few tokens where they occurred before in the prompt or
+    /// output) and verifies them in one step; greedy output is unchanged, sampling keeps its
+    /// distribution (docs/speculative-decoding.md).
+    #[arg(long, value_parser = parse_speculative)]
+    pub speculative: Option<SpeculativeMethodArg>,
+    /// Draft tokens per sequence per step at most, with --speculative.
+    #[arg(long, default_value_t = 4, requires = "speculative")]
+    pub num_speculative_tokens: usize,
+    /// Prompt lookup matches the sequence's last N tokens for N from --prompt-lookup-max down
+    /// to this.
+    #[arg(long, default_value_t = 2, requires = "speculative")]
+    pub prompt_lookup_min: usize,
+    /// The longest suffix prompt lookup tries to match.
+    #[arg(long, default_value_t = 4, requires = "speculative")]
+    pub prompt_lookup_max: usize,
+}
+
+/// A --speculative method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpeculativeMethodArg {
+    Ngram,
+}
+
+/// A --speculative value: `ngram`. Drafting with a second model (`draft:MODEL`) is not built
+/// yet, and says so.
+pub fn parse_speculative(text: &str) -> Result<SpeculativeMethodArg, String> {
+    match text {
+        "ngram" => Ok(SpeculativeMethodArg::Ngram),
+        draft if draft.starts_with("draft:") => Err(
+            "drafting with a second model is not supported yet; use `ngram` (prompt lookup)".into(),
+        ),
+        other => Err(format!("unknown speculative method `{other}`: use `ngram`")),
+    }
 }
 
 impl EngineArgs {
@@ -213,6 +248,39 @@ impl EngineArgs {
     /// The scheduler's budget and policy; `max_model_len` is the model's context length.
     pub fn engine_config(&self, max_model_len: usize) -> EngineConfig {
         self.scheduler.engine_config(max_model_len)
+    }
+
+    /// Speculative decoding's settings, if --speculative is on.
+    pub fn speculative_config(&self) -> anyhow::Result<Option<SpeculativeConfig>> {
+        let Some(SpeculativeMethodArg::Ngram) = self.speculative else {
+            return Ok(None);
+        };
+        let (min_n, max_n) = (self.prompt_lookup_min, self.prompt_lookup_max);
+        anyhow::ensure!(
+            (1..=max_n).contains(&min_n),
+            "--prompt-lookup-min ({min_n}) must be at least 1 and at most --prompt-lookup-max \
+             ({max_n})"
+        );
+        anyhow::ensure!(
+            self.num_speculative_tokens >= 1,
+            "--num-speculative-tokens must be at least 1"
+        );
+        Ok(Some(SpeculativeConfig {
+            method: DraftMethod::Ngram { min_n, max_n },
+            ..SpeculativeConfig::ngram(self.num_speculative_tokens)
+        }))
+    }
+
+    /// What these flags set on an engine once it is built: the trace and speculative
+    /// decoding.
+    pub fn configure<E: ModelExecutor>(&self, engine: &mut Engine<E>) -> anyhow::Result<()> {
+        if let Some(trace) = self.trace_writer()? {
+            engine.set_trace(trace, self.trace_options());
+        }
+        if let Some(config) = self.speculative_config()? {
+            engine.set_speculative(config);
+        }
+        Ok(())
     }
 
     /// The --trace-file to hand to [`Engine::set_trace`], created (truncated) now, if one was

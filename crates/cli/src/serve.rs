@@ -191,6 +191,13 @@ impl ServeArgs {
         if let Some(dtype) = &overrides.kv_cache_dtype {
             engine.kv_cache_dtype = dtype.parse().map_err(anyhow::Error::msg)?;
         }
+        if let Some(method) = &overrides.speculative {
+            engine.speculative =
+                Some(crate::engine_args::parse_speculative(method).map_err(anyhow::Error::msg)?);
+        }
+        if let Some(k) = overrides.num_speculative_tokens {
+            engine.num_speculative_tokens = k;
+        }
         if overrides.scheduling_policy.is_some() {
             engine.scheduler.scheduling_policy = overrides.scheduling_policy;
         } else if engine.scheduler.scheduling_policy.is_none() && self.api_keys.is_some() {
@@ -309,9 +316,7 @@ fn start_engine(
         config,
         swap_bytes,
     )?;
-    if let Some(trace) = engine_args.trace_writer()? {
-        engine.set_trace(trace, engine_args.trace_options());
-    }
+    engine_args.configure(&mut engine)?;
     Ok(ServedModel::new(
         EngineHandle::spawn(engine).context("starting the engine thread")?,
         tokenizer,

@@ -13,6 +13,8 @@
 //! max_num_batched_tokens = 512
 //! kv_cache_dtype = "q8"
 //! scheduling_policy = "fair-share"
+//! speculative = "ngram"          # speculative decoding, with its draft length
+//! num_speculative_tokens = 4
 //!
 //! [[model]]
 //! model = "synthetic:tiny"
@@ -50,6 +52,8 @@ pub struct EngineOverrides {
     pub max_num_batched_tokens: Option<usize>,
     pub kv_cache_dtype: Option<String>,
     pub scheduling_policy: Option<String>,
+    pub speculative: Option<String>,
+    pub num_speculative_tokens: Option<usize>,
 }
 
 /// What a config file asks for.
@@ -80,6 +84,8 @@ struct ModelShape {
     max_num_batched_tokens: Option<Spanned<usize>>,
     kv_cache_dtype: Option<Spanned<String>>,
     scheduling_policy: Option<Spanned<String>>,
+    speculative: Option<Spanned<String>>,
+    num_speculative_tokens: Option<Spanned<usize>>,
 }
 
 /// A mistake in the file, at a byte range of its text.
@@ -178,9 +184,17 @@ fn check(shape: FileShape) -> Result<ServeConfig, Mistake> {
             crate::engine_args::parse_policy(policy.get_ref())
                 .or_else(|e| mistake(policy.span(), e))?;
         }
-        for count in [&m.max_num_seqs, &m.max_num_batched_tokens]
-            .into_iter()
-            .flatten()
+        if let Some(method) = &m.speculative {
+            crate::engine_args::parse_speculative(method.get_ref())
+                .or_else(|e| mistake(method.span(), e))?;
+        }
+        for count in [
+            &m.max_num_seqs,
+            &m.max_num_batched_tokens,
+            &m.num_speculative_tokens,
+        ]
+        .into_iter()
+        .flatten()
         {
             if *count.get_ref() == 0 {
                 return mistake(count.span(), "must be at least 1");
@@ -210,6 +224,8 @@ fn check(shape: FileShape) -> Result<ServeConfig, Mistake> {
                 max_num_batched_tokens: m.max_num_batched_tokens.map(Spanned::into_inner),
                 kv_cache_dtype: m.kv_cache_dtype.map(Spanned::into_inner),
                 scheduling_policy: m.scheduling_policy.map(Spanned::into_inner),
+                speculative: m.speculative.map(Spanned::into_inner),
+                num_speculative_tokens: m.num_speculative_tokens.map(Spanned::into_inner),
             },
         })
         .collect();
@@ -234,6 +250,8 @@ kv_cache_share = 0.75
 max_num_seqs = 32
 kv_cache_dtype = "q8"
 scheduling_policy = "fair-share"
+speculative = "ngram"
+num_speculative_tokens = 3
 
 [[model]]
 model = "synthetic:tiny"
@@ -253,6 +271,8 @@ name = "tiny"
         assert_eq!(small.kv_cache_share, 0.75);
         assert_eq!(small.engine.max_num_seqs, Some(32));
         assert_eq!(small.engine.kv_cache_dtype.as_deref(), Some("q8"));
+        assert_eq!(small.engine.speculative.as_deref(), Some("ngram"));
+        assert_eq!(small.engine.num_speculative_tokens, Some(3));
         assert_eq!(tiny.kv_cache_share, 0.25, "the rest");
         assert_eq!(tiny.engine, EngineOverrides::default());
     }
@@ -277,7 +297,7 @@ name = "tiny"
     fn a_duplicate_alias_is_refused_at_its_line() {
         let text = GOOD.replace("name = \"tiny\"", "name = \"tiny\"\naliases = [\"chat\"]");
         let (error, line) = refused(&text);
-        assert_eq!(line, 16, "{error}");
+        assert_eq!(line, 18, "{error}");
         assert!(error.contains("`chat` is already taken"), "{error}");
     }
 
@@ -285,7 +305,7 @@ name = "tiny"
     fn shares_over_100_percent_are_refused_at_the_line_that_crosses() {
         let text = GOOD.replace("name = \"tiny\"", "name = \"tiny\"\nkv_cache_share = 0.5");
         let (error, line) = refused(&text);
-        assert_eq!(line, 16, "{error}");
+        assert_eq!(line, 18, "{error}");
         assert!(error.contains("125%"), "{error}");
     }
 
@@ -305,6 +325,12 @@ name = "tiny"
                 "kv_cache_memory = \"2GiB\"",
                 "kv_cache_memory = \"lots\"",
                 2,
+            ),
+            ("speculative = \"ngram\"", "speculative = \"draft:x\"", 12),
+            (
+                "num_speculative_tokens = 3",
+                "num_speculative_tokens = 0",
+                13,
             ),
         ] {
             let (error, at) = refused(&GOOD.replace(from, to));

@@ -569,6 +569,25 @@ impl BlockManager {
         seq.num_computed_tokens = 0;
     }
 
+    /// Gives back the blocks of `seq` past its first `num_blocks` logical blocks, in every
+    /// group: the blocks a step's rejected draft tokens were written into (speculative
+    /// decoding). They were allocated by that step, so nobody else holds them and none is
+    /// registered for prefix reuse (see [`queue_full_blocks`](Self::queue_full_blocks)).
+    pub fn truncate(&mut self, seq: &mut Sequence, num_blocks: usize) {
+        for table in &mut seq.block_tables {
+            for id in table.drain(num_blocks.min(table.len())..).rev() {
+                if id != RELEASED_BLOCK {
+                    debug_assert!(
+                        self.blocks[id as usize].key.is_none(),
+                        "block {id} is cached"
+                    );
+                    self.release(id);
+                }
+            }
+        }
+        debug_assert!(seq.block_hashes.len() <= num_blocks);
+    }
+
     /// Like [`free`](Self::free), but also forgets the registrations of blocks written by a
     /// step that failed, whose contents can no longer be trusted.
     pub fn free_and_forget(&mut self, seq: &mut Sequence) {
@@ -582,8 +601,12 @@ impl BlockManager {
 
     /// Queues for registration the blocks of `seq` that are full once its first `num_tokens`
     /// are computed (see [`take_block_copies`](Self::take_block_copies)).
+    ///
+    /// Only blocks of `seq.tokens` count: a step that verifies draft tokens (speculative
+    /// decoding) writes K/V past them, and what it wrote there is only kept if the drafts are
+    /// accepted, which makes them tokens; the blocks they fill are registered at the next step.
     fn queue_full_blocks(&mut self, seq: &mut Sequence, num_tokens: usize) {
-        let full = (num_tokens / self.block_size).min(seq.num_logical_blocks());
+        let full = (num_tokens.min(seq.len()) / self.block_size).min(seq.num_logical_blocks());
         while seq.block_hashes.len() < full {
             let i = seq.block_hashes.len();
             let tokens = &seq.tokens[i * self.block_size..(i + 1) * self.block_size];

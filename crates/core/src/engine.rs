@@ -41,6 +41,7 @@ use crate::request::{
 use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
 use crate::sequence::{Owner, SeqId, Sequence};
+use crate::speculative::{self, DraftGate, DraftMethod, SpeculativeConfig};
 use crate::trace::{
     RequestEventKind, RequestRecord, StepFacts, StepRecord, Trace, TraceOptions, TraceRecord,
 };
@@ -72,7 +73,8 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     /// Steps without any prompt token, their tokens and their time (model, sampling and
-    /// emitting): the decode rate at the batch sizes seen, for rooflines.
+    /// emitting): the decode rate at the batch sizes seen, for rooflines. The tokens are those
+    /// computed: with speculative decoding, verified drafts count, accepted or not.
     pub decode_steps: u64,
     pub decode_step_tokens: u64,
     pub decode_step_seconds: f64,
@@ -84,6 +86,12 @@ pub struct EngineStats {
     /// Swap preemption: sequences moved to the host pool and back.
     pub num_swapped_out: u64,
     pub num_swapped_in: u64,
+    /// Speculative decoding: verifications (a sequence's drafts checked in one step), the
+    /// draft tokens they checked, and those accepted (vLLM's `spec_decode_num_drafts`,
+    /// `..._num_draft_tokens`, `..._num_accepted_tokens`).
+    pub spec_num_drafts: u64,
+    pub spec_num_draft_tokens: u64,
+    pub spec_num_accepted_tokens: u64,
 }
 
 /// One sample of a request, as far as sampling and the output stage need it; its tokens and
@@ -96,6 +104,10 @@ struct Sample {
     output: SampleOutput,
     /// The sample's walk through its request's grammar, if it has one.
     constrained: Option<ConstrainedSample>,
+    /// Whether its request may speculate at all (`speculative::request_speculates`).
+    speculates: bool,
+    /// How its drafts have fared, deciding whether it drafts (speculative decoding).
+    draft_gate: DraftGate,
 }
 
 /// Per-request state shared by its `n` samples.
@@ -106,6 +118,19 @@ struct RequestState {
     seqs: Range<SeqId>,
     /// Whether [`RequestEvent::Scheduled`] has been sent.
     scheduled: bool,
+}
+
+/// A sequence that draws tokens in a step, and the drafts it verifies: it owns
+/// `drafts.len() + 1` consecutive rows of the step's logits.
+struct SamplingRows {
+    id: SeqId,
+    drafts: Vec<u32>,
+}
+
+impl SamplingRows {
+    fn num_rows(&self) -> usize {
+        self.drafts.len() + 1
+    }
 }
 
 pub struct Engine<E: ModelExecutor> {
@@ -125,6 +150,8 @@ pub struct Engine<E: ModelExecutor> {
     block_map_published: Option<Instant>,
     /// While recording (a trace, or a watcher): sequences preempted and not yet resumed.
     traced_preempted: HashSet<SeqId>,
+    /// Speculative decoding, when on.
+    speculative: Option<SpeculativeConfig>,
 }
 
 impl<E: ModelExecutor> Engine<E> {
@@ -166,6 +193,7 @@ impl<E: ModelExecutor> Engine<E> {
             live,
             block_map_published: None,
             traced_preempted: HashSet::new(),
+            speculative: None,
         }
     }
 
@@ -189,6 +217,12 @@ impl<E: ModelExecutor> Engine<E> {
                 .publish_block_map(BlockMap::of(&self.scheduler, self.stats.steps, t_ms));
             self.block_map_published = Some(now);
         }
+    }
+
+    /// Turns speculative decoding on (see `speculative.rs`): from the next step, decoding
+    /// sequences draft tokens and verify them.
+    pub fn set_speculative(&mut self, config: SpeculativeConfig) {
+        self.speculative = Some(config);
     }
 
     /// Writes the trace (one JSON line per step and per request event, `docs/trace.md`) to
@@ -263,6 +297,12 @@ impl<E: ModelExecutor> Engine<E> {
 
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
+    }
+
+    /// The scheduler (and through it the block manager), read-only: for statistics and
+    /// invariant checks.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     pub fn executor(&self) -> &E {
@@ -348,6 +388,8 @@ impl<E: ModelExecutor> Engine<E> {
                     constrained: request.constraint.as_ref().map(|grammar| {
                         ConstrainedSample::new(grammar.start(), self.limits.vocab_size)
                     }),
+                    speculates: speculative::request_speculates(&request),
+                    draft_gate: DraftGate::default(),
                 },
             );
         }
@@ -396,6 +438,7 @@ impl<E: ModelExecutor> Engine<E> {
     pub fn step(&mut self) -> bool {
         self.abort_disconnected();
         let step_started = self.recording().then(Instant::now);
+        self.propose_drafts();
         let step = self.scheduler.schedule();
         if step.is_empty() {
             self.refresh_stats();
@@ -411,27 +454,23 @@ impl<E: ModelExecutor> Engine<E> {
         match self.execute_preparing_masks(&step) {
             Ok(mut logits) => {
                 self.scheduler.mark_computed(&step);
-                let mut sampling: Vec<SeqId> = step
-                    .seqs
-                    .iter()
-                    .filter(|s| s.samples)
-                    .map(|s| s.id)
-                    .take(logits.num_rows())
-                    .collect();
+                let mut sampling = self.sampling_rows(&step, logits.num_rows());
                 let forked = self.scheduler.fork_samples(&step);
                 Self::share_parent_rows(&forked, &mut sampling, &mut logits);
                 let drawn = self.sample_rows(&sampling, &mut logits);
-                for (id, token) in sampling.into_iter().zip(drawn) {
-                    if let Some(token) = token {
-                        self.emit(id, token);
-                    }
+                for (row, tokens) in sampling.into_iter().zip(drawn) {
+                    self.emit_all(row, tokens);
                 }
             }
             Err(e) => self.fail_step(&step, &e.to_string()),
         }
         if step.seqs.iter().all(|s| !s.is_prefill) {
             self.stats.decode_steps += 1;
-            self.stats.decode_step_tokens += step.seqs.len() as u64;
+            self.stats.decode_step_tokens += step
+                .seqs
+                .iter()
+                .map(|s| s.num_new_tokens as u64)
+                .sum::<u64>();
             self.stats.decode_step_seconds += started.elapsed().as_secs_f64();
         }
         self.stats.steps += 1;
@@ -522,20 +561,116 @@ impl<E: ModelExecutor> Engine<E> {
     /// as its parent's, with its own generator, as if it had computed the prompt itself.
     fn share_parent_rows(
         forked: &[(SeqId, SeqId)],
-        sampling: &mut Vec<SeqId>,
+        sampling: &mut Vec<SamplingRows>,
         logits: &mut Logits,
     ) {
         let vocab = logits.vocab_size;
         // New rows go right after the rows in use.
-        logits.data.truncate(sampling.len() * vocab);
+        let rows_in_use: usize = sampling.iter().map(SamplingRows::num_rows).sum();
+        logits.data.truncate(rows_in_use * vocab);
         for &(parent, fork) in forked {
-            if let Some(row) = sampling.iter().position(|&id| id == parent) {
-                logits
-                    .data
-                    .extend_from_within(row * vocab..(row + 1) * vocab);
-                sampling.push(fork);
+            // A parent has just computed its prompt, so it verifies no drafts: one row.
+            let mut row = 0;
+            for rows in sampling.iter() {
+                if rows.id == parent {
+                    logits
+                        .data
+                        .extend_from_within(row * vocab..(row + 1) * vocab);
+                    sampling.push(SamplingRows {
+                        id: fork,
+                        drafts: Vec::new(),
+                    });
+                    break;
+                }
+                row += rows.num_rows();
             }
         }
+    }
+
+    /// The sequences of `step` that draw tokens from its logits (at most `num_rows` rows), in
+    /// the order of their rows, each with the drafts it verifies.
+    fn sampling_rows(&self, step: &ScheduledStep, num_rows: usize) -> Vec<SamplingRows> {
+        let mut rows = Vec::with_capacity(step.seqs.len());
+        let mut used = 0;
+        for s in step.seqs.iter().filter(|s| s.samples) {
+            let drafts = match s.num_draft_tokens {
+                0 => Vec::new(),
+                _ => self
+                    .scheduler
+                    .get(s.id)
+                    .map_or_else(Vec::new, |seq| seq.draft_tokens.clone()),
+            };
+            used += drafts.len() + 1;
+            if used > num_rows {
+                break;
+            }
+            rows.push(SamplingRows { id: s.id, drafts });
+        }
+        rows
+    }
+
+    /// Speculative decoding: gives every running sequence that may speculate this step the
+    /// tokens it drafts (see `speculative.rs`), and every other none.
+    fn propose_drafts(&mut self) {
+        let Some(config) = self.speculative else {
+            return;
+        };
+        let step = self.stats.steps;
+        let running: Vec<SeqId> = self.scheduler.running().map(|s| s.id).collect();
+        for id in running {
+            let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get_mut(id))
+            else {
+                continue;
+            };
+            seq.draft_tokens.clear();
+            let Some(request) = self.requests.get(&sample.request) else {
+                continue;
+            };
+            let request = &request.request;
+            let num_output = seq.len() - seq.num_prompt_tokens;
+            // The step's last token is never a draft, so this leaves `max_tokens` room.
+            let room = request.max_tokens.saturating_sub(num_output + 1);
+            let k = config.num_speculative_tokens.min(room);
+            if k == 0
+                || !sample.speculates
+                || num_output < request.min_tokens
+                || seq.num_pending_tokens() != 1
+                || !sample.draft_gate.open(step)
+            {
+                continue;
+            }
+            seq.draft_tokens = match config.method {
+                DraftMethod::Ngram { min_n, max_n } => {
+                    speculative::propose_ngram(&seq.tokens, min_n, max_n, k)
+                }
+            };
+        }
+    }
+
+    /// Emits the tokens one sequence drew this step, in order, until one finishes it; then, if
+    /// it verified drafts, records how they fared and rolls back what the rejected ones left.
+    fn emit_all(&mut self, rows: SamplingRows, tokens: Vec<SampledToken>) {
+        let id = rows.id;
+        let accepted = tokens.len().saturating_sub(1);
+        for token in tokens {
+            if !self.samples.contains_key(&id) {
+                break;
+            }
+            self.emit(id, token);
+        }
+        if rows.drafts.is_empty() {
+            return;
+        }
+        self.stats.spec_num_drafts += 1;
+        self.stats.spec_num_draft_tokens += rows.drafts.len() as u64;
+        self.stats.spec_num_accepted_tokens += accepted as u64;
+        if let (Some(sample), Some(config)) = (self.samples.get_mut(&id), self.speculative) {
+            let floor = config.acceptance_floor(self.scheduler.num_running());
+            sample
+                .draft_gate
+                .record(rows.drafts.len(), accepted, self.stats.steps, floor);
+        }
+        self.scheduler.accept_drafts(id, accepted);
     }
 
     fn report_first_scheduled(&mut self, step: &ScheduledStep) {
@@ -592,35 +727,43 @@ impl<E: ModelExecutor> Engine<E> {
         }
     }
 
-    /// Draws the next token of every sequence in `ids` from its row of `logits` (row `i` for
-    /// `ids[i]`), rows in parallel on the executor's threads. Each row is processed in place (no
-    /// copy of the vocabulary) and uses only its own sequence's history and random generator, so
-    /// a token does not depend on how rows are spread over threads. `None` for a sequence that
-    /// is gone.
-    fn sample_rows(&mut self, ids: &[SeqId], logits: &mut Logits) -> Vec<Option<SampledToken>> {
-        /// What drawing one row reads, borrowed from the engine's state.
+    /// Draws the next tokens of every sequence in `sampling` from its rows of `logits` (in
+    /// order, each sequence's rows after the previous one's), sequences in parallel on the
+    /// executor's threads. Each row is processed in place (no copy of the vocabulary) and uses
+    /// only its own sequence's history and random generator, so a token does not depend on how
+    /// sequences are spread over threads. A sequence without drafts draws one token; one that
+    /// verifies drafts draws a token per row until one differs from its draft (rejected) or the
+    /// rows run out (see `speculative.rs`). Empty for a sequence that is gone.
+    fn sample_rows(
+        &mut self,
+        sampling: &[SamplingRows],
+        logits: &mut Logits,
+    ) -> Vec<Vec<SampledToken>> {
+        /// What drawing one sequence's rows reads, borrowed from the engine's state.
         struct Job<'a> {
             params: &'a SamplingParams,
             prompt: &'a [u32],
             output: &'a [u32],
+            drafts: &'a [u32],
             /// Token ids banned for this step: EOS and stop ids until `min_tokens` are out.
             banned: Vec<u32>,
             /// The tokens its grammar allows, if it has one.
             mask: Option<&'a TokenMask>,
         }
-        self.prepare_missing_masks(ids);
-        /// What drawing one row writes: its logits (processed in place), the sequence's
-        /// generator (advanced), the token.
+        let ids: Vec<SeqId> = sampling.iter().map(|rows| rows.id).collect();
+        self.prepare_missing_masks(&ids);
+        /// What drawing one sequence's rows writes: its logits (processed in place), the
+        /// sequence's generator (advanced), the tokens.
         struct Draw<'a> {
-            row: &'a mut [f32],
+            rows: &'a mut [f32],
             rng: Rng,
-            token: Option<SampledToken>,
+            tokens: Vec<SampledToken>,
         }
-        let jobs: Vec<Option<Job>> = ids
+        let jobs: Vec<Option<Job>> = sampling
             .iter()
-            .map(|id| {
-                let sample = self.samples.get(id)?;
-                let seq = self.scheduler.get(*id)?;
+            .map(|rows| {
+                let sample = self.samples.get(&rows.id)?;
+                let seq = self.scheduler.get(rows.id)?;
                 let request = &self.requests.get(&sample.request)?.request;
                 let output = seq.output_tokens();
                 let banned = if output.len() < request.min_tokens {
@@ -632,48 +775,81 @@ impl<E: ModelExecutor> Engine<E> {
                     params: &request.params,
                     prompt: &seq.tokens[..seq.num_prompt_tokens],
                     output,
+                    drafts: &rows.drafts,
                     banned,
                     mask: sample.constrained.as_ref().map(|c| &c.mask),
                 })
             })
             .collect();
-        let draws: Vec<Mutex<Draw>> = logits
-            .data
-            .chunks_mut(logits.vocab_size)
-            .zip(ids)
-            .map(|(row, id)| {
+        let vocab = logits.vocab_size;
+        let mut rest = logits.data.as_mut_slice();
+        let draws: Vec<Mutex<Draw>> = sampling
+            .iter()
+            .map(|rows| {
+                let (mine, others) =
+                    std::mem::take(&mut rest).split_at_mut(rows.num_rows() * vocab);
+                rest = others;
                 Mutex::new(Draw {
-                    row,
-                    rng: self.samples.get(id).map_or(Rng::new(0), |s| s.rng.clone()),
-                    token: None,
+                    rows: mine,
+                    rng: self
+                        .samples
+                        .get(&rows.id)
+                        .map_or(Rng::new(0), |s| s.rng.clone()),
+                    tokens: Vec::new(),
                 })
             })
             .collect();
         self.executor.for_each_index(jobs.len(), &|i| {
             let Some(job) = &jobs[i] else { return };
             let mut draw = draws[i].lock().unwrap_or_else(|e| e.into_inner());
-            let Draw { row, rng, token } = &mut *draw;
-            if let Some(mask) = job.mask {
-                mask.apply(row);
-            }
-            for &t in &job.banned {
-                if let Some(l) = row.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
+            let Draw { rows, rng, tokens } = &mut *draw;
+            // The history of each verified position: the output and the drafts before it
+            // (copied only when drafts make it differ from the output).
+            let mut history = Vec::new();
+            for (position, row) in rows.chunks_mut(vocab).enumerate() {
+                if let Some(mask) = job.mask {
+                    mask.apply(row);
+                }
+                for &t in &job.banned {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                let draft = job.drafts.get(position).copied();
+                let output = match position {
+                    0 => job.output,
+                    _ => {
+                        if history.is_empty() {
+                            history.extend_from_slice(job.output);
+                        }
+                        history.push(job.drafts[position - 1]);
+                        &history
+                    }
+                };
+                let token = SAMPLER.with(|sampler| {
+                    sampler
+                        .borrow_mut()
+                        .sample_token_with_draft(row, job.params, job.prompt, output, draft, rng)
+                });
+                let rejected = draft != Some(token.token);
+                tokens.push(token);
+                if rejected {
+                    break;
                 }
             }
-            *token = Some(SAMPLER.with(|sampler| {
-                sampler
-                    .borrow_mut()
-                    .sample_token(row, job.params, job.prompt, job.output, rng)
-            }));
         });
-        ids.iter()
+        sampling
+            .iter()
             .zip(draws)
-            .map(|(id, draw)| {
-                let Draw { rng, token, .. } = draw.into_inner().unwrap_or_else(|e| e.into_inner());
-                let token = token?;
-                self.samples.get_mut(id)?.rng = rng;
-                Some(token)
+            .map(|(rows, draw)| {
+                let Draw { rng, tokens, .. } = draw.into_inner().unwrap_or_else(|e| e.into_inner());
+                match self.samples.get_mut(&rows.id) {
+                    Some(sample) if !tokens.is_empty() => {
+                        sample.rng = rng;
+                        tokens
+                    }
+                    _ => Vec::new(),
+                }
             })
             .collect()
     }

@@ -20,6 +20,7 @@ pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod speculative;
 pub mod static_batch;
 pub mod stop;
 pub mod swap;

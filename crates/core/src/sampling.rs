@@ -264,6 +264,29 @@ impl Sampler {
         output: &[u32],
         rng: &mut Rng,
     ) -> SampledToken {
+        self.sample_token_with_draft(logits, params, prompt, output, None, rng)
+    }
+
+    /// [`sample_token`](Self::sample_token) at a position where speculative decoding proposed
+    /// `draft` (see `speculative.rs`): the token returned is `draft` exactly when the draft is
+    /// accepted, and it is distributed as `sample_token`'s would be, whatever the draft.
+    ///
+    /// The proposal is a point mass on `draft` (a prompt-lookup draft has no distribution), so
+    /// standard speculative rejection sampling reduces to: accept with probability `p(draft)`
+    /// under the request's final distribution (after temperature, top-k, min-p and top-p);
+    /// otherwise draw from that distribution with `draft` removed, renormalised (the residual
+    /// `max(0, p - q)`). Then `P(x) = p(draft)` for the draft and `(1 - p(draft)) * p(x) / (1 -
+    /// p(draft)) = p(x)` for any other token. Greedy requests accept exactly when the draft is
+    /// the argmax, and the token is the argmax either way.
+    pub fn sample_token_with_draft(
+        &mut self,
+        logits: &mut [f32],
+        params: &SamplingParams,
+        prompt: &[u32],
+        output: &[u32],
+        draft: Option<u32>,
+        rng: &mut Rng,
+    ) -> SampledToken {
         assert!(!logits.is_empty(), "cannot sample from an empty logits row");
         apply_logit_bias(logits, &params.logit_bias);
         self.apply_penalties(logits, params, prompt, output);
@@ -272,7 +295,7 @@ impl Sampler {
         let token = if params.is_greedy() {
             argmax(logits)
         } else {
-            self.draw(logits, params, rng)
+            self.draw(logits, params, rng, draft)
         };
 
         let (logprob, top_logprobs) = match params.logprobs {
@@ -343,7 +366,16 @@ impl Sampler {
     /// on what they left, renormalised (as vLLM does). The costly part of a step is the `exp` of
     /// every candidate, so the filters that can be decided on logits alone (top-k, min-p) run
     /// before it, and top-p discards hopeless candidates before its selection.
-    fn draw(&mut self, logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    ///
+    /// With a `draft`, the draw first accepts it with its probability, and otherwise draws
+    /// from the rest (see [`sample_token_with_draft`](Self::sample_token_with_draft)).
+    fn draw(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        rng: &mut Rng,
+        draft: Option<u32>,
+    ) -> u32 {
         let candidates = &mut self.candidates;
         let k = params.top_k;
         if k > 0 && k < logits.len() {
@@ -396,6 +428,25 @@ impl Sampler {
         if total <= 0.0 {
             // Every weight is 0: only reachable with out-of-range parameters (a NaN temperature).
             return argmax(logits);
+        }
+        if let Some(draft) = draft {
+            if let Some(at) = candidates.iter().position(|&(token, _)| token == draft) {
+                let weight = f64::from(weights[at]);
+                if rng.next_f64() * total < weight {
+                    return draft;
+                }
+                weights[at] = 0.0;
+                total = sum_f64(weights);
+                if total <= 0.0 {
+                    // Only rounding can leave nothing beside a draft that was not accepted.
+                    return draft;
+                }
+            } else {
+                // The draft is outside what the filters keep: rejected without a draw, as its
+                // probability is 0 (the generator still advances, so that a seed's stream does
+                // not depend on where the draft fell).
+                rng.next_f64();
+            }
         }
         // Inverse-CDF draw over the survivors, in whatever order they are in: that order is a
         // deterministic function of the logits, so a seed still reproduces its tokens.
@@ -636,6 +687,49 @@ mod tests {
                 (freq - p).abs() <= tolerance,
                 "token {i}: frequency {freq:.3}, expected {p:.3} ({seen:?})"
             );
+        }
+    }
+
+    /// Verifying a draft: accepted as often as the model would draw it, and on rejection the
+    /// token comes from the rest of the distribution, so the draws follow the softmax whatever
+    /// the draft; greedy accepts exactly the argmax.
+    #[test]
+    fn a_verified_draft_keeps_the_distribution() {
+        let probs = [0.1, 0.5, 0.3, 0.1];
+        let logits = logits_of(&probs);
+        let mut sampler = Sampler::new();
+        for draft in 0..4u32 {
+            let mut rng = Rng::new(11 + u64::from(draft));
+            let mut seen = vec![0; 4];
+            for _ in 0..20_000 {
+                let mut row = logits.clone();
+                let params = SamplingParams::default();
+                let t = sampler.sample_token_with_draft(
+                    &mut row,
+                    &params,
+                    &[],
+                    &[],
+                    Some(draft),
+                    &mut rng,
+                );
+                seen[t.token as usize] += 1;
+            }
+            let expected: Vec<f64> = probs.iter().map(|&p| f64::from(p)).collect();
+            assert_frequencies(&seen, &expected, 0.012);
+        }
+        let greedy = SamplingParams::greedy();
+        for (draft, accepted) in [(1, true), (2, false)] {
+            let mut row = logits.clone();
+            let t = sampler.sample_token_with_draft(
+                &mut row,
+                &greedy,
+                &[],
+                &[],
+                Some(draft),
+                &mut Rng::new(0),
+            );
+            assert_eq!(t.token, 1);
+            assert_eq!(t.token == draft, accepted);
         }
     }
 

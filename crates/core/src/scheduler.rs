@@ -120,6 +120,9 @@ pub struct ScheduledSeq {
     /// Whether the tokens are (part of) a prompt, or a recomputation after preemption, rather
     /// than a decode step.
     pub is_prefill: bool,
+    /// Of `num_new_tokens`, draft tokens to verify (speculative decoding): they follow the
+    /// sequence's pending token, and the step returns logits for each of them and for it.
+    pub num_draft_tokens: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -363,18 +366,20 @@ impl Scheduler {
                 i += 1; // sampled last step; waits for the engine to append its token
                 continue;
             }
-            if !self.make_room(i, num_new, &mut step) {
+            let num_drafts = self.allocate_drafts(id, budget - num_new);
+            if num_drafts == 0 && !self.make_room(i, num_new, &mut step) {
                 break; // sequence `i` itself was preempted; so is everything after it
             }
             let seq = &self.seqs[&id];
             step.seqs.push(ScheduledSeq {
                 id,
-                num_new_tokens: num_new,
+                num_new_tokens: num_new + num_drafts,
                 samples: seq.num_computed_tokens + num_new == seq.len(),
                 num_cached_tokens: 0,
                 is_prefill: seq.num_computed_tokens + 1 < seq.len(),
+                num_draft_tokens: num_drafts,
             });
-            budget -= num_new;
+            budget -= num_new + num_drafts;
             i += 1;
         }
 
@@ -559,6 +564,7 @@ impl Scheduler {
                         samples: computed + num_new == seq.len(),
                         num_cached_tokens: 0,
                         is_prefill: computed + 1 < seq.len(),
+                        num_draft_tokens: 0,
                     });
                     step.swapped_in.push(id);
                     true
@@ -578,6 +584,7 @@ impl Scheduler {
             samples: num_cached + num_new == seq.len(),
             num_cached_tokens: num_cached,
             is_prefill: true,
+            num_draft_tokens: 0,
         });
         true
     }
@@ -620,6 +627,42 @@ impl Scheduler {
             .sum()
     }
 
+    /// Speculative decoding: allocates blocks for running sequence `id`'s pending token and as
+    /// many of its draft tokens as `spare_budget` allows, and returns how many drafts it
+    /// scheduled. Drafts are a bet, never worth preempting for: 0 (the drafts dropped, nothing
+    /// allocated) unless the sequence is decoding (one pending token) and the blocks are free.
+    fn allocate_drafts(&mut self, id: SeqId, spare_budget: usize) -> usize {
+        let seq = self.seqs.get_mut(&id).expect("running sequences are known");
+        if seq.draft_tokens.is_empty() {
+            return 0;
+        }
+        let num_drafts = match seq.num_pending_tokens() {
+            1 => seq.draft_tokens.len().min(spare_budget),
+            _ => 0,
+        };
+        seq.draft_tokens.truncate(num_drafts);
+        if num_drafts == 0 || !self.blocks.allocate_slots(seq, 1 + num_drafts, None) {
+            seq.draft_tokens.clear();
+            return 0;
+        }
+        num_drafts
+    }
+
+    /// After a step that verified sequence `id`'s drafts, once the engine has appended the
+    /// tokens it kept: `accepted` drafts are now computed tokens, the K/V of the others lies past
+    /// the sequence's end (the next step overwrites it), and the blocks wholly past that end go
+    /// back to the pool.
+    pub fn accept_drafts(&mut self, id: SeqId, accepted: usize) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return; // finished (or aborted) on one of the step's tokens
+        };
+        seq.draft_tokens.clear();
+        seq.num_computed_tokens += accepted;
+        debug_assert!(seq.num_computed_tokens < seq.len());
+        let keep = self.blocks.blocks_for(seq.len());
+        self.blocks.truncate(seq, keep);
+    }
+
     /// Allocates blocks for `num_new` tokens of `running[i]`, preempting from the back of the
     /// running list until they fit. False if `running[i]` itself had to go.
     fn make_room(&mut self, i: usize, num_new: usize, step: &mut ScheduledStep) -> bool {
@@ -644,6 +687,7 @@ impl Scheduler {
     /// queue, in its place there; it keeps its tokens.
     fn preempt(&mut self, id: SeqId, step: &mut ScheduledStep) {
         let seq = self.seqs.get_mut(&id).expect("running sequences are known");
+        seq.draft_tokens.clear();
         if self.swap.swap_out(seq, &mut self.blocks) {
             step.swapped_out.push(id);
         } else {
@@ -669,6 +713,12 @@ impl Scheduler {
         for s in scheduled {
             let seq = &self.seqs[&s.id];
             let start = seq.num_computed_tokens;
+            if s.num_draft_tokens > 0 {
+                let mut tokens = seq.tokens[start..].to_vec();
+                tokens.extend_from_slice(&seq.draft_tokens);
+                batch.push_scored_sequence(&tokens, start, &seq.block_tables, block_size);
+                continue;
+            }
             batch.push_sequence_groups(
                 &seq.tokens[start..start + s.num_new_tokens],
                 start,
@@ -680,11 +730,12 @@ impl Scheduler {
         batch
     }
 
-    /// Called after the step ran: the scheduled tokens are now computed.
+    /// Called after the step ran: the scheduled tokens are now computed. Draft tokens are not
+    /// tokens yet: those accepted are counted by [`accept_drafts`](Self::accept_drafts).
     pub fn mark_computed(&mut self, step: &ScheduledStep) {
         for s in &step.seqs {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
-                seq.num_computed_tokens += s.num_new_tokens;
+                seq.num_computed_tokens += s.num_new_tokens - s.num_draft_tokens;
             }
         }
     }
@@ -763,6 +814,86 @@ mod tests {
         let third = step.seqs.iter().find(|q| q.id == 3).unwrap();
         assert_eq!(third.num_cached_tokens, 16);
         assert_eq!(s.get(3).unwrap().block_tables[0][0], first_block);
+    }
+
+    /// Speculative decoding's bookkeeping: a decoding sequence's drafts are scheduled after
+    /// its pending token, within the budget, with a logits row each; after the step, the
+    /// accepted ones become computed tokens and the blocks only the rejected ones reached go
+    /// back to the pool. A block is registered for prefix reuse only once real tokens fill
+    /// it, never with drafts in it.
+    #[test]
+    fn drafts_are_verified_in_one_step_and_rejected_ones_rolled_back() {
+        let mut s = Scheduler::new(config(6, 8), BlockManager::new(16, 4, true));
+        s.add(Sequence::new(1, (0..7).collect(), 0, 1));
+        // The prompt, in two chunks; then token 1 (`run_step` appends the id).
+        while s.get(1).unwrap().len() < 8 {
+            run_step(&mut s);
+        }
+        s.get_mut(1).unwrap().draft_tokens = vec![50, 51, 52, 53, 54, 55, 56];
+        let step = s.schedule();
+        assert_eq!(step.seqs[0].num_new_tokens, 6, "the budget caps the drafts");
+        assert_eq!(step.seqs[0].num_draft_tokens, 5);
+        assert_eq!(step.batch.token_ids, vec![1, 50, 51, 52, 53, 54]);
+        assert_eq!(step.batch.positions, (7..13).collect::<Vec<u32>>());
+        assert_eq!(step.batch.sampled_rows(), (0..6).collect::<Vec<_>>());
+        assert_eq!(
+            s.get(1).unwrap().num_logical_blocks(),
+            4,
+            "room for 13 tokens"
+        );
+        assert_eq!(s.blocks().num_free_blocks(), 12);
+        s.mark_computed(&step);
+        assert_eq!(
+            s.get(1).unwrap().num_computed_tokens,
+            8,
+            "drafts are not tokens yet"
+        );
+        // Draft 50 accepted, 51 rejected: the engine appends 50 and the corrected token.
+        s.get_mut(1).unwrap().tokens.extend([50, 60]);
+        s.accept_drafts(1, 1);
+        let seq = s.get(1).unwrap();
+        assert_eq!((seq.num_computed_tokens, seq.len()), (9, 10));
+        assert!(seq.draft_tokens.is_empty());
+        assert_eq!(
+            seq.num_logical_blocks(),
+            3,
+            "the block past token 10 is freed"
+        );
+        assert_eq!(s.blocks().num_free_blocks(), 13);
+        assert_eq!(
+            seq.block_hashes.len(),
+            2,
+            "block 2 held drafts: not registered"
+        );
+        s.blocks().check_invariants(s.running());
+
+        // Decoding on without drafts fills block 2 with real tokens, and registers it: a
+        // sequence with the same 12 tokens reuses all three blocks.
+        while s.get(1).unwrap().len() < 13 {
+            run_step(&mut s);
+        }
+        let tokens = s.get(1).unwrap().tokens[..12].to_vec();
+        let block_2 = s.get(1).unwrap().block_tables[0][2];
+        s.add(Sequence::new(2, [tokens, vec![7]].concat(), 0, 2));
+        let step = run_step(&mut s);
+        let second = step.seqs.iter().find(|q| q.id == 2).unwrap();
+        assert_eq!(second.num_cached_tokens, 12);
+        assert_eq!(s.get(2).unwrap().block_tables[0][2], block_2);
+    }
+
+    /// Drafts never preempt: without free blocks for them a sequence decodes its one token.
+    #[test]
+    fn drafts_without_room_are_dropped() {
+        let mut s = Scheduler::new(config(64, 8), BlockManager::new(2, 4, false));
+        s.add(Sequence::new(1, (0..6).collect(), 0, 1));
+        run_step(&mut s);
+        s.get_mut(1).unwrap().draft_tokens = vec![1, 2, 3];
+        let step = s.schedule();
+        assert_eq!(tokens_per_seq(&step), vec![(1, 1)]);
+        assert_eq!(step.seqs[0].num_draft_tokens, 0);
+        assert!(step.preempted.is_empty());
+        assert!(s.get(1).unwrap().draft_tokens.is_empty());
+        assert_eq!(step.batch.sampled_rows(), vec![0]);
     }
 
     /// With a sliding-window group, long sequences hold only their window there: two of 200

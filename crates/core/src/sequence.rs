@@ -46,6 +46,9 @@ pub struct Sequence {
     pub owner: Option<Arc<Owner>>,
     /// Virtual start tag under the fair-share policy, set when the scheduler queues it.
     pub fair_tag: u64,
+    /// Tokens proposed to follow `tokens` for the next step to verify (speculative decoding,
+    /// see `speculative.rs`); never part of `tokens`, consumed by the step that schedules them.
+    pub draft_tokens: Vec<u32>,
 }
 
 /// Who a sequence's request is from, as the scheduler and the block manager see it.
@@ -72,6 +75,7 @@ impl Sequence {
             arrival,
             owner: None,
             fair_tag: 0,
+            draft_tokens: Vec::new(),
         }
     }
 

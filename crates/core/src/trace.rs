@@ -109,6 +109,13 @@ pub struct StepSeq {
     pub cached_tokens: usize,
     pub prefill: bool,
     pub samples: bool,
+    /// Of `new_tokens`, draft tokens verified (speculative decoding); absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub draft_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +239,7 @@ impl StepRecord {
                 cached_tokens: s.num_cached_tokens,
                 prefill: s.is_prefill,
                 samples: s.samples,
+                draft_tokens: s.num_draft_tokens,
             })
             .collect();
         let block_tables = block_tables.then(|| {
@@ -264,7 +272,12 @@ impl StepRecord {
                 .filter(|s| s.is_prefill)
                 .map(|s| s.num_new_tokens)
                 .sum(),
-            decode_tokens: step.seqs.iter().filter(|s| !s.is_prefill).count(),
+            decode_tokens: step
+                .seqs
+                .iter()
+                .filter(|s| !s.is_prefill)
+                .map(|s| s.num_new_tokens)
+                .sum(),
             running: scheduler.num_running(),
             waiting: scheduler.num_waiting(),
             swapped: scheduler.swap_space().num_swapped(),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::{PreemptionMode, SchedulerConfig};
+use minserve_core::speculative::SpeculativeConfig;
 use minserve_core::trace::{read_trace, RequestEventKind, TraceOptions, TraceRecord};
 use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_model::{load_model, synthetic, CacheOptions, LlamaModel, ModelRunner};
@@ -172,6 +173,59 @@ fn batched_greedy_outputs_equal_one_at_a_time() {
         assert_eq!(out.finish, Some(FinishReason::Length));
         assert_eq!(out.text, s.tokenizer.decode(&out.tokens, true).unwrap());
     }
+}
+
+/// Speculative decoding (prompt lookup, drafting at every chance) changes no greedy token, in
+/// a batch where some rows verify drafts and others may not speculate (a repetition
+/// penalty), and a text that repeats itself is generated in fewer steps.
+#[test]
+fn speculative_decoding_keeps_greedy_outputs() {
+    let mut s = setup(64 << 20, 64, 512);
+    let mut prompts = prompts(&s.tokenizer);
+    let repetitive = "Copy the list exactly. List: apples, pears, plums, cherries, grapes, \
+                      lemons, apples, pears, plums, cherries, grapes, lemons, apples, pears,";
+    prompts.push(s.tokenizer.encode(repetitive, false).unwrap());
+    let requests = |prompts: &[Vec<u32>]| -> Vec<Request> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut r = greedy(p.clone(), 32);
+                if i == 2 {
+                    r.params.repetition_penalty = 1.2;
+                }
+                r
+            })
+            .collect()
+    };
+    let plain = generate(&mut s.engine, requests(&prompts));
+    let plain_steps = s.engine.stats().steps;
+    let alone = generate(&mut s.engine, requests(&prompts[prompts.len() - 1..]));
+    let alone_steps = s.engine.stats().steps - plain_steps;
+
+    s.engine.set_speculative(SpeculativeConfig {
+        min_acceptance: 0.0,
+        min_acceptance_per_seq: 0.0,
+        ..SpeculativeConfig::ngram(4)
+    });
+    let before = s.engine.stats();
+    assert_eq!(generate(&mut s.engine, requests(&prompts)), plain);
+    let after = s.engine.stats();
+    let accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens;
+    let drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens;
+    assert!(
+        accepted > 0 && drafted > accepted,
+        "{accepted} of {drafted}"
+    );
+    let steps = s.engine.stats().steps;
+    let spec_alone = generate(&mut s.engine, requests(&prompts[prompts.len() - 1..]));
+    assert_eq!(spec_alone, alone);
+    let spec_alone_steps = s.engine.stats().steps - steps;
+    assert!(
+        spec_alone_steps * 3 < alone_steps * 2,
+        "{spec_alone_steps} steps with drafts, {alone_steps} without"
+    );
+    assert_eq!(s.engine.stats().kv_usage, 0.0);
 }
 
 /// `n` samples of `max_tokens` tokens at temperature 0.9 and top-p 0.95, EOS ignored.

@@ -222,6 +222,14 @@ impl Exposition {
     }
 }
 
+/// Draft tokens accepted over draft tokens verified since start; 0 before any.
+pub(crate) fn spec_acceptance(stats: &EngineStats) -> f64 {
+    match stats.spec_num_draft_tokens {
+        0 => 0.0,
+        drafted => stats.spec_num_accepted_tokens as f64 / drafted as f64,
+    }
+}
+
 /// `model="NAME"`.
 fn model_label(model: &str) -> String {
     format!("model=\"{}\"", label_value(model))
@@ -293,10 +301,36 @@ impl Metrics {
                 s.num_preemptions,
             ),
             ("minserve_engine_steps_total", "Engine steps run.", s.steps),
+            (
+                "minserve_spec_decode_num_drafts_total",
+                "Speculative decoding: verifications (one sequence's drafts checked in one step).",
+                s.spec_num_drafts,
+            ),
+            (
+                "minserve_spec_decode_num_draft_tokens_total",
+                "Speculative decoding: draft tokens verified.",
+                s.spec_num_draft_tokens,
+            ),
+            (
+                "minserve_spec_decode_num_accepted_tokens_total",
+                "Speculative decoding: draft tokens accepted.",
+                s.spec_num_accepted_tokens,
+            ),
         ];
         for (name, help, value) in counters {
             page.series((name, "counter", help), model, "", value);
         }
+        page.series(
+            (
+                "minserve_spec_decode_acceptance_ratio",
+                "gauge",
+                "Speculative decoding: draft tokens accepted over draft tokens verified, since \
+                 start (0 before any).",
+            ),
+            model,
+            "",
+            spec_acceptance(&s),
+        );
         const SUCCESS: (&str, &str, &str) = (
             "minserve_request_success_total",
             "counter",
@@ -367,5 +401,34 @@ impl Metrics {
         let mut page = Exposition::default();
         self.render(&mut page, model, stats);
         page.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speculative_decoding_counters_and_acceptance() {
+        let stats = EngineStats {
+            spec_num_drafts: 10,
+            spec_num_draft_tokens: 40,
+            spec_num_accepted_tokens: 30,
+            ..EngineStats::default()
+        };
+        let page = Metrics::default().page("m", Some(stats));
+        for (name, value) in [
+            ("minserve_spec_decode_num_drafts_total", "10"),
+            ("minserve_spec_decode_num_draft_tokens_total", "40"),
+            ("minserve_spec_decode_num_accepted_tokens_total", "30"),
+            ("minserve_spec_decode_acceptance_ratio", "0.75"),
+        ] {
+            assert!(
+                page.contains(&format!("\n{name}{{model=\"m\"}} {value}\n")),
+                "{page}"
+            );
+        }
+        let idle = Metrics::default().page("m", None);
+        assert!(idle.contains("\nminserve_spec_decode_acceptance_ratio{model=\"m\"} 0\n"));
     }
 }

@@ -21,7 +21,7 @@ pub(crate) fn load(stats: &EngineStats) -> usize {
 /// carry vLLM's `model_name` label beside minserve's `model`.
 pub(crate) fn render_metrics(page: &mut Exposition, model_name: &str, stats: &EngineStats) {
     let label = format!("model_name=\"{}\"", label_value(model_name));
-    let series: [(&str, &str, &str, String); 7] = [
+    let series: [(&str, &str, &str, String); 10] = [
         (
             "vllm:num_requests_running",
             "gauge",
@@ -65,6 +65,24 @@ pub(crate) fn render_metrics(page: &mut Exposition, model_name: &str, stats: &En
             "Tokens generated.",
             stats.generation_tokens.to_string(),
         ),
+        (
+            "vllm:spec_decode_num_drafts_total",
+            "counter",
+            "Speculative decoding: verifications (one sequence's drafts checked in one step).",
+            stats.spec_num_drafts.to_string(),
+        ),
+        (
+            "vllm:spec_decode_num_draft_tokens_total",
+            "counter",
+            "Speculative decoding: draft tokens verified.",
+            stats.spec_num_draft_tokens.to_string(),
+        ),
+        (
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Speculative decoding: draft tokens accepted.",
+            stats.spec_num_accepted_tokens.to_string(),
+        ),
     ];
     for (name, kind, help, value) in series {
         page.series((name, kind, help), model_name, &label, value);
@@ -83,6 +101,8 @@ mod tests {
             kv_usage: 0.25,
             prefix_hit_tokens: 32,
             prefix_queried_tokens: 64,
+            spec_num_draft_tokens: 40,
+            spec_num_accepted_tokens: 30,
             ..EngineStats::default()
         };
         let mut page = Exposition::default();
@@ -94,6 +114,8 @@ mod tests {
             ("vllm:num_requests_waiting", "5"),
             ("vllm:kv_cache_usage_perc", "0.25"),
             ("vllm:prefix_cache_hits_total", "32"),
+            ("vllm:spec_decode_num_draft_tokens_total", "40"),
+            ("vllm:spec_decode_num_accepted_tokens_total", "30"),
         ] {
             assert!(
                 page.contains(&format!("\n{name}{labels} {value}\n")),

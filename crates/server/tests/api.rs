@@ -672,3 +672,68 @@ async fn stop_reason_names_the_stop_string_or_token() {
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
     assert!(r["choices"][0]["stop_reason"].is_null(), "{r}");
 }
+
+/// With speculative decoding on, a repetitive chat request gets the same greedy text as without
+/// it, streamed and not, and `/metrics` counts the drafts it verified.
+#[tokio::test]
+async fn speculative_decoding_serves_the_same_greedy_text_and_counts_drafts() {
+    use minserve_core::speculative::SpeculativeConfig;
+    let plain = TestServer::start(common::options(), common::scheduler(8)).await;
+    let speculating = TestServer::start_loaded(common::options(), || {
+        common::load_speculative(common::scheduler(8), SpeculativeConfig::ngram(4))
+    })
+    .await;
+    let body = json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": "Repeat exactly: the cat sat on the mat, \
+            the dog sat on the log, the cat sat on the mat, the dog sat on the log."}],
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    let (status, expected) = plain.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{expected}");
+    let (status, answer) = speculating.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(text(&answer), text(&expected));
+    assert_eq!(answer["usage"], expected["usage"]);
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let response = speculating
+        .client
+        .post(speculating.url("/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let (chunks, done) = common::read_sse(response).await;
+    assert!(done);
+    let streamed_text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed_text, text(&expected));
+
+    let accepted = speculating
+        .metric("minserve_spec_decode_num_accepted_tokens_total")
+        .await;
+    let drafted = speculating
+        .metric("minserve_spec_decode_num_draft_tokens_total")
+        .await;
+    assert!(
+        accepted > 0.0 && drafted >= accepted,
+        "{accepted} of {drafted}"
+    );
+    assert_eq!(
+        plain
+            .metric("minserve_spec_decode_num_draft_tokens_total")
+            .await,
+        0.0
+    );
+}

@@ -196,9 +196,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         args.engine.engine_config(max_model_len),
         args.engine.swap_bytes(),
     )?;
-    if let Some(trace) = args.engine.trace_writer()? {
-        engine.set_trace(trace, args.engine.trace_options());
-    }
+    args.engine.configure(&mut engine)?;
 
     let generated = Arc::new(AtomicUsize::new(0));
     let shape = args.shape;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use minserve_core::engine::{Engine, EngineConfig};
 use minserve_core::engine_thread::EngineHandle;
 use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::speculative::SpeculativeConfig;
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
 use minserve_model::{load_model, CacheOptions, DeviceOptions, LoadedModel, Runner, SyntheticSpec};
 use minserve_server::{AppState, ServedModel, ServerOptions};
@@ -56,6 +57,17 @@ fn serve_wrapped<E: ModelExecutor + Send + 'static>(
     cache: CacheOptions,
     wrap: impl FnOnce(Runner) -> E,
 ) -> anyhow::Result<ServedModel> {
+    serve_speculating(loaded, scheduler, cache, wrap, None)
+}
+
+/// [`serve_wrapped`], with speculative decoding when `speculative` is given.
+fn serve_speculating<E: ModelExecutor + Send + 'static>(
+    loaded: LoadedModel,
+    scheduler: SchedulerConfig,
+    cache: CacheOptions,
+    wrap: impl FnOnce(Runner) -> E,
+    speculative: Option<SpeculativeConfig>,
+) -> anyhow::Result<ServedModel> {
     let config = EngineConfig {
         scheduler,
         prefix_caching: true,
@@ -64,7 +76,10 @@ fn serve_wrapped<E: ModelExecutor + Send + 'static>(
     let tokenizer = Arc::new(loaded.tokenizer);
     let eos = tokenizer.eos_token_ids().to_vec();
     let runner = Runner::new(loaded.model, cache, DeviceOptions::default())?;
-    let engine = Engine::new(wrap(runner), config, tokenizer.clone(), eos);
+    let mut engine = Engine::new(wrap(runner), config, tokenizer.clone(), eos);
+    if let Some(speculative) = speculative {
+        engine.set_speculative(speculative);
+    }
     Ok(ServedModel::new(
         EngineHandle::spawn(engine)?,
         tokenizer,
@@ -145,6 +160,21 @@ pub fn load_with_kv(
 /// Loads the default model (fetching it if needed).
 pub fn load(scheduler: SchedulerConfig) -> anyhow::Result<ServedModel> {
     load_named(minserve_hub::default_model(), scheduler)
+}
+
+/// Loads the default model, served with speculative decoding.
+pub fn load_speculative(
+    scheduler: SchedulerConfig,
+    speculative: SpeculativeConfig,
+) -> anyhow::Result<ServedModel> {
+    let path = minserve_hub::resolve(minserve_hub::default_model(), &Default::default())?;
+    serve_speculating(
+        load_model(&path)?,
+        scheduler,
+        cache(),
+        |runner| runner,
+        Some(speculative),
+    )
 }
 
 /// Loads the catalog's model `name` (fetching it if needed).

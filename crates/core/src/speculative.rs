@@ -1,0 +1,248 @@
+//! Speculative decoding: propose a few tokens cheaply, let the model check them all in one
+//! step, keep the ones it agrees with.
+//!
+//! A decoding sequence normally computes one token per step, and on a CPU a step of one token
+//! costs about as much as a step of a few (the weights are read once either way). So the engine
+//! *drafts* up to `K` tokens that are likely to come next, and the step runs the sequence's
+//! pending token followed by the drafts, asking for logits at every one of those positions
+//! (`SequenceChunk::logits_for_every_token`). Position `i`'s logits say what follows draft `i`;
+//! walking them in order (`Engine::step`), each draft is verified against the request's own
+//! sampling (`Sampler::sample_token_with_draft`: greedy accepts a draft equal to the argmax,
+//! sampling accepts it with its probability, so the output keeps the model's distribution).
+//! The first rejection ends the walk with the token drawn in its place; if all `K` are
+//! accepted, the last row gives one more token. A step thus yields 1 to `K + 1` tokens.
+//!
+//! The drafts' K/V are written into the cache as any new token's would be; what the rejected
+//! ones wrote lies past the sequence's new end, and the blocks wholly past it go back to the
+//! pool (`Scheduler::accept_drafts`). No draft is ever in `Sequence::tokens`, so no block holding
+//! one is ever registered for prefix reuse.
+//!
+//! **Drafting by prompt lookup** ([`propose_ngram`], vLLM's `ngram` method, llama.cpp's lookup
+//! decoding): find the last `n` tokens of the sequence earlier in its prompt or output, for `n`
+//! from `max_n` down to `min_n`, and propose what followed them there. It needs no second
+//! model and costs a scan of the sequence; it pays on outputs that copy their input (editing,
+//! extraction, code changes, summaries that quote).
+//!
+//! **Switching itself off** ([`DraftGate`]): verifying `K` drafts costs compute; when a
+//! sequence's drafts are mostly rejected, or the batch is large enough that every extra token
+//! costs nearly as much as a step, drafting loses. Each sequence tracks its acceptance and stops
+//! drafting for a while (longer each time) when it falls below what pays at the current batch
+//! size, then tries again.
+//!
+//! **Which requests speculate.** Those whose next token depends only on the logits and the
+//! generator: not those with a grammar (its mask would have to advance through each draft),
+//! repetition, presence or frequency penalties (position-dependent history), or still inside
+//! `min_tokens` (stop ids banned). Everything else (logit bias, temperature, top-k/p, min-p,
+//! logprobs, seeds, stop strings, `max_tokens`) works unchanged: each verified position is
+//! sampled with the request's parameters and passes the output stage token by token.
+
+use crate::request::ValidatedRequest;
+
+/// How the engine drafts tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DraftMethod {
+    /// Prompt lookup: the continuation of the longest earlier match of the sequence's last
+    /// `min_n..=max_n` tokens.
+    Ngram { min_n: usize, max_n: usize },
+}
+
+/// Speculative decoding's settings (`--speculative`, `--num-speculative-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpeculativeConfig {
+    pub method: DraftMethod,
+    /// Drafts per sequence per step at most (`K`).
+    pub num_speculative_tokens: usize,
+    /// A sequence's drafts pay while its acceptance (the share of drafted tokens accepted, a
+    /// moving average) stays above this at batch size 1; see [`DraftGate`].
+    pub min_acceptance: f32,
+    /// Extra acceptance required per sequence in the batch beyond the first: a verify token
+    /// costs more of a step's time the larger the batch.
+    pub min_acceptance_per_seq: f32,
+}
+
+impl SpeculativeConfig {
+    /// Prompt lookup with `k` drafts and the default thresholds.
+    pub fn ngram(k: usize) -> Self {
+        Self {
+            method: DraftMethod::Ngram { min_n: 2, max_n: 4 },
+            num_speculative_tokens: k,
+            min_acceptance: 0.25,
+            min_acceptance_per_seq: 0.05,
+        }
+    }
+
+    /// The acceptance below which a sequence stops drafting, in a batch of `batch_size`
+    /// sequences.
+    pub fn acceptance_floor(&self, batch_size: usize) -> f32 {
+        self.min_acceptance + self.min_acceptance_per_seq * batch_size.saturating_sub(1) as f32
+    }
+}
+
+/// Whether a request's tokens may be drafted and verified at all (see the module docs); the
+/// per-step conditions (`min_tokens`, room left) are the engine's.
+pub fn request_speculates(request: &ValidatedRequest) -> bool {
+    let p = &request.params;
+    request.constraint.is_none()
+        && p.repetition_penalty == 1.0
+        && p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
+}
+
+/// Prompt lookup: the tokens that followed the most recent earlier occurrence of the last `n`
+/// tokens of `tokens`, for the largest `n` in `min_n..=max_n` that has one; at most `k` of them.
+/// Empty when nothing matches.
+pub fn propose_ngram(tokens: &[u32], min_n: usize, max_n: usize, k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let len = tokens.len();
+    for n in (min_n.max(1)..=max_n).rev() {
+        if n >= len {
+            continue;
+        }
+        let suffix = &tokens[len - n..];
+        // Latest first: recent context predicts best. A match may overlap the suffix (a
+        // repeated run); `start < len - n` leaves at least one token after it to propose.
+        let found = (0..len - n)
+            .rev()
+            .find(|&start| &tokens[start..start + n] == suffix);
+        if let Some(start) = found {
+            let from = start + n;
+            return tokens[from..(from + k).min(len)].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// One sequence's record of how its drafts fare, deciding whether it drafts this step.
+#[derive(Debug, Clone)]
+pub struct DraftGate {
+    /// Moving average of the share of drafted tokens accepted per verification.
+    acceptance: f32,
+    /// Steps to wait next time the sequence is switched off; doubles each time.
+    backoff: u64,
+    /// The engine step before which it does not draft.
+    paused_until: u64,
+}
+
+impl Default for DraftGate {
+    fn default() -> Self {
+        Self {
+            // Optimistic: a sequence earns its first verifications; a bad first one (weight
+            // below) switches it off at once.
+            acceptance: 1.0,
+            backoff: Self::FIRST_BACKOFF,
+            paused_until: 0,
+        }
+    }
+}
+
+impl DraftGate {
+    const FIRST_BACKOFF: u64 = 8;
+    const MAX_BACKOFF: u64 = 512;
+    /// Weight of the latest verification in the moving average.
+    const WEIGHT: f32 = 0.5;
+
+    /// Whether the sequence may draft at engine step `step`.
+    pub fn open(&self, step: u64) -> bool {
+        step >= self.paused_until
+    }
+
+    /// Records a verification of `drafted` tokens of which `accepted` were, at engine step
+    /// `step`, in a batch whose acceptance floor is `floor`; below it the gate closes for a
+    /// while, and the average starts over from the floor when it reopens.
+    pub fn record(&mut self, drafted: usize, accepted: usize, step: u64, floor: f32) {
+        if drafted == 0 {
+            return;
+        }
+        let share = accepted as f32 / drafted as f32;
+        self.acceptance += Self::WEIGHT * (share - self.acceptance);
+        if self.acceptance < floor {
+            self.paused_until = step + self.backoff;
+            self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+            // One good verification after the pause keeps it open; a bad one closes it again.
+            self.acceptance = floor;
+        } else if share >= floor {
+            self.backoff = Self::FIRST_BACKOFF;
+        }
+    }
+
+    /// The moving average of accepted drafts, for tests and traces.
+    pub fn acceptance(&self) -> f32 {
+        self.acceptance
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lookup_proposes_what_followed_the_longest_latest_match() {
+        // "1 2 3" occurs at 0 and 5; the latest earlier one (5) is followed by 9 1 2.
+        let tokens = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2, 3];
+        assert_eq!(propose_ngram(&tokens, 1, 3, 3), vec![9, 1, 2]);
+        assert_eq!(propose_ngram(&tokens, 1, 3, 10), vec![9, 1, 2, 3]);
+        // No 2-gram "7 8" earlier: falls back to the 1-gram "8".
+        let tokens = [8, 6, 5, 7, 8];
+        assert_eq!(propose_ngram(&tokens, 1, 2, 2), vec![6, 5]);
+        assert!(
+            propose_ngram(&tokens, 2, 2, 2).is_empty(),
+            "min_n bounds it"
+        );
+        assert!(
+            propose_ngram(&[1, 2, 3], 1, 3, 4).is_empty(),
+            "nothing repeats"
+        );
+        assert!(propose_ngram(&tokens, 1, 2, 0).is_empty());
+    }
+
+    #[test]
+    fn a_match_overlapping_the_suffix_proposes_the_repetition() {
+        // "5 5" ends the sequence and occurs at 1..3: the run continues.
+        assert_eq!(propose_ngram(&[4, 5, 5, 5], 2, 2, 3), vec![5]);
+    }
+
+    #[test]
+    fn the_gate_closes_on_poor_acceptance_and_reopens_later() {
+        let config = SpeculativeConfig::ngram(4);
+        let floor = config.acceptance_floor(1);
+        let mut gate = DraftGate::default();
+        assert!(gate.open(0));
+        gate.record(4, 4, 0, floor);
+        assert!(gate.open(1), "all accepted");
+        for step in 1..=3 {
+            assert!(
+                gate.open(step),
+                "one bad verification does not undo a good one"
+            );
+            gate.record(4, 0, step, floor);
+        }
+        assert!(!gate.open(4), "three rejections in a row close it");
+        let reopens = 3 + DraftGate::FIRST_BACKOFF;
+        assert!(!gate.open(reopens - 1));
+        assert!(gate.open(reopens));
+        gate.record(4, 0, reopens, floor);
+        assert!(
+            !gate.open(reopens + DraftGate::FIRST_BACKOFF),
+            "a bad probe closes it again, for twice as long"
+        );
+        assert!(gate.open(reopens + 2 * DraftGate::FIRST_BACKOFF));
+    }
+
+    #[test]
+    fn a_larger_batch_asks_for_more_acceptance() {
+        let config = SpeculativeConfig::ngram(4);
+        assert!(config.acceptance_floor(8) > config.acceptance_floor(1));
+        let mut gate = DraftGate::default();
+        // Half accepted: pays alone, not in a batch of 8.
+        for step in 0..4 {
+            gate.record(4, 2, step, config.acceptance_floor(1));
+        }
+        assert!(gate.open(4));
+        for step in 4..8 {
+            gate.record(4, 2, step, config.acceptance_floor(8));
+        }
+        assert!(!gate.open(8));
+    }
+}
