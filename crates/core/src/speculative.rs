@@ -67,7 +67,7 @@ impl SpeculativeConfig {
             method: DraftMethod::Ngram { min_n: 2, max_n: 4 },
             num_speculative_tokens: k,
             min_acceptance: 0.25,
-            min_acceptance_per_seq: 0.05,
+            min_acceptance_per_seq: 0.1,
         }
     }
 
