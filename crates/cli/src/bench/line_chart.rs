@@ -233,11 +233,24 @@ where
         categories.len() * 2 + 1
     });
     mesh.draw()?;
-    if !categories.is_empty() {
-        return draw_bars(chart, panel);
-    }
+    let floor = chart.y_range().start;
+    let bar_width = 0.8 / panel.series.len().max(1) as f64;
     for (i, series) in panel.series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
+        if !categories.is_empty() {
+            // Bars side by side within each category.
+            let left = -0.4 + i as f64 * bar_width;
+            chart
+                .draw_series(series.points.iter().map(|&(x, y)| {
+                    let corners = [(x + left, floor), (x + left + bar_width * 0.9, y)];
+                    Rectangle::new(corners, color.filled())
+                }))?
+                .label(series.name.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
+                });
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(
                 series.points.iter().copied(),
@@ -251,41 +264,6 @@ where
                 .iter()
                 .map(|&p| Circle::new(p, 4, color.filled())),
         )?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 14))
-        .draw()?;
-    Ok(())
-}
-
-/// Each series as bars, side by side within each category.
-fn draw_bars<'a, DB, X, Y>(
-    mut chart: ChartContext<'a, DB, Cartesian2d<X, Y>>,
-    panel: &Panel,
-) -> anyhow::Result<()>
-where
-    DB: DrawingBackend + 'a,
-    DB::ErrorType: 'static,
-    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
-    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
-{
-    let floor = chart.y_range().start;
-    let width = 0.8 / panel.series.len().max(1) as f64;
-    for (i, series) in panel.series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
-        let left = -0.4 + i as f64 * width;
-        chart
-            .draw_series(series.points.iter().map(|&(x, y)| {
-                Rectangle::new(
-                    [(x + left, floor), (x + left + width * 0.9, y)],
-                    color.filled(),
-                )
-            }))?
-            .label(series.name.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
     }
     chart
         .configure_series_labels()
