@@ -351,19 +351,13 @@ impl ResponseRenderer {
     /// its tool calls read out of the answer when the request has tools; and whether it has
     /// calls.
     fn chat_message(&self, text: &str) -> (Value, bool) {
-        let (mut message, called) = match &self.reasoning {
-            Some(r) => {
-                let (thought, answer) = reasoning::split(r.format, text);
-                let (mut message, called) = self.answer_message(&answer);
-                if r.include {
-                    message["reasoning_content"] = json!(thought);
-                }
-                (message, called)
-            }
-            None => self.answer_message(text),
+        let Some(r) = &self.reasoning else {
+            return self.answer_message(text);
         };
-        if message.get("content").is_none() {
-            message["content"] = Value::Null;
+        let (thought, answer) = reasoning::split(r.format, text);
+        let (mut message, called) = self.answer_message(&answer);
+        if r.include {
+            message["reasoning_content"] = json!(thought);
         }
         (message, called)
     }
