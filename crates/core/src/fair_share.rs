@@ -72,16 +72,14 @@ impl FairQueue {
     /// head of the waiting queue, if any. `None` for `claim` is the anonymous tenant.
     pub fn start_tag(&mut self, claim: Option<&FairClaim>, head: Option<u64>) -> u64 {
         let virtual_time = head.unwrap_or(self.high_water);
-        let (tenant, weight, cost): (Arc<str>, u32, u64) = match claim {
-            Some(c) => (c.share.tenant.clone(), c.share.weight, c.expected_tokens),
-            None => (Arc::from(""), 1, 1),
-        };
+        let (tenant, weight) = tenant_of(claim);
+        let cost = claim.map_or(1, |c| c.expected_tokens);
         if self.finish.len() >= TENANTS_BEFORE_PRUNING {
             self.finish.retain(|_, finish| *finish > virtual_time);
         }
         let finish = self.finish.entry(tenant).or_default();
         let start = virtual_time.max(*finish);
-        let step = cost.max(1).saturating_mul(VIRTUAL_TICKS_PER_TOKEN) / u64::from(weight.max(1));
+        let step = cost.max(1).saturating_mul(VIRTUAL_TICKS_PER_TOKEN) / weight;
         *finish = start.saturating_add(step.max(1));
         self.high_water = self.high_water.max(start);
         start

@@ -242,8 +242,7 @@ impl Scheduler {
     fn assign_fair_tag(&mut self, seq: &mut Sequence) {
         if self.config.policy == SchedulingPolicy::FairShare {
             let head = self.waiting.front().map(|w| self.seqs[w].fair_tag);
-            let claim = seq.owner.as_ref().and_then(|o| o.fair_claim.as_ref());
-            seq.fair_tag = self.fair.start_tag(claim, head);
+            seq.fair_tag = self.fair.start_tag(seq.fair_claim(), head);
         }
     }
 
@@ -491,9 +490,8 @@ impl Scheduler {
             return false;
         }
         let shares = shares.get_or_insert_with(|| self.seat_shares());
-        let claim_of = |seq: &Sequence| seq.owner.as_ref().and_then(|o| o.fair_claim.clone());
         let Some((taker, claim, group)) = self.waiting.iter().skip(from).find_map(|&id| {
-            let claim = claim_of(&self.seqs[&id]);
+            let claim = self.seqs[&id].fair_claim().cloned();
             let group = 1 + self.num_unforked(&[id]);
             shares
                 .may_take(claim.as_ref(), group)
@@ -505,8 +503,7 @@ impl Scheduler {
             return false;
         };
         let Some(victim) = self.running.iter().rev().copied().find(|id| {
-            let claim = claim_of(&self.seqs[id]);
-            tenant_of(claim.as_ref()).0 == giver
+            tenant_of(self.seqs[id].fair_claim()).0 == giver
                 && !admitted.contains(id)
                 && self.num_unforked(&[*id]) + 1 == group
         }) else {
@@ -534,17 +531,11 @@ impl Scheduler {
     /// Seats each tenant with work holds (running sequences and their samples to fork).
     fn seat_shares(&self) -> SeatShares {
         let mut shares = SeatShares::new(self.config.max_num_seqs);
-        let claim_of = |id: &SeqId| {
-            self.seqs[id]
-                .owner
-                .as_ref()
-                .and_then(|o| o.fair_claim.as_ref())
-        };
         for id in &self.running {
-            shares.add(claim_of(id), 1 + self.num_unforked(&[*id]));
+            shares.add(self.seqs[id].fair_claim(), 1 + self.num_unforked(&[*id]));
         }
         for id in &self.waiting {
-            shares.add(claim_of(id), 0);
+            shares.add(self.seqs[id].fair_claim(), 0);
         }
         shares
     }

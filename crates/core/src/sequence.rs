@@ -97,6 +97,11 @@ impl Sequence {
         self.tokens.len() - self.num_computed_tokens
     }
 
+    /// Its tenant's share, as fair share counts it; `None`: the anonymous tenant.
+    pub fn fair_claim(&self) -> Option<&FairClaim> {
+        self.owner.as_ref().and_then(|o| o.fair_claim.as_ref())
+    }
+
     /// For how long its cached blocks are kept ahead of others' once freed (its session's).
     pub fn keep_cached(&self) -> Option<Duration> {
         self.owner.as_ref().and_then(|o| o.keep_cached)
