@@ -5,7 +5,7 @@
 use anyhow::Context;
 use candle_core::quantized::GgmlDType;
 use clap::Args;
-use minserve_model::{DeviceChoice, LoadOptions, LoadedModel, SyntheticSpec};
+use minserve_model::{DeviceChoice, LoadOptions, LoadedModel, ModelConfig, SyntheticSpec};
 use minserve_tokenizer::Tokenizer;
 
 /// How the weights are stored once loaded.
@@ -68,10 +68,40 @@ pub fn load(model: &str, weights: &WeightsArgs) -> anyhow::Result<LoadedModel> {
 
 /// The tokenizer of `model` alone: no weights are read or built.
 pub fn load_tokenizer(model: &str) -> anyhow::Result<Tokenizer> {
+    without_weights(
+        model,
+        |spec| Ok(minserve_model::synthetic::tokenizer(&spec.config())?),
+        |path| {
+            minserve_model::load_tokenizer(path)
+                .with_context(|| format!("loading the tokenizer of {}", path.display()))
+        },
+    )
+}
+
+/// The shape of `model` alone: no weights or tokenizer are read.
+pub fn load_config(model: &str) -> anyhow::Result<ModelConfig> {
+    without_weights(
+        model,
+        |spec| Ok(spec.config()),
+        |path| {
+            minserve_model::load_config(path)
+                .with_context(|| format!("reading the config of {}", path.display()))
+        },
+    )
+}
+
+/// Reads something of `model` other than its weights: from its synthetic spec, or from its
+/// file or folder (resolved, and fetched on first use).
+fn without_weights<T>(
+    model: &str,
+    synthetic: impl FnOnce(&SyntheticSpec) -> anyhow::Result<T>,
+    on_disk: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     if let Some(spec) = SyntheticSpec::parse(model)? {
-        return Ok(minserve_model::synthetic::tokenizer(&spec.config())?);
+        return synthetic(&spec);
     }
-    let path = minserve_hub::resolve(model, &minserve_hub::FetchOptions::default())?;
-    minserve_model::load_tokenizer(&path)
-        .with_context(|| format!("loading the tokenizer of {}", path.display()))
+    on_disk(&minserve_hub::resolve(
+        model,
+        &minserve_hub::FetchOptions::default(),
+    )?)
 }

@@ -52,6 +52,84 @@ fn calibrate_writes_a_profile_that_simulate_engine_reads() {
 }
 
 #[test]
+fn calibrate_fits_a_trace_written_by_bench_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("run.jsonl");
+    let trace = trace.to_str().unwrap();
+    let (ok, stdout, stderr) = minserve(&[
+        "bench",
+        "throughput",
+        "--model",
+        "synthetic:tiny",
+        "--num-prompts",
+        "24",
+        "--input-len",
+        "48",
+        "--output-len",
+        "12",
+        "--max-num-seqs",
+        "8",
+        "--kv-cache-mib",
+        "4",
+        "--trace-file",
+        trace,
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let profile = dir.path().join("from-trace.json");
+    let (ok, stdout, stderr) = minserve(&[
+        "simulate",
+        "calibrate",
+        "--model",
+        "synthetic:tiny",
+        "--from-trace",
+        trace,
+        "--name",
+        "from-trace",
+        "--output",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("fitted"), "{stdout}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
+    assert_eq!(written["provenance"]["trace"], trace);
+    // Every step of the run was read: 24 prompts of 48 tokens under a 512-token budget and 8
+    // sequences take at least 24 * 12 / 8 decode steps.
+    assert!(written["provenance"]["steps_measured"].as_u64().unwrap() >= 36);
+    // A fit of the trace's own steps accounts for their total time.
+    let ratio = written["provenance"]["fit"]["total_time_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!((0.8..1.25).contains(&ratio), "{written}");
+    let cost = &written["cost"];
+    assert!(
+        cost["prefill_tokens"].as_f64().unwrap() > 0.0
+            || cost["sampled_rows"].as_f64().unwrap() > 0.0,
+        "{cost}"
+    );
+
+    let broken = dir.path().join("broken.jsonl");
+    let mut text = std::fs::read_to_string(trace).unwrap();
+    text.push_str("{\"type\": \"step\", \"step\": \"x\"}\n");
+    std::fs::write(&broken, text).unwrap();
+    let (ok, _, stderr) = minserve(&[
+        "simulate",
+        "calibrate",
+        "--model",
+        "synthetic:tiny",
+        "--from-trace",
+        broken.to_str().unwrap(),
+        "--output",
+        dir.path().join("x.json").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("broken.jsonl") && stderr.contains("line"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.jsonl");

@@ -2,7 +2,8 @@
 //!
 //! - [`cost`]: what a step costs, from its batch's features ([`cost::StepFeatures`]) through a
 //!   fitted linear model or a device's roofline; committed presets.
-//! - [`fit`]: least squares from measured steps to a linear cost model.
+//! - [`fit`]: least squares from measured steps to a linear cost model; [`trace_steps`]: the
+//!   measured steps of an engine trace, to fit a run made elsewhere.
 //! - [`workload`]: arrivals, lengths, shared prefixes, JSON-lines traces.
 //! - [`engine`]: the real [`minserve_core::Engine`] stepped on a virtual clock, one replica or
 //!   several behind a [`router`].
@@ -16,5 +17,6 @@ pub mod engine;
 pub mod fit;
 pub mod router;
 pub mod stats;
+pub mod trace_steps;
 pub mod validation;
 pub mod workload;

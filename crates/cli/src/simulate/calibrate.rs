@@ -1,22 +1,25 @@
 //! `minserve simulate calibrate`: runs `bench throughput` shapes on the real model, times
 //! every engine step (scheduling, the forward pass, sampling, the output stage: what a client
-//! waits for), and fits the linear cost model of `minserve-sim` to them.
+//! waits for), and fits the linear cost model of `minserve-sim` to them; or, with
+//! `--from-trace`, fits the steps of an engine trace written on another machine.
 //!
 //! The shapes span what the simulator is asked about: one sequence at a time (batch-1
 //! decode, whole prompts alone), decode batches up to the default `--max-num-seqs`, prompt
 //! chunks at the token budget next to decodes, and contexts from a hundred to over a thousand
 //! tokens.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use minserve_core::trace::{read_trace, TraceRecord};
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, StepBatch};
 use minserve_sim::cost::{CostModel, CostProfile, Feature, StepFeatures};
 use minserve_sim::fit::{fit_linear, quality, MeasuredStep};
+use minserve_sim::trace_steps;
 
 use crate::bench::throughput::{CountingSink, Shape};
 use crate::engine_args::{build_engine_with, EngineArgs};
@@ -36,6 +39,11 @@ pub struct CalibrateArgs {
     /// Where to write the profile (JSON).
     #[arg(long)]
     output: PathBuf,
+    /// Fit the steps of this engine trace (`--trace-file` of `serve` or `bench throughput`,
+    /// written on any machine, a GPU one say) instead of measuring here; `--model` and
+    /// `--kv-cache-dtype` then only give the model's shape and the bytes of its KV per token.
+    #[arg(long)]
+    from_trace: Option<PathBuf>,
     /// Also write every measured step (features and seconds) as JSON lines.
     #[arg(long)]
     steps_file: Option<PathBuf>,
@@ -109,6 +117,85 @@ const FEATURES: [Feature; 5] = [
 ];
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    let measured = match &args.from_trace {
+        Some(path) => steps_of_trace(&args, path)?,
+        None => measure_steps(&args)?,
+    };
+    let steps = measured.steps;
+    if let Some(path) = &args.steps_file {
+        let lines: Vec<String> = steps
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<_, _>>()?;
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (cost, kept, dropped) = robust_fit(&steps)?;
+    let fit = quality(&cost, &kept);
+    let config = &measured.config;
+    let mut provenance = serde_json::json!({
+        "method": "least squares on relative error, non-negative coefficients, \
+                   steps more than 4x the median relative error off dropped, refitted",
+        "commit": git_commit(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "max_num_seqs": args.engine.scheduler.max_num_seqs,
+        "max_num_batched_tokens": args.engine.scheduler.max_num_batched_tokens,
+        "steps_measured": steps.len(),
+        "steps_dropped_as_outliers": dropped,
+        "fit": fit,
+    });
+    match &args.from_trace {
+        // The trace's machine is not this one, nor are its shapes ours.
+        Some(path) => provenance["trace"] = path.display().to_string().into(),
+        None => {
+            provenance["cpu"] = cpu_model().into();
+            provenance["shapes"] = serde_json::to_value(shapes(args.quick))?;
+        }
+    }
+    let profile = CostProfile {
+        name: args.name.clone(),
+        description: format!(
+            "{} ({} layers, hidden {}) on {}, fitted from {} measured steps",
+            args.model,
+            config.num_layers,
+            config.hidden_size,
+            match &args.from_trace {
+                Some(path) => format!("the machine that wrote {}", path.display()),
+                None => cpu_model(),
+            },
+            kept.len()
+        ),
+        kv_bytes_per_token: measured.kv_bytes_per_token,
+        default_kv_cache_bytes: measured.kv_cache_bytes,
+        max_model_len: config.max_position_embeddings,
+        cost: CostModel::Linear(cost),
+        provenance: Some(provenance),
+    };
+    std::fs::write(&args.output, serde_json::to_string_pretty(&profile)? + "\n")
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "fitted {} steps ({dropped} outliers dropped): median error {:.1}%, p90 {:.1}%, \
+         total time {:.3}x measured; written to {}",
+        kept.len(),
+        fit.median_relative_error * 100.0,
+        fit.p90_relative_error * 100.0,
+        fit.total_time_ratio,
+        args.output.display()
+    );
+    println!("{}", serde_json::to_string_pretty(&profile.cost)?);
+    Ok(())
+}
+
+/// Steps to fit, and what the profile needs to know of the model and its KV pool.
+struct Measured {
+    steps: Vec<MeasuredStep>,
+    config: minserve_model::ModelConfig,
+    kv_bytes_per_token: f64,
+    kv_cache_bytes: f64,
+}
+
+/// Runs the calibration shapes on the real model and times every step.
+fn measure_steps(args: &CalibrateArgs) -> anyhow::Result<Measured> {
     let loaded = crate::model_source::load(&args.model, &args.weights)?;
     let config = loaded.model.config().clone();
     let vocab = config.vocab_size as u64;
@@ -173,57 +260,38 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    if let Some(path) = &args.steps_file {
-        let lines: Vec<String> = steps
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<_, _>>()?;
-        std::fs::write(path, lines.join("\n") + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    let (cost, kept, dropped) = robust_fit(&steps)?;
-    let fit = quality(&cost, &kept);
-    let profile = CostProfile {
-        name: args.name.clone(),
-        description: format!(
-            "{} ({} layers, hidden {}) on {}, fitted from {} measured steps",
-            args.model,
-            config.num_layers,
-            config.hidden_size,
-            cpu_model(),
-            kept.len()
-        ),
+    Ok(Measured {
+        steps,
+        config,
         kv_bytes_per_token,
-        default_kv_cache_bytes: args.engine.cache_options().memory_bytes as f64,
-        max_model_len: config.max_position_embeddings,
-        cost: CostModel::Linear(cost),
-        provenance: Some(serde_json::json!({
-            "method": "least squares on relative error, non-negative coefficients, \
-                       steps more than 4x the median relative error off dropped, refitted",
-            "cpu": cpu_model(),
-            "commit": git_commit(),
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "shapes": shapes(args.quick),
-            "max_num_seqs": args.engine.scheduler.max_num_seqs,
-            "max_num_batched_tokens": args.engine.scheduler.max_num_batched_tokens,
-            "steps_measured": steps.len(),
-            "steps_dropped_as_outliers": dropped,
-            "fit": fit,
-        })),
+        kv_cache_bytes: cache.memory_bytes as f64,
+    })
+}
+
+/// The steps of an engine trace written elsewhere (`--trace-file` of `serve` or `bench
+/// throughput`, on a GPU machine say), with the model's shape read from its config alone and
+/// the KV pool's size from the trace's header.
+fn steps_of_trace(args: &CalibrateArgs, path: &Path) -> anyhow::Result<Measured> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let records = read_trace(std::io::BufReader::new(file))
+        .with_context(|| format!("reading the trace {}", path.display()))?;
+    let Some(TraceRecord::Header(header)) = records.first() else {
+        unreachable!("read_trace refuses a trace without a header");
     };
-    std::fs::write(&args.output, serde_json::to_string_pretty(&profile)? + "\n")
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    println!(
-        "fitted {} steps ({dropped} outliers dropped): median error {:.1}%, p90 {:.1}%, \
-         total time {:.3}x measured; written to {}",
-        kept.len(),
-        fit.median_relative_error * 100.0,
-        fit.p90_relative_error * 100.0,
-        fit.total_time_ratio,
-        args.output.display()
+    let config = crate::model_source::load_config(&args.model)?;
+    let kv_bytes_per_token = args.engine.cache_options().dtype.bytes_per_token(&config) as f64;
+    let steps = trace_steps::measured_steps(&records);
+    anyhow::ensure!(
+        !steps.is_empty(),
+        "the trace {} has no step records to fit",
+        path.display()
     );
-    println!("{}", serde_json::to_string_pretty(&profile.cost)?);
-    Ok(())
+    Ok(Measured {
+        steps,
+        kv_cache_bytes: (header.num_blocks * header.block_size) as f64 * kv_bytes_per_token,
+        config,
+        kv_bytes_per_token,
+    })
 }
 
 /// Fits, drops the steps a loaded machine slowed (relative error over 4x the median one), and
