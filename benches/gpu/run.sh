@@ -39,12 +39,19 @@ model=synthetic:llama-1b@bf16
 run() { # batch, prompts
     target/gpu/minserve bench throughput --model $model --device cuda --dtype bf16 \
         --max-num-seqs "$1" --num-prompts "$2" --input-len 128 --output-len 128 \
-        --max-num-batched-tokens 8192 --json 2>"$out/bench-$1.err" | tee "$out/bench-$1.json"
+        --max-num-batched-tokens 8192 --trace-file "$out/trace-$1.jsonl" --json \
+        2>"$out/bench-$1.err" | tee "$out/bench-$1.json"
 }
 for batch in 1 32 256; do
     prompts=$((batch == 1 ? 8 : batch))
     run "$batch" "$prompts" >/dev/null || { echo "batch $batch failed:"; head -3 "$out/bench-$batch.err"; }
 done
+
+echo "== the simulator's cost model fitted to these runs' steps (docs/simulator.md), beside the"
+echo "   llama-1b-h200 roofline preset it would replace"
+target/gpu/minserve simulate calibrate --model $model --from-trace "$out/trace-1.jsonl" \
+    --from-trace "$out/trace-32.jsonl" --from-trace "$out/trace-256.jsonl" \
+    --name llama-1b-h200-measured --output "$out/llama-1b-h200-measured.json" 2>&1 | tail -12
 
 # Bytes a decode step must read: every weight once (bf16; the tied embedding is read as the
 # lm_head) plus each sequence's keys and values (bf16) over its mean context (128 + 64).

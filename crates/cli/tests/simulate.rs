@@ -92,7 +92,7 @@ fn calibrate_fits_a_trace_written_by_bench_throughput() {
     assert!(stdout.contains("fitted"), "{stdout}");
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
-    assert_eq!(written["provenance"]["trace"], trace);
+    assert_eq!(written["provenance"]["traces"][0], trace);
     // Every step of the run was read: 24 prompts of 48 tokens under a 512-token budget and 8
     // sequences take at least 24 * 12 / 8 decode steps.
     assert!(written["provenance"]["steps_measured"].as_u64().unwrap() >= 36);

@@ -42,8 +42,9 @@ pub struct CalibrateArgs {
     /// Fit the steps of this engine trace (`--trace-file` of `serve` or `bench throughput`,
     /// written on any machine, a GPU one say) instead of measuring here; `--model` and
     /// `--kv-cache-dtype` then only give the model's shape and the bytes of its KV per token.
+    /// Repeat it to fit several runs' steps together (the KV pool is the first trace's).
     #[arg(long)]
-    from_trace: Option<PathBuf>,
+    from_trace: Vec<PathBuf>,
     /// Also write every measured step (features and seconds) as JSON lines.
     #[arg(long)]
     steps_file: Option<PathBuf>,
@@ -117,9 +118,9 @@ const FEATURES: [Feature; 5] = [
 ];
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
-    let measured = match &args.from_trace {
-        Some(path) => steps_of_trace(&args, path)?,
-        None => measure_steps(&args)?,
+    let measured = match args.from_trace.is_empty() {
+        false => steps_of_traces(&args)?,
+        true => measure_steps(&args)?,
     };
     let steps = measured.steps;
     if let Some(path) = &args.steps_file {
@@ -144,10 +145,15 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         "steps_dropped_as_outliers": dropped,
         "fit": fit,
     });
-    match &args.from_trace {
-        // The trace's machine is not this one, nor are its shapes ours.
-        Some(path) => provenance["trace"] = path.display().to_string().into(),
-        None => {
+    let traces: Vec<String> = args
+        .from_trace
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    match traces.is_empty() {
+        // The traces' machine is not this one, nor are their shapes ours.
+        false => provenance["traces"] = traces.clone().into(),
+        true => {
             provenance["cpu"] = cpu_model().into();
             provenance["shapes"] = serde_json::to_value(shapes(args.quick))?;
         }
@@ -159,9 +165,9 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             args.model,
             config.num_layers,
             config.hidden_size,
-            match &args.from_trace {
-                Some(path) => format!("the machine that wrote {}", path.display()),
-                None => cpu_model(),
+            match traces.is_empty() {
+                false => format!("the machine that wrote {}", traces.join(", ")),
+                true => cpu_model(),
             },
             kept.len()
         ),
@@ -268,29 +274,37 @@ fn measure_steps(args: &CalibrateArgs) -> anyhow::Result<Measured> {
     })
 }
 
-/// The steps of an engine trace written elsewhere (`--trace-file` of `serve` or `bench
+/// The steps of engine traces written elsewhere (`--trace-file` of `serve` or `bench
 /// throughput`, on a GPU machine say), with the model's shape read from its config alone and
-/// the KV pool's size from the trace's header.
-fn steps_of_trace(args: &CalibrateArgs, path: &Path) -> anyhow::Result<Measured> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let records = read_trace(std::io::BufReader::new(file))
-        .with_context(|| format!("reading the trace {}", path.display()))?;
-    let Some(TraceRecord::Header(header)) = records.first() else {
-        unreachable!("read_trace refuses a trace without a header");
-    };
+/// the KV pool's size from the first trace's header.
+fn steps_of_traces(args: &CalibrateArgs) -> anyhow::Result<Measured> {
     let config = crate::model_source::load_config(&args.model)?;
     let kv_bytes_per_token = args.engine.cache_options().dtype.bytes_per_token(&config) as f64;
-    let steps = trace_steps::measured_steps(&records);
-    anyhow::ensure!(
-        !steps.is_empty(),
-        "the trace {} has no step records to fit",
-        path.display()
-    );
+    let mut steps = Vec::new();
+    let mut kv_cache_bytes = None;
+    for path in &args.from_trace {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let records = read_trace(std::io::BufReader::new(file))
+            .with_context(|| format!("reading the trace {}", path.display()))?;
+        let Some(TraceRecord::Header(header)) = records.first() else {
+            unreachable!("read_trace refuses a trace without a header");
+        };
+        kv_cache_bytes
+            .get_or_insert((header.num_blocks * header.block_size) as f64 * kv_bytes_per_token);
+        let before = steps.len();
+        steps.extend(trace_steps::measured_steps(&records));
+        anyhow::ensure!(
+            steps.len() > before,
+            "the trace {} has no step records to fit",
+            path.display()
+        );
+    }
     Ok(Measured {
         steps,
-        kv_cache_bytes: (header.num_blocks * header.block_size) as f64 * kv_bytes_per_token,
         config,
         kv_bytes_per_token,
+        kv_cache_bytes: kv_cache_bytes.unwrap_or_default(),
     })
 }
 
