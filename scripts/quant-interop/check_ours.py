@@ -45,7 +45,7 @@ PROMPTS = ["The history of the printing press begins", "def fibonacci(n):"]
 
 def load_tool(folder, qc):
     method = qc.get("quant_method")
-    if method == "compressed-tensors":
+    if method in ("compressed-tensors", None):
         from transformers import AutoModelForCausalLM
 
         return "transformers+compressed-tensors", AutoModelForCausalLM.from_pretrained(
@@ -145,22 +145,24 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--ppl-rel-tolerance", type=float, default=0.01)
+    # Exact paths agree to ~1e-7 (measured on the unquantized fixture); a wrong RoPE base moved the
+    # tiny model's perplexity by 5e-3. A kernel that quantizes activations needs its own figure.
+    ap.add_argument("--ppl-rel-tolerance", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
-    if json.loads((args.folder / "config.json").read_text()).get("quantization_config", {}).get("quant_method") in ("gptq", "awq"):
+    if (json.loads((args.folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method") in ("gptq", "awq"):
         # GPTQModel writes per-run logs under ./logs: keep them out of the repository.
         args.folder, args.text = args.folder.resolve(), args.text.resolve()
         args.minserve = str(Path(args.minserve).resolve())
         os.chdir(tempfile.mkdtemp(prefix="gptqmodel-logs-"))
 
-    qc = json.loads((args.folder / "config.json").read_text()).get("quantization_config")
-    if qc is None:
-        raise SystemExit(f"{args.folder}/config.json has no quantization_config")
+    # An unquantized folder is checked too (perplexity and greedy only): it tells the harness and
+    # the tolerance apart from the quantized formats.
+    qc = json.loads((args.folder / "config.json").read_text()).get("quantization_config") or {}
     tool_name, model = load_tool(args.folder, qc)
     report = {"folder": str(args.folder), "tool": tool_name, "quant_method": qc.get("quant_method")}
-    report["layout"] = layout_check(args.folder, qc, model)
+    report["layout"] = layout_check(args.folder, qc, model) if qc else {"ok": True, "tensors": 0}
 
     text = args.text.read_text()
     tokens, bos = encode(args.folder, text)
@@ -199,8 +201,11 @@ def main():
 
         tok = Tokenizer.from_file(str(args.folder / "tokenizer.json"))
         tool_text = tok.decode(theirs)
+        ours_text = gen.stdout.rstrip("\n") if gen.returncode == 0 else f"error: {gen.stderr.strip()[-300:]}"
+        # minserve stops at EOS, the tool's loop does not: compare up to minserve's end.
         report["greedy"].append({
-            "prompt": prompt, "tool": tool_text, "minserve": gen.stdout.strip() if gen.returncode == 0 else f"error: {gen.stderr.strip()[-300:]}",
+            "prompt": prompt, "tool": tool_text, "minserve": ours_text,
+            "same": bool(ours_text) and tool_text.startswith(ours_text),
         })
     report["ok"] = report["layout"]["ok"] and report["perplexity"]["ok"]
     print(json.dumps(report, indent=1))
