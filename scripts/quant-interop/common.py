@@ -4,6 +4,7 @@ docs/quantization.md and the loaders rely on (checked against the tool's own dec
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,39 @@ def logits_all_positions(model, ids):
     with torch.no_grad():
         out = model(torch.tensor([ids], dtype=torch.long))
     return out.logits[0].float().numpy()
+
+
+def max_abs_diff(a, b):
+    """Largest |x - y| over lists of same-shaped arrays."""
+    return float(max(np.max(np.abs(x - y)) for x, y in zip(a, b)))
+
+
+def sequence_entries(seqs, tool_logits, weight_only, with_weight_only):
+    """reference.json's `sequences`: `logits` from the tool, `logits_weight_only` when asked."""
+    return [
+        {
+            "token_ids": ids,
+            "logits": round_list(t),
+            **({"logits_weight_only": round_list(w)} if with_weight_only else {}),
+        }
+        for ids, t, w in zip(seqs, tool_logits, weight_only)
+    ]
+
+
+def plain_model_with(base_dir, raw, weights):
+    """An f32 LlamaForCausalLM (the base model's architecture) holding the checkpoint's own float
+    tensors (AWQ rescales the norms, so not the base model's) and `weights` (dense)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, value in raw.items():
+            if name in state and name not in weights:
+                state[name].copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+        for name, w in weights.items():
+            state[name].copy_(torch.as_tensor(w, dtype=torch.float32))
+    return model
 
 
 def round_list(a, digits=4):
@@ -149,6 +183,25 @@ def versions():
     except ImportError:
         pass
     return v
+
+
+def make_each(out_dir, jobs, only):
+    """Runs `jobs` ((folder name, description, make(folder) -> reference dict)) into fresh
+    folders under `out_dir`, writing each reference.json; returns every folder's checks."""
+    checks = {}
+    for name, description, make in jobs:
+        if only and name not in only:
+            continue
+        fmt_dir = out_dir / name
+        if fmt_dir.exists():
+            shutil.rmtree(fmt_dir)
+        print(f"== {name}: {description}", flush=True)
+        ref = make(fmt_dir)
+        ref["made_by"] = description
+        write_json(fmt_dir / "reference.json", ref)
+        checks[name] = ref["checks"]
+        print(json.dumps(ref["checks"]), flush=True)
+    return checks
 
 
 def write_json(path, value):

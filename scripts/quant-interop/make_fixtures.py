@@ -28,7 +28,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -227,22 +226,6 @@ def reference_sequences(tokenizer):
     return [tokenizer(text)["input_ids"] for text in common.REFERENCE_TEXTS]
 
 
-def plain_model_with(base_dir, raw, weights):
-    """An f32 LlamaForCausalLM (the base model's architecture) holding the checkpoint's own float
-    tensors (AWQ rescales the norms, so not the base model's) and `weights` (dense)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, value in raw.items():
-            if name in state and name not in weights:
-                state[name].copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
-        for name, w in weights.items():
-            state[name].copy_(torch.as_tensor(w, dtype=torch.float32))
-    return model
-
-
 def check_and_reference(fmt_dir, base_dir, seqs, base_logits):
     """Tool logits, our-decoder weight-only logits, and the layout check. Returns the reference
     dict written to reference.json."""
@@ -268,13 +251,10 @@ def check_and_reference(fmt_dir, base_dir, seqs, base_logits):
     max_weight_diff = max(
         float(np.max(np.abs(ours[n] - tool_weights[n]))) for n in ours
     )
-    ours_model = plain_model_with(base_dir, raw, ours)
+    ours_model = common.plain_model_with(base_dir, raw, ours)
     weight_only = [common.logits_all_positions(ours_model, ids) for ids in seqs]
 
-    def max_diff(a, b):
-        return float(max(np.max(np.abs(x - y)) for x, y in zip(a, b)))
-
-    weight_only_differs = max_diff(weight_only, tool_logits) > 1e-4
+    weight_only_differs = common.max_abs_diff(weight_only, tool_logits) > 1e-4
 
     return {
         "format": fmt,
@@ -282,19 +262,12 @@ def check_and_reference(fmt_dir, base_dir, seqs, base_logits):
         "layout_of_layer0_q_proj": layouts["model.layers.0.self_attn.q_proj."],
         "tensor_dtypes": {n: kinds[n] for n in sorted(kinds) if n.startswith("model.layers.0.self_attn.q_proj")},
         "activations_quantized": weight_only_differs,
-        "sequences": [
-            {
-                "token_ids": ids,
-                "logits": common.round_list(t),
-                # Only where the tool quantizes activations; otherwise it equals `logits`.
-                **({"logits_weight_only": common.round_list(w)} if weight_only_differs else {}),
-            }
-            for ids, t, w in zip(seqs, tool_logits, weight_only)
-        ],
+        # `logits_weight_only` only where the tool quantizes activations; else it equals `logits`.
+        "sequences": common.sequence_entries(seqs, tool_logits, weight_only, weight_only_differs),
         "checks": {
             "max_abs_weight_diff_our_decoder_vs_tool": max_weight_diff,
-            "max_abs_logit_diff_weight_only_vs_tool": max_diff(weight_only, tool_logits),
-            "max_abs_logit_diff_tool_vs_unquantized": max_diff(tool_logits, base_logits),
+            "max_abs_logit_diff_weight_only_vs_tool": common.max_abs_diff(weight_only, tool_logits),
+            "max_abs_logit_diff_tool_vs_unquantized": common.max_abs_diff(tool_logits, base_logits),
             "max_abs_logit": float(max(np.max(np.abs(t)) for t in tool_logits)),
         },
     }
@@ -342,22 +315,18 @@ def main():
             ],
         },
     )
-    summary = {"versions": common.versions(), "formats": {}}
-    for name, description, kind in FORMATS:
-        if args.only and name not in args.only:
-            continue
-        fmt_dir = args.out / name
-        if fmt_dir.exists():
-            shutil.rmtree(fmt_dir)
-        print(f"== {name}: {description}", flush=True)
-        quantize(base_dir, fmt_dir, kind, tokenizer)
-        ref = check_and_reference(fmt_dir, base_dir, seqs, base_logits)
-        ref["made_by"] = description
-        ref["versions"] = common.versions()
-        common.write_json(fmt_dir / "reference.json", ref)
-        summary["formats"][name] = ref["checks"]
-        print(json.dumps(ref["checks"]), flush=True)
-    print(json.dumps(summary, indent=1))
+    def job(kind):
+        def make(fmt_dir):
+            quantize(base_dir, fmt_dir, kind, tokenizer)
+            ref = check_and_reference(fmt_dir, base_dir, seqs, base_logits)
+            ref["versions"] = common.versions()
+            return ref
+
+        return make
+
+    jobs = [(name, description, job(kind)) for name, description, kind in FORMATS]
+    checks = common.make_each(args.out, jobs, args.only)
+    print(json.dumps({"versions": common.versions(), "formats": checks}, indent=1))
 
 
 if __name__ == "__main__":

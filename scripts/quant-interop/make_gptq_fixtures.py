@@ -26,7 +26,6 @@ Rerun:
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -140,7 +139,6 @@ def tool_weight(module):
 
 def check_and_reference(fmt_dir, base_dir, spec, seqs, base_logits):
     from gptqmodel import BACKEND, GPTQModel
-    from transformers import AutoModelForCausalLM
 
     raw, kinds = common.read_safetensors_raw(fmt_dir / "model.safetensors")
     backend = BACKEND.AWQ_TORCH if spec["method"] == "awq" else BACKEND.GPTQ_TORCH
@@ -160,18 +158,8 @@ def check_and_reference(fmt_dir, base_dir, spec, seqs, base_logits):
         ours_f16 = w.astype(np.float16).astype(np.float64)
         max_weight_diff = max(max_weight_diff, float(np.max(np.abs(ours_f16 - theirs))))
 
-    plain = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    state = plain.state_dict()
-    with torch.no_grad():
-        for name, value in raw.items():
-            if name in state:
-                state[name].copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
-        for name, w in ours.items():
-            state[name].copy_(torch.as_tensor(w, dtype=torch.float32))
+    plain = common.plain_model_with(str(base_dir), raw, ours)
     weight_only = [common.logits_all_positions(plain, ids) for ids in seqs]
-
-    def max_diff(a, b):
-        return float(max(np.max(np.abs(x - y)) for x, y in zip(a, b)))
 
     config = json.loads((fmt_dir / "config.json").read_text())
     q0 = "model.layers.0.self_attn.q_proj."
@@ -181,14 +169,11 @@ def check_and_reference(fmt_dir, base_dir, spec, seqs, base_logits):
         "tensor_dtypes": {n: kinds[n] for n in sorted(kinds) if n.startswith(q0)},
         "tensor_shapes": {n: list(raw[n].shape) for n in sorted(raw) if n.startswith(q0)},
         "tool_compute_dtype": "float16",
-        "sequences": [
-            {"token_ids": ids, "logits": common.round_list(t), "logits_weight_only": common.round_list(w)}
-            for ids, t, w in zip(seqs, tool_logits, weight_only)
-        ],
+        "sequences": common.sequence_entries(seqs, tool_logits, weight_only, True),
         "checks": {
             "max_abs_weight_diff_our_decoder_f16_vs_tool": max_weight_diff,
-            "max_abs_logit_diff_weight_only_f32_vs_tool_f16": max_diff(weight_only, tool_logits),
-            "max_abs_logit_diff_weight_only_vs_unquantized": max_diff(weight_only, base_logits),
+            "max_abs_logit_diff_weight_only_f32_vs_tool_f16": common.max_abs_diff(weight_only, tool_logits),
+            "max_abs_logit_diff_weight_only_vs_unquantized": common.max_abs_diff(weight_only, base_logits),
             "max_abs_logit": float(max(np.max(np.abs(t)) for t in tool_logits)),
         },
     }
@@ -214,19 +199,17 @@ def main():
     base_ref = json.loads((base_dir / "reference.json").read_text())
     seqs = [s["token_ids"] for s in base_ref["sequences"]]
     base_logits = [np.array(s["logits"]) for s in base_ref["sequences"]]
-    for name, spec in FORMATS:
-        if args.only and name not in args.only:
-            continue
-        fmt_dir = args.out / name
-        if fmt_dir.exists():
-            shutil.rmtree(fmt_dir)
-        print(f"== {name}: {spec}", flush=True)
-        quantize(base_dir, fmt_dir, spec)
-        ref = check_and_reference(fmt_dir, base_dir, spec, seqs, base_logits)
-        ref["made_by"] = f"GPTQModel {spec}"
-        ref["versions"] = versions()
-        common.write_json(fmt_dir / "reference.json", ref)
-        print(json.dumps(ref["checks"]), flush=True)
+    def job(spec):
+        def make(fmt_dir):
+            quantize(base_dir, fmt_dir, spec)
+            ref = check_and_reference(fmt_dir, base_dir, spec, seqs, base_logits)
+            ref["versions"] = versions()
+            return ref
+
+        return make
+
+    jobs = [(name, f"GPTQModel {spec}", job(spec)) for name, spec in FORMATS]
+    common.make_each(args.out, jobs, args.only)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--eval-text", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--asymmetric", action="store_true", help="zero points (W4A16_ASYM) instead of symmetric")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
@@ -75,7 +76,9 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32)
     scheme = QuantizationScheme(
         targets=["Linear"],
-        weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=args.group_size),
+        weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=not args.asymmetric, strategy="group", group_size=args.group_size
+        ),
     )
     started = time.time()
     oneshot(
@@ -93,7 +96,7 @@ def main():
     text = args.eval_text.read_text()
     result = {"versions": common.versions(), "quantize_seconds": quantize_seconds,
               "calibration": {"file": str(args.calib), "samples": args.samples, "seq_len": args.seq_len},
-              "group_size": args.group_size}
+              "group_size": args.group_size, "symmetric": not args.asymmetric}
     for name, folder in (("f32", args.folder), ("gptq_w4a16", args.out)):
         tokens, bos = check_ours.encode(folder, text)
         tokens = tokens[: args.max_eval_tokens]
