@@ -245,11 +245,21 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
-        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
-        let rope_scaling = match &raw.rope_scaling {
-            None | Some(serde_json::Value::Null) => RopeScaling::None,
-            Some(value) => rope_scaling_from_json(value, max_position_embeddings, path)?,
+        let (rope_theta, rope_scaling) = match &raw.rope_parameters {
+            None | Some(serde_json::Value::Null) => (
+                raw.rope_theta.unwrap_or(10_000.0),
+                match &raw.rope_scaling {
+                    None | Some(serde_json::Value::Null) => RopeScaling::None,
+                    Some(value) => rope_scaling_from_json(
+                        value,
+                        "rope_scaling",
+                        max_position_embeddings,
+                        path,
+                    )?,
+                },
+            ),
+            Some(value) => rope_from_parameters(value, &raw, max_position_embeddings, path)?,
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let config = Self {
@@ -339,12 +349,13 @@ impl ModelConfig {
 /// every logit.
 fn rope_scaling_from_json(
     value: &serde_json::Value,
+    field: &str,
     max_position_embeddings: usize,
     path: &Path,
 ) -> Result<RopeScaling, ModelError> {
     let bad = |message: String| ModelError::Format {
         path: path.to_path_buf(),
-        message: format!("rope_scaling: {message}"),
+        message: format!("{field}: {message}"),
     };
     let kind = value
         .get("rope_type")
@@ -390,12 +401,52 @@ fn rope_scaling_from_json(
         other => {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),
-                key: "rope_scaling.rope_type".into(),
+                key: format!("{field}.rope_type"),
                 value: other.into(),
                 supported: SUPPORTED_ROPE_SCALING.into(),
             })
         }
     })
+}
+
+/// transformers 5's `rope_parameters`: the base and the scaling in one object. Defaulting the
+/// base when it is missing would run every position with the wrong frequencies, so a missing or
+/// conflicting base is an error naming the field.
+fn rope_from_parameters(
+    value: &serde_json::Value,
+    raw: &HfConfig,
+    max_position_embeddings: usize,
+    path: &Path,
+) -> Result<(f32, RopeScaling), ModelError> {
+    let bad = |message: String| ModelError::Format {
+        path: path.to_path_buf(),
+        message: format!("rope_parameters: {message}"),
+    };
+    let theta = value
+        .get("rope_theta")
+        .and_then(|v| v.as_f64())
+        .map(|t| t as f32)
+        .or(raw.rope_theta)
+        .ok_or_else(|| {
+            bad(format!(
+                "no numeric `rope_theta` in {value} (one object per layer type is not supported)"
+            ))
+        })?;
+    if let Some(top) = raw.rope_theta.filter(|&top| top != theta) {
+        return Err(bad(format!(
+            "`rope_theta` {theta} differs from the top-level `rope_theta` {top}"
+        )));
+    }
+    if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "both `rope_parameters` and `rope_scaling` are set: say the scaling once".into(),
+        ));
+    }
+    let scaling = match value.get("rope_type").or_else(|| value.get("type")) {
+        None => RopeScaling::None,
+        Some(_) => rope_scaling_from_json(value, "rope_parameters", max_position_embeddings, path)?,
+    };
+    Ok((theta, scaling))
 }
 
 /// YaRN's default attention factor: `0.1 * m * ln(factor) + 1` (1 when not stretching).
@@ -494,4 +545,7 @@ struct HfConfig {
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's spelling of RoPE: `{"rope_theta": .., "rope_type": .., ...scaling}` in one
+    /// object, with no top-level `rope_theta` or `rope_scaling`.
+    rope_parameters: Option<serde_json::Value>,
 }

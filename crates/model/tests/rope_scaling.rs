@@ -180,6 +180,58 @@ fn config_json_scaling_is_read_or_refused_by_name() {
     }
 }
 
+/// transformers 5 writes `rope_parameters` (base and scaling in one object) and no top-level
+/// `rope_theta`: the base must come from there, not from the 10000 default.
+#[test]
+fn config_json_rope_parameters_give_the_base_and_the_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |extra: serde_json::Value| {
+        let mut json = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512, "max_position_embeddings": 131072,
+        });
+        json.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        ModelConfig::from_hf_config(&path)
+    };
+    let config = write(serde_json::json!({
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}
+    }))
+    .unwrap();
+    assert_eq!(config.rope_theta, 100000.0);
+    assert_eq!(config.rope_scaling, RopeScaling::None);
+
+    let config = write(serde_json::json!({"rope_parameters": {
+        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+    .unwrap();
+    assert_eq!(config.rope_theta, 500000.0);
+    assert!(matches!(config.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));
+
+    // Gemma 3's per-layer-type objects, a conflicting base, an unknown type: errors by name.
+    let nested = serde_json::json!({"rope_parameters": {
+        "full_attention": {"rope_theta": 1e6, "rope_type": "default"}}});
+    let conflicting = serde_json::json!({"rope_theta": 10000.0,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}});
+    let unknown =
+        serde_json::json!({"rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope"}});
+    for (case, needle) in [
+        (nested, "rope_theta"),
+        (conflicting, "differs"),
+        (unknown, "rope_parameters.rope_type"),
+    ] {
+        let err = write(case).unwrap_err().to_string();
+        assert!(
+            err.contains("rope_parameters") && err.contains(needle),
+            "{err}"
+        );
+    }
+}
+
 /// A GGUF header with a tiny Llama's keys, `extra` metadata and `tensors`.
 fn write_gguf(path: &Path, extra: &[(&str, Value)], tensors: &[(&str, QTensor)]) {
     let mut metadata = vec![
