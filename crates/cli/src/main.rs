@@ -8,6 +8,7 @@ mod fetch;
 mod generate;
 mod kv_calc;
 mod model_source;
+mod quantize;
 mod serve;
 mod serve_config;
 mod simulate;
@@ -40,6 +41,9 @@ enum Command {
     Eval(eval::EvalCommand),
     /// Export a GGUF model as a Hugging Face folder (safetensors, config.json, tokenizer).
     Export(export::ExportArgs),
+    /// Quantize a GGUF model to a Hugging Face folder: RTN, GPTQ, AWQ or FP8, in the layouts
+    /// of GPTQModel, AutoAWQ and compressed-tensors.
+    Quantize(quantize::QuantizeArgs),
     /// Serve the OpenAI-compatible HTTP API (chat and text completions, streaming, metrics).
     Serve(serve::ServeArgs),
     /// The real scheduler without weights: step times from a cost model, on a virtual clock.
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Eval(command) => eval::run(command),
         Command::Export(args) => export::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Simulate(command) => simulate::run(command),
         Command::Trace(command) => trace::run(command),

@@ -47,6 +47,9 @@ pub enum ModelError {
     /// the GPU kernels are not built for).
     #[error("{0}")]
     Device(String),
+    /// A quantizer observing the forward pass ([`crate::observer`]) could not go on.
+    #[error("calibration: {0}")]
+    Calibration(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }

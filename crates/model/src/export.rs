@@ -97,26 +97,45 @@ pub struct ExportReport {
 /// scaling, written to `config.json` as its parameters (`ModelConfig::to_hf_config_json`).
 const SKIPPABLE: &[&str] = &["rope_freqs.weight"];
 
-/// Exports the GGUF model at `gguf_path` into `out_dir` (created; must be empty if it exists).
-///
-/// An existing non-empty folder is refused rather than overwritten: a stale shard index,
-/// `generation_config.json` or tokenizer file left next to the new weights would silently change
-/// how the folder loads.
-pub fn export_gguf_to_hf(
-    gguf_path: &Path,
-    out_dir: &Path,
-    dtype: ExportDType,
-) -> Result<ExportReport> {
+/// A GGUF model read into Hugging Face names and layout, every tensor dequantized to f32: what
+/// [`export_gguf_to_hf`] writes, and what `minserve quantize` starts from.
+pub struct HfModel {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    /// `config.json` for this model (without the quantization of a quantized checkpoint).
+    pub config_json: serde_json::Value,
+    /// `(Hugging Face name, f32 tensor)`, every tensor [`tensor_plan`] expects and no other.
+    pub tensors: Vec<(String, Tensor)>,
+    /// Whether q/k rows were permuted back from llama.cpp's interleaved layout (see
+    /// [`gguf_rows_of`] for the way back).
+    pub unpermuted_qk: bool,
+    /// GGUF tensors with no Hugging Face counterpart, left out because `config.json` carries
+    /// what they mean (`rope_freqs.weight`: `rope_scaling`).
+    pub skipped: Vec<String>,
+}
+
+/// Reads the GGUF model at `gguf_path` as a Hugging Face checkpoint in memory. What
+/// `config.json` cannot express fails here, before anything is written anywhere.
+pub fn read_gguf_as_hf(gguf_path: &Path) -> Result<HfModel> {
     let content = crate::gguf::read_content(gguf_path)?;
     let config = ModelConfig::from_gguf(&content, gguf_path)?;
     let tokenizer = Tokenizer::from_gguf(&content).map_err(ModelError::tokenizer(gguf_path))?;
-    // Before anything is written: what config.json cannot express fails the export.
     let mut config_json =
-        hf_config_json(&config, dtype.torch_dtype()).map_err(|message| ModelError::Format {
-            path: gguf_path.to_path_buf(),
-            message,
+        hf_config_json(&config, ExportDType::F32.torch_dtype()).map_err(|message| {
+            ModelError::Format {
+                path: gguf_path.to_path_buf(),
+                message,
+            }
         })?;
-    prepare_out_dir(out_dir)?;
+    if let Some(obj) = config_json.as_object_mut() {
+        // transformers' generate() falls back to these when there is no generation_config.json.
+        if let Some(bos) = tokenizer.bos_token_id() {
+            obj.insert("bos_token_id".into(), bos.into());
+        }
+        if let Some(eos) = tokenizer.eos_token_id() {
+            obj.insert("eos_token_id".into(), eos.into());
+        }
+    }
 
     let unpermute = config.rope_style == RopeStyle::Interleaved;
     let file = File::open(gguf_path).map_err(|e| ModelError::io(gguf_path, e))?;
@@ -145,41 +164,78 @@ pub fn export_gguf_to_hf(
             .map_err(|e| tensor_err(e.to_string()))?;
         let mut t = qtensor.dequantize(&Device::Cpu)?;
         if unpermute {
-            let heads = match role {
-                Role::Query => Some(config.num_heads),
-                Role::Key => Some(config.num_kv_heads),
-                Role::Other => None,
-            };
-            if let Some(heads) = heads {
+            if let Some(heads) = role.heads(&config) {
                 t = unpermute_rows(&t, heads, config.head_dim).map_err(tensor_err)?;
             }
         }
-        tensors.push((hf, t.to_dtype(dtype.candle())?.contiguous()?));
+        tensors.push((hf, t.to_dtype(DType::F32)?.contiguous()?));
     }
     check_complete(gguf_path, &config, &tensors)?;
+    Ok(HfModel {
+        config,
+        tokenizer,
+        config_json,
+        tensors,
+        unpermuted_qk: unpermute,
+        skipped,
+    })
+}
 
+/// Exports the GGUF model at `gguf_path` into `out_dir` (created; must be empty if it exists).
+///
+/// An existing non-empty folder is refused rather than overwritten: a stale shard index,
+/// `generation_config.json` or tokenizer file left next to the new weights would silently change
+/// how the folder loads.
+pub fn export_gguf_to_hf(
+    gguf_path: &Path,
+    out_dir: &Path,
+    dtype: ExportDType,
+) -> Result<ExportReport> {
+    let model = read_gguf_as_hf(gguf_path)?;
+    prepare_out_dir(out_dir)?;
+    let tensors = model
+        .tensors
+        .iter()
+        .map(|(name, t)| Ok((name.as_str(), t.to_dtype(dtype.candle())?)))
+        .collect::<Result<Vec<_>>>()?;
     let weights_path = out_dir.join(WEIGHTS_FILE);
-    write_safetensors(&weights_path, &tensors)?;
+    write_safetensors(&weights_path, tensors.iter().map(|(n, t)| (*n, t)))?;
     let weights_bytes = std::fs::metadata(&weights_path)
         .map_err(|e| ModelError::io(&weights_path, e))?
         .len();
+    let mut config_json = model.config_json;
+    config_json["torch_dtype"] = dtype.torch_dtype().into();
+    let mut files = vec![weights_path];
+    files.extend(write_config_and_tokenizer(
+        out_dir,
+        &config_json,
+        &model.tokenizer,
+    )?);
+    Ok(ExportReport {
+        out_dir: out_dir.to_path_buf(),
+        files,
+        config: model.config,
+        dtype,
+        num_tensors: tensors.len(),
+        weights_bytes,
+        unpermuted_qk: model.unpermuted_qk,
+        skipped: model.skipped,
+    })
+}
 
+/// Writes `config.json` and the tokenizer files into `out_dir`; returns the files written,
+/// `config.json` first.
+pub fn write_config_and_tokenizer(
+    out_dir: &Path,
+    config_json: &serde_json::Value,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<PathBuf>> {
     let config_path = out_dir.join("config.json");
-    if let Some(obj) = config_json.as_object_mut() {
-        // transformers' generate() falls back to these when there is no generation_config.json.
-        if let Some(bos) = tokenizer.bos_token_id() {
-            obj.insert("bos_token_id".into(), bos.into());
-        }
-        if let Some(eos) = tokenizer.eos_token_id() {
-            obj.insert("eos_token_id".into(), eos.into());
-        }
-    }
-    write_json(&config_path, &config_json)?;
+    write_json(&config_path, config_json)?;
     tokenizer
         .write_hf_files(out_dir)
         .map_err(ModelError::tokenizer(out_dir))?;
-
-    let mut files = vec![weights_path, config_path];
+    let mut files = vec![config_path];
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -190,16 +246,7 @@ pub fn export_gguf_to_hf(
             files.push(path);
         }
     }
-    Ok(ExportReport {
-        out_dir: out_dir.to_path_buf(),
-        files,
-        config,
-        dtype,
-        num_tensors: tensors.len(),
-        weights_bytes,
-        unpermuted_qk: unpermute,
-        skipped,
-    })
+    Ok(files)
 }
 
 /// The `config.json` a Hugging Face `transformers` Llama would read for `config`.
@@ -301,7 +348,8 @@ fn llama3_json(factor: f32, low: f32, high: f32, original: usize) -> serde_json:
     })
 }
 
-fn prepare_out_dir(out_dir: &Path) -> Result<()> {
+/// Creates `out_dir`, refusing one that exists and is not empty (see [`export_gguf_to_hf`]).
+pub fn prepare_out_dir(out_dir: &Path) -> Result<()> {
     if out_dir.exists() {
         let mut entries = std::fs::read_dir(out_dir).map_err(|e| ModelError::io(out_dir, e))?;
         if entries.next().is_some() {
@@ -320,6 +368,35 @@ enum Role {
     Query,
     Key,
     Other,
+}
+
+impl Role {
+    /// The head count llama.cpp permuted this tensor's rows by, if it did.
+    fn heads(self, config: &ModelConfig) -> Option<usize> {
+        match self {
+            Role::Query => Some(config.num_heads),
+            Role::Key => Some(config.num_kv_heads),
+            Role::Other => None,
+        }
+    }
+}
+
+/// For a Hugging Face tensor of [`HfModel`], the head count to give [`permute_rows_for_gguf`]
+/// to bring its rows back into the order the GGUF (and minserve's forward pass over it) has
+/// them; `None` when they are in that order already.
+pub fn gguf_rows_of(model: &HfModel, hf_name: &str) -> Option<usize> {
+    if !model.unpermuted_qk {
+        return None;
+    }
+    if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        Some(model.config.num_heads)
+    } else if hf_name.ends_with("self_attn.k_proj.weight")
+        || hf_name.ends_with("self_attn.k_proj.bias")
+    {
+        Some(model.config.num_kv_heads)
+    } else {
+        None
+    }
 }
 
 /// The Hugging Face name of a llama.cpp tensor name.
@@ -384,6 +461,30 @@ fn unpermute_rows(
     go().map_err(|e| e.to_string())
 }
 
+/// llama.cpp's `permute(w, n_head)`, the inverse of [`unpermute_rows`]:
+/// `GGUF = HF.reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2)`.
+pub fn permute_rows_for_gguf(
+    t: &Tensor,
+    n_head: usize,
+    head_dim: usize,
+) -> std::result::Result<Tensor, String> {
+    let dims = t.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    if rows != n_head * head_dim || !head_dim.is_multiple_of(2) {
+        return Err(format!(
+            "shape {dims:?} does not split into {n_head} heads of {head_dim}"
+        ));
+    }
+    let cols: usize = dims[1..].iter().product();
+    let go = || -> candle_core::Result<Tensor> {
+        t.reshape((n_head, 2, head_dim / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(dims.as_slice())
+    };
+    go().map_err(|e| e.to_string())
+}
+
 /// The folder must load back: every tensor minserve's safetensors loader (and `transformers`)
 /// expects must have been produced, with the shape the config implies.
 fn check_complete(
@@ -427,12 +528,14 @@ fn check_complete(
 
 /// Writes through a temporary name and renames, so an interrupted export never leaves a
 /// truncated `model.safetensors` that looks complete.
-fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub fn write_safetensors<'a, V: ::safetensors::View + 'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, V)>,
+) -> Result<()> {
     let tmp = path.with_extension("safetensors.partial");
     // transformers refuses a safetensors checkpoint whose metadata lacks `format`.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = tensors.iter().map(|(n, t)| (n.as_str(), t));
-    ::safetensors::serialize_to_file(data, Some(metadata), &tmp).map_err(|e| {
+    ::safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| {
         ModelError::Format {
             path: tmp.clone(),
             message: format!("writing safetensors: {e}"),
@@ -441,7 +544,8 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+/// Writes `value` as pretty-printed JSON with a final newline.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Format {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -472,6 +576,11 @@ mod tests {
             .reshape((n_head * head_dim, cols))
             .unwrap();
         assert_ne!(gguf.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        let again = permute_rows_for_gguf(&hf, n_head, head_dim).unwrap();
+        assert_eq!(
+            again.to_vec2::<f32>().unwrap(),
+            gguf.to_vec2::<f32>().unwrap()
+        );
         let back = unpermute_rows(&gguf, n_head, head_dim).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
         // Row 1 of head 0 in GGUF is the first row of the second half in HF.

@@ -19,6 +19,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod load;
 pub mod math;
+pub mod observer;
 pub mod paged_attention;
 pub mod pool;
 pub mod qmatmul;
@@ -37,5 +38,6 @@ pub use llama::LlamaModel;
 pub use load::{
     load_config, load_model, load_model_with, load_tokenizer, LoadOptions, LoadedModel,
 };
+pub use observer::{ActivationObserver, ProjectionSite};
 pub use runner::{CacheOptions, ModelRunner, Runner};
 pub use synthetic::SyntheticSpec;

@@ -16,11 +16,12 @@ use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::math::{add_in_place, gelu_tanh_mul, rms_norm, rms_norm_in_place, silu_mul};
+use crate::observer::{ActivationObserver, ProjectionSite};
 use crate::paged_attention::{AttentionPlan, PagedAttention};
 use crate::pool::DisjointWriter;
 use crate::qmatmul::QInput;
 use crate::rope::RopeTable;
-use crate::weights::{Linear, LlamaWeights};
+use crate::weights::{Linear, LinearWeight, LlamaWeights};
 
 pub struct LlamaModel {
     pub weights: LlamaWeights,
@@ -127,6 +128,18 @@ impl LlamaModel {
     /// sequence that samples. The other rows never reach the lm_head, the single most expensive
     /// matmul.
     pub fn forward(&self, batch: &StepBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_observed(batch, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with an observer that sees the input of every group of
+    /// projections and may replace their weights for the rest of the pass (calibration for
+    /// quantization, see [`crate::observer`]).
+    pub fn forward_observed(
+        &self,
+        batch: &StepBatch,
+        cache: &mut KvCache,
+        mut observer: Option<&mut dyn ActivationObserver>,
+    ) -> Result<Vec<f32>> {
         self.validate(batch, cache)?;
         let c = &self.weights.config;
         let n = batch.num_tokens();
@@ -173,8 +186,17 @@ impl LlamaModel {
                     out,
                 )
             });
+            let mut replaced = Vec::new();
+            let qkv = observed(
+                &mut observer,
+                &mut replaced,
+                (index, ProjectionSite::Attention),
+                normed,
+                n,
+                [&layer.q_proj, &layer.k_proj, &layer.v_proj],
+            )?;
             Linear::forward_many_into(
-                &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
+                &qkv,
                 normed,
                 n,
                 quantized,
@@ -198,9 +220,16 @@ impl LlamaModel {
                 window,
             }
             .run(q, attention);
-            layer
-                .o_proj
-                .forward_into(attention, n, quantized, projected)?;
+            let mut replaced = Vec::new();
+            let [o_proj] = observed(
+                &mut observer,
+                &mut replaced,
+                (index, ProjectionSite::AttentionOutput),
+                attention,
+                n,
+                [&layer.o_proj],
+            )?;
+            o_proj.forward_into(attention, n, quantized, projected)?;
             if let Some((post_attention, _)) = &norms.post {
                 rows_parallel(projected, hidden, |_, rows| {
                     rms_norm_in_place(rows, post_attention, eps)
@@ -216,13 +245,16 @@ impl LlamaModel {
                     out,
                 )
             });
-            Linear::forward_many_into(
-                &[&layer.gate_proj, &layer.up_proj],
+            let mut replaced = Vec::new();
+            let gate_up = observed(
+                &mut observer,
+                &mut replaced,
+                (index, ProjectionSite::Mlp),
                 normed,
                 n,
-                quantized,
-                &mut [&mut *gate, &mut *up],
+                [&layer.gate_proj, &layer.up_proj],
             )?;
+            Linear::forward_many_into(&gate_up, normed, n, quantized, &mut [&mut *gate, &mut *up])?;
             let width = c.intermediate_size;
             let activation_mul = match c.block.activation {
                 Activation::Silu => silu_mul,
@@ -231,9 +263,16 @@ impl LlamaModel {
             rows_parallel(gate, width, |rows, out| {
                 activation_mul(out, &up[rows.start * width..rows.end * width])
             });
-            layer
-                .down_proj
-                .forward_into(gate, n, quantized, projected)?;
+            let mut replaced = Vec::new();
+            let [down_proj] = observed(
+                &mut observer,
+                &mut replaced,
+                (index, ProjectionSite::MlpOutput),
+                gate,
+                n,
+                [&layer.down_proj],
+            )?;
+            down_proj.forward_into(gate, n, quantized, projected)?;
             if let Some((_, post_ffn)) = &norms.post {
                 rows_parallel(projected, hidden, |_, rows| {
                     rms_norm_in_place(rows, post_ffn, eps)
@@ -268,6 +307,40 @@ impl LlamaModel {
             &cache.groups.windows,
         )
     }
+}
+
+/// The projections the pass multiplies by at a site of a layer: the layer's own, or, when an
+/// observer hands back weights, those (kept alive in `replaced`, with the layer's biases).
+fn observed<'a, const N: usize>(
+    observer: &mut Option<&mut dyn ActivationObserver>,
+    replaced: &'a mut Vec<Linear>,
+    (layer, site): (usize, ProjectionSite),
+    input: &[f32],
+    rows: usize,
+    own: [&'a Linear; N],
+) -> Result<[&'a Linear; N]> {
+    let Some(observer) = observer else {
+        return Ok(own);
+    };
+    let Some(weights) = observer.observe(layer, site, input, rows)? else {
+        return Ok(own);
+    };
+    if weights.len() != N {
+        return Err(ModelError::Calibration(format!(
+            "layer {layer}: {} weights handed back for the {N} projections of {site:?}",
+            weights.len()
+        )));
+    }
+    *replaced = weights
+        .into_iter()
+        .zip(own)
+        .map(|(weight, linear)| Linear {
+            weight: LinearWeight::dense(weight),
+            bias: linear.bias.clone(),
+        })
+        .collect();
+    let replaced: &'a Vec<Linear> = replaced;
+    Ok(std::array::from_fn(|i| &replaced[i]))
 }
 
 /// A malformed batch is an engine bug, but it must surface as an error, never as an

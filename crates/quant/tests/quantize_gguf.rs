@@ -1,0 +1,410 @@
+//! `quantize_gguf` end to end on a small Llama GGUF written here: every method writes a folder
+//! whose config and tensors are those of its layout, and bad requests fail with errors that
+//! name the option or tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use minserve_model::export::ExportDType;
+use minserve_model::synthetic;
+use minserve_quant::{quantize_gguf, Method, QuantizeOptions};
+use safetensors::{Dtype, SafeTensors};
+
+const HIDDEN: usize = 64;
+const FF: usize = 128;
+const LAYERS: usize = 2;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+
+/// A Llama GGUF with seeded random f32 weights and the synthetic byte-level tokenizer.
+fn write_gguf(dir: &Path) -> PathBuf {
+    let config = synthetic::preset("tiny").unwrap();
+    assert_eq!(
+        (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_layers
+        ),
+        (HIDDEN, FF, LAYERS)
+    );
+    let vocab = config.vocab_size;
+    let head_dim = HIDDEN / HEADS;
+    let mut state = 7u64;
+    let mut random = |shape: &[usize], center: f32, spread: f32| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                center + spread * ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    let mut tensors = vec![
+        (
+            "token_embd.weight".to_string(),
+            random(&[vocab, HIDDEN], 0.0, 1.0),
+        ),
+        (
+            "output_norm.weight".to_string(),
+            random(&[HIDDEN], 1.0, 0.2),
+        ),
+    ];
+    for i in 0..LAYERS {
+        for (name, shape, center) in [
+            ("attn_norm", vec![HIDDEN], 1.0),
+            ("attn_q", vec![HEADS * head_dim, HIDDEN], 0.0),
+            ("attn_k", vec![KV_HEADS * head_dim, HIDDEN], 0.0),
+            ("attn_v", vec![KV_HEADS * head_dim, HIDDEN], 0.0),
+            ("attn_output", vec![HIDDEN, HEADS * head_dim], 0.0),
+            ("ffn_norm", vec![HIDDEN], 1.0),
+            ("ffn_gate", vec![FF, HIDDEN], 0.0),
+            ("ffn_up", vec![FF, HIDDEN], 0.0),
+            ("ffn_down", vec![HIDDEN, FF], 0.0),
+        ] {
+            let spread = if center == 1.0 { 0.2 } else { 0.15 };
+            tensors.push((
+                format!("blk.{i}.{name}.weight"),
+                random(&shape, center, spread),
+            ));
+        }
+    }
+    let u32_value = |v: usize| gguf_file::Value::U32(v as u32);
+    let mut metadata: Vec<(String, gguf_file::Value)> = synthetic::tokenizer_metadata(&config)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .collect();
+    metadata.extend([
+        (
+            "general.architecture".into(),
+            gguf_file::Value::String("llama".into()),
+        ),
+        ("llama.embedding_length".into(), u32_value(HIDDEN)),
+        ("llama.feed_forward_length".into(), u32_value(FF)),
+        ("llama.block_count".into(), u32_value(LAYERS)),
+        ("llama.attention.head_count".into(), u32_value(HEADS)),
+        ("llama.attention.head_count_kv".into(), u32_value(KV_HEADS)),
+        ("llama.context_length".into(), u32_value(2048)),
+        ("llama.rope.dimension_count".into(), u32_value(head_dim)),
+        (
+            "llama.rope.freq_base".into(),
+            gguf_file::Value::F32(10_000.0),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            gguf_file::Value::F32(1e-5),
+        ),
+    ]);
+    let quantized: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let quantized: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let path = dir.join("tiny.gguf");
+    gguf_file::write(
+        &mut std::fs::File::create(&path).unwrap(),
+        &metadata,
+        &quantized,
+    )
+    .unwrap();
+    path
+}
+
+/// English-like text of the synthetic tokenizer's byte tokens (one byte, one token).
+fn calibration_text() -> String {
+    let words = [
+        "the",
+        "quantized",
+        "model",
+        "reads",
+        "every",
+        "layer",
+        "of",
+        "its",
+        "input",
+        "and",
+        "weights",
+        "scale",
+        "error",
+        "column",
+        "group",
+        "with",
+        "activation",
+        "channel",
+    ];
+    (0..3000)
+        .map(|i| words[(i * 7 + i / 5) % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn options(method: Method, bits: u32) -> QuantizeOptions {
+    QuantizeOptions {
+        method,
+        bits,
+        group_size: 32,
+        act_order: false,
+        damp: 0.01,
+        calib_tokens: 1024,
+        calib_window: 128,
+        dtype: ExportDType::F16,
+        dequantized_twin: None,
+    }
+}
+
+struct Written {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    report: minserve_quant::QuantizeReport,
+}
+
+fn run(options: &QuantizeOptions) -> Written {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = write_gguf(dir.path());
+    let out = dir.path().join("out");
+    let text = calibration_text();
+    let mut layers_seen = Vec::new();
+    let report = quantize_gguf(&gguf, &out, options, Some(&text), &mut |p| {
+        layers_seen.push(p.layers_done)
+    })
+    .unwrap();
+    assert_eq!(
+        layers_seen,
+        (1..=LAYERS).collect::<Vec<_>>(),
+        "progress after each layer"
+    );
+    Written {
+        _dir: dir,
+        out,
+        report,
+    }
+}
+
+fn config(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
+}
+
+/// `(dtype, shape)` of every tensor in the folder.
+fn tensors(out: &Path) -> HashMap<String, (Dtype, Vec<usize>)> {
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec())))
+        .collect()
+}
+
+fn assert_tensor(
+    all: &HashMap<String, (Dtype, Vec<usize>)>,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) {
+    let got = all
+        .get(name)
+        .unwrap_or_else(|| panic!("no `{name}` in {:?}", all.keys()));
+    assert_eq!((got.0, got.1.as_slice()), (dtype, shape), "{name}");
+}
+
+/// Float tensors other than projections are there as `minserve export` writes them.
+fn assert_rest_is_float(all: &HashMap<String, (Dtype, Vec<usize>)>) {
+    assert_tensor(all, "model.embed_tokens.weight", Dtype::F16, &[512, HIDDEN]);
+    assert_tensor(all, "model.norm.weight", Dtype::F16, &[HIDDEN]);
+    assert_tensor(
+        all,
+        "model.layers.1.input_layernorm.weight",
+        Dtype::F16,
+        &[HIDDEN],
+    );
+    assert!(!all.contains_key("model.layers.0.self_attn.q_proj.weight"));
+}
+
+#[test]
+fn gptq_writes_the_gptq_v1_layout_and_beats_round_to_nearest() {
+    for act_order in [false, true] {
+        let mut o = options(Method::Gptq, 4);
+        o.act_order = act_order;
+        let w = run(&o);
+        let q = &config(&w.out)["quantization_config"];
+        assert_eq!(q["quant_method"], "gptq");
+        assert_eq!(q["bits"], 4);
+        assert_eq!(q["group_size"], 32);
+        assert_eq!(q["desc_act"], act_order);
+        assert_eq!(q["sym"], true);
+        assert_eq!(q["checkpoint_format"], "gptq");
+        let standalone: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(w.out.join("quantize_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(&standalone, q);
+        let all = tensors(&w.out);
+        assert_rest_is_float(&all);
+        let p = "model.layers.0.mlp.down_proj";
+        assert_tensor(&all, &format!("{p}.qweight"), Dtype::I32, &[FF / 8, HIDDEN]);
+        assert_tensor(
+            &all,
+            &format!("{p}.qzeros"),
+            Dtype::I32,
+            &[FF / 32, HIDDEN / 8],
+        );
+        assert_tensor(&all, &format!("{p}.scales"), Dtype::F16, &[FF / 32, HIDDEN]);
+        assert_tensor(&all, &format!("{p}.g_idx"), Dtype::I32, &[FF]);
+        let p = "model.layers.1.self_attn.k_proj";
+        assert_tensor(&all, &format!("{p}.qweight"), Dtype::I32, &[HIDDEN / 8, 32]);
+        assert_eq!(w.report.calibration_tokens, 1024);
+        let (error, rtn) = w.report.site_errors.iter().fold((0.0, 0.0), |(e, r), s| {
+            (e + s.error, r + s.error_round_to_nearest)
+        });
+        assert_eq!(w.report.site_errors.len(), 4 * LAYERS);
+        assert!(
+            error < 0.9 * rtn,
+            "act_order={act_order}: GPTQ {error} vs RTN {rtn}"
+        );
+    }
+}
+
+#[test]
+fn awq_writes_the_autoawq_gemm_layout_and_folds_scales_into_the_norms() {
+    let w = run(&options(Method::Awq, 4));
+    let q = &config(&w.out)["quantization_config"];
+    assert_eq!(q["quant_method"], "awq");
+    assert_eq!(q["version"], "gemm");
+    assert_eq!(q["zero_point"], true);
+    assert_eq!(q["group_size"], 32);
+    let all = tensors(&w.out);
+    assert_rest_is_float(&all);
+    let p = "model.layers.0.mlp.gate_proj";
+    assert_tensor(&all, &format!("{p}.qweight"), Dtype::I32, &[HIDDEN, FF / 8]);
+    assert_tensor(
+        &all,
+        &format!("{p}.qzeros"),
+        Dtype::I32,
+        &[HIDDEN / 32, FF / 8],
+    );
+    assert_tensor(&all, &format!("{p}.scales"), Dtype::F16, &[HIDDEN / 32, FF]);
+    assert!(!all.contains_key(&format!("{p}.g_idx")));
+    let errors = &w.report.site_errors;
+    assert!(errors
+        .iter()
+        .all(|s| s.error <= s.error_round_to_nearest * (1.0 + 1e-6)));
+}
+
+#[test]
+fn round_to_nearest_and_fp8_write_compressed_tensors() {
+    let w = run(&options(Method::Rtn, 4));
+    let q = &config(&w.out)["quantization_config"];
+    assert_eq!(q["quant_method"], "compressed-tensors");
+    assert_eq!(q["format"], "pack-quantized");
+    let weights = &q["config_groups"]["group_0"]["weights"];
+    assert_eq!(weights["strategy"], "group");
+    assert_eq!(weights["symmetric"], false);
+    assert_eq!(q["ignore"], serde_json::json!(["lm_head"]));
+    let all = tensors(&w.out);
+    assert_rest_is_float(&all);
+    let p = "model.layers.1.mlp.up_proj";
+    assert_tensor(
+        &all,
+        &format!("{p}.weight_packed"),
+        Dtype::I32,
+        &[FF, HIDDEN / 8],
+    );
+    assert_tensor(
+        &all,
+        &format!("{p}.weight_scale"),
+        Dtype::F16,
+        &[FF, HIDDEN / 32],
+    );
+    assert_tensor(
+        &all,
+        &format!("{p}.weight_zero_point"),
+        Dtype::I32,
+        &[FF / 8, HIDDEN / 32],
+    );
+    assert_tensor(&all, &format!("{p}.weight_shape"), Dtype::I64, &[2]);
+    assert_eq!(w.report.calibration_tokens, 0);
+
+    let w = run(&options(Method::Rtn, 8));
+    let q = &config(&w.out)["quantization_config"];
+    assert_eq!(q["format"], "int-quantized");
+    let group = &q["config_groups"]["group_0"];
+    assert_eq!(group["input_activations"]["dynamic"], true);
+    assert_eq!(group["input_activations"]["strategy"], "token");
+    let all = tensors(&w.out);
+    assert_tensor(
+        &all,
+        "model.layers.0.self_attn.o_proj.weight",
+        Dtype::I8,
+        &[HIDDEN, HIDDEN],
+    );
+    assert_tensor(
+        &all,
+        "model.layers.0.self_attn.o_proj.weight_scale",
+        Dtype::F16,
+        &[HIDDEN, 1],
+    );
+
+    let w = run(&options(Method::Fp8, 8));
+    let q = &config(&w.out)["quantization_config"];
+    assert_eq!(q["format"], "float-quantized");
+    assert_eq!(q["config_groups"]["group_0"]["weights"]["type"], "float");
+    assert!(q["config_groups"]["group_0"]["input_activations"].is_null());
+    let all = tensors(&w.out);
+    assert_tensor(
+        &all,
+        "model.layers.0.mlp.down_proj.weight",
+        Dtype::F8_E4M3,
+        &[HIDDEN, FF],
+    );
+    assert_tensor(
+        &all,
+        "model.layers.0.mlp.down_proj.weight_scale",
+        Dtype::F32,
+        &[HIDDEN, 1],
+    );
+}
+
+fn error_of(options: &QuantizeOptions, calibration: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = write_gguf(dir.path());
+    let out = dir.path().join("out");
+    let err = quantize_gguf(&gguf, &out, options, calibration, &mut |_| {})
+        .err()
+        .expect("must fail");
+    assert!(!out.exists(), "nothing is written for a bad request");
+    err.to_string()
+}
+
+#[test]
+fn bad_requests_fail_naming_what_is_wrong() {
+    let text = calibration_text();
+    let mut o = options(Method::Rtn, 4);
+    o.group_size = 48;
+    let e = error_of(&o, None);
+    assert!(
+        e.contains("--group-size 48") && e.contains("q_proj.weight") && e.contains("32, 64"),
+        "{e}"
+    );
+    let e = error_of(&options(Method::Rtn, 3), None);
+    assert!(e.contains("--bits 3") && e.contains("4 or 8"), "{e}");
+    let e = error_of(&options(Method::Awq, 8), Some(&text));
+    assert!(e.contains("--bits 8") && e.contains("awq"), "{e}");
+    let e = error_of(&options(Method::Fp8, 4), None);
+    assert!(e.contains("--bits 4") && e.contains("fp8"), "{e}");
+    let e = error_of(&options(Method::Gptq, 4), None);
+    assert!(e.contains("--calib"), "{e}");
+    let mut o = options(Method::Awq, 4);
+    o.act_order = true;
+    let e = error_of(&o, Some(&text));
+    assert!(e.contains("--act-order"), "{e}");
+    let mut o = options(Method::Gptq, 4);
+    o.calib_tokens = 1 << 20;
+    let e = error_of(&o, Some(&text));
+    assert!(e.contains("--calib-tokens"), "{e}");
+}
