@@ -245,10 +245,22 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
-        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
+        // transformers 5 writes the RoPE base and scaling together as `rope_parameters`
+        // (`rope_theta`, `rope_type`, ...), older versions as `rope_theta` and `rope_scaling`.
+        let parameters = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| parameters?.get("rope_theta")?.as_f64().map(|v| v as f32))
+            .unwrap_or(10_000.0);
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
-        let rope_scaling = match &raw.rope_scaling {
-            None | Some(serde_json::Value::Null) => RopeScaling::None,
+        let scaling = match &raw.rope_scaling {
+            None | Some(serde_json::Value::Null) => {
+                parameters.filter(|p| p.get("rope_type").or_else(|| p.get("type")).is_some())
+            }
+            Some(value) => Some(value),
+        };
+        let rope_scaling = match scaling {
+            None => RopeScaling::None,
             Some(value) => rope_scaling_from_json(value, max_position_embeddings, path)?,
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
@@ -494,4 +506,5 @@ struct HfConfig {
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
 }

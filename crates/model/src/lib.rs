@@ -22,6 +22,7 @@ pub mod math;
 pub mod paged_attention;
 pub mod pool;
 pub mod qmatmul;
+pub mod quantized_checkpoint;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;
