@@ -102,7 +102,7 @@ impl Truth {
     }
 
     /// GPTQ v1 stores `zero - 1` in 4 bits: a zero of 0 reads back as 16, as its readers do.
-    fn as_gptq_v1_reads_it(mut self) -> Self {
+    fn read_as_gptq_v1(mut self) -> Self {
         for z in &mut self.zeros {
             if *z == 0 {
                 *z = 16;
@@ -421,7 +421,7 @@ fn write_folder(spec: Spec, dense: bool, seed: u64) -> Folder {
                     let perm = spec.act_order.then(|| order_of(proj).as_slice());
                     let truth = Truth::int4(&mut rng, n, k, spec.group, zero, perm);
                     match layout {
-                        Layout::Gptq { v2: false } => truth.as_gptq_v1_reads_it(),
+                        Layout::Gptq { v2: false } => truth.read_as_gptq_v1(),
                         _ => truth,
                     }
                 }
@@ -863,7 +863,8 @@ fn nan_scale_names_the_tensor() {
 
 #[test]
 fn unsupported_quantization_config_values_name_field_and_value() {
-    let cases: Vec<(Layout, Box<dyn Fn(&mut Value)>, &str, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Layout, Edit, &str, &str)> = vec![
         (
             Layout::Gptq { v2: false },
             Box::new(|qc| qc["bits"] = json!(3)),
@@ -978,8 +979,8 @@ fn rtn_int4(w: &[f32], n: usize, k: usize, group: usize, symmetric: bool) -> Tru
     t
 }
 
-/// Writes round-to-nearest GPTQ (v1, g128, symmetric), AWQ (g128) and compressed-tensors
-/// pack-quantized (g128, symmetric) copies of the f32 Hugging Face folder `QLOAD_SRC` (e.g.
+/// Writes round-to-nearest GPTQ (v1, g64, symmetric), AWQ (g64) and compressed-tensors
+/// pack-quantized (g64, symmetric; 64 divides the default model's 576 and 1536, 128 does not) copies of the f32 Hugging Face folder `QLOAD_SRC` (e.g.
 /// `minserve export` of the default model) under `QLOAD_OUT`, for `minserve bench throughput
 /// --model`. Not a check: `cargo test --test quantized_checkpoint -- --ignored write_rtn`.
 #[test]
@@ -990,9 +991,9 @@ fn write_rtn_checkpoints() {
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let layouts = [
-        ("gptq-g128", Layout::Gptq { v2: false }, true),
-        ("awq-g128", Layout::Awq, false),
-        ("ct-w4a16-g128", Layout::Packed, true),
+        ("gptq-g64", Layout::Gptq { v2: false }, true),
+        ("awq-g64", Layout::Awq, false),
+        ("ct-w4a16-g64", Layout::Packed, true),
     ];
     for (name, layout, symmetric) in layouts {
         let dir = out.join(name);
@@ -1018,9 +1019,9 @@ fn write_rtn_checkpoints() {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            let mut truth = rtn_int4(&w, n, k, 128, symmetric);
+            let mut truth = rtn_int4(&w, n, k, 64, symmetric);
             if layout == (Layout::Gptq { v2: false }) {
-                truth = truth.as_gptq_v1_reads_it();
+                truth = truth.read_as_gptq_v1();
             }
             write_projection(layout, base, &truth, &mut tensors);
         }
@@ -1035,7 +1036,7 @@ fn write_rtn_checkpoints() {
         let mut config: Value =
             serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
                 .unwrap();
-        config["quantization_config"] = quantization_config(layout, 128, symmetric, false);
+        config["quantization_config"] = quantization_config(layout, 64, symmetric, false);
         write_config(&dir, &config);
         eprintln!("wrote {}", dir.display());
     }

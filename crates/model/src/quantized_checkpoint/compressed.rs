@@ -15,7 +15,7 @@
 //!   accurate, not bit-equal to an int8 GEMM with per-token scales).
 
 use super::{
-    contiguous_groups, nibble, read_g_idx, Codes, Fields, GroupSize, QuantMatrix, RawTensor, Shape,
+    contiguous_groups, group_map, nibble, Codes, Fields, GroupSize, QuantMatrix, RawTensor, Shape,
     TensorSource,
 };
 use crate::error::Result;
@@ -229,11 +229,7 @@ fn load_packed(
     let scale_t = src.require(&name("weight_scale"))?;
     scale_t.expect_shape(&[n, groups], "[out, groups]")?;
     let scales = scale_t.floats()?;
-    let g_idx = match src.tensor(&name("weight_g_idx"))? {
-        Some(t) => read_g_idx(&t, k, groups)?,
-        None => None,
-    }
-    .unwrap_or_else(|| contiguous_groups(k, config.group_size.len(k)));
+    let g_idx = group_map(src, &name("weight_g_idx"), k, groups, config.group_size)?;
 
     let words = packed.i32s()?;
     let mut codes = vec![0u8; n * k];

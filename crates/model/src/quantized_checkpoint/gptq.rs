@@ -12,8 +12,8 @@
 //! `W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`.
 
 use super::{
-    contiguous_groups, nibbles, read_g_idx, transpose_group_params, Codes, Fields, GroupSize,
-    QuantMatrix, Shape, TensorSource,
+    group_map, nibbles, transpose_group_params, Codes, Fields, GroupSize, QuantMatrix, Shape,
+    TensorSource,
 };
 use crate::error::Result;
 
@@ -77,11 +77,7 @@ pub(crate) fn load(
     scales_t.expect_shape(&[groups, n], "[groups, out]")?;
     let qzeros = src.require(&name("qzeros"))?;
     qzeros.expect_shape(&[groups, n / 8], "[groups, out / 8]")?;
-    let g_idx = match src.tensor(&name("g_idx"))? {
-        Some(t) => read_g_idx(&t, k, groups)?,
-        None => None,
-    }
-    .unwrap_or_else(|| contiguous_groups(k, config.group_size.len(k)));
+    let g_idx = group_map(src, &name("g_idx"), k, groups, config.group_size)?;
 
     // qweight [k/8, n] -> codes [n][k].
     let words = qweight.i32s()?;

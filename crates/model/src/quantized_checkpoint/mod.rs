@@ -494,7 +494,7 @@ impl QuantMatrix {
                 tracing::warn!(
                     tensor = %self.name,
                     "{why}: running this matrix in f32 ({} MiB)",
-                    self.n * self.k * 4 >> 20
+                    (self.n * self.k * 4) >> 20
                 );
                 Ok(LinearWeight::dense(dense(&self)?))
             }
@@ -586,6 +586,22 @@ fn input_order(g_idx: &[u32]) -> Option<Vec<u32>> {
 /// The group map of `k` inputs in contiguous groups of `group_len`.
 pub(crate) fn contiguous_groups(k: usize, group_len: usize) -> Vec<u32> {
     (0..k).map(|i| (i / group_len) as u32).collect()
+}
+
+/// The group of each of the `k` inputs: from the optional act-order tensor `name` (GPTQ's
+/// `g_idx`, compressed-tensors' `weight_g_idx`), else contiguous groups of `group_size`.
+pub(crate) fn group_map(
+    src: &dyn TensorSource,
+    name: &str,
+    k: usize,
+    groups: usize,
+    group_size: GroupSize,
+) -> Result<Vec<u32>> {
+    let act_order = match src.tensor(name)? {
+        Some(t) => read_g_idx(&t, k, groups)?,
+        None => None,
+    };
+    Ok(act_order.unwrap_or_else(|| contiguous_groups(k, group_size.len(k))))
 }
 
 /// Checks a `g_idx` tensor's values (the group of each input, below `groups`) and returns
