@@ -23,6 +23,7 @@ pub mod observer;
 pub mod paged_attention;
 pub mod pool;
 pub mod qmatmul;
+pub mod quantized_checkpoint;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::quantized_checkpoint::{QuantScheme, RawTensor, TensorSource};
 use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
@@ -45,18 +46,61 @@ pub fn load_folder(
                 .into(),
         });
     }
-    let config = ModelConfig::from_hf_config(&config_path)?;
+    let (checkpoint, config, scheme) = open_checked(dir, &config_path)?;
+    let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
+    let weights = build_weights(
+        &checkpoint,
+        config,
+        scheme.as_ref(),
+        weights_format,
+        repack_for_cpu,
+    )?;
+    Ok((weights, tokenizer))
+}
+
+/// [`load_folder`]'s weights alone: a folder without tokenizer files loads too (tests build
+/// tiny checkpoints this way).
+pub fn load_folder_weights(
+    dir: &Path,
+    weights_format: Option<GgmlDType>,
+    repack_for_cpu: bool,
+) -> Result<LlamaWeights> {
+    let (checkpoint, config, scheme) = open_checked(dir, &dir.join("config.json"))?;
+    build_weights(
+        &checkpoint,
+        config,
+        scheme.as_ref(),
+        weights_format,
+        repack_for_cpu,
+    )
+}
+
+/// Reads `config.json` (and its quantization scheme, if any), opens the checkpoint and checks
+/// names, dtypes and shapes from the headers alone, so that a wrong checkpoint fails in
+/// milliseconds, before the tokenizer or gigabytes of tensor data are read. Projections stored
+/// quantized are checked as they load (`crate::quantized_checkpoint`).
+fn open_checked(
+    dir: &Path,
+    config_path: &Path,
+) -> Result<(Checkpoint, ModelConfig, Option<QuantScheme>)> {
+    let config = ModelConfig::from_hf_config(config_path)?;
+    let scheme = QuantScheme::from_folder(config_path)?;
     let checkpoint = Checkpoint::open(dir)?;
     let plan = tensor_plan(&config);
-    // Check names, dtypes and shapes from the headers alone, so that a wrong checkpoint fails in
-    // milliseconds, before the tokenizer or gigabytes of tensor data are read.
     for (name, shape) in &plan {
-        checkpoint.check(name, shape)?;
+        let quantized = |scheme: &QuantScheme| {
+            let base = name.strip_suffix(".weight").unwrap_or(name);
+            scheme.stores_quantized(&checkpoint, base)
+        };
+        if !scheme.as_ref().is_some_and(quantized) {
+            checkpoint.check(name, shape)?;
+        }
     }
-    warn_unused(&checkpoint, &plan, &config);
-    let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
-    let weights = build_weights(&checkpoint, config, weights_format, repack_for_cpu)?;
-    Ok((weights, tokenizer))
+    warn_unused(&checkpoint, &plan, &config, scheme.as_ref());
+    if let Some(scheme) = &scheme {
+        tracing::info!(folder = %dir.display(), "loading a {} checkpoint", scheme.name());
+    }
+    Ok((checkpoint, config, scheme))
 }
 
 /// The HF name of layer `i`'s tensor `rest` (e.g. `self_attn.q_proj.weight`).
@@ -113,11 +157,26 @@ pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Tensors in the checkpoint that the model does not read are most likely harmless (rotary
 /// caches, a duplicate `lm_head.weight` of a tied model), but a weight we silently ignore would
 /// change the model's output, so name them.
-fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &ModelConfig) {
+fn warn_unused(
+    checkpoint: &Checkpoint,
+    plan: &[(String, Vec<usize>)],
+    config: &ModelConfig,
+    scheme: Option<&QuantScheme>,
+) {
     let wanted: BTreeSet<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
+    // A quantized projection's tensors, `P.<suffix>` for the `P.weight` of the plan.
+    let quantized_part = |name: &str| {
+        scheme.is_some_and(|s| {
+            s.tensor_suffixes().iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .and_then(|base| base.strip_suffix('.'))
+                    .is_some_and(|base| wanted.contains(format!("{base}.weight").as_str()))
+            })
+        })
+    };
     let unused: Vec<&str> = checkpoint
         .names()
-        .filter(|n| !wanted.contains(n))
+        .filter(|n| !wanted.contains(n) && !quantized_part(n))
         .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
         .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
         .collect();
@@ -133,14 +192,26 @@ fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &
 fn build_weights(
     ckpt: &Checkpoint,
     config: ModelConfig,
+    scheme: Option<&QuantScheme>,
     weights_format: Option<GgmlDType>,
     repack_for_cpu: bool,
 ) -> Result<LlamaWeights> {
+    let shapes: HashMap<String, Vec<usize>> = tensor_plan(&config).into_iter().collect();
     let linear = |name: String, bias: bool| -> Result<Linear> {
-        let weight = ckpt.load_f32(&format!("{name}.weight"))?;
-        let weight = match weights_format {
-            Some(format) => LinearWeight::from_f32(weight, format, repack_for_cpu)?,
-            None => LinearWeight::dense(weight),
+        let weight_name = format!("{name}.weight");
+        let quantized = match (scheme, shapes.get(&weight_name).map(Vec::as_slice)) {
+            (Some(scheme), Some(&[n, k])) => scheme.load_linear(ckpt, &name, n, k)?,
+            _ => None,
+        };
+        let weight = match quantized {
+            Some(matrix) => matrix.into_linear(repack_for_cpu, weights_format)?,
+            None => {
+                let weight = ckpt.load_f32(&weight_name)?;
+                match weights_format {
+                    Some(format) => LinearWeight::from_f32(weight, format, repack_for_cpu)?,
+                    None => LinearWeight::dense(weight),
+                }
+            }
         };
         let bias = match bias {
             true => Some(ckpt.load_f32(&format!("{name}.bias"))?),
@@ -296,6 +367,33 @@ impl Checkpoint {
         view.load(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| tensor_error(path, name, e))
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn tensor(&self, name: &str) -> Result<Option<RawTensor<'_>>> {
+        if !self.routing.contains_key(name) {
+            return Ok(None);
+        }
+        let (path, view) = self.view(name)?;
+        Ok(Some(RawTensor {
+            path,
+            name: name.to_string(),
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: view.data(),
+        }))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        match self.routing.get(name) {
+            Some(&index) => self.files[index].0.clone(),
+            None => self.listing.clone(),
+        }
     }
 }
 

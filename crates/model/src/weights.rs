@@ -115,6 +115,9 @@ impl Linear {
                 LinearWeight::Candle(_) => None,
             })
             .collect();
+        // Weights in different input-channel orders (act-order checkpoints) each need their own
+        // quantized input.
+        let packed = packed.filter(|ws| ws.iter().all(|w| w.shares_input_with(ws[0])));
         match packed {
             Some(weights) => {
                 input.quantize_for(&weights, x, m);

@@ -13,7 +13,19 @@ pub const SUPER_BLOCK: usize = 256;
 /// Output columns per tile: one 512-bit register of i32 / f32 lanes.
 pub const TILE_N: usize = 16;
 
-/// Q4_0 / Q4_1 weights for 16 columns x one block of 32 inputs.
+/// How a Q4 kernel turns a block's integer dot product into values: a const parameter of the
+/// kernels, one per [`TileQ4`] reading.
+pub(crate) mod q4_mode {
+    /// Q4_0: codes offset by 8, `d * (q - 8)`.
+    pub(crate) const OFFSET8: u8 = 0;
+    /// Q4_1: `d * q + m`.
+    pub(crate) const MIN: u8 = 1;
+    /// An integer zero point per column and block (GPTQ, AWQ, compressed-tensors asymmetric):
+    /// `d * (q - z)`, with `z` stored in the tile's `m` (an integer 0..=16, exact in f16).
+    pub(crate) const ZERO: u8 = 2;
+}
+
+/// Q4_0 / Q4_1 / zero-point weights for 16 columns x one block of 32 inputs.
 #[derive(Clone)]
 #[repr(C, align(64))]
 pub(crate) struct TileQ4 {
@@ -21,7 +33,7 @@ pub(crate) struct TileQ4 {
     /// is input `4g + j`, high nibble input `16 + 4g + j`.
     pub(crate) qs: [u8; 4 * TILE_N * 4],
     pub(crate) d: [f16; TILE_N],
-    /// Q4_1's minimum (zero for Q4_0, and unused).
+    /// Q4_1's minimum; the zero point for [`q4_mode::ZERO`] weights; zero for Q4_0, and unused.
     pub(crate) m: [f16; TILE_N],
 }
 
@@ -99,6 +111,12 @@ pub struct QInput {
     pub(crate) s: Vec<f32>,
     /// `sum q`, exact.
     pub(crate) sum: Vec<i32>,
+    /// The input-channel order the rows were quantized in: `Some(p)` when column `j` holds
+    /// input `p[j]` (GPTQ's act-order), `None` for the natural order. A weight multiplies only
+    /// an input quantized in its own order ([`super::QWeight::input_order`]).
+    pub(crate) order: Option<std::sync::Arc<[u32]>>,
+    /// Scratch for the reordered rows.
+    pub(crate) reordered: Vec<f32>,
 }
 
 /// The quantized forms of activations that weights multiply.

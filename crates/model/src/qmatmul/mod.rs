@@ -63,6 +63,24 @@
 //! unpacks its 12 bytes of 6-bit scales and minimums to 16 at load); Q6_K's 4 + 2 bit codes are
 //! joined per tile (a shift and a `vpternlogd` per register), shared by the row tile.
 //!
+//! # Integer checkpoints: zero points and input orders
+//!
+//! GPTQ / AWQ / compressed-tensors 4-bit weights (`crate::quantized_checkpoint`) are
+//! `d * (q - z)` per column and group: they use Q4_0's tiles with the per-column zero point `z`
+//! (an integer 0..=16) where Q4_1 keeps its minimum, and Q4_0's arithmetic with `z` in place of
+//! 8, the block's integer sum starting from `-z * sum(x)` (exact in i32):
+//!
+//! ```text
+//! zero point:  acc += ((sumi - z * sum_x) as f32 * d_w) * d_x
+//! ```
+//!
+//! Groups of 32, 64 or 128 inputs repeat their scale and zero point in each block of 32; a
+//! symmetric matrix (`z = 8` everywhere) runs as Q4_0. int8 weights (compressed-tensors
+//! `int-quantized`) are Q8_0 tiles with the channel's scale in every block. Act-order weights
+//! carry an input order ([`QWeight::input_order`]): each activation row is gathered into it
+//! before it is quantized, so their groups are contiguous blocks again; weights of the same
+//! order (q/k/v, gate/up) share one gathered and quantized input.
+//!
 //! # Layout
 //!
 //! At load, the weights are repacked into tiles of 16 output columns by one block of 32 inputs:
@@ -129,8 +147,8 @@ pub use layout::{QInput, BLOCK, TILE_N};
 pub use pack::QWeight;
 
 use crate::tensor_util::with_f32_slice;
-use layout::{TileQ4, TileQ4K, TileQ6K, TileQ8};
-use pack::{Kind, Packed};
+use layout::{q4_mode, TileQ4, TileQ4K, TileQ6K, TileQ8};
+use pack::{same_order, Kind, Packed};
 use quantize::with_scratch;
 
 /// Rows per work item: a worker walks the column tiles with one chunk of rows. Smaller chunks
@@ -154,7 +172,8 @@ impl QWeight {
     pub fn matmul_with(&self, isa: Isa, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.k, "qmatmul: x is not {m} x {}", self.k);
         with_scratch(|input| {
-            input.quantize_with(isa, x, m, self.k, self.activation_forms());
+            let (forms, order) = (self.activation_forms(), self.input_order());
+            input.quantize_with(isa, x, m, self.k, forms, order);
             self.matmul_quantized_with(isa, input, out)
         })
     }
@@ -199,6 +218,10 @@ impl QWeight {
             "qmatmul: input has k = {}, weight {}",
             input.k(),
             self.k
+        );
+        assert!(
+            same_order(input.order.as_ref(), self.input_order()),
+            "qmatmul: input quantized in another input-channel order than the weight's"
         );
         let needed = self.activation_forms();
         assert!(
@@ -247,6 +270,9 @@ impl QWeight {
         let dims = x.dims();
         if dims.last() != Some(&k) || weights.iter().any(|w| w.k != k) {
             candle_core::bail!("qmatmul: input {dims:?} does not end in every weight's k");
+        }
+        if weights.iter().any(|w| !w.shares_input_with(weights[0])) {
+            candle_core::bail!("qmatmul: weights with different input-channel orders");
         }
         if x.dtype() != candle_core::DType::F32 {
             candle_core::bail!("qmatmul: input must be f32, got {:?}", x.dtype());
@@ -355,38 +381,43 @@ unsafe fn tile_q4(
     n: usize,
     cols: usize,
 ) {
+    match kind.q4_mode() {
+        q4_mode::MIN => tile_q4_as::<{ q4_mode::MIN }>(isa, tiles, acts, rows, out, n, cols),
+        q4_mode::ZERO => tile_q4_as::<{ q4_mode::ZERO }>(isa, tiles, acts, rows, out, n, cols),
+        _ => tile_q4_as::<{ q4_mode::OFFSET8 }>(isa, tiles, acts, rows, out, n, cols),
+    }
+}
+
+/// [`tile_q4`] for one [`q4_mode`].
+///
+/// # Safety
+/// As [`tile_q4`].
+unsafe fn tile_q4_as<const MODE: u8>(
+    isa: Isa,
+    tiles: &[TileQ4],
+    acts: &QInput,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+) {
     assert!(tiles.len() == acts.nb && rows.end <= acts.m && cols <= TILE_N);
-    let min = kind == Kind::Q4_1;
     let mut r = rows.start;
     while r < rows.end {
         let take = next_take(rows.end - r);
         let dst = out.add(r * n);
-        match (isa, min, take) {
+        match (isa, take) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, true, ROW_TILE) => {
-                x86::q4_vnni::<ROW_TILE, true>(tiles, acts, r, dst, n, cols)
+            (Isa::Avx512Vnni, ROW_TILE) => {
+                x86::q4_vnni::<ROW_TILE, MODE>(tiles, acts, r, dst, n, cols)
             }
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, true, _) => x86::q4_vnni::<1, true>(tiles, acts, r, dst, n, cols),
+            (Isa::Avx512Vnni, _) => x86::q4_vnni::<1, MODE>(tiles, acts, r, dst, n, cols),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, false, ROW_TILE) => {
-                x86::q4_vnni::<ROW_TILE, false>(tiles, acts, r, dst, n, cols)
-            }
+            (Isa::Avx2, ROW_TILE) => x86::q4_avx2::<ROW_TILE, MODE>(tiles, acts, r, dst, n, cols),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512Vnni, false, _) => x86::q4_vnni::<1, false>(tiles, acts, r, dst, n, cols),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, true, ROW_TILE) => {
-                x86::q4_avx2::<ROW_TILE, true>(tiles, acts, r, dst, n, cols)
-            }
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, true, _) => x86::q4_avx2::<1, true>(tiles, acts, r, dst, n, cols),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, false, ROW_TILE) => {
-                x86::q4_avx2::<ROW_TILE, false>(tiles, acts, r, dst, n, cols)
-            }
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, false, _) => x86::q4_avx2::<1, false>(tiles, acts, r, dst, n, cols),
-            _ => scalar::q4(tiles, acts, r..r + take, min, dst, n, cols),
+            (Isa::Avx2, _) => x86::q4_avx2::<1, MODE>(tiles, acts, r, dst, n, cols),
+            _ => scalar::q4(tiles, acts, r..r + take, MODE, dst, n, cols),
         }
         r += take;
     }

@@ -5,17 +5,24 @@
 //! 5-bit values fit an i8, under the same f16 scale, and both multiply Q8_0 activations), so they
 //! are widened to Q8_0 and run on its kernels, for 34 bytes per 32 values instead of 22.
 //! [`QWeight`] is the packed matrix; its multiplications are the module's entry points.
+//! Integer checkpoints (GPTQ, AWQ, compressed-tensors; `crate::quantized_checkpoint`) come in
+//! as codes with per-block scales and zero points ([`QWeight::from_int4`],
+//! [`QWeight::from_int8`]) and land in the same tiles.
+
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
 
-use super::layout::{Forms, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
+use super::layout::{q4_mode, Forms, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     Q4_0,
     Q4_1,
+    /// 4-bit codes with an integer zero point per column and block: `d * (q - z)`.
+    Q4Zero,
     Q8_0,
     Q4K,
     Q6K,
@@ -25,8 +32,17 @@ impl Kind {
     /// Inputs per block of this kind (one tile holds one block of 16 columns).
     pub(crate) fn block_len(self) -> usize {
         match self {
-            Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0 => BLOCK,
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q4Zero | Kind::Q8_0 => BLOCK,
             Kind::Q4K | Kind::Q6K => SUPER_BLOCK,
+        }
+    }
+
+    /// The Q4 kernels' [`q4_mode`] for this kind.
+    pub(crate) fn q4_mode(self) -> u8 {
+        match self {
+            Kind::Q4_1 => q4_mode::MIN,
+            Kind::Q4Zero => q4_mode::ZERO,
+            _ => q4_mode::OFFSET8,
         }
     }
 }
@@ -43,11 +59,15 @@ pub(super) enum Packed {
 /// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
 pub struct QWeight {
     pub(super) kind: Kind,
-    /// The type in the file (`kind` is what it is packed as).
-    dtype: GgmlDType,
+    /// The GGUF type in the file (`kind` is what it is packed as); `None` for integer
+    /// checkpoints.
+    dtype: Option<GgmlDType>,
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) packed: Packed,
+    /// The order of the input channels along `k` in the tiles: `Some(p)` when tile position
+    /// `j` holds input `p[j]` (act-order checkpoints, whose groups follow a permutation).
+    pub(super) input_order: Option<Arc<[u32]>>,
 }
 
 impl QWeight {
@@ -86,14 +106,134 @@ impl QWeight {
             GgmlDType::Q5_0 => Self::from_blocks(kind, n, k, &q5_0_as_q8_0(&data)),
             _ => Self::from_blocks(kind, n, k, &data),
         };
-        packed.dtype = t.dtype();
+        packed.dtype = Some(t.dtype());
         Ok(Some(packed))
+    }
+
+    /// A `[n, k]` matrix of 4-bit codes with a scale and an integer zero point per column and
+    /// block of 32 inputs: `W[c, j] = scales[c * nb + j / 32] * (codes[c * k + j] -
+    /// zeros[c * nb + j / 32])` (`nb = k / 32`), the tiles holding the values exactly (a
+    /// zero point of 8 everywhere packs as Q4_0, the same arithmetic on fewer operations).
+    /// `input_order` as [`QWeight::input_order`]: position `j` along `k` is input
+    /// `input_order[j]`.
+    pub fn from_int4(
+        n: usize,
+        k: usize,
+        codes: &[u8],
+        scales: &[f16],
+        zeros: &[u8],
+        input_order: Option<Arc<[u32]>>,
+    ) -> candle_core::Result<Self> {
+        let nb = check_int_shape(n, k, codes.len(), scales.len(), input_order.as_deref())?;
+        if zeros.len() != n * nb {
+            candle_core::bail!("qmatmul: {} zero points for {n} x {nb} blocks", zeros.len());
+        }
+        if let Some(bad) = codes.iter().find(|&&q| q > 15) {
+            candle_core::bail!("qmatmul: 4-bit code {bad} out of range");
+        }
+        if let Some(bad) = zeros.iter().find(|&&z| z > 16) {
+            candle_core::bail!("qmatmul: zero point {bad} out of range 0..=16");
+        }
+        // As Q4_1-shaped blocks (d, the zero point in m's place, 16 bytes of nibbles) for
+        // `from_blocks`: low nibble input j, high nibble input 16 + j, as in ggml.
+        let mut blocks = Vec::with_capacity(n * nb * 20);
+        for c in 0..n {
+            for b in 0..nb {
+                let at = c * nb + b;
+                blocks.extend_from_slice(&scales[at].to_le_bytes());
+                blocks.extend_from_slice(&f16::from_f32(zeros[at] as f32).to_le_bytes());
+                let q = &codes[c * k + b * BLOCK..c * k + (b + 1) * BLOCK];
+                blocks.extend((0..BLOCK / 2).map(|j| q[j] | (q[16 + j] << 4)));
+            }
+        }
+        let mut packed = Self::from_blocks(Kind::Q4Zero, n, k, &blocks);
+        if zeros.iter().all(|&z| z == 8) {
+            // The same tiles (Q4_0's kernels never read `m`).
+            packed.kind = Kind::Q4_0;
+        }
+        packed.input_order = input_order;
+        Ok(packed)
+    }
+
+    /// A `[n, k]` matrix of int8 values with a scale per column and block of 32 inputs:
+    /// `W[c, j] = scales[c * nb + j / 32] * q[c * k + j]`, on the Q8_0 kernels.
+    pub fn from_int8(
+        n: usize,
+        k: usize,
+        q: &[i8],
+        scales: &[f16],
+        input_order: Option<Arc<[u32]>>,
+    ) -> candle_core::Result<Self> {
+        let nb = check_int_shape(n, k, q.len(), scales.len(), input_order.as_deref())?;
+        let mut blocks = Vec::with_capacity(n * nb * 34);
+        for c in 0..n {
+            for b in 0..nb {
+                blocks.extend_from_slice(&scales[c * nb + b].to_le_bytes());
+                let row = &q[c * k + b * BLOCK..c * k + (b + 1) * BLOCK];
+                blocks.extend(row.iter().map(|&v| v as u8));
+            }
+        }
+        let mut packed = Self::from_blocks(Kind::Q8_0, n, k, &blocks);
+        packed.input_order = input_order;
+        Ok(packed)
+    }
+
+    /// The weights as f32 `[n, k]`, unpacked from the tiles, in the natural input order: what
+    /// the kernels multiply, for checks against a checkpoint's own dequantization. `None` for
+    /// the k-quants (their blocks are candle's to dequantize).
+    pub fn dequantize(&self) -> Option<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        let nb = k / BLOCK;
+        let mut out = vec![0f32; n * k];
+        let n_tiles = n.div_ceil(TILE_N);
+        // Position `j` along the tiles' k is input `order(j)`.
+        let order = |j: usize| match &self.input_order {
+            Some(p) => p[j] as usize,
+            None => j,
+        };
+        for t in 0..n_tiles {
+            for c in 0..TILE_N.min(n - t * TILE_N) {
+                let row = &mut out[(t * TILE_N + c) * k..(t * TILE_N + c + 1) * k];
+                for b in 0..nb {
+                    let value = |j: usize| -> f32 {
+                        match &self.packed {
+                            Packed::Q4(tiles) => {
+                                let tile = &tiles[t * nb + b];
+                                let (g, i) = ((j % 16) / 4, j % 4);
+                                let byte = tile.qs[(g * TILE_N + c) * 4 + i];
+                                let q = if j < 16 { byte & 0x0F } else { byte >> 4 } as f32;
+                                let (d, m) = (tile.d[c].to_f32(), tile.m[c].to_f32());
+                                match self.kind {
+                                    Kind::Q4_1 => d * q + m,
+                                    Kind::Q4Zero => d * (q - m),
+                                    _ => d * (q - 8.0),
+                                }
+                            }
+                            Packed::Q8(tiles) => {
+                                let tile = &tiles[t * nb + b];
+                                let (g, i) = (j / 4, j % 4);
+                                let q = (tile.qs[(g * TILE_N + c) * 4 + i] ^ 0x80) as i8;
+                                tile.d[c].to_f32() * q as f32
+                            }
+                            Packed::Q4K(_) | Packed::Q6K(_) => f32::NAN,
+                        }
+                    };
+                    for j in 0..BLOCK {
+                        row[order(b * BLOCK + j)] = value(j);
+                    }
+                }
+            }
+        }
+        match self.packed {
+            Packed::Q4K(_) | Packed::Q6K(_) => None,
+            _ => Some(out),
+        }
     }
 
     /// `data`: `n` rows of ggml blocks of `kind`.
     fn from_blocks(kind: Kind, n: usize, k: usize, data: &[u8]) -> Self {
         let packed = match kind {
-            Kind::Q4_0 | Kind::Q4_1 => {
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q4Zero => {
                 let (block_bytes, qs_at) = match kind {
                     Kind::Q4_0 => (18, 2),
                     _ => (20, 4),
@@ -106,7 +246,7 @@ impl QWeight {
                 };
                 let tiles = tile_blocks(n, k / BLOCK, data, block_bytes, empty, |tile, c, blk| {
                     tile.d[c] = f16_at(blk, 0);
-                    if kind == Kind::Q4_1 {
+                    if kind != Kind::Q4_0 {
                         tile.m[c] = f16_at(blk, 2);
                     }
                     let qs = &blk[qs_at..qs_at + BLOCK / 2];
@@ -152,25 +292,32 @@ impl QWeight {
                 fill_q6k,
             )),
         };
-        let dtype = match kind {
-            Kind::Q4_0 => GgmlDType::Q4_0,
-            Kind::Q4_1 => GgmlDType::Q4_1,
-            Kind::Q8_0 => GgmlDType::Q8_0,
-            Kind::Q4K => GgmlDType::Q4K,
-            Kind::Q6K => GgmlDType::Q6K,
-        };
         Self {
             kind,
-            dtype,
+            dtype: None,
             n,
             k,
             packed,
+            input_order: None,
         }
     }
 
-    /// The ggml type of the weights in the file.
-    pub fn dtype(&self) -> GgmlDType {
+    /// The ggml type of the weights in the file; `None` for integer checkpoints (GPTQ, AWQ,
+    /// compressed-tensors).
+    pub fn dtype(&self) -> Option<GgmlDType> {
         self.dtype
+    }
+
+    /// The order of the input channels this weight multiplies: `Some(p)` when its position
+    /// `j` along `k` is input `p[j]` (act-order GPTQ), so that an input row is gathered into
+    /// that order before it is quantized; `None` for the natural order.
+    pub fn input_order(&self) -> Option<&Arc<[u32]>> {
+        self.input_order.as_ref()
+    }
+
+    /// Whether `self` and `other` can multiply one quantized input: the same `k` and order.
+    pub fn shares_input_with(&self, other: &QWeight) -> bool {
+        self.k == other.k && same_order(self.input_order(), other.input_order())
     }
 
     /// Output features (rows of the weight).
@@ -202,6 +349,49 @@ impl QWeight {
             q8k: k_quant,
         }
     }
+}
+
+/// Whether two input orders are the same permutation (`None` is the identity).
+pub(crate) fn same_order(a: Option<&Arc<[u32]>>, b: Option<&Arc<[u32]>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a[..] == b[..],
+        _ => false,
+    }
+}
+
+/// Checks the shape of an integer matrix (`values` codes, `scales` per block of 32, the input
+/// order a permutation of `0..k`); returns the blocks per column.
+fn check_int_shape(
+    n: usize,
+    k: usize,
+    values: usize,
+    scales: usize,
+    order: Option<&[u32]>,
+) -> candle_core::Result<usize> {
+    if n == 0 || k == 0 || !k.is_multiple_of(BLOCK) {
+        candle_core::bail!("qmatmul: a {n} x {k} matrix is not made of blocks of {BLOCK} inputs");
+    }
+    let nb = k / BLOCK;
+    if values != n * k || scales != n * nb {
+        candle_core::bail!(
+            "qmatmul: {values} values and {scales} scales for a {n} x {k} matrix in blocks of \
+             {BLOCK}"
+        );
+    }
+    if let Some(order) = order {
+        let mut seen = vec![false; k];
+        for &i in order {
+            match seen.get_mut(i as usize) {
+                Some(s) if !*s => *s = true,
+                _ => candle_core::bail!("qmatmul: the input order is not a permutation of 0..{k}"),
+            }
+        }
+        if order.len() != k {
+            candle_core::bail!("qmatmul: the input order is not a permutation of 0..{k}");
+        }
+    }
+    Ok(nb)
 }
 
 /// Q5_0 blocks (f16 scale, 32 high bits, 16 bytes of low nibbles: value = d * (q - 16)) as the

@@ -6,6 +6,7 @@
 //! per-thread buffer that single multiplications quantize into.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use super::isa::Isa;
 use super::layout::{Forms, QInput, BLOCK, SUPER_BLOCK};
@@ -21,23 +22,57 @@ impl QInput {
     /// Quantizes `x` (`m` rows of the weights' `k`, row-major) into the forms `weights` multiply,
     /// reusing this buffer's memory. The result is the same on every instruction set.
     ///
+    /// Weights with an input order ([`QWeight::input_order`]) get the rows gathered into it
+    /// first.
+    ///
     /// # Panics
-    /// If the weights do not share one `k`, or `x` is not `m x k`.
+    /// If the weights do not share one `k` and input order ([`QWeight::shares_input_with`]),
+    /// or `x` is not `m x k`.
     pub fn quantize_for(&mut self, weights: &[&QWeight], x: &[f32], m: usize) {
-        let Some(k) = weights.first().map(|w| w.k()) else {
+        let Some(first) = weights.first() else {
             return;
         };
         assert!(
-            weights.iter().all(|w| w.k() == k),
-            "qmatmul: weights of different k share an input"
+            weights.iter().all(|w| w.shares_input_with(first)),
+            "qmatmul: weights of different k or input order share an input"
         );
         let forms = weights
             .iter()
             .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
-        self.quantize_with(Isa::best(), x, m, k, forms)
+        let order = first.input_order();
+        self.quantize_with(Isa::best(), x, m, first.k(), forms, order)
     }
 
-    pub(crate) fn quantize_with(&mut self, isa: Isa, x: &[f32], m: usize, k: usize, forms: Forms) {
+    pub(crate) fn quantize_with(
+        &mut self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        forms: Forms,
+        order: Option<&Arc<[u32]>>,
+    ) {
+        self.order = order.cloned();
+        let Some(order) = order else {
+            return self.quantize_in_order(isa, x, m, k, forms);
+        };
+        assert_eq!(x.len(), m * k, "qmatmul: x is not {m} x {k}");
+        assert_eq!(
+            order.len(),
+            k,
+            "qmatmul: an input order of {} for k = {k}",
+            order.len()
+        );
+        let mut reordered = std::mem::take(&mut self.reordered);
+        reordered.clear();
+        for row in x.chunks_exact(k) {
+            reordered.extend(order.iter().map(|&i| row[i as usize]));
+        }
+        self.quantize_in_order(isa, &reordered, m, k, forms);
+        self.reordered = reordered;
+    }
+
+    fn quantize_in_order(&mut self, isa: Isa, x: &[f32], m: usize, k: usize, forms: Forms) {
         assert!(isa.is_available(), "qmatmul: {isa:?} is not available here");
         assert!(
             k.is_multiple_of(BLOCK),
@@ -268,7 +303,7 @@ mod tests {
             .unwrap()
             .into_owned();
         let mut scalar = QInput::default();
-        scalar.quantize_with(Isa::Scalar, &x, m, BLOCK, Q8_1);
+        scalar.quantize_with(Isa::Scalar, &x, m, BLOCK, Q8_1, None);
         for b in 0..m - 2 {
             let blk = &bytes[b * 36..(b + 1) * 36];
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -280,7 +315,7 @@ mod tests {
         }
         for isa in Isa::available() {
             let mut acts = QInput::default();
-            acts.quantize_with(isa, &x, m, BLOCK, Q8_1);
+            acts.quantize_with(isa, &x, m, BLOCK, Q8_1, None);
             let first = acts.qs.iter().zip(&scalar.qs).position(|(a, b)| a != b);
             assert_eq!(first, None, "{isa:?}: first differing value");
             assert_eq!(acts.sum, scalar.sum, "{isa:?}");
@@ -313,7 +348,7 @@ mod tests {
             q8_1: false,
             q8k: true,
         };
-        ours.quantize_with(Isa::best(), &x, m, SUPER_BLOCK, forms);
+        ours.quantize_with(Isa::best(), &x, m, SUPER_BLOCK, forms, None);
         let q8k = &ours.q8k;
         let size = 4 + SUPER_BLOCK + 32;
         for b in 0..m {

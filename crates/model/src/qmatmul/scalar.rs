@@ -4,7 +4,9 @@ use std::ops::Range;
 
 use half::f16;
 
-use super::layout::{QInput, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
+use super::layout::{
+    q4_mode, QInput, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N,
+};
 
 /// candle's `BlockQ8_1::from_float` (ggml's `quantize_row_q8_1_ref`) for one block; returns
 /// (`d`, `s`, integer sum) with `d` and `s` rounded to f16 as stored there.
@@ -68,7 +70,8 @@ pub(super) fn scales(d: f32, sum: i32) -> (f32, f32, i32) {
     (d16.to_f32(), s16.to_f32(), sum)
 }
 
-/// Q4_0 (`min == false`) or Q4_1 rows `rows` x `cols` columns of one column tile.
+/// Q4 rows `rows` x `cols` columns of one column tile, the block values read as `mode` says
+/// ([`q4_mode`]: Q4_0's offset of 8, Q4_1's minimum, or a zero point per column).
 ///
 /// # Safety
 /// `tiles.len() == acts.nb`, `rows.end <= acts.m`, `cols <= 16`, and `out + i * n + c` is valid
@@ -77,7 +80,7 @@ pub(super) unsafe fn q4(
     tiles: &[TileQ4],
     acts: &QInput,
     rows: Range<usize>,
-    min: bool,
+    mode: u8,
     out: *mut f32,
     n: usize,
     cols: usize,
@@ -97,10 +100,15 @@ pub(super) unsafe fn q4(
                             + (byte >> 4) as i32 * x[16 + 4 * g + j] as i32;
                     }
                 }
-                let v = if min {
+                let v = if mode == q4_mode::MIN {
                     (sumi as f32 * t.d[c].to_f32()) * acts.d[a] + t.m[c].to_f32() * acts.s[a]
                 } else {
-                    sumi -= 8 * acts.sum[a];
+                    // sum (q - z) x, exact: the zero point times the block's code sum.
+                    let zero = match mode {
+                        q4_mode::ZERO => t.m[c].to_f32() as i32,
+                        _ => 8,
+                    };
+                    sumi -= zero * acts.sum[a];
                     (sumi as f32 * t.d[c].to_f32()) * acts.d[a]
                 };
                 acc += v;

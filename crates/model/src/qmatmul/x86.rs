@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::layout::{QInput, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK};
+use super::layout::{q4_mode, QInput, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK};
 
 /// Four activation bytes (inputs `4g..4g + 4` of a block) broadcast to every 32-bit lane.
 macro_rules! bcast512 {
@@ -169,7 +169,7 @@ unsafe fn round512(v: __m512) -> __m512i {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-pub(super) unsafe fn q4_vnni<const R: usize, const MIN: bool>(
+pub(super) unsafe fn q4_vnni<const R: usize, const MODE: u8>(
     tiles: &[TileQ4],
     acts: &QInput,
     row0: usize,
@@ -207,14 +207,16 @@ pub(super) unsafe fn q4_vnni<const R: usize, const MIN: bool>(
         ];
         let dw = _mm512_cvtph_ps(_mm256_load_si256(t.d.as_ptr() as *const __m256i));
         let mw = _mm512_cvtph_ps(_mm256_load_si256(t.m.as_ptr() as *const __m256i));
+        // The zero points (small integers, exact in f16), negated.
+        let neg_zero = _mm512_sub_epi32(zero, _mm512_cvttps_epi32(mw));
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = (row0 + r) * nb + b;
             let x = xq.add(a * BLOCK);
-            // Q4_0's `q - 8`: start from -8 * sum(x).
-            let init = if MIN {
-                zero
-            } else {
-                _mm512_set1_epi32(-8 * *xsum.add(a))
+            // `q - 8` (Q4_0) or `q - z`: start from -8 * sum(x) or -z * sum(x).
+            let init = match MODE {
+                q4_mode::MIN => zero,
+                q4_mode::ZERO => _mm512_mullo_epi32(neg_zero, _mm512_set1_epi32(*xsum.add(a))),
+                _ => _mm512_set1_epi32(-8 * *xsum.add(a)),
             };
             let mut s0 = _mm512_dpbusd_epi32(init, w[0], bcast512!(x, 0));
             let mut s1 = _mm512_dpbusd_epi32(zero, w[1], bcast512!(x, 1));
@@ -227,7 +229,7 @@ pub(super) unsafe fn q4_vnni<const R: usize, const MIN: bool>(
             let sumi = _mm512_add_epi32(s0, s1);
             let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dw);
             v = _mm512_mul_ps(v, _mm512_set1_ps(*xd.add(a)));
-            if MIN {
+            if MODE == q4_mode::MIN {
                 v = _mm512_add_ps(v, _mm512_mul_ps(mw, _mm512_set1_ps(*xs.add(a))));
             }
             *acc = _mm512_add_ps(*acc, v);
@@ -295,7 +297,7 @@ unsafe fn store512<const R: usize>(acc: &[__m512; R], out: *mut f32, n: usize, c
 }
 
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q4_avx2<const R: usize, const MIN: bool>(
+pub(super) unsafe fn q4_avx2<const R: usize, const MODE: u8>(
     tiles: &[TileQ4],
     acts: &QInput,
     row0: usize,
@@ -338,6 +340,7 @@ pub(super) unsafe fn q4_avx2<const R: usize, const MIN: bool>(
             ];
             let dw = _mm256_cvtph_ps(_mm_load_si128(t.d.as_ptr().add(half * 8) as *const __m128i));
             let mw = _mm256_cvtph_ps(_mm_load_si128(t.m.as_ptr().add(half * 8) as *const __m128i));
+            let neg_zero = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cvttps_epi32(mw));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = (row0 + r) * nb + b;
                 let x = xq.add(a * BLOCK);
@@ -352,12 +355,17 @@ pub(super) unsafe fn q4_avx2<const R: usize, const MIN: bool>(
                 p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[6], bcast256!(x, 6)));
                 p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[7], bcast256!(x, 7)));
                 let mut sumi = _mm256_madd_epi16(p16, ones);
-                if !MIN {
-                    sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(-8 * *xsum.add(a)));
+                match MODE {
+                    q4_mode::MIN => {}
+                    q4_mode::ZERO => {
+                        let sum = _mm256_set1_epi32(*xsum.add(a));
+                        sumi = _mm256_add_epi32(sumi, _mm256_mullo_epi32(neg_zero, sum));
+                    }
+                    _ => sumi = _mm256_add_epi32(sumi, _mm256_set1_epi32(-8 * *xsum.add(a))),
                 }
                 let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), dw);
                 v = _mm256_mul_ps(v, _mm256_set1_ps(*xd.add(a)));
-                if MIN {
+                if MODE == q4_mode::MIN {
                     v = _mm256_add_ps(v, _mm256_mul_ps(mw, _mm256_set1_ps(*xs.add(a))));
                 }
                 *acc = _mm256_add_ps(*acc, v);
