@@ -12,6 +12,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod e4m3;
 pub mod error;
 pub mod export;
 pub mod gguf;
@@ -22,6 +23,7 @@ pub mod math;
 pub mod paged_attention;
 pub mod pool;
 pub mod qmatmul;
+mod quantized_checkpoint;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;

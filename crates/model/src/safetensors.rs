@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::quantized_checkpoint::{QuantizedCheckpoint, RawTensor, TensorSource};
 use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
 /// The single-file checkpoint name `transformers` writes and looks for first.
@@ -46,16 +47,26 @@ pub fn load_folder(
         });
     }
     let config = ModelConfig::from_hf_config(&config_path)?;
+    let quantized = QuantizedCheckpoint::from_config(&config_path)?;
     let checkpoint = Checkpoint::open(dir)?;
     let plan = tensor_plan(&config);
     // Check names, dtypes and shapes from the headers alone, so that a wrong checkpoint fails in
     // milliseconds, before the tokenizer or gigabytes of tensor data are read.
     for (name, shape) in &plan {
-        checkpoint.check(name, shape)?;
+        match &quantized {
+            Some(q) if q.handles(name) => q.check(&checkpoint, name, shape)?,
+            _ => checkpoint.check(name, shape)?,
+        }
     }
-    warn_unused(&checkpoint, &plan, &config);
+    warn_unused(&checkpoint, &plan, &config, quantized.as_ref());
     let tokenizer = Tokenizer::from_hf_folder(dir).map_err(ModelError::tokenizer(dir))?;
-    let weights = build_weights(&checkpoint, config, weights_format, repack_for_cpu)?;
+    let weights = build_weights(
+        &checkpoint,
+        config,
+        quantized.as_ref(),
+        weights_format,
+        repack_for_cpu,
+    )?;
     Ok((weights, tokenizer))
 }
 
@@ -113,11 +124,17 @@ pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Tensors in the checkpoint that the model does not read are most likely harmless (rotary
 /// caches, a duplicate `lm_head.weight` of a tied model), but a weight we silently ignore would
 /// change the model's output, so name them.
-fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &ModelConfig) {
+fn warn_unused(
+    checkpoint: &Checkpoint,
+    plan: &[(String, Vec<usize>)],
+    config: &ModelConfig,
+    quantized: Option<&QuantizedCheckpoint>,
+) {
     let wanted: BTreeSet<&str> = plan.iter().map(|(n, _)| n.as_str()).collect();
     let unused: Vec<&str> = checkpoint
         .names()
         .filter(|n| !wanted.contains(n))
+        .filter(|n| !quantized.is_some_and(|q| q.reads(n)))
         .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
         .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
         .collect();
@@ -133,14 +150,21 @@ fn warn_unused(checkpoint: &Checkpoint, plan: &[(String, Vec<usize>)], config: &
 fn build_weights(
     ckpt: &Checkpoint,
     config: ModelConfig,
+    quantized: Option<&QuantizedCheckpoint>,
     weights_format: Option<GgmlDType>,
     repack_for_cpu: bool,
 ) -> Result<LlamaWeights> {
     let linear = |name: String, bias: bool| -> Result<Linear> {
-        let weight = ckpt.load_f32(&format!("{name}.weight"))?;
-        let weight = match weights_format {
-            Some(format) => LinearWeight::from_f32(weight, format, repack_for_cpu)?,
-            None => LinearWeight::dense(weight),
+        let weight_name = format!("{name}.weight");
+        let weight = match (quantized, weights_format) {
+            // Stored quantized: loaded as such (re-quantizing it again would only add error).
+            (Some(q), _) if q.handles(&weight_name) => {
+                q.load_linear(ckpt, &weight_name, repack_for_cpu)?
+            }
+            (_, Some(format)) => {
+                LinearWeight::from_f32(ckpt.load_f32(&weight_name)?, format, repack_for_cpu)?
+            }
+            (_, None) => LinearWeight::dense(ckpt.load_f32(&weight_name)?),
         };
         let bias = match bias {
             true => Some(ckpt.load_f32(&format!("{name}.bias"))?),
@@ -296,6 +320,41 @@ impl Checkpoint {
         view.load(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| tensor_error(path, name, e))
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (_, view) = self.view(name)?;
+        Ok(RawTensor {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: view.data(),
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    fn tensor_error(&self, name: &str, message: String) -> ModelError {
+        let path = match self.routing.get(name) {
+            Some(&index) => self.files[index].0.clone(),
+            None => self.listing.clone(),
+        };
+        ModelError::Tensor {
+            path,
+            name: name.to_string(),
+            message,
+        }
+    }
+
+    fn check_float(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.check(name, shape)
+    }
+
+    fn load_f32(&self, name: &str) -> Result<Tensor> {
+        Checkpoint::load_f32(self, name)
     }
 }
 

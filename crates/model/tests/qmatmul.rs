@@ -168,7 +168,10 @@ fn check_against_candle(dtype: GgmlDType, seed: u64) {
     for (k, n) in SHAPES {
         let wq = quantized(&mut rng, n, k, dtype);
         let ours_w = QWeight::from_qtensor(&wq).unwrap().expect("supported type");
-        assert_eq!((ours_w.n(), ours_w.k(), ours_w.dtype()), (n, k, dtype));
+        assert_eq!(
+            (ours_w.n(), ours_w.k(), ours_w.dtype()),
+            (n, k, Some(dtype))
+        );
         let x_dtype = match dtype {
             GgmlDType::Q4_1 => GgmlDType::Q8_1,
             _ => GgmlDType::Q8_0,
@@ -290,7 +293,10 @@ fn check_k_quant(dtype: GgmlDType, seed: u64) {
     for (k, n) in [(256, 40), (1024, 640), (2048, 640), (512, 200)] {
         let wq = quantized(&mut rng, n, k, dtype);
         let ours_w = QWeight::from_qtensor(&wq).unwrap().expect("supported type");
-        assert_eq!((ours_w.n(), ours_w.k(), ours_w.dtype()), (n, k, dtype));
+        assert_eq!(
+            (ours_w.n(), ours_w.k(), ours_w.dtype()),
+            (n, k, Some(dtype))
+        );
         let x_all = rng.matrix(64, k, 1.0);
         let refs: Vec<_> = MS
             .iter()

@@ -100,6 +100,34 @@ fn q8_kv_cache_still_agrees_with_candle() {
     );
 }
 
+/// `--kv-cache-dtype fp8` stores every cached key and value as E4M3 (3 mantissa bits) times a
+/// per-row scale: finer than q8 near zero, coarser near the row's largest magnitude. Held to the
+/// default's own bounds, like q8; wrong scales, codes or a misread slot would agree on almost
+/// nothing. Measured: see docs/kv-cache.md.
+#[test]
+fn fp8_kv_cache_still_agrees_with_candle() {
+    let cache = CacheOptions {
+        dtype: KvDtype::Fp8,
+        ..CacheOptions::default()
+    };
+    let Agreement {
+        worst,
+        worst_mean,
+        top1_agree,
+        steps,
+    } = against_candle(LoadOptions::default(), cache);
+    eprintln!("fp8 KV: top-1 {top1_agree} of {steps}, max {worst:.2}, mean {worst_mean:.2}");
+    assert!(
+        top1_agree * 100 >= steps * 95,
+        "top-1 agreed on only {top1_agree} of {steps} steps"
+    );
+    assert!(worst < 3.5, "logits differ by up to {worst}");
+    assert!(
+        worst_mean < 1.5,
+        "mean logit difference reached {worst_mean}"
+    );
+}
+
 /// Prompts of different kinds (prose, a list, code, a chat turn), each teacher-forced for
 /// [`STEPS_PER_PROMPT`] steps: agreement is counted over all of them, since a single prompt's
 /// 33 tokens are too few to tell 95% from 90% (one near-tie is 3%).

@@ -10,7 +10,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
 
-use super::layout::{Forms, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
+use super::layout::{
+    Forms, Fp8Tiles, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -19,13 +21,15 @@ pub(crate) enum Kind {
     Q8_0,
     Q4K,
     Q6K,
+    /// FP8 E4M3 with a scale per column (`fp8`).
+    Fp8,
 }
 
 impl Kind {
     /// Inputs per block of this kind (one tile holds one block of 16 columns).
     pub(crate) fn block_len(self) -> usize {
         match self {
-            Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0 => BLOCK,
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q8_0 | Kind::Fp8 => BLOCK,
             Kind::Q4K | Kind::Q6K => SUPER_BLOCK,
         }
     }
@@ -38,13 +42,14 @@ pub(super) enum Packed {
     /// `[column tile][super-block]`.
     Q4K(Vec<TileQ4K>),
     Q6K(Vec<TileQ6K>),
+    Fp8(Fp8Tiles),
 }
 
 /// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
 pub struct QWeight {
     pub(super) kind: Kind,
-    /// The type in the file (`kind` is what it is packed as).
-    dtype: GgmlDType,
+    /// The ggml type in the file (`kind` is what it is packed as); `None` for FP8.
+    dtype: Option<GgmlDType>,
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) packed: Packed,
@@ -86,7 +91,7 @@ impl QWeight {
             GgmlDType::Q5_0 => Self::from_blocks(kind, n, k, &q5_0_as_q8_0(&data)),
             _ => Self::from_blocks(kind, n, k, &data),
         };
-        packed.dtype = t.dtype();
+        packed.dtype = Some(t.dtype());
         Ok(Some(packed))
     }
 
@@ -151,13 +156,20 @@ impl QWeight {
                 empty_q6k,
                 fill_q6k,
             )),
+            Kind::Fp8 => unreachable!("FP8 weights come from `QWeight::from_e4m3`"),
         };
+        Self::from_packed(kind, n, k, packed)
+    }
+
+    /// A weight from its packed tiles.
+    pub(super) fn from_packed(kind: Kind, n: usize, k: usize, packed: Packed) -> Self {
         let dtype = match kind {
-            Kind::Q4_0 => GgmlDType::Q4_0,
-            Kind::Q4_1 => GgmlDType::Q4_1,
-            Kind::Q8_0 => GgmlDType::Q8_0,
-            Kind::Q4K => GgmlDType::Q4K,
-            Kind::Q6K => GgmlDType::Q6K,
+            Kind::Q4_0 => Some(GgmlDType::Q4_0),
+            Kind::Q4_1 => Some(GgmlDType::Q4_1),
+            Kind::Q8_0 => Some(GgmlDType::Q8_0),
+            Kind::Q4K => Some(GgmlDType::Q4K),
+            Kind::Q6K => Some(GgmlDType::Q6K),
+            Kind::Fp8 => None,
         };
         Self {
             kind,
@@ -168,8 +180,8 @@ impl QWeight {
         }
     }
 
-    /// The ggml type of the weights in the file.
-    pub fn dtype(&self) -> GgmlDType {
+    /// The ggml type of the weights in the file; `None` for FP8 (E4M3, not a ggml type).
+    pub fn dtype(&self) -> Option<GgmlDType> {
         self.dtype
     }
 
@@ -190,16 +202,21 @@ impl QWeight {
             Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
             Packed::Q4K(t) => std::mem::size_of_val(t.as_slice()),
             Packed::Q6K(t) => std::mem::size_of_val(t.as_slice()),
+            Packed::Fp8(t) => t.size_in_bytes(),
         }
     }
 
-    /// The quantized activations this weight multiplies: Q8_1 blocks, or Q8_K super-blocks
-    /// for the k-quants.
+    /// The quantized activations this weight multiplies: Q8_1 blocks, Q8_K super-blocks for
+    /// the k-quants, bf16 or per-token E4M3 rows for FP8.
     pub(crate) fn activation_forms(&self) -> Forms {
+        if let Packed::Fp8(t) = &self.packed {
+            return t.forms();
+        }
         let k_quant = self.kind.block_len() == SUPER_BLOCK;
         Forms {
             q8_1: !k_quant,
             q8k: k_quant,
+            ..Forms::default()
         }
     }
 }
