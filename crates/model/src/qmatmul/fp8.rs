@@ -7,7 +7,7 @@
 //!
 //! * **W8A16** ([`Fp8Activations::Bf16`]): rows are rounded to bf16 (nearest even; subnormals
 //!   flushed to zero). That rounding is the one difference from an f32 matmul on the
-//!   dequantized weights: a relative error of at most 2^-9 per input, the same the GPU kernels
+//!   dequantized weights: a relative error of at most 2^-8 per input, the same the GPU kernels
 //!   that feed bf16 activations to the tensor cores make.
 //! * **W8A8-FP8, dynamic per token** ([`Fp8Activations::E4m3PerToken`]): as vLLM does on GPUs
 //!   with FP8 arithmetic, each row is quantized to E4M3 with its own scale `max |x| / 448`
