@@ -680,6 +680,12 @@ mod tests {
         keys.chain(values).collect()
     }
 
+    /// Bytes a pool holds: its elements and its scales.
+    fn pool_bytes<T>(p: &KvPool<T>) -> usize {
+        std::mem::size_of::<T>() * (p.keys.len() + p.values.len())
+            + 4 * (p.key_scales.len() + p.value_scales.len())
+    }
+
     /// `--kv-cache-memory` holds: the pool, scales included, fits in the memory it was sized
     /// for, and q8 fits close to twice f16's tokens (its scales cost 4 bytes per row).
     #[test]
@@ -697,18 +703,10 @@ mod tests {
                 .pools
                 .iter()
                 .map(|layer| match layer {
-                    LayerKv::F16(p) => 2 * (p.keys.len() + p.values.len()),
-                    LayerKv::F32(p) => 4 * (p.keys.len() + p.values.len()),
-                    LayerKv::Q8(p) => {
-                        p.keys.len()
-                            + p.values.len()
-                            + 4 * (p.key_scales.len() + p.value_scales.len())
-                    }
-                    LayerKv::Fp8(p) => {
-                        p.keys.len()
-                            + p.values.len()
-                            + 4 * (p.key_scales.len() + p.value_scales.len())
-                    }
+                    LayerKv::F16(p) => pool_bytes(p),
+                    LayerKv::F32(p) => pool_bytes(p),
+                    LayerKv::Q8(p) => pool_bytes(p),
+                    LayerKv::Fp8(p) => pool_bytes(p),
                 })
                 .sum();
             assert!(bytes <= memory, "{dtype:?}: {bytes} bytes");

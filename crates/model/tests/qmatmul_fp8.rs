@@ -14,34 +14,23 @@
 //!   E4M3 per row exactly as the module documents (scale `max |x| / 448`), the first bound.
 //! * ISA paths and batch compositions: **bit-identical**.
 
+use minserve_core::sampling::Rng;
 use minserve_model::e4m3;
 use minserve_model::qmatmul::{Fp8Activations, Isa, QInput, QWeight};
 
-/// Deterministic pseudo-random numbers in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    /// Values whose magnitude varies over many octaves, so that E4M3 subnormals, every
-    /// exponent and the largest codes all occur, and rows have different scales.
-    fn matrix(&mut self, rows: usize, cols: usize) -> Vec<f32> {
-        let mut v = Vec::with_capacity(rows * cols);
-        for r in 0..rows {
-            let row_scale = 0.05 * (1.0 + (r % 7) as f32);
-            for _ in 0..cols {
-                let octaves = (self.next() + 1.0) * 8.0;
-                v.push(self.next() * row_scale * 2f32.powf(-octaves));
-            }
+/// Values whose magnitude varies over many octaves, so that E4M3 subnormals, every exponent
+/// and the largest codes all occur, and rows have different scales.
+fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut uniform = || rng.next_f32() * 2.0 - 1.0;
+    let mut v = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let row_scale = 0.05 * (1.0 + (r % 7) as f32);
+        for _ in 0..cols {
+            let octaves = (uniform() + 1.0) * 8.0;
+            v.push(uniform() * row_scale * 2f32.powf(-octaves));
         }
-        v
     }
+    v
 }
 
 /// An FP8 weight quantized from `w` (`[n, k]`) per channel as compressed-tensors does
@@ -124,12 +113,12 @@ const SHAPES: [(usize, usize); 4] = [(576, 192), (64, 40), (1536, 17), (32, 16)]
 /// Every instruction set against the f64 reference, and bit-identical to the scalar path.
 #[test]
 fn w8a16_matches_dequantize_then_dot_on_every_isa() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for (k, n) in SHAPES {
-        let w = rng.matrix(n, k);
+        let w = matrix(&mut rng, n, k);
         let (q, dequantized) = fp8_weight(&w, n, k, Fp8Activations::Bf16);
         for m in [1, 3, 4, 9] {
-            let x = rng.matrix(m, k);
+            let x = matrix(&mut rng, m, k);
             let rounded: Vec<f32> = x.iter().map(|&v| bf16_rounded(v)).collect();
             let mut scalar = vec![0f32; m * n];
             q.matmul_with(Isa::Scalar, &x, m, &mut scalar);
@@ -166,12 +155,12 @@ fn w8a16_matches_dequantize_then_dot_on_every_isa() {
 /// W8A8-FP8: activations quantized to E4M3 per token, on every instruction set.
 #[test]
 fn w8a8_per_token_matches_its_reference_on_every_isa() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     for (k, n) in SHAPES {
-        let w = rng.matrix(n, k);
+        let w = matrix(&mut rng, n, k);
         let (q, dequantized) = fp8_weight(&w, n, k, Fp8Activations::E4m3PerToken);
         for m in [1, 5] {
-            let mut x = rng.matrix(m, k);
+            let mut x = matrix(&mut rng, m, k);
             // An all-zero row: the floor on the scale keeps it finite, the result zero.
             x[..k].fill(0.0);
             let quantized = e4m3_per_token(&x, k);
@@ -201,12 +190,12 @@ fn w8a8_per_token_matches_its_reference_on_every_isa() {
 /// tiles and tail rows) equals that row alone, bit for bit, on every instruction set.
 #[test]
 fn results_are_batch_invariant() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let (k, n, m) = (576, 40, 37);
-    let w = rng.matrix(n, k);
+    let w = matrix(&mut rng, n, k);
     for activations in [Fp8Activations::Bf16, Fp8Activations::E4m3PerToken] {
         let (q, _) = fp8_weight(&w, n, k, activations);
-        let x = rng.matrix(m, k);
+        let x = matrix(&mut rng, m, k);
         for isa in Isa::available() {
             let mut batch = vec![0f32; m * n];
             q.matmul_with(isa, &x, m, &mut batch);
@@ -256,15 +245,15 @@ fn every_code_decodes_exactly_in_the_kernels() {
 fn shares_an_input_with_gguf_weights() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let (k, n, m) = (256, 24, 6);
-    let (fp8, _) = fp8_weight(&rng.matrix(n, k), n, k, Fp8Activations::Bf16);
-    let (fp8_tokens, _) = fp8_weight(&rng.matrix(n, k), n, k, Fp8Activations::E4m3PerToken);
-    let dense = Tensor::from_vec(rng.matrix(n, k), (n, k), &Device::Cpu).unwrap();
+    let (fp8, _) = fp8_weight(&matrix(&mut rng, n, k), n, k, Fp8Activations::Bf16);
+    let (fp8_tokens, _) = fp8_weight(&matrix(&mut rng, n, k), n, k, Fp8Activations::E4m3PerToken);
+    let dense = Tensor::from_vec(matrix(&mut rng, n, k), (n, k), &Device::Cpu).unwrap();
     let q8 = QWeight::from_qtensor(&QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap())
         .unwrap()
         .unwrap();
-    let x = rng.matrix(m, k);
+    let x = matrix(&mut rng, m, k);
     let weights = [&fp8, &q8, &fp8_tokens];
     let mut input = QInput::new();
     input.quantize_for(&weights, &x, m);
