@@ -156,7 +156,8 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// Number format of the cached keys and values: `f16` (half the memory and bandwidth of
-    /// `f32`), `f32`, or `q8` (8 bits and a scale per token and KV head: about half of `f16`).
+    /// `f32`), `f32`, `q8` (8 bits and a scale per token and KV head: about half of `f16`), or
+    /// `fp8` (FP8 E4M3 and a scale per token and KV head: the size of `q8`; CPU only).
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: KvDtype,
     /// Host memory for the KV cache of sequences preempted with --preemption-mode swap, in MiB.

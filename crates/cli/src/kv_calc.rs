@@ -178,6 +178,7 @@ fn dtype_name(dtype: KvDtype) -> &'static str {
         KvDtype::F16 => "f16",
         KvDtype::F32 => "f32",
         KvDtype::Q8 => "q8",
+        KvDtype::Fp8 => "fp8",
     }
 }
 

@@ -534,12 +534,13 @@ mod tests {
     }
 
     #[test]
-    fn kv_cache_dtype_defaults_to_f16_and_takes_f32_and_q8() {
+    fn kv_cache_dtype_defaults_to_f16_and_takes_f32_q8_and_fp8() {
         assert_eq!(parse(&[]).unwrap().cache_options().dtype, KvDtype::F16);
         for (text, dtype) in [
             ("f16", KvDtype::F16),
             ("f32", KvDtype::F32),
             ("q8", KvDtype::Q8),
+            ("fp8", KvDtype::Fp8),
         ] {
             let args = parse(&["--kv-cache-dtype", text]).unwrap();
             assert_eq!(args.cache_options().dtype, dtype, "{text}");
@@ -548,7 +549,7 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(error.contains("q8"), "{error}");
+        assert!(error.contains("q8") && error.contains("fp8"), "{error}");
     }
 
     #[test]

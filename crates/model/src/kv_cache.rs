@@ -31,11 +31,18 @@
 //! of keys or values is stored as i8 with one f32 scale (symmetric absmax). The scales sit
 //! beside the pool, `[num_blocks, num_kv_heads, block_size]`, so a block's 16 key scales are one
 //! 64-byte load for the attention kernel and block copies stay one contiguous run.
+//!
+//! `fp8` stores the same bytes as `q8` (like vLLM's `fp8` cache type, E4M3): each row as E4M3
+//! codes with one f32 scale, `absmax / 448`, in the same place as q8's. Against q8 it trades
+//! precision near the row's largest magnitude (3 mantissa bits: a relative step of 1/8 to 1/16
+//! everywhere) for precision near zero (a floating point keeps small components relative,
+//! where q8 rounds everything below half a step to 0); see docs/kv-cache.md for the figures.
 
 use half::f16;
 use minserve_core::{BlockCopy, BlockSwap, CacheGeometry};
 
 use crate::config::ModelConfig;
+use crate::e4m3::{self, E4m3};
 use crate::error::{ModelError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +107,8 @@ pub enum KvDtype {
     F32,
     /// i8 with one f32 scale per (slot, KV head) row, for keys and values each.
     Q8,
+    /// FP8 E4M3 with one f32 scale per (slot, KV head) row, for keys and values each.
+    Fp8,
 }
 
 impl KvDtype {
@@ -109,7 +118,7 @@ impl KvDtype {
         match self {
             KvDtype::F16 => 2 * head_dim,
             KvDtype::F32 => 4 * head_dim,
-            KvDtype::Q8 => head_dim + std::mem::size_of::<f32>(),
+            KvDtype::Q8 | KvDtype::Fp8 => head_dim + std::mem::size_of::<f32>(),
         }
     }
 
@@ -128,8 +137,9 @@ impl std::str::FromStr for KvDtype {
             "f16" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
             "q8" => Ok(KvDtype::Q8),
+            "fp8" => Ok(KvDtype::Fp8),
             _ => Err(format!(
-                "unknown KV cache type {s:?}: expected f16, f32 or q8"
+                "unknown KV cache type {s:?}: expected f16, f32, q8 or fp8"
             )),
         }
     }
@@ -193,6 +203,30 @@ impl KvElement for i8 {
         let dst = &mut scratch[..src.len()];
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = s as f32;
+        }
+        dst
+    }
+}
+
+/// E4M3 codes scaled per row so that its largest magnitude maps to 448, the format's largest
+/// finite value (the per-token dynamic scaling vLLM applies to FP8 activations). A row with a
+/// NaN stores NaN codes and reads back NaN, as the float caches would.
+impl KvElement for E4m3 {
+    const SCALED: bool = true;
+    fn row_scale(row: &[f32]) -> f32 {
+        row.iter().fold(0f32, |m, x| m.max(x.abs())) / e4m3::E4M3_MAX
+    }
+    fn encode(x: f32, scale: f32) -> Self {
+        if scale == 0.0 {
+            E4m3(0)
+        } else {
+            E4m3(e4m3::encode(x / scale))
+        }
+    }
+    fn widen<'a>(src: &'a [E4m3], scratch: &'a mut [f32]) -> &'a [f32] {
+        let dst = &mut scratch[..src.len()];
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
         }
         dst
     }
@@ -309,17 +343,22 @@ pub enum LayerKv {
     F16(KvPool<f16>),
     F32(KvPool<f32>),
     Q8(KvPool<i8>),
+    Fp8(KvPool<E4m3>),
 }
 
 impl LayerKv {
     /// A zeroed pool of `dtype` for `layout`.
     pub fn zeroed(dtype: KvDtype, layout: &KvLayout) -> Self {
         match dtype {
-            // Zeroed through u16 so that the allocation is `calloc`'d: a large pool costs no
-            // memory until blocks are written (tests build many runners side by side).
-            KvDtype::F16 => LayerKv::F16(KvPool::zeroed(layout, zeroed_f16)),
+            // SAFETY: f16 wraps a u16 and E4m3 a u8 (`repr(transparent)`), zero bits are zero.
+            KvDtype::F16 => LayerKv::F16(KvPool::zeroed(layout, |len| unsafe {
+                zeroed_as::<f16, u16>(len)
+            })),
             KvDtype::F32 => LayerKv::F32(KvPool::zeroed(layout, |len| vec![0.0; len])),
             KvDtype::Q8 => LayerKv::Q8(KvPool::zeroed(layout, |len| vec![0; len])),
+            KvDtype::Fp8 => LayerKv::Fp8(KvPool::zeroed(layout, |len| unsafe {
+                zeroed_as::<E4m3, u8>(len)
+            })),
         }
     }
 
@@ -329,6 +368,7 @@ impl LayerKv {
             LayerKv::F16(pool) => pool.write(layout, keys, values, slots),
             LayerKv::F32(pool) => pool.write(layout, keys, values, slots),
             LayerKv::Q8(pool) => pool.write(layout, keys, values, slots),
+            LayerKv::Fp8(pool) => pool.write(layout, keys, values, slots),
         }
     }
 
@@ -337,6 +377,7 @@ impl LayerKv {
             LayerKv::F16(pool) => pool.copy_block(layout, src, dst),
             LayerKv::F32(pool) => pool.copy_block(layout, src, dst),
             LayerKv::Q8(pool) => pool.copy_block(layout, src, dst),
+            LayerKv::Fp8(pool) => pool.copy_block(layout, src, dst),
         }
     }
 
@@ -345,6 +386,7 @@ impl LayerKv {
             LayerKv::F16(_) => KvDtype::F16,
             LayerKv::F32(_) => KvDtype::F32,
             LayerKv::Q8(_) => KvDtype::Q8,
+            LayerKv::Fp8(_) => KvDtype::Fp8,
         }
     }
 
@@ -354,6 +396,7 @@ impl LayerKv {
             (LayerKv::F16(a), LayerKv::F16(b)) => a.copy_block_into(layout, src, b, dst),
             (LayerKv::F32(a), LayerKv::F32(b)) => a.copy_block_into(layout, src, b, dst),
             (LayerKv::Q8(a), LayerKv::Q8(b)) => a.copy_block_into(layout, src, b, dst),
+            (LayerKv::Fp8(a), LayerKv::Fp8(b)) => a.copy_block_into(layout, src, b, dst),
             _ => unreachable!("a host pool is made like its device pool"),
         }
     }
@@ -364,15 +407,21 @@ impl LayerKv {
             LayerKv::F16(pool) => pool.holds_run(start, block_size, head_dim),
             LayerKv::F32(pool) => pool.holds_run(start, block_size, head_dim),
             LayerKv::Q8(pool) => pool.holds_run(start, block_size, head_dim),
+            LayerKv::Fp8(pool) => pool.holds_run(start, block_size, head_dim),
         }
     }
 }
 
-fn zeroed_f16(len: usize) -> Vec<f16> {
-    let bits = std::mem::ManuallyDrop::new(vec![0u16; len]);
-    // SAFETY: f16 is `repr(transparent)` over u16 (same size and alignment), and every u16 bit
-    // pattern is a valid f16; the Vec's allocation is handed over whole.
-    unsafe { Vec::from_raw_parts(bits.as_ptr() as *mut f16, bits.len(), bits.capacity()) }
+/// `len` zeros of `T`, allocated zeroed through the integer `U` (`calloc`), so that a large
+/// pool costs no memory until blocks are written (tests build many runners side by side).
+///
+/// # Safety
+/// `T` is `repr(transparent)` over `U` (same size and alignment) and all-zero bits are a valid
+/// `T`.
+unsafe fn zeroed_as<T, U: Copy + Default>(len: usize) -> Vec<T> {
+    let bits = std::mem::ManuallyDrop::new(vec![U::default(); len]);
+    // The Vec's allocation is handed over whole.
+    Vec::from_raw_parts(bits.as_ptr() as *mut T, bits.len(), bits.capacity())
 }
 
 /// How the cache groups a model's layers: see the module documentation.
@@ -587,29 +636,14 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    /// Every key and value of `block` in `layer`, widened to f32 (q8: times its scale), keys
-    /// first.
+    /// Every key and value of `block` in `layer`, widened to f32 (q8, fp8: times its scale),
+    /// keys first.
     fn block_contents(cache: &KvCache, layer: usize, block: usize) -> Vec<f32> {
         let layout = &cache.layout;
         let range = layout.block_offset(block, 0)..layout.block_offset(block + 1, 0);
         match &cache.pools[layer] {
-            LayerKv::Q8(pool) => {
-                let run = layout.block_size * layout.head_dim;
-                let first_scale = range.start / layout.head_dim;
-                // Keys are `[kv_head][dim][token]`, values `[kv_head][token][dim]`.
-                let key_scale = |i: usize| (i / run) * layout.block_size + i % layout.block_size;
-                let value_scale =
-                    |i: usize| (i / run) * layout.block_size + (i % run) / layout.head_dim;
-                let keys = pool.keys[range.clone()]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &q)| q as f32 * pool.key_scales[first_scale + key_scale(i)]);
-                let values = pool.values[range.clone()]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &q)| q as f32 * pool.value_scales[first_scale + value_scale(i)]);
-                keys.chain(values).collect()
-            }
+            LayerKv::Q8(pool) => scaled_contents(pool, layout, range, |q| q as f32),
+            LayerKv::Fp8(pool) => scaled_contents(pool, layout, range, E4m3::to_f32),
             LayerKv::F16(pool) => pool.keys[range.clone()]
                 .iter()
                 .chain(&pool.values[range])
@@ -623,6 +657,35 @@ mod tests {
         }
     }
 
+    /// [`block_contents`] of a scaled pool: each code times its row's scale.
+    fn scaled_contents<T: KvElement>(
+        pool: &KvPool<T>,
+        layout: &KvLayout,
+        range: std::ops::Range<usize>,
+        value_of: impl Fn(T) -> f32,
+    ) -> Vec<f32> {
+        let run = layout.block_size * layout.head_dim;
+        let first_scale = range.start / layout.head_dim;
+        // Keys are `[kv_head][dim][token]`, values `[kv_head][token][dim]`.
+        let key_scale = |i: usize| (i / run) * layout.block_size + i % layout.block_size;
+        let value_scale = |i: usize| (i / run) * layout.block_size + (i % run) / layout.head_dim;
+        let keys = pool.keys[range.clone()]
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| value_of(q) * pool.key_scales[first_scale + key_scale(i)]);
+        let values = pool.values[range]
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| value_of(q) * pool.value_scales[first_scale + value_scale(i)]);
+        keys.chain(values).collect()
+    }
+
+    /// Bytes a pool holds: its elements and its scales.
+    fn pool_bytes<T>(p: &KvPool<T>) -> usize {
+        std::mem::size_of::<T>() * (p.keys.len() + p.values.len())
+            + 4 * (p.key_scales.len() + p.value_scales.len())
+    }
+
     /// `--kv-cache-memory` holds: the pool, scales included, fits in the memory it was sized
     /// for, and q8 fits close to twice f16's tokens (its scales cost 4 bytes per row).
     #[test]
@@ -634,19 +697,16 @@ mod tests {
                 .layout
                 .num_blocks
         };
-        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
             let cache = KvCache::with_memory(&config, dtype, 16, memory);
             let bytes: usize = cache
                 .pools
                 .iter()
                 .map(|layer| match layer {
-                    LayerKv::F16(p) => 2 * (p.keys.len() + p.values.len()),
-                    LayerKv::F32(p) => 4 * (p.keys.len() + p.values.len()),
-                    LayerKv::Q8(p) => {
-                        p.keys.len()
-                            + p.values.len()
-                            + 4 * (p.key_scales.len() + p.value_scales.len())
-                    }
+                    LayerKv::F16(p) => pool_bytes(p),
+                    LayerKv::F32(p) => pool_bytes(p),
+                    LayerKv::Q8(p) => pool_bytes(p),
+                    LayerKv::Fp8(p) => pool_bytes(p),
                 })
                 .sum();
             assert!(bytes <= memory, "{dtype:?}: {bytes} bytes");
@@ -656,9 +716,14 @@ mod tests {
             );
         }
         let head_dim = config.head_dim;
-        let ratio = blocks(KvDtype::Q8) as f64 / blocks(KvDtype::F16) as f64;
         let expected = (2 * head_dim) as f64 / (head_dim + 4) as f64;
-        assert!((ratio - expected).abs() < 0.05, "{ratio} vs {expected}");
+        for dtype in [KvDtype::Q8, KvDtype::Fp8] {
+            let ratio = blocks(dtype) as f64 / blocks(KvDtype::F16) as f64;
+            assert!(
+                (ratio - expected).abs() < 0.05,
+                "{dtype:?}: {ratio} vs {expected}"
+            );
+        }
     }
 
     type Check<'a> = (&'a [f32], f32, &'a dyn Fn(usize) -> f32);
@@ -723,9 +788,65 @@ mod tests {
         }
     }
 
+    /// Each fp8 row is stored as E4M3 codes times its own absmax / 448: its largest magnitude
+    /// comes back exactly, every value within half an E4M3 step (a relative 2^-4 in the
+    /// normal range, 2^-10 of the scale below it), small values stay nonzero where q8 would
+    /// round them to 0, and an all-zero row is all zero.
+    #[test]
+    fn fp8_rows_keep_relative_precision() {
+        let layout = KvLayout {
+            num_blocks: 1,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut kv = LayerKv::zeroed(KvDtype::Fp8, &layout);
+        let rows: [[f32; 8]; 3] = [
+            [1000.0, -3.7, 0.01, 1e-3, -250.0, 7.0, 0.0, 123.456],
+            [0.0; 8],
+            [-0.5, 0.25, 1e-6, 0.3, -0.0, 0.49, 0.125, -0.126],
+        ];
+        let keys: Vec<f32> = rows.iter().flatten().copied().collect();
+        let values: Vec<f32> = keys.iter().map(|k| k * 3.0).collect();
+        kv.write(&layout, &keys, &values, &[0, 1, 2]);
+        let LayerKv::Fp8(pool) = &kv else {
+            unreachable!()
+        };
+        for (slot, row) in rows.iter().enumerate() {
+            let at = layout.scale_offset(slot, 0);
+            let (key_scale, value_scale) = (pool.key_scales[at], pool.value_scales[at]);
+            let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(key_scale, absmax / 448.0, "slot {slot}");
+            assert_eq!(value_scale, 3.0 * absmax / 448.0, "slot {slot}");
+            for (d, &x) in row.iter().enumerate() {
+                let key = pool.keys[layout.key_offset(slot, 0) + d * layout.block_size];
+                let value = pool.values[layout.value_offset(slot, 0) + d];
+                let checks = [
+                    (key, key_scale, x, absmax),
+                    (value, value_scale, 3.0 * x, 3.0 * absmax),
+                ];
+                for (stored, scale, x, max) in checks {
+                    let back = stored.to_f32() * scale;
+                    let step = (x.abs() / 16.0).max(scale / 1024.0);
+                    assert!(
+                        (back - x).abs() <= step * (1.0 + 1e-6),
+                        "slot {slot} dim {d}: {x} came back as {back}"
+                    );
+                    if x.abs() == max {
+                        assert!((back - x).abs() <= x.abs() * 1e-6, "{x}: {back}");
+                    }
+                }
+            }
+        }
+        // 0.01 in a row of absmax 1000: far below half a q8 step (3.9), kept by fp8 (as a
+        // subnormal code: 2 * 2^-9 of the scale).
+        let tiny = pool.keys[layout.key_offset(0, 0) + 2 * layout.block_size];
+        assert!(tiny.to_f32() * pool.key_scales[0] > 0.0);
+    }
+
     #[test]
     fn copies_every_layer_of_a_block_in_order_and_checks_ids_first() {
-        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
             let config = ModelConfig {
                 num_layers: 2,
                 num_kv_heads: 2,

@@ -12,6 +12,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod e4m3;
 pub mod error;
 pub mod export;
 pub mod gguf;

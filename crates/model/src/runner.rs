@@ -44,6 +44,12 @@ pub enum Runner {
 impl Runner {
     pub fn new(model: LlamaModel, cache: CacheOptions, device: DeviceOptions) -> Result<Self> {
         match device.device.resolve()? {
+            // The GPU cache holds the model's own dtype; only the CPU cache has scaled formats.
+            DeviceChoice::Cuda(_) if cache.dtype == KvDtype::Fp8 => Err(ModelError::Device(
+                "--kv-cache-dtype fp8 runs on the CPU only; on a GPU the KV cache holds the \
+                 model's dtype (use --device cpu, or drop --kv-cache-dtype)"
+                    .into(),
+            )),
             DeviceChoice::Cuda(ordinal) => Self::cuda(model, cache, device, ordinal),
             _ => Ok(Self::Cpu(ModelRunner::new(model, cache))),
         }

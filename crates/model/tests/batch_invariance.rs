@@ -96,6 +96,15 @@ fn logits_do_not_depend_on_batch_or_chunking_with_a_q8_cache() {
     });
 }
 
+/// The same for fp8 rows: each is encoded from its own K/V alone.
+#[test]
+fn logits_do_not_depend_on_batch_or_chunking_with_an_fp8_cache() {
+    check_batch_invariance(CacheOptions {
+        dtype: KvDtype::Fp8,
+        ..CacheOptions::default()
+    });
+}
+
 fn check_batch_invariance(cache: CacheOptions) {
     let loaded = load_model(&common::default_model_path()).unwrap();
     let tk = &loaded.tokenizer;

@@ -79,8 +79,31 @@ fn requantized_q8_0_weights_still_agree_with_candle() {
 /// misread slot would agree on almost nothing.
 #[test]
 fn q8_kv_cache_still_agrees_with_candle() {
+    kv_cache_agrees_with_candle(KvDtype::Q8, 95, 3.5, 1.5);
+}
+
+/// `--kv-cache-dtype fp8` stores every cached key and value as E4M3 (3 mantissa bits) times a
+/// per-row scale: finer than q8 near zero, but coarser for the large components that dominate
+/// the dot products (a relative half-step of 2^-4 against q8's 2^-8 of the row's maximum), so
+/// it strays further than q8. Measured: top-1 126 of 132 (95.5%; q8 130, the f16 default 127),
+/// max 4.69, mean difference at most 1.57 (q8: 2.43 and 0.92). Wrong scales, codes or a
+/// misread slot would agree on almost nothing.
+#[test]
+fn fp8_kv_cache_still_agrees_with_candle() {
+    kv_cache_agrees_with_candle(KvDtype::Fp8, 93, 6.0, 2.0);
+}
+
+/// The default weights with a `dtype` KV cache, teacher-forced beside candle: at least
+/// `min_top1_percent` top-1 agreement, logits within `max_worst`, mean difference within
+/// `max_mean`.
+fn kv_cache_agrees_with_candle(
+    dtype: KvDtype,
+    min_top1_percent: usize,
+    max_worst: f32,
+    max_mean: f32,
+) {
     let cache = CacheOptions {
-        dtype: KvDtype::Q8,
+        dtype,
         ..CacheOptions::default()
     };
     let Agreement {
@@ -89,13 +112,14 @@ fn q8_kv_cache_still_agrees_with_candle() {
         top1_agree,
         steps,
     } = against_candle(LoadOptions::default(), cache);
+    eprintln!("{dtype:?} KV: top-1 {top1_agree} of {steps}, max {worst:.2}, mean {worst_mean:.2}");
     assert!(
-        top1_agree * 100 >= steps * 95,
+        top1_agree * 100 >= steps * min_top1_percent,
         "top-1 agreed on only {top1_agree} of {steps} steps"
     );
-    assert!(worst < 3.5, "logits differ by up to {worst}");
+    assert!(worst < max_worst, "logits differ by up to {worst}");
     assert!(
-        worst_mean < 1.5,
+        worst_mean < max_mean,
         "mean logit difference reached {worst_mean}"
     );
 }

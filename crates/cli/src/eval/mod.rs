@@ -52,7 +52,7 @@ pub struct PerplexityArgs {
     /// same.
     #[arg(long)]
     reference: Option<String>,
-    /// Number format of the cached keys and values (`f16`, `f32`, `q8`).
+    /// Number format of the cached keys and values (`f16`, `f32`, `q8`, `fp8`).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: KvDtype,
     /// Windows read side by side in one step.

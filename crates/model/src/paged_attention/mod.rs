@@ -201,6 +201,9 @@ pub fn attend_group(
         (Kernel::Portable, LayerKv::Q8(pool)) => {
             portable_group(pool, group, runs, scores, block, out)
         }
+        (Kernel::Portable, LayerKv::Fp8(pool)) => {
+            portable_group(pool, group, runs, scores, block, out)
+        }
     }
 }
 
@@ -380,7 +383,7 @@ mod tests {
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
         for head_dim in [16usize, 32, 64, 128, 24] {
-            for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8] {
+            for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
                 let block_size = 16;
                 let config = crate::config::ModelConfig {
                     num_layers: 1,
@@ -404,12 +407,19 @@ mod tests {
                 let cached = |x: &[f32]| -> Vec<f64> {
                     x.chunks_exact(head_dim)
                         .flat_map(|row| {
-                            let scale = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                            let absmax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                            let scale = absmax / 127.0;
+                            let fp8_scale = absmax / 448.0;
                             row.iter().map(move |&x| match dtype {
                                 KvDtype::F16 => half::f16::from_f32(x).to_f32() as f64,
                                 KvDtype::F32 => x as f64,
                                 KvDtype::Q8 if scale == 0.0 => 0.0,
                                 KvDtype::Q8 => (x / scale).round() as f64 * scale as f64,
+                                KvDtype::Fp8 if fp8_scale == 0.0 => 0.0,
+                                KvDtype::Fp8 => {
+                                    let code = crate::e4m3::encode(x / fp8_scale);
+                                    crate::e4m3::decode(code) as f64 * fp8_scale as f64
+                                }
                             })
                         })
                         .collect()

@@ -1,17 +1,19 @@
 //! The AVX-512 kernel: the queries of up to four heads sharing a KV head (head size up to 128)
 //! and their output accumulators live in registers for the whole context, each key and value is
-//! loaded once for all of them, f16 and i8 keys and values are widened as they are loaded
-//! (`vcvtph2ps`, `vpmovsxbd` + `vcvtdq2ps`), and multiply-adds are fused.
+//! loaded once for all of them, f16, i8 and E4M3 keys and values are widened as they are
+//! loaded (`vcvtph2ps`; `vpmovsxbd` + `vcvtdq2ps`; a zero-extension, shift and multiply), and
+//! multiply-adds are fused.
 //!
-//! The i8 (q8) cache's per-token scales cost one multiply per block of 16 scores (a row's
-//! score is its i8 dot product times the key's scale) and one per value (folded into the
-//! softmax weight broadcast for it): nothing per product.
+//! The i8 (q8) and E4M3 (fp8) caches' per-token scales cost one multiply per block of 16
+//! scores (a row's score is its code dot product times the key's scale) and one per value
+//! (folded into the softmax weight broadcast for it): nothing per product.
 
 use std::arch::x86_64::*;
 
 use half::f16;
 
 use super::query_group::QueryGroup;
+use crate::e4m3::{E4m3, E4M3_NAN};
 use crate::kv_cache::{KvElement, KvPool, LayerKv};
 use crate::math::exp_minus_max;
 
@@ -60,6 +62,26 @@ impl Load16 for i8 {
     }
 }
 
+/// E4M3 codes widened exactly: the magnitude's bits placed as an f32 with a zero-based
+/// exponent, times 2^120 to rebias (E4M3 subnormals land on f32 subnormals, and scaling those
+/// by a power of two is exact), then the sign; the NaN code gives NaN, as the table does.
+impl Load16 for E4m3 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const E4m3) -> __m512 {
+        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let magnitude = _mm512_and_si512(codes, _mm512_set1_epi32(0x7F));
+        let value = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32::<20>(magnitude)),
+            _mm512_set1_ps(f32::from_bits((127 + 120) << 23)),
+        );
+        let nan = _mm512_cmpeq_epi32_mask(magnitude, _mm512_set1_epi32(E4M3_NAN as i32));
+        let value = _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(codes, _mm512_set1_epi32(0x80)));
+        _mm512_or_ps(value, _mm512_castsi512_ps(sign))
+    }
+}
+
 /// Query rows one kernel call handles at once: each needs its query and its accumulators in
 /// registers (`2 * CH` of the 32), next to the `CH` registers of the key or value being applied.
 const fn max_rows(chunks: usize) -> usize {
@@ -101,6 +123,9 @@ pub unsafe fn attend_group(
                         }
                         (LayerKv::Q8(pool), $ch, $g) => {
                             rows_kernel::<i8, $ch, $g>(pool, group, queries, runs, scores, out)
+                        }
+                        (LayerKv::Fp8(pool), $ch, $g) => {
+                            rows_kernel::<E4m3, $ch, $g>(pool, group, queries, runs, scores, out)
                         }
                     )+)+
                     _ => unreachable!("checked by `supports` and `max_rows`"),

@@ -1,7 +1,8 @@
 //! The memory layouts that the packer, the activation quantizer and the kernels share: weight
 //! tiles of 16 columns by one block of 32 inputs ([`TileQ4`], [`TileQ8`]) or by one super-block
 //! of 256 ([`TileQ4K`], [`TileQ6K`]), filled by `pack`; activation rows quantized to blocks of 32
-//! and, for the k-quants, to super-blocks of 256 ([`QInput`]; filled by `quantize`). Data only,
+//! and, for the k-quants, to super-blocks of 256 ([`QInput`]; filled by `quantize`); FP8 tiles
+//! and bf16 activation rows ([`TileFp8`], [`Bf16Rows`]; filled by `fp8`). Data only,
 //! so that every other file of the module can use them without one importing another back.
 
 use half::f16;
@@ -83,7 +84,49 @@ pub(crate) struct TileQ6K {
     pub(crate) d: [f16; TILE_N],
 }
 
+/// FP8 E4M3 weights for 16 columns x 32 inputs, in pairs of inputs as `vdpbf16ps` multiplies
+/// them: one 32-byte run per pair of inputs decodes to one register of 16 (column) lanes of two
+/// bf16 each. The per-column scales live beside the tiles ([`Fp8Tiles`]).
+#[derive(Clone)]
+#[repr(C, align(64))]
+pub(crate) struct TileFp8 {
+    /// `qs[j * 32 + 2 * c + p]` = the code of input `2j + p` of column `c` (j in 0..16).
+    pub(crate) qs: [u8; BLOCK * TILE_N],
+}
+
+/// What an FP8 weight multiplies (the numerics are in `qmatmul/fp8.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Activations {
+    /// W8A16: activations in bf16.
+    Bf16,
+    /// W8A8-FP8: activations quantized to E4M3 with a dynamic scale per token (row).
+    E4m3PerToken,
+}
+
+/// A packed FP8 weight: `[column tile][block of 32 inputs]` tiles and a scale per column.
+pub(crate) struct Fp8Tiles {
+    pub(crate) tiles: Vec<TileFp8>,
+    /// `[n_tiles * 16]`: the columns past `n` have scale 0.
+    pub(crate) scales: Vec<f32>,
+    pub(crate) activations: Fp8Activations,
+}
+
+impl Fp8Tiles {
+    pub(crate) fn size_in_bytes(&self) -> usize {
+        std::mem::size_of_val(self.tiles.as_slice()) + std::mem::size_of_val(&self.scales[..])
+    }
+
+    pub(crate) fn forms(&self) -> Forms {
+        Forms {
+            bf16: self.activations == Fp8Activations::Bf16,
+            e4m3: self.activations == Fp8Activations::E4m3PerToken,
+            ..Forms::default()
+        }
+    }
+}
+
 const _: () = assert!(std::mem::size_of::<TileQ4>() == 320);
+const _: () = assert!(std::mem::size_of::<TileFp8>() == 512);
 // The file's bytes (144 and 210 per column and super-block), plus 4 for Q4_K's scales and
 // minimums unpacked from 12 bytes to 16.
 const _: () = assert!(std::mem::size_of::<TileQ4K>() == TILE_N * 148);
@@ -117,6 +160,20 @@ pub struct QInput {
     pub(crate) order: Option<std::sync::Arc<[u32]>>,
     /// Scratch for the reordered rows.
     pub(crate) reordered: Vec<f32>,
+    /// Rows as bf16, for FP8 weights that keep activations in high precision (W8A16).
+    pub(crate) bf16: Bf16Rows,
+    /// Rows quantized to E4M3 per token and held as bf16 (exact), for W8A8-FP8 weights.
+    pub(crate) e4m3: Bf16Rows,
+}
+
+/// Activation rows in bf16 with one f32 scale per row: row `r`'s input `i` is
+/// `values[r * k + i] * scales[r]` (the scale is 1 for plain bf16 rows).
+#[derive(Default)]
+pub(crate) struct Bf16Rows {
+    /// bf16 bit patterns, `[m][k]`; never subnormal (flushed to zero, as `vdpbf16ps` reads
+    /// them), so that every instruction set sees the same inputs.
+    pub(crate) values: Vec<u16>,
+    pub(crate) scales: Vec<f32>,
 }
 
 /// The quantized forms of activations that weights multiply.
@@ -126,6 +183,10 @@ pub(crate) struct Forms {
     pub(crate) q8_1: bool,
     /// Super-blocks of 256, ggml's Q8_K (Q4_K, Q6_K weights).
     pub(crate) q8k: bool,
+    /// bf16 rows (FP8 W8A16 weights).
+    pub(crate) bf16: bool,
+    /// E4M3 rows with a scale per token (FP8 W8A8 weights).
+    pub(crate) e4m3: bool,
 }
 
 impl Forms {
@@ -133,6 +194,8 @@ impl Forms {
         Forms {
             q8_1: self.q8_1 || other.q8_1,
             q8k: self.q8k || other.q8k,
+            bf16: self.bf16 || other.bf16,
+            e4m3: self.e4m3 || other.e4m3,
         }
     }
 

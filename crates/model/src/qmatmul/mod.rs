@@ -1,6 +1,7 @@
 //! Batched CPU matmul for GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights (and Q5_0, widened to
-//! the Q8_0 blocks of the same values at load): each weight block is decoded once and applied
-//! to every row of the batch, so that continuous batching pays off.
+//! the Q8_0 blocks of the same values at load), and for FP8 E4M3 weights (`fp8`): each weight
+//! block is decoded once and applied to every row of the batch, so that continuous batching
+//! pays off.
 //!
 //! # Why
 //!
@@ -115,7 +116,9 @@
 //! `quantize` turns activation rows into Q8_1 blocks and Q8_K super-blocks
 //! ([`QInput::quantize_for`]); this file holds the
 //! entry points (`matmul*`, `forward*`) and splits their work over the pool; `x86` and `scalar`
-//! are the kernels, `scalar` also the reference arithmetic that the others reproduce.
+//! are the kernels, `scalar` also the reference arithmetic that the others reproduce. `fp8`
+//! holds FP8 E4M3 weights whole ([`QWeight::from_e4m3`]: packing, bf16 / E4M3 activation rows,
+//! its kernels; see its own documentation for the numerics).
 //!
 //! # Use
 //!
@@ -132,6 +135,7 @@
 //! let qkv = QWeight::forward_shared(&[&q_w, &k_w, &v_w], &h)?;
 //! ```
 
+mod fp8;
 mod isa;
 mod layout;
 mod pack;
@@ -143,7 +147,7 @@ mod x86;
 use candle_core::Tensor;
 
 pub use isa::Isa;
-pub use layout::{QInput, BLOCK, TILE_N};
+pub use layout::{Fp8Activations, QInput, BLOCK, TILE_N};
 pub use pack::QWeight;
 
 use crate::tensor_util::with_f32_slice;
@@ -239,6 +243,12 @@ impl QWeight {
                     && input.qs.len() >= m * self.k),
             "qmatmul: input buffers too short"
         );
+        let fp8_rows =
+            |rows: &layout::Bf16Rows| rows.values.len() >= m * self.k && rows.scales.len() >= m;
+        assert!(
+            (!needed.bf16 || fp8_rows(&input.bf16)) && (!needed.e4m3 || fp8_rows(&input.e4m3)),
+            "qmatmul: input buffers too short"
+        );
         assert!(
             !needed.q8k
                 || (q8k.d.len() >= m * nsb
@@ -318,6 +328,14 @@ impl QWeight {
             Packed::Q8(t) => tile_q8(isa, &t[tiles], input, rows, dst, n, cols),
             Packed::Q4K(t) => tile_k(isa, KTiles::Q4K(&t[tiles]), input, rows, dst, n, cols),
             Packed::Q6K(t) => tile_k(isa, KTiles::Q6K(&t[tiles]), input, rows, dst, n, cols),
+            Packed::Fp8(t) => {
+                let acts = match t.activations {
+                    Fp8Activations::Bf16 => &input.bf16,
+                    Fp8Activations::E4m3PerToken => &input.e4m3,
+                };
+                let scales = &t.scales[col0..col0 + TILE_N];
+                fp8::tile_fp8(isa, &t.tiles[tiles], scales, acts, rows, dst, n, cols)
+            }
         }
     }
 }

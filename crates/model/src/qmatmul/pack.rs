@@ -15,7 +15,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use half::f16;
 
-use super::layout::{q4_mode, Forms, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N};
+use super::layout::{
+    q4_mode, Forms, Fp8Tiles, TileQ4, TileQ4K, TileQ6K, TileQ8, BLOCK, SUPER_BLOCK, TILE_N,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -26,13 +28,15 @@ pub(crate) enum Kind {
     Q8_0,
     Q4K,
     Q6K,
+    /// FP8 E4M3 with a scale per column (`fp8`).
+    Fp8,
 }
 
 impl Kind {
     /// Inputs per block of this kind (one tile holds one block of 16 columns).
     pub(crate) fn block_len(self) -> usize {
         match self {
-            Kind::Q4_0 | Kind::Q4_1 | Kind::Q4Zero | Kind::Q8_0 => BLOCK,
+            Kind::Q4_0 | Kind::Q4_1 | Kind::Q4Zero | Kind::Q8_0 | Kind::Fp8 => BLOCK,
             Kind::Q4K | Kind::Q6K => SUPER_BLOCK,
         }
     }
@@ -54,13 +58,14 @@ pub(super) enum Packed {
     /// `[column tile][super-block]`.
     Q4K(Vec<TileQ4K>),
     Q6K(Vec<TileQ6K>),
+    Fp8(Fp8Tiles),
 }
 
 /// A quantized `[n, k]` weight (`y = x W^T`), repacked for batched matmul.
 pub struct QWeight {
     pub(super) kind: Kind,
     /// The GGUF type in the file (`kind` is what it is packed as); `None` for integer
-    /// checkpoints.
+    /// checkpoints and FP8.
     dtype: Option<GgmlDType>,
     pub(super) n: usize,
     pub(super) k: usize,
@@ -180,7 +185,8 @@ impl QWeight {
 
     /// The weights as f32 `[n, k]`, unpacked from the tiles, in the natural input order: what
     /// the kernels multiply, for checks against a checkpoint's own dequantization. `None` for
-    /// the k-quants (their blocks are candle's to dequantize).
+    /// the k-quants (their blocks are candle's to dequantize) and FP8 (its checkpoint matrix
+    /// dequantizes itself: `QuantMatrix::dequantize`).
     pub fn dequantize(&self) -> Option<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         let nb = k / BLOCK;
@@ -215,7 +221,7 @@ impl QWeight {
                                 let q = (tile.qs[(g * TILE_N + c) * 4 + i] ^ 0x80) as i8;
                                 tile.d[c].to_f32() * q as f32
                             }
-                            Packed::Q4K(_) | Packed::Q6K(_) => f32::NAN,
+                            Packed::Q4K(_) | Packed::Q6K(_) | Packed::Fp8(_) => f32::NAN,
                         }
                     };
                     for j in 0..BLOCK {
@@ -225,7 +231,7 @@ impl QWeight {
             }
         }
         match self.packed {
-            Packed::Q4K(_) | Packed::Q6K(_) => None,
+            Packed::Q4K(_) | Packed::Q6K(_) | Packed::Fp8(_) => None,
             _ => Some(out),
         }
     }
@@ -291,7 +297,14 @@ impl QWeight {
                 empty_q6k,
                 fill_q6k,
             )),
+            Kind::Fp8 => unreachable!("FP8 weights come from `QWeight::from_e4m3`"),
         };
+        Self::from_packed(kind, n, k, packed)
+    }
+
+    /// A weight from its packed tiles, in the natural input order; the caller that read a
+    /// GGUF tensor sets its type.
+    pub(super) fn from_packed(kind: Kind, n: usize, k: usize, packed: Packed) -> Self {
         Self {
             kind,
             dtype: None,
@@ -303,7 +316,7 @@ impl QWeight {
     }
 
     /// The ggml type of the weights in the file; `None` for integer checkpoints (GPTQ, AWQ,
-    /// compressed-tensors).
+    /// compressed-tensors) and FP8 (E4M3 is not a ggml type).
     pub fn dtype(&self) -> Option<GgmlDType> {
         self.dtype
     }
@@ -337,16 +350,21 @@ impl QWeight {
             Packed::Q8(t) => std::mem::size_of_val(t.as_slice()),
             Packed::Q4K(t) => std::mem::size_of_val(t.as_slice()),
             Packed::Q6K(t) => std::mem::size_of_val(t.as_slice()),
+            Packed::Fp8(t) => t.size_in_bytes(),
         }
     }
 
-    /// The quantized activations this weight multiplies: Q8_1 blocks, or Q8_K super-blocks
-    /// for the k-quants.
+    /// The quantized activations this weight multiplies: Q8_1 blocks, Q8_K super-blocks for
+    /// the k-quants, bf16 or per-token E4M3 rows for FP8.
     pub(crate) fn activation_forms(&self) -> Forms {
+        if let Packed::Fp8(t) = &self.packed {
+            return t.forms();
+        }
         let k_quant = self.kind.block_len() == SUPER_BLOCK;
         Forms {
             q8_1: !k_quant,
             q8k: k_quant,
+            ..Forms::default()
         }
     }
 }

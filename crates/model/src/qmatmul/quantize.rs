@@ -92,6 +92,12 @@ impl QInput {
         if forms.q8k {
             self.quantize_q8k(x);
         }
+        if forms.bf16 {
+            self.fill_fp8_forms(x, m, k, false);
+        }
+        if forms.e4m3 {
+            self.fill_fp8_forms(x, m, k, true);
+        }
     }
 
     fn quantize_q8_1(&mut self, isa: Isa, x: &[f32]) {
@@ -252,6 +258,8 @@ mod tests {
     const Q8_1: Forms = Forms {
         q8_1: true,
         q8k: false,
+        bf16: false,
+        e4m3: false,
     };
 
     /// Blocks with every kind of value: random magnitudes, exact rounding ties, zeros,
@@ -345,8 +353,8 @@ mod tests {
             .into_owned();
         let mut ours = QInput::default();
         let forms = Forms {
-            q8_1: false,
             q8k: true,
+            ..Forms::default()
         };
         ours.quantize_with(Isa::best(), &x, m, SUPER_BLOCK, forms, None);
         let q8k = &ours.q8k;

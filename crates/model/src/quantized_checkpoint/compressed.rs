@@ -13,12 +13,16 @@
 //!   symmetric. Activations: compressed-tensors quantizes them dynamically per token to int8;
 //!   our kernels quantize them dynamically per block of 32 (a finer grain: at least as
 //!   accurate, not bit-equal to an int8 GEMM with per-token scales).
+//! - `float-quantized` (FP8): `P.weight` F8_E4M3 `[n, k]` and `P.weight_scale` `[n, 1]`
+//!   (`channel`) or `[1]` (`tensor`); activations bf16 (W8A16) or dynamic E4M3 per token
+//!   (W8A8-FP8). Read by [`super::fp8`].
 
 use super::{
     contiguous_groups, group_map, nibble, Codes, Fields, GroupSize, QuantMatrix, RawTensor, Shape,
     TensorSource,
 };
 use crate::error::Result;
+use crate::qmatmul::Fp8Activations;
 
 pub(crate) const SUFFIXES: &[&str] = &[
     "weight",
@@ -36,16 +40,19 @@ pub enum CompressedFormat {
     PackQuantized,
     /// int8 weights stored as int8.
     IntQuantized,
+    /// FP8 (E4M3) weights stored as F8_E4M3.
+    FloatQuantized,
 }
 
 impl CompressedFormat {
-    const KNOWN: &'static str = "pack-quantized, int-quantized";
+    const KNOWN: &'static str = "pack-quantized, int-quantized, float-quantized";
 
     /// The `format` field's value, read from `f`.
     fn parse(f: &Fields, name: &str) -> Result<Self> {
         match name {
             "pack-quantized" => Ok(Self::PackQuantized),
             "int-quantized" | "naive-quantized" => Ok(Self::IntQuantized),
+            "float-quantized" => Ok(Self::FloatQuantized),
             other => Err(f.unsupported("format", other, Self::KNOWN)),
         }
     }
@@ -54,6 +61,7 @@ impl CompressedFormat {
         match self {
             Self::PackQuantized => "pack-quantized",
             Self::IntQuantized => "int-quantized",
+            Self::FloatQuantized => "float-quantized",
         }
     }
 }
@@ -63,6 +71,8 @@ pub struct CompressedConfig {
     pub format: CompressedFormat,
     pub symmetric: bool,
     pub group_size: GroupSize,
+    /// What FP8 weights multiply (`float-quantized` only; `Bf16` otherwise).
+    pub float_activations: Fp8Activations,
 }
 
 impl CompressedConfig {
@@ -108,6 +118,7 @@ impl CompressedConfig {
         self.format == other.format
             && self.symmetric == other.symmetric
             && self.group_size == other.group_size
+            && self.float_activations == other.float_activations
     }
 
     /// One of `config_groups`; `top_format`: the top-level `format` and where it was read.
@@ -123,20 +134,30 @@ impl CompressedConfig {
             .child("weights")
             .ok_or_else(|| group.unsupported("weights", "null", "integer weight quantization"))?;
         let kind = w.opt_str("type")?.unwrap_or_else(|| "int".into());
-        if kind != "int" {
-            return Err(w.unsupported("type", &kind, "int"));
+        let expected_kind = match format {
+            CompressedFormat::FloatQuantized => "float",
+            _ => "int",
+        };
+        if kind != expected_kind {
+            return Err(w.unsupported("type", &kind, expected_kind));
         }
         let bits = match format {
             CompressedFormat::PackQuantized => w.bits("num_bits", Some(8), &[4])?,
-            CompressedFormat::IntQuantized => w.bits("num_bits", Some(8), &[8])?,
+            CompressedFormat::IntQuantized | CompressedFormat::FloatQuantized => {
+                w.bits("num_bits", Some(8), &[8])?
+            }
         };
         debug_assert!(bits == 4 || bits == 8);
         if w.opt_bool("dynamic")? == Some(true) {
             return Err(w.unsupported("dynamic", "true", "false (static weight scales)"));
         }
         let symmetric = w.opt_bool("symmetric")?.unwrap_or(true);
-        if !symmetric && format == CompressedFormat::IntQuantized {
-            return Err(w.unsupported("symmetric", "false", "true (for int-quantized)"));
+        if !symmetric && format != CompressedFormat::PackQuantized {
+            return Err(w.unsupported(
+                "symmetric",
+                "false",
+                &format!("true (for {})", format.name()),
+            ));
         }
         let strategy = w.opt_str("strategy")?.unwrap_or_else(|| "tensor".into());
         let group_size = match (strategy.as_str(), format) {
@@ -146,16 +167,28 @@ impl CompressedConfig {
             },
             ("channel", _) => GroupSize::Row,
             // One scale for the whole matrix: per row, the same value in every row.
-            ("tensor", CompressedFormat::IntQuantized) => GroupSize::Row,
+            ("tensor", CompressedFormat::IntQuantized | CompressedFormat::FloatQuantized) => {
+                GroupSize::Row
+            }
             (other, CompressedFormat::PackQuantized) => {
                 return Err(w.unsupported("strategy", other, "group, channel"))
             }
             (other, CompressedFormat::IntQuantized) => {
                 return Err(w.unsupported("strategy", other, "channel, tensor, group"))
             }
+            (other, CompressedFormat::FloatQuantized) => {
+                return Err(w.unsupported("strategy", other, "channel, tensor"))
+            }
         };
+        if format == CompressedFormat::FloatQuantized && group_size != GroupSize::Row {
+            return Err(w.unsupported("strategy", "group", "channel, tensor (for float-quantized)"));
+        }
+        let mut float_activations = Fp8Activations::Bf16;
         match (format, group.child("input_activations")) {
             (_, None) => {}
+            (CompressedFormat::FloatQuantized, Some(a)) => {
+                float_activations = super::fp8::activations(&a)?;
+            }
             (CompressedFormat::IntQuantized, Some(a)) => {
                 let kind = a.opt_str("type")?.unwrap_or_else(|| "int".into());
                 if kind != "int" {
@@ -182,6 +215,7 @@ impl CompressedConfig {
             format,
             symmetric,
             group_size,
+            float_activations,
         })
     }
 }
@@ -195,6 +229,7 @@ pub(crate) fn load(
     match config.format {
         CompressedFormat::PackQuantized => load_packed(config, src, base, shape),
         CompressedFormat::IntQuantized => load_int8(config, src, base, shape),
+        CompressedFormat::FloatQuantized => super::fp8::load(config, src, base, shape),
     }
 }
 
@@ -304,7 +339,7 @@ fn load_int8(
 
 /// int8 scales as `[n][groups]`: `[n, groups]` as stored, `[n]` / `[n, 1]` per channel, or one
 /// value (`[]`, `[1]`, `[1, 1]`) for the whole tensor.
-fn per_row_scales(t: &RawTensor, n: usize, groups: usize) -> Result<Vec<f32>> {
+pub(crate) fn per_row_scales(t: &RawTensor, n: usize, groups: usize) -> Result<Vec<f32>> {
     let values = t.floats()?;
     let count: usize = t.shape.iter().product();
     if count == 1 && groups == 1 {

@@ -1,7 +1,7 @@
 //! Hugging Face folders whose projection matrices are integer-quantized by another tool: GPTQ
 //! (AutoGPTQ / GPTQModel, [`gptq`]), AWQ's GEMM packing (AutoAWQ, [`awq`]) and
-//! compressed-tensors' `pack-quantized` W4A16 and `int-quantized` W8A8 (llm-compressor,
-//! [`compressed`]). `config.json`'s `quantization_config` names the scheme
+//! compressed-tensors' `pack-quantized` W4A16, `int-quantized` W8A8 and `float-quantized` FP8
+//! (llm-compressor, [`compressed`], [`fp8`]). `config.json`'s `quantization_config` names the scheme
 //! ([`QuantScheme::from_folder`]); each format file turns one projection's tensors into a
 //! [`QuantMatrix`] (codes, scales, zero points, group map), which becomes a packed
 //! [`QWeight`] for our batch-reusing CPU kernels, or an f32 matrix where those cannot hold it
@@ -25,6 +25,7 @@
 
 mod awq;
 mod compressed;
+mod fp8;
 mod gptq;
 
 use std::path::{Path, PathBuf};
@@ -37,7 +38,8 @@ use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::qmatmul::{QWeight, BLOCK};
+use crate::e4m3;
+use crate::qmatmul::{Fp8Activations, QWeight, BLOCK};
 use crate::weights::LinearWeight;
 
 /// The quantization scheme of a folder, from `config.json`'s `quantization_config`.
@@ -444,6 +446,11 @@ pub enum Codes {
     U4 { codes: Vec<u8>, zeros: Vec<u8> },
     /// Signed 8-bit values `[n][k]`, symmetric (zero point 0).
     I8(Vec<i8>),
+    /// FP8 E4M3 codes `[n][k]` (one scale per row: `groups` is 1), and what they multiply.
+    E4m3 {
+        codes: Vec<u8>,
+        activations: Fp8Activations,
+    },
 }
 
 impl QuantMatrix {
@@ -465,6 +472,9 @@ impl QuantMatrix {
                 Codes::I8(q) => {
                     out.extend((0..k).map(|i| scales[self.g_idx[i] as usize] * q[o * k + i] as f32))
                 }
+                Codes::E4m3 { codes, .. } => out.extend(
+                    (0..k).map(|i| scales[self.g_idx[i] as usize] * e4m3::decode(codes[o * k + i])),
+                ),
             }
         }
         out
@@ -507,6 +517,11 @@ impl QuantMatrix {
         let (n, k) = (self.n, self.k);
         if !k.is_multiple_of(BLOCK) {
             return Ok(Err(format!("{k} input features are not blocks of {BLOCK}")));
+        }
+        if let Codes::E4m3 { codes, activations } = &self.codes {
+            // One f32 scale per row (`groups` is 1), kept as it is: the FP8 tiles hold f32.
+            return Ok(QWeight::from_e4m3(codes, n, k, &self.scales, *activations)
+                .map_err(|e| e.to_string()));
         }
         let order = input_order(&self.g_idx);
         let at = |j: usize| order.as_ref().map_or(j, |p| p[j] as usize);
@@ -564,6 +579,7 @@ impl QuantMatrix {
                 }
                 QWeight::from_int8(n, k, &reordered, &scales, order)
             }
+            Codes::E4m3 { .. } => unreachable!("FP8 matrices are packed above"),
         };
         packed.map(Ok).map_err(|e| ModelError::Format {
             path: PathBuf::from(&self.name),
