@@ -8,7 +8,7 @@
 //! chunks at the token budget next to decodes, and contexts from a hundred to over a thousand
 //! tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
