@@ -123,10 +123,10 @@ impl CompressedConfig {
 
     /// One of `config_groups`; `top_format`: the top-level `format` and where it was read.
     fn parse_group(group: &Fields, top_format: Option<(&Fields, &str)>) -> Result<Self> {
-        let format = match group.opt_str("format")? {
-            Some(name) => CompressedFormat::parse(group, &name)?,
+        let (format, format_name) = match group.opt_str("format")? {
+            Some(name) => (CompressedFormat::parse(group, &name)?, name),
             None => match top_format {
-                Some((top, name)) => CompressedFormat::parse(top, name)?,
+                Some((top, name)) => (CompressedFormat::parse(top, name)?, name.to_string()),
                 None => return Err(group.unsupported("format", "(none)", CompressedFormat::KNOWN)),
             },
         };
@@ -134,6 +134,12 @@ impl CompressedConfig {
             .child("weights")
             .ok_or_else(|| group.unsupported("weights", "null", "integer weight quantization"))?;
         let kind = w.opt_str("type")?.unwrap_or_else(|| "int".into());
+        // `naive-quantized` (read as int-quantized) stores the values as they are: int8 or
+        // FP8, as the weights' type says (llm-compressor writes weight-only FP8 that way).
+        let format = match (format_name.as_str(), kind.as_str()) {
+            ("naive-quantized", "float") => CompressedFormat::FloatQuantized,
+            _ => format,
+        };
         let expected_kind = match format {
             CompressedFormat::FloatQuantized => "float",
             _ => "int",
@@ -181,7 +187,11 @@ impl CompressedConfig {
             }
         };
         if format == CompressedFormat::FloatQuantized && group_size != GroupSize::Row {
-            return Err(w.unsupported("strategy", "group", "channel, tensor (for float-quantized)"));
+            return Err(w.unsupported(
+                "strategy",
+                "group",
+                "channel, tensor (for float-quantized)",
+            ));
         }
         let mut float_activations = Fp8Activations::Bf16;
         match (format, group.child("input_activations")) {

@@ -37,8 +37,8 @@ use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use serde_json::Value;
 
-use crate::error::{ModelError, Result};
 use crate::e4m3;
+use crate::error::{ModelError, Result};
 use crate::qmatmul::{Fp8Activations, QWeight, BLOCK};
 use crate::weights::LinearWeight;
 
@@ -123,12 +123,20 @@ impl QuantScheme {
     }
 
     /// Whether the checkpoint stores projection `base` quantized (any of its quantized
-    /// tensors is there), rather than as a float `base.weight`.
+    /// tensors is there, or its `base.weight` is not a float: int8 or FP8 missing its scale is
+    /// then reported as such), rather than as a float `base.weight`.
     pub fn stores_quantized(&self, src: &dyn TensorSource, base: &str) -> bool {
-        self.tensor_suffixes()
-            .iter()
-            .filter(|&&suffix| suffix != "weight")
-            .any(|suffix| src.contains(&format!("{base}.{suffix}")))
+        let quantized_weight = src
+            .tensor(&format!("{base}.weight"))
+            .ok()
+            .flatten()
+            .is_some_and(|t| !matches!(t.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32));
+        quantized_weight
+            || self
+                .tensor_suffixes()
+                .iter()
+                .filter(|&&suffix| suffix != "weight")
+                .any(|suffix| src.contains(&format!("{base}.{suffix}")))
     }
 
     /// The projection `base` (e.g. `model.layers.0.mlp.up_proj`, of shape `[n, k]` =
