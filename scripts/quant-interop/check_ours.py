@@ -24,6 +24,7 @@ Exit status 1 if a check fails, with the figures printed as one JSON object eith
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -172,7 +173,9 @@ def main():
     # An unquantized folder is checked too (perplexity and greedy only): it tells the harness and
     # the tolerance apart from the quantized formats.
     qc = json.loads((args.folder / "config.json").read_text()).get("quantization_config") or {}
-    tool_name, model = load_tool(args.folder, qc)
+    # The tools log to stdout (GPTQModel's banner and loader lines); stdout is for the report.
+    with contextlib.redirect_stdout(sys.stderr):
+        tool_name, model = load_tool(args.folder, qc)
     report = {"folder": str(args.folder), "minserve_folder": str(args.minserve_folder), "tool": tool_name,
               "quant_method": qc.get("quant_method")}
     report["layout"] = layout_check(args.folder, qc, model) if qc else {"ok": True, "tensors": 0}
