@@ -24,6 +24,7 @@ Exit status 1 if a check fails, with the figures printed as one JSON object eith
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -146,6 +147,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", required=True, type=Path)
     ap.add_argument("--minserve", required=True, help="path of the minserve binary")
+    ap.add_argument(
+        "--minserve-folder", type=Path,
+        help="the folder minserve reads (default --folder): e.g. `minserve quantize`'s dense f32 twin of "
+        "the same weights, for a minserve that cannot load the quantized folder itself",
+    )
     ap.add_argument("--text", required=True, type=Path)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
@@ -156,17 +162,22 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
+    args.minserve_folder = args.minserve_folder or args.folder
     if (json.loads((args.folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method") in ("gptq", "awq"):
         # GPTQModel writes per-run logs under ./logs: keep them out of the repository.
         args.folder, args.text = args.folder.resolve(), args.text.resolve()
+        args.minserve_folder = args.minserve_folder.resolve()
         args.minserve = str(Path(args.minserve).resolve())
         os.chdir(tempfile.mkdtemp(prefix="gptqmodel-logs-"))
 
     # An unquantized folder is checked too (perplexity and greedy only): it tells the harness and
     # the tolerance apart from the quantized formats.
     qc = json.loads((args.folder / "config.json").read_text()).get("quantization_config") or {}
-    tool_name, model = load_tool(args.folder, qc)
-    report = {"folder": str(args.folder), "tool": tool_name, "quant_method": qc.get("quant_method")}
+    # The tools log to stdout (GPTQModel's banner and loader lines); stdout is for the report.
+    with contextlib.redirect_stdout(sys.stderr):
+        tool_name, model = load_tool(args.folder, qc)
+    report = {"folder": str(args.folder), "minserve_folder": str(args.minserve_folder), "tool": tool_name,
+              "quant_method": qc.get("quant_method")}
     report["layout"] = layout_check(args.folder, qc, model) if qc else {"ok": True, "tensors": 0}
 
     text = args.text.read_text()
@@ -176,7 +187,7 @@ def main():
     windows = window_plan(tokens, bos, args.context, stride)
     ppl_tool, scored = tool_perplexity(model, windows)
     ours = subprocess.run(
-        [args.minserve, "eval", "perplexity", "--model", str(args.folder), "--text", str(args.text),
+        [args.minserve, "eval", "perplexity", "--model", str(args.minserve_folder), "--text", str(args.text),
          "--max-tokens", str(args.max_tokens), "--context", str(args.context), "--stride", str(stride),
          "--kv-cache-dtype", "f32", "--json"],
         check=True, capture_output=True, text=True,
@@ -198,7 +209,7 @@ def main():
         ids = ([bos] if bos is not None else []) + ids
         theirs = greedy(model, ids, args.steps)
         gen = subprocess.run(
-            [args.minserve, "generate", "--model", str(args.folder), "--prompt", prompt,
+            [args.minserve, "generate", "--model", str(args.minserve_folder), "--prompt", prompt,
              "--max-tokens", str(args.steps), "--temperature", "0"],
             capture_output=True, text=True,
         )

@@ -50,6 +50,35 @@ def calibration(tokenizer, text, samples, length):
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * length for _ in rows]})
 
 
+def write_dense_twin(quant_folder, f32_folder, out):
+    """The quantized folder's weights as the TOOL decompresses them, in a plain f32 folder with
+    the f32 folder's own config.json and tokenizer (not re-saved by transformers 5, whose
+    config spelling an older minserve misreads): what any minserve can load, for the perplexity
+    comparison before its quantized loaders exist."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from make_fixtures import tool_dense_weights
+
+    raw, _ = common.read_safetensors_raw(quant_folder / "model.safetensors")
+    tool = AutoModelForCausalLM.from_pretrained(quant_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        tool(torch.tensor([[0]]))  # compressed-tensors decompresses on the first forward
+    prefixes = sorted({n[: -len("weight_scale")] for n in raw if n.endswith("weight_scale")})
+    weights = tool_dense_weights(tool, [p + "weight" for p in prefixes])
+    plain = common.plain_model_with(f32_folder, raw, weights)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    if plain.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, out / "model.safetensors")
+    for f in f32_folder.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            shutil.copy(f, out / f.name)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", required=True, type=Path, help="f32 Hugging Face folder (minserve export)")
@@ -62,7 +91,12 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-eval-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--dense-twin-only", action="store_true", help="only write OUT-dense from an existing OUT")
     args = ap.parse_args()
+    twin = args.out.with_name(args.out.name + "-dense")
+    if args.dense_twin_only:
+        write_dense_twin(args.out, args.folder, twin)
+        return
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
@@ -107,6 +141,8 @@ def main():
         result[name] = {"perplexity": ppl, "scored_tokens": scored, "context": args.context, "stride": stride}
         print(name, result[name], flush=True)
     (args.out / "interop-eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_dense_twin(args.out, args.folder, twin)
+    print(f"dense twin for minserve: {twin}")
 
 
 if __name__ == "__main__":
