@@ -198,19 +198,13 @@ pub fn export_gguf_to_hf(
         .iter()
         .map(|(name, t)| Ok((name.as_str(), t.to_dtype(dtype.candle())?)))
         .collect::<Result<Vec<_>>>()?;
-    let weights_path = out_dir.join(WEIGHTS_FILE);
-    write_safetensors(&weights_path, tensors.iter().map(|(n, t)| (*n, t)))?;
-    let weights_bytes = std::fs::metadata(&weights_path)
-        .map_err(|e| ModelError::io(&weights_path, e))?
-        .len();
-    let mut config_json = model.config_json;
-    config_json["torch_dtype"] = dtype.torch_dtype().into();
-    let mut files = vec![weights_path];
-    files.extend(write_config_and_tokenizer(
+    let (files, weights_bytes) = write_hf_folder(
         out_dir,
-        &config_json,
+        tensors.iter().map(|(n, t)| (*n, t)),
+        model.config_json,
+        dtype.torch_dtype(),
         &model.tokenizer,
-    )?);
+    )?;
     Ok(ExportReport {
         out_dir: out_dir.to_path_buf(),
         files,
@@ -223,19 +217,28 @@ pub fn export_gguf_to_hf(
     })
 }
 
-/// Writes `config.json` and the tokenizer files into `out_dir`; returns the files written,
-/// `config.json` first.
-pub fn write_config_and_tokenizer(
+/// Writes a Hugging Face folder into `out_dir` (already prepared): `model.safetensors` from
+/// `tensors`, `config.json` (`config_json` with `torch_dtype`) and the tokenizer files. Returns
+/// the files written, weights first, and the size of the weights file.
+pub fn write_hf_folder<'a, V: ::safetensors::View + 'a>(
     out_dir: &Path,
-    config_json: &serde_json::Value,
+    tensors: impl IntoIterator<Item = (&'a str, V)>,
+    mut config_json: serde_json::Value,
+    torch_dtype: &str,
     tokenizer: &Tokenizer,
-) -> Result<Vec<PathBuf>> {
+) -> Result<(Vec<PathBuf>, u64)> {
+    let weights_path = out_dir.join(WEIGHTS_FILE);
+    write_safetensors(&weights_path, tensors)?;
+    let weights_bytes = std::fs::metadata(&weights_path)
+        .map_err(|e| ModelError::io(&weights_path, e))?
+        .len();
+    config_json["torch_dtype"] = torch_dtype.into();
     let config_path = out_dir.join("config.json");
-    write_json(&config_path, config_json)?;
+    write_json(&config_path, &config_json)?;
     tokenizer
         .write_hf_files(out_dir)
         .map_err(ModelError::tokenizer(out_dir))?;
-    let mut files = vec![config_path];
+    let mut files = vec![weights_path, config_path];
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -246,7 +249,7 @@ pub fn write_config_and_tokenizer(
             files.push(path);
         }
     }
-    Ok(files)
+    Ok((files, weights_bytes))
 }
 
 /// The `config.json` a Hugging Face `transformers` Llama would read for `config`.
@@ -444,21 +447,7 @@ fn unpermute_rows(
     n_head: usize,
     head_dim: usize,
 ) -> std::result::Result<Tensor, String> {
-    let dims = t.dims().to_vec();
-    let rows = dims.first().copied().unwrap_or(0);
-    if rows != n_head * head_dim || !head_dim.is_multiple_of(2) {
-        return Err(format!(
-            "shape {dims:?} does not split into {n_head} heads of {head_dim}"
-        ));
-    }
-    let cols: usize = dims[1..].iter().product();
-    let go = || -> candle_core::Result<Tensor> {
-        t.reshape((n_head, head_dim / 2, 2, cols))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape(dims.as_slice())
-    };
-    go().map_err(|e| e.to_string())
+    swap_head_axes(t, n_head, head_dim, (head_dim / 2, 2))
 }
 
 /// llama.cpp's `permute(w, n_head)`, the inverse of [`unpermute_rows`]:
@@ -467,6 +456,16 @@ pub fn permute_rows_for_gguf(
     t: &Tensor,
     n_head: usize,
     head_dim: usize,
+) -> std::result::Result<Tensor, String> {
+    swap_head_axes(t, n_head, head_dim, (2, head_dim / 2))
+}
+
+/// `t.reshape(n_head, a, b, rest).swapaxes(1, 2)` back in `t`'s shape, `(a, b)` = `split`.
+fn swap_head_axes(
+    t: &Tensor,
+    n_head: usize,
+    head_dim: usize,
+    split: (usize, usize),
 ) -> std::result::Result<Tensor, String> {
     let dims = t.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
@@ -477,7 +476,7 @@ pub fn permute_rows_for_gguf(
     }
     let cols: usize = dims[1..].iter().product();
     let go = || -> candle_core::Result<Tensor> {
-        t.reshape((n_head, 2, head_dim / 2, cols))?
+        t.reshape((n_head, split.0, split.1, cols))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape(dims.as_slice())

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use minserve_model::export::{
-    prepare_out_dir, read_gguf_as_hf, write_config_and_tokenizer, write_json, write_safetensors,
-    ExportDType, HfModel,
+    prepare_out_dir, read_gguf_as_hf, write_hf_folder, write_json, ExportDType, HfModel,
 };
 use minserve_model::{load_model_with, DeviceChoice, LoadOptions, ProjectionSite};
 
@@ -254,18 +253,15 @@ pub fn quantize_gguf(
         }
     }
     if let Some(twin_dir) = &options.dequantized_twin {
-        let path = twin_dir.join(minserve_model::safetensors::WEIGHTS_FILE);
-        write_safetensors(&path, twin.iter().map(|(n, t)| (n.as_str(), t)))?;
+        write_hf_folder(
+            twin_dir,
+            twin.iter().map(|(n, t)| (n.as_str(), t)),
+            model.config_json.clone(),
+            ExportDType::F32.torch_dtype(),
+            &model.tokenizer,
+        )?;
         drop(twin);
-        let mut config_json = model.config_json.clone();
-        config_json["torch_dtype"] = ExportDType::F32.torch_dtype().into();
-        write_config_and_tokenizer(twin_dir, &config_json, &model.tokenizer)?;
     }
-    let weights_path = out_dir.join(minserve_model::safetensors::WEIGHTS_FILE);
-    write_safetensors(&weights_path, tensors.iter().map(|(n, t)| (n.as_str(), t)))?;
-    let weights_bytes = std::fs::metadata(&weights_path)
-        .map_err(|e| QuantError::Model(minserve_model::ModelError::io(&weights_path, e)))?
-        .len();
 
     let quantization_config = match (options.method, options.bits) {
         (Method::Gptq, bits) => {
@@ -280,14 +276,14 @@ pub fn quantize_gguf(
         (Method::Fp8, _) => pack::compressed::config(Scheme::Fp8W8A16),
     };
     let mut config_json = model.config_json.clone();
-    config_json["torch_dtype"] = options.dtype.torch_dtype().into();
     config_json["quantization_config"] = quantization_config.clone();
-    let mut files = vec![weights_path];
-    files.extend(write_config_and_tokenizer(
+    let (mut files, weights_bytes) = write_hf_folder(
         out_dir,
-        &config_json,
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        config_json,
+        options.dtype.torch_dtype(),
         &model.tokenizer,
-    )?);
+    )?;
     if options.method == Method::Gptq {
         let path = out_dir.join("quantize_config.json");
         write_json(&path, &quantization_config)?;

@@ -2,6 +2,8 @@
 //! (bias 7) and 3 mantissa bits, no infinities, largest finite value 448. Weights are divided by a
 //! per-output-row scale `max |w| / 448` so that each row uses the whole range.
 
+use crate::channel::PerChannel;
+
 /// The largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
 
@@ -49,45 +51,17 @@ pub fn decode_e4m3(bits: u8) -> f32 {
 }
 
 /// A matrix as E4M3 with one f32 scale per output row: `w[r, c] = scales[r] * e4m3(codes[r, c])`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelFp8 {
-    pub rows: usize,
-    pub cols: usize,
-    pub codes: Vec<u8>,
-    pub scales: Vec<f32>,
-}
+pub type ChannelFp8 = PerChannel<u8>;
 
 impl ChannelFp8 {
     pub fn dequantize(&self) -> Vec<f32> {
-        self.codes
-            .chunks_exact(self.cols)
-            .zip(&self.scales)
-            .flat_map(|(row, &s)| row.iter().map(move |&q| s * decode_e4m3(q)))
-            .collect()
+        self.dequantize_with(decode_e4m3)
     }
 }
 
-/// Per output row: scale `max |w| / 448` (1 for a row of zeros: a zero scale is a load error).
+/// Per output row: scale `max |w| / 448`, each weight rounded to E4M3.
 pub fn quantize_fp8_channels(weight: &[f32], rows: usize, cols: usize) -> ChannelFp8 {
-    assert_eq!(weight.len(), rows * cols);
-    let mut codes = Vec::with_capacity(rows * cols);
-    let mut scales = Vec::with_capacity(rows);
-    for row in weight.chunks_exact(cols) {
-        let magnitude = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
-        let scale = if magnitude > 0.0 {
-            magnitude / E4M3_MAX
-        } else {
-            1.0
-        };
-        codes.extend(row.iter().map(|&v| encode_e4m3(v / scale)));
-        scales.push(scale);
-    }
-    ChannelFp8 {
-        rows,
-        cols,
-        codes,
-        scales,
-    }
+    PerChannel::quantize(weight, rows, cols, E4M3_MAX, encode_e4m3)
 }
 
 #[cfg(test)]

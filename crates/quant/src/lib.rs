@@ -8,6 +8,7 @@
 
 pub mod awq;
 pub mod calibrate;
+pub mod channel;
 pub mod checkpoint;
 pub mod fp8;
 pub mod gptq;

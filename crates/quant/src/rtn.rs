@@ -1,6 +1,7 @@
 //! Round-to-nearest: every weight to the nearest point of its group's grid, with no data. The
 //! baseline GPTQ and AWQ are measured against.
 
+use crate::channel::PerChannel;
 use crate::grid::{GroupGrid, GroupQuantized, Symmetry};
 
 /// `weight` (`[rows, cols]`, row-major) rounded group by group (`group_size` consecutive input
@@ -46,49 +47,20 @@ pub fn quantize_groups(
 
 /// A matrix as signed 8-bit integers with one symmetric scale per output row:
 /// `w[r, c] = scales[r] * codes[r, c]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelInt8 {
-    pub rows: usize,
-    pub cols: usize,
-    pub codes: Vec<i8>,
-    pub scales: Vec<f32>,
-}
+pub type ChannelInt8 = PerChannel<i8>;
 
 impl ChannelInt8 {
     pub fn dequantize(&self) -> Vec<f32> {
-        self.codes
-            .chunks_exact(self.cols)
-            .zip(&self.scales)
-            .flat_map(|(row, &s)| row.iter().map(move |&q| s * q as f32))
-            .collect()
+        self.dequantize_with(|q| q as f32)
     }
 }
 
 /// Per output row: scale `max |w| / 127`, codes in `-127..=127` (symmetric, so that
 /// `-128` is never used and the grid is the same on both sides of zero).
 pub fn quantize_int8_channels(weight: &[f32], rows: usize, cols: usize) -> ChannelInt8 {
-    assert_eq!(weight.len(), rows * cols);
-    let mut codes = Vec::with_capacity(rows * cols);
-    let mut scales = Vec::with_capacity(rows);
-    for row in weight.chunks_exact(cols) {
-        let magnitude = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
-        let scale = if magnitude > 0.0 {
-            magnitude / 127.0
-        } else {
-            1.0
-        };
-        codes.extend(
-            row.iter()
-                .map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8),
-        );
-        scales.push(scale);
-    }
-    ChannelInt8 {
-        rows,
-        cols,
-        codes,
-        scales,
-    }
+    PerChannel::quantize(weight, rows, cols, 127.0, |v| {
+        v.round().clamp(-127.0, 127.0) as i8
+    })
 }
 
 #[cfg(test)]

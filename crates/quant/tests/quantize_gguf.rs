@@ -374,9 +374,7 @@ fn error_of(options: &QuantizeOptions, calibration: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let gguf = write_gguf(dir.path());
     let out = dir.path().join("out");
-    let err = quantize_gguf(&gguf, &out, options, calibration, &mut |_| {})
-        .err()
-        .expect("must fail");
+    let err = quantize_gguf(&gguf, &out, options, calibration, &mut |_| {}).expect_err("must fail");
     assert!(!out.exists(), "nothing is written for a bad request");
     err.to_string()
 }
