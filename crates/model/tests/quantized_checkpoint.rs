@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use half::f16;
 use minserve_model::qmatmul::{Isa, QInput, QWeight};
 use minserve_model::safetensors::load_folder_weights;
@@ -554,6 +554,23 @@ fn loaded_weights_equal_the_formula() {
             let dense: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(bits(&dense), bits(&want), "{:?} {base}: dense", spec.layout);
         }
+    }
+}
+
+/// `--weights-format` re-quantizes the checkpoint's dequantized values, as for any folder.
+#[test]
+fn weights_format_requantizes_the_dequantized_values() {
+    let spec = specs()[1];
+    let folder = write_folder(spec, false, 40);
+    let weights = load_folder_weights(folder.dir.path(), Some(GgmlDType::Q8_0), true).unwrap();
+    for (base, truth) in &folder.truths {
+        let w = packed(&weights, base);
+        assert_eq!(w.dtype(), Some(GgmlDType::Q8_0), "{base}");
+        let want = truth.weights();
+        let got = w.dequantize().unwrap();
+        let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Q8_0 of the dequantized values: within half a step of amax / 127 per block.
+        assert!(common::max_abs_diff(&got, &want) <= amax / 127.0, "{base}");
     }
 }
 
