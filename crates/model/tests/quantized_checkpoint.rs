@@ -181,11 +181,43 @@ enum Layout {
     Int8,
 }
 
+const NATURAL: [usize; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+
+/// `rows` x `n` 4-bit values packed 8 outputs to an int32, nibble `j` of word `c` holding
+/// output `8c + order[j]` (GPTQ's `qzeros`, AWQ's `qweight` and `qzeros`).
+fn pack_outputs(
+    rows: usize,
+    n: usize,
+    order: &[usize; 8],
+    value: impl Fn(usize, usize) -> u32,
+) -> Vec<u32> {
+    let mut words = vec![0u32; rows * n / 8];
+    for r in 0..rows {
+        for c in 0..n / 8 {
+            for (j, &col) in order.iter().enumerate() {
+                words[r * n / 8 + c] |= value(r, 8 * c + col) << (4 * j);
+            }
+        }
+    }
+    words
+}
+
 /// Writes `t` as `layout` stores a projection `base`.
 fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
     let (n, k, groups) = (t.n, t.k, t.groups);
     let mut push = |suffix: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>| {
         out.push((format!("{base}.{suffix}"), dtype, shape, bytes))
+    };
+    // GPTQ's and AWQ's `qzeros` `[groups, n / 8]` and `scales` `[groups, n]`.
+    let push_group_params = |push: &mut dyn FnMut(&str, Dtype, Vec<usize>, Vec<u8>),
+                             qzeros: &[u32]| {
+        push("qzeros", Dtype::I32, vec![groups, n / 8], i32_bytes(qzeros));
+        push(
+            "scales",
+            Dtype::F16,
+            vec![groups, n],
+            f16_bytes(&t.scales_transposed()),
+        );
     };
     match layout {
         Layout::Gptq { v2 } => {
@@ -197,62 +229,19 @@ fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
                     }
                 }
             }
-            let mut qzeros = vec![0u32; groups * n / 8];
-            for g in 0..groups {
-                for c in 0..n / 8 {
-                    for j in 0..8 {
-                        // v1 stores zero - 1 (16, from a zero of 0, as 15).
-                        let stored = t.zero(8 * c + j, g) - u32::from(!v2);
-                        qzeros[g * n / 8 + c] |= (stored & 0xF) << (4 * j);
-                    }
-                }
-            }
+            // v1 stores zero - 1 (16, from a zero of 0, as 15).
+            let offset = u32::from(!v2);
+            let qzeros = pack_outputs(groups, n, &NATURAL, |g, o| (t.zero(o, g) - offset) & 0xF);
             push("qweight", Dtype::I32, vec![k / 8, n], i32_bytes(&qweight));
-            push(
-                "qzeros",
-                Dtype::I32,
-                vec![groups, n / 8],
-                i32_bytes(&qzeros),
-            );
-            push(
-                "scales",
-                Dtype::F16,
-                vec![groups, n],
-                f16_bytes(&t.scales_transposed()),
-            );
+            push_group_params(&mut push, &qzeros);
             push("g_idx", Dtype::I32, vec![k], i32_bytes(&t.g_idx));
         }
         Layout::Awq => {
             const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
-            let mut qweight = vec![0u32; k * n / 8];
-            for i in 0..k {
-                for c in 0..n / 8 {
-                    for (j, &col) in ORDER.iter().enumerate() {
-                        qweight[i * n / 8 + c] |= t.code(8 * c + col, i) << (4 * j);
-                    }
-                }
-            }
-            let mut qzeros = vec![0u32; groups * n / 8];
-            for g in 0..groups {
-                for c in 0..n / 8 {
-                    for (j, &col) in ORDER.iter().enumerate() {
-                        qzeros[g * n / 8 + c] |= t.zero(8 * c + col, g) << (4 * j);
-                    }
-                }
-            }
+            let qweight = pack_outputs(k, n, &ORDER, |i, o| t.code(o, i));
+            let qzeros = pack_outputs(groups, n, &ORDER, |g, o| t.zero(o, g));
             push("qweight", Dtype::I32, vec![k, n / 8], i32_bytes(&qweight));
-            push(
-                "qzeros",
-                Dtype::I32,
-                vec![groups, n / 8],
-                i32_bytes(&qzeros),
-            );
-            push(
-                "scales",
-                Dtype::F16,
-                vec![groups, n],
-                f16_bytes(&t.scales_transposed()),
-            );
+            push_group_params(&mut push, &qzeros);
         }
         Layout::Packed => {
             let mut packed = vec![0u32; n * k / 8];
