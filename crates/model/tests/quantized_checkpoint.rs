@@ -209,15 +209,16 @@ fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
         out.push((format!("{base}.{suffix}"), dtype, shape, bytes))
     };
     // GPTQ's and AWQ's `qzeros` `[groups, n / 8]` and `scales` `[groups, n]`.
-    let push_group_params = |push: &mut dyn FnMut(&str, Dtype, Vec<usize>, Vec<u8>),
-                             qzeros: &[u32]| {
-        push("qzeros", Dtype::I32, vec![groups, n / 8], i32_bytes(qzeros));
-        push(
-            "scales",
-            Dtype::F16,
-            vec![groups, n],
-            f16_bytes(&t.scales_transposed()),
-        );
+    let group_params = |qzeros: &[u32]| {
+        [
+            ("qzeros", Dtype::I32, vec![groups, n / 8], i32_bytes(qzeros)),
+            (
+                "scales",
+                Dtype::F16,
+                vec![groups, n],
+                f16_bytes(&t.scales_transposed()),
+            ),
+        ]
     };
     match layout {
         Layout::Gptq { v2 } => {
@@ -233,7 +234,9 @@ fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
             let offset = u32::from(!v2);
             let qzeros = pack_outputs(groups, n, &NATURAL, |g, o| (t.zero(o, g) - offset) & 0xF);
             push("qweight", Dtype::I32, vec![k / 8, n], i32_bytes(&qweight));
-            push_group_params(&mut push, &qzeros);
+            for (suffix, dtype, shape, bytes) in group_params(&qzeros) {
+                push(suffix, dtype, shape, bytes);
+            }
             push("g_idx", Dtype::I32, vec![k], i32_bytes(&t.g_idx));
         }
         Layout::Awq => {
@@ -241,7 +244,9 @@ fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
             let qweight = pack_outputs(k, n, &ORDER, |i, o| t.code(o, i));
             let qzeros = pack_outputs(groups, n, &ORDER, |g, o| t.zero(o, g));
             push("qweight", Dtype::I32, vec![k, n / 8], i32_bytes(&qweight));
-            push_group_params(&mut push, &qzeros);
+            for (suffix, dtype, shape, bytes) in group_params(&qzeros) {
+                push(suffix, dtype, shape, bytes);
+            }
         }
         Layout::Packed => {
             let mut packed = vec![0u32; n * k / 8];
@@ -516,6 +521,18 @@ fn specs() -> Vec<Spec> {
     ]
 }
 
+/// Every spec's folder (seeds from `seed`), loaded for the CPU.
+fn loaded_specs(seed: u64) -> Vec<(Spec, Folder, LlamaWeights)> {
+    (seed..)
+        .zip(specs())
+        .map(|(seed, spec)| {
+            let folder = write_folder(spec, false, seed);
+            let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+            (spec, folder, weights)
+        })
+        .collect()
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -619,9 +636,7 @@ fn reference_quantized_matmul(t: &Truth, x: &[f32], m: usize) -> Vec<f32> {
 #[test]
 fn packed_kernels_match_dequantize_then_dot_on_every_isa() {
     let mut rng = Rng(99);
-    for (s, spec) in specs().into_iter().enumerate() {
-        let folder = write_folder(spec, false, 100 + s as u64);
-        let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (spec, folder, weights) in loaded_specs(100) {
         for (base, truth) in &folder.truths {
             let w = packed(&weights, base);
             let (n, k, m) = (truth.n, truth.k, 11);
@@ -649,9 +664,7 @@ fn packed_kernels_match_dequantize_then_dot_on_every_isa() {
 #[test]
 fn packed_kernels_are_batch_invariant() {
     let mut rng = Rng(7);
-    for (s, spec) in specs().into_iter().enumerate() {
-        let folder = write_folder(spec, false, 200 + s as u64);
-        let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (spec, folder, weights) in loaded_specs(200) {
         for (base, truth) in &folder.truths {
             let w = packed(&weights, base);
             let (n, k, m) = (truth.n, truth.k, 13);
