@@ -563,6 +563,28 @@ fn loaded_weights_equal_the_formula() {
     }
 }
 
+/// Groups that are not whole blocks of 32 (here 16) do not fit the tiles: such a matrix runs
+/// dequantized in f32, with the same values.
+#[test]
+fn groups_smaller_than_a_block_run_in_f32() {
+    let spec = Spec {
+        layout: Layout::Gptq { v2: false },
+        group: 16,
+        symmetric: false,
+        act_order: true,
+    };
+    let folder = write_folder(spec, false, 41);
+    let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (base, truth) in &folder.truths {
+        let LinearWeight::Candle(QMatMul::Tensor(dense)) = &projection(&weights, base).weight
+        else {
+            panic!("{base}: packed with groups of 16");
+        };
+        let dense: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(bits(&dense), bits(&truth.weights()), "{base}");
+    }
+}
+
 /// `--weights-format` re-quantizes the checkpoint's dequantized values, as for any folder.
 #[test]
 fn weights_format_requantizes_the_dequantized_values() {
