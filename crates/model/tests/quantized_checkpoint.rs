@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use half::f16;
 use minserve_model::qmatmul::{Isa, QInput, QWeight};
 use minserve_model::safetensors::load_folder_weights;
@@ -181,11 +181,44 @@ enum Layout {
     Int8,
 }
 
+const NATURAL: [usize; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+
+/// `rows` x `n` 4-bit values packed 8 outputs to an int32, nibble `j` of word `c` holding
+/// output `8c + order[j]` (GPTQ's `qzeros`, AWQ's `qweight` and `qzeros`).
+fn pack_outputs(
+    rows: usize,
+    n: usize,
+    order: &[usize; 8],
+    value: impl Fn(usize, usize) -> u32,
+) -> Vec<u32> {
+    let mut words = vec![0u32; rows * n / 8];
+    for r in 0..rows {
+        for c in 0..n / 8 {
+            for (j, &col) in order.iter().enumerate() {
+                words[r * n / 8 + c] |= value(r, 8 * c + col) << (4 * j);
+            }
+        }
+    }
+    words
+}
+
 /// Writes `t` as `layout` stores a projection `base`.
 fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
     let (n, k, groups) = (t.n, t.k, t.groups);
     let mut push = |suffix: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>| {
         out.push((format!("{base}.{suffix}"), dtype, shape, bytes))
+    };
+    // GPTQ's and AWQ's `qzeros` `[groups, n / 8]` and `scales` `[groups, n]`.
+    let group_params = |qzeros: &[u32]| {
+        [
+            ("qzeros", Dtype::I32, vec![groups, n / 8], i32_bytes(qzeros)),
+            (
+                "scales",
+                Dtype::F16,
+                vec![groups, n],
+                f16_bytes(&t.scales_transposed()),
+            ),
+        ]
     };
     match layout {
         Layout::Gptq { v2 } => {
@@ -197,62 +230,23 @@ fn write_projection(layout: Layout, base: &str, t: &Truth, out: &mut Tensors) {
                     }
                 }
             }
-            let mut qzeros = vec![0u32; groups * n / 8];
-            for g in 0..groups {
-                for c in 0..n / 8 {
-                    for j in 0..8 {
-                        // v1 stores zero - 1 (16, from a zero of 0, as 15).
-                        let stored = t.zero(8 * c + j, g) - u32::from(!v2);
-                        qzeros[g * n / 8 + c] |= (stored & 0xF) << (4 * j);
-                    }
-                }
-            }
+            // v1 stores zero - 1 (16, from a zero of 0, as 15).
+            let offset = u32::from(!v2);
+            let qzeros = pack_outputs(groups, n, &NATURAL, |g, o| (t.zero(o, g) - offset) & 0xF);
             push("qweight", Dtype::I32, vec![k / 8, n], i32_bytes(&qweight));
-            push(
-                "qzeros",
-                Dtype::I32,
-                vec![groups, n / 8],
-                i32_bytes(&qzeros),
-            );
-            push(
-                "scales",
-                Dtype::F16,
-                vec![groups, n],
-                f16_bytes(&t.scales_transposed()),
-            );
+            for (suffix, dtype, shape, bytes) in group_params(&qzeros) {
+                push(suffix, dtype, shape, bytes);
+            }
             push("g_idx", Dtype::I32, vec![k], i32_bytes(&t.g_idx));
         }
         Layout::Awq => {
             const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
-            let mut qweight = vec![0u32; k * n / 8];
-            for i in 0..k {
-                for c in 0..n / 8 {
-                    for (j, &col) in ORDER.iter().enumerate() {
-                        qweight[i * n / 8 + c] |= t.code(8 * c + col, i) << (4 * j);
-                    }
-                }
-            }
-            let mut qzeros = vec![0u32; groups * n / 8];
-            for g in 0..groups {
-                for c in 0..n / 8 {
-                    for (j, &col) in ORDER.iter().enumerate() {
-                        qzeros[g * n / 8 + c] |= t.zero(8 * c + col, g) << (4 * j);
-                    }
-                }
-            }
+            let qweight = pack_outputs(k, n, &ORDER, |i, o| t.code(o, i));
+            let qzeros = pack_outputs(groups, n, &ORDER, |g, o| t.zero(o, g));
             push("qweight", Dtype::I32, vec![k, n / 8], i32_bytes(&qweight));
-            push(
-                "qzeros",
-                Dtype::I32,
-                vec![groups, n / 8],
-                i32_bytes(&qzeros),
-            );
-            push(
-                "scales",
-                Dtype::F16,
-                vec![groups, n],
-                f16_bytes(&t.scales_transposed()),
-            );
+            for (suffix, dtype, shape, bytes) in group_params(&qzeros) {
+                push(suffix, dtype, shape, bytes);
+            }
         }
         Layout::Packed => {
             let mut packed = vec![0u32; n * k / 8];
@@ -527,6 +521,18 @@ fn specs() -> Vec<Spec> {
     ]
 }
 
+/// Every spec's folder (seeds from `seed`), loaded for the CPU.
+fn loaded_specs(seed: u64) -> Vec<(Spec, Folder, LlamaWeights)> {
+    (seed..)
+        .zip(specs())
+        .map(|(seed, spec)| {
+            let folder = write_folder(spec, false, seed);
+            let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+            (spec, folder, weights)
+        })
+        .collect()
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -554,6 +560,45 @@ fn loaded_weights_equal_the_formula() {
             let dense: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(bits(&dense), bits(&want), "{:?} {base}: dense", spec.layout);
         }
+    }
+}
+
+/// Groups that are not whole blocks of 32 (here 16) do not fit the tiles: such a matrix runs
+/// dequantized in f32, with the same values.
+#[test]
+fn groups_smaller_than_a_block_run_in_f32() {
+    let spec = Spec {
+        layout: Layout::Gptq { v2: false },
+        group: 16,
+        symmetric: false,
+        act_order: true,
+    };
+    let folder = write_folder(spec, false, 41);
+    let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (base, truth) in &folder.truths {
+        let LinearWeight::Candle(QMatMul::Tensor(dense)) = &projection(&weights, base).weight
+        else {
+            panic!("{base}: packed with groups of 16");
+        };
+        let dense: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(bits(&dense), bits(&truth.weights()), "{base}");
+    }
+}
+
+/// `--weights-format` re-quantizes the checkpoint's dequantized values, as for any folder.
+#[test]
+fn weights_format_requantizes_the_dequantized_values() {
+    let spec = specs()[1];
+    let folder = write_folder(spec, false, 40);
+    let weights = load_folder_weights(folder.dir.path(), Some(GgmlDType::Q8_0), true).unwrap();
+    for (base, truth) in &folder.truths {
+        let w = packed(&weights, base);
+        assert_eq!(w.dtype(), Some(GgmlDType::Q8_0), "{base}");
+        let want = truth.weights();
+        let got = w.dequantize().unwrap();
+        let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Q8_0 of the dequantized values: within half a step of amax / 127 per block.
+        assert!(common::max_abs_diff(&got, &want) <= amax / 127.0, "{base}");
     }
 }
 
@@ -613,9 +658,7 @@ fn reference_quantized_matmul(t: &Truth, x: &[f32], m: usize) -> Vec<f32> {
 #[test]
 fn packed_kernels_match_dequantize_then_dot_on_every_isa() {
     let mut rng = Rng(99);
-    for (s, spec) in specs().into_iter().enumerate() {
-        let folder = write_folder(spec, false, 100 + s as u64);
-        let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (spec, folder, weights) in loaded_specs(100) {
         for (base, truth) in &folder.truths {
             let w = packed(&weights, base);
             let (n, k, m) = (truth.n, truth.k, 11);
@@ -643,9 +686,7 @@ fn packed_kernels_match_dequantize_then_dot_on_every_isa() {
 #[test]
 fn packed_kernels_are_batch_invariant() {
     let mut rng = Rng(7);
-    for (s, spec) in specs().into_iter().enumerate() {
-        let folder = write_folder(spec, false, 200 + s as u64);
-        let weights = load_folder_weights(folder.dir.path(), None, true).unwrap();
+    for (spec, folder, weights) in loaded_specs(200) {
         for (base, truth) in &folder.truths {
             let w = packed(&weights, base);
             let (n, k, m) = (truth.n, truth.k, 13);
