@@ -232,8 +232,7 @@ fn fp8_folder_matches_its_dequantized_weights_and_stays_near_f32() {
     let mut f32_model = runner(load_model(exported()).unwrap().model);
     let all = logits(&mut [&mut dense, &mut fp8, &mut f32_model], &prompt);
     let (mut worst_dense, mut worst_f32, mut agree_dense, mut agree_f32) = (0f32, 0f32, 0, 0);
-    for step in 0..STEPS {
-        let (d, q, f) = (&all[0][step], &all[1][step], &all[2][step]);
+    for ((d, q), f) in all[0].iter().zip(&all[1]).zip(&all[2]) {
         worst_dense = worst_dense.max(max_abs_diff(q, d));
         worst_f32 = worst_f32.max(max_abs_diff(q, f));
         agree_dense += usize::from(argmax(q) == argmax(d));

@@ -77,11 +77,8 @@ fn e4m3_per_token(x: &[f32], k: usize) -> Vec<f32> {
 /// Checks `got` (`m x n`) against `w x^T` in f64 within `(k/4 + 8) eps sum |w x| + extra`.
 fn check_close(
     got: &[f32],
-    w: &[f32],
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    (w, x): (&[f32], &[f32]),
+    (m, n, k): (usize, usize, usize),
     extra_rel: f64,
     what: &str,
 ) {
@@ -124,22 +121,16 @@ fn w8a16_matches_dequantize_then_dot_on_every_isa() {
             q.matmul_with(Isa::Scalar, &x, m, &mut scalar);
             check_close(
                 &scalar,
-                &dequantized,
-                &rounded,
-                m,
-                n,
-                k,
+                (&dequantized, &rounded),
+                (m, n, k),
                 0.0,
                 &format!("k={k} n={n} m={m}"),
             );
             // The bf16 rounding of the activations is the one difference from f32.
             check_close(
                 &scalar,
-                &dequantized,
-                &x,
-                m,
-                n,
-                k,
+                (&dequantized, &x),
+                (m, n, k),
                 2f64.powi(-8),
                 &format!("f32 k={k} n={n} m={m}"),
             );
@@ -168,11 +159,8 @@ fn w8a8_per_token_matches_its_reference_on_every_isa() {
             q.matmul_with(Isa::Scalar, &x, m, &mut scalar);
             check_close(
                 &scalar,
-                &dequantized,
-                &quantized,
-                m,
-                n,
-                k,
+                (&dequantized, &quantized),
+                (m, n, k),
                 0.0,
                 &format!("k={k} n={n} m={m}"),
             );

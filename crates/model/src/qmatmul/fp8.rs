@@ -270,7 +270,7 @@ unsafe fn scalar(
     let k = tiles.len() * BLOCK;
     for (i, r) in rows.enumerate() {
         let x = &acts.values[r * k..(r + 1) * k];
-        for c in 0..cols {
+        for (c, &scale) in scales.iter().enumerate().take(cols) {
             let mut chains = [0f32; CHAINS];
             for (b, tile) in tiles.iter().enumerate() {
                 for j in 0..PAIRS {
@@ -282,7 +282,7 @@ unsafe fn scalar(
                 }
             }
             let sum = (chains[0] + chains[1]) + (chains[2] + chains[3]);
-            *out.add(i * n + c) = sum * scales[c] * acts.scales[r];
+            *out.add(i * n + c) = sum * scale * acts.scales[r];
         }
     }
 }
