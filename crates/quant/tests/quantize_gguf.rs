@@ -406,3 +406,68 @@ fn bad_requests_fail_naming_what_is_wrong() {
     let e = error_of(&o, Some(&text));
     assert!(e.contains("--calib-tokens"), "{e}");
 }
+
+/// Logits at the last of `tokens`, prefilled in one step, from the folder at `dir` loaded by
+/// minserve's own loader: dequantized to f32 (`repack_for_cpu = false`, the GPU's form) or
+/// packed for the CPU kernels.
+fn logits_of(dir: &Path, repack_for_cpu: bool, tokens: &[u32]) -> Vec<f32> {
+    use minserve_core::{ModelExecutor, StepBatch};
+    use minserve_model::{CacheOptions, KvDtype, LlamaModel, ModelRunner};
+    let weights =
+        minserve_model::safetensors::load_folder_weights(dir, None, repack_for_cpu).unwrap();
+    let cache = CacheOptions {
+        dtype: KvDtype::F32,
+        memory_bytes: 1 << 22,
+        ..CacheOptions::default()
+    };
+    let mut runner = ModelRunner::new(LlamaModel::new(weights), cache);
+    let block_size = runner.cache_geometry().block_size;
+    let blocks: Vec<u32> = (0..tokens.len().div_ceil(block_size) as u32).collect();
+    let mut batch = StepBatch::new();
+    batch.push_sequence(tokens, 0, &blocks, block_size, true);
+    runner.execute(&batch).unwrap().row(0).to_vec()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// What `minserve quantize` writes, minserve loads: every method's folder, read back by the
+/// checkpoint loader, is the model its dequantized twin (the quantizer's own f32 values of the
+/// same codes) describes. Dequantized, they agree to f32 rounding; on the packed CPU kernels,
+/// which also quantize activations (int8 blocks, or bf16 for FP8), to that rounding's size.
+#[test]
+fn every_written_folder_loads_in_minserve_as_its_dequantized_twin() {
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 200).collect();
+    let cases = [
+        ("gptq", options(Method::Gptq, 4), false),
+        ("gptq act-order", options(Method::Gptq, 4), true),
+        ("awq", options(Method::Awq, 4), false),
+        ("rtn 4-bit", options(Method::Rtn, 4), false),
+        ("rtn 8-bit", options(Method::Rtn, 8), false),
+        ("fp8", options(Method::Fp8, 8), false),
+    ];
+    for (name, mut options, act_order) in cases {
+        let twin = tempfile::tempdir().unwrap();
+        options.act_order = act_order;
+        options.dtype = ExportDType::F32;
+        options.dequantized_twin = Some(twin.path().join("twin"));
+        let written = run(&options);
+        let twin_logits = logits_of(&twin.path().join("twin"), false, &tokens);
+        let scale = twin_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let dense = max_abs_diff(&logits_of(&written.out, false, &tokens), &twin_logits);
+        let packed = max_abs_diff(&logits_of(&written.out, true, &tokens), &twin_logits);
+        eprintln!("{name}: dequantized {dense:.2e}, packed {packed:.2e} (logits up to {scale:.2})");
+        assert!(
+            dense <= 1e-4 * scale.max(1.0),
+            "{name}: dequantized off by {dense}"
+        );
+        assert!(
+            packed <= 0.05 * scale.max(1.0),
+            "{name}: packed off by {packed}"
+        );
+    }
+}
