@@ -128,3 +128,23 @@ fn the_unquantized_base_matches_too() {
     let diff = max_diff(&dir, &reference(&dir), true, "logits");
     assert!(diff <= EXACT, "base-f16 off by {diff}");
 }
+
+/// The tolerance must be able to fail: the same folder with the RoPE base an older reader of
+/// transformers 5's `rope_parameters` fell back to (10000 instead of the file's 100000) is far
+/// outside it.
+#[test]
+fn a_wrong_rope_base_is_far_outside_the_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(folder("base-f16")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(config["rope_parameters"]["rope_theta"], 100000.0);
+    config["rope_parameters"]["rope_theta"] = serde_json::json!(10000.0);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let worst = max_diff(dir.path(), &reference(&folder("base-f16")), true, "logits");
+    assert!(worst > 50.0 * EXACT, "only {worst} apart");
+}
