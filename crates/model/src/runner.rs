@@ -45,11 +45,16 @@ impl Runner {
     pub fn new(model: LlamaModel, cache: CacheOptions, device: DeviceOptions) -> Result<Self> {
         match device.device.resolve()? {
             // The GPU cache holds the model's own dtype; only the CPU cache has scaled formats.
-            DeviceChoice::Cuda(_) if cache.dtype == KvDtype::Fp8 => Err(ModelError::Device(
-                "--kv-cache-dtype fp8 runs on the CPU only; on a GPU the KV cache holds the \
-                 model's dtype (use --device cpu, or drop --kv-cache-dtype)"
-                    .into(),
-            )),
+            DeviceChoice::Cuda(_) if matches!(cache.dtype, KvDtype::Fp8 | KvDtype::Q8) => {
+                let name = match cache.dtype {
+                    KvDtype::Fp8 => "fp8",
+                    _ => "q8",
+                };
+                Err(ModelError::Device(format!(
+                    "--kv-cache-dtype {name} runs on the CPU only; on a GPU the KV cache holds \
+                     the model's dtype (use --device cpu, or drop --kv-cache-dtype)"
+                )))
+            }
             DeviceChoice::Cuda(ordinal) => Self::cuda(model, cache, device, ordinal),
             _ => Ok(Self::Cpu(ModelRunner::new(model, cache))),
         }
