@@ -35,6 +35,8 @@ pub(crate) const SUFFIXES: &[&str] = &[
 
 /// compressed-tensors' `format`, the packing of the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// compressed-tensors' own names: pack-quantized, int-quantized, float-quantized.
+#[allow(clippy::enum_variant_names)]
 pub enum CompressedFormat {
     /// Integers of up to 8 bits packed into int32 words (4-bit here).
     PackQuantized,
