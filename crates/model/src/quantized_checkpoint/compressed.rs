@@ -18,8 +18,8 @@
 //!   (W8A8-FP8). Read by [`super::fp8`].
 
 use super::{
-    contiguous_groups, group_map, nibble, Codes, Fields, GroupSize, QuantMatrix, RawTensor, Shape,
-    TensorSource,
+    contiguous_groups, group_map, nibble, per_row_scales, Codes, Fields, GroupSize, QuantMatrix,
+    Shape, TensorSource,
 };
 use crate::error::Result;
 use crate::qmatmul::Fp8Activations;
@@ -241,7 +241,9 @@ pub(crate) fn load(
     match config.format {
         CompressedFormat::PackQuantized => load_packed(config, src, base, shape),
         CompressedFormat::IntQuantized => load_int8(config, src, base, shape),
-        CompressedFormat::FloatQuantized => super::fp8::load(config, src, base, shape),
+        CompressedFormat::FloatQuantized => {
+            super::fp8::load(config.float_activations, src, base, shape)
+        }
     }
 }
 
@@ -347,19 +349,4 @@ fn load_int8(
         groups,
         g_idx: contiguous_groups(k, config.group_size.len(k)),
     }))
-}
-
-/// int8 scales as `[n][groups]`: `[n, groups]` as stored, `[n]` / `[n, 1]` per channel, or one
-/// value (`[]`, `[1]`, `[1, 1]`) for the whole tensor.
-pub(crate) fn per_row_scales(t: &RawTensor, n: usize, groups: usize) -> Result<Vec<f32>> {
-    let values = t.floats()?;
-    let count: usize = t.shape.iter().product();
-    if count == 1 && groups == 1 {
-        return Ok(vec![values[0]; n]);
-    }
-    if count == n * groups && t.shape.first() == Some(&n) {
-        return Ok(values);
-    }
-    t.expect_shape(&[n, groups], "[out, groups]")?;
-    Ok(values)
 }

@@ -13,8 +13,7 @@
 
 use ::safetensors::Dtype;
 
-use super::compressed::{per_row_scales, CompressedConfig};
-use super::{contiguous_groups, Codes, Fields, QuantMatrix, Shape, TensorSource};
+use super::{contiguous_groups, per_row_scales, Codes, Fields, QuantMatrix, Shape, TensorSource};
 use crate::e4m3;
 use crate::error::Result;
 use crate::qmatmul::Fp8Activations;
@@ -38,9 +37,10 @@ pub(crate) fn activations(a: &Fields) -> Result<Fp8Activations> {
     }
 }
 
-/// Projection `base`, or `None` when the tool left it float (`ignore`d: no scale).
+/// Projection `base`, or `None` when the tool left it float (`ignore`d: no scale);
+/// `activations`: what the config says its weights multiply.
 pub(crate) fn load(
-    config: &CompressedConfig,
+    activations: Fp8Activations,
     src: &dyn TensorSource,
     base: &str,
     Shape { n, k }: Shape,
@@ -90,10 +90,7 @@ pub(crate) fn load(
         name: base.to_string(),
         n,
         k,
-        codes: Codes::E4m3 {
-            codes,
-            activations: config.float_activations,
-        },
+        codes: Codes::E4m3 { codes, activations },
         scales,
         groups: 1,
         g_idx: contiguous_groups(k, k),

@@ -677,3 +677,18 @@ pub(crate) fn nibble(word: i32, j: usize) -> u8 {
 pub(crate) fn nibbles(word: i32) -> impl Iterator<Item = u8> {
     (0..8).map(move |j| nibble(word, j))
 }
+
+/// int8 scales as `[n][groups]`: `[n, groups]` as stored, `[n]` / `[n, 1]` per channel, or one
+/// value (`[]`, `[1]`, `[1, 1]`) for the whole tensor.
+pub(crate) fn per_row_scales(t: &RawTensor, n: usize, groups: usize) -> Result<Vec<f32>> {
+    let values = t.floats()?;
+    let count: usize = t.shape.iter().product();
+    if count == 1 && groups == 1 {
+        return Ok(vec![values[0]; n]);
+    }
+    if count == n * groups && t.shape.first() == Some(&n) {
+        return Ok(values);
+    }
+    t.expect_shape(&[n, groups], "[out, groups]")?;
+    Ok(values)
+}
