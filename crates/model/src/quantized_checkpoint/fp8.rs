@@ -48,8 +48,7 @@ pub(crate) fn load(
     let weight_name = format!("{base}.weight");
     let scale_name = format!("{base}.weight_scale");
     let weight = src.require(&weight_name)?;
-    let float = matches!(weight.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32);
-    if float && !src.contains(&scale_name) {
+    if weight.is_float() && !src.contains(&scale_name) {
         return Ok(None);
     }
     if weight.dtype != Dtype::F8_E4M3 {

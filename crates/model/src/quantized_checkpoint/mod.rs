@@ -130,7 +130,7 @@ impl QuantScheme {
             .tensor(&format!("{base}.weight"))
             .ok()
             .flatten()
-            .is_some_and(|t| !matches!(t.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32));
+            .is_some_and(|t| !t.is_float());
         quantized_weight
             || self
                 .tensor_suffixes()
@@ -337,6 +337,12 @@ pub struct RawTensor<'a> {
 }
 
 impl RawTensor<'_> {
+    /// Whether the tensor holds floats (a projection stored unquantized, or left out by the
+    /// tool), rather than codes.
+    pub(crate) fn is_float(&self) -> bool {
+        matches!(self.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32)
+    }
+
     fn error(&self, message: String) -> ModelError {
         ModelError::Tensor {
             path: self.path.to_path_buf(),
