@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use minserve_model::export::ExportDType;
+use minserve_quant::grid::Symmetry;
 use minserve_quant::{quantize_gguf, Method, Progress, QuantizeOptions};
 
 #[derive(Args)]
@@ -26,6 +27,14 @@ pub struct QuantizeArgs {
     /// SmolLM2-135M's 576 takes 32 or 64, not 128.
     #[arg(long, default_value_t = 128)]
     group_size: usize,
+    /// Symmetric integer grids (zero point in the middle, no zero points stored): GPTQ's
+    /// default; for rtn int4 too. Not for awq, whose layout stores zero points.
+    #[arg(long, conflicts_with = "asym")]
+    sym: bool,
+    /// Asymmetric integer grids (a zero point per group, from its minimum and maximum): rtn
+    /// int4's and awq's default; for gptq too.
+    #[arg(long)]
+    asym: bool,
     /// GPTQ: quantize columns in descending order of their Hessian diagonal (desc_act).
     #[arg(long)]
     act_order: bool,
@@ -85,6 +94,11 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
             .bits
             .unwrap_or(if method == Method::Fp8 { 8 } else { 4 }),
         group_size: args.group_size,
+        symmetry: match (args.sym, args.asym) {
+            (true, _) => Some(Symmetry::Symmetric),
+            (_, true) => Some(Symmetry::Asymmetric),
+            _ => None,
+        },
         act_order: args.act_order,
         damp: args.damp,
         calib_tokens: args.calib_tokens,

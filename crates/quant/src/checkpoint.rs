@@ -27,6 +27,9 @@ pub struct QuantizeOptions {
     pub bits: u32,
     /// Inputs per scale of the 4-bit (and GPTQ 8-bit) grids; per-channel methods ignore it.
     pub group_size: usize,
+    /// The integer grids' zero points: `None` for the method's usual choice (see
+    /// [`QuantizeOptions::grid_symmetry`]).
+    pub symmetry: Option<Symmetry>,
     /// GPTQ only: columns in descending order of their Hessian diagonal.
     pub act_order: bool,
     /// GPTQ's dampening, a fraction of the Hessian's mean diagonal.
@@ -62,6 +65,30 @@ impl QuantizeOptions {
                     .join(" or ")
             )));
         }
+        match (self.method, self.bits, self.symmetry) {
+            (_, _, None) | (Method::Gptq, _, Some(_)) | (Method::Rtn, 4, Some(_)) => {}
+            (Method::Rtn, _, Some(Symmetry::Symmetric)) => {}
+            (Method::Rtn, _, Some(Symmetry::Asymmetric)) => {
+                return Err(QuantError::Invalid(
+                    "--asym: int8 RTN is written as compressed-tensors int-quantized W8A8, \
+                     symmetric per channel; it has no zero points"
+                        .into(),
+                ))
+            }
+            (Method::Awq, _, Some(Symmetry::Symmetric)) => {
+                return Err(QuantError::Invalid(
+                    "--sym: the AWQ GEMM layout stores a zero point per group; AWQ is \
+                     asymmetric here"
+                        .into(),
+                ))
+            }
+            (Method::Awq, _, Some(Symmetry::Asymmetric)) => {}
+            (Method::Fp8, _, Some(_)) => {
+                return Err(QuantError::Invalid(
+                    "--sym/--asym choose integer zero points; FP8 has none".into(),
+                ))
+            }
+        }
         if self.act_order && self.method != Method::Gptq {
             return Err(QuantError::Invalid(format!(
                 "--act-order is a GPTQ option; --method {} has no column order",
@@ -89,6 +116,15 @@ impl QuantizeOptions {
             (self.method, self.bits),
             (Method::Rtn, 4) | (Method::Gptq, _) | (Method::Awq, _)
         )
+    }
+
+    /// The grid the integer methods fit: what was asked for, else GPTQModel's default for
+    /// GPTQ (symmetric, the grid every GPTQ kernel runs) and zero points for the others.
+    pub fn grid_symmetry(&self) -> Symmetry {
+        self.symmetry.unwrap_or(match self.method {
+            Method::Gptq => Symmetry::Symmetric,
+            _ => Symmetry::Asymmetric,
+        })
     }
 
     pub fn needs_calibration(&self) -> bool {
@@ -185,7 +221,9 @@ pub fn quantize_gguf(
             Method::Gptq => Calibrated::Gptq(GptqOptions {
                 bits: options.bits,
                 group_size: options.group_size,
-                symmetry: Symmetry::Symmetric,
+                symmetry: options.grid_symmetry(),
+                // GPTQ v1 stores `zero - 1`: see `GroupGrid::fit_with_min_zero`.
+                min_zero: 1,
                 act_order: options.act_order,
                 damp: options.damp,
             }),
@@ -264,13 +302,17 @@ pub fn quantize_gguf(
     }
 
     let quantization_config = match (options.method, options.bits) {
-        (Method::Gptq, bits) => {
-            pack::gptq::config(bits, options.group_size, options.act_order, options.damp)
-        }
+        (Method::Gptq, bits) => pack::gptq::config(
+            bits,
+            options.group_size,
+            options.grid_symmetry(),
+            options.act_order,
+            options.damp,
+        ),
         (Method::Awq, _) => pack::awq::config(options.group_size),
         (Method::Rtn, 4) => pack::compressed::config(Scheme::W4A16 {
             group_size: options.group_size,
-            symmetric: false,
+            symmetric: options.grid_symmetry() == Symmetry::Symmetric,
         }),
         (Method::Rtn, _) => pack::compressed::config(Scheme::W8A8),
         (Method::Fp8, _) => pack::compressed::config(Scheme::Fp8W8A16),
@@ -306,7 +348,10 @@ pub fn layout_name(options: &QuantizeOptions) -> &'static str {
     match (options.method, options.bits) {
         (Method::Gptq, _) => "GPTQ v1 (AutoGPTQ / GPTQModel)",
         (Method::Awq, _) => "AWQ GEMM (AutoAWQ)",
-        (Method::Rtn, 4) => "compressed-tensors pack-quantized (W4A16, asymmetric groups)",
+        (Method::Rtn, 4) => match options.grid_symmetry() {
+            Symmetry::Asymmetric => "compressed-tensors pack-quantized (W4A16, asymmetric groups)",
+            Symmetry::Symmetric => "compressed-tensors pack-quantized (W4A16, symmetric groups)",
+        },
         (Method::Rtn, _) => {
             "compressed-tensors int-quantized (W8A8, dynamic per-token activations)"
         }
@@ -330,7 +375,7 @@ fn quantize_without_data(
             cols,
             options.bits,
             options.group_size,
-            Symmetry::Asymmetric,
+            options.grid_symmetry(),
         )),
     }
 }

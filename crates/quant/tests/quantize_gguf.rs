@@ -9,6 +9,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use minserve_model::export::ExportDType;
 use minserve_model::synthetic;
+use minserve_quant::grid::Symmetry;
 use minserve_quant::{quantize_gguf, Method, QuantizeOptions};
 use safetensors::{Dtype, SafeTensors};
 
@@ -150,6 +151,7 @@ fn options(method: Method, bits: u32) -> QuantizeOptions {
         method,
         bits,
         group_size: 32,
+        symmetry: None,
         act_order: false,
         damp: 0.01,
         calib_tokens: 1024,
@@ -228,16 +230,21 @@ fn assert_rest_is_float(all: &HashMap<String, (Dtype, Vec<usize>)>) {
 
 #[test]
 fn gptq_writes_the_gptq_v1_layout_and_beats_round_to_nearest() {
-    for act_order in [false, true] {
+    for (act_order, symmetry) in [
+        (false, None),
+        (true, None),
+        (false, Some(Symmetry::Asymmetric)),
+    ] {
         let mut o = options(Method::Gptq, 4);
         o.act_order = act_order;
+        o.symmetry = symmetry;
         let w = run(&o);
         let q = &config(&w.out)["quantization_config"];
         assert_eq!(q["quant_method"], "gptq");
         assert_eq!(q["bits"], 4);
         assert_eq!(q["group_size"], 32);
         assert_eq!(q["desc_act"], act_order);
-        assert_eq!(q["sym"], true);
+        assert_eq!(q["sym"], symmetry.is_none());
         assert_eq!(q["checkpoint_format"], "gptq");
         let standalone: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(w.out.join("quantize_config.json")).unwrap(),
@@ -265,7 +272,7 @@ fn gptq_writes_the_gptq_v1_layout_and_beats_round_to_nearest() {
         assert_eq!(w.report.site_errors.len(), 4 * LAYERS);
         assert!(
             error < 0.9 * rtn,
-            "act_order={act_order}: GPTQ {error} vs RTN {rtn}"
+            "act_order={act_order} {symmetry:?}: GPTQ {error} vs RTN {rtn}"
         );
     }
 }
@@ -405,6 +412,16 @@ fn bad_requests_fail_naming_what_is_wrong() {
     o.calib_tokens = 1 << 20;
     let e = error_of(&o, Some(&text));
     assert!(e.contains("--calib-tokens"), "{e}");
+    for (method, bits, symmetry, flag) in [
+        (Method::Awq, 4, Symmetry::Symmetric, "--sym"),
+        (Method::Rtn, 8, Symmetry::Asymmetric, "--asym"),
+        (Method::Fp8, 8, Symmetry::Symmetric, "--sym"),
+    ] {
+        let mut o = options(method, bits);
+        o.symmetry = Some(symmetry);
+        let e = error_of(&o, Some(&text));
+        assert!(e.contains(flag), "{method} {symmetry:?}: {e}");
+    }
 }
 
 /// Logits at the last of `tokens`, prefilled in one step, from the folder at `dir` loaded by
@@ -442,9 +459,23 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn every_written_folder_loads_in_minserve_as_its_dequantized_twin() {
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 200).collect();
+    let with_symmetry = |mut o: QuantizeOptions, symmetry| {
+        o.symmetry = Some(symmetry);
+        o
+    };
     let cases = [
         ("gptq", options(Method::Gptq, 4), false),
         ("gptq act-order", options(Method::Gptq, 4), true),
+        (
+            "gptq asymmetric",
+            with_symmetry(options(Method::Gptq, 4), Symmetry::Asymmetric),
+            true,
+        ),
+        (
+            "rtn 4-bit symmetric",
+            with_symmetry(options(Method::Rtn, 4), Symmetry::Symmetric),
+            false,
+        ),
         ("awq", options(Method::Awq, 4), false),
         ("rtn 4-bit", options(Method::Rtn, 4), false),
         ("rtn 8-bit", options(Method::Rtn, 8), false),
