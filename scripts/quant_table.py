@@ -5,14 +5,20 @@ size, peak RSS, perplexity and teacher-forced top-1 agreement with the unquantiz
 eval text, and single-stream and batch-64 output tokens/s.
 
     scripts/quant_table.py ROWS.json [--minserve target/release/minserve] [--max-tokens 50000]
-                           [--parts quality,speed] [--quick] [--markdown]
+                           [--work-dir target/quant-table] [--parts quality,speed] [--quick]
+                           [--markdown]
 
-ROWS.json: {"reference": MODEL, "rows": [{"label": "...", "model": MODEL, "flags": ["..."],
-"file": false}]} (`file: false` for a load-time re-quantization, which has no file of its own)
-where MODEL is anything `--model` takes (a GGUF file, a Hugging Face folder, a catalog alias)
-and `flags` are extra engine flags (`--weights-format q8_0`, `--kv-cache-dtype q8`). The
-reference is the unquantized model (for the default model: `minserve export --dtype f32` of its
-GGUF, the dequantized values in f32 run as dense matmuls with f32 activations).
+ROWS.json: {"reference": MODEL, "make": {FOLDER: [ARGS...]}, "rows": [{"label": "...",
+"model": MODEL, "flags": ["..."], "file": false}]} (`file: false` for a load-time
+re-quantization, which has no file of its own) where MODEL is anything `--model` takes (a GGUF
+file, a Hugging Face folder, a catalog alias) and `flags` are extra engine flags
+(`--weights-format q8_0`, `--kv-cache-dtype q8`). The reference is the unquantized model (for
+the default model: `minserve export --dtype f32` of its GGUF, the dequantized values in f32 run
+as dense matmuls with f32 activations). `make` says how each folder the rows name is made (a
+`minserve` command line: `export ...`, `quantize ...`); a folder that does not exist yet is made
+first, and the time its command took is printed (`"made": FOLDER, "seconds": ...`). In every
+string `{work}` stands for --work-dir and `{calib}` for the calibration text that
+`scripts/calib-text` fetches. Run it from the repository root.
 
 Each figure comes from the project's own commands, run one after another (so run it on a quiet
 machine): `minserve eval perplexity --json --reference`, and `minserve bench throughput --json`
@@ -29,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 
 def model_bytes(model):
@@ -54,14 +61,53 @@ def run_json(cmd):
     return json.loads(last), peak_kib * 1024
 
 
+def expand(value, args):
+    """`value` (a string or a list of them) with the placeholders filled in."""
+    if isinstance(value, list):
+        return [expand(v, args) for v in value]
+    return value.replace("{work}", args.work_dir).replace("{calib}", args.calib)
+
+
+def make_missing(spec, args):
+    """Runs the `make` command of every folder that is not there yet, timing each."""
+    for folder, command in spec.get("make", {}).items():
+        folder = expand(folder, args)
+        if os.path.exists(folder):
+            continue
+        print(f"making {folder} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        subprocess.run([args.minserve] + expand(command, args), check=True)
+        print(json.dumps({"made": folder, "seconds": round(time.monotonic() - started, 1)}),
+              flush=True)
+
+
+def reference_top1(reference, args, cache={}):
+    """The reference's reading of the text, run once: its result, its top-1 tokens in a file
+    (`--write-top1`) that every other row is compared with, and agreement 1 with itself."""
+    if reference not in cache:
+        path = os.path.join(args.work_dir, f"top1-{os.path.basename(reference)}-"
+                                           f"{args.max_tokens}.json")
+        ppl, _ = run_json(
+            [args.minserve, "eval", "perplexity", "--model", reference, "--text", args.text,
+             "--max-tokens", str(args.max_tokens), "--write-top1", path])
+        ppl["top1_agreement"] = 1.0
+        ppl["file"] = path
+        cache[reference] = ppl
+    return cache[reference]
+
+
 def measure(row, reference, args):
-    model, flags = row["model"], row.get("flags", [])
+    model, flags = expand(row["model"], args), expand(row.get("flags", []), args)
     prompts, out_len = (8, 16) if args.quick else (64, 128)
     result = {"label": row["label"]}
     if "quality" in args.parts:
-        ppl, _ = run_json(
-            [args.minserve, "eval", "perplexity", "--model", model, "--text", args.text,
-             "--max-tokens", str(args.max_tokens), "--reference", reference] + flags)
+        if model == reference and not flags:
+            ppl = reference_top1(reference, args)
+        else:
+            ppl, _ = run_json(
+                [args.minserve, "eval", "perplexity", "--model", model, "--text", args.text,
+                 "--max-tokens", str(args.max_tokens),
+                 "--reference-top1", reference_top1(reference, args)["file"]] + flags)
         result["perplexity"] = ppl["result"]["perplexity"]
         result["top1_agreement"] = ppl.get("top1_agreement")
     if "speed" in args.parts:
@@ -106,6 +152,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=50000)
     p.add_argument("--parts", default="quality,speed",
                    help="comma-separated: quality (perplexity, agreement), speed (size, RSS, tok/s)")
+    p.add_argument("--work-dir", default="target/quant-table",
+                   help="where the folders of `make` go ({work} in ROWS.json)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
@@ -117,10 +165,17 @@ def main():
         args.text = subprocess.run([os.path.join(here, "eval-text")], check=True,
                                    capture_output=True, text=True).stdout.strip()
     spec = json.load(open(args.rows))
+    args.calib = ""
+    if any("{calib}" in json.dumps(c) for c in spec.get("make", {}).values()):
+        here = os.path.dirname(os.path.abspath(__file__))
+        args.calib = subprocess.run([os.path.join(here, "calib-text")], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    make_missing(spec, args)
+    reference = expand(spec["reference"], args)
     results = []
     for row in spec["rows"]:
         print(f"measuring {row['label']} ...", file=sys.stderr, flush=True)
-        r = measure(row, spec["reference"], args)
+        r = measure(row, reference, args)
         print(json.dumps(r), flush=True)
         results.append(r)
     if args.markdown:

@@ -9,9 +9,9 @@ use minserve_model::export::{export_gguf_to_hf, ExportDType};
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// The GGUF model file to export.
+    /// The GGUF model to export: a path or a catalog name (fetched if it is not here yet).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Folder to write (created; must be empty if it exists).
     #[arg(long)]
     out: PathBuf,
@@ -40,18 +40,13 @@ impl From<DTypeArg> for ExportDType {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let report =
-        export_gguf_to_hf(&args.model, &args.out, args.dtype.into()).with_context(|| {
-            format!(
-                "exporting {} to {}",
-                args.model.display(),
-                args.out.display()
-            )
-        })?;
+    let path = minserve_hub::resolve(&args.model, &minserve_hub::FetchOptions::default())?;
+    let report = export_gguf_to_hf(&path, &args.out, args.dtype.into())
+        .with_context(|| format!("exporting {} to {}", path.display(), args.out.display()))?;
     let c = &report.config;
     println!(
         "exported {} ({}, {} layers, hidden {}, vocab {}) as {} to {}",
-        args.model.display(),
+        path.display(),
         c.architecture,
         c.num_layers,
         c.hidden_size,

@@ -89,6 +89,47 @@ fn a_model_agrees_with_itself_on_every_token() {
     );
 }
 
+/// A table of many formats reads the reference once (`--write-top1`) and compares every other
+/// format with that file: the agreement is the one `--reference` finds by running it.
+#[test]
+fn a_written_top1_file_gives_the_agreement_a_reference_run_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("top1.json");
+    let file = file.to_str().unwrap();
+    let window = ["--context", "128", "--stride", "64"];
+    let quantized = [&window[..], &["--weights-format", "q8_0"]].concat();
+    let by_run = eval(&[&quantized[..], &["--reference", "smollm2-135m-instruct"]].concat());
+    let written = eval(&[&window[..], &["--write-top1", file]].concat());
+    assert!(written["top1_agreement"].is_null(), "{written}");
+    assert_eq!(
+        written["result"]["perplexity"], by_run["reference"]["perplexity"],
+        "the file's model is --reference's"
+    );
+    let by_file = eval(&[&quantized[..], &["--reference-top1", file]].concat());
+    assert_eq!(by_file["top1_agreement"], by_run["top1_agreement"]);
+    assert!(by_file["top1_agreement"].as_f64().unwrap() < 1.0);
+
+    // Other places (another stride) are refused, not compared.
+    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args([
+            "eval",
+            "perplexity",
+            "--text",
+            "Cargo.toml",
+            "--context",
+            "128",
+        ])
+        .args(["--stride", "32", "--reference-top1", file])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--reference-top1") && stderr.contains("--stride 64"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_stride_longer_than_the_context_is_refused() {
     let output = Command::new(env!("CARGO_BIN_EXE_minserve"))

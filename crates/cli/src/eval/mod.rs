@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, Runner};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model_source::WeightsArgs;
 use score::{score_windows, StepLimits, TokenScore};
@@ -50,8 +50,17 @@ pub struct PerplexityArgs {
     /// (not --weights-format) and an f16 KV cache (not --kv-cache-dtype). Prints its
     /// perplexity and the share of scored places where both models' most likely token is the
     /// same.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "reference_top1")]
     reference: Option<String>,
+    /// Writes the model's most likely token at every scored place to FILE (JSON), for
+    /// --reference-top1: a table of many formats reads the unquantized model once.
+    #[arg(long)]
+    write_top1: Option<PathBuf>,
+    /// The reference's most likely tokens as --write-top1 wrote them, read instead of running
+    /// a reference model; it must come from the same text, --context, --stride and
+    /// --max-tokens.
+    #[arg(long)]
+    reference_top1: Option<PathBuf>,
     /// Number format of the cached keys and values (`f16`, `f32`, `q8`, `fp8`).
     #[arg(long, default_value = "f16")]
     kv_cache_dtype: KvDtype,
@@ -90,6 +99,70 @@ struct Report {
     reference: Option<ModelResult>,
     /// Share of scored places where the model's top-1 token equals the reference's.
     top1_agreement: Option<f64>,
+}
+
+/// A model's most likely token at every scored place of a text (`--write-top1`), with what
+/// fixes the places, so that a file of another reading is refused rather than compared.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct TopOneFile {
+    model: String,
+    text_tokens: usize,
+    context: usize,
+    stride: usize,
+    /// A hash of the text's tokens: the same count of other tokens is another text.
+    tokens_fingerprint: String,
+    top1: Vec<u32>,
+}
+
+impl TopOneFile {
+    fn fingerprint(tokens: &[u32]) -> String {
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let hash = tokens
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        format!("{hash:016x}")
+    }
+
+    /// The reference's top-1 tokens, if `path` was written for these places.
+    fn read_matching(path: &std::path::Path, expected: &TopOneFile) -> anyhow::Result<Vec<u32>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--reference-top1: reading {}", path.display()))?;
+        let file: TopOneFile = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--reference-top1: {} is not a --write-top1 file",
+                path.display()
+            )
+        })?;
+        let fixed = |f: &TopOneFile| {
+            (
+                f.text_tokens,
+                f.context,
+                f.stride,
+                f.tokens_fingerprint.clone(),
+            )
+        };
+        anyhow::ensure!(
+            fixed(&file) == fixed(expected) && file.top1.len() == expected.top1.len(),
+            "--reference-top1 {} was written for {} tokens (fingerprint {}), --context {}, \
+             --stride {} and {} scored places; this reading has {} tokens (fingerprint {}), \
+             --context {}, --stride {} and {} places",
+            path.display(),
+            file.text_tokens,
+            file.tokens_fingerprint,
+            file.context,
+            file.stride,
+            file.top1.len(),
+            expected.text_tokens,
+            expected.tokens_fingerprint,
+            expected.context,
+            expected.stride,
+            expected.top1.len()
+        );
+        Ok(file.top1)
+    }
 }
 
 pub fn run(command: EvalCommand) -> anyhow::Result<()> {
@@ -138,8 +211,30 @@ fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
         loaded,
         &windows,
     )?;
+    let top1 = TopOneFile {
+        model: args.model.clone(),
+        text_tokens: tokens.len(),
+        context: args.context,
+        stride: args.stride,
+        tokens_fingerprint: TopOneFile::fingerprint(&tokens),
+        top1: scores.iter().map(|s| s.argmax).collect(),
+    };
+    if let Some(path) = &args.write_top1 {
+        std::fs::write(path, serde_json::to_string(&top1)?)
+            .with_context(|| format!("--write-top1: writing {}", path.display()))?;
+    }
     let mut reference = None;
     let mut top1_agreement = None;
+    if let Some(path) = &args.reference_top1 {
+        let theirs = TopOneFile::read_matching(path, &top1)?;
+        let agree = top1
+            .top1
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| a == b)
+            .count();
+        top1_agreement = Some(agree as f64 / theirs.len() as f64);
+    }
     if let Some(name) = &args.reference {
         let as_stored = WeightsArgs {
             weights_format: None,
