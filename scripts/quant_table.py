@@ -18,7 +18,9 @@ as dense matmuls with f32 activations). `make` says how each folder the rows nam
 `minserve` command line: `export ...`, `quantize ...`); a folder that does not exist yet is made
 first, and the time its command took is printed (`"made": FOLDER, "seconds": ...`). In every
 string `{work}` stands for --work-dir and `{calib}` for the calibration text that
-`scripts/calib-text` fetches. Run it from the repository root.
+`scripts/calib-text` fetches. A row with `"if_present": true` (a folder made by another tool,
+such as `scripts/quant-interop/real_model.py`) is skipped when its folder is missing. Run it from
+the repository root.
 
 Each figure comes from the project's own commands, run one after another (so run it on a quiet
 machine): `minserve eval perplexity --json --reference`, and `minserve bench throughput --json`
@@ -174,6 +176,9 @@ def main():
     reference = expand(spec["reference"], args)
     results = []
     for row in spec["rows"]:
+        if row.get("if_present") and not os.path.exists(expand(row["model"], args)):
+            print(f"skipping {row['label']}: no {expand(row['model'], args)}", file=sys.stderr)
+            continue
         print(f"measuring {row['label']} ...", file=sys.stderr, flush=True)
         r = measure(row, reference, args)
         print(json.dumps(r), flush=True)

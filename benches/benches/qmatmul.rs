@@ -7,16 +7,22 @@
 //!    same for gemma3-270m's k-quant shapes (Q4_K attention output and MLP down, Q6_K MLP down).
 //! 2. One whole decode step (every layer's projections and the lm_head, weights streaming from
 //!    memory as in the model): time per token at each batch size, i.e. the batching gain.
+//! 3. The checkpoint formats (issue 18's loaders) on the same two real matrices, on every
+//!    instruction set this machine has: the GGUF's Q4_1 blocks against 4-bit codes with
+//!    integer zero points (GPTQ/AWQ/compressed-tensors asymmetric), symmetric 4-bit (Q4_0's
+//!    tiles), int8 (W8A8 on the Q8_0 kernels) and FP8 E4M3 (W8A16 bf16 and W8A8 activations).
 //!
-//! `cargo bench -p minserve-benches --bench qmatmul` (`-- shapes`, `-- gemma` or `-- model` for
-//! one part)
+//! `cargo bench -p minserve-benches --bench qmatmul` (`-- shapes`, `-- gemma`, `-- model` or
+//! `-- formats` for one part)
 
 use std::time::Instant;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
+use half::f16;
 use minserve_benches::{catalog_model_path, default_model_path, median};
-use minserve_model::qmatmul::{Isa, QWeight};
+use minserve_model::e4m3;
+use minserve_model::qmatmul::{Fp8Activations, Isa, QWeight};
 
 const MS: [usize; 4] = [1, 8, 32, 64];
 const ROUNDS: usize = 9;
@@ -43,7 +49,7 @@ const GEMMA_SHAPES: [(&str, &str, GgmlDType); 3] = [
 fn main() {
     // `-- shapes`, `-- gemma` or `-- model` runs those parts only.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    const PARTS: [&str; 3] = ["shapes", "gemma", "model"];
+    const PARTS: [&str; 4] = ["shapes", "gemma", "model", "formats"];
     let only = |part: &str| {
         !args.iter().any(|a| PARTS.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
@@ -75,6 +81,154 @@ fn main() {
     }
     if only("model") {
         model_step(&content, &mut file);
+    }
+    if only("formats") {
+        formats(&content, &mut file);
+    }
+}
+
+/// Calls per timed round so that one round takes about [`ROUND_SECS`].
+fn calls_per_round(f: &dyn Fn()) -> usize {
+    f();
+    let start = Instant::now();
+    f();
+    ((ROUND_SECS / start.elapsed().as_secs_f64()) as usize).clamp(1, 10_000)
+}
+
+/// The same real matrix in each checkpoint format's packed form: `(label, weight)`.
+fn format_variants(w: &[f32], n: usize, k: usize, q4_1: QWeight) -> Vec<(&'static str, QWeight)> {
+    let nb = k / 32;
+    // Round-to-nearest per column and block of 32, as the 4-bit checkpoints store it.
+    let mut codes = vec![0u8; n * k];
+    let (mut scales, mut zeros) = (Vec::with_capacity(n * nb), Vec::with_capacity(n * nb));
+    let (mut sym_codes, mut sym_scales) = (vec![0u8; n * k], Vec::with_capacity(n * nb));
+    let (mut i8_codes, mut i8_scales) = (vec![0i8; n * k], Vec::with_capacity(n * nb));
+    for c in 0..n {
+        for b in 0..nb {
+            let at = c * k + b * 32;
+            let block = &w[at..at + 32];
+            let lo = block.iter().fold(0f32, |m, &v| m.min(v));
+            let hi = block.iter().fold(0f32, |m, &v| m.max(v));
+            let scale = f16::from_f32(((hi - lo) / 15.0).max(1e-6));
+            let zero = (-lo / scale.to_f32()).round().clamp(0.0, 15.0);
+            for (j, &v) in block.iter().enumerate() {
+                codes[at + j] = ((v / scale.to_f32()).round() + zero).clamp(0.0, 15.0) as u8;
+            }
+            scales.push(scale);
+            zeros.push(zero as u8);
+            let magnitude = hi.max(-lo).max(1e-6);
+            let sym = f16::from_f32(magnitude / 7.5);
+            let i8_scale = f16::from_f32(magnitude / 127.0);
+            for (j, &v) in block.iter().enumerate() {
+                sym_codes[at + j] = ((v / sym.to_f32()).round() + 8.0).clamp(0.0, 15.0) as u8;
+                i8_codes[at + j] = (v / i8_scale.to_f32()).round().clamp(-127.0, 127.0) as i8;
+            }
+            sym_scales.push(sym);
+            i8_scales.push(i8_scale);
+        }
+    }
+    let column_scales: Vec<f32> = w
+        .chunks_exact(k)
+        .map(|col| col.iter().fold(0f32, |m, &v| m.max(v.abs())).max(1e-6) / 448.0)
+        .collect();
+    let e4m3: Vec<u8> = w
+        .chunks_exact(k)
+        .zip(&column_scales)
+        .flat_map(|(col, &s)| col.iter().map(move |&v| e4m3::encode(v / s)))
+        .collect();
+    let fp8 = |activations| QWeight::from_e4m3(&e4m3, n, k, &column_scales, activations);
+    vec![
+        ("Q4_1 (GGUF)", q4_1),
+        (
+            "int4 zero-point",
+            QWeight::from_int4(n, k, &codes, &scales, &zeros, None).expect("int4"),
+        ),
+        (
+            "int4 symmetric",
+            QWeight::from_int4(n, k, &sym_codes, &sym_scales, &vec![8; n * nb], None)
+                .expect("int4"),
+        ),
+        (
+            "int8 W8A8",
+            QWeight::from_int8(n, k, &i8_codes, &i8_scales, None).expect("int8"),
+        ),
+        ("FP8 W8A16", fp8(Fp8Activations::Bf16).expect("fp8")),
+        ("FP8 W8A8", fp8(Fp8Activations::E4m3PerToken).expect("fp8")),
+    ]
+}
+
+/// Part 3: each checkpoint format on two real matrices, every instruction set, alternating
+/// formats within each round.
+fn formats(content: &gguf_file::Content, file: &mut std::fs::File) {
+    let dev = Device::Cpu;
+    println!();
+    println!(
+        "checkpoint formats on the default model's layer-0 MLP matrices, {} candle threads:",
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:<22} {:<16} {:>10} {:>3} {:>10} {:>9}",
+        "shape", "format", "isa", "m", "us", "GF/s"
+    );
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for (label, name) in [
+        ("ffn_gate 576->1536", "blk.0.ffn_gate.weight"),
+        ("ffn_down 1536->576", "blk.0.ffn_down.weight"),
+    ] {
+        let qt = content.tensor(file, name, &dev).expect("tensor");
+        let (n, k) = qt.shape().dims2().expect("2d");
+        let w: Vec<f32> = qt
+            .dequantize(&dev)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("dequantize");
+        let q4_1 = QWeight::from_qtensor(&qt).expect("pack").expect("type");
+        let variants = format_variants(&w, n, k, q4_1);
+        for isa in Isa::available() {
+            for m in MS {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    })
+                    .collect();
+                let out = std::cell::RefCell::new(vec![0f32; m * n]);
+                let calls: Vec<Box<dyn Fn()>> = variants
+                    .iter()
+                    .map(|(_, weight)| {
+                        let (x, out) = (&x, &out);
+                        Box::new(move || weight.matmul_with(isa, x, m, &mut out.borrow_mut()))
+                            as Box<dyn Fn()>
+                    })
+                    .collect();
+                let reps: Vec<usize> = calls.iter().map(|f| calls_per_round(f)).collect();
+                let mut times = vec![Vec::with_capacity(ROUNDS); calls.len()];
+                for _ in 0..ROUNDS {
+                    for ((f, &reps), times) in calls.iter().zip(&reps).zip(&mut times) {
+                        let start = Instant::now();
+                        for _ in 0..reps {
+                            f();
+                        }
+                        times.push(start.elapsed().as_secs_f64() / reps as f64);
+                    }
+                }
+                let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+                for ((format, _), times) in variants.iter().zip(&mut times) {
+                    let t = median(times);
+                    println!(
+                        "{:<22} {:<16} {:>10} {:>3} {:>10.1} {:>9.1}",
+                        label,
+                        format,
+                        format!("{isa:?}"),
+                        m,
+                        t * 1e6,
+                        gflop / t
+                    );
+                }
+            }
+        }
     }
 }
 
