@@ -16,6 +16,11 @@ pub struct WeightsArgs {
     /// file's own types. The embedding and lm_head keep theirs.
     #[arg(long, value_parser = parse_weights_format)]
     pub weights_format: Option<GgmlDType>,
+    /// Store a float lm_head (a Hugging Face folder's, quantized or not) as this type, e.g. q8_0
+    /// as a GGUF keeps it: on a CPU the f16/f32 lm_head is the largest matmul of each decode
+    /// step. Default: as the file stores it. An lm_head that is already quantized is an error.
+    #[arg(long, value_parser = parse_weights_format)]
+    pub lm_head_format: Option<GgmlDType>,
     /// Where the model runs: `auto` (the first GPU when built with `--features cuda`, else the
     /// CPU), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
@@ -50,8 +55,8 @@ fn parse_weights_format(name: &str) -> Result<GgmlDType, String> {
 pub fn load(model: &str, weights: &WeightsArgs) -> anyhow::Result<LoadedModel> {
     if let Some(spec) = SyntheticSpec::parse(model)? {
         anyhow::ensure!(
-            weights.weights_format.is_none(),
-            "a synthetic model takes its format in its name (synthetic:NAME@FORMAT), not from --weights-format"
+            weights.weights_format.is_none() && weights.lm_head_format.is_none(),
+            "a synthetic model takes its format in its name (synthetic:NAME@FORMAT), not from --weights-format or --lm-head-format"
         );
         return spec
             .load_for(weights.device()?)
@@ -60,6 +65,7 @@ pub fn load(model: &str, weights: &WeightsArgs) -> anyhow::Result<LoadedModel> {
     let path = minserve_hub::resolve(model, &minserve_hub::FetchOptions::default())?;
     let options = LoadOptions {
         weights_format: weights.weights_format,
+        lm_head_format: weights.lm_head_format,
         device: weights.device()?,
     };
     minserve_model::load_model_with(&path, &options)

@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// lm_head keep theirs either way, as llama.cpp's quantizer does by default: they are the
     /// most sensitive matrices.
     pub weights_format: Option<GgmlDType>,
+    /// Store a float lm_head as this type (`--lm-head-format`; see
+    /// [`crate::weights::LlamaWeights::store_lm_head_as`]). `None` keeps the file's.
+    pub lm_head_format: Option<GgmlDType>,
     /// Where the weights will run: GGUF blocks are repacked for our CPU kernels only when it
     /// is the CPU; a GPU gets them as the file has them.
     pub device: DeviceChoice,
@@ -44,7 +47,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
 /// [`load_model`] with options.
 pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let repack_for_cpu = !options.device.is_gpu();
-    let (weights, tokenizer) = if path.is_dir() {
+    let (mut weights, tokenizer) = if path.is_dir() {
         crate::safetensors::load_folder(path, options.weights_format, repack_for_cpu)?
     } else {
         let content = crate::gguf::read_content(path)?;
@@ -55,6 +58,14 @@ pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<LoadedModel
         let weights = crate::gguf::load(path, &content, options.weights_format, repack_for_cpu)?;
         (weights, tokenizer)
     };
+    if let Some(format) = options.lm_head_format {
+        weights
+            .store_lm_head_as(format, repack_for_cpu)
+            .map_err(|message| ModelError::Format {
+                path: path.to_path_buf(),
+                message,
+            })?;
+    }
     Ok(LoadedModel {
         model: LlamaModel::new(weights),
         tokenizer,

@@ -274,3 +274,26 @@ pub struct LlamaWeights {
     pub final_norm: Tensor,
     pub lm_head: Linear,
 }
+
+impl LlamaWeights {
+    /// Stores a float lm_head as `format` (`--lm-head-format`): the quantized checkpoints keep
+    /// the (tied) lm_head in f16/bf16, which on a CPU is the largest matmul of every decode
+    /// step (SmolLM2: 49,152 x 576), where a GGUF keeps it in Q8_0. Fails, with what it found,
+    /// for an lm_head that is already quantized (a GGUF's keeps the file's type).
+    pub fn store_lm_head_as(
+        &mut self,
+        format: GgmlDType,
+        repack_for_cpu: bool,
+    ) -> std::result::Result<(), String> {
+        let LinearWeight::Candle(QMatMul::Tensor(dense)) = &self.lm_head.weight else {
+            return Err(
+                "--lm-head-format applies to a float lm_head (a Hugging Face folder's); this \
+                 model's lm_head is already quantized and keeps its type"
+                    .to_string(),
+            );
+        };
+        self.lm_head.weight = LinearWeight::from_f32(dense.clone(), format, repack_for_cpu)
+            .map_err(|e| format!("--lm-head-format: {e}"))?;
+        Ok(())
+    }
+}

@@ -215,6 +215,7 @@ pub fn quantize_gguf(
         let load = LoadOptions {
             weights_format: Some(GgmlDType::F32),
             device: DeviceChoice::Cpu,
+            ..LoadOptions::default()
         };
         let runner = load_model_with(gguf, &load)?.model;
         let method = match options.method {
