@@ -156,6 +156,12 @@ def main():
                    help="comma-separated: quality (perplexity, agreement), speed (size, RSS, tok/s)")
     p.add_argument("--work-dir", default="target/quant-table",
                    help="where the folders of `make` go ({work} in ROWS.json)")
+    p.add_argument("--only", action="append", default=[],
+                   help="measure only the rows whose label contains this (repeatable)")
+    p.add_argument("--results", default=None,
+                   help="a JSON file of results by label: this run's figures are merged into it "
+                        "(so quality and speed may come from different runs), and --markdown "
+                        "prints every row of ROWS.json from it")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
@@ -174,8 +180,13 @@ def main():
                                     capture_output=True, text=True).stdout.strip()
     make_missing(spec, args)
     reference = expand(spec["reference"], args)
+    merged = {}
+    if args.results and os.path.exists(args.results):
+        merged = json.load(open(args.results))
     results = []
     for row in spec["rows"]:
+        if args.only and not any(text in row["label"] for text in args.only):
+            continue
         if row.get("if_present") and not os.path.exists(expand(row["model"], args)):
             print(f"skipping {row['label']}: no {expand(row['model'], args)}", file=sys.stderr)
             continue
@@ -183,7 +194,13 @@ def main():
         r = measure(row, reference, args)
         print(json.dumps(r), flush=True)
         results.append(r)
+        if args.results:
+            merged.setdefault(r["label"], {}).update(r)
+            with open(args.results, "w") as f:
+                json.dump(merged, f, indent=1)
     if args.markdown:
+        if args.results:
+            results = [merged[row["label"]] for row in spec["rows"] if row["label"] in merged]
         print(markdown(results))
 
 
