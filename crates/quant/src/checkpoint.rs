@@ -66,7 +66,15 @@ impl QuantizeOptions {
             )));
         }
         match (self.method, self.bits, self.symmetry) {
-            (_, _, None) | (Method::Gptq, _, Some(_)) | (Method::Rtn, 4, Some(_)) => {}
+            (_, _, None) | (Method::Gptq, 4, Some(_)) | (Method::Rtn, 4, Some(_)) => {}
+            (Method::Gptq, _, Some(Symmetry::Symmetric)) => {}
+            (Method::Gptq, _, Some(Symmetry::Asymmetric)) => {
+                return Err(QuantError::Invalid(
+                    "--asym: asymmetric GPTQ is written as compressed-tensors pack-quantized, \
+                     which holds 4-bit codes; use --bits 4 or a symmetric 8-bit GPTQ"
+                        .into(),
+                ))
+            }
             (Method::Rtn, _, Some(Symmetry::Symmetric)) => {}
             (Method::Rtn, _, Some(Symmetry::Asymmetric)) => {
                 return Err(QuantError::Invalid(
@@ -125,6 +133,14 @@ impl QuantizeOptions {
             Method::Gptq => Symmetry::Symmetric,
             _ => Symmetry::Asymmetric,
         })
+    }
+
+    /// Asymmetric GPTQ goes to compressed-tensors `pack-quantized` with zero points (what
+    /// llm-compressor writes for it) rather than GPTQ v1, which stores `zero - 1` in 4 bits
+    /// and so cannot hold a zero point of 0: GPTQModel refuses `sym: false` v1 checkpoints
+    /// from any other producer for that reason.
+    fn writes_compressed_gptq(&self) -> bool {
+        self.method == Method::Gptq && self.grid_symmetry() == Symmetry::Asymmetric
     }
 
     pub fn needs_calibration(&self) -> bool {
@@ -223,8 +239,6 @@ pub fn quantize_gguf(
                 bits: options.bits,
                 group_size: options.group_size,
                 symmetry: options.grid_symmetry(),
-                // GPTQ v1 stores `zero - 1`: see `GroupGrid::fit_with_min_zero`.
-                min_zero: 1,
                 act_order: options.act_order,
                 damp: options.damp,
             }),
@@ -303,17 +317,21 @@ pub fn quantize_gguf(
     }
 
     let quantization_config = match (options.method, options.bits) {
-        (Method::Gptq, bits) => pack::gptq::config(
-            bits,
-            options.group_size,
-            options.grid_symmetry(),
-            options.act_order,
-            options.damp,
-        ),
+        (Method::Gptq, _) if options.writes_compressed_gptq() => {
+            pack::compressed::config(Scheme::W4A16 {
+                group_size: options.group_size,
+                symmetric: false,
+                act_order: options.act_order,
+            })
+        }
+        (Method::Gptq, bits) => {
+            pack::gptq::config(bits, options.group_size, options.act_order, options.damp)
+        }
         (Method::Awq, _) => pack::awq::config(options.group_size),
         (Method::Rtn, 4) => pack::compressed::config(Scheme::W4A16 {
             group_size: options.group_size,
             symmetric: options.grid_symmetry() == Symmetry::Symmetric,
+            act_order: false,
         }),
         (Method::Rtn, _) => pack::compressed::config(Scheme::W8A8),
         (Method::Fp8, _) => pack::compressed::config(Scheme::Fp8W8A16),
@@ -327,7 +345,7 @@ pub fn quantize_gguf(
         options.dtype.torch_dtype(),
         &model.tokenizer,
     )?;
-    if options.method == Method::Gptq {
+    if options.method == Method::Gptq && !options.writes_compressed_gptq() {
         let path = out_dir.join("quantize_config.json");
         write_json(&path, &quantization_config)?;
         files.push(path);
@@ -347,6 +365,9 @@ pub fn quantize_gguf(
 /// The layout a method writes, as its tools name it.
 pub fn layout_name(options: &QuantizeOptions) -> &'static str {
     match (options.method, options.bits) {
+        (Method::Gptq, _) if options.writes_compressed_gptq() => {
+            "compressed-tensors pack-quantized (W4A16, asymmetric groups, as llm-compressor's GPTQ)"
+        }
         (Method::Gptq, _) => "GPTQ v1 (AutoGPTQ / GPTQModel)",
         (Method::Awq, _) => "AWQ GEMM (AutoAWQ)",
         (Method::Rtn, 4) => match options.grid_symmetry() {
@@ -387,7 +408,9 @@ fn write_projection(
     options: &QuantizeOptions,
 ) -> Vec<Named> {
     match (q, options.method) {
-        (QuantizedProjection::Group(q), Method::Gptq) => pack::gptq::tensors(prefix, q),
+        (QuantizedProjection::Group(q), Method::Gptq) if !options.writes_compressed_gptq() => {
+            pack::gptq::tensors(prefix, q)
+        }
         (QuantizedProjection::Group(q), Method::Awq) => pack::awq::tensors(prefix, q),
         (QuantizedProjection::Group(q), _) => {
             pack::compressed::pack_quantized(prefix, q, options.dtype)

@@ -61,9 +61,6 @@ pub struct GptqOptions {
     pub bits: u32,
     pub group_size: usize,
     pub symmetry: Symmetry,
-    /// The smallest zero point an asymmetric grid may take (1 for GPTQ v1 checkpoints, which
-    /// cannot store 0; see [`GroupGrid::fit_with_min_zero`]).
-    pub min_zero: u8,
     /// Quantize columns in descending order of `diag(H)` (the paper's "act-order", GPTQModel's
     /// `desc_act`): the columns whose inputs are largest go first, while the most columns are
     /// left to absorb their error.
@@ -203,12 +200,8 @@ fn quantize_rows(
                 let group = i / options.group_size;
                 for r in 0..rows {
                     let values = &w[r * cols + i..r * cols + i + options.group_size];
-                    grids[r * groups + group] = GroupGrid::fit_with_min_zero(
-                        values,
-                        options.bits,
-                        options.symmetry,
-                        options.min_zero,
-                    );
+                    grids[r * groups + group] =
+                        GroupGrid::fit(values, options.bits, options.symmetry);
                 }
             }
             let pivot = upper[i * cols + i];
@@ -300,17 +293,15 @@ mod tests {
     #[test]
     fn gptq_beats_round_to_nearest_on_the_output() {
         let (w, x, h, rows, cols) = problem();
-        for (symmetry, min_zero, act_order) in [
-            (Symmetry::Symmetric, 0, false),
-            (Symmetry::Asymmetric, 0, false),
-            (Symmetry::Asymmetric, 1, false),
-            (Symmetry::Symmetric, 0, true),
+        for (symmetry, act_order) in [
+            (Symmetry::Symmetric, false),
+            (Symmetry::Asymmetric, false),
+            (Symmetry::Symmetric, true),
         ] {
             let options = GptqOptions {
                 bits: 4,
                 group_size: 16,
                 symmetry,
-                min_zero,
                 act_order,
                 damp: 0.01,
             };
@@ -332,7 +323,6 @@ mod tests {
             bits: 4,
             group_size: 16,
             symmetry: Symmetry::Symmetric,
-            min_zero: 0,
             act_order: true,
             damp: 0.01,
         };
@@ -365,7 +355,6 @@ mod tests {
             bits: 4,
             group_size: 16,
             symmetry: Symmetry::Asymmetric,
-            min_zero: 0,
             act_order: false,
             damp: 0.01,
         };

@@ -29,15 +29,6 @@ pub struct GroupGrid {
 impl GroupGrid {
     /// The grid for `values` (one group of one output row).
     pub fn fit(values: &[f32], bits: u32, symmetry: Symmetry) -> Self {
-        Self::fit_with_min_zero(values, bits, symmetry, 0)
-    }
-
-    /// [`GroupGrid::fit`] with the zero point kept at `min_zero` or above: GPTQ v1 stores
-    /// `zero - 1` in `bits` bits, so an asymmetric group whose minimum is (about) 0 cannot
-    /// have zero point 0 there. Such a group gets zero point `min_zero` and a scale wide enough
-    /// for its maximum: one step of the grid below 0 goes unused instead of the whole
-    /// checkpoint falling back to symmetric grids.
-    pub fn fit_with_min_zero(values: &[f32], bits: u32, symmetry: Symmetry, min_zero: u8) -> Self {
         let max_code = ((1u32 << bits) - 1) as u8;
         let (lo, hi) = values
             .iter()
@@ -55,13 +46,7 @@ impl GroupGrid {
                 let scale = (hi - lo) / max_code as f32;
                 let scale = rounded_scale(scale);
                 let zero = (-lo / scale).round().clamp(0.0, max_code as f32) as u8;
-                if zero >= min_zero {
-                    (scale, zero)
-                } else {
-                    let above = (max_code - min_zero) as f32;
-                    let scale = (hi / above).max(-lo / min_zero as f32);
-                    (scale, min_zero)
-                }
+                (scale, zero)
             }
         };
         Self {
@@ -207,25 +192,6 @@ mod tests {
         assert_eq!(grid.code(0.0), 8);
         assert_eq!(grid.code(-0.75), 0); // -7.5 rounds to -8 (away from zero), code 0
         assert_eq!(grid.code(0.75), 15); // 7.5 -> 8 -> clamped to 15
-    }
-
-    #[test]
-    fn a_minimum_zero_point_widens_the_scale_to_keep_the_maximum() {
-        let values = [0.0f32, 0.3, 1.5, 0.01];
-        assert_eq!(GroupGrid::fit(&values, 4, Symmetry::Asymmetric).zero, 0);
-        let grid = GroupGrid::fit_with_min_zero(&values, 4, Symmetry::Asymmetric, 1);
-        assert_eq!(grid.zero, 1);
-        assert!((grid.scale - 1.5 / 14.0).abs() < 1e-4, "{grid:?}");
-        assert_eq!(grid.code(1.5), 15);
-        for v in values {
-            assert!((grid.round(v) - v).abs() <= grid.scale / 2.0 + 1e-6);
-        }
-        // A group that reaches below 0 keeps its own zero point.
-        let values = [-0.5f32, 0.1, 1.0];
-        assert_eq!(
-            GroupGrid::fit_with_min_zero(&values, 4, Symmetry::Asymmetric, 1),
-            GroupGrid::fit(&values, 4, Symmetry::Asymmetric)
-        );
     }
 
     #[test]

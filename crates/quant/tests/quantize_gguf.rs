@@ -230,21 +230,16 @@ fn assert_rest_is_float(all: &HashMap<String, (Dtype, Vec<usize>)>) {
 
 #[test]
 fn gptq_writes_the_gptq_v1_layout_and_beats_round_to_nearest() {
-    for (act_order, symmetry) in [
-        (false, None),
-        (true, None),
-        (false, Some(Symmetry::Asymmetric)),
-    ] {
+    for act_order in [false, true] {
         let mut o = options(Method::Gptq, 4);
         o.act_order = act_order;
-        o.symmetry = symmetry;
         let w = run(&o);
         let q = &config(&w.out)["quantization_config"];
         assert_eq!(q["quant_method"], "gptq");
         assert_eq!(q["bits"], 4);
         assert_eq!(q["group_size"], 32);
         assert_eq!(q["desc_act"], act_order);
-        assert_eq!(q["sym"], symmetry.is_none());
+        assert_eq!(q["sym"], true);
         assert_eq!(q["checkpoint_format"], "gptq");
         let standalone: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(w.out.join("quantize_config.json")).unwrap(),
@@ -272,7 +267,7 @@ fn gptq_writes_the_gptq_v1_layout_and_beats_round_to_nearest() {
         assert_eq!(w.report.site_errors.len(), 4 * LAYERS);
         assert!(
             error < 0.9 * rtn,
-            "act_order={act_order} {symmetry:?}: GPTQ {error} vs RTN {rtn}"
+            "act_order={act_order}: GPTQ {error} vs RTN {rtn}"
         );
     }
 }
@@ -301,6 +296,48 @@ fn awq_writes_the_autoawq_gemm_layout_and_folds_scales_into_the_norms() {
     assert!(errors
         .iter()
         .all(|s| s.error <= s.error_round_to_nearest * (1.0 + 1e-6)));
+}
+
+/// Asymmetric GPTQ is written as llm-compressor writes it: compressed-tensors pack-quantized
+/// with zero points, and with act-order the group of every input (`weight_g_idx`,
+/// `actorder: "group"`). GPTQ v1 cannot store a zero point of 0.
+#[test]
+fn asymmetric_gptq_writes_compressed_tensors_with_zero_points_and_g_idx() {
+    for act_order in [false, true] {
+        let mut o = options(Method::Gptq, 4);
+        o.symmetry = Some(Symmetry::Asymmetric);
+        o.act_order = act_order;
+        let w = run(&o);
+        let q = &config(&w.out)["quantization_config"];
+        assert_eq!(q["quant_method"], "compressed-tensors");
+        assert_eq!(q["format"], "pack-quantized");
+        let weights = &q["config_groups"]["group_0"]["weights"];
+        assert_eq!(weights["symmetric"], false);
+        let expected_order = if act_order {
+            serde_json::json!("group")
+        } else {
+            serde_json::Value::Null
+        };
+        assert_eq!(weights["actorder"], expected_order);
+        assert!(!w.out.join("quantize_config.json").exists());
+        let all = tensors(&w.out);
+        assert_rest_is_float(&all);
+        let p = "model.layers.0.mlp.down_proj";
+        assert_tensor(
+            &all,
+            &format!("{p}.weight_zero_point"),
+            Dtype::I32,
+            &[HIDDEN / 8, FF / 32],
+        );
+        assert_eq!(all.contains_key(&format!("{p}.weight_g_idx")), act_order);
+        let (error, rtn) = w.report.site_errors.iter().fold((0.0, 0.0), |(e, r), s| {
+            (e + s.error, r + s.error_round_to_nearest)
+        });
+        assert!(
+            error < 0.9 * rtn,
+            "act_order={act_order}: GPTQ {error} vs RTN {rtn}"
+        );
+    }
 }
 
 #[test]
@@ -413,6 +450,7 @@ fn bad_requests_fail_naming_what_is_wrong() {
     let e = error_of(&o, Some(&text));
     assert!(e.contains("--calib-tokens"), "{e}");
     for (method, bits, symmetry, flag) in [
+        (Method::Gptq, 8, Symmetry::Asymmetric, "--asym"),
         (Method::Awq, 4, Symmetry::Symmetric, "--sym"),
         (Method::Rtn, 8, Symmetry::Asymmetric, "--asym"),
         (Method::Fp8, 8, Symmetry::Symmetric, "--sym"),

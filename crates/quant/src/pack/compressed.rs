@@ -19,11 +19,12 @@ use minserve_model::export::ExportDType;
 
 /// `pack-quantized` tensors of one projection; scales in `dtype` (the model's).
 ///
+/// Groups that are not runs of consecutive inputs (GPTQ's act-order) add `weight_g_idx`.
+///
 /// # Panics
-/// Unless 4-bit with groups of consecutive inputs (the caller checks).
+/// Unless 4-bit (the caller checks).
 pub fn pack_quantized(prefix: &str, q: &GroupQuantized, dtype: ExportDType) -> Vec<Named> {
     assert_eq!(q.bits, 4);
-    assert!(q.groups_are_contiguous());
     let (rows, cols, groups) = (q.rows, q.cols, q.num_groups());
     let packed: Vec<i32> = q
         .codes
@@ -61,6 +62,14 @@ pub fn pack_quantized(prefix: &str, q: &GroupQuantized, dtype: ExportDType) -> V
             prefix,
             "weight_zero_point",
             RawTensor::int32(&zero_points, vec![rows.div_ceil(8), groups]),
+        ));
+    }
+    if !q.groups_are_contiguous() {
+        let g_idx: Vec<i32> = q.g_idx.iter().map(|&g| g as i32).collect();
+        out.push(named(
+            prefix,
+            "weight_g_idx",
+            RawTensor::int32(&g_idx, vec![cols]),
         ));
     }
     out
@@ -102,7 +111,13 @@ pub fn float_quantized(prefix: &str, q: &ChannelFp8) -> Vec<Named> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     /// 4-bit integer weights in groups, activations as they are.
-    W4A16 { group_size: usize, symmetric: bool },
+    W4A16 {
+        group_size: usize,
+        symmetric: bool,
+        /// Groups in the order GPTQ's act-order quantized the columns (`weight_g_idx` stored,
+        /// compressed-tensors' `actorder: "group"`).
+        act_order: bool,
+    },
     /// 8-bit integer weights per channel, 8-bit activations per token at run time.
     W8A8,
     /// FP8 E4M3 weights per channel, activations as they are.
@@ -115,11 +130,13 @@ pub fn config(scheme: Scheme) -> serde_json::Value {
         Scheme::W4A16 {
             group_size,
             symmetric,
+            act_order,
         } => (
             "pack-quantized",
             serde_json::json!({
                 "num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
-                "group_size": group_size, "dynamic": false, "actorder": null,
+                "group_size": group_size, "dynamic": false,
+                "actorder": if act_order { serde_json::json!("group") } else { serde_json::Value::Null },
                 "block_structure": null, "observer": "minmax", "observer_kwargs": {},
             }),
             serde_json::Value::Null,

@@ -16,8 +16,7 @@ use minserve_model::export::ExportDType;
 ///
 /// # Panics
 /// If `out` is not a multiple of the words' width or the grid is asymmetric with a zero point
-/// of 0 (v1 cannot store it): the caller checks shapes, and fits asymmetric grids with
-/// `min_zero: 1`.
+/// of 0 (v1 cannot store it): the caller checks shapes, and GPTQ here is symmetric.
 pub fn tensors(prefix: &str, q: &GroupQuantized) -> Vec<Named> {
     let per_word = (32 / q.bits) as usize;
     assert!(q.rows.is_multiple_of(per_word) && q.cols.is_multiple_of(per_word));
@@ -68,19 +67,13 @@ pub fn tensors(prefix: &str, q: &GroupQuantized) -> Vec<Named> {
 }
 
 /// `quantization_config` (config.json) and `quantize_config.json` alike.
-pub fn config(
-    bits: u32,
-    group_size: usize,
-    symmetry: Symmetry,
-    act_order: bool,
-    damp: f64,
-) -> serde_json::Value {
+pub fn config(bits: u32, group_size: usize, act_order: bool, damp: f64) -> serde_json::Value {
     serde_json::json!({
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
         "desc_act": act_order,
-        "sym": symmetry == Symmetry::Symmetric,
+        "sym": true,
         "static_groups": false,
         "true_sequential": true,
         "damp_percent": damp,
