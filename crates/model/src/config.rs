@@ -120,6 +120,13 @@ pub struct BlockVariant {
 /// The architectures the one Llama code path implements.
 const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3"];
 
+/// The `model_type`s of `config.json` that the same code path reads.
+const SUPPORTED_HF: &[&str] = &["llama", "mistral", "qwen2", "qwen3", GEMMA3_TEXT];
+
+/// Gemma 3's text model (`Gemma3ForCausalLM`) in `config.json`; minserve calls it `gemma3`, as
+/// GGUF does.
+pub const GEMMA3_TEXT: &str = "gemma3_text";
+
 fn check_supported(arch: &str, key: &'static str, source: &Path) -> Result<(), ModelError> {
     if SUPPORTED.contains(&arch) {
         Ok(())
@@ -227,62 +234,93 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Format {
+        let invalid = |e: serde_json::Error| ModelError::Format {
             path: path.to_path_buf(),
             message: format!("not a valid config.json: {e}"),
-        })?;
-        if raw.model_type.starts_with("gemma") {
-            // Its safetensors need the (1 + w) norm convention and other names; not done yet.
-            return Err(ModelError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                key: "model_type",
-                architecture: raw.model_type,
-                supported: "llama, mistral, qwen2, qwen3 from config.json; gemma3 from GGUF only"
-                    .into(),
-            });
-        }
-        check_supported(&raw.model_type, "model_type", path)?;
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
-        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
-        let (rope_theta, rope_scaling) = match &raw.rope_parameters {
-            None | Some(serde_json::Value::Null) => (
-                raw.rope_theta.unwrap_or(10_000.0),
-                match &raw.rope_scaling {
-                    None | Some(serde_json::Value::Null) => RopeScaling::None,
-                    Some(value) => rope_scaling_from_json(
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(invalid)?;
+        let raw = HfConfig::deserialize(&json).map_err(invalid)?;
+        let gemma = match raw.model_type.as_str() {
+            GEMMA3_TEXT => Some(GemmaFields::deserialize(&json).map_err(invalid)?),
+            _ => None,
+        };
+        let architecture = match raw.model_type.as_str() {
+            GEMMA3_TEXT => "gemma3".to_string(),
+            other if SUPPORTED_HF.contains(&other) => other.to_string(),
+            other => {
+                return Err(ModelError::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    key: "model_type",
+                    architecture: other.to_string(),
+                    supported: format!(
+                        "{}{}",
+                        SUPPORTED_HF.join(", "),
+                        if other == "gemma3" {
+                            " (`gemma3` is the image-and-text model; its text model's \
+                             config.json says `gemma3_text`)"
+                        } else {
+                            ""
+                        }
+                    ),
+                })
+            }
+        };
+        let head_dim = raw.head_dim.unwrap_or(match gemma {
+            // Gemma 3's heads are 256 wide whatever the hidden size (transformers' default).
+            Some(_) => 256,
+            None => raw.hidden_size / raw.num_attention_heads.max(1),
+        });
+        let max_position_embeddings =
+            raw.max_position_embeddings
+                .unwrap_or(if gemma.is_some() { 131_072 } else { 4096 });
+        let (rope_theta, rope_scaling, block) = match &gemma {
+            Some(fields) => {
+                let gemma = gemma3_block(fields, &raw, head_dim, max_position_embeddings, path)?;
+                (gemma.rope_theta, gemma.rope_scaling, gemma.block)
+            }
+            None => {
+                let (theta, scaling) = match &raw.rope_parameters {
+                    None | Some(serde_json::Value::Null) => (
+                        raw.rope_theta.unwrap_or(10_000.0),
+                        top_level_rope_scaling(&raw, max_position_embeddings, path)?,
+                    ),
+                    Some(value) => rope_from_parameters(
                         value,
-                        "rope_scaling",
+                        "rope_parameters",
+                        &raw,
                         max_position_embeddings,
                         path,
                     )?,
-                },
-            ),
-            Some(value) => rope_from_parameters(value, &raw, max_position_embeddings, path)?,
+                };
+                let block = BlockVariant {
+                    // Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
+                    qk_norm: raw.model_type == "qwen3",
+                    ..BlockVariant::default()
+                };
+                (theta, scaling, block)
+            }
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let config = Self {
             head_dim,
             attention_bias: raw.attention_bias.unwrap_or(raw.model_type == "qwen2"),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // transformers ties Gemma's embeddings unless told otherwise, and no other model's.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma.is_some()),
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             num_kv_heads,
             vocab_size: raw.vocab_size,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-5),
+            rms_norm_eps: raw
+                .rms_norm_eps
+                .unwrap_or(if gemma.is_some() { 1e-6 } else { 1e-5 }),
             rope_theta,
             rope_style: RopeStyle::Neox,
             max_position_embeddings,
             rope_scaling,
-            block: BlockVariant {
-                // Qwen3's per-head RMSNorm of queries and keys (`self_attn.q_norm` / `k_norm`).
-                qk_norm: raw.model_type == "qwen3",
-                ..BlockVariant::default()
-            },
-            architecture: raw.model_type,
+            block,
+            architecture,
         };
         config.validate(path)?;
         Ok(config)
@@ -409,18 +447,19 @@ fn rope_scaling_from_json(
     })
 }
 
-/// transformers 5's `rope_parameters`: the base and the scaling in one object. Defaulting the
-/// base when it is missing would run every position with the wrong frequencies, so a missing or
-/// conflicting base is an error naming the field.
+/// transformers 5's `rope_parameters` (`field` names where it sits): the base and the scaling in
+/// one object. Defaulting the base when it is missing would run every position with the wrong
+/// frequencies, so a missing or conflicting base is an error naming the field.
 fn rope_from_parameters(
     value: &serde_json::Value,
+    field: &str,
     raw: &HfConfig,
     max_position_embeddings: usize,
     path: &Path,
 ) -> Result<(f32, RopeScaling), ModelError> {
     let bad = |message: String| ModelError::Format {
         path: path.to_path_buf(),
-        message: format!("rope_parameters: {message}"),
+        message: format!("{field}: {message}"),
     };
     let theta = value
         .get("rope_theta")
@@ -429,7 +468,8 @@ fn rope_from_parameters(
         .or(raw.rope_theta)
         .ok_or_else(|| {
             bad(format!(
-                "no numeric `rope_theta` in {value} (one object per layer type is not supported)"
+                "no numeric `rope_theta` in {value} (one object per layer type is read for \
+                 `{GEMMA3_TEXT}` only)"
             ))
         })?;
     if let Some(top) = raw.rope_theta.filter(|&top| top != theta) {
@@ -444,9 +484,259 @@ fn rope_from_parameters(
     }
     let scaling = match value.get("rope_type").or_else(|| value.get("type")) {
         None => RopeScaling::None,
-        Some(_) => rope_scaling_from_json(value, "rope_parameters", max_position_embeddings, path)?,
+        Some(_) => rope_scaling_from_json(value, field, max_position_embeddings, path)?,
     };
     Ok((theta, scaling))
+}
+
+/// transformers 4's spelling: `rope_scaling` beside a top-level `rope_theta`.
+fn top_level_rope_scaling(
+    raw: &HfConfig,
+    max_position_embeddings: usize,
+    path: &Path,
+) -> Result<RopeScaling, ModelError> {
+    match &raw.rope_scaling {
+        None | Some(serde_json::Value::Null) => Ok(RopeScaling::None),
+        Some(value) => rope_scaling_from_json(value, "rope_scaling", max_position_embeddings, path),
+    }
+}
+
+/// What Gemma 3's `config.json` sets beyond the Llama fields.
+struct Gemma3Parts {
+    rope_theta: f32,
+    rope_scaling: RopeScaling,
+    block: BlockVariant,
+}
+
+/// Gemma 3's block from its `config.json`, with transformers' defaults for absent keys. Both
+/// RoPE spellings are read: transformers 4's (`rope_theta` and `rope_scaling` for the global
+/// layers, `rope_local_base_freq` for the local ones) and transformers 5's `rope_parameters`
+/// with one object per layer type. What the forward pass does not implement (logit
+/// soft-capping, bidirectional attention, an irregular layer pattern) is an error naming the key.
+fn gemma3_block(
+    fields: &GemmaFields,
+    raw: &HfConfig,
+    head_dim: usize,
+    max_position_embeddings: usize,
+    path: &Path,
+) -> Result<Gemma3Parts, ModelError> {
+    let unsupported = |key: &str, value: String, supported: &str| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        value,
+        supported: supported.to_string(),
+    };
+    let bad = |message: String| ModelError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let activation = fields
+        .hidden_activation
+        .as_deref()
+        .unwrap_or(GEMMA_ACTIVATION);
+    if activation != GEMMA_ACTIVATION {
+        return Err(unsupported(
+            "hidden_activation",
+            activation.into(),
+            GEMMA_ACTIVATION,
+        ));
+    }
+    for (key, value) in [
+        ("final_logit_softcapping", fields.final_logit_softcapping),
+        ("attn_logit_softcapping", fields.attn_logit_softcapping),
+    ] {
+        if let Some(cap) = value {
+            return Err(unsupported(key, cap.to_string(), "null (no soft-capping)"));
+        }
+    }
+    if fields.use_bidirectional_attention == Some(true) {
+        return Err(unsupported(
+            "use_bidirectional_attention",
+            "true".into(),
+            "false (causal attention)",
+        ));
+    }
+    if raw.attention_bias == Some(true) {
+        return Err(unsupported("attention_bias", "true".into(), "false"));
+    }
+
+    let ((rope_theta, rope_scaling), local_rope_theta) = match &raw.rope_parameters {
+        None | Some(serde_json::Value::Null) => (
+            (
+                raw.rope_theta.unwrap_or(GEMMA_GLOBAL_THETA),
+                top_level_rope_scaling(raw, max_position_embeddings, path)?,
+            ),
+            fields.rope_local_base_freq.unwrap_or(GEMMA_LOCAL_THETA),
+        ),
+        Some(value) => {
+            let object = value
+                .as_object()
+                .ok_or_else(|| bad(format!("rope_parameters: not an object: {value}")))?;
+            if let Some(other) = object.keys().find(|k| !LAYER_TYPES.contains(&k.as_str())) {
+                return Err(bad(format!(
+                    "rope_parameters: `{other}` is not a layer type; `{GEMMA3_TEXT}` keeps one \
+                     object per layer type ({})",
+                    LAYER_TYPES.join(", ")
+                )));
+            }
+            let global = match object.get(FULL_ATTENTION) {
+                Some(full) => rope_from_parameters(
+                    full,
+                    "rope_parameters.full_attention",
+                    raw,
+                    max_position_embeddings,
+                    path,
+                )?,
+                None => (
+                    raw.rope_theta.unwrap_or(GEMMA_GLOBAL_THETA),
+                    RopeScaling::None,
+                ),
+            };
+            (
+                global,
+                local_theta(object.get(SLIDING_ATTENTION), fields, path)?,
+            )
+        }
+    };
+
+    let size = match fields.sliding_window {
+        None => 4096,
+        Some(Some(size)) => size,
+        Some(None) => {
+            return Err(unsupported(
+                "sliding_window",
+                "null".into(),
+                "a window size (Gemma 3's local layers)",
+            ))
+        }
+    };
+    let pattern = match &fields.layer_types {
+        Some(types) => {
+            let pattern = pattern_of(types, raw.num_hidden_layers, path)?;
+            if let Some(declared) = fields.sliding_window_pattern {
+                if layer_types(raw.num_hidden_layers, declared) != *types {
+                    return Err(bad(format!(
+                        "`sliding_window_pattern` {declared} and `layer_types` disagree"
+                    )));
+                }
+            }
+            pattern
+        }
+        None => fields.sliding_window_pattern.unwrap_or(6),
+    };
+    let scalar = fields.query_pre_attn_scalar.unwrap_or(256.0);
+    if !(scalar >= 1.0 && scalar.fract() == 0.0) {
+        return Err(bad(format!(
+            "`query_pre_attn_scalar` {scalar} is not a positive whole number"
+        )));
+    }
+    let scalar = scalar as usize;
+    Ok(Gemma3Parts {
+        rope_theta,
+        rope_scaling,
+        block: BlockVariant {
+            activation: Activation::GeluTanh,
+            qk_norm: true,
+            post_norms: true,
+            scale_embeddings: true,
+            query_pre_attn_scalar: (scalar != head_dim).then_some(scalar),
+            sliding_window: Some(SlidingWindow {
+                size,
+                pattern,
+                local_rope_theta,
+            }),
+        },
+    })
+}
+
+/// The RoPE base of Gemma's local layers from `rope_parameters.sliding_attention`: plain RoPE
+/// (minserve scales only the global layers, as Gemma 3 does).
+fn local_theta(
+    sliding: Option<&serde_json::Value>,
+    fields: &GemmaFields,
+    path: &Path,
+) -> Result<f32, ModelError> {
+    let field = "rope_parameters.sliding_attention";
+    let Some(sliding) = sliding else {
+        return Ok(fields.rope_local_base_freq.unwrap_or(GEMMA_LOCAL_THETA));
+    };
+    if let Some(kind) = sliding.get("rope_type").and_then(|v| v.as_str()) {
+        if kind != "default" {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                key: format!("{field}.rope_type"),
+                value: kind.into(),
+                supported: "default (scaling applies to full_attention only)".into(),
+            });
+        }
+    }
+    let theta = sliding.get("rope_theta").and_then(|v| v.as_f64());
+    match (theta, fields.rope_local_base_freq) {
+        (Some(theta), Some(top)) if theta as f32 != top => Err(ModelError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "{field}: `rope_theta` {theta} differs from `rope_local_base_freq` {top}"
+            ),
+        }),
+        (Some(theta), _) => Ok(theta as f32),
+        (None, top) => Ok(top.unwrap_or(GEMMA_LOCAL_THETA)),
+    }
+}
+
+const FULL_ATTENTION: &str = "full_attention";
+const SLIDING_ATTENTION: &str = "sliding_attention";
+const LAYER_TYPES: &[&str] = &[FULL_ATTENTION, SLIDING_ATTENTION];
+const GEMMA_ACTIVATION: &str = "gelu_pytorch_tanh";
+/// transformers' defaults for Gemma 3's RoPE bases.
+const GEMMA_GLOBAL_THETA: f32 = 1_000_000.0;
+const GEMMA_LOCAL_THETA: f32 = 10_000.0;
+
+/// `layer_types` of `layers` layers where every `pattern`-th (counting from 1) is global.
+pub fn layer_types(layers: usize, pattern: usize) -> Vec<String> {
+    (0..layers)
+        .map(|i| match (i + 1).is_multiple_of(pattern) {
+            true => FULL_ATTENTION.to_string(),
+            false => SLIDING_ATTENTION.to_string(),
+        })
+        .collect()
+}
+
+/// The period of `types`: minserve's forward pass knows "every n-th layer is global" and
+/// nothing more irregular, so any other list is an error that shows it.
+fn pattern_of(types: &[String], layers: usize, path: &Path) -> Result<usize, ModelError> {
+    let bad = |message: String| ModelError::Format {
+        path: path.to_path_buf(),
+        message: format!("layer_types: {message}"),
+    };
+    if types.len() != layers {
+        return Err(bad(format!(
+            "{} entries for {layers} layers (`num_hidden_layers`)",
+            types.len()
+        )));
+    }
+    if let Some(other) = types.iter().find(|t| !LAYER_TYPES.contains(&t.as_str())) {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            key: "layer_types".into(),
+            value: other.clone(),
+            supported: LAYER_TYPES.join(", "),
+        });
+    }
+    // No global layer at all is the pattern one past the last layer.
+    let pattern = types
+        .iter()
+        .position(|t| t == FULL_ATTENTION)
+        .map_or(layers + 1, |first| first + 1);
+    if layer_types(layers, pattern) != types {
+        let global: Vec<usize> = (0..layers)
+            .filter(|&i| types[i] == FULL_ATTENTION)
+            .collect();
+        return Err(bad(format!(
+            "full-attention layers {global:?} are not every {pattern}-th layer, the only \
+             pattern the forward pass implements"
+        )));
+    }
+    Ok(pattern)
 }
 
 /// YaRN's default attention factor: `0.1 * m * ln(factor) + 1` (1 when not stretching).
@@ -548,4 +838,31 @@ struct HfConfig {
     /// transformers 5's spelling of RoPE: `{"rope_theta": .., "rope_type": .., ...scaling}` in one
     /// object, with no top-level `rope_theta` or `rope_scaling`.
     rope_parameters: Option<serde_json::Value>,
+}
+
+/// The keys of Gemma 3's `config.json` (`gemma3_text`) beyond [`HfConfig`], read for it only:
+/// other models use some of the same names with other meanings (Mistral's `sliding_window`).
+#[derive(Debug, Deserialize)]
+struct GemmaFields {
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    /// Absent (transformers' default window) and `null` (no window) differ.
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<usize>>,
+    /// transformers 4's spelling of the layer pattern; `layer_types` lists each layer instead.
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f32>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+}
+
+/// A key that is present deserializes to `Some`, even when its value is `null`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }

@@ -17,8 +17,9 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use minserve_tokenizer::Tokenizer;
 
-use crate::config::{ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{layer_types, ModelConfig, RopeScaling, RopeStyle, GEMMA3_TEXT};
 use crate::error::{ModelError, Result};
+use crate::hf_norms::HfNorms;
 use crate::rope::llama3_parameters;
 use crate::safetensors::{tensor_plan, WEIGHTS_FILE};
 
@@ -138,6 +139,7 @@ pub fn read_gguf_as_hf(gguf_path: &Path) -> Result<HfModel> {
     }
 
     let unpermute = config.rope_style == RopeStyle::Interleaved;
+    let norms = HfNorms::of(&config);
     let file = File::open(gguf_path).map_err(|e| ModelError::io(gguf_path, e))?;
     let mut reader = BufReader::new(file);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -150,7 +152,7 @@ pub fn read_gguf_as_hf(gguf_path: &Path) -> Result<HfModel> {
             name: gguf_name.clone(),
             message,
         };
-        let Some((hf, role)) = hf_name(gguf_name) else {
+        let Some((hf, role)) = hf_name(gguf_name, &norms) else {
             if SKIPPABLE.contains(&gguf_name.as_str()) {
                 skipped.push(gguf_name.clone());
                 continue;
@@ -167,6 +169,10 @@ pub fn read_gguf_as_hf(gguf_path: &Path) -> Result<HfModel> {
             if let Some(heads) = role.heads(&config) {
                 t = unpermute_rows(&t, heads, config.head_dim).map_err(tensor_err)?;
             }
+        }
+        if let Role::Norm = role {
+            // The GGUF holds the multiplier; Gemma's checkpoints store one less.
+            t = t.affine(1.0, -norms.stored_offset() as f64)?;
         }
         tensors.push((hf, t.to_dtype(DType::F32)?.contiguous()?));
     }
@@ -252,15 +258,16 @@ pub fn write_hf_folder<'a, V: ::safetensors::View + 'a>(
     Ok((files, weights_bytes))
 }
 
-/// The `config.json` a Hugging Face `transformers` Llama would read for `config`.
-/// Fails for what it cannot express (Gemma's layout, RoPE divisors that are not Llama 3's).
+/// The `config.json` that Hugging Face `transformers` would read for `config`: a Llama, Qwen or
+/// Mistral, or Gemma 3's text model. Fails for what it cannot express (RoPE divisors that are
+/// not Llama 3's).
 pub fn hf_config_json(
     config: &ModelConfig,
     torch_dtype: &str,
 ) -> Result<serde_json::Value, String> {
     let c = config;
     if c.architecture == "gemma3" {
-        return Err("exporting Gemma 3 to a Hugging Face folder is not supported yet".into());
+        return gemma3_config_json(c, torch_dtype);
     }
     if c.block.qk_norm && c.architecture != "qwen3" {
         // transformers reads q/k norms for Qwen3 only: refused before anything is written.
@@ -290,6 +297,47 @@ pub fn hf_config_json(
         "attention_bias": c.attention_bias,
         "tie_word_embeddings": c.tie_word_embeddings,
         "hidden_act": "silu",
+        "torch_dtype": torch_dtype,
+    });
+    if let Some(scaling) = rope_scaling_to_json(c)? {
+        json["rope_scaling"] = scaling;
+    }
+    Ok(json)
+}
+
+/// Gemma 3's text model (`Gemma3ForCausalLM`). RoPE and the layer pattern are written in
+/// transformers 4's keys (`rope_theta`, `rope_local_base_freq`, `rope_scaling` of the global
+/// layers, `sliding_window_pattern`), which transformers 5 still reads (into its per-layer-type
+/// `rope_parameters`), plus the `layer_types` both read. Soft-capping is written as the `null`
+/// Gemma 3 has: minserve does not implement it.
+fn gemma3_config_json(c: &ModelConfig, torch_dtype: &str) -> Result<serde_json::Value, String> {
+    let window = c
+        .block
+        .sliding_window
+        .ok_or("a Gemma 3 without sliding-window layers cannot be written as `gemma3_text`")?;
+    let mut json = serde_json::json!({
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": GEMMA3_TEXT,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_local_base_freq": window.local_rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "attention_bias": c.attention_bias,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": c.block.query_pre_attn_scalar.unwrap_or(c.head_dim),
+        "sliding_window": window.size,
+        "sliding_window_pattern": window.pattern,
+        "layer_types": layer_types(c.num_layers, window.pattern),
+        "final_logit_softcapping": null,
+        "attn_logit_softcapping": null,
         "torch_dtype": torch_dtype,
     });
     if let Some(scaling) = rope_scaling_to_json(c)? {
@@ -365,11 +413,13 @@ pub fn prepare_out_dir(out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(|e| ModelError::io(out_dir, e))
 }
 
-/// Whether a GGUF tensor's rows must be un-permuted, and with which head count.
+/// Whether a GGUF tensor's rows must be un-permuted (and with which head count), or its values
+/// shifted to the checkpoint's norm convention.
 #[derive(Clone, Copy)]
 enum Role {
     Query,
     Key,
+    Norm,
     Other,
 }
 
@@ -379,7 +429,7 @@ impl Role {
         match self {
             Role::Query => Some(config.num_heads),
             Role::Key => Some(config.num_kv_heads),
-            Role::Other => None,
+            Role::Norm | Role::Other => None,
         }
     }
 }
@@ -402,16 +452,16 @@ pub fn gguf_rows_of(model: &HfModel, hf_name: &str) -> Option<usize> {
     }
 }
 
-/// The Hugging Face name of a llama.cpp tensor name.
-fn hf_name(gguf: &str) -> Option<(String, Role)> {
+/// The Hugging Face name of a llama.cpp tensor name, in a model whose norms are `norms`.
+fn hf_name(gguf: &str, norms: &HfNorms) -> Option<(String, Role)> {
     let top = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(("model.embed_tokens.weight", Role::Other)),
+        "output_norm.weight" => Some(("model.norm.weight", Role::Norm)),
+        "output.weight" => Some(("lm_head.weight", Role::Other)),
         _ => None,
     };
-    if let Some(name) = top {
-        return Some((name.to_string(), Role::Other));
+    if let Some((name, role)) = top {
+        return Some((name.to_string(), role));
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
@@ -428,11 +478,15 @@ fn hf_name(gguf: &str) -> Option<(String, Role)> {
         "ffn_gate" => ("mlp.gate_proj", Role::Other),
         "ffn_up" => ("mlp.up_proj", Role::Other),
         "ffn_down" => ("mlp.down_proj", Role::Other),
-        "attn_norm" if suffix == "weight" => ("input_layernorm", Role::Other),
-        // Per-head norms (Qwen3): `head_dim` weights, not rows of heads, so never permuted.
-        "attn_q_norm" if suffix == "weight" => ("self_attn.q_norm", Role::Other),
-        "attn_k_norm" if suffix == "weight" => ("self_attn.k_norm", Role::Other),
-        "ffn_norm" if suffix == "weight" => ("post_attention_layernorm", Role::Other),
+        _ if suffix != "weight" => return None,
+        "attn_norm" => (norms.attention, Role::Norm),
+        // Per-head norms (Qwen3, Gemma 3): `head_dim` weights, not rows of heads, so never
+        // permuted.
+        "attn_q_norm" => ("self_attn.q_norm", Role::Norm),
+        "attn_k_norm" => ("self_attn.k_norm", Role::Norm),
+        "ffn_norm" => (norms.feed_forward, Role::Norm),
+        "post_attention_norm" => (norms.post?.0, Role::Norm),
+        "post_ffw_norm" => (norms.post?.1, Role::Norm),
         _ => return None,
     };
     Some((format!("model.layers.{layer}.{hf}.{suffix}"), role))
@@ -591,12 +645,29 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        let (name, _) = hf_name("blk.11.attn_k.bias").unwrap();
+        let llama = HfNorms::of(&crate::synthetic::preset("tiny").unwrap());
+        let (name, _) = hf_name("blk.11.attn_k.bias", &llama).unwrap();
         assert_eq!(name, "model.layers.11.self_attn.k_proj.bias");
-        let (name, _) = hf_name("blk.0.ffn_norm.weight").unwrap();
+        let (name, _) = hf_name("blk.0.ffn_norm.weight", &llama).unwrap();
         assert_eq!(name, "model.layers.0.post_attention_layernorm.weight");
-        assert!(hf_name("rope_freqs.weight").is_none());
-        assert!(hf_name("blk.x.attn_q.weight").is_none());
+        assert!(hf_name("blk.0.post_ffw_norm.weight", &llama).is_none());
+        assert!(hf_name("rope_freqs.weight", &llama).is_none());
+        assert!(hf_name("blk.x.attn_q.weight", &llama).is_none());
+        // Gemma's `post_attention_layernorm` is the norm of the attention output.
+        let gemma = HfNorms::of(&crate::synthetic::preset("tiny-gemma3").unwrap());
+        let name = |gguf| hf_name(gguf, &gemma).unwrap().0;
+        assert_eq!(
+            name("blk.2.ffn_norm.weight"),
+            "model.layers.2.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            name("blk.2.post_attention_norm.weight"),
+            "model.layers.2.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            name("blk.2.post_ffw_norm.weight"),
+            "model.layers.2.post_feedforward_layernorm.weight"
+        );
     }
 
     #[test]

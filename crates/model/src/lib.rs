@@ -16,6 +16,7 @@ pub mod e4m3;
 pub mod error;
 pub mod export;
 pub mod gguf;
+pub mod hf_norms;
 pub mod kv_cache;
 pub mod llama;
 pub mod load;

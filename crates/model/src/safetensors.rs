@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::hf_norms::HfNorms;
 use crate::quantized_checkpoint::{QuantScheme, RawTensor, TensorSource};
 use crate::weights::{Embedding, LayerWeights, Linear, LinearWeight, LlamaWeights};
 
@@ -119,13 +120,14 @@ pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let q_dim = c.num_heads * c.head_dim;
     let kv_dim = c.num_kv_heads * c.head_dim;
     let (h, ff) = (c.hidden_size, c.intermediate_size);
+    let norms = HfNorms::of(c);
     let mut plan = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![c.vocab_size, h],
     )];
     for i in 0..c.num_layers {
         let mut add = |rest: &str, shape: Vec<usize>| plan.push((layer_name(i, rest), shape));
-        add("input_layernorm.weight", vec![h]);
+        add(&format!("{}.weight", norms.attention), vec![h]);
         add("self_attn.q_proj.weight", vec![q_dim, h]);
         add("self_attn.k_proj.weight", vec![kv_dim, h]);
         add("self_attn.v_proj.weight", vec![kv_dim, h]);
@@ -142,7 +144,11 @@ pub(crate) fn tensor_plan(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             add("self_attn.q_norm.weight", vec![c.head_dim]);
             add("self_attn.k_norm.weight", vec![c.head_dim]);
         }
-        add("post_attention_layernorm.weight", vec![h]);
+        add(&format!("{}.weight", norms.feed_forward), vec![h]);
+        if let Some((attention, feed_forward)) = norms.post {
+            add(&format!("{attention}.weight"), vec![h]);
+            add(&format!("{feed_forward}.weight"), vec![h]);
+        }
         add("mlp.gate_proj.weight", vec![ff, h]);
         add("mlp.up_proj.weight", vec![ff, h]);
         add("mlp.down_proj.weight", vec![h, ff]);
@@ -219,13 +225,25 @@ fn build_weights(
         };
         Ok(Linear { weight, bias })
     };
+    let norms = HfNorms::of(&config);
+    // The forward pass multiplies by the norm's multiplier (see `HfNorms`).
+    let norm = |name: &str| -> Result<Tensor> {
+        Ok(ckpt
+            .load_f32(name)?
+            .affine(1.0, norms.stored_offset() as f64)?)
+    };
+    let layer_norm = |i: usize, name: &str| norm(&layer_name(i, &format!("{name}.weight")));
     let qk_norm = |i: usize, name: &str| -> Result<Option<Tensor>> {
         match config.block.qk_norm {
-            true => Ok(Some(
-                ckpt.load_f32(&layer_name(i, &format!("self_attn.{name}.weight")))?,
-            )),
+            true => Ok(Some(layer_norm(i, &format!("self_attn.{name}"))?)),
             false => Ok(None),
         }
+    };
+    let post_norm = |i: usize, pick: fn((&'static str, &'static str)) -> &'static str| {
+        norms
+            .post
+            .map(|names| layer_norm(i, pick(names)))
+            .transpose()
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
@@ -233,20 +251,19 @@ fn build_weights(
         let mlp = |proj: &str| layer_name(i, &format!("mlp.{proj}"));
         let bias = config.attention_bias;
         layers.push(LayerWeights {
-            attn_norm: ckpt.load_f32(&layer_name(i, "input_layernorm.weight"))?,
+            attn_norm: layer_norm(i, norms.attention)?,
             q_proj: linear(attn("q_proj"), bias)?,
             k_proj: linear(attn("k_proj"), bias)?,
             v_proj: linear(attn("v_proj"), bias)?,
             o_proj: linear(attn("o_proj"), o_proj_has_bias(&config))?,
-            ffn_norm: ckpt.load_f32(&layer_name(i, "post_attention_layernorm.weight"))?,
+            ffn_norm: layer_norm(i, norms.feed_forward)?,
             gate_proj: linear(mlp("gate_proj"), false)?,
             up_proj: linear(mlp("up_proj"), false)?,
             down_proj: linear(mlp("down_proj"), false)?,
             q_norm: qk_norm(i, "q_norm")?,
             k_norm: qk_norm(i, "k_norm")?,
-            // Gemma's post-norms are not read from config.json yet (see `ModelConfig`).
-            post_attention_norm: None,
-            post_ffn_norm: None,
+            post_attention_norm: post_norm(i, |(attention, _)| attention)?,
+            post_ffn_norm: post_norm(i, |(_, feed_forward)| feed_forward)?,
         });
     }
     let embedding = ckpt.load_f32("model.embed_tokens.weight")?;
@@ -262,7 +279,7 @@ fn build_weights(
             bias: None,
         },
     };
-    let final_norm = ckpt.load_f32("model.norm.weight")?;
+    let final_norm = norm("model.norm.weight")?;
     Ok(LlamaWeights {
         config,
         embedding: Embedding::Dense(embedding),

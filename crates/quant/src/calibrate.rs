@@ -3,7 +3,7 @@
 //! [`crate::observe`]).
 
 use minserve_core::StepBatch;
-use minserve_model::{ActivationObserver, KvCache, KvDtype, LlamaModel};
+use minserve_model::{ActivationObserver, KvCache, KvDtype, KvGroups, LlamaModel};
 
 use crate::QuantError;
 
@@ -48,8 +48,11 @@ pub fn run(
         .map(|w| w.len().div_ceil(block_size))
         .max()
         .unwrap_or(0);
-    let mut cache = KvCache::new(
+    // One KV group for all layers (sliding-window layers still attend only to their window):
+    // the windows' block tables then serve every layer.
+    let mut cache = KvCache::with_groups(
         model.config(),
+        KvGroups::single(model.config()),
         KvDtype::F16,
         block_size,
         (blocks_per_window * windows.len()).max(1),

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use minserve_model::export::{
     prepare_out_dir, read_gguf_as_hf, write_hf_folder, write_json, ExportDType, HfModel,
 };
+use minserve_model::hf_norms::HfNorms;
 use minserve_model::{load_model_with, DeviceChoice, LoadOptions, ProjectionSite};
 
 use crate::awq::AwqOptions;
@@ -272,6 +273,7 @@ pub fn quantize_gguf(
     let calibration_tokens = windows.iter().map(Vec::len).sum();
 
     let layout = layout_name(options);
+    let norms = HfNorms::of(&model.config);
     let mut tensors: Vec<Named> = Vec::new();
     let mut twin: Vec<Named> = Vec::new();
     for (name, tensor) in &model.tensors {
@@ -290,8 +292,9 @@ pub fn quantize_gguf(
         }
         let mut values = tensor.flatten_all()?.to_vec1::<f32>()?;
         if let Some(divisors) = norm_divisors.get(name) {
+            // The multiplier is divided, not the stored weight (Gemma stores `m - 1`).
             for (v, s) in values.iter_mut().zip(divisors) {
-                *v /= s;
+                *v = norms.stored(norms.multiplier(*v) / s);
             }
         }
         tensors.push((

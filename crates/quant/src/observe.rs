@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor};
 use minserve_model::export::{gguf_rows_of, permute_rows_for_gguf, HfModel};
+use minserve_model::hf_norms::HfNorms;
 use minserve_model::{ActivationObserver, ModelError, ProjectionSite};
 
 use crate::awq::{self, AwqOptions, InputStats, Projection};
@@ -41,7 +42,7 @@ pub struct Calibrator<'a> {
     method: Calibrated,
     /// Quantized projections by name (without `.weight`), rows in Hugging Face order.
     pub results: BTreeMap<String, QuantizedProjection>,
-    /// AWQ: RMSNorm weights to divide elementwise by these scales, by tensor name.
+    /// AWQ: RMSNorms whose multipliers to divide elementwise by these scales, by tensor name.
     pub norm_divisors: HashMap<String, Vec<f32>>,
     pub errors: Vec<SiteError>,
     layer_done: &'a mut dyn FnMut(usize),
@@ -219,30 +220,29 @@ impl<'a> Calibrator<'a> {
     }
 
     /// AWQ: the input of the scaled projections must be divided by `scales`. For q/k/v and
-    /// gate/up the RMSNorm before them does it; for down_proj, up_proj's output rows (already
-    /// quantized: scaling a row scales its grid, exactly).
+    /// gate/up the RMSNorm before them does it (which norm that is depends on the model:
+    /// `HfNorms::before`); for down_proj, up_proj's output rows (already quantized: scaling a
+    /// row scales its grid, exactly).
     fn fold_scales(
         &mut self,
         layer: usize,
         site: ProjectionSite,
         scales: &[f32],
     ) -> Result<(), QuantError> {
-        let norm = match site {
-            ProjectionSite::Attention => "input_layernorm",
-            ProjectionSite::Mlp => "post_attention_layernorm",
-            ProjectionSite::MlpOutput => {
-                let up = format!("model.layers.{layer}.mlp.up_proj");
-                let Some(QuantizedProjection::Group(q)) = self.results.get_mut(&up) else {
-                    return Err(QuantError::Invalid(format!(
-                        "{up} was not quantized before down_proj"
-                    )));
-                };
-                let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
-                q.scale_rows(&inverse);
-                return Ok(());
-            }
-            ProjectionSite::AttentionOutput => unreachable!("o_proj gets no scales"),
-        };
+        if site == ProjectionSite::MlpOutput {
+            let up = format!("model.layers.{layer}.mlp.up_proj");
+            let Some(QuantizedProjection::Group(q)) = self.results.get_mut(&up) else {
+                return Err(QuantError::Invalid(format!(
+                    "{up} was not quantized before down_proj"
+                )));
+            };
+            let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+            q.scale_rows(&inverse);
+            return Ok(());
+        }
+        let norm = HfNorms::of(&self.model.config)
+            .before(site)
+            .ok_or_else(|| QuantError::Invalid(format!("no norm precedes the {site:?} site")))?;
         self.norm_divisors.insert(
             format!("model.layers.{layer}.{norm}.weight"),
             scales.to_vec(),

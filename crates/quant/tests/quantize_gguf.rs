@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use minserve_model::export::ExportDType;
-use minserve_model::synthetic;
+use minserve_model::{synthetic, ProjectionSite};
 use minserve_quant::grid::Symmetry;
 use minserve_quant::{quantize_gguf, Method, QuantizeOptions};
 use safetensors::{Dtype, SafeTensors};
@@ -19,19 +19,23 @@ const LAYERS: usize = 2;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 
-/// A Llama GGUF with seeded random f32 weights and the synthetic byte-level tokenizer.
-fn write_gguf(dir: &Path) -> PathBuf {
-    let config = synthetic::preset("tiny").unwrap();
-    assert_eq!(
-        (
-            config.hidden_size,
-            config.intermediate_size,
-            config.num_layers
-        ),
-        (HIDDEN, FF, LAYERS)
+/// A GGUF of the synthetic preset `preset` (`tiny`, a Llama, unless a test says otherwise) with
+/// seeded random f32 weights and the synthetic byte-level tokenizer, tensors and metadata named
+/// as llama.cpp names them for its architecture.
+fn write_gguf(dir: &Path, preset: &str) -> PathBuf {
+    let config = synthetic::preset(preset).unwrap();
+    let arch = config.architecture.as_str();
+    let (hidden, ff, layers) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_layers,
     );
+    let (heads, kv_heads, head_dim) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    if preset == "tiny" {
+        assert_eq!((hidden, ff, layers), (HIDDEN, FF, LAYERS));
+        assert_eq!((heads, kv_heads), (HEADS, KV_HEADS));
+    }
     let vocab = config.vocab_size;
-    let head_dim = HIDDEN / HEADS;
     let mut state = 7u64;
     let mut random = |shape: &[usize], center: f32, spread: f32| {
         let n: usize = shape.iter().product();
@@ -48,30 +52,46 @@ fn write_gguf(dir: &Path) -> PathBuf {
     let mut tensors = vec![
         (
             "token_embd.weight".to_string(),
-            random(&[vocab, HIDDEN], 0.0, 1.0),
+            random(&[vocab, hidden], 0.0, 1.0),
         ),
         (
             "output_norm.weight".to_string(),
-            random(&[HIDDEN], 1.0, 0.2),
+            random(&[hidden], 1.0, 0.2),
         ),
     ];
-    for i in 0..LAYERS {
-        for (name, shape, center) in [
-            ("attn_norm", vec![HIDDEN], 1.0),
-            ("attn_q", vec![HEADS * head_dim, HIDDEN], 0.0),
-            ("attn_k", vec![KV_HEADS * head_dim, HIDDEN], 0.0),
-            ("attn_v", vec![KV_HEADS * head_dim, HIDDEN], 0.0),
-            ("attn_output", vec![HIDDEN, HEADS * head_dim], 0.0),
-            ("ffn_norm", vec![HIDDEN], 1.0),
-            ("ffn_gate", vec![FF, HIDDEN], 0.0),
-            ("ffn_up", vec![FF, HIDDEN], 0.0),
-            ("ffn_down", vec![HIDDEN, FF], 0.0),
-        ] {
+    let gemma = arch == "gemma3";
+    for i in 0..layers {
+        let mut names = vec![
+            ("attn_norm", vec![hidden], 1.0),
+            ("attn_q", vec![heads * head_dim, hidden], 0.0),
+            ("attn_k", vec![kv_heads * head_dim, hidden], 0.0),
+            ("attn_v", vec![kv_heads * head_dim, hidden], 0.0),
+            ("attn_output", vec![hidden, heads * head_dim], 0.0),
+            ("ffn_norm", vec![hidden], 1.0),
+            ("ffn_gate", vec![ff, hidden], 0.0),
+            ("ffn_up", vec![ff, hidden], 0.0),
+            ("ffn_down", vec![hidden, ff], 0.0),
+        ];
+        if gemma {
+            names.extend([
+                ("attn_q_norm", vec![head_dim], 1.0),
+                ("attn_k_norm", vec![head_dim], 1.0),
+                ("post_attention_norm", vec![hidden], 1.0),
+                ("post_ffw_norm", vec![hidden], 1.0),
+            ]);
+        }
+        for (name, shape, center) in names {
             let spread = if center == 1.0 { 0.2 } else { 0.15 };
-            tensors.push((
-                format!("blk.{i}.{name}.weight"),
-                random(&shape, center, spread),
-            ));
+            let mut t = random(&shape, center, spread);
+            if gemma && matches!(name, "attn_norm" | "ffn_norm") {
+                // Gemma's norms before the projections have outlier channels (the real
+                // model's multipliers reach tens), where AWQ's scales matter.
+                let outliers: Vec<f32> = (0..hidden)
+                    .map(|c| if c % 16 == 3 { 6.0 } else { 1.0 })
+                    .collect();
+                t = (t * Tensor::new(outliers.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            }
+            tensors.push((format!("blk.{i}.{name}.weight"), t));
         }
     }
     let u32_value = |v: usize| gguf_file::Value::U32(v as u32);
@@ -80,27 +100,38 @@ fn write_gguf(dir: &Path) -> PathBuf {
         .into_iter()
         .filter(|(k, _)| k.starts_with("tokenizer."))
         .collect();
+    let key = |name: &str| format!("{arch}.{name}");
     metadata.extend([
         (
             "general.architecture".into(),
-            gguf_file::Value::String("llama".into()),
+            gguf_file::Value::String(arch.into()),
         ),
-        ("llama.embedding_length".into(), u32_value(HIDDEN)),
-        ("llama.feed_forward_length".into(), u32_value(FF)),
-        ("llama.block_count".into(), u32_value(LAYERS)),
-        ("llama.attention.head_count".into(), u32_value(HEADS)),
-        ("llama.attention.head_count_kv".into(), u32_value(KV_HEADS)),
-        ("llama.context_length".into(), u32_value(2048)),
-        ("llama.rope.dimension_count".into(), u32_value(head_dim)),
+        (key("embedding_length"), u32_value(hidden)),
+        (key("feed_forward_length"), u32_value(ff)),
+        (key("block_count"), u32_value(layers)),
+        (key("attention.head_count"), u32_value(heads)),
+        (key("attention.head_count_kv"), u32_value(kv_heads)),
+        (key("attention.key_length"), u32_value(head_dim)),
+        (key("context_length"), u32_value(2048)),
+        (key("rope.dimension_count"), u32_value(head_dim)),
         (
-            "llama.rope.freq_base".into(),
-            gguf_file::Value::F32(10_000.0),
+            key("rope.freq_base"),
+            gguf_file::Value::F32(config.rope_theta),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            gguf_file::Value::F32(1e-5),
+            key("attention.layer_norm_rms_epsilon"),
+            gguf_file::Value::F32(config.rms_norm_eps as f32),
         ),
     ]);
+    if let Some(window) = config.block.sliding_window {
+        metadata.extend([
+            (key("attention.sliding_window"), u32_value(window.size)),
+            (
+                key("attention.sliding_window_pattern"),
+                u32_value(window.pattern),
+            ),
+        ]);
+    }
     let quantized: Vec<(String, QTensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
@@ -163,13 +194,20 @@ fn options(method: Method, bits: u32) -> QuantizeOptions {
 
 struct Written {
     _dir: tempfile::TempDir,
+    /// The GGUF the folder was made from.
+    gguf: PathBuf,
     out: PathBuf,
     report: minserve_quant::QuantizeReport,
 }
 
 fn run(options: &QuantizeOptions) -> Written {
+    run_preset(options, "tiny")
+}
+
+fn run_preset(options: &QuantizeOptions, preset: &str) -> Written {
+    let layers = synthetic::preset(preset).unwrap().num_layers;
     let dir = tempfile::tempdir().unwrap();
-    let gguf = write_gguf(dir.path());
+    let gguf = write_gguf(dir.path(), preset);
     let out = dir.path().join("out");
     let text = calibration_text();
     let mut layers_seen = Vec::new();
@@ -179,11 +217,12 @@ fn run(options: &QuantizeOptions) -> Written {
     .unwrap();
     assert_eq!(
         layers_seen,
-        (1..=LAYERS).collect::<Vec<_>>(),
+        (1..=layers).collect::<Vec<_>>(),
         "progress after each layer"
     );
     Written {
         _dir: dir,
+        gguf,
         out,
         report,
     }
@@ -416,7 +455,7 @@ fn round_to_nearest_and_fp8_write_compressed_tensors() {
 
 fn error_of(options: &QuantizeOptions, calibration: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = write_gguf(dir.path());
+    let gguf = write_gguf(dir.path(), "tiny");
     let out = dir.path().join("out");
     let err = quantize_gguf(&gguf, &out, options, calibration, &mut |_| {}).expect_err("must fail");
     assert!(!out.exists(), "nothing is written for a bad request");
@@ -477,9 +516,13 @@ fn logits_of(dir: &Path, repack_for_cpu: bool, tokens: &[u32]) -> Vec<f32> {
     };
     let mut runner = ModelRunner::new(LlamaModel::new(weights), cache);
     let block_size = runner.cache_geometry().block_size;
-    let blocks: Vec<u32> = (0..tokens.len().div_ceil(block_size) as u32).collect();
+    // Blocks of its own for each KV group (Gemma's global and local layers).
+    let per_group = tokens.len().div_ceil(block_size) as u32;
+    let tables: Vec<Vec<u32>> = (0..runner.kv_group_windows().len() as u32)
+        .map(|g| (g * per_group..(g + 1) * per_group).collect())
+        .collect();
     let mut batch = StepBatch::new();
-    batch.push_sequence(tokens, 0, &blocks, block_size, true);
+    batch.push_sequence_groups(tokens, 0, &tables, block_size, true);
     runner.execute(&batch).unwrap().row(0).to_vec()
 }
 
@@ -496,6 +539,79 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// which also quantize activations (int8 blocks, or bf16 for FP8), to that rounding's size.
 #[test]
 fn every_written_folder_loads_in_minserve_as_its_dequantized_twin() {
+    check_folders_load_as_their_twins("tiny");
+}
+
+/// The same for Gemma 3's block: four norms per layer (gate/up read `pre_feedforward_layernorm`,
+/// not `post_attention_layernorm`), all stored as `w` of `1 + w`, GeGLU, q/k norms, sliding
+/// windows. The twin check alone would pass with AWQ's scales folded into the wrong norm, or
+/// into `w` rather than `1 + w` (both folders would hold the same wrong norms); the folded
+/// products catch both (measured: AWQ 0.056, round-to-nearest 0.069; folded into `w` 0.146,
+/// into `post_attention_layernorm` 0.338).
+#[test]
+fn gemma3_folders_load_in_minserve_as_their_dequantized_twins() {
+    check_folders_load_as_their_twins("tiny-gemma3");
+}
+
+/// AWQ divides a norm's multipliers by its scales and multiplies the next projections' input
+/// columns by them: the product `W diag(m)` is what the model applies to the normalized input,
+/// and it must stay the float model's up to quantization error, scales or not. The largest
+/// relative (Frobenius) error of that product over the q/k/v and gate projections of every
+/// layer: a scale folded into the wrong norm, or into Gemma's stored `w` instead of `1 + w`,
+/// leaves columns off by up to `|1 - s|`, beyond 4-bit rounding.
+fn folded_product_error(folder: &Path, float: &Path, preset: &str) -> f32 {
+    let config = synthetic::preset(preset).unwrap();
+    let norms = minserve_model::hf_norms::HfNorms::of(&config);
+    let (a, b) = (std::fs::read(folder), std::fs::read(float));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = (
+        SafeTensors::deserialize(&a).unwrap(),
+        SafeTensors::deserialize(&b).unwrap(),
+    );
+    let values = |file: &SafeTensors, name: &str| -> Vec<f32> {
+        let view = file.tensor(name).unwrap();
+        assert_eq!(view.dtype(), Dtype::F32, "{name}");
+        view.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut worst = 0f32;
+    for layer in 0..config.num_layers {
+        for site in [ProjectionSite::Attention, ProjectionSite::Mlp] {
+            let norm = format!(
+                "model.layers.{layer}.{}.weight",
+                norms.before(site).unwrap()
+            );
+            let multipliers = |file| -> Vec<f32> {
+                let stored = values(file, &norm);
+                stored.iter().map(|&w| norms.multiplier(w)).collect()
+            };
+            let (ma, mb) = (multipliers(&a), multipliers(&b));
+            // up_proj's rows also carry down_proj's scales (divided out of them): gate_proj
+            // alone stands for the site.
+            for p in site.projections().iter().filter(|p| **p != "mlp.up_proj") {
+                let name = format!("model.layers.{layer}.{p}.weight");
+                let (wa, wb) = (values(&a, &name), values(&b, &name));
+                let cols = ma.len();
+                let (mut diff, mut size) = (0f32, 0f32);
+                for (i, (x, y)) in wa.iter().zip(&wb).enumerate() {
+                    let (x, y) = (x * ma[i % cols], y * mb[i % cols]);
+                    diff += (x - y) * (x - y);
+                    size += y * y;
+                }
+                worst = worst.max((diff / size).sqrt());
+            }
+        }
+    }
+    worst
+}
+
+/// Writes every method's folder of `preset`, with its dequantized twin, and checks that minserve
+/// loads the folder as the twin, and that AWQ's norm-times-projection products stay as close to
+/// the float model's (the GGUF exported to f32) as round-to-nearest's (see
+/// [`folded_product_error`]).
+fn check_folders_load_as_their_twins(preset: &str) {
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 200).collect();
     let with_symmetry = |mut o: QuantizeOptions, symmetry| {
         o.symmetry = Some(symmetry);
@@ -519,17 +635,35 @@ fn every_written_folder_loads_in_minserve_as_its_dequantized_twin() {
         ("rtn 8-bit", options(Method::Rtn, 8), false),
         ("fp8", options(Method::Fp8, 8), false),
     ];
+    let mut distance = HashMap::new();
     for (name, mut options, act_order) in cases {
         let twin = tempfile::tempdir().unwrap();
         options.act_order = act_order;
         options.dtype = ExportDType::F32;
         options.dequantized_twin = Some(twin.path().join("twin"));
-        let written = run(&options);
+        let written = run_preset(&options, preset);
+        let float = twin.path().join("float");
+        minserve_model::export::export_gguf_to_hf(&written.gguf, &float, ExportDType::F32).unwrap();
+        let float_logits = logits_of(&float, false, &tokens);
         let twin_logits = logits_of(&twin.path().join("twin"), false, &tokens);
         let scale = twin_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
         let dense = max_abs_diff(&logits_of(&written.out, false, &tokens), &twin_logits);
         let packed = max_abs_diff(&logits_of(&written.out, true, &tokens), &twin_logits);
-        eprintln!("{name}: dequantized {dense:.2e}, packed {packed:.2e} (logits up to {scale:.2})");
+        let from_float = max_abs_diff(&twin_logits, &float_logits);
+        let twin_weights = twin.path().join("twin").join("model.safetensors");
+        let product_error =
+            folded_product_error(&twin_weights, &float.join("model.safetensors"), preset);
+        let alphas: Vec<f32> = written
+            .report
+            .site_errors
+            .iter()
+            .filter_map(|e| e.alpha)
+            .collect();
+        eprintln!(
+            "{preset} {name}: dequantized {dense:.2e}, packed {packed:.2e} (logits up to \
+             {scale:.2}); from the float model: logits {from_float:.3}, folded products \
+             {product_error:.3}; AWQ alphas {alphas:?}"
+        );
         assert!(
             dense <= 1e-4 * scale.max(1.0),
             "{name}: dequantized off by {dense}"
@@ -538,5 +672,11 @@ fn every_written_folder_loads_in_minserve_as_its_dequantized_twin() {
             packed <= 0.05 * scale.max(1.0),
             "{name}: packed off by {packed}"
         );
+        distance.insert(name, product_error);
     }
+    let (awq, rtn) = (distance["awq"], distance["rtn 4-bit"]);
+    assert!(
+        awq <= 1.5 * rtn,
+        "{preset}: AWQ's folded products are {awq} from the float model's, round-to-nearest's {rtn}"
+    );
 }
