@@ -276,14 +276,28 @@ pub fn hf_config_json(
             c.architecture
         ));
     }
+    let class = match c.architecture.as_str() {
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let extra = serde_json::json!({"hidden_act": "silu"});
+    common_config_json(c, class, &c.architecture, torch_dtype, extra)
+}
+
+/// The keys every exported `config.json` has (class, shape, RoPE base and scaling), with the
+/// model's own `extra` keys.
+fn common_config_json(
+    c: &ModelConfig,
+    class: &str,
+    model_type: &str,
+    torch_dtype: &str,
+    extra: serde_json::Value,
+) -> Result<serde_json::Value, String> {
     let mut json = serde_json::json!({
-        "architectures": [match c.architecture.as_str() {
-            "qwen2" => "Qwen2ForCausalLM",
-            "qwen3" => "Qwen3ForCausalLM",
-            "mistral" => "MistralForCausalLM",
-            _ => "LlamaForCausalLM",
-        }],
-        "model_type": c.architecture,
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_layers,
@@ -296,9 +310,11 @@ pub fn hf_config_json(
         "max_position_embeddings": c.max_position_embeddings,
         "attention_bias": c.attention_bias,
         "tie_word_embeddings": c.tie_word_embeddings,
-        "hidden_act": "silu",
         "torch_dtype": torch_dtype,
     });
+    if let (Some(json), serde_json::Value::Object(extra)) = (json.as_object_mut(), extra) {
+        json.extend(extra);
+    }
     if let Some(scaling) = rope_scaling_to_json(c)? {
         json["rope_scaling"] = scaling;
     }
@@ -315,22 +331,8 @@ fn gemma3_config_json(c: &ModelConfig, torch_dtype: &str) -> Result<serde_json::
         .block
         .sliding_window
         .ok_or("a Gemma 3 without sliding-window layers cannot be written as `gemma3_text`")?;
-    let mut json = serde_json::json!({
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": GEMMA3_TEXT,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
+    let extra = serde_json::json!({
         "rope_local_base_freq": window.local_rope_theta,
-        "max_position_embeddings": c.max_position_embeddings,
-        "attention_bias": c.attention_bias,
-        "tie_word_embeddings": c.tie_word_embeddings,
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": c.block.query_pre_attn_scalar.unwrap_or(c.head_dim),
         "sliding_window": window.size,
@@ -338,12 +340,8 @@ fn gemma3_config_json(c: &ModelConfig, torch_dtype: &str) -> Result<serde_json::
         "layer_types": layer_types(c.num_layers, window.pattern),
         "final_logit_softcapping": null,
         "attn_logit_softcapping": null,
-        "torch_dtype": torch_dtype,
     });
-    if let Some(scaling) = rope_scaling_to_json(c)? {
-        json["rope_scaling"] = scaling;
-    }
-    Ok(json)
+    common_config_json(c, "Gemma3ForCausalLM", GEMMA3_TEXT, torch_dtype, extra)
 }
 
 /// The `rope_scaling` object of an exported `config.json`, `None` without scaling. GGUF stores
