@@ -162,6 +162,9 @@ def main():
                    help="a JSON file of results by label: this run's figures are merged into it "
                         "(so quality and speed may come from different runs), and --markdown "
                         "prints every row of ROWS.json from it")
+    p.add_argument("--skip-done", action="store_true",
+                   help="with --results: skip the rows whose figures of --parts it already has "
+                        "(to resume an interrupted run)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
@@ -186,6 +189,10 @@ def main():
     results = []
     for row in spec["rows"]:
         if args.only and not any(text in row["label"] for text in args.only):
+            continue
+        done = merged.get(row["label"], {})
+        needed = {"quality": "perplexity", "speed": "single_tok_s"}
+        if args.skip_done and all(needed[part] in done for part in args.parts):
             continue
         if row.get("if_present") and not os.path.exists(expand(row["model"], args)):
             print(f"skipping {row['label']}: no {expand(row['model'], args)}", file=sys.stderr)
