@@ -83,12 +83,16 @@ def make_missing(spec, args):
               flush=True)
 
 
-def reference_top1(reference, args, cache={}):
+def reference_top1(reference, args, cache={}, need_result=False):
     """The reference's reading of the text, run once: its result, its top-1 tokens in a file
-    (`--write-top1`) that every other row is compared with, and agreement 1 with itself."""
-    if reference not in cache:
-        path = os.path.join(args.work_dir, f"top1-{os.path.basename(reference)}-"
-                                           f"{args.max_tokens}.json")
+    (`--write-top1`) that every other row is compared with, and agreement 1 with itself. A file
+    an earlier run left is reused unless the reference's own figures are asked for (the file
+    says which text, context, stride and token count it is for, and eval refuses a mismatch)."""
+    path = os.path.join(args.work_dir, f"top1-{os.path.basename(reference)}-"
+                                       f"{args.max_tokens}.json")
+    if reference not in cache and not need_result and os.path.exists(path):
+        return {"file": path}
+    if reference not in cache or "result" not in cache[reference]:
         ppl, _ = run_json(
             [args.minserve, "eval", "perplexity", "--model", reference, "--text", args.text,
              "--max-tokens", str(args.max_tokens), "--write-top1", path])
@@ -104,7 +108,7 @@ def measure(row, reference, args):
     result = {"label": row["label"]}
     if "quality" in args.parts:
         if model == reference and not flags:
-            ppl = reference_top1(reference, args)
+            ppl = reference_top1(reference, args, need_result=True)
         else:
             ppl, _ = run_json(
                 [args.minserve, "eval", "perplexity", "--model", model, "--text", args.text,
