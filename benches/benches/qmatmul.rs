@@ -87,6 +87,18 @@ fn main() {
     }
 }
 
+/// `len` activations in [-0.5, 0.5) from an xorshift state, the same on every machine.
+fn random_activations(seed: &mut u64, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 /// Calls per timed round so that one round takes about [`ROUND_SECS`].
 fn calls_per_round(f: &dyn Fn()) -> usize {
     f();
@@ -186,14 +198,7 @@ fn formats(content: &gguf_file::Content, file: &mut std::fs::File) {
         let variants = format_variants(&w, n, k, q4_1);
         for isa in Isa::available() {
             for m in MS {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                    })
-                    .collect();
+                let x = random_activations(&mut seed, m * k);
                 let out = std::cell::RefCell::new(vec![0f32; m * n]);
                 let calls: Vec<Box<dyn Fn()>> = variants
                     .iter()
@@ -252,14 +257,7 @@ fn shapes(content: &gguf_file::Content, file: &mut std::fs::File, named: &[(Stri
             .expect("supported type");
         let theirs = QMatMul::from_qtensor(qt).expect("qmatmul");
         for m in MS {
-            let x: Vec<f32> = (0..m * k)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-                })
-                .collect();
+            let x = random_activations(&mut seed, m * k);
             let x = Tensor::from_vec(x, (m, k), &dev).expect("x");
             let run_ours = || ours.forward(&x).expect("ours");
             let run_theirs = || theirs.forward(&x).expect("candle");

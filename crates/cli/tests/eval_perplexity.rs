@@ -34,6 +34,16 @@ fn eval(args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// The stderr of a `minserve` run that must fail.
+fn refusal(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} must fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn the_default_model_reads_english_and_a_requantized_copy_with_a_q8_cache_agrees_with_it() {
     let report = eval(&[
@@ -110,20 +120,18 @@ fn a_written_top1_file_gives_the_agreement_a_reference_run_gives() {
     assert!(by_file["top1_agreement"].as_f64().unwrap() < 1.0);
 
     // Other places (another stride) are refused, not compared.
-    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args([
-            "eval",
-            "perplexity",
-            "--text",
-            "Cargo.toml",
-            "--context",
-            "128",
-        ])
-        .args(["--stride", "32", "--reference-top1", file])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refusal(&[
+        "eval",
+        "perplexity",
+        "--text",
+        "Cargo.toml",
+        "--context",
+        "128",
+        "--stride",
+        "32",
+        "--reference-top1",
+        file,
+    ]);
     assert!(
         stderr.contains("--reference-top1") && stderr.contains("--stride 64"),
         "{stderr}"
@@ -177,19 +185,14 @@ fn a_float_lm_head_stored_as_q8_0_reads_the_text_as_the_float_one_does() {
     let agreement = q8["top1_agreement"].as_f64().unwrap();
     assert!((0.95..1.0).contains(&agreement), "{q8}");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args([
-            "eval",
-            "perplexity",
-            "--text",
-            "Cargo.toml",
-            "--lm-head-format",
-            "q8_0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refusal(&[
+        "eval",
+        "perplexity",
+        "--text",
+        "Cargo.toml",
+        "--lm-head-format",
+        "q8_0",
+    ]);
     assert!(
         stderr.contains("--lm-head-format") && stderr.contains("already quantized"),
         "{stderr}"
@@ -198,12 +201,17 @@ fn a_float_lm_head_stored_as_q8_0_reads_the_text_as_the_float_one_does() {
 
 #[test]
 fn a_stride_longer_than_the_context_is_refused() {
-    let output = Command::new(env!("CARGO_BIN_EXE_minserve"))
-        .args(["eval", "perplexity", "--model", "synthetic:tiny"])
-        .args(["--text", "Cargo.toml", "--context", "64", "--stride", "100"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refusal(&[
+        "eval",
+        "perplexity",
+        "--model",
+        "synthetic:tiny",
+        "--text",
+        "Cargo.toml",
+        "--context",
+        "64",
+        "--stride",
+        "100",
+    ]);
     assert!(stderr.contains("--stride 100"), "{stderr}");
 }
