@@ -136,17 +136,47 @@ impl QuantizeOptions {
         })
     }
 
+    /// The layout the folder is written in, chosen once from the method, bits and grid.
     /// Asymmetric GPTQ goes to compressed-tensors `pack-quantized` with zero points (what
     /// llm-compressor writes for it) rather than GPTQ v1, which stores `zero - 1` in 4 bits
     /// and so cannot hold a zero point of 0: GPTQModel refuses `sym: false` v1 checkpoints
     /// from any other producer for that reason.
-    fn writes_compressed_gptq(&self) -> bool {
-        self.method == Method::Gptq && self.grid_symmetry() == Symmetry::Asymmetric
+    pub fn layout(&self) -> Layout {
+        let symmetric = self.grid_symmetry() == Symmetry::Symmetric;
+        match (self.method, self.bits) {
+            (Method::Gptq, _) if symmetric => Layout::GptqV1,
+            (Method::Gptq, _) => Layout::PackQuantized {
+                symmetric: false,
+                act_order: self.act_order,
+            },
+            (Method::Awq, _) => Layout::AwqGemm,
+            (Method::Rtn, 4) => Layout::PackQuantized {
+                symmetric,
+                act_order: false,
+            },
+            (Method::Rtn, _) => Layout::IntQuantized,
+            (Method::Fp8, _) => Layout::FloatQuantized,
+        }
     }
 
     pub fn needs_calibration(&self) -> bool {
         matches!(self.method, Method::Gptq | Method::Awq)
     }
+}
+
+/// The standard layouts `minserve quantize` writes (see `crate::pack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// AutoGPTQ / GPTQModel `gptq` (v1), symmetric.
+    GptqV1,
+    /// AutoAWQ GEMM.
+    AwqGemm,
+    /// compressed-tensors W4A16 groups, with `weight_g_idx` after act-order.
+    PackQuantized { symmetric: bool, act_order: bool },
+    /// compressed-tensors W8A8, int8 channels.
+    IntQuantized,
+    /// compressed-tensors FP8 W8A16, E4M3 channels.
+    FloatQuantized,
 }
 
 /// Where a run stands, for the progress line.
@@ -319,25 +349,24 @@ pub fn quantize_gguf(
         drop(twin);
     }
 
-    let quantization_config = match (options.method, options.bits) {
-        (Method::Gptq, _) if options.writes_compressed_gptq() => {
-            pack::compressed::config(Scheme::W4A16 {
-                group_size: options.group_size,
-                symmetric: false,
-                act_order: options.act_order,
-            })
-        }
-        (Method::Gptq, bits) => {
-            pack::gptq::config(bits, options.group_size, options.act_order, options.damp)
-        }
-        (Method::Awq, _) => pack::awq::config(options.group_size),
-        (Method::Rtn, 4) => pack::compressed::config(Scheme::W4A16 {
+    let quantization_config = match options.layout() {
+        Layout::GptqV1 => pack::gptq::config(
+            options.bits,
+            options.group_size,
+            options.act_order,
+            options.damp,
+        ),
+        Layout::AwqGemm => pack::awq::config(options.group_size),
+        Layout::PackQuantized {
+            symmetric,
+            act_order,
+        } => pack::compressed::config(Scheme::W4A16 {
             group_size: options.group_size,
-            symmetric: options.grid_symmetry() == Symmetry::Symmetric,
-            act_order: false,
+            symmetric,
+            act_order,
         }),
-        (Method::Rtn, _) => pack::compressed::config(Scheme::W8A8),
-        (Method::Fp8, _) => pack::compressed::config(Scheme::Fp8W8A16),
+        Layout::IntQuantized => pack::compressed::config(Scheme::W8A8),
+        Layout::FloatQuantized => pack::compressed::config(Scheme::Fp8W8A16),
     };
     let mut config_json = model.config_json.clone();
     config_json["quantization_config"] = quantization_config.clone();
@@ -348,7 +377,7 @@ pub fn quantize_gguf(
         options.dtype.torch_dtype(),
         &model.tokenizer,
     )?;
-    if options.method == Method::Gptq && !options.writes_compressed_gptq() {
+    if options.layout() == Layout::GptqV1 {
         let path = out_dir.join("quantize_config.json");
         write_json(&path, &quantization_config)?;
         files.push(path);
@@ -367,20 +396,24 @@ pub fn quantize_gguf(
 
 /// The layout a method writes, as its tools name it.
 pub fn layout_name(options: &QuantizeOptions) -> &'static str {
-    match (options.method, options.bits) {
-        (Method::Gptq, _) if options.writes_compressed_gptq() => {
+    match options.layout() {
+        Layout::GptqV1 => "GPTQ v1 (AutoGPTQ / GPTQModel)",
+        Layout::AwqGemm => "AWQ GEMM (AutoAWQ)",
+        Layout::PackQuantized {
+            symmetric: true, ..
+        } => "compressed-tensors pack-quantized (W4A16, symmetric groups)",
+        Layout::PackQuantized { .. } if options.method == Method::Gptq => {
             "compressed-tensors pack-quantized (W4A16, asymmetric groups, as llm-compressor's GPTQ)"
         }
-        (Method::Gptq, _) => "GPTQ v1 (AutoGPTQ / GPTQModel)",
-        (Method::Awq, _) => "AWQ GEMM (AutoAWQ)",
-        (Method::Rtn, 4) => match options.grid_symmetry() {
-            Symmetry::Asymmetric => "compressed-tensors pack-quantized (W4A16, asymmetric groups)",
-            Symmetry::Symmetric => "compressed-tensors pack-quantized (W4A16, symmetric groups)",
-        },
-        (Method::Rtn, _) => {
+        Layout::PackQuantized { .. } => {
+            "compressed-tensors pack-quantized (W4A16, asymmetric groups)"
+        }
+        Layout::IntQuantized => {
             "compressed-tensors int-quantized (W8A8, dynamic per-token activations)"
         }
-        (Method::Fp8, _) => "compressed-tensors float-quantized (FP8 E4M3 W8A16, per-channel)",
+        Layout::FloatQuantized => {
+            "compressed-tensors float-quantized (FP8 E4M3 W8A16, per-channel)"
+        }
     }
 }
 
@@ -410,11 +443,9 @@ fn write_projection(
     q: &QuantizedProjection,
     options: &QuantizeOptions,
 ) -> Vec<Named> {
-    match (q, options.method) {
-        (QuantizedProjection::Group(q), Method::Gptq) if !options.writes_compressed_gptq() => {
-            pack::gptq::tensors(prefix, q)
-        }
-        (QuantizedProjection::Group(q), Method::Awq) => pack::awq::tensors(prefix, q),
+    match (q, options.layout()) {
+        (QuantizedProjection::Group(q), Layout::GptqV1) => pack::gptq::tensors(prefix, q),
+        (QuantizedProjection::Group(q), Layout::AwqGemm) => pack::awq::tensors(prefix, q),
         (QuantizedProjection::Group(q), _) => {
             pack::compressed::pack_quantized(prefix, q, options.dtype)
         }
