@@ -21,15 +21,44 @@ const PROMPT: &str = "The history of the printing press begins";
 /// Prompt step plus decode steps.
 const STEPS: usize = 17;
 
-/// The default model exported as an f32 folder, once per test binary.
+/// The default model exported as an f32 folder (515 MB), shared by every process of this test
+/// binary. A `TempDir` in a static is never dropped, and nextest runs each test in its own
+/// process, so a per-process temporary export leaked half a gigabyte per test until a CI disk
+/// filled. The folder lives in cargo's per-target scratch dir instead, keyed by this binary's
+/// build time (a rebuilt exporter re-exports), and older keys are removed.
 fn exported() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        export_gguf_to_hf(&common::default_model_path(), dir.path(), ExportDType::F32).unwrap();
+        let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let built = std::fs::metadata(std::env::current_exe().unwrap())
+            .and_then(|m| m.modified())
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let prefix = "fp8-checkpoint-export-";
+        let dir = scratch.join(format!("{prefix}{built}"));
+        if dir.join("model.safetensors").exists() {
+            return dir;
+        }
+        for stale in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
+            let name = stale.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && !name.starts_with(&format!("{prefix}{built}")) {
+                let _ = std::fs::remove_dir_all(stale.path());
+            }
+        }
+        // Written under a per-process name and renamed into place, so a concurrent process
+        // never reads a half-written folder; the loser of the rename discards its copy.
+        let partial = scratch.join(format!("{prefix}{built}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).unwrap();
+        export_gguf_to_hf(&common::default_model_path(), &partial, ExportDType::F32).unwrap();
+        if std::fs::rename(&partial, &dir).is_err() {
+            std::fs::remove_dir_all(&partial).unwrap();
+        }
+        assert!(dir.join("model.safetensors").exists());
         dir
     })
-    .path()
 }
 
 /// One tensor to write: name, dtype, shape, bytes.
