@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Speculative decoding A/B (docs/speculative-decoding.md): the release server without and with
-# `--speculative ngram`, alternating, ROUNDS rounds; per round and mode, `bench serve` (chat,
-# greedy, EOS honoured) on the repetitive and the free prompts at concurrency 1 and 8, and the
-# greedy texts of every prompt saved to check that they are identical.
+# speculation, alternating, ROUNDS rounds; per round and mode, `bench serve` (chat, greedy, EOS
+# honoured) on the repetitive and the free prompts at concurrency 1 and 8, and the greedy texts
+# of every prompt saved to check that they are identical.
 #
 #   benches/speculative/measure.sh [OUT_DIR] [ROUNDS]
 #
-# SETS (default "repetitive free") and CONCURRENCIES (default "1 8") narrow it down.
+# SETS (default "repetitive free") and CONCURRENCIES (default "1 8") narrow it down. MODES
+# (default "off ngram") picks the servers: `off`, `ngram` (--speculative ngram) and `draft`
+# (--speculative draft:$DRAFT). MODEL is the target (default: the default model); DRAFT the draft
+# model (default: the default model, e.g. drafting for its f32 export made by `minserve export`).
 # Needs a release build (`cargo build --release -p minserve`) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,12 +18,17 @@ ROUNDS=${2:-3}
 BIN=target/release/minserve
 PORT=${PORT:-8471}
 DATA=benches/speculative
+MODES=${MODES:-off ngram}
+MODEL=${MODEL:-}
+DRAFT=${DRAFT:-smollm2-135m-instruct}
 SETS=${SETS:-repetitive free}
 CONCURRENCIES=${CONCURRENCIES:-1 8}
 mkdir -p "$OUT"
 
 start_server() {
-  "$BIN" serve --port "$PORT" "$@" >"$OUT/server.log" 2>&1 &
+  local model=()
+  [ -n "$MODEL" ] && model=(--model "$MODEL")
+  "$BIN" serve --port "$PORT" "${model[@]}" "$@" >"$OUT/server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1 && return 0
@@ -53,9 +61,13 @@ EOF
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  for mode in off ngram; do
-    flags=()
-    [ "$mode" = ngram ] && flags=(--speculative ngram)
+  for mode in $MODES; do
+    case $mode in
+      off) flags=() ;;
+      ngram) flags=(--speculative ngram) ;;
+      draft) flags=(--speculative "draft:$DRAFT") ;;
+      *) echo "unknown mode $mode" >&2; exit 1 ;;
+    esac
     start_server "${flags[@]}"
     texts >"$OUT/texts-$mode.jsonl"
     for set in $SETS; do
@@ -72,19 +84,25 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-cmp "$OUT/texts-off.jsonl" "$OUT/texts-ngram.jsonl" && echo "greedy texts identical"
-python3 - "$OUT" "$ROUNDS" "$SETS" "$CONCURRENCIES" <<'EOF'
+first=${MODES%% *}
+for mode in $MODES; do
+  [ "$mode" = "$first" ] && continue
+  cmp "$OUT/texts-$first.jsonl" "$OUT/texts-$mode.jsonl" && echo "greedy texts of $mode identical to $first"
+done
+python3 - "$OUT" "$ROUNDS" "$SETS" "$CONCURRENCIES" "$MODES" <<'EOF'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
-print("| task | concurrency | off tok/s | ngram tok/s | gain |")
-print("| --- | --- | --- | --- | --- |")
+modes = sys.argv[5].split()
+print("| task | concurrency | " + " | ".join(f"{m} tok/s" for m in modes)
+      + "".join(f" | {m} gain" for m in modes[1:]) + " |")
+print("| --- | --- |" + " --- |" * (2 * len(modes) - 1))
 for task in sys.argv[3].split():
     for c in map(int, sys.argv[4].split()):
         med = {}
-        for mode in ("off", "ngram"):
+        for mode in modes:
             runs = [json.load(open(f"{out}/r{r}-{mode}-{task}-c{c}.json"))["output_throughput"]
                     for r in range(1, rounds + 1)]
             med[mode] = statistics.median(runs)
-        print(f"| {task} | {c} | {med['off']:.1f} | {med['ngram']:.1f} | "
-              f"{med['ngram'] / med['off']:.2f}x |")
+        print(f"| {task} | {c} | " + " | ".join(f"{med[m]:.1f}" for m in modes)
+              + "".join(f" | {med[m] / med[modes[0]]:.2f}x" for m in modes[1:]) + " |")
 EOF

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use minserve_core::draft_model::{DraftModel, Drafter};
 use minserve_core::scheduler::{Batching, PreemptionMode, SchedulerConfig, SchedulingPolicy};
 use minserve_core::speculative::{DraftMethod, SpeculativeConfig};
 use minserve_core::trace::TraceOptions;
@@ -172,10 +173,16 @@ pub struct EngineArgs {
     pub trace_blocks: bool,
     /// Speculative decoding: `ngram` drafts each decoding sequence's next tokens by prompt
     /// lookup (what followed the last few tokens where they occurred before in the prompt or
-    /// output) and verifies them in one step; greedy output is unchanged, sampling keeps its
-    /// distribution (docs/speculative-decoding.md).
+    /// output); `draft:MODEL` drafts them with a smaller model that shares the target's
+    /// tokenizer (a GGUF file, a Hugging Face folder or a catalog name, loaded as its file
+    /// stores it, on the same device). Drafts are verified in one step; greedy output is
+    /// unchanged, sampling keeps its distribution (docs/speculative-decoding.md).
     #[arg(long, value_parser = parse_speculative)]
     pub speculative: Option<SpeculativeMethodArg>,
+    /// The draft model's KV cache, in MiB, with --speculative draft:MODEL. Sequences that find
+    /// it full decode without drafts until it has room.
+    #[arg(long, default_value_t = 256, requires = "speculative")]
+    pub draft_kv_cache_mib: usize,
     /// Draft tokens per sequence per step at most, with --speculative.
     #[arg(long, default_value_t = 4, requires = "speculative")]
     pub num_speculative_tokens: usize,
@@ -189,21 +196,51 @@ pub struct EngineArgs {
 }
 
 /// A --speculative method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpeculativeMethodArg {
     Ngram,
+    /// The draft model's `--model`-style name.
+    Draft(String),
 }
 
-/// A --speculative value: `ngram`. Drafting with a second model (`draft:MODEL`) is not built
-/// yet, and says so.
+/// A --speculative value: `ngram` or `draft:MODEL`.
 pub fn parse_speculative(text: &str) -> Result<SpeculativeMethodArg, String> {
-    match text {
-        "ngram" => Ok(SpeculativeMethodArg::Ngram),
-        draft if draft.starts_with("draft:") => Err(
-            "drafting with a second model is not supported yet; use `ngram` (prompt lookup)".into(),
+    match text.split_once(':') {
+        _ if text == "ngram" => Ok(SpeculativeMethodArg::Ngram),
+        Some(("draft", model)) if !model.trim().is_empty() => {
+            Ok(SpeculativeMethodArg::Draft(model.trim().to_string()))
+        }
+        Some(("draft", _)) => Err(
+            "`draft:` needs a model: draft:MODEL, a GGUF file, a Hugging Face folder or a catalog \
+             name whose tokenizer is the target's"
+                .into(),
         ),
-        other => Err(format!("unknown speculative method `{other}`: use `ngram`")),
+        _ => Err(format!(
+            "unknown speculative method `{text}`: use `ngram` or `draft:MODEL`"
+        )),
     }
+}
+
+/// Refuses a draft model whose token ids mean something else than the target's.
+fn ensure_same_vocabulary(draft: &Tokenizer, target: &Tokenizer) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        draft.vocab_size() == target.vocab_size(),
+        "the draft model's tokenizer has {} tokens and the target's {}: a draft model must \
+         share the target's tokenizer",
+        draft.vocab_size(),
+        target.vocab_size()
+    );
+    let differing =
+        (0..draft.vocab_size() as u32).find(|&id| draft.id_to_token(id) != target.id_to_token(id));
+    if let Some(id) = differing {
+        anyhow::bail!(
+            "token {id} is {:?} in the draft model's tokenizer and {:?} in the target's: a \
+             draft model must share the target's tokenizer",
+            draft.id_to_token(id),
+            target.id_to_token(id)
+        );
+    }
+    Ok(())
 }
 
 impl EngineArgs {
@@ -253,18 +290,23 @@ impl EngineArgs {
 
     /// Speculative decoding's settings, if --speculative is on.
     pub fn speculative_config(&self) -> anyhow::Result<Option<SpeculativeConfig>> {
-        let Some(SpeculativeMethodArg::Ngram) = self.speculative else {
+        let Some(method) = &self.speculative else {
             return Ok(None);
         };
+        anyhow::ensure!(
+            self.num_speculative_tokens >= 1,
+            "--num-speculative-tokens must be at least 1"
+        );
+        if let SpeculativeMethodArg::Draft(_) = method {
+            return Ok(Some(SpeculativeConfig::draft_model(
+                self.num_speculative_tokens,
+            )));
+        }
         let (min_n, max_n) = (self.prompt_lookup_min, self.prompt_lookup_max);
         anyhow::ensure!(
             (1..=max_n).contains(&min_n),
             "--prompt-lookup-min ({min_n}) must be at least 1 and at most --prompt-lookup-max \
              ({max_n})"
-        );
-        anyhow::ensure!(
-            self.num_speculative_tokens >= 1,
-            "--num-speculative-tokens must be at least 1"
         );
         Ok(Some(SpeculativeConfig {
             method: DraftMethod::Ngram { min_n, max_n },
@@ -273,15 +315,64 @@ impl EngineArgs {
     }
 
     /// What these flags set on an engine once it is built: the trace and speculative
-    /// decoding.
-    pub fn configure<E: ModelExecutor>(&self, engine: &mut Engine<E>) -> anyhow::Result<()> {
+    /// decoding. A draft model is loaded here, on the target's `device`, and checked against
+    /// the target's `tokenizer`.
+    pub fn configure<E: ModelExecutor>(
+        &self,
+        engine: &mut Engine<E>,
+        tokenizer: &Tokenizer,
+        device: &DeviceOptions,
+    ) -> anyhow::Result<()> {
         if let Some(trace) = self.trace_writer()? {
             engine.set_trace(trace, self.trace_options());
         }
-        if let Some(config) = self.speculative_config()? {
-            engine.set_speculative(config);
+        let Some(config) = self.speculative_config()? else {
+            return Ok(());
+        };
+        match &self.speculative {
+            Some(SpeculativeMethodArg::Draft(model)) => {
+                let vocab_size = engine.limits().vocab_size;
+                let drafter = self
+                    .load_draft_model(model, tokenizer, vocab_size, device)
+                    .with_context(|| format!("the draft model {model}"))?;
+                engine.set_draft_model(config, drafter);
+            }
+            _ => engine.set_speculative(config),
         }
         Ok(())
+    }
+
+    /// The draft model behind its own runner and KV cache (--draft-kv-cache-mib).
+    fn load_draft_model(
+        &self,
+        model: &str,
+        target_tokenizer: &Tokenizer,
+        target_vocab_size: usize,
+        device: &DeviceOptions,
+    ) -> anyhow::Result<Box<dyn Drafter>> {
+        let weights = WeightsArgs {
+            weights_format: None,
+            lm_head_format: None,
+            device: device.device,
+            dtype: device.dtype,
+        };
+        let loaded = crate::model_source::load(model, &weights)?;
+        ensure_same_vocabulary(&loaded.tokenizer, target_tokenizer)?;
+        let max_len = loaded.model.config().max_position_embeddings;
+        let cache = CacheOptions {
+            block_size: self.scheduler.block_size,
+            memory_bytes: self.draft_kv_cache_mib << 20,
+            dtype: self.kv_cache_dtype,
+        };
+        let device = DeviceOptions {
+            gpu_memory_utilization: None,
+            max_step_tokens: DraftModel::<Runner>::MAX_STEP_TOKENS.max(self.scheduler.max_num_seqs),
+            ..*device
+        };
+        let runner = Runner::new(loaded.model, cache, device)?;
+        let drafter =
+            DraftModel::new(runner, target_vocab_size, max_len).map_err(anyhow::Error::msg)?;
+        Ok(Box::new(drafter))
     }
 
     /// The --trace-file to hand to [`Engine::set_trace`], created (truncated) now, if one was

@@ -316,7 +316,7 @@ fn start_engine(
         config,
         swap_bytes,
     )?;
-    engine_args.configure(&mut engine)?;
+    engine_args.configure(&mut engine, &tokenizer, &device)?;
     Ok(ServedModel::new(
         EngineHandle::spawn(engine).context("starting the engine thread")?,
         tokenizer,

@@ -326,7 +326,7 @@ name = "tiny"
                 "kv_cache_memory = \"lots\"",
                 2,
             ),
-            ("speculative = \"ngram\"", "speculative = \"draft:x\"", 12),
+            ("speculative = \"ngram\"", "speculative = \"draft:\"", 12),
             (
                 "num_speculative_tokens = 3",
                 "num_speculative_tokens = 0",

@@ -30,6 +30,7 @@ use std::time::Instant;
 use crate::block_manager::BlockManager;
 use crate::constraint::{ConstrainedSample, TokenMask};
 use crate::detokenize::TokenDecoder;
+use crate::draft_model::{DraftWant, Drafter};
 use crate::executor::{Logits, ModelExecutor};
 use crate::fair_share::FairClaim;
 use crate::live::{BlockMap, LiveFeed, BLOCK_MAP_INTERVAL};
@@ -92,6 +93,9 @@ pub struct EngineStats {
     pub spec_num_drafts: u64,
     pub spec_num_draft_tokens: u64,
     pub spec_num_accepted_tokens: u64,
+    /// Drafting with a draft model: its time, and whether it failed (drafting then stops).
+    pub spec_draft_seconds: f64,
+    pub spec_draft_failures: u64,
 }
 
 /// One sample of a request, as far as sampling and the output stage need it; its tokens and
@@ -152,6 +156,8 @@ pub struct Engine<E: ModelExecutor> {
     traced_preempted: HashSet<SeqId>,
     /// Speculative decoding, when on.
     speculative: Option<SpeculativeConfig>,
+    /// The draft model, for [`DraftMethod::Model`].
+    drafter: Option<Box<dyn Drafter>>,
 }
 
 impl<E: ModelExecutor> Engine<E> {
@@ -194,6 +200,7 @@ impl<E: ModelExecutor> Engine<E> {
             block_map_published: None,
             traced_preempted: HashSet::new(),
             speculative: None,
+            drafter: None,
         }
     }
 
@@ -223,6 +230,14 @@ impl<E: ModelExecutor> Engine<E> {
     /// sequences draft tokens and verify them.
     pub fn set_speculative(&mut self, config: SpeculativeConfig) {
         self.speculative = Some(config);
+    }
+
+    /// Speculative decoding with a draft model (`draft_model.rs`): `config`'s method must be
+    /// [`DraftMethod::Model`].
+    pub fn set_draft_model(&mut self, config: SpeculativeConfig, drafter: Box<dyn Drafter>) {
+        assert_eq!(config.method, DraftMethod::Model, "a draft model drafts");
+        self.speculative = Some(config);
+        self.drafter = Some(drafter);
     }
 
     /// Writes the trace (one JSON line per step and per request event, `docs/trace.md`) to
@@ -617,7 +632,9 @@ impl<E: ModelExecutor> Engine<E> {
         };
         let step = self.stats.steps;
         let running: Vec<SeqId> = self.scheduler.running().map(|s| s.id).collect();
-        for id in running {
+        // Sequences that draft this step, and how many tokens each may.
+        let mut wanted: Vec<(SeqId, usize)> = Vec::new();
+        for &id in &running {
             let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get_mut(id))
             else {
                 continue;
@@ -639,11 +656,54 @@ impl<E: ModelExecutor> Engine<E> {
             {
                 continue;
             }
-            seq.draft_tokens = match config.method {
-                DraftMethod::Ngram { min_n, max_n } => {
-                    speculative::propose_ngram(&seq.tokens, min_n, max_n, k)
+            wanted.push((id, k));
+        }
+        match config.method {
+            DraftMethod::Ngram { min_n, max_n } => {
+                for (id, k) in wanted {
+                    let seq = self.scheduler.get_mut(id).expect("running");
+                    seq.draft_tokens = speculative::propose_ngram(&seq.tokens, min_n, max_n, k);
                 }
-            };
+            }
+            DraftMethod::Model => self.propose_with_draft_model(&running, &wanted),
+        }
+    }
+
+    /// [`DraftMethod::Model`]'s drafts. A failing draft model turns drafting off for good
+    /// (its error goes to stderr once): speculation is an optimisation, and no request may
+    /// fail because of it.
+    fn propose_with_draft_model(&mut self, running: &[SeqId], wanted: &[(SeqId, usize)]) {
+        let Some(drafter) = self.drafter.as_mut() else {
+            return;
+        };
+        drafter.retain(&running.iter().copied().collect());
+        if wanted.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let proposed = {
+            let wants: Vec<DraftWant<'_>> = wanted
+                .iter()
+                .map(|&(id, k)| DraftWant {
+                    id,
+                    tokens: &self.scheduler.get(id).expect("running").tokens,
+                    k,
+                })
+                .collect();
+            drafter.propose(&wants)
+        };
+        self.stats.spec_draft_seconds += started.elapsed().as_secs_f64();
+        match proposed {
+            Ok(drafts) => {
+                for (&(id, _), drafts) in wanted.iter().zip(drafts) {
+                    self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
+                }
+            }
+            Err(e) => {
+                eprintln!("speculative decoding turned off: {e}");
+                self.drafter = None;
+                self.stats.spec_draft_failures += 1;
+            }
         }
     }
 

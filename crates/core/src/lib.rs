@@ -9,6 +9,7 @@ pub mod batch;
 pub mod block_manager;
 pub mod constraint;
 pub mod detokenize;
+pub mod draft_model;
 pub mod engine;
 pub mod engine_thread;
 pub mod executor;

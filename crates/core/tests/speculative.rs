@@ -5,19 +5,25 @@
 //! - greedy output is identical with and without drafts, for a batch mixing requests that
 //!   speculate with requests that may not, under preemption, and from the prefix cache;
 //! - seeded sampling keeps the model's distribution (chi-square against the exact marginals);
-//! - no block leaks once everything is done.
+//! - no block leaks once everything is done;
+//! - all of that again with a draft model (`draft_model.rs`, a second Markov model with its own
+//!   paged cache and noise, so it agrees with the target only sometimes), which also survives a
+//!   draft pool too small for every sequence and a draft model that fails.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use minserve_core::detokenize::TokenDecoder;
+use minserve_core::draft_model::{DraftModel, DraftWant, Drafter};
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::SchedulerConfig;
+use minserve_core::sequence::SeqId;
 use minserve_core::speculative::{DraftMethod, SpeculativeConfig};
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, SequenceChunk, StepBatch};
 use minserve_core::{Engine, EngineConfig, Request, RequestEvent};
+use std::collections::HashSet;
 
 const VOCAB: usize = 8;
 const BLOCK_SIZE: usize = 4;
@@ -40,9 +46,22 @@ struct MarkovModel {
     num_blocks: usize,
     slots: Vec<Option<u32>>,
     noise: f32,
+    /// Fails every step from this one on (1-based), as a broken device would.
+    fail_from_step: Option<usize>,
+    steps: usize,
 }
 
 impl MarkovModel {
+    fn new(num_blocks: usize, noise: f32) -> Self {
+        Self {
+            num_blocks,
+            slots: vec![None; num_blocks * BLOCK_SIZE],
+            noise,
+            fail_from_step: None,
+            steps: 0,
+        }
+    }
+
     fn context(&self, seq: &SequenceChunk, position: usize) -> Vec<u32> {
         (0..=position)
             .map(|p| {
@@ -78,6 +97,10 @@ impl ModelExecutor for MarkovModel {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
+        self.steps += 1;
+        if self.fail_from_step.is_some_and(|step| self.steps >= step) {
+            return Err(std::io::Error::other("injected failure"));
+        }
         for &(src, dst) in &batch.block_copies {
             let (src, dst) = (src as usize * BLOCK_SIZE, dst as usize * BLOCK_SIZE);
             self.slots.copy_within(src..src + BLOCK_SIZE, dst);
@@ -112,11 +135,7 @@ fn engine(
     noise: f32,
     speculative: Option<SpeculativeConfig>,
 ) -> Engine<MarkovModel> {
-    let model = MarkovModel {
-        num_blocks,
-        slots: vec![None; num_blocks * BLOCK_SIZE],
-        noise,
-    };
+    let model = MarkovModel::new(num_blocks, noise);
     let config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: 512,
@@ -142,6 +161,41 @@ fn always_drafting(k: usize) -> SpeculativeConfig {
         min_acceptance: 0.0,
         min_acceptance_per_seq: 0.0,
     }
+}
+
+/// A drafter the test can still look into once the engine owns it.
+#[derive(Clone)]
+struct SharedDrafter(Arc<Mutex<DraftModel<MarkovModel>>>);
+
+impl Drafter for SharedDrafter {
+    fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String> {
+        self.0.lock().unwrap().propose(wants)
+    }
+
+    fn retain(&mut self, live: &HashSet<SeqId>) {
+        self.0.lock().unwrap().retain(live)
+    }
+}
+
+/// [`engine`] drafting with a Markov draft model of `draft_blocks` blocks and its own `noise`,
+/// `k` drafts per step, never switching itself off.
+fn draft_engine(
+    num_blocks: usize,
+    noise: f32,
+    k: usize,
+    draft: MarkovModel,
+) -> (Engine<MarkovModel>, SharedDrafter) {
+    let mut engine = engine(num_blocks, noise, None);
+    let drafter = SharedDrafter(Arc::new(Mutex::new(
+        DraftModel::new(draft, VOCAB, 256).expect("same vocabulary"),
+    )));
+    let config = SpeculativeConfig {
+        min_acceptance: 0.0,
+        min_acceptance_per_seq: 0.0,
+        ..SpeculativeConfig::draft_model(k)
+    };
+    engine.set_draft_model(config, Box::new(drafter.clone()));
+    (engine, drafter)
 }
 
 /// Runs `requests` to the end, all submitted at once, checking the block manager's
@@ -254,6 +308,88 @@ fn greedy_output_survives_preemption() {
     assert!(small.stats().spec_num_accepted_tokens > 0);
 }
 
+#[test]
+fn a_draft_model_keeps_greedy_output() {
+    let mut plain = engine(256, 1.5, None);
+    let expected = run(&mut plain, mixed_requests());
+
+    // The draft sees the same chain with different noise: right often, wrong often.
+    let draft = MarkovModel::new(512, 1.0);
+    let (mut speculating, drafter) = draft_engine(256, 1.5, 4, draft);
+    assert_eq!(run(&mut speculating, mixed_requests()), expected);
+    let stats = speculating.stats();
+    assert!(stats.spec_num_accepted_tokens > 20, "{stats:?}");
+    assert!(
+        stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens + 10,
+        "many drafts are rejected: {stats:?}"
+    );
+    assert!(stats.steps < plain.stats().steps);
+    assert!(stats.spec_draft_seconds > 0.0);
+    let drafter = drafter.0.lock().unwrap();
+    assert_eq!(
+        drafter.num_free_blocks(),
+        512,
+        "the draft cache is given back once its sequences are done"
+    );
+}
+
+/// A draft model identical to the target proposes exactly what the target picks, as long as its
+/// cache holds exactly the sequence's tokens: any stale or misplaced K/V (a rejected draft left
+/// where an accepted token belongs, a position off by one) changes the context it reads back,
+/// and with it the draft.
+#[test]
+fn a_draft_model_identical_to_the_target_is_always_right() {
+    let expected = run(&mut engine(256, 1.5, None), mixed_requests());
+    let (mut speculating, _) = draft_engine(256, 1.5, 4, MarkovModel::new(512, 1.5));
+    assert_eq!(run(&mut speculating, mixed_requests()), expected);
+    let stats = speculating.stats();
+    assert!(stats.spec_num_draft_tokens > 100, "{stats:?}");
+    assert_eq!(
+        stats.spec_num_accepted_tokens, stats.spec_num_draft_tokens,
+        "{stats:?}"
+    );
+}
+
+/// A target pool that preempts and a draft pool that holds only a few sequences at a time:
+/// those without draft blocks run without drafts, and the output is unchanged.
+#[test]
+fn a_draft_model_survives_preemption_and_a_small_draft_pool() {
+    let requests = || -> Vec<Request> {
+        (0..8u32)
+            .map(|i| greedy((0..12).map(|t| (t + i) % 8).collect(), 40))
+            .collect()
+    };
+    let expected = run(&mut engine(256, 1.5, None), requests());
+    // 30 blocks of 4: a 52-token sequence needs 13, so two draft at a time.
+    let (mut small, drafter) = draft_engine(40, 1.5, 4, MarkovModel::new(30, 0.5));
+    assert_eq!(run(&mut small, requests()), expected);
+    assert!(small.stats().num_preemptions > 0);
+    assert!(small.stats().spec_num_accepted_tokens > 0);
+    assert_eq!(drafter.0.lock().unwrap().num_free_blocks(), 30);
+}
+
+/// A draft model that fails mid-run turns drafting off; every request still completes with the
+/// plain engine's output.
+#[test]
+fn a_failing_draft_model_turns_drafting_off_and_loses_nothing() {
+    let expected = run(&mut engine(256, 1.5, None), mixed_requests());
+    let mut draft = MarkovModel::new(512, 1.0);
+    draft.fail_from_step = Some(30);
+    let (mut speculating, _) = draft_engine(256, 1.5, 4, draft);
+    assert_eq!(run(&mut speculating, mixed_requests()), expected);
+    let stats = speculating.stats();
+    assert_eq!(stats.spec_draft_failures, 1, "{stats:?}");
+    assert!(stats.spec_num_draft_tokens > 0, "it drafted before failing");
+}
+
+#[test]
+fn a_draft_model_must_share_the_vocabulary() {
+    let error = DraftModel::new(MarkovModel::new(8, 0.0), VOCAB + 1, 256)
+        .err()
+        .expect("refused");
+    assert!(error.contains("vocabulary"), "{error}");
+}
+
 /// The distribution after temperature and top-k, as the sampler defines it.
 fn filtered(p: &[f64; VOCAB], temperature: f64, top_k: usize) -> [f64; VOCAB] {
     let mut order: Vec<usize> = (0..VOCAB).collect();
@@ -343,6 +479,12 @@ fn seeded_sampling_keeps_the_model_distribution() {
             "drafts were verified: {stats:?}"
         );
         assert!(stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens);
+        // The same requests drafted by a (noisy) draft model.
+        let (mut e, _) = draft_engine(2048, 0.0, 3, MarkovModel::new(4096, 1.0));
+        let drafted = run(&mut e, requests(REQUESTS));
+        let stats = e.stats();
+        assert!(stats.spec_num_accepted_tokens > REQUESTS / 2, "{stats:?}");
+        assert!(stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens);
 
         let exact = marginals(last, TOKENS, temperature, top_k);
         for (position, expected) in exact.iter().enumerate() {
@@ -350,6 +492,16 @@ fn seeded_sampling_keeps_the_model_distribution() {
             for output in &outputs {
                 seen[output[position] as usize] += 1;
             }
+            let mut seen_drafted = [0; VOCAB];
+            for output in &drafted {
+                seen_drafted[output[position] as usize] += 1;
+            }
+            let (statistic, critical) = chi_square(&seen_drafted, expected);
+            assert!(
+                statistic < critical,
+                "draft model, T={temperature} top_k={top_k}, token {position}: chi-square \
+                 {statistic:.1} >= {critical:.1}; seen {seen_drafted:?}, expected {expected:?}"
+            );
             let (statistic, critical) = chi_square(&seen, expected);
             assert!(
                 statistic < critical,

@@ -7,12 +7,16 @@ use std::io::Write;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::GgmlDType;
+use minserve_core::draft_model::{DraftModel, Drafter};
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::{PreemptionMode, SchedulerConfig};
 use minserve_core::speculative::SpeculativeConfig;
 use minserve_core::trace::{read_trace, RequestEventKind, TraceOptions, TraceRecord};
 use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
-use minserve_model::{load_model, synthetic, CacheOptions, LlamaModel, ModelRunner};
+use minserve_model::{
+    load_model, load_model_with, synthetic, CacheOptions, LlamaModel, LoadOptions, ModelRunner,
+};
 use minserve_tokenizer::Tokenizer;
 
 struct Setup {
@@ -226,6 +230,80 @@ fn speculative_decoding_keeps_greedy_outputs() {
         "{spec_alone_steps} steps with drafts, {alone_steps} without"
     );
     assert_eq!(s.engine.stats().kv_usage, 0.0);
+}
+
+/// The default model behind a draft runner with a 32 MiB cache; `format` re-quantizes its
+/// projections at load (a draft that differs from the target), `None` keeps them.
+fn draft_of_default_model(format: Option<GgmlDType>) -> Box<dyn Drafter> {
+    let options = LoadOptions {
+        weights_format: format,
+        ..LoadOptions::default()
+    };
+    let model = load_model_with(&common::default_model_path(), &options)
+        .expect("load")
+        .model;
+    let (vocab, max_len) = (
+        model.config().vocab_size,
+        model.config().max_position_embeddings,
+    );
+    let runner = ModelRunner::new(
+        model,
+        CacheOptions {
+            block_size: 16,
+            memory_bytes: 32 << 20,
+            ..CacheOptions::default()
+        },
+    );
+    Box::new(DraftModel::new(runner, vocab, max_len).expect("same vocabulary"))
+}
+
+/// Drafting with a second model on the real one. A draft identical to the target proposes
+/// exactly the target's greedy tokens, so every draft is accepted: that holds only if the
+/// draft's paged cache holds each sequence's tokens at the right positions, and if a row's
+/// logits do not depend on how many rows its step had (the target verifies five tokens per
+/// step, the draft runs one). A draft re-quantized to Q4_0 is rejected now and then, and the
+/// greedy text is still the plain engine's.
+#[test]
+fn a_draft_model_keeps_greedy_outputs_and_an_identical_one_is_always_right() {
+    let mut s = setup(64 << 20, 64, 512);
+    let requests = |prompts: &[Vec<u32>]| -> Vec<Request> {
+        prompts.iter().map(|p| greedy(p.clone(), 32)).collect()
+    };
+    let prompts = prompts(&s.tokenizer);
+    let plain = generate(&mut s.engine, requests(&prompts));
+    let plain_steps = s.engine.stats().steps;
+    let always = |config: SpeculativeConfig| SpeculativeConfig {
+        min_acceptance: 0.0,
+        min_acceptance_per_seq: 0.0,
+        ..config
+    };
+
+    s.engine.set_draft_model(
+        always(SpeculativeConfig::draft_model(4)),
+        draft_of_default_model(None),
+    );
+    let before = s.engine.stats();
+    assert_eq!(generate(&mut s.engine, requests(&prompts)), plain);
+    let after = s.engine.stats();
+    let drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens;
+    let accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens;
+    assert!(drafted > 50, "{after:?}");
+    assert_eq!(accepted, drafted, "an identical draft is always right");
+    assert!(after.steps - before.steps < plain_steps / 2);
+
+    let mut s = setup(64 << 20, 64, 512);
+    s.engine.set_draft_model(
+        always(SpeculativeConfig::draft_model(4)),
+        draft_of_default_model(Some(GgmlDType::Q4_0)),
+    );
+    assert_eq!(generate(&mut s.engine, requests(&prompts)), plain);
+    let stats = s.engine.stats();
+    assert!(
+        stats.spec_num_accepted_tokens > 0
+            && stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens,
+        "{stats:?}"
+    );
+    assert_eq!(stats.kv_usage, 0.0);
 }
 
 /// `n` samples of `max_tokens` tokens at temperature 0.9 and top-p 0.95, EOS ignored.

@@ -190,13 +190,13 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     };
     let mut engine = build_engine(
         loaded.model,
-        tokenizer,
+        tokenizer.clone(),
         args.engine.cache_options(),
         device,
         args.engine.engine_config(max_model_len),
         args.engine.swap_bytes(),
     )?;
-    args.engine.configure(&mut engine)?;
+    args.engine.configure(&mut engine, &tokenizer, &device)?;
 
     let generated = Arc::new(AtomicUsize::new(0));
     let shape = args.shape;
@@ -254,6 +254,9 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         "json_schema_fraction": args.json_schema_fraction,
         "grammar_mask_s": stats.grammar_mask_seconds,
         "grammar_wait_s": stats.grammar_wait_seconds,
+        "spec_draft_tokens": stats.spec_num_draft_tokens,
+        "spec_accepted_tokens": stats.spec_num_accepted_tokens,
+        "spec_draft_s": stats.spec_draft_seconds,
         "watch_live": args.watch_live,
         "live_records": live_records,
         "live_bytes": live_bytes,
