@@ -12,8 +12,12 @@
 //!    integer zero points (GPTQ/AWQ/compressed-tensors asymmetric), symmetric 4-bit (Q4_0's
 //!    tiles), int8 (W8A8 on the Q8_0 kernels) and FP8 E4M3 (W8A16 bf16 and W8A8 activations).
 //!
-//! `cargo bench -p minserve-benches --bench qmatmul` (`-- shapes`, `-- gemma`, `-- model` or
-//! `-- formats` for one part)
+//! 4. The machine's int8 peak: independent 512-bit `vpdpbusd` chains on as many threads as the
+//!    model's pool has, the ceiling every int8 kernel here is measured against. The shapes table
+//!    gives each kernel's share of it (`% peak`).
+//!
+//! `cargo bench -p minserve-benches --bench qmatmul` (`-- shapes`, `-- gemma`, `-- model`,
+//! `-- formats` or `-- peak` for one part)
 
 use std::time::Instant;
 
@@ -49,19 +53,30 @@ const GEMMA_SHAPES: [(&str, &str, GgmlDType); 3] = [
 fn main() {
     // `-- shapes`, `-- gemma` or `-- model` runs those parts only.
     let args: Vec<String> = std::env::args().skip(1).collect();
-    const PARTS: [&str; 4] = ["shapes", "gemma", "model", "formats"];
+    const PARTS: [&str; 5] = ["shapes", "gemma", "model", "formats", "peak"];
     let only = |part: &str| {
         !args.iter().any(|a| PARTS.contains(&a.as_str())) || args.iter().any(|a| a == part)
     };
     let path = default_model_path();
     let mut file = std::fs::File::open(&path).expect("open model");
     let content = gguf_file::Content::read(&mut file).expect("gguf");
+    let threads = minserve_model::pool::pool().num_threads();
+    let peak = int8_peak::measure(threads);
+    match peak {
+        Some(peak) => println!(
+            "int8 peak: {:.1} GFLOP/s on {threads} threads ({:.2} G vpdpbusd/s per thread; \
+             2 operations per multiply-add, as the kernels' GF/s count them)",
+            peak,
+            peak / 128.0 / threads as f64
+        ),
+        None => println!("int8 peak: not measured (no AVX-512 VNNI)"),
+    }
     if only("shapes") {
         let named: Vec<(String, String)> = SHAPES
             .iter()
             .map(|&(label, name)| (label.to_string(), name.to_string()))
             .collect();
-        shapes(&content, &mut file, &named);
+        shapes(&content, &mut file, &named, peak);
     }
     if only("gemma") {
         let mut file = std::fs::File::open(catalog_model_path("gemma3-270m")).expect("open");
@@ -77,7 +92,7 @@ fn main() {
                 (label.to_string(), name)
             })
             .collect();
-        shapes(&content, &mut file, &named);
+        shapes(&content, &mut file, &named, peak);
     }
     if only("model") {
         model_step(&content, &mut file);
@@ -238,14 +253,19 @@ fn formats(content: &gguf_file::Content, file: &mut std::fs::File) {
 }
 
 /// Part 1: each (label, tensor name), one weight called over and over.
-fn shapes(content: &gguf_file::Content, file: &mut std::fs::File, named: &[(String, String)]) {
+fn shapes(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    named: &[(String, String)],
+    peak: Option<f64>,
+) {
     let dev = Device::Cpu;
     println!("qmatmul: {:?}, {} candle threads", Isa::best(), {
         candle_core::utils::get_num_threads()
     });
     println!(
-        "{:<22} {:>5} {:>3} {:>10} {:>10} {:>9} {:>9} {:>7}",
-        "shape", "type", "m", "ours us", "candle us", "ours GF/s", "cndl GF/s", "speedup"
+        "{:<22} {:>5} {:>3} {:>10} {:>10} {:>9} {:>9} {:>7} {:>6}",
+        "shape", "type", "m", "ours us", "candle us", "ours GF/s", "cndl GF/s", "speedup", "% peak"
     );
     let mut seed = 0x2545F4914F6CDD1Du64;
     for (label, name) in named {
@@ -284,8 +304,9 @@ fn shapes(content: &gguf_file::Content, file: &mut std::fs::File, named: &[(Stri
             }
             let (ta, tb) = (median(&mut a), median(&mut b));
             let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+            let share = peak.map_or("-".to_string(), |p| format!("{:.0}", 100.0 * gflop / ta / p));
             println!(
-                "{:<22} {:>5} {:>3} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>6.2}x",
+                "{:<22} {:>5} {:>3} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>6.2}x {:>6}",
                 label,
                 format!("{dtype:?}"),
                 m,
@@ -293,7 +314,8 @@ fn shapes(content: &gguf_file::Content, file: &mut std::fs::File, named: &[(Stri
                 tb * 1e6,
                 gflop / ta,
                 gflop / tb,
-                tb / ta
+                tb / ta,
+                share
             );
         }
     }
@@ -433,4 +455,58 @@ fn model_step(content: &gguf_file::Content, file: &mut std::fs::File) {
         MS[MS.len() - 1],
         last[2] / last[1],
     );
+}
+
+/// The int8 ceiling of the machine: how many 512-bit `vpdpbusd` (64 u8 x i8 multiply-adds
+/// into 16 i32 lanes) the cores retire per second when nothing else competes and no chain waits
+/// on another (24 independent accumulators per thread, more than latency x throughput).
+mod int8_peak {
+    use std::time::Instant;
+
+    const CHAINS: usize = 24;
+    const ITERATIONS: usize = 10_000_000;
+    const ROUNDS: usize = 5;
+
+    /// GFLOP/s (2 per multiply-add) over `threads` threads, the median of a few rounds; `None`
+    /// without AVX-512 VNNI.
+    pub fn measure(threads: usize) -> Option<f64> {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+            let mut rates: Vec<f64> = (0..ROUNDS)
+                .map(|_| {
+                    let start = Instant::now();
+                    std::thread::scope(|scope| {
+                        for _ in 0..threads {
+                            // SAFETY: the features were detected above.
+                            scope.spawn(|| std::hint::black_box(unsafe { chains(ITERATIONS) }));
+                        }
+                    });
+                    let ops = (threads * ITERATIONS * CHAINS) as f64;
+                    ops * 128.0 / start.elapsed().as_secs_f64() / 1e9
+                })
+                .collect();
+            return Some(minserve_benches::median(&mut rates));
+        }
+        let _ = threads;
+        None
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn chains(iterations: usize) -> i32 {
+        use std::arch::x86_64::*;
+        let a = _mm512_set1_epi8(std::hint::black_box(3));
+        let b = _mm512_set1_epi8(std::hint::black_box(-5));
+        let mut acc = [_mm512_setzero_si512(); CHAINS];
+        for _ in 0..iterations {
+            for chain in acc.iter_mut() {
+                *chain = _mm512_dpbusd_epi32(*chain, a, b);
+            }
+        }
+        let mut sum = _mm512_setzero_si512();
+        for chain in acc {
+            sum = _mm512_add_epi32(sum, chain);
+        }
+        _mm512_reduce_add_epi32(sum)
+    }
 }

@@ -9,7 +9,8 @@
 # SETS (default "repetitive free") and CONCURRENCIES (default "1 8") narrow it down. MODES
 # (default "off ngram") picks the servers: `off`, `ngram` (--speculative ngram) and `draft`
 # (--speculative draft:$DRAFT). MODEL is the target (default: the default model); DRAFT the draft
-# model (default: the default model, e.g. drafting for its f32 export made by `minserve export`).
+# model (default: the default model, e.g. drafting for its f32 export made by `minserve export`);
+# SERVE_FLAGS more flags for every server (e.g. "--weights-format q8_0 --lm-head-format q8_0").
 # Needs a release build (`cargo build --release -p minserve`) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,7 +29,8 @@ mkdir -p "$OUT"
 start_server() {
   local model=()
   [ -n "$MODEL" ] && model=(--model "$MODEL")
-  "$BIN" serve --port "$PORT" "${model[@]}" "$@" >"$OUT/server.log" 2>&1 &
+  # shellcheck disable=SC2086 # SERVE_FLAGS is a list of flags
+  "$BIN" serve --port "$PORT" "${model[@]}" ${SERVE_FLAGS:-} "$@" >"$OUT/server.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1 && return 0

@@ -186,6 +186,10 @@ pub struct EngineArgs {
     /// Draft tokens per sequence per step at most, with --speculative.
     #[arg(long, default_value_t = 4, requires = "speculative")]
     pub num_speculative_tokens: usize,
+    /// No drafting in a step with more running sequences than this. Default: 4 with a draft
+    /// model (its passes delay the whole batch), no limit with `ngram`.
+    #[arg(long, requires = "speculative")]
+    pub speculative_disable_by_batch_size: Option<usize>,
     /// Prompt lookup matches the sequence's last N tokens for N from --prompt-lookup-max down
     /// to this.
     #[arg(long, default_value_t = 2, requires = "speculative")]
@@ -297,20 +301,28 @@ impl EngineArgs {
             self.num_speculative_tokens >= 1,
             "--num-speculative-tokens must be at least 1"
         );
-        if let SpeculativeMethodArg::Draft(_) = method {
-            return Ok(Some(SpeculativeConfig::draft_model(
-                self.num_speculative_tokens,
-            )));
-        }
-        let (min_n, max_n) = (self.prompt_lookup_min, self.prompt_lookup_max);
-        anyhow::ensure!(
-            (1..=max_n).contains(&min_n),
-            "--prompt-lookup-min ({min_n}) must be at least 1 and at most --prompt-lookup-max \
-             ({max_n})"
-        );
+        let config = match method {
+            SpeculativeMethodArg::Draft(_) => {
+                SpeculativeConfig::draft_model(self.num_speculative_tokens)
+            }
+            SpeculativeMethodArg::Ngram => {
+                let (min_n, max_n) = (self.prompt_lookup_min, self.prompt_lookup_max);
+                anyhow::ensure!(
+                    (1..=max_n).contains(&min_n),
+                    "--prompt-lookup-min ({min_n}) must be at least 1 and at most \
+                     --prompt-lookup-max ({max_n})"
+                );
+                SpeculativeConfig {
+                    method: DraftMethod::Ngram { min_n, max_n },
+                    ..SpeculativeConfig::ngram(self.num_speculative_tokens)
+                }
+            }
+        };
         Ok(Some(SpeculativeConfig {
-            method: DraftMethod::Ngram { min_n, max_n },
-            ..SpeculativeConfig::ngram(self.num_speculative_tokens)
+            disable_by_batch_size: self
+                .speculative_disable_by_batch_size
+                .or(config.disable_by_batch_size),
+            ..config
         }))
     }
 

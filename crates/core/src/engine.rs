@@ -632,6 +632,9 @@ impl<E: ModelExecutor> Engine<E> {
         };
         let step = self.stats.steps;
         let running: Vec<SeqId> = self.scheduler.running().map(|s| s.id).collect();
+        let batch_too_large = config
+            .disable_by_batch_size
+            .is_some_and(|limit| running.len() > limit);
         // Sequences that draft this step, and how many tokens each may.
         let mut wanted: Vec<(SeqId, usize)> = Vec::new();
         for &id in &running {
@@ -640,6 +643,9 @@ impl<E: ModelExecutor> Engine<E> {
                 continue;
             };
             seq.draft_tokens.clear();
+            if batch_too_large {
+                continue;
+            }
             let Some(request) = self.requests.get(&sample.request) else {
                 continue;
             };

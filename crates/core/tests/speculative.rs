@@ -160,19 +160,28 @@ fn always_drafting(k: usize) -> SpeculativeConfig {
         num_speculative_tokens: k,
         min_acceptance: 0.0,
         min_acceptance_per_seq: 0.0,
+        disable_by_batch_size: None,
     }
 }
 
-/// A drafter the test can still look into once the engine owns it.
+/// A drafter the test can still look into once the engine owns it; it also records how many
+/// sequences were running at each step it was asked for drafts.
 #[derive(Clone)]
-struct SharedDrafter(Arc<Mutex<DraftModel<MarkovModel>>>);
+struct SharedDrafter(
+    Arc<Mutex<DraftModel<MarkovModel>>>,
+    Arc<Mutex<(usize, Vec<usize>)>>,
+);
 
 impl Drafter for SharedDrafter {
     fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String> {
+        let mut seen = self.1.lock().unwrap();
+        let running = seen.0;
+        seen.1.push(running);
         self.0.lock().unwrap().propose(wants)
     }
 
     fn retain(&mut self, live: &HashSet<SeqId>) {
+        self.1.lock().unwrap().0 = live.len();
         self.0.lock().unwrap().retain(live)
     }
 }
@@ -185,15 +194,29 @@ fn draft_engine(
     k: usize,
     draft: MarkovModel,
 ) -> (Engine<MarkovModel>, SharedDrafter) {
-    let mut engine = engine(num_blocks, noise, None);
-    let drafter = SharedDrafter(Arc::new(Mutex::new(
-        DraftModel::new(draft, VOCAB, 256).expect("same vocabulary"),
-    )));
     let config = SpeculativeConfig {
         min_acceptance: 0.0,
         min_acceptance_per_seq: 0.0,
+        disable_by_batch_size: None,
         ..SpeculativeConfig::draft_model(k)
     };
+    draft_engine_with(num_blocks, noise, config, draft)
+}
+
+/// [`draft_engine`] with the speculative settings given.
+fn draft_engine_with(
+    num_blocks: usize,
+    noise: f32,
+    config: SpeculativeConfig,
+    draft: MarkovModel,
+) -> (Engine<MarkovModel>, SharedDrafter) {
+    let mut engine = engine(num_blocks, noise, None);
+    let drafter = SharedDrafter(
+        Arc::new(Mutex::new(
+            DraftModel::new(draft, VOCAB, 256).expect("same vocabulary"),
+        )),
+        Arc::default(),
+    );
     engine.set_draft_model(config, Box::new(drafter.clone()));
     (engine, drafter)
 }
@@ -380,6 +403,28 @@ fn a_failing_draft_model_turns_drafting_off_and_loses_nothing() {
     let stats = speculating.stats();
     assert_eq!(stats.spec_draft_failures, 1, "{stats:?}");
     assert!(stats.spec_num_draft_tokens > 0, "it drafted before failing");
+}
+
+/// Above `disable_by_batch_size` running sequences nobody drafts (a draft model's passes would
+/// delay the whole batch); once the batch shrinks to it, drafting resumes.
+#[test]
+fn no_drafts_in_a_batch_larger_than_the_limit() {
+    let expected = run(&mut engine(256, 1.5, None), mixed_requests());
+    let config = SpeculativeConfig {
+        min_acceptance: 0.0,
+        min_acceptance_per_seq: 0.0,
+        disable_by_batch_size: Some(3),
+        ..SpeculativeConfig::draft_model(4)
+    };
+    let (mut limited, drafter) = draft_engine_with(256, 1.5, config, MarkovModel::new(512, 1.0));
+    assert_eq!(run(&mut limited, mixed_requests()), expected);
+    let running_when_drafting = drafter.1.lock().unwrap().1.clone();
+    assert!(!running_when_drafting.is_empty(), "it drafts at the end");
+    assert!(
+        running_when_drafting.iter().all(|&n| n <= 3),
+        "{running_when_drafting:?}"
+    );
+    assert!(limited.stats().spec_num_accepted_tokens > 0);
 }
 
 #[test]

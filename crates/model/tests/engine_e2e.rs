@@ -275,6 +275,7 @@ fn a_draft_model_keeps_greedy_outputs_and_an_identical_one_is_always_right() {
     let always = |config: SpeculativeConfig| SpeculativeConfig {
         min_acceptance: 0.0,
         min_acceptance_per_seq: 0.0,
+        disable_by_batch_size: None,
         ..config
     };
 
