@@ -304,7 +304,9 @@ fn shapes(
             }
             let (ta, tb) = (median(&mut a), median(&mut b));
             let gflop = 2.0 * (m * n * k) as f64 / 1e9;
-            let share = peak.map_or("-".to_string(), |p| format!("{:.0}", 100.0 * gflop / ta / p));
+            let share = peak.map_or("-".to_string(), |p| {
+                format!("{:.0}", 100.0 * gflop / ta / p)
+            });
             println!(
                 "{:<22} {:>5} {:>3} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>6.2}x {:>6}",
                 label,

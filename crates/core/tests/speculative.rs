@@ -315,18 +315,20 @@ fn greedy_output_is_identical_with_and_without_drafts() {
     assert!(speculating.stats().prefix_hit_tokens > hits_before);
 }
 
+/// Eight greedy requests of 40 tokens after 12 of the cycle, each starting elsewhere in it.
+fn eight_cycles() -> Vec<Request> {
+    (0..8u32)
+        .map(|i| greedy((0..12).map(|t| (t + i) % 8).collect(), 40))
+        .collect()
+}
+
 /// A pool too small for the batch: sequences are preempted (some right after verifying
 /// drafts) and recomputed; the output is still the plain engine's.
 #[test]
 fn greedy_output_survives_preemption() {
-    let requests = || -> Vec<Request> {
-        (0..8u32)
-            .map(|i| greedy((0..12).map(|t| (t + i) % 8).collect(), 40))
-            .collect()
-    };
-    let expected = run(&mut engine(256, 1.5, None), requests());
+    let expected = run(&mut engine(256, 1.5, None), eight_cycles());
     let mut small = engine(40, 1.5, Some(always_drafting(4)));
-    assert_eq!(run(&mut small, requests()), expected);
+    assert_eq!(run(&mut small, eight_cycles()), expected);
     assert!(small.stats().num_preemptions > 0);
     assert!(small.stats().spec_num_accepted_tokens > 0);
 }
@@ -377,15 +379,10 @@ fn a_draft_model_identical_to_the_target_is_always_right() {
 /// those without draft blocks run without drafts, and the output is unchanged.
 #[test]
 fn a_draft_model_survives_preemption_and_a_small_draft_pool() {
-    let requests = || -> Vec<Request> {
-        (0..8u32)
-            .map(|i| greedy((0..12).map(|t| (t + i) % 8).collect(), 40))
-            .collect()
-    };
-    let expected = run(&mut engine(256, 1.5, None), requests());
+    let expected = run(&mut engine(256, 1.5, None), eight_cycles());
     // 30 blocks of 4: a 52-token sequence needs 13, so two draft at a time.
     let (mut small, drafter) = draft_engine(40, 1.5, 4, MarkovModel::new(30, 0.5));
-    assert_eq!(run(&mut small, requests()), expected);
+    assert_eq!(run(&mut small, eight_cycles()), expected);
     assert!(small.stats().num_preemptions > 0);
     assert!(small.stats().spec_num_accepted_tokens > 0);
     assert_eq!(drafter.0.lock().unwrap().num_free_blocks(), 30);

@@ -316,10 +316,25 @@ impl Metrics {
                 "Speculative decoding: draft tokens accepted.",
                 s.spec_num_accepted_tokens,
             ),
+            (
+                "minserve_spec_decode_draft_failures_total",
+                "Speculative decoding: draft model failures (each turns drafting off).",
+                s.spec_draft_failures,
+            ),
         ];
         for (name, help, value) in counters {
             page.series((name, "counter", help), model, "", value);
         }
+        page.series(
+            (
+                "minserve_spec_decode_draft_seconds_total",
+                "counter",
+                "Speculative decoding: seconds spent in the draft model.",
+            ),
+            model,
+            "",
+            s.spec_draft_seconds,
+        );
         page.series(
             (
                 "minserve_spec_decode_acceptance_ratio",
@@ -414,6 +429,8 @@ mod tests {
             spec_num_drafts: 10,
             spec_num_draft_tokens: 40,
             spec_num_accepted_tokens: 30,
+            spec_draft_seconds: 1.5,
+            spec_draft_failures: 1,
             ..EngineStats::default()
         };
         let page = Metrics::default().page("m", Some(stats));
@@ -422,6 +439,8 @@ mod tests {
             ("minserve_spec_decode_num_draft_tokens_total", "40"),
             ("minserve_spec_decode_num_accepted_tokens_total", "30"),
             ("minserve_spec_decode_acceptance_ratio", "0.75"),
+            ("minserve_spec_decode_draft_seconds_total", "1.5"),
+            ("minserve_spec_decode_draft_failures_total", "1"),
         ] {
             assert!(
                 page.contains(&format!("\n{name}{{model=\"m\"}} {value}\n")),
