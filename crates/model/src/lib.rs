@@ -11,6 +11,7 @@
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dense;
 pub mod device;
 pub mod e4m3;
 pub mod error;

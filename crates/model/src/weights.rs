@@ -3,10 +3,11 @@
 //! GGUF tensors stay in their quantized format (the activations are quantized to match, as
 //! llama.cpp does). Q4_0, Q4_1 and Q8_0 — the default model's types —, Q5_0 (as Q8_0), Q4_K
 //! and Q6_K run on our own batch-reusing kernels (`crate::qmatmul`); other quantized types on
-//! candle's `QMatMul`; safetensors tensors are plain f32 matmuls.
+//! candle's `QMatMul`; safetensors tensors are plain f32 matmuls, on the CPU in a fixed order
+//! of operations (`crate::dense`), so that they are batch-invariant like the quantized ones.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::ModelConfig;
 use crate::qmatmul::{QInput, QWeight};
@@ -131,6 +132,14 @@ impl Linear {
                         LinearWeight::Packed(w) => {
                             input.quantize_for(&[w], x, m);
                             QWeight::matmul_quantized_many(&[w], input, &mut [&mut **out]);
+                        }
+                        // Dense f32 on the CPU: the fixed-order kernel, so that a row's
+                        // result does not depend on the step's row count (`dense.rs`).
+                        LinearWeight::Candle(QMatMul::Tensor(w))
+                            if w.device().is_cpu() && w.dtype() == DType::F32 =>
+                        {
+                            let n = out.len() / m;
+                            with_f32_slice(w, |w| crate::dense::matmul(x, m, w, n, out))?
                         }
                         LinearWeight::Candle(w) => {
                             with_f32_slice(&w.forward(&x_tensor)?, |y| out.copy_from_slice(y))?

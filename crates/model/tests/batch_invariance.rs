@@ -154,6 +154,26 @@ fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
     check_runs(&mut runner, [&a, &b, &c], [5, 13], decode);
 }
 
+/// Dense f32 matrices (a Hugging Face folder's) run on the fixed-order kernel (`dense.rs`):
+/// the same bit-identity. On candle's dense matmul, whose kernels depend on the row count, this
+/// failed.
+#[test]
+fn dense_f32_logits_do_not_depend_on_batch_or_chunking() {
+    let config = minserve_model::synthetic::preset("tiny").unwrap();
+    let weights =
+        minserve_model::synthetic::build(&config, 5, candle_core::quantized::GgmlDType::F32, true)
+            .unwrap();
+    let mut runner = ModelRunner::new(
+        minserve_model::LlamaModel::new(weights),
+        CacheOptions::default(),
+    );
+    let tokens = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + seed * 101) % 250).collect()
+    };
+    let (a, b, c) = (tokens(40, 1), tokens(3, 2), tokens(61, 3));
+    check_runs(&mut runner, [&a, &b, &c], [7, 13], 8);
+}
+
 /// Sequence `a`'s logits over its prompt and `decode` tokens, bit for bit the same alone, in a
 /// batch with `b` and `c`, and with `a` and `c` prefilled in chunks of `chunks` tokens; each
 /// run from fresh bookkeeping, the batched and chunked ones with scattered blocks.
