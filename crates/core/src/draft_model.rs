@@ -12,7 +12,8 @@
 //!    no free: positions past the prefix are simply written again);
 //! 2. runs what is missing (the whole prompt the first time, usually one or two tokens later)
 //!    as a prefill chunk, in batches of at most [`DraftModel::MAX_STEP_TOKENS`] tokens, and takes
-//!    the argmax of the last row as the first draft;
+//!    the argmax of the last row as the first draft; a sequence with more tokens missing than it
+//!    may still generate does not draft (the catch-up would cost more than the drafts can win);
 //! 3. runs `k - 1` more one-token steps, batched across sequences, each feeding the previous
 //!    draft back.
 //!
@@ -31,12 +32,14 @@ use crate::executor::{Logits, ModelExecutor};
 use crate::sampling::argmax;
 use crate::sequence::SeqId;
 
-/// One sequence's request for drafts: propose up to `k` tokens to follow `tokens`.
+/// One sequence's request for drafts: propose up to `k` tokens to follow `tokens`, for a
+/// sequence that may generate `remaining` more tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct DraftWant<'a> {
     pub id: SeqId,
     pub tokens: &'a [u32],
     pub k: usize,
+    pub remaining: usize,
 }
 
 /// A proposer of draft tokens that keeps state per sequence (a draft model's KV cache).
@@ -197,6 +200,12 @@ impl<E: ModelExecutor + Send> Drafter for DraftModel<E> {
             let seq = self.sequences.entry(want.id).or_default();
             // The last token's logits are what the first draft comes from, so it always runs.
             let reusable = common_prefix(&seq.cached, want.tokens).min(want.tokens.len() - 1);
+            // Catching up costs a draft pass over every missing token, which only the tokens
+            // still to come can earn back: a long context met late (drafting was off while the
+            // batch was large) is not worth it near the end of a sequence.
+            if want.tokens.len() - reusable > want.remaining {
+                continue;
+            }
             seq.cached.truncate(reusable);
             // Positions written: the tokens, then every draft but the last.
             if self.reserve(want.id, want.tokens.len() + want.k - 1) {

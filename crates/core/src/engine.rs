@@ -635,8 +635,9 @@ impl<E: ModelExecutor> Engine<E> {
         let batch_too_large = config
             .disable_by_batch_size
             .is_some_and(|limit| running.len() > limit);
-        // Sequences that draft this step, and how many tokens each may.
-        let mut wanted: Vec<(SeqId, usize)> = Vec::new();
+        // Sequences that draft this step, how many tokens each may draft, and how many it
+        // may still generate.
+        let mut wanted: Vec<(SeqId, usize, usize)> = Vec::new();
         for &id in &running {
             let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get_mut(id))
             else {
@@ -662,11 +663,11 @@ impl<E: ModelExecutor> Engine<E> {
             {
                 continue;
             }
-            wanted.push((id, k));
+            wanted.push((id, k, room + 1));
         }
         match config.method {
             DraftMethod::Ngram { min_n, max_n } => {
-                for (id, k) in wanted {
+                for (id, k, _) in wanted {
                     let seq = self.scheduler.get_mut(id).expect("running");
                     seq.draft_tokens = speculative::propose_ngram(&seq.tokens, min_n, max_n, k);
                 }
@@ -678,7 +679,7 @@ impl<E: ModelExecutor> Engine<E> {
     /// [`DraftMethod::Model`]'s drafts. A failing draft model turns drafting off for good
     /// (its error goes to stderr once): speculation is an optimisation, and no request may
     /// fail because of it.
-    fn propose_with_draft_model(&mut self, running: &[SeqId], wanted: &[(SeqId, usize)]) {
+    fn propose_with_draft_model(&mut self, running: &[SeqId], wanted: &[(SeqId, usize, usize)]) {
         let Some(drafter) = self.drafter.as_mut() else {
             return;
         };
@@ -690,10 +691,11 @@ impl<E: ModelExecutor> Engine<E> {
         let proposed = {
             let wants: Vec<DraftWant<'_>> = wanted
                 .iter()
-                .map(|&(id, k)| DraftWant {
+                .map(|&(id, k, remaining)| DraftWant {
                     id,
                     tokens: &self.scheduler.get(id).expect("running").tokens,
                     k,
+                    remaining,
                 })
                 .collect();
             drafter.propose(&wants)
@@ -701,7 +703,7 @@ impl<E: ModelExecutor> Engine<E> {
         self.stats.spec_draft_seconds += started.elapsed().as_secs_f64();
         match proposed {
             Ok(drafts) => {
-                for (&(id, _), drafts) in wanted.iter().zip(drafts) {
+                for (&(id, _, _), drafts) in wanted.iter().zip(drafts) {
                     self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
                 }
             }

@@ -406,7 +406,15 @@ fn a_failing_draft_model_turns_drafting_off_and_loses_nothing() {
 /// delay the whole batch); once the batch shrinks to it, drafting resumes.
 #[test]
 fn no_drafts_in_a_batch_larger_than_the_limit() {
-    let expected = run(&mut engine(256, 1.5, None), mixed_requests());
+    // Three short requests and three long ones: six run at first, three after a dozen steps.
+    let requests = || -> Vec<Request> {
+        [10, 12, 14, 150, 160, 170]
+            .into_iter()
+            .enumerate()
+            .map(|(i, max_tokens)| greedy((0..6).map(|t| (t + i as u32) % 8).collect(), max_tokens))
+            .collect()
+    };
+    let expected = run(&mut engine(256, 1.5, None), requests());
     let config = SpeculativeConfig {
         min_acceptance: 0.0,
         min_acceptance_per_seq: 0.0,
@@ -414,7 +422,7 @@ fn no_drafts_in_a_batch_larger_than_the_limit() {
         ..SpeculativeConfig::draft_model(4)
     };
     let (mut limited, drafter) = draft_engine_with(256, 1.5, config, MarkovModel::new(512, 1.0));
-    assert_eq!(run(&mut limited, mixed_requests()), expected);
+    assert_eq!(run(&mut limited, requests()), expected);
     let running_when_drafting = drafter.1.lock().unwrap().1.clone();
     assert!(!running_when_drafting.is_empty(), "it drafts at the end");
     assert!(
@@ -422,6 +430,32 @@ fn no_drafts_in_a_batch_larger_than_the_limit() {
         "{running_when_drafting:?}"
     );
     assert!(limited.stats().spec_num_accepted_tokens > 0);
+}
+
+/// A draft model first computes the whole context it has not seen; a sequence whose context
+/// is longer than what it may still generate does not draft (the drafts could not earn that
+/// back), one with room enough does.
+#[test]
+fn no_drafts_when_the_catch_up_outweighs_what_is_left_to_generate() {
+    let prompt: Vec<u32> = (0..100).map(|t| (t * 3 % 8) as u32).collect();
+    let drafted = |max_tokens: usize| {
+        let (mut e, _) = draft_engine(256, 1.5, 4, MarkovModel::new(512, 1.0));
+        let expected = run(
+            &mut engine(256, 1.5, None),
+            vec![greedy(prompt.clone(), max_tokens)],
+        );
+        assert_eq!(
+            run(&mut e, vec![greedy(prompt.clone(), max_tokens)]),
+            expected
+        );
+        e.stats().spec_num_draft_tokens
+    };
+    assert_eq!(
+        drafted(60),
+        0,
+        "100 tokens to catch up, at most 60 to win back"
+    );
+    assert!(drafted(120) > 0);
 }
 
 #[test]
@@ -502,10 +536,10 @@ fn seeded_sampling_keeps_the_model_distribution() {
     let prompt: Vec<u32> = (0..12).map(|t| t % VOCAB as u32).collect();
     let last = *prompt.last().unwrap();
     for (temperature, top_k) in [(1.0, 0), (0.7, 3)] {
-        let requests = |seed_base: u64| -> Vec<Request> {
+        let requests_after = |prompt: &[u32], seed_base: u64| -> Vec<Request> {
             (0..REQUESTS)
                 .map(|i| {
-                    let mut request = Request::new(prompt.clone(), TOKENS);
+                    let mut request = Request::new(prompt.to_vec(), TOKENS);
                     request.params.temperature = temperature as f32;
                     request.params.top_k = top_k;
                     request.params.seed = Some(seed_base + i);
@@ -513,6 +547,7 @@ fn seeded_sampling_keeps_the_model_distribution() {
                 })
                 .collect()
         };
+        let requests = |seed_base: u64| requests_after(&prompt, seed_base);
         let mut e = engine(2048, 0.0, Some(always_drafting(3)));
         let outputs = run(&mut e, requests(0));
         let stats = e.stats();
@@ -521,9 +556,15 @@ fn seeded_sampling_keeps_the_model_distribution() {
             "drafts were verified: {stats:?}"
         );
         assert!(stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens);
-        // The same requests drafted by a (noisy) draft model.
+        // The same requests drafted by a (noisy) draft model, after the prompt's last two
+        // tokens only (the chain's next token depends on the last one alone): a draft model
+        // computes the whole context first, and drafts only when that is no more than the
+        // tokens still to come.
         let (mut e, _) = draft_engine(2048, 0.0, 3, MarkovModel::new(4096, 1.0));
-        let drafted = run(&mut e, requests(REQUESTS));
+        let drafted = run(
+            &mut e,
+            requests_after(&prompt[prompt.len() - 2..], REQUESTS),
+        );
         let stats = e.stats();
         assert!(stats.spec_num_accepted_tokens > REQUESTS / 2, "{stats:?}");
         assert!(stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens);
