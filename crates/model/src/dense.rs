@@ -19,10 +19,9 @@
 //! activation rows loaded per 16 inputs, sixteen FMAs); tails reuse the last row or column and
 //! throw the duplicate away, which again leaves every element's arithmetic unchanged.
 
+use crate::math::{reduce, LANES};
 use crate::qmatmul::Isa;
 
-/// Lanes of the reference order (one AVX-512 register of f32).
-const LANES: usize = 16;
 /// Rows and columns per register tile.
 const TILE: usize = 4;
 /// Rows per work item: the activation rows a worker keeps in cache while it walks its columns.
@@ -150,20 +149,7 @@ fn dot_reference(x: &[f32], w: &[f32]) -> f32 {
             *acc = a.unwrap_or(0.0).mul_add(b.unwrap_or(0.0), *acc);
         }
     }
-    fold(acc)
-}
-
-/// The pairwise folding every path ends with: lanes `l` and `l + 8`, then `l + 4`, `l + 2`,
-/// `l + 1`.
-fn fold(mut acc: [f32; LANES]) -> f32 {
-    let mut half = LANES / 2;
-    while half > 0 {
-        for l in 0..half {
-            acc[l] += acc[l + half];
-        }
-        half /= 2;
-    }
-    acc[0]
+    reduce(acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -171,7 +157,7 @@ mod x86 {
     use super::{LANES, TILE};
     use std::arch::x86_64::*;
 
-    /// Lanes 0..4 of `v` folded as [`super::fold`] does its last three levels.
+    /// Lanes 0..8 of `v` folded as [`crate::math::reduce`] does its last three levels.
     #[inline]
     #[target_feature(enable = "avx")]
     unsafe fn fold8(v: __m256) -> f32 {

@@ -5,7 +5,7 @@
 pub use minserve_core::math::exp;
 
 /// Lanes of the partial sums below: one 512-bit register of f32.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Dot product with [`LANES`] independent partial sums, so that the compiler keeps them in one
 /// SIMD register; the summation order is fixed, which keeps results deterministic.
@@ -26,9 +26,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-/// Pairwise sum of the lanes, in a fixed order.
+/// Pairwise sum of the lanes, in a fixed order: lanes `l` and `l + 8`, then `l + 4`, `l + 2`,
+/// `l + 1` (the dense matmul's vector paths reproduce this tree, `crate::dense`).
 #[inline]
-fn reduce(mut acc: [f32; LANES]) -> f32 {
+pub(crate) fn reduce(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES / 2;
     while width > 0 {
         for lane in 0..width {

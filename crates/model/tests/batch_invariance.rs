@@ -7,6 +7,7 @@
 
 mod common;
 
+use candle_core::quantized::GgmlDType;
 use minserve_core::sampling::argmax;
 use minserve_core::sequence::Sequence;
 use minserve_core::{ModelExecutor, StepBatch};
@@ -138,20 +139,33 @@ fn gemma3_270m_logits_do_not_depend_on_batch_or_chunking() {
 /// passed are released and handed out again (to other groups and sequences) as the runs go.
 #[test]
 fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
-    let config = minserve_model::synthetic::preset("tiny-gemma3").unwrap();
-    let weights =
-        minserve_model::synthetic::build(&config, 3, candle_core::quantized::GgmlDType::Q8_0, true)
-            .unwrap();
+    check_synthetic("tiny-gemma3", GgmlDType::Q8_0, 3, [45, 3, 70], [5, 13], 12);
+}
+
+/// A synthetic model `preset` stored as `dtype` (weights from `seed`), prompts of `lens` tokens,
+/// through [`check_runs`].
+fn check_synthetic(
+    preset: &str,
+    dtype: GgmlDType,
+    seed: u64,
+    lens: [usize; 3],
+    chunks: [usize; 2],
+    decode: usize,
+) {
+    let config = minserve_model::synthetic::preset(preset).unwrap();
+    let vocab = config.vocab_size as u32;
+    let weights = minserve_model::synthetic::build(&config, seed, dtype, true).unwrap();
     let mut runner = ModelRunner::new(
         minserve_model::LlamaModel::new(weights),
         CacheOptions::default(),
     );
-    let tokens = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32).map(|i| (i * 37 + seed * 101) % 500).collect()
-    };
-    let (a, b, c) = (tokens(45, 1), tokens(3, 2), tokens(70, 3));
-    let decode = 12;
-    check_runs(&mut runner, [&a, &b, &c], [5, 13], decode);
+    let [a, b, c] =
+        [(lens[0], 1), (lens[1], 2), (lens[2], 3)].map(|(n, seed): (usize, u32)| -> Vec<u32> {
+            (0..n as u32)
+                .map(|i| (i * 37 + seed * 101) % vocab)
+                .collect()
+        });
+    check_runs(&mut runner, [&a, &b, &c], chunks, decode);
 }
 
 /// Dense f32 matrices (a Hugging Face folder's) run on the fixed-order kernel (`dense.rs`):
@@ -159,19 +173,7 @@ fn sliding_window_logits_do_not_depend_on_batch_or_chunking() {
 /// failed.
 #[test]
 fn dense_f32_logits_do_not_depend_on_batch_or_chunking() {
-    let config = minserve_model::synthetic::preset("tiny").unwrap();
-    let weights =
-        minserve_model::synthetic::build(&config, 5, candle_core::quantized::GgmlDType::F32, true)
-            .unwrap();
-    let mut runner = ModelRunner::new(
-        minserve_model::LlamaModel::new(weights),
-        CacheOptions::default(),
-    );
-    let tokens = |n: usize, seed: u32| -> Vec<u32> {
-        (0..n as u32).map(|i| (i * 37 + seed * 101) % 250).collect()
-    };
-    let (a, b, c) = (tokens(40, 1), tokens(3, 2), tokens(61, 3));
-    check_runs(&mut runner, [&a, &b, &c], [7, 13], 8);
+    check_synthetic("tiny", GgmlDType::F32, 5, [40, 3, 61], [7, 13], 8);
 }
 
 /// Sequence `a`'s logits over its prompt and `decode` tokens, bit for bit the same alone, in a
