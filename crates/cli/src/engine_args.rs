@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use minserve_core::draft_model::{DraftModel, Drafter};
+use minserve_core::draft_model::DraftModel;
 use minserve_core::scheduler::{Batching, PreemptionMode, SchedulerConfig, SchedulingPolicy};
-use minserve_core::speculative::{DraftMethod, SpeculativeConfig};
+use minserve_core::speculative::{DraftMethod, Drafter, SpeculativeConfig};
 use minserve_core::trace::TraceOptions;
 use minserve_core::{Engine, EngineConfig, ModelExecutor};
 use minserve_model::{CacheOptions, DeviceOptions, KvDtype, LlamaModel, Runner};

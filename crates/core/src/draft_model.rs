@@ -25,34 +25,16 @@
 //! The two models must share a vocabulary (same ids, same tokens); the command that builds the
 //! pair checks the tokenizers, and [`DraftModel::new`] the vocabulary size.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::batch::StepBatch;
 use crate::executor::{Logits, ModelExecutor};
 use crate::sampling::argmax;
 use crate::sequence::SeqId;
-
-/// One sequence's request for drafts: propose up to `k` tokens to follow `tokens`, for a
-/// sequence that may generate `remaining` more tokens.
-#[derive(Debug, Clone, Copy)]
-pub struct DraftWant<'a> {
-    pub id: SeqId,
-    pub tokens: &'a [u32],
-    pub k: usize,
-    pub remaining: usize,
-}
-
-/// A proposer of draft tokens that keeps state per sequence (a draft model's KV cache).
-pub trait Drafter: Send {
-    /// Up to `want.k` tokens for each want, in order; fewer (or none) where it cannot.
-    fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String>;
-
-    /// Drops the state of every sequence not in `live` (finished, aborted or preempted).
-    fn retain(&mut self, live: &HashSet<SeqId>);
-}
+use crate::speculative::{DraftWant, Drafter};
 
 /// What the draft cache holds for one sequence.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DraftSequence {
     /// The tokens whose K/V is in the cache, from position 0.
     cached: Vec<u32>,
@@ -111,9 +93,6 @@ impl<E: ModelExecutor + Send> DraftModel<E> {
             .sequences
             .get_mut(&id)
             .expect("reserved for a known sequence");
-        if seq.tables.is_empty() {
-            seq.tables = vec![Vec::new(); self.num_groups];
-        }
         let needed = num_tokens.div_ceil(self.block_size);
         let missing = needed.saturating_sub(seq.tables[0].len());
         if missing * self.num_groups > self.free_blocks.len() {
@@ -127,16 +106,20 @@ impl<E: ModelExecutor + Send> DraftModel<E> {
         true
     }
 
-    fn release(&mut self, seq: DraftSequence) {
-        self.free_blocks.extend(seq.tables.into_iter().flatten());
+    /// Forgets every sequence `keep` says no to, its blocks back to the pool.
+    fn forget(&mut self, mut keep: impl FnMut(SeqId) -> bool) {
+        let free = &mut self.free_blocks;
+        self.sequences.retain(|&id, seq| {
+            keep(id) || {
+                free.extend(seq.tables.drain(..).flatten());
+                false
+            }
+        });
     }
 
     /// After a failed step nothing in the cache can be trusted: every sequence starts over.
     fn forget_all(&mut self) {
-        let all: Vec<DraftSequence> = self.sequences.drain().map(|(_, seq)| seq).collect();
-        for seq in all {
-            self.release(seq);
-        }
+        self.forget(|_| false);
     }
 
     /// Runs `batch` and returns the argmax of each sampled row.
@@ -197,7 +180,14 @@ impl<E: ModelExecutor + Send> Drafter for DraftModel<E> {
             if want.k == 0 || want.tokens.is_empty() || want.tokens.len() + want.k > self.max_len {
                 continue;
             }
-            let seq = self.sequences.entry(want.id).or_default();
+            let num_groups = self.num_groups;
+            let seq = self
+                .sequences
+                .entry(want.id)
+                .or_insert_with(|| DraftSequence {
+                    cached: Vec::new(),
+                    tables: vec![Vec::new(); num_groups],
+                });
             // The last token's logits are what the first draft comes from, so it always runs.
             let reusable = common_prefix(&seq.cached, want.tokens).min(want.tokens.len() - 1);
             // Catching up costs a draft pass over every missing token, which only the tokens
@@ -255,17 +245,8 @@ impl<E: ModelExecutor + Send> Drafter for DraftModel<E> {
         Ok(drafts)
     }
 
-    fn retain(&mut self, live: &HashSet<SeqId>) {
-        let gone: Vec<SeqId> = self
-            .sequences
-            .keys()
-            .filter(|id| !live.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            let seq = self.sequences.remove(&id).expect("listed");
-            self.release(seq);
-        }
+    fn retain(&mut self, live: &[SeqId]) {
+        self.forget(|id| live.contains(&id));
     }
 }
 

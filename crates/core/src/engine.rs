@@ -30,7 +30,6 @@ use std::time::Instant;
 use crate::block_manager::BlockManager;
 use crate::constraint::{ConstrainedSample, TokenMask};
 use crate::detokenize::TokenDecoder;
-use crate::draft_model::{DraftWant, Drafter};
 use crate::executor::{Logits, ModelExecutor};
 use crate::fair_share::FairClaim;
 use crate::live::{BlockMap, LiveFeed, BLOCK_MAP_INTERVAL};
@@ -42,7 +41,9 @@ use crate::request::{
 use crate::sampling::{Rng, SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{ScheduledStep, Scheduler, SchedulerConfig};
 use crate::sequence::{Owner, SeqId, Sequence};
-use crate::speculative::{self, DraftGate, DraftMethod, SpeculativeConfig};
+use crate::speculative::{
+    self, DraftGate, DraftMethod, DraftWant, Drafter, PromptLookup, SpeculativeConfig,
+};
 use crate::trace::{
     RequestEventKind, RequestRecord, StepFacts, StepRecord, Trace, TraceOptions, TraceRecord,
 };
@@ -93,7 +94,8 @@ pub struct EngineStats {
     pub spec_num_drafts: u64,
     pub spec_num_draft_tokens: u64,
     pub spec_num_accepted_tokens: u64,
-    /// Drafting with a draft model: its time, and whether it failed (drafting then stops).
+    /// Time spent proposing drafts (prompt lookup, or the draft model's passes), and draft
+    /// model failures (drafting then stops).
     pub spec_draft_seconds: f64,
     pub spec_draft_failures: u64,
 }
@@ -155,9 +157,13 @@ pub struct Engine<E: ModelExecutor> {
     /// While recording (a trace, or a watcher): sequences preempted and not yet resumed.
     traced_preempted: HashSet<SeqId>,
     /// Speculative decoding, when on.
-    speculative: Option<SpeculativeConfig>,
-    /// The draft model, for [`DraftMethod::Model`].
-    drafter: Option<Box<dyn Drafter>>,
+    speculative: Option<Speculation>,
+}
+
+/// Speculative decoding's settings and what proposes the drafts.
+struct Speculation {
+    config: SpeculativeConfig,
+    drafter: Box<dyn Drafter>,
 }
 
 impl<E: ModelExecutor> Engine<E> {
@@ -200,7 +206,6 @@ impl<E: ModelExecutor> Engine<E> {
             block_map_published: None,
             traced_preempted: HashSet::new(),
             speculative: None,
-            drafter: None,
         }
     }
 
@@ -226,18 +231,24 @@ impl<E: ModelExecutor> Engine<E> {
         }
     }
 
-    /// Turns speculative decoding on (see `speculative.rs`): from the next step, decoding
-    /// sequences draft tokens and verify them.
+    /// Turns speculative decoding by prompt lookup on (see `speculative.rs`): from the next
+    /// step, decoding sequences draft tokens and verify them.
+    ///
+    /// # Panics
+    /// If `config`'s method is [`DraftMethod::Model`]: that takes [`Engine::set_draft_model`].
     pub fn set_speculative(&mut self, config: SpeculativeConfig) {
-        self.speculative = Some(config);
+        let DraftMethod::Ngram { min_n, max_n } = config.method else {
+            panic!("a draft model is set with set_draft_model");
+        };
+        let drafter = Box::new(PromptLookup { min_n, max_n });
+        self.speculative = Some(Speculation { config, drafter });
     }
 
     /// Speculative decoding with a draft model (`draft_model.rs`): `config`'s method must be
     /// [`DraftMethod::Model`].
     pub fn set_draft_model(&mut self, config: SpeculativeConfig, drafter: Box<dyn Drafter>) {
         assert_eq!(config.method, DraftMethod::Model, "a draft model drafts");
-        self.speculative = Some(config);
-        self.drafter = Some(drafter);
+        self.speculative = Some(Speculation { config, drafter });
     }
 
     /// Writes the trace (one JSON line per step and per request event, `docs/trace.md`) to
@@ -625,9 +636,11 @@ impl<E: ModelExecutor> Engine<E> {
     }
 
     /// Speculative decoding: gives every running sequence that may speculate this step the
-    /// tokens it drafts (see `speculative.rs`), and every other none.
+    /// tokens it drafts (see `speculative.rs`), and every other none. A drafter that fails (a
+    /// draft model's device error) turns speculation off for good, with one line on stderr:
+    /// it is an optimisation, and no request may fail because of it.
     fn propose_drafts(&mut self) {
-        let Some(config) = self.speculative else {
+        let Some(config) = self.speculative.as_ref().map(|s| s.config) else {
             return;
         };
         let step = self.stats.steps;
@@ -635,18 +648,16 @@ impl<E: ModelExecutor> Engine<E> {
         let batch_too_large = config
             .disable_by_batch_size
             .is_some_and(|limit| running.len() > limit);
-        // Sequences that draft this step, how many tokens each may draft, and how many it
-        // may still generate.
-        let mut wanted: Vec<(SeqId, usize, usize)> = Vec::new();
         for &id in &running {
-            let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get_mut(id))
-            else {
+            if let Some(seq) = self.scheduler.get_mut(id) {
+                seq.draft_tokens.clear();
+            }
+        }
+        let mut wants: Vec<DraftWant<'_>> = Vec::new();
+        for &id in running.iter().filter(|_| !batch_too_large) {
+            let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get(id)) else {
                 continue;
             };
-            seq.draft_tokens.clear();
-            if batch_too_large {
-                continue;
-            }
             let Some(request) = self.requests.get(&sample.request) else {
                 continue;
             };
@@ -663,53 +674,31 @@ impl<E: ModelExecutor> Engine<E> {
             {
                 continue;
             }
-            wanted.push((id, k, room + 1));
+            wants.push(DraftWant {
+                id,
+                tokens: &seq.tokens,
+                k,
+                remaining: room + 1,
+            });
         }
-        match config.method {
-            DraftMethod::Ngram { min_n, max_n } => {
-                for (id, k, _) in wanted {
-                    let seq = self.scheduler.get_mut(id).expect("running");
-                    seq.draft_tokens = speculative::propose_ngram(&seq.tokens, min_n, max_n, k);
-                }
-            }
-            DraftMethod::Model => self.propose_with_draft_model(&running, &wanted),
-        }
-    }
-
-    /// [`DraftMethod::Model`]'s drafts. A failing draft model turns drafting off for good
-    /// (its error goes to stderr once): speculation is an optimisation, and no request may
-    /// fail because of it.
-    fn propose_with_draft_model(&mut self, running: &[SeqId], wanted: &[(SeqId, usize, usize)]) {
-        let Some(drafter) = self.drafter.as_mut() else {
-            return;
-        };
-        drafter.retain(&running.iter().copied().collect());
-        if wanted.is_empty() {
+        let speculation = self.speculative.as_mut().expect("checked above");
+        speculation.drafter.retain(&running);
+        if wants.is_empty() {
             return;
         }
         let started = Instant::now();
-        let proposed = {
-            let wants: Vec<DraftWant<'_>> = wanted
-                .iter()
-                .map(|&(id, k, remaining)| DraftWant {
-                    id,
-                    tokens: &self.scheduler.get(id).expect("running").tokens,
-                    k,
-                    remaining,
-                })
-                .collect();
-            drafter.propose(&wants)
-        };
+        let proposed = speculation.drafter.propose(&wants);
         self.stats.spec_draft_seconds += started.elapsed().as_secs_f64();
+        let ids: Vec<SeqId> = wants.iter().map(|w| w.id).collect();
         match proposed {
             Ok(drafts) => {
-                for (&(id, _, _), drafts) in wanted.iter().zip(drafts) {
+                for (id, drafts) in ids.into_iter().zip(drafts) {
                     self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
                 }
             }
             Err(e) => {
                 eprintln!("speculative decoding turned off: {e}");
-                self.drafter = None;
+                self.speculative = None;
                 self.stats.spec_draft_failures += 1;
             }
         }
@@ -732,7 +721,8 @@ impl<E: ModelExecutor> Engine<E> {
         self.stats.spec_num_drafts += 1;
         self.stats.spec_num_draft_tokens += rows.drafts.len() as u64;
         self.stats.spec_num_accepted_tokens += accepted as u64;
-        if let (Some(sample), Some(config)) = (self.samples.get_mut(&id), self.speculative) {
+        let config = self.speculative.as_ref().map(|s| s.config);
+        if let (Some(sample), Some(config)) = (self.samples.get_mut(&id), config) {
             let floor = config.acceptance_floor(self.scheduler.num_running());
             sample
                 .draft_gate

@@ -37,6 +37,44 @@
 //! sampled with the request's parameters and passes the output stage token by token.
 
 use crate::request::ValidatedRequest;
+use crate::sequence::SeqId;
+
+/// One sequence's request for drafts: propose up to `k` tokens to follow `tokens`, for a
+/// sequence that may generate `remaining` more tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftWant<'a> {
+    pub id: SeqId,
+    pub tokens: &'a [u32],
+    pub k: usize,
+    pub remaining: usize,
+}
+
+/// What proposes draft tokens: prompt lookup ([`PromptLookup`]) or a draft model
+/// (`draft_model::DraftModel`, which keeps a KV cache per sequence).
+pub trait Drafter: Send {
+    /// Up to `want.k` tokens for each want, in order; fewer (or none) where it cannot.
+    fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String>;
+
+    /// Drops the state of every sequence not in `live` (finished, aborted or preempted).
+    fn retain(&mut self, live: &[SeqId]);
+}
+
+/// Prompt lookup as a [`Drafter`]: no state, [`propose_ngram`] on each sequence.
+pub struct PromptLookup {
+    pub min_n: usize,
+    pub max_n: usize,
+}
+
+impl Drafter for PromptLookup {
+    fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String> {
+        Ok(wants
+            .iter()
+            .map(|w| propose_ngram(w.tokens, self.min_n, self.max_n, w.k))
+            .collect())
+    }
+
+    fn retain(&mut self, _live: &[SeqId]) {}
+}
 
 /// How the engine drafts tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

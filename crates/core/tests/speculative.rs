@@ -16,14 +16,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use minserve_core::detokenize::TokenDecoder;
-use minserve_core::draft_model::{DraftModel, DraftWant, Drafter};
+use minserve_core::draft_model::DraftModel;
 use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::scheduler::SchedulerConfig;
 use minserve_core::sequence::SeqId;
-use minserve_core::speculative::{DraftMethod, SpeculativeConfig};
+use minserve_core::speculative::{DraftMethod, DraftWant, Drafter, SpeculativeConfig};
 use minserve_core::{CacheGeometry, Logits, ModelExecutor, SequenceChunk, StepBatch};
 use minserve_core::{Engine, EngineConfig, Request, RequestEvent};
-use std::collections::HashSet;
 
 const VOCAB: usize = 8;
 const BLOCK_SIZE: usize = 4;
@@ -180,7 +179,7 @@ impl Drafter for SharedDrafter {
         self.0.lock().unwrap().propose(wants)
     }
 
-    fn retain(&mut self, live: &HashSet<SeqId>) {
+    fn retain(&mut self, live: &[SeqId]) {
         self.1.lock().unwrap().0 = live.len();
         self.0.lock().unwrap().retain(live)
     }

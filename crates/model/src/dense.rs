@@ -20,6 +20,7 @@
 //! throw the duplicate away, which again leaves every element's arithmetic unchanged.
 
 use crate::math::{reduce, LANES};
+use crate::pool::DisjointWriter;
 use crate::qmatmul::Isa;
 
 /// Rows and columns per register tile.
@@ -53,28 +54,22 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, out: &mut
     assert_eq!(out.len(), m * n, "dense matmul: out is not {m} x {n}");
     let col_groups = n.div_ceil(TILE);
     let items = m.div_ceil(ROW_CHUNK) * col_groups;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out = DisjointWriter::new(out);
     let work = |range: std::ops::Range<usize>| {
         for item in range {
             let (chunk, group) = (item / col_groups, item % col_groups);
             let rows = chunk * ROW_CHUNK..m.min((chunk + 1) * ROW_CHUNK);
             let cols = group * TILE..n.min((group + 1) * TILE);
-            for r0 in rows.step_by(TILE) {
-                let rs: [usize; TILE] =
-                    std::array::from_fn(|i| (r0 + i).min(m.min((chunk + 1) * ROW_CHUNK) - 1));
-                let cs: [usize; TILE] = std::array::from_fn(|i| (cols.start + i).min(cols.end - 1));
+            let cs: [usize; TILE] = std::array::from_fn(|i| (cols.start + i).min(cols.end - 1));
+            for r0 in rows.clone().step_by(TILE) {
+                let rs: [usize; TILE] = std::array::from_fn(|i| (r0 + i).min(rows.end - 1));
                 let tile = tile(isa, x, w, k, rs, cs);
-                for (i, &r) in rs.iter().enumerate() {
-                    if r != r0 + i {
-                        continue;
-                    }
-                    for (j, &c) in cs.iter().enumerate() {
-                        if c == cols.start + j {
-                            // SAFETY: `r < m`, `c < n`; each (row chunk, column group) item goes
-                            // to one worker, so no two write the same element.
-                            unsafe { *out_ptr.at(r * n + c) = tile[i][j] };
-                        }
-                    }
+                // The duplicated tail rows and columns are dropped here.
+                for (r, values) in (r0..rows.end).zip(tile) {
+                    // SAFETY: each (row chunk, column group) item goes to one worker, so no two
+                    // live chunks overlap.
+                    let row = unsafe { out.chunk(r * n + cols.start, cols.len()) };
+                    row.copy_from_slice(&values[..cols.len()]);
                 }
             }
         }
@@ -82,27 +77,15 @@ pub fn matmul_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, out: &mut
     crate::pool::pool().execute_chunked(items, work);
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: workers write disjoint elements (see `matmul_with`).
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `offset` (a method, so that closures capture the `Sync` wrapper and not
-    /// its raw pointer).
-    ///
-    /// # Safety
-    /// `offset` is inside the output.
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
-}
-
-/// The fastest instruction set for this kernel.
+/// The fastest instruction set for this kernel (detected once).
 fn best_isa() -> Isa {
-    Isa::available()
-        .into_iter()
-        .find(|&isa| is_available(isa))
-        .unwrap_or(Isa::Scalar)
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        Isa::available()
+            .into_iter()
+            .find(|&isa| is_available(isa))
+            .unwrap_or(Isa::Scalar)
+    })
 }
 
 /// AVX-512 F is part of [`Isa::Avx512Vnni`]; AVX2 needs FMA besides.

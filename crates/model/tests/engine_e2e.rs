@@ -8,10 +8,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::GgmlDType;
-use minserve_core::draft_model::{DraftModel, Drafter};
+use minserve_core::draft_model::DraftModel;
 use minserve_core::sampling::SamplingParams;
 use minserve_core::scheduler::{PreemptionMode, SchedulerConfig};
-use minserve_core::speculative::SpeculativeConfig;
+use minserve_core::speculative::{Drafter, SpeculativeConfig};
 use minserve_core::trace::{read_trace, RequestEventKind, TraceOptions, TraceRecord};
 use minserve_core::{Engine, EngineConfig, FinishReason, Request, RequestEvent};
 use minserve_model::{

@@ -329,7 +329,7 @@ impl Metrics {
             (
                 "minserve_spec_decode_draft_seconds_total",
                 "counter",
-                "Speculative decoding: seconds spent in the draft model.",
+                "Speculative decoding: seconds spent proposing drafts (prompt lookup, or the draft model).",
             ),
             model,
             "",
