@@ -561,8 +561,12 @@ async fn what_llm_routers_read_of_a_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_time_lasts_until_the_engine_schedules_the_request() {
-    // One sequence runs at a time: a second request waits for the first to finish.
-    let s = TestServer::start_synthetic(common::options(), scheduler(1)).await;
+    // One sequence runs at a time: a second request waits for the first to finish. Paced steps
+    // make the first take about a second, so a loaded machine's delays are small beside it.
+    let s = TestServer::start_loaded(common::options(), || {
+        common::load_synthetic_paced(scheduler(1), Duration::from_millis(2))
+    })
+    .await;
     let first = s
         .client
         .post(s.url("/v1/completions"))
@@ -574,7 +578,6 @@ async fn queue_time_lasts_until_the_engine_schedules_the_request() {
         .await;
     let client = s.client.clone();
     let url = s.url("/v1/completions");
-    let second_sent = Instant::now();
     let second = tokio::spawn(async move {
         client
             .post(url)
@@ -585,16 +588,19 @@ async fn queue_time_lasts_until_the_engine_schedules_the_request() {
     });
     s.metric_until("minserve_num_requests_waiting", |v| v == 1.0)
         .await;
+    // The second request is queued by now, so it waits at least from here to the first's end.
+    let seen_waiting = Instant::now();
     let (_, done) = read_sse(first).await;
     assert!(done);
-    let first_took = second_sent.elapsed().as_secs_f64();
+    let first_took = seen_waiting.elapsed().as_secs_f64();
     assert_eq!(second.await.unwrap().status(), 200);
 
     assert_eq!(
         s.metric("minserve_request_queue_time_seconds_count").await,
         2.0
     );
-    // The first request hardly waited; the second waited for all of the first's tokens.
+    // The first request hardly waited; the second waited for all of the first's tokens (the
+    // client hears of the first's end a little after the engine moved on: hence 0.8).
     let waited = s.metric("minserve_request_queue_time_seconds_sum").await;
     assert!(
         waited >= first_took * 0.8,

@@ -89,12 +89,14 @@ fn serve_speculating<E: ModelExecutor + Send + 'static>(
 
 /// An executor that panics in the first step after its trigger is set: the engine thread's
 /// failure, injected from a test (no such hook exists outside the tests).
-pub struct PanicOnTrigger<E> {
+/// A runner that calls `before_step` ahead of every step: how a test injects a fault or slows
+/// the engine down without a model of its own.
+pub struct BeforeEachStep<E> {
     inner: E,
-    trigger: Arc<AtomicBool>,
+    before_step: Box<dyn FnMut() + Send>,
 }
 
-impl<E: ModelExecutor> ModelExecutor for PanicOnTrigger<E> {
+impl<E: ModelExecutor> ModelExecutor for BeforeEachStep<E> {
     type Error = E::Error;
 
     fn cache_geometry(&self) -> CacheGeometry {
@@ -110,9 +112,7 @@ impl<E: ModelExecutor> ModelExecutor for PanicOnTrigger<E> {
     }
 
     fn execute(&mut self, batch: &StepBatch) -> Result<Logits, Self::Error> {
-        if self.trigger.swap(false, Ordering::SeqCst) {
-            panic!("injected engine failure");
-        }
+        (self.before_step)();
         self.inner.execute(batch)
     }
 
@@ -121,14 +121,37 @@ impl<E: ModelExecutor> ModelExecutor for PanicOnTrigger<E> {
     }
 }
 
+fn load_synthetic_before_each_step(
+    scheduler: SchedulerConfig,
+    before_step: impl FnMut() + Send + 'static,
+) -> anyhow::Result<ServedModel> {
+    serve_wrapped(synthetic_tiny()?, scheduler, cache(), |inner| {
+        BeforeEachStep {
+            inner,
+            before_step: Box::new(before_step),
+        }
+    })
+}
+
 /// The tiny synthetic model ([`load_synthetic`]) whose engine panics once `trigger` is set.
 pub fn load_synthetic_with_fault(
     scheduler: SchedulerConfig,
     trigger: Arc<AtomicBool>,
 ) -> anyhow::Result<ServedModel> {
-    serve_wrapped(synthetic_tiny()?, scheduler, cache(), |inner| {
-        PanicOnTrigger { inner, trigger }
+    load_synthetic_before_each_step(scheduler, move || {
+        if trigger.swap(false, Ordering::SeqCst) {
+            panic!("injected engine failure");
+        }
     })
+}
+
+/// The tiny synthetic model with every step lasting at least `step`: a timing test's spans
+/// then dwarf the noise of a busy machine (the bare model runs a step in a fraction of a ms).
+pub fn load_synthetic_paced(
+    scheduler: SchedulerConfig,
+    step: Duration,
+) -> anyhow::Result<ServedModel> {
+    load_synthetic_before_each_step(scheduler, move || std::thread::sleep(step))
 }
 
 /// The tiny synthetic model with a KV cache of `memory_bytes` (its tokens take 256 bytes
