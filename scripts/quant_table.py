@@ -70,11 +70,12 @@ def expand(value, args):
     return value.replace("{work}", args.work_dir).replace("{calib}", args.calib)
 
 
-def make_missing(spec, args):
-    """Runs the `make` command of every folder that is not there yet, timing each."""
+def make_missing(spec, args, needed):
+    """Runs the `make` command of every folder in `needed` that is not there yet, timing each
+    (so that `--only` makes no folder its rows do not read)."""
     for folder, command in spec.get("make", {}).items():
         folder = expand(folder, args)
-        if os.path.exists(folder):
+        if folder not in needed or os.path.exists(folder):
             continue
         print(f"making {folder} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
@@ -180,27 +181,34 @@ def main():
         args.text = subprocess.run([os.path.join(here, "eval-text")], check=True,
                                    capture_output=True, text=True).stdout.strip()
     spec = json.load(open(args.rows))
-    args.calib = ""
-    if any("{calib}" in json.dumps(c) for c in spec.get("make", {}).values()):
-        here = os.path.dirname(os.path.abspath(__file__))
-        args.calib = subprocess.run([os.path.join(here, "calib-text")], check=True,
-                                    capture_output=True, text=True).stdout.strip()
-    make_missing(spec, args)
     reference = expand(spec["reference"], args)
     merged = {}
     if args.results and os.path.exists(args.results):
         merged = json.load(open(args.results))
-    results = []
+    selected = []
     for row in spec["rows"]:
         if args.only and not any(text in row["label"] for text in args.only):
             continue
         done = merged.get(row["label"], {})
-        needed = {"quality": "perplexity", "speed": "single_tok_s"}
-        if args.skip_done and all(needed[part] in done for part in args.parts):
+        figures = {"quality": "perplexity", "speed": "single_tok_s"}
+        if args.skip_done and all(figures[part] in done for part in args.parts):
             continue
         if row.get("if_present") and not os.path.exists(expand(row["model"], args)):
             print(f"skipping {row['label']}: no {expand(row['model'], args)}", file=sys.stderr)
             continue
+        selected.append(row)
+    needed = {expand(row["model"], args) for row in selected}
+    if selected and "quality" in args.parts:
+        needed.add(reference)
+    args.calib = ""
+    if any("{calib}" in json.dumps(c) for f, c in spec.get("make", {}).items()
+           if expand(f, args) in needed):
+        here = os.path.dirname(os.path.abspath(__file__))
+        args.calib = subprocess.run([os.path.join(here, "calib-text")], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    make_missing(spec, args, needed)
+    results = []
+    for row in selected:
         print(f"measuring {row['label']} ...", file=sys.stderr, flush=True)
         r = measure(row, reference, args)
         print(json.dumps(r), flush=True)

@@ -60,6 +60,48 @@ fn bench_throughput_runs_a_synthetic_model() {
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(report["output_tokens"], 12);
     assert_eq!(report["prompt_tokens"], 32);
+    assert!(report["step_breakdown"].is_null(), "{report}");
+}
+
+/// `--step-breakdown` times the phases of every forward pass of the run: here one prefill step
+/// and two decode steps (4 prompts of 8 tokens admitted together, 3 tokens each).
+#[test]
+fn bench_throughput_breaks_the_steps_down_by_phase() {
+    let (stdout, _) = minserve(&[
+        "bench",
+        "throughput",
+        "--model",
+        "synthetic:tiny@q8_0",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--kv-cache-mib",
+        "16",
+        "--step-breakdown",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let breakdown = &report["step_breakdown"];
+    assert_eq!(breakdown["forward_passes"], report["steps"], "{report}");
+    let phases = breakdown["phases_s"].as_object().unwrap();
+    for phase in [
+        "attention",
+        "qkv_projection",
+        "lm_head",
+        "activation_quantize",
+    ] {
+        assert!(phases[phase].as_f64().unwrap() > 0.0, "{phase}: {report}");
+    }
+    let inside: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();
+    let outside = breakdown["outside_forward_s"].as_f64().unwrap();
+    let elapsed = report["elapsed_s"].as_f64().unwrap();
+    assert!(
+        outside >= 0.0 && (inside + outside - elapsed).abs() < 1e-6,
+        "{report}"
+    );
 }
 
 #[test]

@@ -30,6 +30,7 @@ pub mod quantized_checkpoint;
 pub mod rope;
 pub mod runner;
 pub mod safetensors;
+pub mod step_profile;
 pub mod synthetic;
 mod tensor_util;
 pub mod weights;

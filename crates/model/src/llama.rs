@@ -21,6 +21,7 @@ use crate::paged_attention::{AttentionPlan, PagedAttention};
 use crate::pool::DisjointWriter;
 use crate::qmatmul::QInput;
 use crate::rope::RopeTable;
+use crate::step_profile::{self, Phase};
 use crate::weights::{Linear, LinearWeight, LlamaWeights};
 
 pub struct LlamaModel {
@@ -153,6 +154,7 @@ impl LlamaModel {
         let plan = AttentionPlan::new(batch, c.num_kv_heads);
         let mut guard = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let b = &mut *guard;
+        step_profile::start_step();
 
         let x = sized(&mut b.x, n * hidden);
         self.weights.embedding.rows_into(&batch.token_ids, x)?;
@@ -160,6 +162,7 @@ impl LlamaModel {
             let factor = (hidden as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= factor);
         }
+        step_profile::mark(Phase::Embedding);
         let normed = sized(&mut b.normed, n * hidden);
         let q = sized(&mut b.q, n * q_dim);
         let k = sized(&mut b.k, n * kv_dim);
@@ -178,14 +181,18 @@ impl LlamaModel {
                 (Some(_), Some(local)) => local,
                 _ => &self.rope,
             };
-            rows_parallel(normed, hidden, |rows, out| {
-                rms_norm(
-                    &x[rows.start * hidden..rows.end * hidden],
-                    &norms.attention,
-                    eps,
-                    out,
-                )
-            });
+            // Later layers find `normed` filled by the previous layer's last residual add.
+            if index == 0 {
+                rows_parallel(normed, hidden, |rows, out| {
+                    rms_norm(
+                        &x[rows.start * hidden..rows.end * hidden],
+                        &norms.attention,
+                        eps,
+                        out,
+                    )
+                });
+                step_profile::mark(Phase::Norms);
+            }
             let mut replaced = Vec::new();
             let qkv = observed(
                 &mut observer,
@@ -202,13 +209,20 @@ impl LlamaModel {
                 quantized,
                 &mut [&mut *q, &mut *k, &mut *v],
             )?;
+            step_profile::mark(Phase::QkvProjection);
             if let Some((q_norm, k_norm)) = &norms.qk {
                 rows_parallel(q, q_dim, |_, rows| rms_norm_in_place(rows, q_norm, eps));
                 rows_parallel(k, kv_dim, |_, rows| rms_norm_in_place(rows, k_norm, eps));
+                step_profile::mark(Phase::Norms);
             }
             rope.apply(q, &batch.positions, c.num_heads);
-            rope.apply(k, &batch.positions, c.num_kv_heads);
-            kv.write(&cache.layout, k, v, batch.slots(group));
+            step_profile::mark(Phase::Rope);
+            // The keys' RoPE happens inside the write, on each row while it is in L1.
+            let positions = &batch.positions;
+            kv.write_rotated(&cache.layout, k, v, batch.slots(group), &|token, key| {
+                rope.rotate_head(key, positions[token])
+            });
+            step_profile::mark(Phase::KvWrite);
             PagedAttention {
                 kv,
                 layout: &cache.layout,
@@ -220,6 +234,7 @@ impl LlamaModel {
                 window,
             }
             .run(q, attention);
+            step_profile::mark(Phase::Attention);
             let mut replaced = Vec::new();
             let [o_proj] = observed(
                 &mut observer,
@@ -230,21 +245,15 @@ impl LlamaModel {
                 [&layer.o_proj],
             )?;
             o_proj.forward_into(attention, n, quantized, projected)?;
+            step_profile::mark(Phase::OutputProjection);
             if let Some((post_attention, _)) = &norms.post {
                 rows_parallel(projected, hidden, |_, rows| {
                     rms_norm_in_place(rows, post_attention, eps)
                 });
+                step_profile::mark(Phase::Norms);
             }
-            add_in_place(x, projected);
-
-            rows_parallel(normed, hidden, |rows, out| {
-                rms_norm(
-                    &x[rows.start * hidden..rows.end * hidden],
-                    &norms.feed_forward,
-                    eps,
-                    out,
-                )
-            });
+            add_then_norm(x, projected, &norms.feed_forward, eps, normed);
+            step_profile::mark(Phase::Residual);
             let mut replaced = Vec::new();
             let gate_up = observed(
                 &mut observer,
@@ -255,6 +264,7 @@ impl LlamaModel {
                 [&layer.gate_proj, &layer.up_proj],
             )?;
             Linear::forward_many_into(&gate_up, normed, n, quantized, &mut [&mut *gate, &mut *up])?;
+            step_profile::mark(Phase::GateUpProjection);
             let width = c.intermediate_size;
             let activation_mul = match c.block.activation {
                 Activation::Silu => silu_mul,
@@ -263,6 +273,7 @@ impl LlamaModel {
             rows_parallel(gate, width, |rows, out| {
                 activation_mul(out, &up[rows.start * width..rows.end * width])
             });
+            step_profile::mark(Phase::ActivationFunction);
             let mut replaced = Vec::new();
             let [down_proj] = observed(
                 &mut observer,
@@ -273,12 +284,18 @@ impl LlamaModel {
                 [&layer.down_proj],
             )?;
             down_proj.forward_into(gate, n, quantized, projected)?;
+            step_profile::mark(Phase::DownProjection);
             if let Some((_, post_ffn)) = &norms.post {
                 rows_parallel(projected, hidden, |_, rows| {
                     rms_norm_in_place(rows, post_ffn, eps)
                 });
+                step_profile::mark(Phase::Norms);
             }
-            add_in_place(x, projected);
+            match self.layers.get(index + 1) {
+                Some(next) => add_then_norm(x, projected, &next.attention, eps, normed),
+                None => add_in_place(x, projected),
+            }
+            step_profile::mark(Phase::Residual);
         }
 
         let rows = batch.sampled_rows();
@@ -291,10 +308,12 @@ impl LlamaModel {
                 out,
             );
         }
+        step_profile::mark(Phase::Norms);
         let mut logits = vec![0f32; rows.len() * c.vocab_size];
         self.weights
             .lm_head
             .forward_into(last, rows.len(), &mut b.quantized, &mut logits)?;
+        step_profile::mark(Phase::LmHead);
         Ok(logits)
     }
 
@@ -424,6 +443,21 @@ pub(crate) fn validate_batch(
         return bad("sequences do not cover the token rows".into());
     }
     Ok(())
+}
+
+/// `x += projected`, then `normed = RMSNorm(x)`, row by row in one pass (over the pool when
+/// large): the residual stream is read once while it is in cache instead of once per pass.
+/// Same arithmetic as the two passes, so the same bits.
+fn add_then_norm(x: &mut [f32], projected: &[f32], weight: &[f32], eps: f32, normed: &mut [f32]) {
+    let hidden = weight.len();
+    let x_rows = DisjointWriter::new(x);
+    rows_parallel(normed, hidden, |rows, out| {
+        let span = rows.start * hidden..rows.end * hidden;
+        // SAFETY: `rows_parallel` hands out disjoint row ranges, so no two chunks overlap.
+        let x = unsafe { x_rows.chunk(span.start, span.len()) };
+        add_in_place(x, &projected[span]);
+        rms_norm(x, weight, eps, out);
+    });
 }
 
 /// Below this many values an elementwise pass runs on the calling thread: waking the pool

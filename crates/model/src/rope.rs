@@ -185,27 +185,33 @@ impl RopeTable {
     pub fn apply(&self, x: &mut [f32], positions: &[u32], num_heads: usize) {
         let head_dim = 2 * self.half_dim;
         for (token, &pos) in positions.iter().enumerate() {
-            let table = pos as usize * self.half_dim;
-            let cos = &self.cos[table..table + self.half_dim];
-            let sin = &self.sin[table..table + self.half_dim];
             let row = &mut x[token * num_heads * head_dim..(token + 1) * num_heads * head_dim];
             for head in row.chunks_exact_mut(head_dim) {
-                match self.style {
-                    RopeStyle::Interleaved => {
-                        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                            let (x0, x1) = (pair[0], pair[1]);
-                            pair[0] = x0 * cos[i] - x1 * sin[i];
-                            pair[1] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
-                    RopeStyle::Neox => {
-                        let (lo, hi) = head.split_at_mut(self.half_dim);
-                        for i in 0..self.half_dim {
-                            let (x0, x1) = (lo[i], hi[i]);
-                            lo[i] = x0 * cos[i] - x1 * sin[i];
-                            hi[i] = x0 * sin[i] + x1 * cos[i];
-                        }
-                    }
+                self.rotate_head(head, pos);
+            }
+        }
+    }
+
+    /// Rotates one head's row (`head_dim` values) of the token at `position`.
+    #[inline]
+    pub fn rotate_head(&self, head: &mut [f32], position: u32) {
+        let table = position as usize * self.half_dim;
+        let cos = &self.cos[table..table + self.half_dim];
+        let sin = &self.sin[table..table + self.half_dim];
+        match self.style {
+            RopeStyle::Interleaved => {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos[i] - x1 * sin[i];
+                    pair[1] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+            RopeStyle::Neox => {
+                let (lo, hi) = head.split_at_mut(self.half_dim);
+                for i in 0..self.half_dim {
+                    let (x0, x1) = (lo[i], hi[i]);
+                    lo[i] = x0 * cos[i] - x1 * sin[i];
+                    hi[i] = x0 * sin[i] + x1 * cos[i];
                 }
             }
         }

@@ -122,6 +122,7 @@ impl Linear {
         match packed {
             Some(weights) => {
                 input.quantize_for(&weights, x, m);
+                crate::step_profile::mark(crate::step_profile::Phase::ActivationQuantize);
                 QWeight::matmul_quantized_many(&weights, input, outs);
             }
             // candle's, or a mix (a GGUF may store q and v in different types): one at a time.

@@ -12,6 +12,7 @@ use minserve_core::sampling::{Rng, SamplingParams};
 use minserve_core::{EventSink, Request, RequestEvent};
 
 use minserve_grammar::{Grammar, GrammarCompiler};
+use minserve_model::step_profile::StepProfile;
 
 use crate::engine_args::{build_engine, EngineArgs};
 
@@ -41,6 +42,10 @@ pub struct ThroughputArgs {
     /// second and serializes it to JSON): the cost of being watched (docs/dashboard.md).
     #[arg(long)]
     watch_live: bool,
+    /// Time each phase of the forward pass (norms, activation quantization, each projection,
+    /// RoPE, the KV write, attention, ...) and print where the run's time went.
+    #[arg(long)]
+    step_breakdown: bool,
 }
 
 /// A reader of the engine's live feed on a thread of its own, as the dashboard's events
@@ -217,9 +222,12 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
     let reader = args
         .watch_live
         .then(|| LiveReader::start(&engine.live_feed()));
+    minserve_model::step_profile::enable(args.step_breakdown);
     let start = Instant::now();
     while engine.step() {}
     let elapsed = start.elapsed().as_secs_f64();
+    minserve_model::step_profile::enable(false);
+    let breakdown = args.step_breakdown.then(minserve_model::step_profile::take);
     let (live_records, live_bytes) = reader.map_or((0, 0), LiveReader::finish);
     let stats = engine.stats();
     let output_tokens = generated.load(Ordering::Relaxed);
@@ -260,6 +268,7 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         "watch_live": args.watch_live,
         "live_records": live_records,
         "live_bytes": live_bytes,
+        "step_breakdown": breakdown.as_ref().map(|b| breakdown_json(b, elapsed)),
     });
     if args.json {
         println!("{report}");
@@ -298,6 +307,9 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
                 live_bytes as f64 / (1 << 20) as f64
             );
         }
+        if let Some(breakdown) = &breakdown {
+            print_breakdown(breakdown, elapsed);
+        }
         if grammar.is_some() {
             println!(
                 "grammar masks:     {:.3} s computed, {:.3} s of it waited for ({:.1}% of the run)",
@@ -308,4 +320,47 @@ pub fn run(args: ThroughputArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn breakdown_json(profile: &StepProfile, elapsed: f64) -> serde_json::Value {
+    let phases: serde_json::Map<String, serde_json::Value> = profile
+        .seconds
+        .iter()
+        .map(|(phase, seconds)| (phase.name().to_string(), (*seconds).into()))
+        .collect();
+    serde_json::json!({
+        "forward_passes": profile.steps,
+        "phases_s": phases,
+        "outside_forward_s": elapsed - profile.total_seconds(),
+    })
+}
+
+/// The run's time by phase, largest first, with what the forward pass does not cover
+/// (scheduling, sampling, the engine's bookkeeping) as its own line.
+fn print_breakdown(profile: &StepProfile, elapsed: f64) {
+    println!(
+        "step breakdown:    {} forward passes, {:.2} s of the {elapsed:.2} s run",
+        profile.steps,
+        profile.total_seconds()
+    );
+    let mut lines: Vec<(&str, f64)> = profile
+        .seconds
+        .iter()
+        .map(|(phase, seconds)| (phase.name(), *seconds))
+        .collect();
+    lines.push((
+        "outside the forward pass",
+        elapsed - profile.total_seconds(),
+    ));
+    lines.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!("| phase | seconds | ms per pass | share of the run |");
+    println!("| --- | --- | --- | --- |");
+    let per_pass = |s: f64| 1e3 * s / profile.steps.max(1) as f64;
+    for (name, seconds) in lines {
+        println!(
+            "| {name} | {seconds:.3} | {:.3} | {:.1}% |",
+            per_pass(seconds),
+            100.0 * seconds / elapsed
+        );
+    }
 }
