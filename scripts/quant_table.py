@@ -181,6 +181,7 @@ def main():
         args.text = subprocess.run([os.path.join(here, "eval-text")], check=True,
                                    capture_output=True, text=True).stdout.strip()
     spec = json.load(open(args.rows))
+    args.calib = ""  # fetched below only when a folder to make calibrates on it
     reference = expand(spec["reference"], args)
     merged = {}
     if args.results and os.path.exists(args.results):
@@ -200,7 +201,6 @@ def main():
     needed = {expand(row["model"], args) for row in selected}
     if selected and "quality" in args.parts:
         needed.add(reference)
-    args.calib = ""
     if any("{calib}" in json.dumps(c) for f, c in spec.get("make", {}).items()
            if expand(f, args) in needed):
         here = os.path.dirname(os.path.abspath(__file__))

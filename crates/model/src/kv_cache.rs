@@ -258,18 +258,92 @@ impl<T: KvElement> KvPool<T> {
     /// Stores each new token's K/V rows (`[tokens, kv_heads, head_dim]`) at its slot — vLLM's
     /// `reshape_and_cache` — after `rotate_key(token, key_head_row)` on a copy of each key
     /// (RoPE, applied here while the row is in L1 rather than in a pass of its own).
+    ///
+    /// A decode step's tokens land in as many different blocks, and each key row, stored
+    /// dimension-major, touches `head_dim / 2` cache lines that are usually cold: the write is
+    /// bound by misses, so the pool's threads share the tokens to keep more of them in flight.
     fn write(
         &mut self,
         layout: &KvLayout,
         keys: &[f32],
         values: &[f32],
         slots: &[u32],
-        rotate_key: &dyn Fn(usize, &mut [f32]),
+        rotate_key: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        let row = layout.num_kv_heads * layout.head_dim;
+        assert!(keys.len() >= slots.len() * row && values.len() >= slots.len() * row);
+        let last_slot = layout.num_blocks * layout.block_size;
+        assert!(
+            slots.iter().all(|&s| (s as usize) < last_slot),
+            "slot outside the pool"
+        );
+        assert!(self.keys.len() >= layout.values_per_layer());
+        assert!(self.values.len() >= layout.values_per_layer());
+        assert!(
+            !T::SCALED
+                || self.key_scales.len().min(self.value_scales.len()) >= layout.scales_per_layer()
+        );
+        let pool = RawPool {
+            keys: self.keys.as_mut_ptr(),
+            values: self.values.as_mut_ptr(),
+            key_scales: self.key_scales.as_mut_ptr(),
+            value_scales: self.value_scales.as_mut_ptr(),
+        };
+        let write_tokens = |tokens: std::ops::Range<usize>| {
+            // SAFETY: the slots are inside the pool (asserted above), and the tokens of
+            // different calls have different slots (checked below before calls run side by
+            // side), so no two calls write the same element.
+            unsafe { pool.write_tokens(layout, keys, values, slots, rotate_key, tokens) }
+        };
+        if slots.len() * row < PARALLEL_WRITE_VALUES || !all_distinct(slots) {
+            write_tokens(0..slots.len());
+        } else {
+            crate::pool::pool().execute_chunked(slots.len(), write_tokens);
+        }
+    }
+}
+
+/// Below this many key values a step's write stays on the calling thread.
+const PARALLEL_WRITE_VALUES: usize = 4096;
+
+/// Whether no slot repeats (the scheduler never gives two new tokens one slot; a batch that
+/// did would be written on one thread, last token last, rather than raced).
+fn all_distinct(slots: &[u32]) -> bool {
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).all(|w| w[0] != w[1])
+}
+
+/// A [`KvPool`]'s buffers as pointers, so that the pool's threads can fill the slots of
+/// different tokens at once.
+struct RawPool<T> {
+    keys: *mut T,
+    values: *mut T,
+    key_scales: *mut f32,
+    value_scales: *mut f32,
+}
+
+// SAFETY: callers of `write_tokens` guarantee that concurrent calls touch different slots.
+unsafe impl<T: Send> Sync for RawPool<T> {}
+
+impl<T: KvElement> RawPool<T> {
+    /// # Safety
+    /// Every slot of `tokens` is inside the pool of `layout`, and no concurrent call writes
+    /// one of them.
+    unsafe fn write_tokens(
+        &self,
+        layout: &KvLayout,
+        keys: &[f32],
+        values: &[f32],
+        slots: &[u32],
+        rotate_key: &(dyn Fn(usize, &mut [f32]) + Sync),
+        tokens: std::ops::Range<usize>,
     ) {
         let (row, head_dim) = (layout.num_kv_heads * layout.head_dim, layout.head_dim);
         let mut key_row = vec![0f32; head_dim];
         let mut encoded_key = vec![T::encode(0.0, 0.0); head_dim];
-        for (token, &slot) in slots.iter().enumerate() {
+        for token in tokens {
+            let slot = slots[token] as usize;
             for head in 0..layout.num_kv_heads {
                 let src = token * row + head * head_dim;
                 key_row.copy_from_slice(&keys[src..src + head_dim]);
@@ -278,20 +352,19 @@ impl<T: KvElement> KvPool<T> {
                 let (key_scale, value_scale) = (T::row_scale(&key_row), T::row_scale(value_row));
                 T::encode_row(&key_row, key_scale, &mut encoded_key);
                 // Keys are dimension-major within a block (see `key_offset`).
-                let key = layout.key_offset(slot as usize, head);
+                let key = self.keys.add(layout.key_offset(slot, head));
                 for (d, &k) in encoded_key.iter().enumerate() {
-                    self.keys[key + d * layout.block_size] = k;
+                    *key.add(d * layout.block_size) = k;
                 }
-                let dst = layout.value_offset(slot as usize, head);
-                T::encode_row(
-                    value_row,
-                    value_scale,
-                    &mut self.values[dst..dst + head_dim],
+                let value = std::slice::from_raw_parts_mut(
+                    self.values.add(layout.value_offset(slot, head)),
+                    head_dim,
                 );
+                T::encode_row(value_row, value_scale, value);
                 if T::SCALED {
-                    let at = layout.scale_offset(slot as usize, head);
-                    self.key_scales[at] = key_scale;
-                    self.value_scales[at] = value_scale;
+                    let at = layout.scale_offset(slot, head);
+                    *self.key_scales.add(at) = key_scale;
+                    *self.value_scales.add(at) = value_scale;
                 }
             }
         }
@@ -397,7 +470,7 @@ impl LayerKv {
         keys: &[f32],
         values: &[f32],
         slots: &[u32],
-        rotate_key: &dyn Fn(usize, &mut [f32]),
+        rotate_key: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
         match self {
             LayerKv::F16(pool) => pool.write(layout, keys, values, slots, rotate_key),
@@ -877,6 +950,67 @@ mod tests {
         // subnormal code: 2 * 2^-9 of the scale).
         let tiny = pool.keys[layout.key_offset(0, 0) + 2 * layout.block_size];
         assert!(tiny.to_f32() * pool.key_scales[0] > 0.0);
+    }
+
+    /// A step large enough for the pool's threads to share its tokens writes what writing
+    /// the tokens one at a time writes, with the keys rotated; a batch that repeats a slot
+    /// (never made by the scheduler) is written in token order, the last token winning.
+    #[test]
+    fn a_shared_write_equals_token_by_token_writes() {
+        for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
+            let config = ModelConfig {
+                num_layers: 1,
+                num_kv_heads: 2,
+                head_dim: 16,
+                ..crate::synthetic::preset("tiny").unwrap()
+            };
+            let (block_size, num_blocks) = (16, 32);
+            let row = 2 * 16;
+            let tokens = 400;
+            assert!(tokens * row >= PARALLEL_WRITE_VALUES);
+            // Slots scattered over the blocks, as a decode step's are.
+            let slots: Vec<u32> = (0..tokens as u32).map(|t| (t * 37) % 512).collect();
+            let keys: Vec<f32> = (0..tokens * row)
+                .map(|i| ((i * 7) % 61) as f32 - 30.0)
+                .collect();
+            let values: Vec<f32> = keys.iter().map(|k| 0.5 * k + 1.0).collect();
+            let rotate = |token: usize, key: &mut [f32]| key[0] += token as f32;
+
+            let mut shared = KvCache::new(&config, dtype, block_size, num_blocks);
+            let layout = shared.layout;
+            shared.pools[0].write_rotated(&layout, &keys, &values, &slots, &rotate);
+            let mut one_by_one = KvCache::new(&config, dtype, block_size, num_blocks);
+            for t in 0..tokens {
+                let span = t * row..(t + 1) * row;
+                one_by_one.pools[0].write_rotated(
+                    &layout,
+                    &keys[span.clone()],
+                    &values[span],
+                    &slots[t..t + 1],
+                    &|_, key: &mut [f32]| rotate(t, key),
+                );
+            }
+            for block in 0..num_blocks {
+                assert_eq!(
+                    block_contents(&shared, 0, block),
+                    block_contents(&one_by_one, 0, block),
+                    "{dtype:?} block {block}"
+                );
+            }
+
+            let mut repeated = slots.clone();
+            repeated[tokens - 1] = repeated[0];
+            let mut cache = KvCache::new(&config, dtype, block_size, num_blocks);
+            cache.pools[0].write(&layout, &keys, &values, &repeated);
+            let LayerKv::F32(pool) = &cache.pools[0] else {
+                continue;
+            };
+            let last = (tokens - 1) * row;
+            assert_eq!(
+                pool.values[layout.value_offset(slots[0] as usize, 0)],
+                values[last]
+            );
+        }
     }
 
     #[test]
