@@ -40,13 +40,13 @@ fn generate_runs_a_synthetic_model() {
     assert!((1..=6).contains(&generated), "{stderr}");
 }
 
-#[test]
-fn bench_throughput_runs_a_synthetic_model() {
-    let (stdout, _) = minserve(&[
+/// `bench throughput --json` of `model` on 4 prompts of 8 tokens, 3 output tokens each.
+fn bench_throughput(model: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "throughput",
         "--model",
-        "synthetic:tiny",
+        model,
         "--num-prompts",
         "4",
         "--input-len",
@@ -56,8 +56,15 @@ fn bench_throughput_runs_a_synthetic_model() {
         "--kv-cache-mib",
         "16",
         "--json",
-    ]);
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    ];
+    args.extend(extra);
+    let (stdout, _) = minserve(&args);
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn bench_throughput_runs_a_synthetic_model() {
+    let report = bench_throughput("synthetic:tiny", &[]);
     assert_eq!(report["output_tokens"], 12);
     assert_eq!(report["prompt_tokens"], 32);
     assert!(report["step_breakdown"].is_null(), "{report}");
@@ -67,23 +74,7 @@ fn bench_throughput_runs_a_synthetic_model() {
 /// and two decode steps (4 prompts of 8 tokens admitted together, 3 tokens each).
 #[test]
 fn bench_throughput_breaks_the_steps_down_by_phase() {
-    let (stdout, _) = minserve(&[
-        "bench",
-        "throughput",
-        "--model",
-        "synthetic:tiny@q8_0",
-        "--num-prompts",
-        "4",
-        "--input-len",
-        "8",
-        "--output-len",
-        "3",
-        "--kv-cache-mib",
-        "16",
-        "--step-breakdown",
-        "--json",
-    ]);
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let report = bench_throughput("synthetic:tiny@q8_0", &["--step-breakdown"]);
     let breakdown = &report["step_breakdown"];
     assert_eq!(breakdown["forward_passes"], report["steps"], "{report}");
     let phases = breakdown["phases_s"].as_object().unwrap();

@@ -952,18 +952,24 @@ mod tests {
         assert!(tiny.to_f32() * pool.key_scales[0] > 0.0);
     }
 
+    /// The tiny synthetic model's config with `layers` layers of `kv_heads` KV heads of
+    /// `head_dim`.
+    fn tiny_with(layers: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
+        ModelConfig {
+            num_layers: layers,
+            num_kv_heads: kv_heads,
+            head_dim,
+            ..crate::synthetic::preset("tiny").unwrap()
+        }
+    }
+
     /// A step large enough for the pool's threads to share its tokens writes what writing
     /// the tokens one at a time writes, with the keys rotated; a batch that repeats a slot
     /// (never made by the scheduler) is written in token order, the last token winning.
     #[test]
     fn a_shared_write_equals_token_by_token_writes() {
         for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
-            let config = ModelConfig {
-                num_layers: 1,
-                num_kv_heads: 2,
-                head_dim: 16,
-                ..crate::synthetic::preset("tiny").unwrap()
-            };
+            let config = tiny_with(1, 2, 16);
             let (block_size, num_blocks) = (16, 32);
             let row = 2 * 16;
             let tokens = 400;
@@ -1016,12 +1022,7 @@ mod tests {
     #[test]
     fn copies_every_layer_of_a_block_in_order_and_checks_ids_first() {
         for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
-            let config = ModelConfig {
-                num_layers: 2,
-                num_kv_heads: 2,
-                head_dim: 8,
-                ..crate::synthetic::preset("tiny").unwrap()
-            };
+            let config = tiny_with(2, 2, 8);
             let mut cache = KvCache::new(&config, dtype, 4, 4);
             let layout = cache.layout;
             let row = layout.num_kv_heads * layout.head_dim;
