@@ -51,6 +51,12 @@ fn calibrate_writes_a_profile_that_simulate_engine_reads() {
     );
 }
 
+/// The default model's shape with random weights: its prompt tokens cost clearly more than its
+/// decode steps' fixed part, so the fit has a prefill cost to find even on a busy machine (on
+/// the tiny model every step took microseconds, and noise could hand prefill's share to the
+/// other terms).
+const CALIBRATED_MODEL: &str = "synthetic:smollm2-135m";
+
 #[test]
 fn calibrate_fits_a_trace_written_by_bench_throughput() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,7 +66,7 @@ fn calibrate_fits_a_trace_written_by_bench_throughput() {
         "bench",
         "throughput",
         "--model",
-        "synthetic:tiny",
+        CALIBRATED_MODEL,
         "--num-prompts",
         "24",
         "--input-len",
@@ -70,7 +76,7 @@ fn calibrate_fits_a_trace_written_by_bench_throughput() {
         "--max-num-seqs",
         "8",
         "--kv-cache-mib",
-        "4",
+        "32",
         "--trace-file",
         trace,
     ]);
@@ -80,7 +86,7 @@ fn calibrate_fits_a_trace_written_by_bench_throughput() {
         "simulate",
         "calibrate",
         "--model",
-        "synthetic:tiny",
+        CALIBRATED_MODEL,
         "--from-trace",
         trace,
         "--name",
@@ -116,7 +122,7 @@ fn calibrate_fits_a_trace_written_by_bench_throughput() {
         "simulate",
         "calibrate",
         "--model",
-        "synthetic:tiny",
+        CALIBRATED_MODEL,
         "--from-trace",
         broken.to_str().unwrap(),
         "--output",
