@@ -267,15 +267,16 @@ impl<T: KvElement> KvPool<T> {
         layout: &KvLayout,
         keys: &[f32],
         values: &[f32],
-        slots: &[u32],
+        step_slots: StepSlots,
         rotate_key: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
+        let slots = step_slots.slots;
         let row = layout.num_kv_heads * layout.head_dim;
         assert!(keys.len() >= slots.len() * row && values.len() >= slots.len() * row);
-        let last_slot = layout.num_blocks * layout.block_size;
-        assert!(
-            slots.iter().all(|&s| (s as usize) < last_slot),
-            "slot outside the pool"
+        assert_eq!(
+            step_slots.pool_slots,
+            layout.num_blocks * layout.block_size,
+            "slots checked against another pool"
         );
         assert!(self.keys.len() >= layout.values_per_layer());
         assert!(self.values.len() >= layout.values_per_layer());
@@ -290,12 +291,12 @@ impl<T: KvElement> KvPool<T> {
             value_scales: self.value_scales.as_mut_ptr(),
         };
         let write_tokens = |tokens: std::ops::Range<usize>| {
-            // SAFETY: the slots are inside the pool (asserted above), and the tokens of
-            // different calls have different slots (checked below before calls run side by
-            // side), so no two calls write the same element.
+            // SAFETY: the slots are inside the pool (checked by `StepSlots::new` against a pool
+            // of this size), and the tokens of different calls have different slots (checked
+            // there too before calls run side by side), so no two calls write one element.
             unsafe { pool.write_tokens(layout, keys, values, slots, rotate_key, tokens) }
         };
-        if slots.len() * row < PARALLEL_WRITE_VALUES || !all_distinct(slots) {
+        if slots.len() * row < PARALLEL_WRITE_VALUES || !step_slots.distinct {
             write_tokens(0..slots.len());
         } else {
             crate::pool::pool().execute_chunked(slots.len(), write_tokens);
@@ -306,12 +307,34 @@ impl<T: KvElement> KvPool<T> {
 /// Below this many key values a step's write stays on the calling thread.
 const PARALLEL_WRITE_VALUES: usize = 4096;
 
-/// Whether no slot repeats (the scheduler never gives two new tokens one slot; a batch that
-/// did would be written on one thread, last token last, rather than raced).
-fn all_distinct(slots: &[u32]) -> bool {
-    let mut sorted = slots.to_vec();
-    sorted.sort_unstable();
-    sorted.windows(2).all(|w| w[0] != w[1])
+/// A step's slots in one KV group, checked once per step rather than once per layer: inside
+/// a pool of `layout`'s size, and whether any repeats (the scheduler never gives two new
+/// tokens one slot; a batch that did would be written on one thread, last token last, rather
+/// than raced).
+#[derive(Clone, Copy)]
+pub struct StepSlots<'a> {
+    slots: &'a [u32],
+    pool_slots: usize,
+    distinct: bool,
+}
+
+impl<'a> StepSlots<'a> {
+    /// # Panics
+    /// If a slot lies outside a pool of `layout`'s size.
+    pub fn new(slots: &'a [u32], layout: &KvLayout) -> Self {
+        let pool_slots = layout.num_blocks * layout.block_size;
+        assert!(
+            slots.iter().all(|&s| (s as usize) < pool_slots),
+            "slot outside the pool"
+        );
+        let mut sorted = slots.to_vec();
+        sorted.sort_unstable();
+        Self {
+            slots,
+            pool_slots,
+            distinct: sorted.windows(2).all(|w| w[0] != w[1]),
+        }
+    }
 }
 
 /// A [`KvPool`]'s buffers as pointers, so that the pool's threads can fill the slots of
@@ -459,7 +482,13 @@ impl LayerKv {
 
     /// Stores each new token's K/V rows (`[tokens, kv_heads, head_dim]`) at its slot.
     pub fn write(&mut self, layout: &KvLayout, keys: &[f32], values: &[f32], slots: &[u32]) {
-        self.write_rotated(layout, keys, values, slots, &|_, _| {})
+        self.write_rotated(
+            layout,
+            keys,
+            values,
+            StepSlots::new(slots, layout),
+            &|_, _| {},
+        )
     }
 
     /// [`write`](Self::write) with `rotate_key(token, key_head_row)` applied to each key
@@ -469,7 +498,7 @@ impl LayerKv {
         layout: &KvLayout,
         keys: &[f32],
         values: &[f32],
-        slots: &[u32],
+        slots: StepSlots,
         rotate_key: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
         match self {
@@ -984,7 +1013,8 @@ mod tests {
 
             let mut shared = KvCache::new(&config, dtype, block_size, num_blocks);
             let layout = shared.layout;
-            shared.pools[0].write_rotated(&layout, &keys, &values, &slots, &rotate);
+            let step_slots = StepSlots::new(&slots, &layout);
+            shared.pools[0].write_rotated(&layout, &keys, &values, step_slots, &rotate);
             let mut one_by_one = KvCache::new(&config, dtype, block_size, num_blocks);
             for t in 0..tokens {
                 let span = t * row..(t + 1) * row;
@@ -992,7 +1022,7 @@ mod tests {
                     &layout,
                     &keys[span.clone()],
                     &values[span],
-                    &slots[t..t + 1],
+                    StepSlots::new(&slots[t..t + 1], &layout),
                     &|_, key: &mut [f32]| rotate(t, key),
                 );
             }

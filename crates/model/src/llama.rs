@@ -14,7 +14,7 @@ use minserve_core::StepBatch;
 
 use crate::config::Activation;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, StepSlots};
 use crate::math::{add_in_place, gelu_tanh_mul, rms_norm, rms_norm_in_place, silu_mul};
 use crate::observer::{ActivationObserver, ProjectionSite};
 use crate::paged_attention::{AttentionPlan, PagedAttention};
@@ -172,6 +172,9 @@ impl LlamaModel {
         let gate = sized(&mut b.gate, n * c.intermediate_size);
         let up = sized(&mut b.up, n * c.intermediate_size);
         let quantized = &mut b.quantized;
+        let slots: Vec<StepSlots> = (0..batch.num_groups())
+            .map(|group| StepSlots::new(batch.slots(group), &cache.layout))
+            .collect();
 
         for (index, (layer, norms)) in self.weights.layers.iter().zip(&self.layers).enumerate() {
             let (group, pool) = cache.groups.layers[index];
@@ -219,7 +222,7 @@ impl LlamaModel {
             step_profile::mark(Phase::Rope);
             // The keys' RoPE happens inside the write, on each row while it is in L1.
             let positions = &batch.positions;
-            kv.write_rotated(&cache.layout, k, v, batch.slots(group), &|token, key| {
+            kv.write_rotated(&cache.layout, k, v, slots[group], &|token, key| {
                 rope.rotate_head(key, positions[token])
             });
             step_profile::mark(Phase::KvWrite);

@@ -73,7 +73,7 @@ impl Phase {
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static LAST_MARK_NANOS: AtomicU64 = AtomicU64::new(0);
 static STEPS: AtomicU64 = AtomicU64::new(0);
-static PHASE_NANOS: [AtomicU64; Phase::ALL.len()] = [const { AtomicU64::new(0) }; 13];
+static PHASE_NANOS: [AtomicU64; Phase::ALL.len()] = [const { AtomicU64::new(0) }; Phase::ALL.len()];
 
 fn now_nanos() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
