@@ -52,7 +52,8 @@ struct LayerNorms {
 struct Buffers {
     /// The residual stream, `[tokens, hidden]`.
     x: Vec<f32>,
-    /// Normalized input of a sub-layer, `[tokens, hidden]`.
+    /// Normalized input of a sub-layer, `[tokens, hidden]`, when it is stored (see
+    /// [`project_rows`]), and the final norm's rows.
     normed: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -62,6 +63,8 @@ struct Buffers {
     projected: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The MLP's activation, `[tokens, intermediate]`, when it is stored (see [`project_rows`]).
+    activated: Vec<f32>,
     /// Quantized activations shared by the matmuls that read the same input.
     quantized: QInput,
 }
@@ -163,7 +166,6 @@ impl LlamaModel {
             x.iter_mut().for_each(|v| *v *= factor);
         }
         step_profile::mark(Phase::Embedding);
-        let normed = sized(&mut b.normed, n * hidden);
         let q = sized(&mut b.q, n * q_dim);
         let k = sized(&mut b.k, n * kv_dim);
         let v = sized(&mut b.v, n * kv_dim);
@@ -184,34 +186,38 @@ impl LlamaModel {
                 (Some(_), Some(local)) => local,
                 _ => &self.rope,
             };
-            // Later layers find `normed` filled by the previous layer's last residual add.
-            if index == 0 {
-                rows_parallel(normed, hidden, |rows, out| {
-                    rms_norm(
-                        &x[rows.start * hidden..rows.end * hidden],
-                        &norms.attention,
-                        eps,
-                        out,
-                    )
-                });
-                step_profile::mark(Phase::Norms);
+            // The attention's input: the residual stream, which the previous layer's MLP output
+            // joins here (layer 0: the embeddings), normalized.
+            {
+                let x_rows = DisjointWriter::new(x);
+                let mlp_output = (index > 0).then_some(&*projected);
+                let attention_input = |row: usize, out: &mut [f32]| {
+                    // SAFETY: `project_rows` produces each row once, so chunks never overlap.
+                    let x = unsafe { x_rows.chunk(row * hidden, hidden) };
+                    if let Some(mlp_output) = mlp_output {
+                        add_in_place(x, &mlp_output[row * hidden..][..hidden]);
+                    }
+                    rms_norm(x, &norms.attention, eps, out);
+                };
+                project_rows(
+                    &mut observer,
+                    (index, ProjectionSite::Attention),
+                    [&layer.q_proj, &layer.k_proj, &layer.v_proj],
+                    RowSource {
+                        count: n,
+                        width: hidden,
+                        produce: &attention_input,
+                        phase: if index == 0 {
+                            Phase::Norms
+                        } else {
+                            Phase::Residual
+                        },
+                    },
+                    &mut b.normed,
+                    quantized,
+                    &mut [&mut *q, &mut *k, &mut *v],
+                )?;
             }
-            let mut replaced = Vec::new();
-            let qkv = observed(
-                &mut observer,
-                &mut replaced,
-                (index, ProjectionSite::Attention),
-                normed,
-                n,
-                [&layer.q_proj, &layer.k_proj, &layer.v_proj],
-            )?;
-            Linear::forward_many_into(
-                &qkv,
-                normed,
-                n,
-                quantized,
-                &mut [&mut *q, &mut *k, &mut *v],
-            )?;
             step_profile::mark(Phase::QkvProjection);
             if let Some((q_norm, k_norm)) = &norms.qk {
                 rows_parallel(q, q_dim, |_, rows| rms_norm_in_place(rows, q_norm, eps));
@@ -255,38 +261,58 @@ impl LlamaModel {
                 });
                 step_profile::mark(Phase::Norms);
             }
-            add_then_norm(x, projected, &norms.feed_forward, eps, normed);
-            step_profile::mark(Phase::Residual);
-            let mut replaced = Vec::new();
-            let gate_up = observed(
-                &mut observer,
-                &mut replaced,
-                (index, ProjectionSite::Mlp),
-                normed,
-                n,
-                [&layer.gate_proj, &layer.up_proj],
-            )?;
-            Linear::forward_many_into(&gate_up, normed, n, quantized, &mut [&mut *gate, &mut *up])?;
+            // The MLP's input: the residual stream with the attention output joined, normalized.
+            {
+                let x_rows = DisjointWriter::new(x);
+                let attention_output = &*projected;
+                let mlp_input = |row: usize, out: &mut [f32]| {
+                    // SAFETY: `project_rows` produces each row once, so chunks never overlap.
+                    let x = unsafe { x_rows.chunk(row * hidden, hidden) };
+                    add_in_place(x, &attention_output[row * hidden..][..hidden]);
+                    rms_norm(x, &norms.feed_forward, eps, out);
+                };
+                project_rows(
+                    &mut observer,
+                    (index, ProjectionSite::Mlp),
+                    [&layer.gate_proj, &layer.up_proj],
+                    RowSource {
+                        count: n,
+                        width: hidden,
+                        produce: &mlp_input,
+                        phase: Phase::Residual,
+                    },
+                    &mut b.normed,
+                    quantized,
+                    &mut [&mut *gate, &mut *up],
+                )?;
+            }
             step_profile::mark(Phase::GateUpProjection);
-            let width = c.intermediate_size;
-            let activation_mul = match c.block.activation {
-                Activation::Silu => silu_mul,
-                Activation::GeluTanh => gelu_tanh_mul,
-            };
-            rows_parallel(gate, width, |rows, out| {
-                activation_mul(out, &up[rows.start * width..rows.end * width])
-            });
-            step_profile::mark(Phase::ActivationFunction);
-            let mut replaced = Vec::new();
-            let [down_proj] = observed(
-                &mut observer,
-                &mut replaced,
-                (index, ProjectionSite::MlpOutput),
-                gate,
-                n,
-                [&layer.down_proj],
-            )?;
-            down_proj.forward_into(gate, n, quantized, projected)?;
+            {
+                let width = c.intermediate_size;
+                let activation_mul = match c.block.activation {
+                    Activation::Silu => silu_mul,
+                    Activation::GeluTanh => gelu_tanh_mul,
+                };
+                let (gate, up) = (&*gate, &*up);
+                let activated = |row: usize, out: &mut [f32]| {
+                    out.copy_from_slice(&gate[row * width..][..width]);
+                    activation_mul(out, &up[row * width..][..width]);
+                };
+                project_rows(
+                    &mut observer,
+                    (index, ProjectionSite::MlpOutput),
+                    [&layer.down_proj],
+                    RowSource {
+                        count: n,
+                        width,
+                        produce: &activated,
+                        phase: Phase::ActivationFunction,
+                    },
+                    &mut b.activated,
+                    quantized,
+                    &mut [&mut *projected],
+                )?;
+            }
             step_profile::mark(Phase::DownProjection);
             if let Some((_, post_ffn)) = &norms.post {
                 rows_parallel(projected, hidden, |_, rows| {
@@ -294,12 +320,10 @@ impl LlamaModel {
                 });
                 step_profile::mark(Phase::Norms);
             }
-            match self.layers.get(index + 1) {
-                Some(next) => add_then_norm(x, projected, &next.attention, eps, normed),
-                None => add_in_place(x, projected),
-            }
-            step_profile::mark(Phase::Residual);
         }
+        // Every other layer's output joins the residual stream inside the next layer's input.
+        add_in_place(x, projected);
+        step_profile::mark(Phase::Residual);
 
         let rows = batch.sampled_rows();
         let last = sized(&mut b.normed, rows.len() * hidden);
@@ -448,19 +472,50 @@ pub(crate) fn validate_batch(
     Ok(())
 }
 
-/// `x += projected`, then `normed = RMSNorm(x)`, row by row in one pass (over the pool when
-/// large): the residual stream is read once while it is in cache instead of once per pass.
-/// Same arithmetic as the two passes, so the same bits.
-fn add_then_norm(x: &mut [f32], projected: &[f32], weight: &[f32], eps: f32, normed: &mut [f32]) {
-    let hidden = weight.len();
-    let x_rows = DisjointWriter::new(x);
-    rows_parallel(normed, hidden, |rows, out| {
-        let span = rows.start * hidden..rows.end * hidden;
-        // SAFETY: `rows_parallel` hands out disjoint row ranges, so no two chunks overlap.
-        let x = unsafe { x_rows.chunk(span.start, span.len()) };
-        add_in_place(x, &projected[span]);
-        rms_norm(x, weight, eps, out);
+/// `count` rows of `width` values, made one at a time by `produce(row, out)`.
+struct RowSource<'a> {
+    count: usize,
+    width: usize,
+    produce: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+    /// The step phase that making them is, when they are made apart from the quantization.
+    phase: Phase,
+}
+
+/// Multiplies the rows `produce` makes (a norm, an activation function) by a site's
+/// projections. With packed weights and nobody observing, each row is made just before it is
+/// quantized and never stored (`Linear::forward_many_from_rows`): one pass over memory
+/// instead of two. Otherwise the rows are stored in `rows_buffer` first, where an observer
+/// sees them. `produce` runs exactly once per row either way, which lets it update the
+/// residual stream as it goes.
+fn project_rows<const N: usize>(
+    observer: &mut Option<&mut dyn ActivationObserver>,
+    at: (usize, ProjectionSite),
+    layers: [&Linear; N],
+    source: RowSource,
+    rows_buffer: &mut Vec<f32>,
+    quantized: &mut QInput,
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    let RowSource {
+        count: n,
+        width,
+        produce,
+        phase,
+    } = source;
+    if observer.is_none() && Linear::forward_many_from_rows(&layers, n, produce, quantized, outs)? {
+        return Ok(());
+    }
+    let rows = sized(rows_buffer, n * width);
+    rows_parallel(rows, width, |range, out| {
+        for (row, out) in range.zip(out.chunks_exact_mut(width)) {
+            produce(row, out);
+        }
     });
+    step_profile::mark(phase);
+    let mut replaced = Vec::new();
+    let layers = observed(observer, &mut replaced, at, rows, n, layers)?;
+    Linear::forward_many_into(&layers, rows, n, quantized, outs)?;
+    Ok(())
 }
 
 /// Below this many values an elementwise pass runs on the calling thread: waking the pool

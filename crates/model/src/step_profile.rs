@@ -18,7 +18,11 @@ pub enum Phase {
     /// Every RMSNorm: before attention and the MLP, on queries and keys, after the
     /// sub-layers, and the final one.
     Norms,
-    /// Quantizing a matmul's input rows to the activation format of its weights.
+    /// Quantizing a matmul's input rows to the activation format of its weights. With packed
+    /// weights this includes making the rows: the RMSNorm before attention and the MLP with
+    /// the residual add before it, and the activation function, fused into the quantization
+    /// (`llama.rs` `project_rows`); [`Phase::Norms`], [`Phase::Residual`] and
+    /// [`Phase::ActivationFunction`] then keep only what is not fused.
     ActivationQuantize,
     QkvProjection,
     Rope,

@@ -149,6 +149,40 @@ impl Linear {
                 }
             }
         }
+        Self::add_biases(layers, outs)
+    }
+
+    /// [`Linear::forward_many_into`] for `m` input rows that `produce(row, out)` makes on
+    /// demand, fused into the activation quantization (see [`QInput::quantize_rows_for`]), when
+    /// every layer is packed and the quantizer can take rows; returns `false`, without calling
+    /// `produce`, when not, and the caller materializes the rows itself.
+    pub fn forward_many_from_rows(
+        layers: &[&Linear],
+        m: usize,
+        produce: &(dyn Fn(usize, &mut [f32]) + Sync),
+        input: &mut QInput,
+        outs: &mut [&mut [f32]],
+    ) -> candle_core::Result<bool> {
+        let packed: Option<Vec<&QWeight>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Packed(w) => Some(w),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect();
+        let Some(weights) = packed.filter(|ws| QInput::quantizes_rows_for(ws)) else {
+            return Ok(false);
+        };
+        if m > 0 {
+            input.quantize_rows_for(&weights, m, produce);
+            crate::step_profile::mark(crate::step_profile::Phase::ActivationQuantize);
+            QWeight::matmul_quantized_many(&weights, input, outs);
+            Self::add_biases(layers, outs)?;
+        }
+        Ok(true)
+    }
+
+    fn add_biases(layers: &[&Linear], outs: &mut [&mut [f32]]) -> candle_core::Result<()> {
         for (layer, out) in layers.iter().zip(outs.iter_mut()) {
             if let Some(bias) = &layer.bias {
                 with_f32_slice(bias, |b| {

@@ -102,30 +102,54 @@ impl QInput {
 
     fn quantize_q8_1(&mut self, isa: Isa, x: &[f32]) {
         let blocks = self.m * self.nb;
-        // Grow only: the buffer is reused across calls.
+        let dst = self.q8_1_writer();
+        // SAFETY: the buffers hold `blocks` blocks and `x` as many (asserted by the caller);
+        // each block index goes to exactly one call, so no two threads write the same block.
+        if blocks < PARALLEL_QUANTIZE_BLOCKS {
+            unsafe { dst.quantize(isa, x, 0..blocks) }
+        } else {
+            crate::pool::pool().execute_chunked(blocks, |range| unsafe {
+                dst.quantize(isa, &x[range.start * BLOCK..range.end * BLOCK], range)
+            });
+        }
+    }
+
+    fn quantize_q8k(&mut self, x: &[f32]) {
+        let blocks = self.m * self.nsb();
+        let dst = self.q8k_writer();
+        let per_block = SUPER_BLOCK / BLOCK;
+        // SAFETY: as for the Q8_1 form.
+        if blocks * per_block < PARALLEL_QUANTIZE_BLOCKS {
+            unsafe { dst.quantize(x, 0..blocks) }
+        } else {
+            crate::pool::pool().execute_chunked(blocks, |range| unsafe {
+                dst.quantize(
+                    &x[range.start * SUPER_BLOCK..range.end * SUPER_BLOCK],
+                    range,
+                )
+            });
+        }
+    }
+
+    /// The Q8_1 buffers, grown to `m * nb` blocks (never shrunk: reused across calls).
+    fn q8_1_writer(&mut self) -> BlockWriter {
+        let blocks = self.m * self.nb;
         if self.d.len() < blocks {
             self.qs.resize(blocks * BLOCK, 0);
             self.d.resize(blocks, 0.0);
             self.s.resize(blocks, 0.0);
             self.sum.resize(blocks, 0);
         }
-        let dst = BlockWriter {
+        BlockWriter {
             qs: self.qs.as_mut_ptr(),
             d: self.d.as_mut_ptr(),
             s: self.s.as_mut_ptr(),
             sum: self.sum.as_mut_ptr(),
-        };
-        // SAFETY: the buffers hold `blocks` blocks and `x` as many (asserted by the caller);
-        // each block index goes to exactly one call, so no two threads write the same block.
-        if blocks < PARALLEL_QUANTIZE_BLOCKS {
-            unsafe { dst.quantize(isa, x, 0..blocks) }
-        } else {
-            crate::pool::pool()
-                .execute_chunked(blocks, |range| unsafe { dst.quantize(isa, x, range) });
         }
     }
 
-    fn quantize_q8k(&mut self, x: &[f32]) {
+    /// The Q8_K buffers, grown to `m * nsb` super-blocks.
+    fn q8k_writer(&mut self) -> SuperBlockWriter {
         let blocks = self.m * self.nsb();
         let rows = &mut self.q8k;
         if rows.d.len() < blocks {
@@ -134,20 +158,95 @@ impl QInput {
             rows.bsum16.resize(blocks * 16, 0);
             rows.bsum32.resize(blocks * 8, 0);
         }
-        let dst = SuperBlockWriter {
+        SuperBlockWriter {
             qs: rows.qs.as_mut_ptr(),
             d: rows.d.as_mut_ptr(),
             bsum16: rows.bsum16.as_mut_ptr(),
             bsum32: rows.bsum32.as_mut_ptr(),
-        };
-        let per_block = SUPER_BLOCK / BLOCK;
-        // SAFETY: as for the Q8_1 form.
-        if blocks * per_block < PARALLEL_QUANTIZE_BLOCKS {
-            unsafe { dst.quantize(x, 0..blocks) }
-        } else {
-            crate::pool::pool().execute_chunked(blocks, |range| unsafe { dst.quantize(x, range) });
         }
     }
+
+    /// Whether [`quantize_rows_for`](Self::quantize_rows_for) can feed `weights`: they share
+    /// their input, read it in its own order, and multiply the integer forms (Q8_1, Q8_K). The
+    /// FP8 forms are filled for a whole matrix at a time.
+    pub fn quantizes_rows_for(weights: &[&QWeight]) -> bool {
+        let Some(first) = weights.first() else {
+            return false;
+        };
+        let forms = weights
+            .iter()
+            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        weights.iter().all(|w| w.shares_input_with(first))
+            && first.input_order().is_none()
+            && !forms.bf16
+            && !forms.e4m3
+    }
+
+    /// As [`quantize_for`](Self::quantize_for), for `m` rows that `produce(row, out)` writes
+    /// into a per-thread buffer of `k` values just before they are quantized: the f32 rows
+    /// are never stored, so the pass that makes them (a norm, an activation function) and the
+    /// quantization read and write memory once. `produce` is called exactly once per row, on
+    /// the pool's threads; each row's blocks are quantized by the same code as
+    /// [`quantize_for`](Self::quantize_for)'s, so the result is the same bits.
+    ///
+    /// # Panics
+    /// Unless [`quantizes_rows_for`](Self::quantizes_rows_for) holds for `weights`.
+    pub fn quantize_rows_for(
+        &mut self,
+        weights: &[&QWeight],
+        m: usize,
+        produce: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        assert!(
+            Self::quantizes_rows_for(weights),
+            "qmatmul: these weights take their input whole"
+        );
+        let isa = Isa::best();
+        let k = weights[0].k();
+        let forms = weights
+            .iter()
+            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        assert!(
+            k.is_multiple_of(BLOCK) && (!forms.q8k || k.is_multiple_of(SUPER_BLOCK)),
+            "qmatmul: k = {k} is not a multiple of the forms' blocks"
+        );
+        self.order = None;
+        self.m = m;
+        self.nb = k / BLOCK;
+        self.forms = forms;
+        let (nb, nsb) = (self.nb, self.nsb());
+        let q8_1 = forms.q8_1.then(|| self.q8_1_writer());
+        let q8k = forms.q8k.then(|| self.q8k_writer());
+        let run = |rows: std::ops::Range<usize>| {
+            ROW.with(|row| {
+                let mut row = row.borrow_mut();
+                row.resize(k, 0.0);
+                for r in rows {
+                    produce(r, &mut row);
+                    // SAFETY: the buffers hold `m` rows of blocks (the writers grew them);
+                    // row `r`'s blocks go to this call only.
+                    unsafe {
+                        if let Some(dst) = &q8_1 {
+                            dst.quantize(isa, &row, r * nb..(r + 1) * nb);
+                        }
+                        if let Some(dst) = &q8k {
+                            dst.quantize(&row, r * nsb..(r + 1) * nsb);
+                        }
+                    }
+                }
+            })
+        };
+        if m * nb < PARALLEL_QUANTIZE_BLOCKS {
+            run(0..m);
+        } else {
+            crate::pool::pool().execute_chunked(m, run);
+        }
+    }
+}
+
+thread_local! {
+    /// The row [`QInput::quantize_rows_for`] produces into, per thread.
+    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Raw pointers into a [`QInput`]'s Q8_K buffers, so that pool workers can fill disjoint
@@ -163,14 +262,15 @@ struct SuperBlockWriter {
 unsafe impl Sync for SuperBlockWriter {}
 
 impl SuperBlockWriter {
+    /// Quantizes super-blocks `range`, whose values `x` holds (its first is `range.start`'s).
+    ///
     /// # Safety
-    /// `x` and the buffers hold every super-block of `range`, and nothing else accesses those
+    /// The buffers hold every super-block of `range`, and nothing else accesses those
     /// super-blocks meanwhile.
     unsafe fn quantize(&self, x: &[f32], range: std::ops::Range<usize>) {
-        for i in range {
-            let x: &[f32; SUPER_BLOCK] = x[i * SUPER_BLOCK..(i + 1) * SUPER_BLOCK]
-                .try_into()
-                .unwrap();
+        assert_eq!(x.len(), range.len() * SUPER_BLOCK);
+        for (i, x) in range.zip(x.chunks_exact(SUPER_BLOCK)) {
+            let x: &[f32; SUPER_BLOCK] = x.try_into().unwrap();
             *self.d.add(i) = quantize_superblock(
                 x,
                 &mut *(self.qs.add(i * SUPER_BLOCK) as *mut [i8; SUPER_BLOCK]),
@@ -193,10 +293,14 @@ struct BlockWriter {
 unsafe impl Sync for BlockWriter {}
 
 impl BlockWriter {
+    /// Quantizes blocks `range`, whose values `x` holds (its first is `range.start`'s).
+    ///
     /// # Safety
-    /// `isa` is available, `x` and the buffers hold every block of `range`, and nothing else
-    /// accesses those blocks meanwhile.
+    /// `isa` is available, the buffers hold every block of `range`, and nothing else accesses
+    /// those blocks meanwhile.
     unsafe fn quantize(&self, isa: Isa, x: &[f32], range: std::ops::Range<usize>) {
+        assert_eq!(x.len(), range.len() * BLOCK);
+        let first = range.start;
         let mut range = range;
         // Whole groups of blocks first, their scales computed side by side (1.7x faster per
         // block); a group that needs the scalar path, and the tail, go block by block below.
@@ -204,21 +308,21 @@ impl BlockWriter {
         if isa == Isa::Avx512Vnni {
             while range.len() >= x86::QUANTIZE_GROUP {
                 let i = range.start;
-                assert!(x.len() >= (i + x86::QUANTIZE_GROUP) * BLOCK);
                 let (q, d, s, sum) = (
                     self.qs.add(i * BLOCK),
                     self.d.add(i),
                     self.s.add(i),
                     self.sum.add(i),
                 );
-                if !x86::quantize_16_blocks(x.as_ptr().add(i * BLOCK), q, d, s, sum) {
+                let values = x[(i - first) * BLOCK..][..x86::QUANTIZE_GROUP * BLOCK].as_ptr();
+                if !x86::quantize_16_blocks(values, q, d, s, sum) {
                     break;
                 }
                 range.start += x86::QUANTIZE_GROUP;
             }
         }
         for i in range {
-            let x: &[f32; BLOCK] = x[i * BLOCK..(i + 1) * BLOCK].try_into().unwrap();
+            let x: &[f32; BLOCK] = x[(i - first) * BLOCK..][..BLOCK].try_into().unwrap();
             let q = &mut *(self.qs.add(i * BLOCK) as *mut [i8; BLOCK]);
             let (d, s, sum) = match isa {
                 #[cfg(target_arch = "x86_64")]
