@@ -1,8 +1,9 @@
 //! Paged attention alone, as a batched decode step of the default model sees it: 64 sequences,
 //! one new token each at a context of 192, over all 30 layers' pools (about 280 MB of f16 K/V,
 //! far more than the caches hold, as in the real step), with an f16 and a q8 cache side by
-//! side. Prints the achieved K/V read rate (scales included for q8) against the machine's
-//! memory bandwidth measured in the same run.
+//! side, and f16 in 32-token blocks (runs of K/V twice as long between jumps). Prints the
+//! achieved K/V read rate (scales included for q8) against the machine's memory bandwidth
+//! measured in the same run.
 //!
 //! `cargo bench -p minserve-benches --bench attention`
 
@@ -20,7 +21,6 @@ const NUM_LAYERS: usize = 30;
 const NUM_HEADS: usize = 9;
 const NUM_KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;
-const BLOCK_SIZE: usize = 16;
 
 /// Deterministic values in [-1, 1): content does not matter for speed, only that it is not zero.
 fn noise(len: usize, seed: u64) -> Vec<f32> {
@@ -36,18 +36,22 @@ fn noise(len: usize, seed: u64) -> Vec<f32> {
 }
 
 fn decode_attention_f16(c: &mut Criterion) {
-    decode_attention(c, KvDtype::F16, "f16");
+    decode_attention(c, KvDtype::F16, 16, "f16");
 }
 
 fn decode_attention_q8(c: &mut Criterion) {
-    decode_attention(c, KvDtype::Q8, "q8");
+    decode_attention(c, KvDtype::Q8, 16, "q8");
 }
 
-fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
-    let blocks_per_seq = CONTEXT.div_ceil(BLOCK_SIZE);
+fn decode_attention_f16_32_token_blocks(c: &mut Criterion) {
+    decode_attention(c, KvDtype::F16, 32, "f16, 32-token blocks");
+}
+
+fn decode_attention(c: &mut Criterion, dtype: KvDtype, block_size: usize, name: &str) {
+    let blocks_per_seq = CONTEXT.div_ceil(block_size);
     let layout = KvLayout {
         num_blocks: NUM_SEQS * blocks_per_seq,
-        block_size: BLOCK_SIZE,
+        block_size,
         num_kv_heads: NUM_KV_HEADS,
         head_dim: HEAD_DIM,
     };
@@ -55,7 +59,7 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
         .map(|layer| {
             let mut kv = LayerKv::zeroed(dtype, &layout);
             let len = layout.values_per_layer();
-            let slots: Vec<u32> = (0..(layout.num_blocks * BLOCK_SIZE) as u32).collect();
+            let slots: Vec<u32> = (0..(layout.num_blocks * block_size) as u32).collect();
             let (keys, values) = (
                 noise(len, 2 * layer as u64),
                 noise(len, 2 * layer as u64 + 1),
@@ -70,7 +74,7 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
         let table: Vec<u32> = (0..blocks_per_seq)
             .map(|b| (b * NUM_SEQS + seq) as u32)
             .collect();
-        batch.push_sequence(&[7], CONTEXT - 1, &table, BLOCK_SIZE, true);
+        batch.push_sequence(&[7], CONTEXT - 1, &table, block_size, true);
     }
     let plan = AttentionPlan::new(&batch, NUM_KV_HEADS);
     let queries = noise(NUM_SEQS * NUM_HEADS * HEAD_DIM, 99);
@@ -116,5 +120,10 @@ fn decode_attention(c: &mut Criterion, dtype: KvDtype, name: &str) {
     );
 }
 
-criterion_group!(benches, decode_attention_f16, decode_attention_q8);
+criterion_group!(
+    benches,
+    decode_attention_f16,
+    decode_attention_q8,
+    decode_attention_f16_32_token_blocks
+);
 criterion_main!(benches);

@@ -19,8 +19,8 @@
 //! # Keys are stored dimension-major
 //!
 //! Inside a block, a KV head's keys are laid out `[head_dim, block_size]` (values stay
-//! `[block_size, head_dim]`; see [`KvLayout`]). With 16-token blocks, one 512-bit load holds
-//! dimension `d` of all 16 keys, so a query's 16 scores accumulate lane by lane with
+//! `[block_size, head_dim]`; see [`KvLayout`]). One 512-bit load holds dimension `d` of 16
+//! consecutive keys of a block, so a query's 16 scores accumulate lane by lane with
 //! multiply-adds (the query value broadcast): no horizontal sum per key, which cost more
 //! instructions than the products themselves.
 //!
@@ -122,7 +122,8 @@ thread_local! {
 /// deterministic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// AVX-512 F + F16C, for head sizes of 16, 32, 64 or 128 and 16-token blocks: scores and
+    /// AVX-512 F + F16C, for head sizes of 16, 32, 64 or 128 and blocks of a multiple of 16
+    /// tokens: scores and
     /// output accumulators stay in registers, f16 values are widened as they are loaded.
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -365,9 +366,10 @@ mod tests {
     use super::*;
     use crate::kv_cache::{KvCache, KvDtype};
 
-    /// Every kernel, on every cache type and every supported head size, against attention
-    /// computed in f64 from the same (rounded) cached values, over contexts that end inside a
-    /// block, at a block edge, and past several scattered blocks.
+    /// Every kernel, on every cache type, every supported head size and block sizes of one,
+    /// two and four 16-token lanes' worth, against attention computed in f64 from the same
+    /// (rounded) cached values, over contexts that end inside a block, at a block edge, and
+    /// past several scattered blocks, seen whole or from a window start inside a block.
     #[test]
     fn every_kernel_matches_f64_attention() {
         let mut kernels = vec![Kernel::Portable];
@@ -382,9 +384,14 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for head_dim in [16usize, 32, 64, 128, 24] {
-            for dtype in [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8] {
-                let block_size = 16;
+        for (head_dim, dtype, block_size) in [16usize, 32, 64, 128, 24]
+            .into_iter()
+            .flat_map(|h| {
+                [KvDtype::F16, KvDtype::F32, KvDtype::Q8, KvDtype::Fp8].map(move |d| (h, d))
+            })
+            .flat_map(|(h, d)| [16usize, 32, 64].map(move |b| (h, d, b)))
+        {
+            {
                 let config = crate::config::ModelConfig {
                     num_layers: 1,
                     num_kv_heads: 2,
@@ -435,12 +442,16 @@ mod tests {
                 const ROWS: usize = 5;
                 let queries: Vec<f32> = (0..ROWS * head_dim).map(|_| random()).collect();
                 let scale = 1.0 / (head_dim as f32).sqrt();
-                for context in [1, 15, 16, 17, context_max] {
+                let contexts = [1, 15, 16, 17, block_size + 20, context_max];
+                let windows = contexts
+                    .into_iter()
+                    .flat_map(|context| [(0, context), (20.min(context - 1), context)]);
+                for (start, context) in windows {
                     let at = |p: usize, d: usize| (p * 2 + 1) * head_dim + d;
                     let expected: Vec<f64> = queries
                         .chunks_exact(head_dim)
                         .flat_map(|query| {
-                            let logits: Vec<f64> = (0..context)
+                            let logits: Vec<f64> = (start..context)
                                 .map(|p| {
                                     (0..head_dim)
                                         .map(|d| query[d] as f64 * cached_k[at(p, d)])
@@ -454,8 +465,8 @@ mod tests {
                             let total: f64 = weights.iter().sum();
                             (0..head_dim)
                                 .map(|d| {
-                                    (0..context)
-                                        .map(|p| weights[p] * cached_v[at(p, d)])
+                                    (start..context)
+                                        .map(|p| weights[p - start] * cached_v[at(p, d)])
                                         .sum::<f64>()
                                         / total
                                 })
@@ -470,7 +481,7 @@ mod tests {
                             let group = QueryGroup {
                                 queries: &queries[..rows * head_dim],
                                 head_dim,
-                                start: 0,
+                                start,
                                 context,
                                 runs: &runs,
                                 block_size,
@@ -493,7 +504,7 @@ mod tests {
                                 .fold(0.0, f64::max);
                             assert!(
                             worst < 1e-5,
-                            "{kernel:?} {dtype:?} head {head_dim} context {context} rows {rows}: off by {worst}"
+                            "{kernel:?} {dtype:?} head {head_dim} block {block_size} keys {start}..{context} rows {rows}: off by {worst}"
                         );
                         }
                     }

@@ -17,16 +17,18 @@ use crate::e4m3::{E4m3, E4M3_NAN};
 use crate::kv_cache::{KvElement, KvPool, LayerKv};
 use crate::math::exp_minus_max;
 
-/// Tokens per block the kernel is written for: one 512-bit register of f32 lanes.
-const BLOCK: usize = 16;
+/// Tokens the kernel scores at once: one 512-bit register of f32 lanes. A block holds one or
+/// more such lanes' worth (block sizes 16, 32, 64, ...).
+const LANES: usize = 16;
 
-/// How far ahead keys are prefetched, in blocks.
-const PREFETCH_BLOCKS: usize = 4;
+/// How far ahead keys are prefetched, in tokens (whole blocks, at least one).
+const PREFETCH_TOKENS: usize = 64;
 
 /// Whether this machine, head size and block size can use [`attend_group`].
 pub fn supports(head_dim: usize, block_size: usize) -> bool {
     matches!(head_dim, 16 | 32 | 64 | 128)
-        && block_size == BLOCK
+        && block_size >= LANES
+        && block_size.is_multiple_of(LANES)
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("f16c")
 }
@@ -156,63 +158,76 @@ unsafe fn rows_kernel<T: Load16, const CH: usize, const G: usize>(
 ) {
     let head_dim = 16 * CH;
     let context = group.context;
-    let block_bytes = BLOCK * head_dim * std::mem::size_of::<T>();
+    let block_size = group.block_size;
+    let block_bytes = block_size * head_dim * std::mem::size_of::<T>();
+    let scale_bytes = block_size * std::mem::size_of::<f32>();
+    let prefetch_blocks = (PREFETCH_TOKENS / block_size).max(1);
     let scores_ptr = scores.as_mut_ptr();
     // Keys are dimension-major within a block: lane t of `key(d)` is token t's dimension d, so
-    // a row's 16 scores accumulate lane-wise. Four accumulators per row (dimensions taken round
-    // robin) keep enough independent multiply-adds in flight.
+    // a row's 16 scores accumulate lane-wise, sixteen tokens of a block at a time. Four
+    // accumulators per row (dimensions taken round robin) keep enough independent multiply-adds
+    // in flight.
     // Blocks lie anywhere in the pool, where the hardware prefetcher cannot guess, and a block
-    // costs less compute than a trip to memory: keys are fetched PREFETCH_BLOCKS ahead, and
+    // costs less compute than a trip to memory: keys are fetched PREFETCH_TOKENS ahead, and
     // each block's values while its keys are used, for the second pass.
-    // A scaled type's run at `start` has its 16 scales at `start / head_dim` (64 bytes);
+    // A scaled type's run at `start` has its scales, one per token, at `start / head_dim`;
     // the float types have none, and these branches compile away for them.
     let prefetch_keys = |r: usize| {
         if let Some(&(_, start)) = runs.get(r) {
             prefetch::<_MM_HINT_T1>(pool.keys.as_ptr().add(start) as *const i8, block_bytes);
             if T::SCALED {
                 let scales = pool.key_scales.as_ptr().add(start / head_dim);
-                prefetch::<_MM_HINT_T1>(scales as *const i8, 64);
+                prefetch::<_MM_HINT_T1>(scales as *const i8, scale_bytes);
             }
         }
     };
-    for r in 0..PREFETCH_BLOCKS {
+    for r in 0..prefetch_blocks {
         prefetch_keys(r);
     }
+    let scale = _mm512_set1_ps(group.scale);
     for (r, &(first_key, start)) in runs.iter().enumerate() {
-        prefetch_keys(r + PREFETCH_BLOCKS);
+        prefetch_keys(r + prefetch_blocks);
         prefetch::<_MM_HINT_T1>(pool.values.as_ptr().add(start) as *const i8, block_bytes);
         if T::SCALED {
             let scales = pool.value_scales.as_ptr().add(start / head_dim);
-            prefetch::<_MM_HINT_T1>(scales as *const i8, 64);
-        }
-        let keys = pool.keys.as_ptr().add(start);
-        let mut acc = [[_mm512_setzero_ps(); 4]; G];
-        for d in (0..head_dim).step_by(4) {
-            for a in 0..4 {
-                let key = T::load16(keys.add((d + a) * BLOCK));
-                for (g, acc) in acc.iter_mut().enumerate() {
-                    let q = _mm512_set1_ps(*queries.get_unchecked(g * head_dim + d + a));
-                    acc[a] = _mm512_fmadd_ps(q, key, acc[a]);
-                }
-            }
+            prefetch::<_MM_HINT_T1>(scales as *const i8, scale_bytes);
         }
         let visible = group.visible(first_key);
-        let lanes = (((1u32 << visible.end) - 1) & !((1u32 << visible.start) - 1)) as u16;
-        let scale = _mm512_set1_ps(group.scale);
-        // Lanes past the context read the block's unused scales, finite and masked off below.
-        let key_scales = if T::SCALED {
-            _mm512_loadu_ps(pool.key_scales.as_ptr().add(start / head_dim))
-        } else {
-            _mm512_setzero_ps()
-        };
-        for (g, acc) in acc.iter().enumerate() {
-            let mut sum =
-                _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            if T::SCALED {
-                sum = _mm512_mul_ps(sum, key_scales);
+        // Only the sixteen-token parts of the block that hold visible keys.
+        for part in (visible.start / LANES)..visible.end.div_ceil(LANES) {
+            let first = part * LANES;
+            let keys = pool.keys.as_ptr().add(start + first);
+            let mut acc = [[_mm512_setzero_ps(); 4]; G];
+            for d in (0..head_dim).step_by(4) {
+                for a in 0..4 {
+                    let key = T::load16(keys.add((d + a) * block_size));
+                    for (g, acc) in acc.iter_mut().enumerate() {
+                        let q = _mm512_set1_ps(*queries.get_unchecked(g * head_dim + d + a));
+                        acc[a] = _mm512_fmadd_ps(q, key, acc[a]);
+                    }
+                }
             }
-            let at = scores_ptr.add(g * context + first_key);
-            _mm512_mask_storeu_ps(at, lanes, _mm512_mul_ps(sum, scale));
+            let (from, to) = (
+                visible.start.max(first) - first,
+                visible.end.min(first + LANES) - first,
+            );
+            let lanes = (((1u32 << to) - 1) & !((1u32 << from) - 1)) as u16;
+            // Lanes past the context read the block's unused scales, finite and masked off
+            // below.
+            let key_scales = if T::SCALED {
+                _mm512_loadu_ps(pool.key_scales.as_ptr().add(start / head_dim + first))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (g, acc) in acc.iter().enumerate() {
+                let mut sum =
+                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                if T::SCALED {
+                    sum = _mm512_mul_ps(sum, key_scales);
+                }
+                let at = scores_ptr.add(g * context + first_key + first);
+                _mm512_mask_storeu_ps(at, lanes, _mm512_mul_ps(sum, scale));
+            }
         }
     }
     let mut inverse = [0f32; G];
