@@ -301,7 +301,7 @@ def block_size(r, out):
     """Block size against throughput, internal waste and prefix hits (a shared 120-token prefix)."""
     rows, reps = [], []
     n = r.sized(64, 12)
-    for size in [8, 16, 32]:
+    for size in [8, 16, 32, 64]:
         trace = out / f"block-{size}.trace.jsonl"
         rep = r.bench_throughput(["--num-prompts", str(n), "--prefix-len", "120", "--input-len", "40",
                                   "--output-len", "64", "--block-size", str(size),

@@ -109,13 +109,7 @@ impl Linear {
         if m == 0 {
             return Ok(());
         }
-        let packed: Option<Vec<&QWeight>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Packed(w) => Some(w),
-                LinearWeight::Candle(_) => None,
-            })
-            .collect();
+        let packed = Self::packed(layers);
         // Weights in different input-channel orders (act-order checkpoints) each need their own
         // quantized input.
         let packed = packed.filter(|ws| ws.iter().all(|w| w.shares_input_with(ws[0])));
@@ -163,13 +157,7 @@ impl Linear {
         input: &mut QInput,
         outs: &mut [&mut [f32]],
     ) -> candle_core::Result<bool> {
-        let packed: Option<Vec<&QWeight>> = layers
-            .iter()
-            .map(|l| match &l.weight {
-                LinearWeight::Packed(w) => Some(w),
-                LinearWeight::Candle(_) => None,
-            })
-            .collect();
+        let packed = Self::packed(layers);
         let Some(weights) = packed.filter(|ws| QInput::quantizes_rows_for(ws)) else {
             return Ok(false);
         };
@@ -180,6 +168,17 @@ impl Linear {
             Self::add_biases(layers, outs)?;
         }
         Ok(true)
+    }
+
+    /// The layers' packed weights, if every one is packed.
+    fn packed<'a>(layers: &[&'a Linear]) -> Option<Vec<&'a QWeight>> {
+        layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Packed(w) => Some(w),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect()
     }
 
     fn add_biases(layers: &[&Linear], outs: &mut [&mut [f32]]) -> candle_core::Result<()> {
