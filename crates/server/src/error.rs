@@ -186,7 +186,23 @@ impl ApiError {
         })
     }
 
-    /// A default error for a bare status (unknown route, wrong method, ...).
+    /// 404 for a path no route serves, naming it and the API's routes: an SDK pointed here
+    /// for an endpoint we do not have (`/v1/embeddings`, `/v1/audio/...`) should say so, not
+    /// just "Not found".
+    pub fn unknown_route(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "minserve does not serve {method} {path}. Its API: POST /v1/chat/completions, \
+                 /v1/completions, /v1/responses, /tokenize, /detokenize; GET /v1/models, \
+                 /health, /metrics, /dashboard; the full list: GET /openapi.json"
+            ),
+        )
+        .code("not_found")
+    }
+
+    /// A default error for a bare status (wrong method, too large, ...).
     pub fn for_status(status: StatusCode) -> Self {
         let (kind, code, message) = match status {
             StatusCode::NOT_FOUND => ("invalid_request_error", "not_found", "Not found."),

@@ -69,7 +69,7 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use axum::handler::Handler;
-use axum::http::StatusCode;
+use axum::http::{Method, Uri};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
@@ -109,7 +109,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/responses", json_post(responses_api::responses))
         .route("/tokenize", json_post(tokenize::tokenize))
         .route("/detokenize", json_post(tokenize::detokenize))
-        .fallback(|| async { ApiError::for_status(StatusCode::NOT_FOUND) })
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::unknown_route(method.as_str(), uri.path())
+        })
         .with_state(state)
 }
 

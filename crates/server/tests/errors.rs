@@ -197,6 +197,17 @@ async fn bad_requests() {
     assert_error(status, &r, 404, Some("model"));
     let (status, body) = s.get("/v1/nothing").await;
     assert_error(status, &serde_json::from_str(&body).unwrap(), 404, None);
+    // An endpoint OpenAI has and we do not: the error names it and where to go instead.
+    let (status, r) = s
+        .post("/v1/embeddings", json!({"model": "x", "input": "hi"}))
+        .await;
+    assert_error(status, &r, 404, None);
+    assert_eq!(r["error"]["code"], "not_found");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("POST /v1/embeddings") && message.contains("/v1/chat/completions"),
+        "{message}"
+    );
     let (status, body) = s.get("/v1/chat/completions").await;
     assert_error(status, &serde_json::from_str(&body).unwrap(), 405, None);
     let (status, r) = s.post("/health", json!({})).await;
