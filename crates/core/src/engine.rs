@@ -160,6 +160,14 @@ pub struct Engine<E: ModelExecutor> {
     speculative: Option<Speculation>,
 }
 
+/// Drafts per step for a request with a prediction when the server's speculative decoding is
+/// not prompt lookup: a prediction is usually long stretches of the output itself, so more
+/// drafts than prompt lookup's default pay; the acceptance gate still stops a poor one.
+const PREDICTION_DRAFTS: usize = 8;
+
+/// The n-gram lengths prompt lookup over a prediction matches.
+const PREDICTION_LOOKUP_N: (usize, usize) = (2, 4);
+
 /// Speculative decoding's settings and what proposes the drafts.
 struct Speculation {
     config: SpeculativeConfig,
@@ -640,21 +648,30 @@ impl<E: ModelExecutor> Engine<E> {
     /// draft model's device error) turns speculation off for good, with one line on stderr:
     /// it is an optimisation, and no request may fail because of it.
     fn propose_drafts(&mut self) {
-        let Some(config) = self.speculative.as_ref().map(|s| s.config) else {
+        if self.speculative.is_none()
+            && self
+                .requests
+                .values()
+                .all(|r| r.request.prediction.is_empty())
+        {
             return;
-        };
+        }
         let step = self.stats.steps;
         let running: Vec<SeqId> = self.scheduler.running().map(|s| s.id).collect();
-        let batch_too_large = config
-            .disable_by_batch_size
-            .is_some_and(|limit| running.len() > limit);
         for &id in &running {
             if let Some(seq) = self.scheduler.get_mut(id) {
                 seq.draft_tokens.clear();
             }
         }
+        // Prompt lookup reads predictions itself; with a draft model or no drafter configured,
+        // a request with a prediction drafts by prompt lookup on the side.
+        let lookup_is_configured = self
+            .speculative
+            .as_ref()
+            .is_some_and(|s| matches!(s.config.method, DraftMethod::Ngram { .. }));
         let mut wants: Vec<DraftWant<'_>> = Vec::new();
-        for &id in running.iter().filter(|_| !batch_too_large) {
+        let mut prediction_wants: Vec<DraftWant<'_>> = Vec::new();
+        for &id in &running {
             let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get(id)) else {
                 continue;
             };
@@ -662,11 +679,18 @@ impl<E: ModelExecutor> Engine<E> {
                 continue;
             };
             let request = &request.request;
+            let Some(config) = self.draft_config(request) else {
+                continue;
+            };
+            let batch_too_large = config
+                .disable_by_batch_size
+                .is_some_and(|limit| running.len() > limit);
             let num_output = seq.len() - seq.num_prompt_tokens;
             // The step's last token is never a draft, so this leaves `max_tokens` room.
             let room = request.max_tokens.saturating_sub(num_output + 1);
             let k = config.num_speculative_tokens.min(room);
             if k == 0
+                || batch_too_large
                 || !sample.speculates
                 || num_output < request.min_tokens
                 || seq.num_pending_tokens() != 1
@@ -674,33 +698,69 @@ impl<E: ModelExecutor> Engine<E> {
             {
                 continue;
             }
-            wants.push(DraftWant {
+            let want = DraftWant {
                 id,
                 tokens: &seq.tokens,
+                num_prompt_tokens: seq.num_prompt_tokens,
+                prediction: &request.prediction,
                 k,
                 remaining: room + 1,
-            });
+            };
+            match request.prediction.is_empty() || lookup_is_configured {
+                true => wants.push(want),
+                false => prediction_wants.push(want),
+            }
         }
-        let speculation = self.speculative.as_mut().expect("checked above");
-        speculation.drafter.retain(&running);
-        if wants.is_empty() {
-            return;
+        if let Some(speculation) = self.speculative.as_mut() {
+            speculation.drafter.retain(&running);
         }
         let started = Instant::now();
-        let proposed = speculation.drafter.propose(&wants);
+        let (min_n, max_n) = PREDICTION_LOOKUP_N;
+        let predicted = PromptLookup { min_n, max_n }
+            .propose(&prediction_wants)
+            .expect("prompt lookup cannot fail");
+        let proposed = match (self.speculative.as_mut(), wants.is_empty()) {
+            (Some(speculation), false) => Some(speculation.drafter.propose(&wants)),
+            _ => None,
+        };
         self.stats.spec_draft_seconds += started.elapsed().as_secs_f64();
         let ids: Vec<SeqId> = wants.iter().map(|w| w.id).collect();
+        let predicted_ids: Vec<SeqId> = prediction_wants.iter().map(|w| w.id).collect();
+        for (id, drafts) in predicted_ids.into_iter().zip(predicted) {
+            self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
+        }
         match proposed {
-            Ok(drafts) => {
+            None => {}
+            Some(Ok(drafts)) => {
                 for (id, drafts) in ids.into_iter().zip(drafts) {
                     self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 eprintln!("speculative decoding turned off: {e}");
                 self.speculative = None;
                 self.stats.spec_draft_failures += 1;
             }
+        }
+    }
+
+    /// How `request`'s sequences draft, if they do: the server's speculative decoding, or, for
+    /// a request with a prediction, prompt lookup over it ([`PREDICTION_DRAFTS`] tokens) when
+    /// the server's is off or a draft model.
+    fn draft_config(&self, request: &Request) -> Option<SpeculativeConfig> {
+        let has_prediction = !request.prediction.is_empty();
+        match &self.speculative {
+            Some(s) if !has_prediction || matches!(s.config.method, DraftMethod::Ngram { .. }) => {
+                Some(s.config)
+            }
+            _ if has_prediction => {
+                let (min_n, max_n) = PREDICTION_LOOKUP_N;
+                Some(SpeculativeConfig {
+                    method: DraftMethod::Ngram { min_n, max_n },
+                    ..SpeculativeConfig::ngram(PREDICTION_DRAFTS)
+                })
+            }
+            _ => None,
         }
     }
 
@@ -721,7 +781,11 @@ impl<E: ModelExecutor> Engine<E> {
         self.stats.spec_num_drafts += 1;
         self.stats.spec_num_draft_tokens += rows.drafts.len() as u64;
         self.stats.spec_num_accepted_tokens += accepted as u64;
-        let config = self.speculative.as_ref().map(|s| s.config);
+        let config = self
+            .samples
+            .get(&id)
+            .and_then(|sample| self.requests.get(&sample.request))
+            .and_then(|request| self.draft_config(&request.request));
         if let (Some(sample), Some(config)) = (self.samples.get_mut(&id), config) {
             let floor = config.acceptance_floor(self.scheduler.num_running());
             sample

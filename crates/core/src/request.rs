@@ -41,6 +41,9 @@ pub struct Request {
     /// The conversation session it belongs to: its blocks stay in the prefix cache ahead of
     /// unsessioned ones, for the session's next turn (`block_manager.rs`).
     pub session: Option<Session>,
+    /// Text the output is expected to largely repeat, tokenized (OpenAI's predicted outputs):
+    /// speculative decoding drafts from it (`speculative.rs`). Empty: none.
+    pub prediction: Vec<u32>,
 }
 
 /// A conversation session, as a request names it.
@@ -66,6 +69,7 @@ impl Request {
             constraint: None,
             tenant: None,
             session: None,
+            prediction: Vec::new(),
         }
     }
 }
@@ -233,9 +237,11 @@ impl EngineLimits {
                 max: MAX_LOGPROBS,
             });
         }
+        // Drafts are fed to the model like prompt tokens: a predicted id must be as valid.
         if let Some(&token) = request
             .prompt
             .iter()
+            .chain(&request.prediction)
             .find(|&&t| t as usize >= self.vocab_size)
         {
             return Err(RequestError::TokenOutOfRange {

@@ -23,6 +23,13 @@
 //! model and costs a scan of the sequence; it pays on outputs that copy their input (editing,
 //! extraction, code changes, summaries that quote).
 //!
+//! **Drafting from a prediction** ([`propose_from_prediction`], OpenAI's predicted outputs): a
+//! request may carry text its output is expected to largely repeat (a file being edited). Its
+//! drafts come from there first: the prediction's start while nothing is generated, then what
+//! follows the last `n` generated tokens where they occur in the prediction, the occurrence
+//! nearest the output's own position. The engine drafts this way for such a request even when
+//! the server runs without `--speculative`, and with a draft model configured.
+//!
 //! **Switching itself off** ([`DraftGate`]): verifying `K` drafts costs compute; when a
 //! sequence's drafts are mostly rejected, or the batch is large enough that every extra token
 //! costs nearly as much as a step, drafting loses. Each sequence tracks its acceptance and stops
@@ -45,6 +52,10 @@ use crate::sequence::SeqId;
 pub struct DraftWant<'a> {
     pub id: SeqId,
     pub tokens: &'a [u32],
+    /// How many of `tokens` are the prompt.
+    pub num_prompt_tokens: usize,
+    /// The request's predicted output (empty: none); see [`propose_from_prediction`].
+    pub prediction: &'a [u32],
     pub k: usize,
     pub remaining: usize,
 }
@@ -59,7 +70,8 @@ pub trait Drafter: Send {
     fn retain(&mut self, live: &[SeqId]);
 }
 
-/// Prompt lookup as a [`Drafter`]: no state, [`propose_ngram`] on each sequence.
+/// Prompt lookup as a [`Drafter`]: no state; [`propose_from_prediction`] on a sequence with a
+/// prediction, then [`propose_ngram`] on its own tokens.
 pub struct PromptLookup {
     pub min_n: usize,
     pub max_n: usize,
@@ -69,7 +81,15 @@ impl Drafter for PromptLookup {
     fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String> {
         Ok(wants
             .iter()
-            .map(|w| propose_ngram(w.tokens, self.min_n, self.max_n, w.k))
+            .map(|w| {
+                let output = &w.tokens[w.num_prompt_tokens..];
+                let predicted =
+                    propose_from_prediction(output, w.prediction, self.min_n, self.max_n, w.k);
+                match predicted.is_empty() {
+                    true => propose_ngram(w.tokens, self.min_n, self.max_n, w.k),
+                    false => predicted,
+                }
+            })
             .collect())
     }
 
@@ -176,6 +196,39 @@ pub fn propose_ngram(tokens: &[u32], min_n: usize, max_n: usize, k: usize) -> Ve
     Vec::new()
 }
 
+/// Drafts from a predicted output: its first `k` tokens while `output` is empty; then what
+/// followed the last `n` tokens of `output` in `prediction`, for the largest `n` in
+/// `min_n..=max_n` that occurs there, at the occurrence ending nearest `output.len()` (an
+/// edited text keeps its order, so that is most likely where the output is); at most `k`
+/// tokens. Empty when nothing matches or there is no prediction.
+pub fn propose_from_prediction(
+    output: &[u32],
+    prediction: &[u32],
+    min_n: usize,
+    max_n: usize,
+    k: usize,
+) -> Vec<u32> {
+    if output.is_empty() {
+        return prediction[..k.min(prediction.len())].to_vec();
+    }
+    let len = output.len();
+    for n in (min_n.max(1)..=max_n).rev() {
+        if n > len || n >= prediction.len() {
+            continue;
+        }
+        let suffix = &output[len - n..];
+        // A match must leave at least one token after it to propose.
+        let nearest = (0..prediction.len() - n)
+            .filter(|&start| &prediction[start..start + n] == suffix)
+            .min_by_key(|&start| (start + n).abs_diff(len));
+        if let Some(start) = nearest {
+            let from = start + n;
+            return prediction[from..(from + k).min(prediction.len())].to_vec();
+        }
+    }
+    Vec::new()
+}
+
 /// One sequence's record of how its drafts fare, deciding whether it drafts this step.
 #[derive(Debug, Clone)]
 pub struct DraftGate {
@@ -257,6 +310,67 @@ mod tests {
             "nothing repeats"
         );
         assert!(propose_ngram(&tokens, 1, 2, 0).is_empty());
+    }
+
+    #[test]
+    fn a_prediction_drafts_its_start_then_follows_the_output_through_it() {
+        let prediction = [10, 11, 12, 13, 14, 15, 11, 12, 16, 17];
+        // Nothing generated yet: the prediction's start.
+        assert_eq!(
+            propose_from_prediction(&[], &prediction, 2, 4, 3),
+            [10, 11, 12]
+        );
+        // The output so far matches the start: continue from there.
+        assert_eq!(
+            propose_from_prediction(&[10, 11, 12], &prediction, 2, 4, 3),
+            [13, 14, 15]
+        );
+        // `11 12` occurs twice; after 7 output tokens the later occurrence is nearer.
+        let output = [10, 11, 12, 13, 14, 15, 11, 12];
+        assert_eq!(
+            propose_from_prediction(&output, &prediction, 2, 4, 5),
+            [16, 17]
+        );
+        assert_eq!(
+            propose_from_prediction(&[99, 11, 12], &prediction, 2, 4, 2),
+            [13, 14]
+        );
+        // An edit the prediction does not contain: nothing, and prompt lookup takes over.
+        assert!(propose_from_prediction(&[10, 99], &prediction, 2, 4, 3).is_empty());
+        assert!(propose_from_prediction(&[10, 11], &[], 2, 4, 3).is_empty());
+        let mut lookup = PromptLookup { min_n: 2, max_n: 4 };
+        let tokens = [1, 2, 3, 1, 2, 10, 99];
+        let want = |prediction| DraftWant {
+            id: 0,
+            tokens: &tokens,
+            num_prompt_tokens: 5,
+            prediction,
+            k: 3,
+            remaining: 10,
+        };
+        let drafts = lookup
+            .propose(&[want(&prediction), want(&[99, 5, 6, 7])])
+            .unwrap();
+        // The output `10 99` occurs in neither prediction (`99` alone is shorter than
+        // `min_n`), nor earlier in the sequence: no drafts.
+        assert_eq!(drafts, [Vec::<u32>::new(), Vec::new()]);
+        let tokens = [1, 2, 3, 1, 2, 10, 99];
+        let want = DraftWant {
+            tokens: &tokens,
+            num_prompt_tokens: 3,
+            prediction: &[7, 10, 99, 8, 9],
+            ..want(&[])
+        };
+        assert_eq!(lookup.propose(&[want]).unwrap(), [vec![8, 9]]);
+        // Without a match in the prediction, prompt lookup on the sequence: `1 2` -> `3 1 2`.
+        let tokens = [1, 2, 3, 1, 2];
+        let want = DraftWant {
+            tokens: &tokens,
+            num_prompt_tokens: 4,
+            prediction: &[7, 8],
+            ..want
+        };
+        assert_eq!(lookup.propose(&[want]).unwrap(), [vec![3, 1, 2]]);
     }
 
     #[test]

@@ -232,6 +232,43 @@ fn speculative_decoding_keeps_greedy_outputs() {
     assert_eq!(s.engine.stats().kv_usage, 0.0);
 }
 
+/// A request's prediction (OpenAI's predicted outputs) drafts its tokens with speculative
+/// decoding off: a right prediction gives the same greedy text in far fewer steps, a wrong one
+/// the same text too, beside a request without one.
+#[test]
+fn a_prediction_drafts_with_speculative_decoding_off_and_keeps_greedy_outputs() {
+    let mut s = setup(64 << 20, 64, 512);
+    let prompts = prompts(&s.tokenizer);
+    let steps = |s: &Setup| s.engine.stats().steps;
+    let plain = generate(&mut s.engine, vec![greedy(prompts[1].clone(), 48)]);
+    let plain_steps = steps(&s);
+
+    let mut predicted = greedy(prompts[1].clone(), 48);
+    predicted.prediction = plain[0].tokens.clone();
+    let before = s.engine.stats();
+    assert_eq!(generate(&mut s.engine, vec![predicted]), plain);
+    let predicted_steps = steps(&s) - before.steps;
+    let accepted = s.engine.stats().spec_num_accepted_tokens - before.spec_num_accepted_tokens;
+    assert!(
+        predicted_steps * 3 < plain_steps,
+        "{predicted_steps} steps with the prediction, {plain_steps} without ({accepted} accepted)"
+    );
+
+    // A prediction of other text, beside a request without one.
+    let mut wrong = greedy(prompts[1].clone(), 48);
+    wrong.prediction = s
+        .tokenizer
+        .encode(" and then the sky turned green", false)
+        .unwrap();
+    let other = greedy(prompts[0].clone(), 16);
+    let other_alone = generate(&mut s.engine, vec![other.clone()]);
+    assert_eq!(
+        generate(&mut s.engine, vec![wrong, other]),
+        [plain[0].clone(), other_alone[0].clone()]
+    );
+    assert_eq!(s.engine.stats().kv_usage, 0.0);
+}
+
 /// The default model behind a draft runner with a 32 MiB cache; `format` re-quantizes its
 /// projections at load (a draft that differs from the target), `None` keeps them.
 fn draft_of_default_model(format: Option<GgmlDType>) -> Box<dyn Drafter> {

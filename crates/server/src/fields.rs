@@ -178,6 +178,7 @@ pub(crate) const FIELDS: &[Field] = &[
     supported("stream", ALL),
     supported("stream_options", BOTH),
     supported("priority", ALL),
+    supported("prediction", CHAT),
     // Structured outputs and tools.
     supported("response_format", CHAT),
     supported("text", RESPONSES),
@@ -262,12 +263,6 @@ pub(crate) const FIELDS: &[Field] = &[
         never,
     ),
     refused("audio", CHAT, "audio output is not supported", never),
-    refused(
-        "prediction",
-        CHAT,
-        "predicted outputs (speculative decoding from a given text) are not supported",
-        never,
-    ),
     refused(
         "reasoning_effort",
         CHAT,

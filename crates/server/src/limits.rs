@@ -20,6 +20,9 @@ pub(crate) const MAX_STOP_STRING_BYTES: usize = 1024;
 pub(crate) const MAX_STOP_TOKEN_IDS: usize = 1024;
 /// Most entries in `logit_bias`.
 pub(crate) const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+/// Most tokens in chat's `prediction`: each decoding step searches it for the output's last
+/// tokens, so its length bounds that work.
+pub(crate) const MAX_PREDICTION_TOKENS: usize = 32_768;
 
 /// 400 naming `param` when it holds more than `max` `things` (`count` of them).
 pub(crate) fn at_most(param: &str, things: &str, count: usize, max: usize) -> Result<(), ApiError> {

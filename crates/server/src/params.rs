@@ -74,6 +74,8 @@ pub(crate) struct GenerationParams {
     pub tool_calls: Option<Vec<Tool>>,
     /// Chat with a reasoning parser: the thinking is split from the answer.
     pub reasoning: Option<ReasoningOutput>,
+    /// Chat's `prediction` (predicted outputs), tokenized; set by the chat route.
+    pub prediction: Vec<u32>,
 }
 
 /// How a chat response returns a reasoning model's thinking.
@@ -109,6 +111,7 @@ impl GenerationParams {
             constraint: None,
             tool_calls: None,
             reasoning: None,
+            prediction: Vec::new(),
         })
     }
 
@@ -156,6 +159,7 @@ impl GenerationParams {
             // The caller's, set by `submit.rs`.
             tenant: None,
             session: None,
+            prediction: self.prediction.clone(),
         }
     }
 

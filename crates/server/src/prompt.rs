@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::json_body::{token_ids, wrong_type, JsonBody};
-use crate::limits::{at_most, MAX_SEQUENCES_PER_REQUEST};
+use crate::limits::{at_most, MAX_PREDICTION_TOKENS, MAX_SEQUENCES_PER_REQUEST};
 use crate::tool_format::ToolCallFormat;
 use crate::tools::ToolRequest;
 
@@ -399,6 +399,48 @@ pub(crate) fn render_chat(
         return Ok(text[..end + final_text.len()].to_string());
     }
     Ok(text)
+}
+
+/// Chat's `prediction` (OpenAI's predicted outputs: `{"type": "content", "content": text or
+/// text parts}`), tokenized as the output would be: the engine drafts from it
+/// (`minserve_core::speculative`). Empty when absent or empty.
+pub(crate) fn prediction_tokens(
+    body: &JsonBody,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<u32>, ApiError> {
+    let prediction = match body.get("prediction") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(p @ Value::Object(_)) => p,
+        Some(other) => {
+            return Err(wrong_type(
+                "prediction",
+                "an object like {\"type\": \"content\", \"content\": \"...\"}",
+                other,
+            ))
+        }
+    };
+    match prediction.get("type").and_then(Value::as_str) {
+        Some("content") => {}
+        _ => return Err(ApiError::invalid(
+            "prediction.type",
+            "`prediction.type` must be \"content\" (the only kind of prediction OpenAI defines)",
+        )),
+    }
+    if prediction.get("content").is_none() {
+        return Err(ApiError::invalid(
+            "prediction.content",
+            "`prediction` needs a `content`: the text the output is expected to repeat",
+        ));
+    }
+    let text = content_text("prediction", prediction.get("content"))?;
+    let tokens = tokenizer.encode(&text, false).map_err(|e| {
+        ApiError::invalid(
+            "prediction.content",
+            format!("could not tokenize the prediction: {e}"),
+        )
+    })?;
+    at_most("prediction", "tokens", tokens.len(), MAX_PREDICTION_TOKENS)?;
+    Ok(tokens)
 }
 
 /// The conversation in `messages`, rendered and tokenized, ready for the assistant's turn.

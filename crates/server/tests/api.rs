@@ -743,3 +743,77 @@ async fn speculative_decoding_serves_the_same_greedy_text_and_counts_drafts() {
         0.0
     );
 }
+
+/// Chat's `prediction` (OpenAI's predicted outputs) on a server without `--speculative`: the
+/// greedy text is the same with a right prediction, a wrong one and none, `/metrics` counts
+/// the drafts the right one gave, and a malformed prediction is a 400 naming its part.
+#[tokio::test]
+async fn a_prediction_drafts_without_changing_the_greedy_text() {
+    let s = TestServer::start(common::options(), common::scheduler(8)).await;
+    let body = json!({
+        "model": common::MODEL,
+        "messages": [{"role": "user", "content": "Write two sentences about the sea."}],
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (status, expected) = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{expected}");
+    assert_eq!(
+        s.metric("minserve_spec_decode_num_draft_tokens_total")
+            .await,
+        0.0
+    );
+
+    let with = |prediction: Value| {
+        let mut body = body.clone();
+        body["prediction"] = prediction;
+        body
+    };
+    let right = with(json!({"type": "content", "content": text(&expected)}));
+    let (status, answer) = s.post("/v1/chat/completions", right).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(text(&answer), text(&expected));
+    // The second request finds its prompt in the prefix cache: only the cached count differs.
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        expected["usage"]["completion_tokens"]
+    );
+    let accepted = s
+        .metric("minserve_spec_decode_num_accepted_tokens_total")
+        .await;
+    assert!(accepted >= 20.0, "{accepted} predicted tokens accepted");
+
+    // Text parts, and a prediction of something else: the same text.
+    let parts = json!({"type": "content", "content": [
+        {"type": "text", "text": "The tide rolls in over the grey stones."}]});
+    let (status, answer) = s.post("/v1/chat/completions", with(parts)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(text(&answer), text(&expected));
+
+    for (prediction, param) in [
+        (json!("the text"), "prediction"),
+        (json!({"type": "text", "content": "x"}), "prediction.type"),
+        (json!({"type": "content"}), "prediction.content"),
+        (
+            json!({"type": "content", "content": 5}),
+            "prediction.content",
+        ),
+        (
+            json!({"type": "content", "content": [{"type": "image_url"}]}),
+            "prediction.content",
+        ),
+    ] {
+        let (status, r) = s.post("/v1/chat/completions", with(prediction)).await;
+        common::assert_error(status, &r, 400, Some(param));
+    }
+    let mut completion = json!({"model": common::MODEL, "prompt": "Hi", "max_tokens": 2});
+    completion["prediction"] = json!({"type": "content", "content": "x"});
+    let (status, r) = s.post("/v1/completions", completion).await;
+    common::assert_error(status, &r, 400, Some("prediction"));
+}

@@ -19,7 +19,7 @@ use crate::generation_api::GenerationApi;
 use crate::json_body::JsonBody;
 use crate::models::ServedModel;
 use crate::params::{GenerationParams, ReasoningOutput};
-use crate::prompt::{chat_messages, chat_prompt, ChatRendering, Prompt};
+use crate::prompt::{chat_messages, chat_prompt, prediction_tokens, ChatRendering, Prompt};
 use crate::state::AppState;
 use crate::structured::{compile, compiled_grammar};
 use crate::tool_format::ToolCallFormat;
@@ -88,6 +88,9 @@ pub(super) fn conversation(
              answer (a token's text may straddle both); send it without `stream`, or with \
              `separate_reasoning: false`",
         ));
+    }
+    if api == GenerationApi::Chat {
+        params.prediction = prediction_tokens(body, &model.tokenizer)?;
     }
     let rendering = ChatRendering {
         tools: tools.as_ref(),
