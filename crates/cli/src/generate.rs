@@ -232,6 +232,7 @@ mod tests {
                 text: "!".into(),
                 completion_tokens: 4,
                 stop_reason: None,
+                accepted_prediction_tokens: 0,
             },
         ] {
             printer.print(event).unwrap();

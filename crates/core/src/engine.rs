@@ -114,6 +114,11 @@ struct Sample {
     speculates: bool,
     /// How its drafts have fared, deciding whether it drafts (speculative decoding).
     draft_gate: DraftGate,
+    /// Whether this step's drafts came from its request's prediction.
+    drafts_from_prediction: bool,
+    /// Prediction tokens it accepted as drafts and emitted (`usage`'s
+    /// `accepted_prediction_tokens`).
+    accepted_prediction_tokens: usize,
 }
 
 /// Per-request state shared by its `n` samples.
@@ -424,6 +429,8 @@ impl<E: ModelExecutor> Engine<E> {
                     }),
                     speculates: speculative::request_speculates(&request),
                     draft_gate: DraftGate::default(),
+                    drafts_from_prediction: false,
+                    accepted_prediction_tokens: 0,
                 },
             );
         }
@@ -662,15 +669,13 @@ impl<E: ModelExecutor> Engine<E> {
             if let Some(seq) = self.scheduler.get_mut(id) {
                 seq.draft_tokens.clear();
             }
+            if let Some(sample) = self.samples.get_mut(&id) {
+                sample.drafts_from_prediction = false;
+            }
         }
-        // Prompt lookup reads predictions itself; with a draft model or no drafter configured,
-        // a request with a prediction drafts by prompt lookup on the side.
-        let lookup_is_configured = self
-            .speculative
-            .as_ref()
-            .is_some_and(|s| matches!(s.config.method, DraftMethod::Ngram { .. }));
         let mut wants: Vec<DraftWant<'_>> = Vec::new();
-        let mut prediction_wants: Vec<DraftWant<'_>> = Vec::new();
+        let mut predicted: Vec<(SeqId, Vec<u32>)> = Vec::new();
+        let (min_n, max_n) = PREDICTION_LOOKUP_N;
         for &id in &running {
             let (Some(sample), Some(seq)) = (self.samples.get(&id), self.scheduler.get(id)) else {
                 continue;
@@ -698,36 +703,47 @@ impl<E: ModelExecutor> Engine<E> {
             {
                 continue;
             }
-            let want = DraftWant {
-                id,
-                tokens: &seq.tokens,
-                num_prompt_tokens: seq.num_prompt_tokens,
-                prediction: &request.prediction,
-                k,
-                remaining: room + 1,
+            // A prediction drafts first; where it has nothing, the server's drafter, if any.
+            let output = &seq.tokens[seq.num_prompt_tokens..];
+            let drafts =
+                speculative::propose_from_prediction(output, &request.prediction, min_n, max_n, k);
+            if !drafts.is_empty() {
+                predicted.push((id, drafts));
+                continue;
+            }
+            // The server's drafter, within its own limits (a prediction's may be looser).
+            let Some(server) = self.speculative.as_ref().map(|s| s.config) else {
+                continue;
             };
-            match request.prediction.is_empty() || lookup_is_configured {
-                true => wants.push(want),
-                false => prediction_wants.push(want),
+            let k = server.num_speculative_tokens.min(room);
+            let batch_too_large = server
+                .disable_by_batch_size
+                .is_some_and(|limit| running.len() > limit);
+            if k > 0 && !batch_too_large {
+                wants.push(DraftWant {
+                    id,
+                    tokens: &seq.tokens,
+                    k,
+                    remaining: room + 1,
+                });
             }
         }
         if let Some(speculation) = self.speculative.as_mut() {
             speculation.drafter.retain(&running);
         }
         let started = Instant::now();
-        let (min_n, max_n) = PREDICTION_LOOKUP_N;
-        let predicted = PromptLookup { min_n, max_n }
-            .propose(&prediction_wants)
-            .expect("prompt lookup cannot fail");
         let proposed = match (self.speculative.as_mut(), wants.is_empty()) {
             (Some(speculation), false) => Some(speculation.drafter.propose(&wants)),
             _ => None,
         };
         self.stats.spec_draft_seconds += started.elapsed().as_secs_f64();
         let ids: Vec<SeqId> = wants.iter().map(|w| w.id).collect();
-        let predicted_ids: Vec<SeqId> = prediction_wants.iter().map(|w| w.id).collect();
-        for (id, drafts) in predicted_ids.into_iter().zip(predicted) {
+        for (id, drafts) in predicted {
             self.scheduler.get_mut(id).expect("running").draft_tokens = drafts;
+            self.samples
+                .get_mut(&id)
+                .expect("running")
+                .drafts_from_prediction = true;
         }
         match proposed {
             None => {}
@@ -744,9 +760,9 @@ impl<E: ModelExecutor> Engine<E> {
         }
     }
 
-    /// How `request`'s sequences draft, if they do: the server's speculative decoding, or, for
-    /// a request with a prediction, prompt lookup over it ([`PREDICTION_DRAFTS`] tokens) when
-    /// the server's is off or a draft model.
+    /// How `request`'s sequences draft, if they do: for a request with a prediction, from it
+    /// (`speculative::propose_from_prediction`), with the server's `K` under prompt lookup and
+    /// [`PREDICTION_DRAFTS`] otherwise; else the server's speculative decoding, if on.
     fn draft_config(&self, request: &Request) -> Option<SpeculativeConfig> {
         let has_prediction = !request.prediction.is_empty();
         match &self.speculative {
@@ -769,9 +785,13 @@ impl<E: ModelExecutor> Engine<E> {
     fn emit_all(&mut self, rows: SamplingRows, tokens: Vec<SampledToken>) {
         let id = rows.id;
         let accepted = tokens.len().saturating_sub(1);
-        for token in tokens {
-            if !self.samples.contains_key(&id) {
+        for (i, token) in tokens.into_iter().enumerate() {
+            let Some(sample) = self.samples.get_mut(&id) else {
                 break;
+            };
+            // The first `accepted` tokens are the drafts the model agreed with.
+            if i < accepted && sample.drafts_from_prediction {
+                sample.accepted_prediction_tokens += 1;
             }
             self.emit(id, token);
         }
@@ -1065,6 +1085,7 @@ impl<E: ModelExecutor> Engine<E> {
                 text: self.output.held_back(&mut sample.output),
                 completion_tokens: num_output,
                 stop_reason,
+                accepted_prediction_tokens: sample.accepted_prediction_tokens,
             });
             let request_id = sample.request;
             self.trace_request(|| RequestRecord {

@@ -148,6 +148,9 @@ pub enum RequestEvent {
         /// The stop string or stop token id that ended it; `None` at EOS, a complete grammar
         /// or the length limit.
         stop_reason: Option<StopReason>,
+        /// Tokens of the request's prediction that were drafted, accepted and emitted
+        /// (OpenAI's `accepted_prediction_tokens`); 0 without a prediction.
+        accepted_prediction_tokens: usize,
     },
     /// The request failed inside the engine; no more events follow.
     Failed(String),

@@ -27,8 +27,9 @@
 //! request may carry text its output is expected to largely repeat (a file being edited). Its
 //! drafts come from there first: the prediction's start while nothing is generated, then what
 //! follows the last `n` generated tokens where they occur in the prediction, the occurrence
-//! nearest the output's own position. The engine drafts this way for such a request even when
-//! the server runs without `--speculative`, and with a draft model configured.
+//! nearest the output's own position; where it has no match, the server's drafter, if any,
+//! takes over. The engine drafts this way for such a request even when the server runs without
+//! `--speculative`, and before a draft model; it counts the accepted prediction tokens.
 //!
 //! **Switching itself off** ([`DraftGate`]): verifying `K` drafts costs compute; when a
 //! sequence's drafts are mostly rejected, or the batch is large enough that every extra token
@@ -52,10 +53,6 @@ use crate::sequence::SeqId;
 pub struct DraftWant<'a> {
     pub id: SeqId,
     pub tokens: &'a [u32],
-    /// How many of `tokens` are the prompt.
-    pub num_prompt_tokens: usize,
-    /// The request's predicted output (empty: none); see [`propose_from_prediction`].
-    pub prediction: &'a [u32],
     pub k: usize,
     pub remaining: usize,
 }
@@ -70,8 +67,7 @@ pub trait Drafter: Send {
     fn retain(&mut self, live: &[SeqId]);
 }
 
-/// Prompt lookup as a [`Drafter`]: no state; [`propose_from_prediction`] on a sequence with a
-/// prediction, then [`propose_ngram`] on its own tokens.
+/// Prompt lookup as a [`Drafter`]: no state, [`propose_ngram`] on each sequence.
 pub struct PromptLookup {
     pub min_n: usize,
     pub max_n: usize,
@@ -81,15 +77,7 @@ impl Drafter for PromptLookup {
     fn propose(&mut self, wants: &[DraftWant<'_>]) -> Result<Vec<Vec<u32>>, String> {
         Ok(wants
             .iter()
-            .map(|w| {
-                let output = &w.tokens[w.num_prompt_tokens..];
-                let predicted =
-                    propose_from_prediction(output, w.prediction, self.min_n, self.max_n, w.k);
-                match predicted.is_empty() {
-                    true => propose_ngram(w.tokens, self.min_n, self.max_n, w.k),
-                    false => predicted,
-                }
-            })
+            .map(|w| propose_ngram(w.tokens, self.min_n, self.max_n, w.k))
             .collect())
     }
 
@@ -338,39 +326,11 @@ mod tests {
         // An edit the prediction does not contain: nothing, and prompt lookup takes over.
         assert!(propose_from_prediction(&[10, 99], &prediction, 2, 4, 3).is_empty());
         assert!(propose_from_prediction(&[10, 11], &[], 2, 4, 3).is_empty());
-        let mut lookup = PromptLookup { min_n: 2, max_n: 4 };
-        let tokens = [1, 2, 3, 1, 2, 10, 99];
-        let want = |prediction| DraftWant {
-            id: 0,
-            tokens: &tokens,
-            num_prompt_tokens: 5,
-            prediction,
-            k: 3,
-            remaining: 10,
-        };
-        let drafts = lookup
-            .propose(&[want(&prediction), want(&[99, 5, 6, 7])])
-            .unwrap();
-        // The output `10 99` occurs in neither prediction (`99` alone is shorter than
-        // `min_n`), nor earlier in the sequence: no drafts.
-        assert_eq!(drafts, [Vec::<u32>::new(), Vec::new()]);
-        let tokens = [1, 2, 3, 1, 2, 10, 99];
-        let want = DraftWant {
-            tokens: &tokens,
-            num_prompt_tokens: 3,
-            prediction: &[7, 10, 99, 8, 9],
-            ..want(&[])
-        };
-        assert_eq!(lookup.propose(&[want]).unwrap(), [vec![8, 9]]);
-        // Without a match in the prediction, prompt lookup on the sequence: `1 2` -> `3 1 2`.
-        let tokens = [1, 2, 3, 1, 2];
-        let want = DraftWant {
-            tokens: &tokens,
-            num_prompt_tokens: 4,
-            prediction: &[7, 8],
-            ..want
-        };
-        assert_eq!(lookup.propose(&[want]).unwrap(), [vec![3, 1, 2]]);
+        // An output that ran ahead of or behind the prediction still finds its only match.
+        assert_eq!(
+            propose_from_prediction(&[5, 12, 13], &[12, 13, 1, 9, 13, 2], 2, 4, 2),
+            [1, 9]
+        );
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub(crate) struct Choice {
     pub stop_reason: Option<StopReason>,
     /// One per token, when the request asked for logprobs.
     pub logprobs: Vec<TokenLogprob>,
+    /// Tokens of the request's prediction it emitted as accepted drafts.
+    pub accepted_prediction_tokens: usize,
 }
 
 /// What one event changed, as the client sees it.
@@ -90,6 +92,16 @@ impl Choices {
         self.cached_tokens
     }
 
+    /// With a prediction of `predicted` tokens: how many of its tokens the choices emitted as
+    /// accepted drafts, and how many of each choice's copy they did not (OpenAI's
+    /// `accepted_prediction_tokens`, `rejected_prediction_tokens`).
+    pub fn prediction_tokens(&self, predicted: usize) -> (usize, usize) {
+        self.choices.iter().fold((0, 0), |(accepted, rejected), c| {
+            let a = c.accepted_prediction_tokens;
+            (accepted + a, rejected + predicted.saturating_sub(a))
+        })
+    }
+
     /// Tokens of the longest choice.
     pub fn longest_choice_tokens(&self) -> usize {
         self.choices.iter().map(|c| c.tokens).max().unwrap_or(0)
@@ -141,12 +153,14 @@ impl Choices {
                 reason,
                 text,
                 stop_reason,
+                accepted_prediction_tokens,
                 ..
             } => {
                 let choice = prompt * self.samples_per_prompt + index;
                 let Some(c) = self.choices.get_mut(choice) else {
                     return unknown_choice(choice);
                 };
+                c.accepted_prediction_tokens = accepted_prediction_tokens;
                 c.text.push_str(&text);
                 c.finish = Some(reason);
                 c.stop_reason = stop_reason.clone();
@@ -189,6 +203,7 @@ mod tests {
             text: text.into(),
             completion_tokens: 0,
             stop_reason: None,
+            accepted_prediction_tokens: 0,
         }
     }
 

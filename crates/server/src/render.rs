@@ -38,6 +38,8 @@ pub(crate) struct ResponseRenderer {
     tools: Option<Vec<Tool>>,
     /// Chat with a reasoning parser: the thinking split from the answer.
     reasoning: Option<ReasoningOutput>,
+    /// Chat with a `prediction`: its length in tokens, for `usage.completion_tokens_details`.
+    prediction_tokens: Option<usize>,
 }
 
 impl ResponseRenderer {
@@ -74,6 +76,7 @@ impl ResponseRenderer {
             tokenizer,
             tools: params.tool_calls.clone(),
             reasoning: params.reasoning,
+            prediction_tokens: (!params.prediction.is_empty()).then_some(params.prediction.len()),
         }
     }
 
@@ -157,11 +160,7 @@ impl ResponseRenderer {
             .map(|(i, c)| self.finished_choice(i, c))
             .collect();
         let mut body = self.response_object(false, rendered);
-        body["usage"] = usage(
-            prompt_tokens,
-            choices.completion_tokens(),
-            choices.cached_tokens(),
-        );
+        body["usage"] = self.usage(prompt_tokens, choices);
         body
     }
 
@@ -177,12 +176,28 @@ impl ResponseRenderer {
     /// The last chunk of a stream with `include_usage`: no choices, the token counts.
     pub fn usage_chunk(&self, prompt_tokens: usize, choices: &Choices) -> Value {
         let mut last = self.response_object(true, Vec::new());
-        last["usage"] = usage(
-            prompt_tokens,
-            choices.completion_tokens(),
-            choices.cached_tokens(),
-        );
+        last["usage"] = self.usage(prompt_tokens, choices);
         last
+    }
+
+    /// The token counts; with a prediction, how much of it the output used (OpenAI's
+    /// `completion_tokens_details`).
+    fn usage(&self, prompt_tokens: usize, choices: &Choices) -> Value {
+        let completion_tokens = choices.completion_tokens();
+        let mut usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": choices.cached_tokens()},
+        });
+        if let Some(predicted) = self.prediction_tokens {
+            let (accepted, rejected) = choices.prediction_tokens(predicted);
+            usage["completion_tokens_details"] = json!({
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": rejected,
+            });
+        }
+        usage
     }
 
     /// The prompt text that starts choice `choice` of a completion with `echo`.
@@ -469,15 +484,6 @@ fn completion_logprobs(
         "token_logprobs": token_logprobs,
         "top_logprobs": tops,
         "text_offset": offsets,
-    })
-}
-
-fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 

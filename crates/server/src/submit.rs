@@ -243,6 +243,7 @@ pub(crate) fn submit(
                     text: String::new(),
                     completion_tokens: 0,
                     stop_reason: None,
+                    accepted_prediction_tokens: 0,
                 };
                 let _ = tx.try_send((prompt, finished));
             }

@@ -788,6 +788,24 @@ async fn a_prediction_drafts_without_changing_the_greedy_text() {
         .metric("minserve_spec_decode_num_accepted_tokens_total")
         .await;
     assert!(accepted >= 20.0, "{accepted} predicted tokens accepted");
+    // OpenAI's account of the prediction: accepted + rejected = its length.
+    let details = &answer["usage"]["completion_tokens_details"];
+    let predicted = details["accepted_prediction_tokens"].as_u64().unwrap();
+    let rejected = details["rejected_prediction_tokens"].as_u64().unwrap();
+    assert_eq!(predicted as f64, accepted, "{details}");
+    let (status, tokenized) = s
+        .post(
+            "/tokenize",
+            json!({"prompt": text(&expected), "add_special_tokens": false}),
+        )
+        .await;
+    assert_eq!(status, 200, "{tokenized}");
+    assert_eq!(
+        Some(predicted + rejected),
+        tokenized["count"].as_u64(),
+        "{details}"
+    );
+    assert!(expected["usage"].get("completion_tokens_details").is_none());
 
     // Text parts, and a prediction of something else: the same text.
     let parts = json!({"type": "content", "content": [
@@ -795,6 +813,10 @@ async fn a_prediction_drafts_without_changing_the_greedy_text() {
     let (status, answer) = s.post("/v1/chat/completions", with(parts)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(text(&answer), text(&expected));
+    // (It may share a word with the answer, but not a sentence.)
+    let details = &answer["usage"]["completion_tokens_details"];
+    let accepted = details["accepted_prediction_tokens"].as_u64().unwrap();
+    assert!(accepted < 5, "{details}");
 
     for (prediction, param) in [
         (json!("the text"), "prediction"),
