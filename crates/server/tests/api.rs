@@ -784,15 +784,17 @@ async fn a_prediction_drafts_without_changing_the_greedy_text() {
         answer["usage"]["completion_tokens"],
         expected["usage"]["completion_tokens"]
     );
+    // The engine publishes its counters after the step whose tokens end the request, so the
+    // metric may not have the last step's drafts yet: only that it counts some.
     let accepted = s
         .metric("minserve_spec_decode_num_accepted_tokens_total")
         .await;
-    assert!(accepted >= 20.0, "{accepted} predicted tokens accepted");
+    assert!(accepted > 0.0, "{accepted} drafted tokens accepted");
     // OpenAI's account of the prediction: accepted + rejected = its length.
     let details = &answer["usage"]["completion_tokens_details"];
     let predicted = details["accepted_prediction_tokens"].as_u64().unwrap();
     let rejected = details["rejected_prediction_tokens"].as_u64().unwrap();
-    assert_eq!(predicted as f64, accepted, "{details}");
+    assert!(predicted >= 20, "{details}");
     let (status, tokenized) = s
         .post(
             "/tokenize",
