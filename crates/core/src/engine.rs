@@ -687,15 +687,11 @@ impl<E: ModelExecutor> Engine<E> {
             let Some(config) = self.draft_config(request) else {
                 continue;
             };
-            let batch_too_large = config
-                .disable_by_batch_size
-                .is_some_and(|limit| running.len() > limit);
             let num_output = seq.len() - seq.num_prompt_tokens;
             // The step's last token is never a draft, so this leaves `max_tokens` room.
             let room = request.max_tokens.saturating_sub(num_output + 1);
-            let k = config.num_speculative_tokens.min(room);
+            let k = config.drafts_for(room, running.len());
             if k == 0
-                || batch_too_large
                 || !sample.speculates
                 || num_output < request.min_tokens
                 || seq.num_pending_tokens() != 1
@@ -715,11 +711,8 @@ impl<E: ModelExecutor> Engine<E> {
             let Some(server) = self.speculative.as_ref().map(|s| s.config) else {
                 continue;
             };
-            let k = server.num_speculative_tokens.min(room);
-            let batch_too_large = server
-                .disable_by_batch_size
-                .is_some_and(|limit| running.len() > limit);
-            if k > 0 && !batch_too_large {
+            let k = server.drafts_for(room, running.len());
+            if k > 0 {
                 wants.push(DraftWant {
                     id,
                     tokens: &seq.tokens,

@@ -141,6 +141,15 @@ impl SpeculativeConfig {
         }
     }
 
+    /// How many drafts a sequence with room for `room` more drafted tokens may take in a step
+    /// of `batch_size` running sequences: none above `disable_by_batch_size`.
+    pub fn drafts_for(&self, room: usize, batch_size: usize) -> usize {
+        match self.disable_by_batch_size {
+            Some(limit) if batch_size > limit => 0,
+            _ => self.num_speculative_tokens.min(room),
+        }
+    }
+
     /// The acceptance below which a sequence stops drafting, in a batch of `batch_size`
     /// sequences.
     pub fn acceptance_floor(&self, batch_size: usize) -> f32 {

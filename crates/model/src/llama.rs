@@ -191,14 +191,7 @@ impl LlamaModel {
             {
                 let x_rows = DisjointWriter::new(x);
                 let mlp_output = (index > 0).then_some(&*projected);
-                let attention_input = |row: usize, out: &mut [f32]| {
-                    // SAFETY: `project_rows` produces each row once, so chunks never overlap.
-                    let x = unsafe { x_rows.chunk(row * hidden, hidden) };
-                    if let Some(mlp_output) = mlp_output {
-                        add_in_place(x, &mlp_output[row * hidden..][..hidden]);
-                    }
-                    rms_norm(x, &norms.attention, eps, out);
-                };
+                let attention_input = add_then_norm(&x_rows, mlp_output, &norms.attention, eps);
                 project_rows(
                     &mut observer,
                     (index, ProjectionSite::Attention),
@@ -264,13 +257,7 @@ impl LlamaModel {
             // The MLP's input: the residual stream with the attention output joined, normalized.
             {
                 let x_rows = DisjointWriter::new(x);
-                let attention_output = &*projected;
-                let mlp_input = |row: usize, out: &mut [f32]| {
-                    // SAFETY: `project_rows` produces each row once, so chunks never overlap.
-                    let x = unsafe { x_rows.chunk(row * hidden, hidden) };
-                    add_in_place(x, &attention_output[row * hidden..][..hidden]);
-                    rms_norm(x, &norms.feed_forward, eps, out);
-                };
+                let mlp_input = add_then_norm(&x_rows, Some(projected), &norms.feed_forward, eps);
                 project_rows(
                     &mut observer,
                     (index, ProjectionSite::Mlp),
@@ -470,6 +457,26 @@ pub(crate) fn validate_batch(
         return bad("sequences do not cover the token rows".into());
     }
     Ok(())
+}
+
+/// Row `r` of a sub-layer's input: the residual stream's row `r` (in `x`) with `added`'s row
+/// joined to it in place, when given, then RMSNorm-ed into `out`. Only for [`project_rows`],
+/// which makes each row once: the residual row is written through `x` without a lock.
+fn add_then_norm<'a>(
+    x: &'a DisjointWriter<'_>,
+    added: Option<&'a [f32]>,
+    weight: &'a [f32],
+    eps: f32,
+) -> impl Fn(usize, &mut [f32]) + Sync + 'a {
+    let hidden = weight.len();
+    move |row, out| {
+        // SAFETY: `project_rows` produces each row once, so chunks never overlap.
+        let x = unsafe { x.chunk(row * hidden, hidden) };
+        if let Some(added) = added {
+            add_in_place(x, &added[row * hidden..][..hidden]);
+        }
+        rms_norm(x, weight, eps, out);
+    }
 }
 
 /// `count` rows of `width` values, made one at a time by `produce(row, out)`.

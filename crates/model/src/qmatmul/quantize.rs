@@ -36,9 +36,7 @@ impl QInput {
             weights.iter().all(|w| w.shares_input_with(first)),
             "qmatmul: weights of different k or input order share an input"
         );
-        let forms = weights
-            .iter()
-            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        let forms = forms_of(weights);
         let order = first.input_order();
         self.quantize_with(Isa::best(), x, m, first.k(), forms, order)
     }
@@ -173,9 +171,7 @@ impl QInput {
         let Some(first) = weights.first() else {
             return false;
         };
-        let forms = weights
-            .iter()
-            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        let forms = forms_of(weights);
         weights.iter().all(|w| w.shares_input_with(first))
             && first.input_order().is_none()
             && !forms.bf16
@@ -203,9 +199,7 @@ impl QInput {
         );
         let isa = Isa::best();
         let k = weights[0].k();
-        let forms = weights
-            .iter()
-            .fold(Forms::default(), |f, w| f.union(w.activation_forms()));
+        let forms = forms_of(weights);
         assert!(
             k.is_multiple_of(BLOCK) && (!forms.q8k || k.is_multiple_of(SUPER_BLOCK)),
             "qmatmul: k = {k} is not a multiple of the forms' blocks"
@@ -242,6 +236,13 @@ impl QInput {
             crate::pool::pool().execute_chunked(m, run);
         }
     }
+}
+
+/// Every activation form some of `weights` multiply.
+fn forms_of(weights: &[&QWeight]) -> Forms {
+    weights
+        .iter()
+        .fold(Forms::default(), |f, w| f.union(w.activation_forms()))
 }
 
 thread_local! {
