@@ -25,7 +25,7 @@
 //!
 //! **Drafting from a prediction** ([`propose_from_prediction`], OpenAI's predicted outputs): a
 //! request may carry text its output is expected to largely repeat (a file being edited). Its
-//! drafts come from there first: the prediction's start while nothing is generated, then what
+//! drafts come from there first: its continuation while the output is a prefix of it, then what
 //! follows the last `n` generated tokens where they occur in the prediction, the occurrence
 //! nearest the output's own position; where it has no match, the server's drafter, if any,
 //! takes over. The engine drafts this way for such a request even when the server runs without
@@ -193,7 +193,7 @@ pub fn propose_ngram(tokens: &[u32], min_n: usize, max_n: usize, k: usize) -> Ve
     Vec::new()
 }
 
-/// Drafts from a predicted output: its first `k` tokens while `output` is empty; then what
+/// Drafts from a predicted output: its next `k` tokens while `output` is a prefix of it; then what
 /// followed the last `n` tokens of `output` in `prediction`, for the largest `n` in
 /// `min_n..=max_n` that occurs there, at the occurrence ending nearest `output.len()` (an
 /// edited text keeps its order, so that is most likely where the output is); at most `k`
@@ -205,10 +205,12 @@ pub fn propose_from_prediction(
     max_n: usize,
     k: usize,
 ) -> Vec<u32> {
-    if output.is_empty() {
-        return prediction[..k.min(prediction.len())].to_vec();
-    }
     let len = output.len();
+    // The engine drafts only once the prompt's step has sampled a first token, so the start is
+    // recognized as a prefix, not as an empty output; shorter than `min_n`, no n-gram would.
+    if prediction.starts_with(output) {
+        return prediction[len..(len + k).min(prediction.len())].to_vec();
+    }
     for n in (min_n.max(1)..=max_n).rev() {
         if n > len || n >= prediction.len() {
             continue;
